@@ -1,0 +1,32 @@
+# Quickstart: `make demo` (install, then HM3 on the built-in tiny3 benchmark) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/tiny3
+PYTEST_ARGS ?= -q -n 2 --durations=15
+
+.PHONY: install test demo lint format clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: install
+	$(PY) -m experiments.run_hm3 --config=experiments/configs/tiny3.py --workdir=$(WORKDIR)
+
+lint: install
+	$(VENV)/bin/ruff format --check hm3_jax experiments tests benchmarks
+	$(VENV)/bin/ruff check hm3_jax experiments tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format hm3_jax experiments tests benchmarks
+	$(VENV)/bin/ruff check --fix hm3_jax experiments tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

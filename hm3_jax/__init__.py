@@ -1,0 +1,3 @@
+"""hm3_jax: Hierarchical Multi-objective Model Merging (HM3, NeurIPS 2025) in JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,40 @@
+"""hm3_jax: Hierarchical Multi-objective Model Merging (HM3) in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="hm3_jax",
+    version="0.1.0",
+    description="Multi-objective parameter- and architecture-space model merging in JAX (HM3, NeurIPS 2025).",
+    packages=setuptools.find_packages(include=["hm3_jax", "hm3_jax.*", "experiments", "experiments.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax",
+        "orbax-checkpoint",
+        "evosax>=0.3,<0.4",
+        "chex",
+        "absl-py",
+        "ml-collections",
+        "transformers>=4.57,<5",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "matplotlib",
+        "tqdm",
+        "sacrebleu",
+        "pyyaml",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "ruff",
+        ],
+    },
+)
