@@ -1,0 +1,142 @@
+"""A run directory that resumes stage by stage and never mixes two runs.
+
+Every stage of the end-to-end run (zoo, parameter level, architecture level, each baseline, the report) writes
+its result as one JSON file under ``workdir/stages/``; a re-run of the same command reads finished stages back
+instead of recomputing them, so a killed run resumes where it stopped and ends with the same report. The run's
+config fingerprint is written to ``workdir/run.json`` on first use; a workdir created by a different config is
+refused with an error that names both fingerprints.
+
+All writes go to a temporary file in the same directory and are moved into place with ``os.replace``, so an
+interruption never leaves a half-written stage that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used for this run (different config, unwritable, full)."""
+
+
+def _to_jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, np.generic)) or type(x).__module__.startswith("jax"):
+        return _to_jsonable(np.asarray(x).tolist())
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    return x
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable 16-hex-digit digest of a JSON-able object (e.g. ``config.to_dict()``)."""
+    blob = json.dumps(_to_jsonable(obj), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temp file in the same directory and ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise WorkdirError(f"could not write {path}: {e}") from e
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """Yields a temp directory beside ``path``; on success it replaces ``path`` as a whole."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
+    try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Workdir:
+    """A run directory bound to one config fingerprint.
+
+    Args:
+      path: the directory (created if missing).
+      config_dict: the run's config as a plain dict; its fingerprint identifies the run.
+    """
+
+    def __init__(self, path: str, config_dict: dict):
+        self.path = os.path.abspath(path)
+        self.fingerprint = fingerprint(config_dict)
+        try:
+            os.makedirs(os.path.join(self.path, "stages"), exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(f"workdir {self.path} is not writable: {e}") from e
+        if not os.access(self.path, os.W_OK):
+            raise WorkdirError(f"workdir {self.path} is not writable")
+        free = shutil.disk_usage(self.path).free
+        if free < 200 * 2**20:
+            raise WorkdirError(f"workdir {self.path} has only {free / 2**20:.0f} MiB free; need at least 200 MiB")
+        meta_path = os.path.join(self.path, "run.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if meta.get("fingerprint") != self.fingerprint:
+                raise WorkdirError(
+                    f"workdir {self.path} belongs to a run with config fingerprint {meta.get('fingerprint')}, "
+                    f"but this config's fingerprint is {self.fingerprint}; use a new --workdir (or delete it) "
+                    "so two runs are never mixed"
+                )
+        else:
+            atomic_write_json(meta_path, {"fingerprint": self.fingerprint, "config": config_dict})
+
+    def sub(self, *parts: str) -> str:
+        p = os.path.join(self.path, *parts)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
+    def stage_path(self, name: str) -> str:
+        return os.path.join(self.path, "stages", name.replace(":", "_").replace("/", "_") + ".json")
+
+    def has_stage(self, name: str) -> bool:
+        return os.path.exists(self.stage_path(name))
+
+    def load_stage(self, name: str) -> Any:
+        with open(self.stage_path(name)) as f:
+            return json.load(f)
+
+    def stage(self, name: str, compute_fn: Callable[[], Any]) -> Any:
+        """Returns the stored result of stage ``name`` or computes, stores and returns it.
+
+        The stored result is read back through JSON even on the first run, so a resumed run sees exactly what
+        an uninterrupted run saw.
+        """
+        if not self.has_stage(name):
+            atomic_write_json(self.stage_path(name), compute_fn())
+        return self.load_stage(name)
