@@ -1,0 +1,291 @@
+"""Objectives: scores of a forward function on a task split, fixed-shape so one jit serves every model/path.
+
+An `Objective` (docs/DESIGN.md) is a hashable NamedTuple, so it can be a static `jax.jit` argument:
+
+* ``device_fn(forward) -> array`` is jittable. For ``metric == "exact_match"``, ``forward`` maps
+  ``input_ids [B, S] -> logits [B, S, V]`` and the result is ``correct bool [N]``. For ``metric == "chrf"``,
+  ``forward`` is a decode closure ``(prompt_ids [B, P], prompt_mask [B, P], max_new_tokens: int) ->
+  tokens [B, max_new_tokens]`` (greedy, left-padded prompts) and the result is ``tokens int32 [N, T]``.
+* ``host_fn(array) -> float`` turns that into the score in [0, 100].
+
+The split is padded to a multiple of the batch size and `lax.map` runs over the batches, so the whole split is
+one jitted call whose shapes depend only on the objective.
+
+Teacher-forced exact match. Each example is ``x = [bos] + prompt`` and ``y = target + [eos]``. Greedy
+decoding from x outputs exactly y (then stops) iff for every j, ``argmax p(. | x, y_<j) == y_j``: by
+induction the greedy prefix equals y_<j at step j, so the greedy step-j token is that argmax. So one forward
+pass over ``x ++ y``
+(right-padded; causal attention keeps padding out of earlier positions) gives greedy exact match:
+``correct = all_j [argmax logits[|x| - 1 + j] == y_j]``. Exact match is at the token level of the canonical
+tokenization of the target (the tokenization the experts were trained on).
+
+Scoring helpers `score_path` / `score_model` jit `device_fn` with the config and objective static and every
+array (params, pool, path, junction) traced, so new models and new paths never recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3_jax.tasks import metrics
+from hm3_jax.tasks.tokenizer import encode
+
+
+class Objective(NamedTuple):
+    """One task split as a maximised score in [0, 100] (see module docstring for the device/host contract)."""
+
+    name: str  # "<task>/<split>", e.g. "math/search"
+    metric: str  # "exact_match" or "chrf"
+    device_fn: Callable[[Callable], jax.Array]
+    host_fn: Callable[[Any], float]
+    num_examples: int
+    batch_size: int
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def tokenize_examples(tokenizer, examples: Sequence[Mapping[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, target_ids) per example: ``[bos] + tok(prompt)`` and ``tok(target) + [eos]``."""
+    out = []
+    for example in examples:
+        prompt = [tokenizer.bos_token_id] + encode(tokenizer, example["prompt"])
+        target = encode(tokenizer, example["target"]) + [tokenizer.eos_token_id]
+        out.append((prompt, target))
+    return out
+
+
+def pack_teacher_forced(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    batch_size: int,
+    seq_len: int | None = None,
+    name: str = "split",
+) -> dict[str, np.ndarray]:
+    """Right-padded ``prompt ++ target`` rows for teacher-forced scoring and training.
+
+    Args:
+      pairs: (prompt_ids, target_ids) per example (target includes eos).
+      pad_id: padding token id.
+      batch_size: rows are padded with dummy examples to a multiple of this.
+      seq_len: row length; None = the longest example rounded up to a multiple of 8.
+      name: used in error messages.
+
+    Returns:
+      {"input_ids": int32 [N_pad, S], "target_mask": float32 [N_pad, S] (1 at t when the prediction at t must
+      equal input_ids[t + 1], i.e. t + 1 is a target position), "valid": bool [N_pad]}.
+    """
+    if not pairs:
+        raise ValueError(f"{name}: no examples")
+    longest = max(len(p) + len(t) for p, t in pairs)
+    if seq_len is None:
+        seq_len = _round_up(longest, 8)
+    if longest > seq_len:
+        raise ValueError(f"{name}: longest example has {longest} tokens, more than seq_len={seq_len}")
+    if any(len(t) == 0 for _, t in pairs) or any(len(p) == 0 for p, _ in pairs):
+        raise ValueError(f"{name}: every example needs a non-empty prompt and target")
+    n_pad = _round_up(len(pairs), batch_size)
+    input_ids = np.full((n_pad, seq_len), pad_id, np.int32)
+    target_mask = np.zeros((n_pad, seq_len), np.float32)
+    valid = np.zeros((n_pad,), bool)
+    for i, (prompt, target) in enumerate(pairs):
+        row = list(prompt) + list(target)
+        input_ids[i, : len(row)] = row
+        target_mask[i, len(prompt) - 1 : len(row) - 1] = 1.0
+        valid[i] = True
+    return {"input_ids": input_ids, "target_mask": target_mask, "valid": valid}
+
+
+def pack_prompts(
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    prompt_len: int | None = None,
+    name="split",
+) -> dict[str, np.ndarray]:
+    """Left-padded prompts for greedy decoding.
+
+    Returns {"prompt_ids": int32 [N_pad, P], "prompt_mask": int32 [N_pad, P]}.
+
+    Dummy rows (padding to a multiple of `batch_size`) hold a single pad token with mask 1 so that every row
+    has at least one real position.
+    """
+    if not prompts:
+        raise ValueError(f"{name}: no examples")
+    longest = max(len(p) for p in prompts)
+    if prompt_len is None:
+        prompt_len = _round_up(longest, 8)
+    if longest > prompt_len:
+        raise ValueError(f"{name}: longest prompt has {longest} tokens, more than prompt_len={prompt_len}")
+    n_pad = _round_up(len(prompts), batch_size)
+    ids = np.full((n_pad, prompt_len), pad_id, np.int32)
+    mask = np.zeros((n_pad, prompt_len), np.int32)
+    mask[:, -1] = 1
+    for i, prompt in enumerate(prompts):
+        ids[i, prompt_len - len(prompt) :] = prompt
+        mask[i, :] = 0
+        mask[i, prompt_len - len(prompt) :] = 1
+    return {"prompt_ids": ids, "prompt_mask": mask}
+
+
+def teacher_forced_correct(logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array) -> jax.Array:
+    """Greedy exact match from one forward pass.
+
+    Args:
+      logits: [B, S, V] logits of `input_ids`.
+      input_ids: int [B, S] right-padded ``prompt ++ target``.
+      target_mask: [B, S], 1 at t where the argmax at t must equal input_ids[t + 1].
+
+    Returns:
+      bool [B]: ``all_t (target_mask[t] == 0 or argmax logits[t] == input_ids[t + 1])``.
+    """
+    pred = jnp.argmax(logits[:, :-1], axis=-1)
+    ok = (pred == input_ids[:, 1:]) | (target_mask[:, :-1] == 0)
+    return jnp.all(ok, axis=-1)
+
+
+def make_exact_match_objective(
+    name: str, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, batch_size: int
+) -> Objective:
+    """Teacher-forced exact-match objective over tokenized (prompt, target+eos) pairs."""
+    packed = pack_teacher_forced(pairs, pad_id, batch_size, name=name)
+    num = len(pairs)
+    n_pad, seq_len = packed["input_ids"].shape
+    input_ids = packed["input_ids"].reshape(n_pad // batch_size, batch_size, seq_len)
+    target_mask = packed["target_mask"].reshape(n_pad // batch_size, batch_size, seq_len)
+
+    def device_fn(forward):
+        def one_batch(batch):
+            ids, tmask = batch
+            return teacher_forced_correct(forward(ids), ids, tmask)
+
+        correct = jax.lax.map(one_batch, (jnp.asarray(input_ids), jnp.asarray(target_mask)))
+        return correct.reshape(-1)[:num]  # [N]
+
+    def host_fn(correct) -> float:
+        correct = np.asarray(correct)
+        if correct.shape != (num,):
+            raise ValueError(f"{name}: expected correctness of shape {(num,)}, got {correct.shape}")
+        return 100.0 * float(correct.mean())
+
+    return Objective(name, "exact_match", device_fn, host_fn, num, batch_size)
+
+
+def make_chrf_objective(
+    name: str,
+    prompts: Sequence[Sequence[int]],
+    references: Sequence[str],
+    tokenizer,
+    batch_size: int,
+    max_new_tokens: int,
+) -> Objective:
+    """Greedy-decoding chrF objective: decode ``max_new_tokens``, cut at eos, detokenize, corpus chrF."""
+    packed = pack_prompts(prompts, tokenizer.pad_token_id, batch_size, name=name)
+    num = len(prompts)
+    n_pad, prompt_len = packed["prompt_ids"].shape
+    prompt_ids = packed["prompt_ids"].reshape(n_pad // batch_size, batch_size, prompt_len)
+    prompt_mask = packed["prompt_mask"].reshape(n_pad // batch_size, batch_size, prompt_len)
+    references = [r.strip() for r in references]
+    eos = tokenizer.eos_token_id
+
+    def device_fn(decode_fn):
+        def one_batch(batch):
+            ids, mask = batch
+            return decode_fn(ids, mask, max_new_tokens).astype(jnp.int32)
+
+        tokens = jax.lax.map(one_batch, (jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)))
+        return tokens.reshape(n_pad, max_new_tokens)[:num]  # [N, T]
+
+    def host_fn(tokens) -> float:
+        return metrics.chrf(decode_until_eos(tokenizer, tokens, eos), references)
+
+    return Objective(name, "chrf", device_fn, host_fn, num, batch_size)
+
+
+def decode_until_eos(tokenizer, tokens, eos_id: int) -> list[str]:
+    """Detokenizes each row of ``tokens [N, T]`` up to (excluding) its first eos, stripped."""
+    out = []
+    for row in np.asarray(tokens).tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id)]
+        out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+def make_objective(
+    task: str, split: str, examples: Sequence[Mapping[str, str]], tokenizer, batch_size: int
+) -> Objective:
+    """The objective of one task split (metric from the task registry).
+
+    Args:
+      task: task name ("translation" -> chrF on greedy decoding; "math", "code" -> teacher-forced exact
+        match).
+      split: split name (only used in the objective's name, "<task>/<split>").
+      examples: example dicts with "prompt" and "target".
+      tokenizer: the zoo tokenizer (pad/bos/eos set).
+      batch_size: rows per forward pass.
+    """
+    from hm3_jax.tasks.data import task_metric
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    name = f"{task}/{split}"
+    pairs = tokenize_examples(tokenizer, examples)
+    metric = task_metric(task)
+    if metric == "exact_match":
+        return make_exact_match_objective(name, pairs, tokenizer.pad_token_id, batch_size)
+    max_new_tokens = max(len(t) for _, t in pairs)  # longest reference + eos
+    references = [e["target"] for e in examples]
+    return make_chrf_objective(name, [p for p, _ in pairs], references, tokenizer, batch_size, max_new_tokens)
+
+
+def _path_forward(config, shell, pool, path, junction, metric: str):
+    from hm3_jax import models
+
+    if metric == "exact_match":
+        return lambda ids: models.apply_path(config, shell, pool, path, ids, junction=junction)
+    from hm3_jax.models import greedy_decode
+
+    return lambda ids, mask, n: greedy_decode(config, shell, pool, path, ids, mask, n, junction=junction)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "objective"))
+def path_device_scores(config, shell, pool, path, junction, objective: Objective):
+    """Jitted ``objective.device_fn`` for a layer path (config and objective static; arrays traced)."""
+    return objective.device_fn(_path_forward(config, shell, pool, path, junction, objective.metric))
+
+
+def score_path(config, shell, pool, path, objective: Objective, junction=None) -> float:
+    """Score in [0, 100] of the path model (`hm3_jax.models.apply_path` semantics) on `objective`.
+
+    Args:
+      config: ModelConfig of the shell; shell: embed/final/head params; pool: stacked blocks [P, ...];
+      path: int32 [T_max] pool indices (-1 = padding); junction: None or {"scale", "shift": [T_max, D]}.
+    """
+    from hm3_jax.models.path import check_junction, pool_size, validate_path
+
+    path = np.asarray(path, np.int32)
+    validate_path(path, pool_size(pool))
+    check_junction(junction, path.shape[0], config.hidden_size)
+    return objective.host_fn(path_device_scores(config, shell, pool, jnp.asarray(path), junction, objective))
+
+
+def score_model(config, params, objective: Objective) -> float:
+    """Score in [0, 100] of a single model (the identity path over its own blocks) on `objective`."""
+    from hm3_jax import models
+
+    pool = params["blocks"]  # == make_pool([params["blocks"]]) without a copy
+    path = np.arange(config.num_layers, dtype=np.int32)
+    return score_path(config, models.shell_of(params), pool, path, objective)
+
+
+def score_models(config, params_list: Sequence[Any], objectives: Sequence[Objective]) -> np.ndarray:
+    """Score matrix [len(params_list), len(objectives)] (rows: models, columns: objectives)."""
+    return np.array([[score_model(config, p, o) for o in objectives] for p in params_list], np.float64)
