@@ -1,0 +1,486 @@
+"""The path-evaluation engine: raw task scores of many layer paths over one block pool (HM3_SPEC "Path
+evaluation engine"; DESIGN.md "Architecture search").
+
+    engine = make_engine(config, shell, pool, objectives, strategy="auto")
+    result = engine.evaluate(paths)            # paths int32 [N, T_max], -1 = padding
+    result.scores                              # [N, num_tasks] raw scores in [0, 100]
+    result.cost                                # Cost: evaluations, cache hits, block steps, FLOPs, seconds
+    engine = engine.with_model(shell2, pool2)  # a new preference's merged model: same compiled code and cache
+
+Score of path alpha on task k: `f_k(alpha) = host_fn_k(device_fn_k(forward_alpha))` with
+`forward_alpha(x) = head(run_path(alpha, embed(x)))` (teacher-forced objectives) or greedy decoding along alpha
+(chrF). The pool and shell are arguments of the compiled functions, never closed-over constants, so a new
+preference's merged model and new paths reuse the compiled code.
+
+Pipeline of `evaluate`:
+1. canonicalise (padding to the end of each row, junction rows moved along) and validate;
+2. cache: key = (model fingerprint or `pool_id`, real steps, junction rows); distinct rows that were scored
+   before (in this or an earlier call, for this model) are not evaluated again, nor are duplicates in a batch;
+3. teacher-forced objectives of the misses: prefix tree (`prefix_sharing=True`, see prefix_tree.py) or plain;
+   decode objectives (chrF) of the misses: plain;
+4. plain evaluation runs fixed-size chunks of paths with the batching strategy:
+   - "map":   `lax.map` over the paths of a chunk (one path's matmuls over the whole data batch at a time);
+   - "vmap":  `vmap` over the paths of a chunk (batched matmuls with per-path weights);
+   - "shard": `shard_map` over a 1-D Mesh axis "paths" (each device `lax.map`s its share; pool replicated);
+   - "auto":  at construction, time each available strategy on one chunk of random paths (after its
+     compilation) and keep the fastest; the timings are in `engine.strategy_timings`. On this 2-core CPU
+     "map" wins (vmapping paths with different weights was measured 1.4-3.3x slower).
+   Chunks have a fixed size (the last is padded by repeating a path), so batch sizes never recompile.
+5. `host_fn` per path and task (chrF decodes strings and calls sacrebleu there), cost accounting.
+
+Objectives follow DESIGN.md: `name`, `metric` ("exact_match" or "chrf"), `device_fn(forward)` and `host_fn`.
+For a teacher-forced objective `forward(input_ids [B, S]) -> logits [B, S, V]`; for "chrf" `forward` is the
+decode closure `forward(prompt_ids [B, P], prompt_mask [B, P], max_new_tokens) -> tokens [B, max_new_tokens]`
+(greedy decoding with a KV cache along the path). At construction every `device_fn` is called once eagerly with
+a recording forward, to learn its input batches (for the prefix tree and the FLOP count); a `device_fn`
+must therefore call `forward` with the same concrete inputs every time (true of objectives over a fixed split).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import PartitionSpec
+
+from hm3_jax import models
+from hm3_jax.models.config import ModelConfig
+from hm3_jax.paths import flops as flops_lib
+from hm3_jax.paths import prefix_tree as tree_lib
+from hm3_jax.paths.cache import Cost, EvalResult, canonicalize, path_keys, tree_fingerprint
+
+STRATEGIES = ("auto", "map", "vmap", "shard")
+DECODE_METRICS = ("chrf",)
+
+
+def _greedy_decode_fn():
+    fn = getattr(models, "greedy_decode", None)
+    if fn is None:
+        from hm3_jax.models import decode as decode_module  # noqa: PLC0415 (landed after paths/)
+
+        fn = decode_module.greedy_decode
+    return fn
+
+
+class _Recorder:
+    """A forward that records its (concrete) inputs and returns zeros of the right shape."""
+
+    def __init__(self, config: ModelConfig, decode: bool, name: str):
+        self.config, self.decode, self.name, self.calls = config, decode, name, []
+
+    def __call__(self, *args):
+        try:
+            arrays = [np.asarray(a) for a in args]
+        except (TypeError, jax.errors.TracerArrayConversionError) as err:
+            raise ValueError(
+                f"objective {self.name!r}: device_fn must call forward with concrete arrays (its split); "
+                "got a traced value"
+            ) from err
+        if self.decode:
+            if len(arrays) != 3:
+                raise ValueError(
+                    f"objective {self.name!r}: the decode forward takes (prompt_ids, prompt_mask, "
+                    f"max_new_tokens), got {len(arrays)} arguments"
+                )
+            ids, mask, new = arrays
+            self.calls.append((ids, mask, int(new)))
+            return jnp.zeros((ids.shape[0], int(new)), jnp.int32)
+        if len(arrays) != 1 or arrays[0].ndim != 2:
+            raise ValueError(f"objective {self.name!r}: forward takes one input_ids [B, S] array")
+        self.calls.append(arrays[0])
+        return jnp.zeros(arrays[0].shape + (self.config.vocab_size,), jnp.float32)
+
+
+class PathEngine:
+    """Scores batches of layer paths; build with `make_engine` (see the module docstring)."""
+
+    def __init__(self, *, config, shell, pool, objectives, strategy, chunk_size, node_chunk_size,
+                 prefix_sharing, model_id, shared, mesh):  # fmt: skip
+        self.config = config
+        self.shell = shell
+        self.pool = pool
+        self.objectives = tuple(objectives)
+        self.strategy = strategy
+        self.chunk_size = chunk_size
+        self.node_chunk_size = node_chunk_size
+        self.prefix_sharing = prefix_sharing
+        self.model_id = model_id
+        self.mesh = mesh
+        self._shared = shared  # compiled functions, recorded calls, cache: shared by with_model copies
+        self.total_cost = Cost()
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def num_tasks(self) -> int:
+        return len(self.objectives)
+
+    @property
+    def pool_size(self) -> int:
+        return models.pool_size(self.pool)
+
+    @property
+    def cache(self) -> dict:
+        """{cache key: scores [num_tasks]} over every model this engine (and its `with_model` copies) scored."""
+        return self._shared["cache"]
+
+    @property
+    def num_traces(self) -> dict:
+        """How many times each compiled function was traced (a new trace = a recompilation)."""
+        return dict(self._shared["traces"])
+
+    @property
+    def strategy_timings(self) -> dict:
+        """Seconds per chunk measured by strategy="auto" at construction (empty otherwise)."""
+        return dict(self._shared["strategy_timings"])
+
+    def with_model(self, shell: dict, pool: dict, pool_id: str | None = None) -> PathEngine:
+        """The same engine (compiled code, cache, objectives) for another shell/pool of identical shapes."""
+        _check_same_shapes(self.shell, shell, "shell")
+        _check_same_shapes(self.pool, pool, "pool")
+        return PathEngine(
+            config=self.config, shell=shell, pool=pool, objectives=self.objectives, strategy=self.strategy,
+            chunk_size=self.chunk_size, node_chunk_size=self.node_chunk_size,
+            prefix_sharing=self.prefix_sharing, model_id=pool_id or tree_fingerprint(shell, pool),
+            shared=self._shared, mesh=self.mesh,
+        )  # fmt: skip
+
+    def evaluate(self, paths, junction: dict | None = None, *, use_cache: bool = True) -> EvalResult:
+        """Raw task scores of a batch of paths.
+
+        Args:
+          paths: int [N, T_max] pool indices, -1 = padding (anywhere; padding steps are no-ops).
+          junction: None (plain stacking) or {"scale", "shift"} [N, T_max, D]: before step t of path i,
+            `h = h * scale[i, t] + shift[i, t]` (alignment.py builds these).
+          use_cache: read the cache (results are always written to it).
+        Returns: EvalResult(scores float64 [N, num_tasks] in [0, 100], cost of this call).
+        """
+        start = time.perf_counter()
+        paths_c, junction_c, lengths = canonicalize(paths, junction, self.pool_size)
+        if junction_c is not None and junction_c["scale"].shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"junction rows have size {junction_c['scale'].shape[-1]}, expected hidden_size "
+                f"{self.config.hidden_size}"
+            )
+        keys = path_keys(self.model_id, paths_c, lengths, junction_c)
+        cache = self.cache
+        first_row: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            first_row.setdefault(k, i)
+        hits = [k for k in first_row if use_cache and k in cache]
+        todo = [i for k, i in first_row.items() if not (use_cache and k in cache)]
+        cost = Cost(num_paths=len(keys), num_unique=len(first_row), num_cache_hits=len(hits))
+        if todo:
+            idx = np.asarray(todo)
+            sub_j = None if junction_c is None else {n: a[idx] for n, a in junction_c.items()}
+            scores, eval_cost = self._evaluate_rows(paths_c[idx], lengths[idx], sub_j)
+            for row, i in enumerate(todo):
+                cache[keys[i]] = scores[row]
+            cost = cost._replace(**eval_cost)
+        out = np.stack([cache[k] for k in keys]) if keys else np.zeros((0, self.num_tasks))
+        cost = cost._replace(seconds=time.perf_counter() - start)
+        self.total_cost = self.total_cost + cost
+        return EvalResult(scores=out, cost=cost)
+
+    # ---------------------------------------------------------------- evaluation of distinct rows
+    def _evaluate_rows(self, paths, lengths, junction):
+        sh = self._shared
+        n = paths.shape[0]
+        raw: list[Any] = [None] * self.num_tasks
+        block_steps_plain = int(lengths.sum())
+        flops_plain = sum(self._path_flops(int(t)) for t in lengths)
+        tf_idx = [k for k, o in enumerate(self.objectives) if o.metric not in DECODE_METRICS]
+        dec_idx = [k for k, o in enumerate(self.objectives) if o.metric in DECODE_METRICS]
+        flops = 0.0
+        block_steps = 0
+        plain_idx = dec_idx + ([] if self.prefix_sharing else tf_idx)
+        if self.prefix_sharing and tf_idx:
+            outs, steps = self._run_tree(paths, lengths, junction)
+            for k, o in zip(tf_idx, outs, strict=True):
+                raw[k] = o
+            tree_tokens_flops = steps["block_steps"] * sh["tf_block_flops"] + n * sh["tf_head_flops"]
+            flops += tree_tokens_flops
+            block_steps += steps["block_steps"]
+        elif tf_idx:
+            flops += sum(sh["tf_block_flops"] * int(t) + sh["tf_head_flops"] for t in lengths)
+            block_steps += int(lengths.sum())
+        if plain_idx:
+            outs = self._run_plain(tuple(sorted(plain_idx)), paths, junction)
+            for k, o in zip(sorted(plain_idx), outs, strict=True):
+                raw[k] = o
+            flops += sum(sum(f(int(t)) for f in sh["dec_flops_fns"]) for t in lengths) if dec_idx else 0.0
+            if dec_idx and not tf_idx:
+                block_steps += int(lengths.sum())
+        scores = np.zeros((n, self.num_tasks))
+        for k, obj in enumerate(self.objectives):
+            for i in range(n):
+                value = float(obj.host_fn(jax.tree.map(lambda a, i=i: np.asarray(a[i]), raw[k])))
+                if not np.isfinite(value) or value < -1e-6 or value > 100 + 1e-6:
+                    raise ValueError(
+                        f"objective {obj.name!r} returned score {value}, expected within [0, 100]"
+                    )
+                scores[i, k] = value
+        return scores, dict(
+            num_evaluations=n, block_steps=block_steps, block_steps_plain=block_steps_plain, flops=float(flops),
+            flops_plain=float(flops_plain),
+        )  # fmt: skip
+
+    def _path_flops(self, length: int) -> float:
+        sh = self._shared
+        tf = sh["tf_block_flops"] * length + sh["tf_head_flops"]
+        return float(tf + sum(f(length) for f in sh["dec_flops_fns"]))
+
+    def _run_plain(self, obj_idx: tuple, paths, junction):
+        """Device outputs of objectives `obj_idx` for every row, in fixed-size chunks (stacked [N, ...])."""
+        fn = self._plain_fn(obj_idx, junction is not None)
+        n, c = paths.shape[0], self.chunk_size
+        pieces = []
+        for start in range(0, n, c):
+            rows = np.arange(start, min(start + c, n))
+            rows = np.concatenate([rows, np.full(c - rows.size, rows[-1])])  # pad by repeating a path
+            args = [jnp.asarray(paths[rows])]
+            if junction is not None:
+                args.append({k: jnp.asarray(v[rows]) for k, v in junction.items()})
+            pieces.append((min(c, n - start), fn(self.shell, self.pool, *args)))
+        outs = [jax.tree.map(lambda a, m=m: np.asarray(a)[:m], o) for m, o in pieces]
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+    def _run_tree(self, paths, lengths, junction):
+        """Teacher-forced device outputs of every row via the prefix tree."""
+        sh = self._shared
+        tree = tree_lib.build_prefix_tree(paths, lengths, junction)
+        fn = self._tree_fn()
+        t_max = paths.shape[1]
+        h0s, ctxs = sh["embed_fn"](self.shell)
+        buffers = tuple(jnp.zeros((t_max + 1,) + h.shape, h.dtype).at[0].set(h) for h in h0s)
+        num = tree.num_nodes
+        d = self.config.hidden_size
+        if tree.scale is None:  # identity junction rows: the same arithmetic as `run_path` without one
+            tree = tree._replace(scale=np.ones((num, d), np.float32), shift=np.zeros((num, d), np.float32))
+        chunks_out = []
+        for nodes in tree_lib.chunk_nodes(tree, self.node_chunk_size, d):
+            buffers, outs = fn(self.shell, self.pool, buffers, ctxs, jax.tree.map(jnp.asarray, nodes))
+            chunks_out.append(outs)
+        stacked = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:num], *chunks_out)
+        rows = np.full(paths.shape[0], -1)
+        term = np.nonzero(tree.terminal >= 0)[0]
+        rows[tree.terminal[term]] = term
+        per_obj = [jax.tree.map(lambda a: a[rows], o) for o in stacked]
+        return per_obj, {"block_steps": tree.num_block_steps}
+
+    # ---------------------------------------------------------------- compiled functions
+    def _count_trace(self, name):
+        traces = self._shared["traces"]
+        traces[name] = traces.get(name, 0) + 1
+
+    def _forward_for(self, obj, shell, pool, path, junction):
+        config = self.config
+        if obj.metric in DECODE_METRICS:
+            decode = _greedy_decode_fn()
+            return lambda ids, mask, new: decode(
+                config, shell, pool, path, ids, mask, int(new), junction=junction
+            )
+        return lambda ids: models.apply_path(config, shell, pool, path, ids, junction)
+
+    def _plain_fn(self, obj_idx: tuple, with_junction: bool):
+        key = ("plain", self.strategy, obj_idx, with_junction)
+        sh = self._shared
+        if key in sh["compiled"]:
+            return sh["compiled"][key]
+        objectives = [self.objectives[k] for k in obj_idx]
+
+        def one_path(shell, pool, path, junction):
+            return tuple(o.device_fn(self._forward_for(o, shell, pool, path, junction)) for o in objectives)
+
+        def traced(shell, pool, paths, junction=None):
+            self._count_trace(key)
+            js = junction if with_junction else None
+            if self.strategy == "vmap":
+                return jax.vmap(one_path, in_axes=(None, None, 0, 0 if with_junction else None))(
+                    shell, pool, paths, js
+                )
+            if self.strategy == "map":
+                return _lax_map_paths(one_path, shell, pool, paths, js)
+            spec = PartitionSpec("paths")
+            in_specs = (PartitionSpec(), PartitionSpec(), spec) + ((spec,) if with_junction else ())
+            body = functools.partial(_shard_body, one_path, with_junction)
+            mapped = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
+            return mapped(shell, pool, paths, *((js,) if with_junction else ()))
+
+        fn = jax.jit(traced)
+        sh["compiled"][key] = fn
+        return fn
+
+    def _tree_fn(self):
+        key = ("tree",)
+        sh = self._shared
+        if key in sh["compiled"]:
+            return sh["compiled"][key]
+        config = self.config
+        tf_objs = [o for o in self.objectives if o.metric not in DECODE_METRICS]
+        calls_per_obj = sh["tf_calls_per_obj"]
+
+        def leaf_fn(shell, hs):
+            logits = [models.head(config, shell, h) for h in hs]
+            outs, pos = [], 0
+            for obj, num_calls in zip(tf_objs, calls_per_obj, strict=True):
+                mine = iter(logits[pos : pos + num_calls])
+                pos += num_calls
+                outs.append(obj.device_fn(lambda ids, mine=mine: next(mine)))
+            return tuple(outs)
+
+        chunk_fn = tree_lib.make_tree_chunk_fn(
+            lambda p, h, ctx: models.block(config, p, h, ctx), leaf_fn, with_junction=True
+        )
+
+        def traced(shell, pool, buffers, ctxs, nodes):
+            self._count_trace(key)
+            return chunk_fn(shell, pool, buffers, ctxs, nodes)
+
+        fn = jax.jit(traced, donate_argnums=(2,))
+        sh["compiled"][key] = fn
+        return fn
+
+
+def _lax_map_paths(one_path, shell, pool, paths, junction):
+    if junction is None:
+        return jax.lax.map(lambda p: one_path(shell, pool, p, None), paths)
+    return jax.lax.map(lambda pj: one_path(shell, pool, pj[0], pj[1]), (paths, junction))
+
+
+def _shard_body(one_path, with_junction, shell, pool, paths, junction=None):
+    return _lax_map_paths(one_path, shell, pool, paths, junction if with_junction else None)
+
+
+def _check_same_shapes(a, b, name):
+    sa = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), a)
+    sb = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), b)
+    if jax.tree.structure(a) != jax.tree.structure(b) or sa != sb:
+        raise ValueError(f"with_model: the new {name} must have the same structure, shapes and dtypes")
+
+
+def make_engine(
+    config: ModelConfig,
+    shell: dict,
+    pool: dict,
+    objectives: Sequence,
+    strategy: str = "auto",
+    *,
+    chunk_size: int = 8,
+    node_chunk_size: int = 16,
+    prefix_sharing: bool = True,
+    pool_id: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    auto_key: jax.Array | None = None,
+    t_max: int | None = None,
+) -> PathEngine:
+    """Builds a path-evaluation engine (see the module docstring).
+
+    Args:
+      config: ModelConfig of the shell and of every pool block.
+      shell: params without "blocks" (embeddings, final norm, head): Theta(lambda)'s in HM3.
+      pool: stacked blocks [P, ...] (`models.make_pool`), pool index m * L + l.
+      objectives: sequence of Objective (name, metric, device_fn, host_fn); one score column each.
+      strategy: "auto" | "map" | "vmap" | "shard" (batching of plain evaluation across paths).
+      chunk_size: paths per compiled call of plain evaluation (rounded up to a multiple of the mesh size).
+      node_chunk_size: prefix-tree nodes per compiled call.
+      prefix_sharing: evaluate teacher-forced objectives as a prefix tree (exactly the same scores).
+      pool_id: explicit cache identity of (shell, pool); default: a hash of their bytes.
+      mesh: Mesh with an axis "paths" for strategy "shard" (default: all devices).
+      auto_key: PRNG key of the random paths timed by strategy="auto" (default PRNGKey(0)).
+      t_max: path length used by strategy="auto" (default config.num_layers).
+    Returns: a PathEngine.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+    if chunk_size < 1 or node_chunk_size < 1:
+        raise ValueError("chunk_size and node_chunk_size must be >= 1")
+    if not objectives:
+        raise ValueError("make_engine needs at least one objective")
+    for o in objectives:
+        for attr in ("name", "metric", "device_fn", "host_fn"):
+            if not hasattr(o, attr):
+                raise TypeError(f"objective {o!r} lacks {attr!r} (see DESIGN.md, Objective)")
+    if "blocks" in shell:
+        shell = {k: v for k, v in shell.items() if k != "blocks"}
+    if mesh is None and strategy in ("shard", "auto"):
+        mesh = jax.make_mesh((len(jax.devices()),), ("paths",))
+    if mesh is not None:
+        if "paths" not in mesh.axis_names:
+            raise ValueError(f"mesh must have an axis named 'paths', got {mesh.axis_names}")
+        n_dev = mesh.shape["paths"]
+        chunk_size = -(-chunk_size // n_dev) * n_dev
+    shared = _record_objectives(config, objectives)
+    engine = PathEngine(
+        config=config, shell=shell, pool=pool, objectives=objectives, strategy=strategy, chunk_size=chunk_size,
+        node_chunk_size=node_chunk_size, prefix_sharing=prefix_sharing,
+        model_id=pool_id or tree_fingerprint(shell, pool), shared=shared, mesh=mesh,
+    )  # fmt: skip
+    if strategy == "auto":
+        engine.strategy = _pick_strategy(engine, auto_key, t_max or config.num_layers)
+    return engine
+
+
+def _record_objectives(config: ModelConfig, objectives) -> dict:
+    """Calls every device_fn once with a recording forward: its input batches and per-path FLOP counts."""
+    tf_calls, calls_per_obj, dec_flops_fns = [], [], []
+    for o in objectives:
+        decode = o.metric in DECODE_METRICS
+        rec = _Recorder(config, decode, o.name)
+        o.device_fn(rec)
+        if not rec.calls:
+            raise ValueError(f"objective {o.name!r}: device_fn never called forward")
+        if decode:
+            for ids, _, new in rec.calls:
+                dec_flops_fns.append(
+                    functools.partial(flops_lib.decode_flops, config, ids.shape[0], ids.shape[1], new)
+                )
+        else:
+            tf_calls.extend(rec.calls)
+            calls_per_obj.append(len(rec.calls))
+    tf_block = sum(ids.shape[0] * ids.shape[1] * flops_lib.block_flops_per_token(config, ids.shape[1])
+                   for ids in tf_calls)  # fmt: skip
+    tf_head = sum(ids.shape[0] * ids.shape[1] * flops_lib.head_flops_per_token(config) for ids in tf_calls)
+    tf_inputs = [jnp.asarray(ids) for ids in tf_calls]
+
+    @jax.jit
+    def embed_fn(shell):
+        pairs = [models.embed(config, shell, ids) for ids in tf_inputs]
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+    return {
+        "cache": {},
+        "compiled": {},
+        "traces": {},
+        "strategy_timings": {},
+        "tf_calls_per_obj": calls_per_obj,
+        "tf_block_flops": float(tf_block),
+        "tf_head_flops": float(tf_head),
+        "dec_flops_fns": dec_flops_fns,
+        "embed_fn": embed_fn,
+    }
+
+
+def _pick_strategy(engine: PathEngine, key, t_max: int) -> str:
+    """Times one chunk of random paths per available strategy (compilation excluded); returns the fastest."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    paths = np.asarray(jax.random.randint(key, (engine.chunk_size, t_max), 0, engine.pool_size), np.int32)
+    candidates = ["map", "vmap"] + (["shard"] if engine.mesh is not None and engine.mesh.size > 1 else [])
+    all_idx = tuple(range(engine.num_tasks))
+    timings = {}
+    for name in candidates:
+        engine.strategy = name
+        fn = engine._plain_fn(all_idx, False)
+        jax.block_until_ready(fn(engine.shell, engine.pool, jnp.asarray(paths)))  # compile + warm up
+        start = time.perf_counter()
+        jax.block_until_ready(fn(engine.shell, engine.pool, jnp.asarray(paths)))
+        timings[name] = time.perf_counter() - start
+    best = min(timings, key=timings.get)
+    engine._shared["strategy_timings"].update(timings)
+    logging.info("path engine strategy=auto timings %s -> %s", timings, best)
+    return best
