@@ -1,0 +1,333 @@
+"""Parameter-space merges of whole pytrees, the method registry `merge`, and HM3's `hm3_merge`.
+
+A merge is `merge(method, base, models, key=None, **hparams) -> merged`, where `base` and every entry of
+`models` are pytrees of the same structure and shapes (nested dicts of arrays, e.g. our `{"embed", "blocks",
+"final", "head"}` params, or a flat `{hf_name: array}` dict). It maps a per-tensor kernel (`kernels.py`) over
+the leaves with `jax.tree` utilities; it is pure and jit-able (`jax.jit(functools.partial(merge, "ties",
+density=0.5))(base, models)`), and the library never jits by itself.
+
+Conventions (mergekit's, see docs/merging.md):
+* `weights`: one per model; each a number, a per-block `[L]` vector or a per-group mapping (`groups.py`).
+* `density`: fraction of a task vector KEPT by magnitude trimming (TIES, PCB), in (0, 1].
+* `drop_rate`: DARE's drop probability p, in [0, 1); survivors are rescaled by `1 / (1 - p)`.
+* `normalize`: divide by the sum of the (agreeing) weights; defaults per method as in mergekit.
+* dtype: each output leaf has the base leaf's dtype (for `linear`, the first model's); arithmetic is float32.
+  Non-floating leaves (integer buffers) are copied from the base unchanged.
+* Randomness (DARE): leaf `i` (in `jax.tree` order) uses `fold_in(key, i)`, model `k` `fold_in(that, k)`, and
+  block `l` of a stacked leaf `fold_in(that leaf key, l)` before the model fold. The streaming merge of
+  checkpoints (`streaming.py`) numbers tensors in sorted-name order, which is the `jax.tree` order of a flat
+  `{name: array}` dict, so both draw identical masks.
+* Leaves under the top-level `"blocks"` key are stacked `[L, ...]`: every kernel is vmapped over the
+  blocks, so per-tensor operations (top-k trimming, SLERP angle, PCB normalisation) act on one block at a
+  time, exactly as they would on the per-layer Hugging Face tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3_jax.merging import kernels
+from hm3_jax.merging.groups import GroupFn, default_param_group, is_stacked, leaf_weights, path_name
+
+Kernel = Callable[..., jax.Array]
+
+# method -> (kernel, {hparam: default}); `weights`, `group_fn`, `check_finite` are accepted by every method.
+METHODS: dict[str, tuple[Kernel, dict[str, Any]]] = {
+    "linear": (kernels.linear, {"normalize": True}),
+    "task_arithmetic": (kernels.task_arithmetic, {"scale": 1.0, "normalize": False}),
+    "ties": (kernels.ties, {"density": 1.0, "scale": 1.0, "normalize": True, "consensus": "sum"}),
+    "dare_linear": (
+        kernels.dare_linear,
+        {"drop_rate": 0.0, "scale": 1.0, "normalize": False, "rescale": True},
+    ),
+    "dare_ties": (
+        kernels.dare_ties,
+        {
+            "drop_rate": 0.0,
+            "density": 1.0,
+            "scale": 1.0,
+            "normalize": False,
+            "rescale": True,
+            "consensus": "sum",
+        },
+    ),
+    "slerp": (kernels.slerp, {"t": None, "dot_threshold": 0.9995, "eps": 1e-8}),
+    "consensus": (
+        kernels.consensus,
+        {
+            "base_method": "task_arithmetic",
+            "k": 2,
+            "tall_lambda": 0.4,
+            "density": 1.0,
+            "scale": 1.0,
+            "normalize": None,
+            "consensus": "sum",
+        },
+    ),
+    "pcb": (kernels.pcb, {"density": 0.2, "scale": 1.0}),
+}
+RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
+COMMON_HPARAMS = ("weights", "group_fn", "check_finite")
+
+
+def known_methods() -> tuple[str, ...]:
+    return tuple(sorted(METHODS))
+
+
+def _check_range(name: str, value: Any, num_models: int, low_open: bool) -> None:
+    """`value` (a number or one per model) in (0, 1] (`low_open`, density) or [0, 1) (drop rate)."""
+    values = [value] if isinstance(value, int | float) else list(value)
+    if not isinstance(value, int | float) and len(values) != num_models:
+        raise ValueError(f"{name}: got {len(values)} values for {num_models} models")
+    for v in values:
+        v = float(v)
+        ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v < 1.0)
+        if not ok:
+            raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1)'}, got {v}")
+
+
+def resolve_hparams(method: str, num_models: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks a method's hyperparameters and fills in defaults.
+
+    Raises ValueError for an unknown method (listing the known ones), an unknown hyperparameter (listing the
+    accepted ones), `density` outside (0, 1], `drop_rate` outside [0, 1), or a per-model list of the wrong
+    length.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(known_methods())}")
+    _, defaults = METHODS[method]
+    unknown = sorted(set(hparams) - set(defaults) - set(COMMON_HPARAMS))
+    if unknown:
+        accepted = sorted(set(defaults) | set(COMMON_HPARAMS))
+        raise ValueError(f"{method}: unknown hyperparameter(s) {unknown}; accepted: {accepted}")
+    resolved = {**defaults, **{k: v for k, v in hparams.items() if k in defaults}}
+    if "density" in resolved:
+        _check_range("density", resolved["density"], num_models, low_open=True)
+    if "drop_rate" in resolved:
+        _check_range("drop_rate", resolved["drop_rate"], num_models, low_open=False)
+    if "tall_lambda" in resolved and not isinstance(resolved["tall_lambda"], int | float):
+        if len(resolved["tall_lambda"]) != num_models:
+            raise ValueError(
+                f"tall_lambda: got {len(resolved['tall_lambda'])} values for {num_models} models"
+            )
+    if method == "slerp":
+        if num_models != 1:
+            raise ValueError(f"slerp merges the base with exactly one model, got {num_models} models")
+        if resolved["t"] is None:
+            raise ValueError(
+                "slerp needs the interpolation factor t (a number, per-block vector or per-group map)"
+            )
+    if method == "consensus" and not 1 <= int(resolved["k"]) <= num_models:
+        raise ValueError(f"consensus: k must be in [1, {num_models}] (number of models), got {resolved['k']}")
+    return resolved
+
+
+def make_kernel(method: str, num_models: int, **hparams: Any) -> Kernel:
+    """`kernel(key, base, thetas [K, ...], weights [K]) -> merged` with the method's hyperparameters bound.
+
+    `t` (SLERP) and `weights` are per-leaf values resolved by the caller, not bound here.
+    """
+    resolved = resolve_hparams(method, num_models, hparams)
+    kernel, _ = METHODS[method]
+    bound = {k: v for k, v in resolved.items() if k != "t"}
+    return functools.partial(kernel, **bound)
+
+
+def first_mismatch(base: Any, models: Sequence[Any]) -> str | None:
+    """A message naming the first leaf where `models` differ from `base` in structure or shape, else None."""
+    base_leaves = jax.tree_util.tree_flatten_with_path(base)[0]
+    base_names = [path_name(p) for p, _ in base_leaves]
+    for index, model in enumerate(models):
+        leaves = jax.tree_util.tree_flatten_with_path(model)[0]
+        names = [path_name(p) for p, _ in leaves]
+        if names != base_names:
+            missing = [n for n in base_names if n not in set(names)]
+            extra = [n for n in names if n not in set(base_names)]
+            first = (
+                (f"tensor {missing[0]!r} missing" if missing else f"unexpected tensor {extra[0]!r}")
+                if (missing or extra)
+                else "tensors in a different order"
+            )
+            return f"model {index} has a different architecture than the base: {first}"
+        for name, (_, a), (_, b) in zip(base_names, base_leaves, leaves, strict=True):
+            if np.shape(a) != np.shape(b):
+                return (
+                    f"model {index} differs from the base at tensor {name!r}: shape {tuple(np.shape(b))} vs "
+                    f"{tuple(np.shape(a))}"
+                )
+    return None
+
+
+def _check_finite(name: str, arrays: Sequence[Any], labels: Sequence[str]) -> None:
+    for array, label in zip(arrays, labels, strict=True):
+        if isinstance(array, jax.core.Tracer):
+            return
+        if jnp.issubdtype(jnp.asarray(array).dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(array))):
+            kind = "NaN" if bool(jnp.any(jnp.isnan(array))) else "Inf"
+            raise ValueError(f"{kind} in {label} at tensor {name!r}")
+
+
+def merge_leaf(
+    kernel: Kernel,
+    key: jax.Array | None,
+    name: str,
+    base_leaf: jax.Array,
+    model_leaves: Sequence[jax.Array],
+    weights: jax.Array,
+    out_dtype: Any,
+) -> jax.Array:
+    """Applies `kernel` to one leaf: float32 inside, `out_dtype` out; vmapped over blocks for `blocks/...`.
+
+    Args:
+      weights: `[K]`, or `[L, K]` for a stacked leaf (see `groups.leaf_weights`).
+    """
+    base32 = jnp.asarray(base_leaf).astype(jnp.float32)
+    thetas = jnp.stack([jnp.asarray(m).astype(jnp.float32) for m in model_leaves])  # [K, ...]
+    if key is None:
+        key = jax.random.key(0)  # unused by deterministic kernels
+    if is_stacked(name) and base32.ndim >= 1:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(base32.shape[0]))
+        out = jax.vmap(kernel, in_axes=(0, 0, 1, 0))(keys, base32, thetas, weights)
+    else:
+        out = kernel(key, base32, thetas, weights)
+    return out.astype(out_dtype)
+
+
+def merge(
+    method: str,
+    base: Any,
+    models: Sequence[Any],
+    key: jax.Array | None = None,
+    *,
+    weights: Sequence[Any] | None = None,
+    group_fn: GroupFn = default_param_group,
+    check_finite: bool = True,
+    **hparams: Any,
+) -> Any:
+    """Merges `models` (fine-tuned from `base`) into one pytree with `method`.
+
+    Args:
+      method: one of `known_methods()`: linear, task_arithmetic, ties, dare_linear, dare_ties, slerp,
+        consensus, pcb (see `kernels.py` for each one's equation and hyperparameters).
+      base: pytree of arrays (ignored by `linear`, which may get None).
+      models: non-empty sequence of K pytrees with the base's structure and shapes.
+      key: PRNG key, required by the DARE methods.
+      weights: K per-model weights (number, `[L]` per-block vector, or per-group mapping); default all 1.
+        For `slerp`, pass `t=` instead (same forms).
+      group_fn: leaf name -> parameter group, for per-group weights.
+      check_finite: raise on NaN/Inf in an input leaf (skipped under jit tracing).
+      **hparams: the method's hyperparameters (`density`, `drop_rate`, `scale`, `normalize`, ...).
+    Returns:
+      The merged pytree, each leaf with the base leaf's dtype.
+    Raises:
+      ValueError: unknown method or hyperparameter, empty model list, wrong-length weights, values out of
+        range, structure/shape mismatch (naming the first tensor that differs), NaN/Inf in an input.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(known_methods())}")
+    models = list(models)
+    if not models:
+        raise ValueError(f"{method}: the list of models to merge is empty")
+    if method in RANDOM_METHODS and key is None:
+        raise ValueError(f"{method} draws random drop masks: pass an explicit PRNG key")
+    reference = models[0] if base is None else base
+    if base is None and method != "linear":
+        raise ValueError(f"{method} needs a base model (only linear works without one)")
+    mismatch = first_mismatch(reference, models)
+    if mismatch:
+        raise ValueError(mismatch)
+    if method == "slerp" and weights is not None:
+        raise ValueError("slerp takes its interpolation factor as t=..., not weights")
+    if weights is not None and len(weights) != len(models):
+        raise ValueError(f"weights: got {len(weights)} values for {len(models)} models")
+    t = hparams.get("t")
+    kernel = make_kernel(method, len(models), **hparams)
+    per_leaf_weights = [t] if method == "slerp" else weights
+
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(reference)
+    model_leaves = [jax.tree_util.tree_leaves(m) for m in models]
+    out = []
+    for index, (path, ref_leaf) in enumerate(leaves_with_path):
+        name = path_name(path)
+        inputs = [leaves[index] for leaves in model_leaves]
+        if not jnp.issubdtype(jnp.asarray(ref_leaf).dtype, jnp.floating):
+            out.append(ref_leaf)
+            continue
+        if check_finite:
+            arrays = ([] if base is None else [ref_leaf]) + inputs
+            labels = ([] if base is None else ["the base model"]) + [f"model {k}" for k in range(len(inputs))]
+            _check_finite(name, arrays, labels)
+        leaf_w = leaf_weights(
+            per_leaf_weights,
+            name,
+            tuple(np.shape(ref_leaf)),
+            len(models),
+            group_fn,
+            "t" if method == "slerp" else "weights",
+        )
+        leaf_key = None if key is None else jax.random.fold_in(key, index)
+        out.append(merge_leaf(kernel, leaf_key, name, ref_leaf, inputs, leaf_w, jnp.asarray(ref_leaf).dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _method_fn(method: str):
+    def fn(base, models, key=None, **hparams):
+        return merge(method, base, models, key, **hparams)
+
+    fn.__name__ = method
+    fn.__doc__ = (
+        f"`merge({method!r}, base, models, key, **hparams)`; see `kernels.{method}` for the equation."
+    )
+    return fn
+
+
+linear = _method_fn("linear")
+task_arithmetic = _method_fn("task_arithmetic")
+ties = _method_fn("ties")
+dare_linear = _method_fn("dare_linear")
+dare_ties = _method_fn("dare_ties")
+slerp = _method_fn("slerp")
+consensus = _method_fn("consensus")
+pcb = _method_fn("pcb")
+
+
+def hm3_merge(
+    base: Any,
+    experts: Sequence[Any],
+    preference: Any,
+    key: jax.Array,
+    density: float = 1.0,
+    drop_rate: float = 0.0,
+    **hparams: Any,
+) -> Any:
+    """HM3's parameter-level merge Theta(lambda) (HM3_SPEC, Eq. 5): DARE-TIES with task weights = preference.
+
+    `Theta = base + sum_k lambda_k * M_k * DARE_p(delta_k)`, `M_k` the TIES mask (trim to the top-`density`
+    magnitudes, elect signs, keep agreeing entries); no division by the weights (`normalize=False`).
+
+    Args:
+      base: base pytree; experts: K fine-tuned pytrees.
+      preference: `[K]` on the simplex (lambda_k >= 0, sum 1); each entry may also be a per-block vector or
+        per-group mapping, as any merge weight.
+      key: PRNG key for the DARE masks.
+      density: TIES trim fraction kept, (0, 1]. drop_rate: DARE p, [0, 1).
+    """
+    if len(preference) != len(experts):
+        raise ValueError(f"preference has {len(preference)} entries for {len(experts)} experts")
+    hparams.setdefault("normalize", False)
+    return merge(
+        "dare_ties",
+        base,
+        experts,
+        key,
+        weights=list(preference),
+        density=density,
+        drop_rate=drop_rate,
+        **hparams,
+    )
