@@ -8,9 +8,9 @@ evaluation engine"; DESIGN.md "Architecture search").
     engine = engine.with_model(shell2, pool2)  # a new preference's merged model: same compiled code and cache
 
 Score of path alpha on task k: `f_k(alpha) = host_fn_k(device_fn_k(forward_alpha))` with
-`forward_alpha(x) = head(run_path(alpha, embed(x)))` (teacher-forced objectives) or greedy decoding along alpha
-(chrF). The pool and shell are arguments of the compiled functions, never closed-over constants, so a new
-preference's merged model and new paths reuse the compiled code.
+`forward_alpha(x) = head(run_path(alpha, embed(x)))` (teacher-forced objectives) or greedy decoding along
+alpha (chrF). The pool and shell are arguments of the compiled functions (not closed-over constants), so a
+new preference's merged model and new paths reuse the compiled code.
 
 Pipeline of `evaluate`:
 1. canonicalise (padding to the end of each row, junction rows moved along) and validate;
@@ -31,9 +31,10 @@ Pipeline of `evaluate`:
 Objectives follow DESIGN.md: `name`, `metric` ("exact_match" or "chrf"), `device_fn(forward)` and `host_fn`.
 For a teacher-forced objective `forward(input_ids [B, S]) -> logits [B, S, V]`; for "chrf" `forward` is the
 decode closure `forward(prompt_ids [B, P], prompt_mask [B, P], max_new_tokens) -> tokens [B, max_new_tokens]`
-(greedy decoding with a KV cache along the path). At construction every `device_fn` is called once eagerly with
-a recording forward, to learn its input batches (for the prefix tree and the FLOP count); a `device_fn`
-must therefore call `forward` with the same concrete inputs every time (true of objectives over a fixed split).
+(greedy decoding with a KV cache along the path). At construction every `device_fn` is called once eagerly
+with a recording forward, to learn its input batches (for the prefix tree and the FLOP count); a `device_fn`
+must therefore call `forward` with the same concrete inputs every time (true of objectives over a fixed
+split).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class PathEngine:
 
     @property
     def cache(self) -> dict:
-        """{cache key: scores [num_tasks]} over every model this engine (and its `with_model` copies) scored."""
+        """{cache key: scores [num_tasks]} of every model scored here and by `with_model` copies."""
         return self._shared["cache"]
 
     @property
@@ -226,8 +227,8 @@ class PathEngine:
                     )
                 scores[i, k] = value
         return scores, dict(
-            num_evaluations=n, block_steps=block_steps, block_steps_plain=block_steps_plain, flops=float(flops),
-            flops_plain=float(flops_plain),
+            num_evaluations=n, block_steps=block_steps, block_steps_plain=block_steps_plain,
+            flops=float(flops), flops_plain=float(flops_plain),
         )  # fmt: skip
 
     def _path_flops(self, length: int) -> float:
@@ -323,20 +324,30 @@ class PathEngine:
             return sh["compiled"][key]
         config = self.config
         tf_objs = [o for o in self.objectives if o.metric not in DECODE_METRICS]
-        calls_per_obj = sh["tf_calls_per_obj"]
+        groups = sh["tf_groups"]  # {(B, S): int32 [n, B, S]} distinct input batches by shape
 
         def leaf_fn(shell, hs):
-            logits = [models.head(config, shell, h) for h in hs]
-            outs, pos = [], 0
-            for obj, num_calls in zip(tf_objs, calls_per_obj, strict=True):
-                mine = iter(logits[pos : pos + num_calls])
-                pos += num_calls
-                outs.append(obj.device_fn(lambda ids, mine=mine: next(mine)))
-            return tuple(outs)
+            # hs[g]: [n_g, B, S, D] hidden states of every batch of group g at this path's end
+            by_shape = dict(zip(groups, hs, strict=True))
 
-        chunk_fn = tree_lib.make_tree_chunk_fn(
-            lambda p, h, ctx: models.block(config, p, h, ctx), leaf_fn, with_junction=True
-        )
+            def forward(ids):
+                shape = tuple(ids.shape)
+                if shape not in by_shape:
+                    raise ValueError(f"forward called with input shape {shape} never seen when recording")
+                h_all, known = by_shape[shape], groups[shape]
+                if known.shape[0] == 1:
+                    h = h_all[0]
+                else:  # which recorded batch is this? (objectives lax.map over their batches)
+                    same = jnp.all(jnp.asarray(known) == ids[None], axis=(1, 2))
+                    h = h_all[jnp.argmax(same)]
+                return models.head(config, shell, h)
+
+            return tuple(o.device_fn(forward) for o in tf_objs)
+
+        def block_fn(p, h, ctx):  # h [n, B, S, D]: one batch at a time, the shapes plain evaluation runs
+            return jax.lax.map(lambda x: models.block(config, p, x, ctx), h)
+
+        chunk_fn = tree_lib.make_tree_chunk_fn(block_fn, leaf_fn, with_junction=True)
 
         def traced(shell, pool, buffers, ctxs, nodes):
             self._count_trace(key)
@@ -417,8 +428,8 @@ def make_engine(
         chunk_size = -(-chunk_size // n_dev) * n_dev
     shared = _record_objectives(config, objectives)
     engine = PathEngine(
-        config=config, shell=shell, pool=pool, objectives=objectives, strategy=strategy, chunk_size=chunk_size,
-        node_chunk_size=node_chunk_size, prefix_sharing=prefix_sharing,
+        config=config, shell=shell, pool=pool, objectives=objectives, strategy=strategy,
+        chunk_size=chunk_size, node_chunk_size=node_chunk_size, prefix_sharing=prefix_sharing,
         model_id=pool_id or tree_fingerprint(shell, pool), shared=shared, mesh=mesh,
     )  # fmt: skip
     if strategy == "auto":
@@ -427,12 +438,16 @@ def make_engine(
 
 
 def _record_objectives(config: ModelConfig, objectives) -> dict:
-    """Calls every device_fn once with a recording forward: its input batches and per-path FLOP counts."""
-    tf_calls, calls_per_obj, dec_flops_fns = [], [], []
+    """Runs every device_fn once eagerly (jit disabled, so `lax.map` over batches is a Python loop) with a
+    recording forward: its distinct input batches grouped by shape, and per-path FLOP counts."""
+    groups: dict[tuple, list[np.ndarray]] = {}
+    dec_flops_fns = []
+    tf_block = tf_head = 0.0
     for o in objectives:
         decode = o.metric in DECODE_METRICS
         rec = _Recorder(config, decode, o.name)
-        o.device_fn(rec)
+        with jax.disable_jit():
+            o.device_fn(rec)
         if not rec.calls:
             raise ValueError(f"objective {o.name!r}: device_fn never called forward")
         if decode:
@@ -440,25 +455,35 @@ def _record_objectives(config: ModelConfig, objectives) -> dict:
                 dec_flops_fns.append(
                     functools.partial(flops_lib.decode_flops, config, ids.shape[0], ids.shape[1], new)
                 )
-        else:
-            tf_calls.extend(rec.calls)
-            calls_per_obj.append(len(rec.calls))
-    tf_block = sum(ids.shape[0] * ids.shape[1] * flops_lib.block_flops_per_token(config, ids.shape[1])
-                   for ids in tf_calls)  # fmt: skip
-    tf_head = sum(ids.shape[0] * ids.shape[1] * flops_lib.head_flops_per_token(config) for ids in tf_calls)
-    tf_inputs = [jnp.asarray(ids) for ids in tf_calls]
+            continue
+        for ids in rec.calls:
+            b, s = ids.shape
+            tf_block += b * s * flops_lib.block_flops_per_token(config, s)
+            tf_head += b * s * flops_lib.head_flops_per_token(config)
+            known = groups.setdefault((b, s), [])
+            if not any(np.array_equal(ids, k) for k in known):
+                known.append(ids.astype(np.int32))
+    tf_groups = {shape: np.stack(batches) for shape, batches in groups.items()}
 
     @jax.jit
     def embed_fn(shell):
-        pairs = [models.embed(config, shell, ids) for ids in tf_inputs]
-        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        hs, ctxs = [], []
+        for stacked in tf_groups.values():
+            n, b, s = stacked.shape
+            h, ctx = models.embed(config, shell, jnp.asarray(stacked.reshape(n * b, s)))
+            hs.append(h.reshape(n, b, s, -1))
+            # without an attention mask the block context depends only on (B, S): take the first batch's
+            ctxs.append(
+                jax.tree.map(lambda x, b=b, nb=n * b: x[:b] if x.ndim and x.shape[0] == nb else x, ctx)
+            )
+        return tuple(hs), tuple(ctxs)
 
     return {
         "cache": {},
         "compiled": {},
         "traces": {},
         "strategy_timings": {},
-        "tf_calls_per_obj": calls_per_obj,
+        "tf_groups": tf_groups,
         "tf_block_flops": float(tf_block),
         "tf_head_flops": float(tf_head),
         "dec_flops_fns": dec_flops_fns,

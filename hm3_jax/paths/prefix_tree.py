@@ -114,7 +114,7 @@ def build_prefix_tree(paths: np.ndarray, lengths: np.ndarray, junction: dict | N
 
 
 def chunk_nodes(tree: PrefixTree, chunk_size: int, hidden_size: int):
-    """Pads the node list to a multiple of `chunk_size` with no-op nodes; yields dicts of [chunk_size] arrays."""
+    """Pads the nodes to a multiple of `chunk_size` with no-op nodes; yields dicts of [chunk_size] arrays."""
     num = tree.num_nodes
     padded = max(chunk_size, -(-num // chunk_size) * chunk_size)
     pad = padded - num
