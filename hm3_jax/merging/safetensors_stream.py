@@ -1,0 +1,196 @@
+"""Lazy reading of Hugging Face safetensors checkpoints and a shard writer that writes tensor by tensor.
+
+`safetensors.numpy.save_file` needs every tensor of a shard in memory at once; `ShardWriter` instead writes
+the header first (the output names, dtypes and shapes are known before any tensor is merged) and then
+appends each tensor's bytes as soon as it exists, so a merge holds only a few tensors at a time. The files
+it writes are ordinary safetensors files (checked in the tests by `safetensors.safe_open`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPE_CODES = {
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
+}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_NAMED_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float64": np.dtype(np.float64),
+}
+
+
+def dtype_from_name(name: str) -> np.dtype:
+    """`"bfloat16"` / `"float16"` / `"float32"` / `"float64"` -> numpy dtype (ml_dtypes for bfloat16)."""
+    if name not in _NAMED_DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; supported: {sorted(_NAMED_DTYPES)}")
+    return _NAMED_DTYPES[name]
+
+
+def dtype_code(dtype: Any) -> str:
+    dtype = np.dtype(dtype)
+    if dtype not in _DTYPE_CODES:
+        raise ValueError(f"dtype {dtype} cannot be written to safetensors")
+    return _DTYPE_CODES[dtype]
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory (one `model.safetensors` or shards with an index), read lazily.
+
+    `names` are sorted; `shape(name)`, `dtype(name)` come from the headers; `get(name)` reads one tensor.
+    Files stay open (memory-mapped by safetensors) until `close()`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        index = os.path.join(self.path, INDEX_NAME)
+        single = os.path.join(self.path, SINGLE_NAME)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            files = [SINGLE_NAME]
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in checkpoint directory {self.path!r}")
+        self._handles = {}
+        self._file_of: dict[str, str] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for file in files:
+            full = os.path.join(self.path, file)
+            handle = safe_open(full, framework="numpy")
+            self._handles[file] = handle
+            with open(full, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _CODE_DTYPES:
+                    raise ValueError(f"{full}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                self._file_of[name] = file
+                self._meta[name] = (tuple(info["shape"]), _CODE_DTYPES[info["dtype"]])
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._file_of))
+            if missing:
+                raise ValueError(f"{index} lists tensor {missing[0]!r} that no shard contains")
+        self.names = sorted(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handles[self._file_of[name]].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors (names, dtypes, shapes, in order) are declared up front.
+
+    Usage: `w = ShardWriter(path, [(name, dtype, shape), ...]); w.write(name, array) ...; w.close()`.
+    Tensors must be written in the declared order with the declared dtype and shape.
+    """
+
+    def __init__(self, path: str, entries: Sequence[tuple[str, Any, tuple[int, ...]]], metadata=None):
+        self.path = path
+        self._entries = [(name, np.dtype(dtype), tuple(shape)) for name, dtype, shape in entries]
+        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, dtype, shape in self._entries:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {
+                "dtype": dtype_code(dtype),
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        self.nbytes = offset
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+        self._file = open(path, "wb")
+        self._file.write(len(blob).to_bytes(8, "little"))
+        self._file.write(blob)
+        self._next = 0
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        expected_name, dtype, shape = self._entries[self._next]
+        if name != expected_name or array.dtype != dtype or tuple(array.shape) != shape:
+            raise ValueError(
+                f"{self.path}: expected tensor {expected_name!r} {dtype} {shape}, got {name!r} {array.dtype} "
+                f"{tuple(array.shape)}"
+            )
+        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._entries):
+            self._file.close()
+            raise ValueError(f"{self.path}: only {self._next} of {len(self._entries)} tensors were written")
+        self._file.close()
+
+
+def plan_shards(
+    entries: Sequence[tuple[str, Any, tuple[int, ...]]], max_shard_bytes: int
+) -> list[list[tuple[str, Any, tuple[int, ...]]]]:
+    """Splits `(name, dtype, shape)` entries, in order, into shards of at most `max_shard_bytes` (a tensor
+    larger than that gets a shard of its own)."""
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = int(np.prod(entry[2], dtype=np.int64)) * np.dtype(entry[1]).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+    """HF's names: `model.safetensors`, or `model-00001-of-00003.safetensors`, ..."""
+    if num_shards == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def write_index(
+    directory: str, shards: Sequence[Sequence[tuple]], files: Sequence[str], total_bytes: int
+) -> None:
+    """`model.safetensors.index.json` for a sharded checkpoint (nothing for a single file)."""
+    if len(files) == 1:
+        return
+    weight_map = {entry[0]: file for shard, file in zip(shards, files, strict=True) for entry in shard}
+    with open(os.path.join(directory, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)

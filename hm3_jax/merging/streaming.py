@@ -1,0 +1,377 @@
+"""Streaming merges of Hugging Face checkpoints: tensor by tensor, bounded memory, atomic output directory.
+
+`merge_checkpoints` reads one tensor of every input lazily (safetensors `safe_open`, numpy), merges it with
+the same per-tensor kernel and per-leaf weight rules as the in-memory `merge` (`api.py`), and appends it to
+an output shard whose header was written up front (`safetensors_stream.ShardWriter`), so peak memory is a
+few tensors, never a model. Everything is written into a temporary sibling directory that is renamed to
+`out` only when the merge is complete; on any error it is deleted, so an interrupted merge never leaves a
+directory that looks done.
+
+Tensor names are Hugging Face's (no conversion to the stacked layout). Per-block weights use the layer index
+in the name (`model.layers.3.`, `h.3.`, `encoder.layer.3.`, see `groups.layer_index`); tensors without one
+(embeddings, final norm, head) get the mean of a per-block vector. Tensor `i` in sorted-name order draws its
+DARE masks from `fold_in(key, i)`, exactly as `merge` does on the flat `{name: array}` dict, so the
+streaming and the in-memory merge give identical tensors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from hm3_jax.merging import api
+from hm3_jax.merging.groups import GroupFn, default_param_group, layer_index, leaf_weights
+from hm3_jax.merging.safetensors_stream import (
+    Checkpoint,
+    ShardWriter,
+    dtype_from_name,
+    plan_shards,
+    shard_file_names,
+    write_index,
+)
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "vocab.txt",
+)
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "out_dtype"))
+def _merge_tensor(kernel, out_dtype, key, base, thetas, weights):
+    """One tensor: float32 merge plus a non-finite flag per input (`[1 + K]`, base first)."""
+    base32 = base.astype(jnp.float32)
+    stacked = jnp.stack([t.astype(jnp.float32) for t in thetas])
+    bad = jnp.stack([~jnp.all(jnp.isfinite(base32))] + [~jnp.all(jnp.isfinite(t)) for t in stacked])
+    return kernel(key, base32, stacked, weights).astype(out_dtype), bad
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
+
+
+def _atomic_output(out: str, overwrite: bool) -> str:
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"output directory {out!r} exists (pass overwrite=True / --overwrite)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+
+
+def _finish(tmp: str, out: str, overwrite: bool) -> None:
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        if not overwrite:
+            raise FileExistsError(f"output directory {out!r} appeared during the merge")
+        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.replace(out, os.path.join(trash, "old"))
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _copy_side_files(
+    tmp: str, config_source: str, tokenizer_source: str, dtype_name: str | None, updates=None
+):
+    """config.json (with `torch_dtype` and `updates` applied) and tokenizer files."""
+    for name in CONFIG_FILES:
+        src = os.path.join(config_source, name)
+        if not os.path.isfile(src):
+            continue
+        if name == "config.json" and (dtype_name or updates):
+            with open(src) as f:
+                config = json.load(f)
+            if dtype_name:
+                config["torch_dtype"] = dtype_name
+            config.update(updates or {})
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(config, f, indent=2)
+        else:
+            shutil.copy2(src, os.path.join(tmp, name))
+    for name in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_source, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(tmp, name))
+
+
+def _check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint]) -> None:
+    for ckpt in others:
+        ref_names, names = set(reference.names), set(ckpt.names)
+        if ref_names != names:
+            missing = sorted(ref_names - names)
+            what = (
+                f"tensor {missing[0]!r} missing"
+                if missing
+                else f"unexpected tensor {sorted(names - ref_names)[0]!r}"
+            )
+            raise ValueError(
+                f"checkpoint {ckpt.path!r} has a different architecture than {reference.path!r}: {what}"
+            )
+        for name in reference.names:
+            if reference.shape(name) != ckpt.shape(name):
+                raise ValueError(
+                    f"checkpoint {ckpt.path!r} differs from {reference.path!r} at tensor {name!r}: shape "
+                    f"{ckpt.shape(name)} vs {reference.shape(name)}"
+                )
+
+
+def merge_checkpoints(
+    method: str,
+    base: str | None,
+    models: Sequence[str],
+    out: str,
+    *,
+    key: jax.Array | None = None,
+    weights: Sequence[Any] | None = None,
+    dtype: str | None = None,
+    group_fn: GroupFn = default_param_group,
+    tokenizer_source: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+    **hparams: Any,
+) -> dict[str, Any]:
+    """Merges Hugging Face checkpoint directories tensor by tensor into the directory `out`.
+
+    Args:
+      method, key, weights, group_fn, **hparams: as for `api.merge` (same methods, hyperparameters, checks).
+      base: base checkpoint directory (None only for `linear`; config and tokenizer then come from models[0]).
+      models: K fine-tuned checkpoint directories with the base's tensor names and shapes.
+      out: output directory; must not exist unless `overwrite`.
+      dtype: output dtype of floating tensors (`"bfloat16"`, `"float16"`, `"float32"`); default each
+        tensor's base dtype. Arithmetic is float32 either way.
+      tokenizer_source: directory whose tokenizer files are copied (default the base).
+      max_shard_bytes: output shard size limit.
+      progress: tqdm bar over tensors.
+    Returns:
+      `{"out": path, "num_tensors", "bytes_read", "bytes_written"}`.
+    Raises:
+      ValueError: as `api.merge`, plus a tensor that differs between checkpoints and NaN/Inf in an input
+        (naming tensor and checkpoint). Nothing is left at `out` on error.
+    """
+    if method not in api.METHODS:
+        raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(api.known_methods())}")
+    models = list(models)
+    if not models:
+        raise ValueError(f"{method}: the list of models to merge is empty")
+    if method in api.RANDOM_METHODS and key is None:
+        raise ValueError(f"{method} draws random drop masks: pass an explicit PRNG key")
+    if base is None and method != "linear":
+        raise ValueError(f"{method} needs a base model (only linear works without one)")
+    if method == "slerp" and weights is not None:
+        raise ValueError("slerp takes its interpolation factor as t=..., not weights")
+    if weights is not None and len(weights) != len(models):
+        raise ValueError(f"weights: got {len(weights)} values for {len(models)} models")
+    t = hparams.get("t")
+    kernel = api.make_kernel(method, len(models), **hparams)
+    per_leaf_weights = [t] if method == "slerp" else weights
+    out_dtype = dtype_from_name(dtype) if dtype else None
+    if key is None:
+        key = jax.random.key(0)  # unused by the deterministic methods
+
+    inputs = [Checkpoint(p) for p in models]
+    reference = Checkpoint(base) if base is not None else inputs[0]
+    tmp = None
+    try:
+        _check_same_architecture(reference, inputs)
+        names = reference.names
+        entries = []
+        for name in names:
+            src_dtype = reference.dtype(name)
+            floating = _is_float(src_dtype)
+            entries.append(
+                (
+                    name,
+                    out_dtype if (out_dtype is not None and floating) else src_dtype,
+                    reference.shape(name),
+                )
+            )
+        shards = plan_shards(entries, max_shard_bytes)
+        files = shard_file_names(len(shards))
+        tmp = _atomic_output(out, overwrite)
+        bytes_read = bytes_written = 0
+        bar = tqdm.tqdm(total=len(names), desc=f"merge {method}", unit="tensor", disable=not progress)
+        index = {name: i for i, name in enumerate(names)}
+        for shard, file in zip(shards, files, strict=True):
+            writer = ShardWriter(os.path.join(tmp, file), shard)
+            for name, dtype_out, shape in shard:
+                base_arr = reference.get(name)
+                arrays = [ckpt.get(name) for ckpt in inputs]
+                bytes_read += base_arr.nbytes * (base is not None) + sum(a.nbytes for a in arrays)
+                if not _is_float(base_arr.dtype):
+                    merged = base_arr
+                else:
+                    leaf_w = leaf_weights(
+                        per_leaf_weights,
+                        name,
+                        shape,
+                        len(models),
+                        group_fn,
+                        "t" if method == "slerp" else "weights",
+                    )
+                    leaf_key = jax.random.fold_in(key, index[name])
+                    merged, bad = _merge_tensor(
+                        kernel, np.dtype(dtype_out), leaf_key, base_arr, arrays, leaf_w
+                    )
+                    bad = np.asarray(bad)
+                    if bad.any():
+                        which = int(np.argmax(bad))
+                        source = reference.path if which == 0 else inputs[which - 1].path
+                        arr = base_arr if which == 0 else arrays[which - 1]
+                        kind = "NaN" if np.isnan(arr.astype(np.float32)).any() else "Inf"
+                        raise ValueError(f"{kind} in checkpoint {source!r} at tensor {name!r}")
+                    merged = np.asarray(merged)
+                writer.write(name, merged)
+                bytes_written += merged.nbytes
+                bar.update(1)
+            writer.close()
+        bar.close()
+        write_index(tmp, shards, files, bytes_written)
+        source = base if base is not None else models[0]
+        _copy_side_files(tmp, source, tokenizer_source or source, dtype)
+        _finish(tmp, out, overwrite)
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "out": os.path.abspath(out),
+        "num_tensors": len(names),
+        "bytes_read": bytes_read,
+        "bytes_written": bytes_written,
+    }
+
+
+def passthrough_checkpoints(
+    slices: Sequence[tuple[str, int, int]],
+    out: str,
+    *,
+    base: str | None = None,
+    dtype: str | None = None,
+    tokenizer_source: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Plain layer stacking (mergekit's `passthrough` with `slices`): a "frankenmerge" without arithmetic.
+
+    Args:
+      slices: `(checkpoint_dir, start, end)` triples; the output's blocks are the blocks `start..end-1`
+        of each slice, in order, renumbered from 0.
+      base: checkpoint for the tensors outside the blocks and for config/tokenizer (default the first
+        slice's).
+      dtype: output dtype of floating tensors; default unchanged.
+    Returns:
+      `{"out", "num_tensors", "num_layers"}`. config.json's layer count is set to the new number of blocks.
+    """
+    if not slices:
+        raise ValueError("passthrough: the list of slices is empty")
+    out_dtype = dtype_from_name(dtype) if dtype else None
+    shell_dir = base or slices[0][0]
+    opened: dict[str, Checkpoint] = {}
+
+    def ckpt(path):
+        if path not in opened:
+            opened[path] = Checkpoint(path)
+        return opened[path]
+
+    plan = []  # (out_name, checkpoint, in_name)
+    shell = ckpt(shell_dir)
+    for name in shell.names:
+        if layer_index(name) is None:
+            plan.append((name, shell, name))
+    new_layer = 0
+    for path, start, end in slices:
+        source = ckpt(path)
+        by_layer: dict[int, list[str]] = {}
+        for name in source.names:
+            idx = layer_index(name)
+            if idx is not None:
+                by_layer.setdefault(idx, []).append(name)
+        if not 0 <= start < end or end - 1 not in by_layer:
+            raise ValueError(
+                f"passthrough: layer_range [{start}, {end}) is outside the {len(by_layer)} layers of {path!r}"
+            )
+        for layer in range(start, end):
+            for name in by_layer[layer]:
+                plan.append((_rename_layer(name, layer, new_layer), source, name))
+            new_layer += 1
+    plan.sort(key=lambda item: item[0])
+    tmp = None
+    try:
+        entries = []
+        for out_name, source, in_name in plan:
+            src_dtype = source.dtype(in_name)
+            floating = _is_float(src_dtype)
+            entries.append(
+                (
+                    out_name,
+                    out_dtype if (out_dtype is not None and floating) else src_dtype,
+                    source.shape(in_name),
+                )
+            )
+        shards = plan_shards(entries, max_shard_bytes)
+        files = shard_file_names(len(shards))
+        tmp = _atomic_output(out, overwrite)
+        lookup = {out_name: (source, in_name) for out_name, source, in_name in plan}
+        bar = tqdm.tqdm(total=len(plan), desc="passthrough", unit="tensor", disable=not progress)
+        total = 0
+        for shard, file in zip(shards, files, strict=True):
+            writer = ShardWriter(os.path.join(tmp, file), shard)
+            for out_name, dtype_out, _ in shard:
+                source, in_name = lookup[out_name]
+                array = source.get(in_name)
+                if _is_float(array.dtype) and not np.all(np.isfinite(array.astype(np.float32))):
+                    raise ValueError(f"NaN or Inf in checkpoint {source.path!r} at tensor {in_name!r}")
+                array = array.astype(dtype_out)
+                writer.write(out_name, array)
+                total += array.nbytes
+                bar.update(1)
+            writer.close()
+        bar.close()
+        write_index(tmp, shards, files, total)
+        updates = {}
+        config_path = os.path.join(shell_dir, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+            updates = {k: new_layer for k in _LAYER_COUNT_KEYS if k in config} or {
+                "num_hidden_layers": new_layer
+            }
+        _copy_side_files(tmp, shell_dir, tokenizer_source or shell_dir, dtype, updates)
+        _finish(tmp, out, overwrite)
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": os.path.abspath(out), "num_tensors": len(plan), "num_layers": new_layer}
+
+
+def _rename_layer(name: str, old: int, new: int) -> str:
+    """`model.layers.7.mlp...` -> `model.layers.2.mlp...` (only the layer-index occurrence)."""
+    return re.sub(
+        rf"(^|[./])(layers|layer|h|blocks|block)([./]){old}([./]|$)",
+        lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{new}{m.group(4)}",
+        name,
+        count=1,
+    )
