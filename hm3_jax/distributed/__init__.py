@@ -1,29 +1,23 @@
 """Scale-out: one code path from one CPU to a multi-host TPU/GPU slice.
 
-JAX's own multi-controller runtime does the work: ``jax.distributed`` joins the processes, a device
-``Mesh`` with
-named axes describes the devices, ``NamedSharding`` places arrays and ``jax.shard_map`` runs per-shard code.
-This module only fixes the conventions every HM3 binary shares:
+JAX's own multi-controller runtime does the work: ``jax.distributed`` joins the processes, a device ``Mesh``
+with named axes describes the devices, ``NamedSharding`` places arrays, ``jax.shard_map`` runs per-shard code.
+This module only fixes the conventions every HM3 binary shares.
 
 Mesh axes (always all three, size 1 when not asked for, so code can name them unconditionally):
-  * ``"paths"`` -- candidate inference paths (and parallel RL episodes) are split over it. Default: every
-      device.
-  * ``"data"``  -- the evaluation batch (examples) is split over it; per-path partial sums are ``psum``-ed.
-  * ``"model"`` -- the large matrices of the stacked block pool are split over it (tensor parallelism
-      chosen by
+  * ``"paths"``: candidate inference paths (and parallel RL episodes) are split over it; default: all devices.
+  * ``"data"``: the evaluation batch (examples) is split over it; per-path partial sums are ``psum``-ed.
+  * ``"model"``: the large matrices of the stacked block pool are split over it (tensor parallelism chosen by
     XLA's SPMD partitioner from the pool's ``NamedSharding``; see ``pool_sharding``). Needed only when the
-    pool
-    does not fit one device (Llama-2-7B/13B experts; see docs/scaling.md).
+    pool does not fit one device (Llama-2-7B/13B experts; see docs/scaling.md).
 
-The mesh is built with ``AxisType.Auto`` axes (classic GSPMD): model code written without sharding annotations
-(``hm3_jax.models``) runs unchanged; ``shard_map`` is manual over ``paths`` and ``data`` only.
+The mesh is built with ``AxisType.Auto`` axes (classic GSPMD): model code written without sharding
+annotations (``hm3_jax.models``) runs unchanged; ``shard_map`` is manual over ``paths`` and ``data`` only.
 
-Multi-host contract (multi-controller SPMD): every process runs the same program on the same host values (the
-same paths, the same evaluation batch, the same config and keys);
-``shard_paths``/``shard_batch``/``replicate``
-build global arrays from those host values with ``jax.make_array_from_callback`` (each process materialises
-only
-its own shards on its devices); ``to_host`` brings a global result back to *every* process
+Multi-host contract (multi-controller SPMD): every process runs the same program on the same host values
+(the same paths, evaluation batch, config and keys); ``shard_paths``, ``shard_batch``, ``replicate`` and
+``place_pool`` build global arrays from those host values with ``jax.make_array_from_callback`` (each process
+materialises only its own shards on its devices); ``to_host`` brings a global result back to *every* process
 (``multihost_utils.process_allgather``), so host-side decisions (caches, RL rewards, Pareto filtering) agree
 everywhere. Only host-side I/O is restricted to process 0 (``is_main_process``, ``main_process_only``).
 
