@@ -291,6 +291,13 @@ def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None)
     if progress is not None:
         entries = progress(entries)
     for i, entry in entries:
+        if not entry.per_block and len(entry.leaves) == 1:
+            # A whole leaf in one tensor (embeddings, head): cast the read array itself, no second buffer.
+            leaf_shape = tuple(_get(shapes, entry.leaves[0]).shape)
+            x = _to_ours(entry.kind, reader.get(stored[(i, 0)]), leaf_shape).astype(np_dtype, copy=False)
+            _set(params, entry.leaves[0], jax.device_put(np.ascontiguousarray(x)))
+            del x
+            continue
         buffers = [np.empty(_get(shapes, leaf).shape, np_dtype) for leaf in entry.leaves]
         sizes = [b.shape[-1] for b in buffers]
         for l in range(num_layers if entry.per_block else 1):
