@@ -25,8 +25,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     }
     config.zoo.dtype = "bfloat16"
     config.tasks = ("gsm8k", "humaneval", "mbpp")
-    # Mesh: 4 chips hold one copy of the 4 x 32-block pool (27 GB bf16 -> 6.7 GB per chip); 4 such groups
-    # evaluate different paths. See docs/scaling.md for other slices.
+    # Mesh on a v4-32 (16 chips of 32 GB): 4 chips hold one copy of the (3 + 1) x 32-block pool (51.8 GB bf16
+    # -> 13.0 GB per chip + 0.5 GB shell); 4 such groups evaluate different paths. See docs/scaling.md.
     config.mesh = "paths:4,data:1,model:4"
     config.num_preferences = 15
     config.t_max = 48  # up to 1.5x the 32 layers of one model
