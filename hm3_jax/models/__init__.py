@@ -1,0 +1,70 @@
+"""Pure-function transformer families with layer paths (see docs/models.md and docs/DESIGN.md).
+
+Family-agnostic entry points dispatch on `config.family` ("llama", "gpt2", "vit").
+"""
+
+from __future__ import annotations
+
+import jax
+
+from hm3_jax.models.config import ModelConfig, rope_scaling_from_dict
+from hm3_jax.models.path import (
+    _family,
+    apply_path,
+    identity_path,
+    make_pool,
+    path_from_pairs,
+    pool_size,
+    run_path,
+    validate_path,
+)
+
+
+def init(config: ModelConfig, key: jax.Array, dtype=None) -> dict:
+    """Random params `{"embed", "blocks", "final", "head"}` for `config` (blocks stacked on axis 0)."""
+    module = _family(config)
+    return module.init(config, key) if dtype is None else module.init(config, key, dtype=dtype)
+
+
+def embed(config: ModelConfig, shell: dict, inputs, attention_mask=None):
+    """`(h [B, S, D], ctx)` from the family's embedding."""
+    return _family(config).embed(config, shell, inputs, attention_mask)
+
+
+def block(config: ModelConfig, block_params: dict, h, ctx):
+    """One block of the family: h [B, S, D] -> [B, S, D]."""
+    return _family(config).block(config, block_params, h, ctx)
+
+
+def head(config: ModelConfig, shell: dict, h):
+    """Final norm and output head of the family."""
+    return _family(config).head(config, shell, h)
+
+
+def apply(config: ModelConfig, params: dict, inputs, attention_mask=None):
+    """Full forward of the family (logits [B, S, V] for LMs; ViT hidden states or class logits)."""
+    return _family(config).apply(config, params, inputs, attention_mask)
+
+
+def shell_of(params: dict) -> dict:
+    """The shell: params without `"blocks"`."""
+    return {k: v for k, v in params.items() if k != "blocks"}
+
+
+__all__ = [
+    "ModelConfig",
+    "apply",
+    "apply_path",
+    "block",
+    "embed",
+    "head",
+    "identity_path",
+    "init",
+    "make_pool",
+    "path_from_pairs",
+    "pool_size",
+    "rope_scaling_from_dict",
+    "run_path",
+    "shell_of",
+    "validate_path",
+]

@@ -1,0 +1,155 @@
+"""Shared pure building blocks: dense, norms, activations, RoPE, masked multi-head attention.
+
+Dtype policy: matmuls run in the dtype of the params (bf16 params -> bf16 matmuls with float32 accumulation
+through `preferred_element_type`); norms, attention logits and softmax run in float32 and are cast back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3_jax.models.config import ModelConfig
+
+MASK_VALUE = -1e30  # finite, so a fully masked row (a left-pad query) gives a uniform, not NaN, softmax
+
+
+def dense(p: dict, x: jax.Array) -> jax.Array:
+    """`y = x @ p["kernel"] + p.get("bias")`; kernel [in, out], x [..., in] -> [..., out] in x's dtype.
+
+    The product accumulates in float32 and is cast back to the kernel's dtype.
+    """
+    kernel = p["kernel"]
+    y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(kernel.dtype)
+
+
+def rms_norm(scale: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm (Zhang & Sennrich 2019): `x / sqrt(mean(x^2) + eps) * scale`, in float32. x [..., D]."""
+    xf = x.astype(jnp.float32)
+    y = xf / jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(scale.dtype)
+
+
+def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm: `(x - mean) / sqrt(var + eps) * scale + bias`, computed in float32. x [..., D]."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) / jnp.sqrt(var + eps)
+    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(p["scale"].dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    """HF's ACT2FN for: silu, gelu (erf), gelu_new / gelu_pytorch_tanh (tanh), relu."""
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [hd/2] (float64 numpy; a static function of the config).
+
+    default: `inv_freq_i = theta^(-2i/hd)` (Su et al. 2021, RoFormer eq. 15);
+    linear:  `inv_freq / factor` (position interpolation, Chen et al. 2023);
+    llama3:  HF `_compute_llama3_parameters`: wavelengths above `original_max / low_freq_factor`
+             are divided by `factor`, those below `original_max / high_freq_factor` are kept, and the
+             band between is a linear blend with `smooth = (original_max / wavelen - low) / (high - low)`.
+    """
+    hd = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    scaling = config.rope_scaling_dict
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low = float(scaling["low_freq_factor"])
+        high = float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        out = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, out)
+    raise ValueError(f"unsupported rope type {rope_type!r}")
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos), each [B, S, hd] float32, for positions [B, S] (HF layout: frequencies repeated twice)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)  # [hd/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotary embedding in HF's rotate-half convention: `x * cos + rotate_half(x) * sin`.
+
+    x [B, S, heads, hd]; sin, cos [B, S, hd]. Computed in float32, returned in x's dtype.
+    """
+    xf = x.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def causal_mask(
+    query_positions: jax.Array,
+    key_positions: jax.Array,
+    key_mask: jax.Array,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean attention mask [B, 1, Sq, Sk]: key j is visible to query i iff `key_mask[b, j]` and
+    `kpos_j <= qpos_i` (and `qpos_i - kpos_j < sliding_window` if set, HF PyTorch Mistral semantics).
+
+    query_positions [Sq], key_positions [Sk] are *slot* indices in the (padded) sequence, not RoPE positions.
+    """
+    allowed = key_positions[None, :] <= query_positions[:, None]  # [Sq, Sk]
+    if sliding_window is not None:
+        allowed = allowed & (query_positions[:, None] - key_positions[None, :] < sliding_window)
+    return allowed[None, None] & key_mask[:, None, None, :].astype(bool)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled dot-product attention, grouped-query heads (Vaswani et al. 2017 eq. 1; Ainslie et al. 2023).
+
+    `softmax(q k^T / sqrt(hd) + mask) v` with the logits and softmax in float32.
+    q [B, Sq, H, hd]; k, v [B, Sk, KV, hd] with H a multiple of KV; mask bool [B, 1, Sq, Sk].
+    Returns [B, Sq, H, hd] in q's dtype.
+    """
+    b, sq, h, hd = q.shape
+    kv = k.shape[2]
+    groups = h // kv
+    qg = q.reshape(b, sq, kv, groups, hd)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # mask [B,1,1,Sq,Sk]
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, sq, h, hd).astype(q.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Positions [B, S] int32 = `cumsum(mask) - 1` clipped at 0 (left-padded real tokens get 0, 1, ...)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def normal_init(key: jax.Array, shape: tuple[int, ...], std: float, dtype=jnp.float32) -> jax.Array:
+    """`N(0, std^2)` initialiser (HF's `initializer_range` convention)."""
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)

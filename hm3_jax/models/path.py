@@ -1,0 +1,167 @@
+"""Layer paths over a pool of blocks (HM3's architecture space, HM3_SPEC "Path evaluation engine").
+
+A pool stacks the blocks of several source models on one leading axis: pool index of (source m, block l) is
+`m * L + l` (`make_pool`). A path is an int32 array `[T_max]` of pool indices with `-1` as padding.
+The forward along a path (HM3 eq. for the inference path alpha = ((m_1, l_1), ..., (m_T, l_T))) is
+
+    h_0 = embed(x);  h_t = block_{path[t]}(h_{t-1} * scale[t] + shift[t])  if path[t] >= 0 else h_{t-1};
+    outputs = head(h_{T_max})
+
+with embeddings and head from the shell (the merged model Theta(lambda) in HM3). `lax.scan` runs over the
+path, gathering one block per step with a dynamic index, so the path is a traced argument and a new path never
+recompiles. Padding steps are skipped with `lax.cond` (no block compute; under `vmap` both branches run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3_jax.models.config import ModelConfig
+
+
+def _family(config: ModelConfig):
+    if config.family == "llama":
+        from hm3_jax.models import llama as module
+    elif config.family == "gpt2":
+        from hm3_jax.models import gpt2 as module
+    elif config.family == "vit":
+        from hm3_jax.models import vit as module
+    else:
+        raise ValueError(f"unsupported family {config.family!r}; supported: llama, gpt2, vit")
+    return module
+
+
+def make_pool(blocks_list: Sequence[dict]) -> dict:
+    """Concatenates the `"blocks"` of several models on the leading axis.
+
+    Args: blocks_list: sequence of `params["blocks"]` pytrees with identical structure and per-block shapes
+      (leaves [L_m, ...]).
+    Returns: pool with leaves [sum_m L_m, ...]; (source m, block l) sits at `m * L + l` when all L_m = L.
+    """
+    if len(blocks_list) == 0:
+        raise ValueError("make_pool needs at least one blocks pytree")
+    ref = jax.tree.structure(blocks_list[0])
+    ref_shapes = [x.shape[1:] for x in jax.tree.leaves(blocks_list[0])]
+    for i, blocks in enumerate(blocks_list[1:], start=1):
+        if jax.tree.structure(blocks) != ref:
+            raise ValueError(f"make_pool: blocks {i} has a different tree structure than blocks 0")
+        shapes = [x.shape[1:] for x in jax.tree.leaves(blocks)]
+        if shapes != ref_shapes:
+            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(blocks)[0]]
+            bad = [(p, a, b) for p, a, b in zip(paths, shapes, ref_shapes, strict=True) if a != b]
+            raise ValueError(f"make_pool: blocks {i} has per-block shapes differing from blocks 0: {bad[:3]}")
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *blocks_list)
+
+
+def pool_size(pool: dict) -> int:
+    """Number of blocks P in a pool (the leading axis)."""
+    return int(jax.tree.leaves(pool)[0].shape[0])
+
+
+def validate_path(path, num_blocks: int) -> None:
+    """Host-side check of a concrete path: 1-D int, entries in `[-1, num_blocks)`. Raises ValueError."""
+    arr = np.asarray(path)
+    if arr.ndim != 1:
+        raise ValueError(f"path must be 1-D [T_max], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"path must hold integers, got dtype {arr.dtype}")
+    bad = np.nonzero((arr < -1) | (arr >= num_blocks))[0]
+    if bad.size:
+        raise ValueError(
+            f"path index {int(arr[bad[0]])} at step {int(bad[0])} is outside the pool of {num_blocks} blocks "
+            "(valid: -1 for padding, 0..P-1)"
+        )
+
+
+def path_from_pairs(pairs: Sequence[tuple[int, int]], num_layers: int, t_max: int) -> np.ndarray:
+    """((m, l), ...) -> int32 [t_max] pool indices `m * L + l`, padded with -1."""
+    if len(pairs) > t_max:
+        raise ValueError(f"path of length {len(pairs)} exceeds t_max={t_max}")
+    out = np.full((t_max,), -1, np.int32)
+    for t, (m, l) in enumerate(pairs):
+        if not 0 <= l < num_layers or m < 0:
+            raise ValueError(f"step {t}: (m={m}, l={l}) is not a valid (source, layer) with L={num_layers}")
+        out[t] = m * num_layers + l
+    return out
+
+
+def identity_path(num_layers: int, t_max: int | None = None, source: int = 0) -> np.ndarray:
+    """The path that runs source `source`'s blocks 0..L-1 in order, padded with -1 to `t_max`."""
+    return path_from_pairs([(source, l) for l in range(num_layers)], num_layers, t_max or num_layers)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def run_path(config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx, junction=None) -> jax.Array:
+    """Runs the hidden state through the path's blocks (no embed/head). h [B, S, D] -> [B, S, D]."""
+    module = _family(config)
+    t_max = path.shape[0]
+    if junction is None:
+        scales = jnp.ones((t_max, h.shape[-1]), h.dtype)
+        shifts = jnp.zeros((t_max, h.shape[-1]), h.dtype)
+    else:
+        scales, shifts = junction["scale"], junction["shift"]
+
+    def step(h, xs):
+        idx, scale, shift = xs
+
+        def run(h):
+            p = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, idx, 0, keepdims=False), pool)
+            return module.block(config, p, (h * scale + shift).astype(h.dtype), ctx)
+
+        return jax.lax.cond(idx >= 0, run, lambda h: h, h), None
+
+    h, _ = jax.lax.scan(step, h, (path.astype(jnp.int32), scales, shifts))
+    return h
+
+
+def check_junction(junction, t_max: int, hidden_size: int) -> None:
+    """Raises ValueError unless junction is None or {"scale", "shift"} each [t_max, hidden_size]."""
+    if junction is None:
+        return
+    if set(junction) != {"scale", "shift"}:
+        raise ValueError(f"junction must have keys 'scale' and 'shift', got {sorted(junction)}")
+    for name in ("scale", "shift"):
+        if tuple(junction[name].shape) != (t_max, hidden_size):
+            raise ValueError(
+                f"junction[{name!r}] has shape {tuple(junction[name].shape)}, expected {(t_max, hidden_size)}"
+            )
+
+
+def apply_path(
+    config: ModelConfig,
+    shell: dict,
+    pool: dict,
+    path: jax.Array,
+    inputs: jax.Array,
+    junction: dict | None = None,
+    attention_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Forward of a layer path: embed from `shell`, blocks gathered from `pool` by `path`, head from `shell`.
+
+    Args:
+      config: the shell's config (all pool blocks must share its block shapes).
+      shell: params without (or ignoring) `"blocks"`: `embed`, `final`, `head`.
+      pool: stacked blocks [P, ...] (`make_pool`).
+      path: int32 [T_max] pool indices, -1 = padding (the step leaves h unchanged). Traced: new paths reuse
+        the compiled function. A concrete path is checked on the host (indices in [-1, P)).
+      inputs: family inputs (token ids [B, S]; ViT pixel_values [B, C, H, W]).
+      junction: None or {"scale": [T_max, D], "shift": [T_max, D]}; before step t,
+        `h = h * scale[t] + shift[t]`.
+      attention_mask: [B, S] (1 = real token) or None.
+    Returns: the family's `head` outputs (logits [B, S, V] for LMs).
+    """
+    module = _family(config)
+    if _is_concrete(path):
+        validate_path(path, pool_size(pool))
+    path = jnp.asarray(path)
+    check_junction(junction, path.shape[0], config.hidden_size)
+    h, ctx = module.embed(config, shell, inputs, attention_mask)
+    h = run_path(config, pool, path, h, ctx, junction)
+    return module.head(config, shell, h)
