@@ -19,8 +19,9 @@ pass over ``x ++ y``
 ``correct = all_j [argmax logits[|x| - 1 + j] == y_j]``. Exact match is at the token level of the canonical
 tokenization of the target (the tokenization the experts were trained on).
 
-Scoring helpers `score_path` / `score_model` jit `device_fn` with the config and objective static and every
-array (params, pool, path, junction) traced, so new models and new paths never recompile.
+Scoring helpers `score_path` / `score_model` jit the objective's kernel with the config static and every array
+(params, pool, path, junction, the split's padded arrays) traced, so new models, new paths and other splits of
+the same shapes never recompile.
 """
 
 from __future__ import annotations
@@ -37,8 +38,24 @@ from hm3_jax.tasks import metrics
 from hm3_jax.tasks.tokenizer import encode
 
 
+class ArrayBundle:
+    """The padded arrays of one objective (numpy, fixed shapes); hashed and compared by identity."""
+
+    def __init__(self, tree: dict[str, np.ndarray]):
+        self.tree = tree
+
+    def __repr__(self) -> str:
+        return "ArrayBundle(" + ", ".join(f"{k}: {v.shape}" for k, v in self.tree.items()) + ")"
+
+
 class Objective(NamedTuple):
-    """One task split as a maximised score in [0, 100] (see module docstring for the device/host contract)."""
+    """One task split as a maximised score in [0, 100] (see module docstring for the device/host contract).
+
+    `kernel(forward, arrays) -> array` is the shape-generic computation behind `device_fn` (a module-level
+    function shared by every objective of one metric), and `arrays.tree` holds the split's padded arrays, so
+    `score_path` can pass them traced and one compilation serves every objective of the same shapes.
+    `device_fn(forward)` is `kernel(forward, arrays)` restricted to the real examples.
+    """
 
     name: str  # "<task>/<split>", e.g. "math/search"
     metric: str  # "exact_match" or "chrf"
@@ -46,6 +63,8 @@ class Objective(NamedTuple):
     host_fn: Callable[[Any], float]
     num_examples: int
     batch_size: int
+    kernel: Callable[[Callable, dict], jax.Array]
+    arrays: ArrayBundle
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -151,31 +170,76 @@ def teacher_forced_correct(logits: jax.Array, input_ids: jax.Array, target_mask:
     return jnp.all(ok, axis=-1)
 
 
+def exact_match_kernel(forward, arrays: dict) -> jax.Array:
+    """Teacher-forced greedy exact match over a padded split.
+
+    Args:
+      forward: ``input_ids [B, S] -> logits [B, S, V]``.
+      arrays: {"input_ids": int32 [nb, B, S], "target_mask": [nb, B, S]} (`pack_teacher_forced`, batched).
+
+    Returns:
+      bool [nb * B] (padding rows included; the host function drops them).
+    """
+
+    def one_batch(batch):
+        ids, tmask = batch
+        return teacher_forced_correct(forward(ids), ids, tmask)
+
+    return jax.lax.map(one_batch, (arrays["input_ids"], arrays["target_mask"])).reshape(-1)
+
+
 def make_exact_match_objective(
-    name: str, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, batch_size: int
+    name: str,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    batch_size: int,
+    seq_len: int | None = None,
 ) -> Objective:
     """Teacher-forced exact-match objective over tokenized (prompt, target+eos) pairs."""
-    packed = pack_teacher_forced(pairs, pad_id, batch_size, name=name)
+    packed = pack_teacher_forced(pairs, pad_id, batch_size, seq_len, name=name)
     num = len(pairs)
     n_pad, seq_len = packed["input_ids"].shape
-    input_ids = packed["input_ids"].reshape(n_pad // batch_size, batch_size, seq_len)
-    target_mask = packed["target_mask"].reshape(n_pad // batch_size, batch_size, seq_len)
+    shape = (n_pad // batch_size, batch_size, seq_len)
+    arrays = {
+        "input_ids": packed["input_ids"].reshape(shape),
+        "target_mask": packed["target_mask"].reshape(shape),
+    }
 
     def device_fn(forward):
-        def one_batch(batch):
-            ids, tmask = batch
-            return teacher_forced_correct(forward(ids), ids, tmask)
-
-        correct = jax.lax.map(one_batch, (jnp.asarray(input_ids), jnp.asarray(target_mask)))
-        return correct.reshape(-1)[:num]  # [N]
+        return exact_match_kernel(forward, jax.tree.map(jnp.asarray, arrays))[:num]  # [N]
 
     def host_fn(correct) -> float:
         correct = np.asarray(correct)
-        if correct.shape != (num,):
-            raise ValueError(f"{name}: expected correctness of shape {(num,)}, got {correct.shape}")
-        return 100.0 * float(correct.mean())
+        if correct.ndim != 1 or correct.shape[0] not in (num, n_pad):
+            raise ValueError(
+                f"{name}: expected correctness of shape ({num},) or ({n_pad},), got {correct.shape}"
+            )
+        return 100.0 * float(correct[:num].mean())
 
-    return Objective(name, "exact_match", device_fn, host_fn, num, batch_size)
+    return Objective(
+        name, "exact_match", device_fn, host_fn, num, batch_size, exact_match_kernel, ArrayBundle(arrays)
+    )
+
+
+def chrf_kernel(decode_fn, arrays: dict) -> jax.Array:
+    """Greedy decoding of a padded split.
+
+    Args:
+      decode_fn: ``(prompt_ids [B, P], prompt_mask [B, P], max_new_tokens) -> tokens [B, max_new_tokens]``.
+      arrays: {"prompt_ids", "prompt_mask": int32 [nb, B, P], "new_tokens": [T]} (only T = the static number
+        of new tokens is read from "new_tokens").
+
+    Returns:
+      int32 [nb * B, T] (padding rows included; the host function drops them).
+    """
+    max_new_tokens = arrays["new_tokens"].shape[0]
+
+    def one_batch(batch):
+        ids, mask = batch
+        return decode_fn(ids, mask, max_new_tokens).astype(jnp.int32)
+
+    tokens = jax.lax.map(one_batch, (arrays["prompt_ids"], arrays["prompt_mask"]))
+    return tokens.reshape(-1, max_new_tokens)
 
 
 def make_chrf_objective(
@@ -190,23 +254,27 @@ def make_chrf_objective(
     packed = pack_prompts(prompts, tokenizer.pad_token_id, batch_size, name=name)
     num = len(prompts)
     n_pad, prompt_len = packed["prompt_ids"].shape
-    prompt_ids = packed["prompt_ids"].reshape(n_pad // batch_size, batch_size, prompt_len)
-    prompt_mask = packed["prompt_mask"].reshape(n_pad // batch_size, batch_size, prompt_len)
+    shape = (n_pad // batch_size, batch_size, prompt_len)
+    arrays = {
+        "prompt_ids": packed["prompt_ids"].reshape(shape),
+        "prompt_mask": packed["prompt_mask"].reshape(shape),
+        "new_tokens": np.zeros((max_new_tokens,), np.int32),
+    }
     references = [r.strip() for r in references]
     eos = tokenizer.eos_token_id
 
     def device_fn(decode_fn):
-        def one_batch(batch):
-            ids, mask = batch
-            return decode_fn(ids, mask, max_new_tokens).astype(jnp.int32)
-
-        tokens = jax.lax.map(one_batch, (jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)))
-        return tokens.reshape(n_pad, max_new_tokens)[:num]  # [N, T]
+        return chrf_kernel(decode_fn, jax.tree.map(jnp.asarray, arrays))[:num]  # [N, T]
 
     def host_fn(tokens) -> float:
-        return metrics.chrf(decode_until_eos(tokenizer, tokens, eos), references)
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[0] not in (num, n_pad):
+            raise ValueError(
+                f"{name}: expected tokens of shape ({num}, T) or ({n_pad}, T), got {tokens.shape}"
+            )
+        return metrics.chrf(decode_until_eos(tokenizer, tokens[:num], eos), references)
 
-    return Objective(name, "chrf", device_fn, host_fn, num, batch_size)
+    return Objective(name, "chrf", device_fn, host_fn, num, batch_size, chrf_kernel, ArrayBundle(arrays))
 
 
 def decode_until_eos(tokenizer, tokens, eos_id: int) -> list[str]:
@@ -220,7 +288,12 @@ def decode_until_eos(tokenizer, tokens, eos_id: int) -> list[str]:
 
 
 def make_objective(
-    task: str, split: str, examples: Sequence[Mapping[str, str]], tokenizer, batch_size: int
+    task: str,
+    split: str,
+    examples: Sequence[Mapping[str, str]],
+    tokenizer,
+    batch_size: int,
+    seq_len: int | None = None,
 ) -> Objective:
     """The objective of one task split (metric from the task registry).
 
@@ -231,6 +304,8 @@ def make_objective(
       examples: example dicts with "prompt" and "target".
       tokenizer: the zoo tokenizer (pad/bos/eos set).
       batch_size: rows per forward pass.
+      seq_len: row length of teacher-forced objectives (None: longest example rounded up to 8). Objectives
+        with equal shapes share one compilation in `score_path`.
     """
     from hm3_jax.tasks.data import task_metric
 
@@ -240,7 +315,7 @@ def make_objective(
     pairs = tokenize_examples(tokenizer, examples)
     metric = task_metric(task)
     if metric == "exact_match":
-        return make_exact_match_objective(name, pairs, tokenizer.pad_token_id, batch_size)
+        return make_exact_match_objective(name, pairs, tokenizer.pad_token_id, batch_size, seq_len)
     max_new_tokens = max(len(t) for _, t in pairs)  # longest reference + eos
     references = [e["target"] for e in examples]
     return make_chrf_objective(name, [p for p, _ in pairs], references, tokenizer, batch_size, max_new_tokens)
@@ -256,10 +331,20 @@ def _path_forward(config, shell, pool, path, junction, metric: str):
     return lambda ids, mask, n: greedy_decode(config, shell, pool, path, ids, mask, n, junction=junction)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "objective"))
+@functools.partial(jax.jit, static_argnames=("config", "kernel", "metric"))
+def _path_kernel(config, shell, pool, path, junction, arrays, kernel, metric):
+    return kernel(_path_forward(config, shell, pool, path, junction, metric), arrays)
+
+
 def path_device_scores(config, shell, pool, path, junction, objective: Objective):
-    """Jitted ``objective.device_fn`` for a layer path (config and objective static; arrays traced)."""
-    return objective.device_fn(_path_forward(config, shell, pool, path, junction, objective.metric))
+    """Jitted device part of `objective` for a layer path: ``kernel(forward, arrays)``.
+
+    Config, kernel and metric are static; everything else (params, path, junction, the split's arrays) is
+    traced, so new models, paths and same-shaped splits reuse one compilation. Returns the padded device
+    output (host_fn accepts it).
+    """
+    arrays = jax.tree.map(jnp.asarray, objective.arrays.tree)
+    return _path_kernel(config, shell, pool, path, junction, arrays, objective.kernel, objective.metric)
 
 
 def score_path(config, shell, pool, path, objective: Objective, junction=None) -> float:

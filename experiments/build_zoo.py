@@ -1,0 +1,32 @@
+"""Builds (or reuses) the tiny3 zoo: base model, three experts, tokenizer, data splits, manifest.
+
+    python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
+
+Prints the score matrices (rows: base and experts; columns: tasks) of the manifest.
+"""
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from hm3_jax.tasks import zoo as zoo_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/tiny3.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Zoo directory.")
+_ON_MISMATCH = flags.DEFINE_enum(
+    "on_mismatch", "rebuild", ["rebuild", "error"], "What to do when --workdir holds a zoo of another config."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.INFO)
+    zoo = zoo_lib.build_or_load(_CONFIG.value.zoo, _WORKDIR.value, on_mismatch=_ON_MISMATCH.value)
+    print(zoo_lib.format_summary(zoo.manifest))
+    print(json.dumps({"workdir": zoo.workdir, "build_time_s": zoo.manifest["build_time_s"]}))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,168 @@
+"""Language-model training as a library: token streams, masked cross-entropy, a jitted AdamW step, the loop.
+
+Used by the zoo builder (`hm3_jax.tasks.zoo`) for the base model (next-token loss on every token of a packed
+corpus) and for the experts (loss on the target tokens of a task's training examples only).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hm3_jax import models
+
+log = logging.getLogger(__name__)
+
+
+def pack_stream(token_docs: Sequence[Sequence[int]], seq_len: int, bos_id: int, eos_id: int) -> np.ndarray:
+    """Concatenates ``[bos] + doc + [eos]`` for every document and cuts the stream into rows.
+
+    Args:
+      token_docs: token ids per document.
+      seq_len: row length S.
+      bos_id, eos_id: special token ids.
+
+    Returns:
+      int32 [num_rows, S]; the incomplete last row is dropped.
+    """
+    stream = []
+    for doc in token_docs:
+        stream.append(bos_id)
+        stream.extend(doc)
+        stream.append(eos_id)
+    num_rows = len(stream) // seq_len
+    if num_rows == 0:
+        raise ValueError(f"corpus has {len(stream)} tokens, fewer than one row of seq_len={seq_len}")
+    return np.asarray(stream[: num_rows * seq_len], np.int32).reshape(num_rows, seq_len)
+
+
+def masked_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over masked positions.
+
+    loss = sum_t m_t * -log p(x_{t+1} | x_<=t) / sum_t m_t, with logits [B, S, V], input_ids [B, S] and
+    loss_mask [B, S] (1 at t when the prediction at t is trained).
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    mask = loss_mask[:, :-1].astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_schedule(learning_rate: float, num_steps: int, warmup_steps: int):
+    """Linear warmup to `learning_rate`, then cosine decay to 10% of it at `num_steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=max(1, warmup_steps),
+        decay_steps=max(num_steps, warmup_steps + 1),
+        end_value=0.1 * learning_rate,
+    )
+
+
+def make_optimizer(clip: float = 1.0):
+    """Global-norm clipping then AdamW whose learning rate and weight decay live in the state.
+
+    `optax.inject_hyperparams` keeps them as arrays in `opt_state.hyperparams`, so one compiled step serves
+    every schedule (the loop writes the scheduled rate before each step).
+    """
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), adamw)
+
+
+def make_train_step(config, optimizer, batch_size: int):
+    """Returns ``step(params, opt_state, input_ids, loss_mask) -> (params, opt_state, loss)``.
+
+    input_ids and loss_mask are one batch [batch_size, S]; the shapes do not depend on the data set, so base
+    and expert training share one compiled step. Not jitted here; the caller jits.
+    """
+
+    def loss_fn(params, ids, mask):
+        return masked_lm_loss(models.apply(config, params, ids), ids, mask)
+
+    def step(params, opt_state, input_ids, loss_mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, input_ids, loss_mask)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+@functools.cache
+def _jitted_step(config, batch_size: int):
+    """One compiled step per (config, batch_size): base and expert training reuse it."""
+    return jax.jit(make_train_step(config, make_optimizer(), batch_size), donate_argnums=(0, 1))
+
+
+def _set_hyperparams(opt_state, learning_rate, weight_decay):
+    clip_state, adamw_state = opt_state
+    hyper = dict(adamw_state.hyperparams)
+    hyper["learning_rate"] = jnp.asarray(learning_rate, hyper["learning_rate"].dtype)
+    hyper["weight_decay"] = jnp.asarray(weight_decay, hyper["weight_decay"].dtype)
+    return (clip_state, adamw_state._replace(hyperparams=hyper))
+
+
+def train_lm(
+    key: jax.Array,
+    config,
+    params: dict,
+    input_ids: np.ndarray,
+    loss_mask: np.ndarray,
+    num_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    warmup_steps: int = 20,
+    weight_decay: float = 0.0,
+    desc: str = "train",
+    progress: bool = True,
+) -> tuple[dict, np.ndarray]:
+    """Trains `params` on rows of token ids with a masked next-token loss (AdamW, warmup + cosine).
+
+    Args:
+      key: PRNG key (batch sampling).
+      config: ModelConfig; params: initial params (not modified).
+      input_ids: int32 [N, S]; loss_mask: [N, S] (1 at t when predicting input_ids[t + 1] is trained).
+      num_steps, batch_size, learning_rate, warmup_steps, weight_decay: optimiser settings.
+      desc: progress-bar label. progress: show a tqdm bar.
+
+    Returns:
+      (trained params, per-step losses float32 [num_steps]).
+    """
+    from tqdm.auto import tqdm
+
+    if input_ids.shape != loss_mask.shape or input_ids.ndim != 2:
+        raise ValueError(f"input_ids {input_ids.shape} and loss_mask {loss_mask.shape} must be equal [N, S]")
+    if num_steps <= 0 or batch_size <= 0 or learning_rate <= 0:
+        raise ValueError(
+            f"num_steps, batch_size and learning_rate must be positive, got {num_steps}, {batch_size}, "
+            f"{learning_rate}"
+        )
+    schedule = make_schedule(learning_rate, num_steps, warmup_steps)
+    step = _jitted_step(config, batch_size)
+    params = jax.tree.map(jnp.array, params)  # own copy: the step donates its buffers
+    opt_state = make_optimizer().init(params)
+    ids, mask = np.asarray(input_ids, np.int32), np.asarray(loss_mask, np.float32)
+    # rows drawn uniformly with replacement; the run is a function of `key`
+    rows = np.asarray(jax.random.randint(key, (num_steps, batch_size), 0, ids.shape[0]))
+    losses = []
+    bar = tqdm(range(num_steps), desc=desc, disable=not progress, mininterval=1.0)
+    for i in bar:
+        opt_state = _set_hyperparams(opt_state, schedule(i), weight_decay)
+        params, opt_state, loss = step(params, opt_state, ids[rows[i]], mask[rows[i]])
+        losses.append(loss)
+        if (i + 1) % 25 == 0 or i + 1 == num_steps:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float32)
+    log.info("%s: loss %.3f -> %.3f over %d steps", desc, losses[0], losses[-1], num_steps)
+    return params, losses
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def eval_loss(config, params, input_ids, loss_mask):
+    """Masked next-token loss of `params` on a batch (input_ids, loss_mask [B, S])."""
+    return masked_lm_loss(models.apply(config, params, input_ids), input_ids, loss_mask)

@@ -1,0 +1,371 @@
+"""The tiny3 zoo: a base model and three task experts built offline, saved as Hugging Face directories.
+
+Layout of a zoo directory (everything is written into a temporary sibling and renamed into place)::
+
+    DIR/manifest.json                 config, fingerprint, seed, sizes, score matrices, norms, build time
+    DIR/tokenizer/                    byte-level BPE (AutoTokenizer loads it)
+    DIR/data/<task>.jsonl             every example with its "split" (train / search / heldout)
+    DIR/base/                         config.json + model.safetensors + tokenizer files
+    DIR/experts/<task>/               same, one per task in TASK_NAMES order
+
+`build_or_load(config, workdir)` reuses a directory whose manifest carries the same config fingerprint; a
+different fingerprint is rebuilt into a clean directory (``on_mismatch="rebuild"``, the default) or raises
+(``on_mismatch="error"``); contents are never mixed.
+
+Score matrices are ``[1 + K, K]`` (rows: base then experts in TASK_NAMES order; columns: tasks), one per
+split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3_jax.tasks import corpus, data, objectives
+from hm3_jax.tasks import tokenizer as tok_lib
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class Zoo(NamedTuple):
+    """A loaded zoo.
+
+    Attributes:
+      base: `hm3_jax.Model` of the base model.
+      experts: {task: Model} in TASK_NAMES order (expert k is fine-tuned on task k).
+      tokenizer: the zoo's `PreTrainedTokenizerFast`.
+      data: {task: {split: [example dict, ...]}} for splits train/search/heldout.
+      objectives: {split: {task: Objective}} for "search" and "heldout".
+      manifest: the parsed manifest.json.
+      workdir: the zoo directory.
+    """
+
+    base: Any
+    experts: dict
+    tokenizer: Any
+    data: dict
+    objectives: dict
+    manifest: dict
+    workdir: str
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.experts)
+
+
+def _to_dict(config) -> dict:
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config)
+
+
+def config_fingerprint(zoo_config) -> str:
+    """SHA-256 (16 hex chars) of the canonical JSON of the zoo config plus the format version."""
+    payload = json.dumps({"format": FORMAT_VERSION, "config": _to_dict(zoo_config)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def model_config(zoo_config, vocab_size: int):
+    """The Llama `ModelConfig` of the zoo (vocab size from the trained tokenizer)."""
+    from hm3_jax.models import ModelConfig
+
+    m = zoo_config.model
+    return ModelConfig(
+        family="llama",
+        vocab_size=int(vocab_size),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=10000.0,
+        norm_eps=1e-6,
+    )
+
+
+def make_objectives(
+    task_data: Mapping, tokenizer, batch_size: int, seq_len: int | None = None, splits=("search", "heldout")
+) -> dict:
+    """{split: {task: Objective}} for every task of `task_data` ({task: {split: examples}}).
+
+    With `seq_len` set, every teacher-forced objective has rows of that length (fewer compilations).
+    """
+    return {
+        split: {
+            task: objectives.make_objective(task, split, parts[split], tokenizer, batch_size, seq_len)
+            for task, parts in task_data.items()
+        }
+        for split in splits
+    }
+
+
+def score_matrix(models_list, split_objectives: Mapping[str, objectives.Objective]) -> np.ndarray:
+    """Scores [len(models_list), num_tasks] of `Model`s on one split's objectives (task order kept)."""
+    return np.array(
+        [
+            [objectives.score_model(m.config, m.params, o) for o in split_objectives.values()]
+            for m in models_list
+        ]
+    )
+
+
+def tree_norm(tree) -> float:
+    """Global L2 norm of a pytree."""
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))))
+
+
+def task_vector_ratios(base_params, expert_params_list) -> list[float]:
+    """||tau_k|| / ||theta_base|| with tau_k = theta_k - theta_base (size of each expert's task vector)."""
+    base_norm = tree_norm(base_params)
+    return [tree_norm(jax.tree.map(jnp.subtract, p, base_params)) / base_norm for p in expert_params_list]
+
+
+def _train_rows_for_task(examples, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    pairs = objectives.tokenize_examples(tokenizer, examples)
+    packed = objectives.pack_teacher_forced(pairs, tokenizer.pad_token_id, 1, seq_len, name="train")
+    return packed["input_ids"], packed["target_mask"]
+
+
+def _build(zoo_config, out_dir: str, progress: bool) -> dict:
+    """Builds every artefact into `out_dir` (an empty temporary directory); returns the manifest."""
+    from experiments import train_lib
+    from hm3_jax import models
+    from hm3_jax.model_io import Model, save_pretrained
+
+    start = time.time()
+    timings = {}
+    cfg = zoo_config
+    # 1. data
+    task_data = data.generate_all(cfg.seed, cfg.num_eval, cfg.num_train, tuple(cfg.tasks))
+    for task, parts in task_data.items():
+        data.write_jsonl(
+            os.path.join(out_dir, "data", f"{task}.jsonl"), [e for s in data.SPLITS for e in parts[s]]
+        )
+    # 2. corpus and tokenizer (trained on prose and the *train* parts only)
+    train_examples = [e for parts in task_data.values() for e in parts["train"]]
+    docs = corpus.base_corpus(
+        np.random.default_rng([cfg.seed, 99]), train_examples, cfg.task_share, cfg.get("max_prose_chars")
+    )
+    tokenizer = tok_lib.train_tokenizer(
+        docs + [e["prompt"] + e["target"] for e in train_examples], cfg.vocab_size
+    )
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    tok_lib.save_tokenizer(tokenizer, tok_dir)
+    tokenizer = tok_lib.load_tokenizer(tok_dir)
+    timings["data_and_tokenizer_s"] = time.time() - start
+    # 3. base model on the packed corpus
+    config = model_config(cfg, len(tokenizer))
+    key_init, key_base, key_experts = jax.random.split(jax.random.key(cfg.seed), 3)
+    token_docs = [tok_lib.encode(tokenizer, d) for d in docs]
+    stream = train_lib.pack_stream(token_docs, cfg.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    t0 = time.time()
+    base_params, base_losses = train_lib.train_lm(
+        key_base,
+        config,
+        models.init(config, key_init),
+        stream,
+        np.ones_like(stream, np.float32),
+        cfg.base.num_steps,
+        cfg.base.batch_size,
+        cfg.base.learning_rate,
+        cfg.base.warmup_steps,
+        cfg.base.weight_decay,
+        desc="base",
+        progress=progress,
+    )
+    timings["base_train_s"] = time.time() - t0
+    # 4. experts: full fine-tuning from the base, loss on target tokens of the task's train part
+    expert_params, expert_losses = {}, {}
+    t0 = time.time()
+    for task, key in zip(task_data, jax.random.split(key_experts, len(task_data)), strict=True):
+        ids, mask = _train_rows_for_task(task_data[task]["train"], tokenizer, cfg.seq_len)
+        expert_params[task], expert_losses[task] = train_lib.train_lm(
+            key,
+            config,
+            base_params,
+            ids,
+            mask,
+            cfg.expert.num_steps,
+            cfg.expert.batch_size,
+            cfg.expert.learning_rate,
+            cfg.expert.warmup_steps,
+            cfg.expert.weight_decay,
+            desc=f"expert/{task}",
+            progress=progress,
+        )
+    timings["experts_train_s"] = time.time() - t0
+    # 5. save as HF directories with the tokenizer beside the weights
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    named = [("base", base_params)] + [(os.path.join("experts", t), p) for t, p in expert_params.items()]
+    for rel, params in named:
+        path = os.path.join(out_dir, rel)
+        save_pretrained(Model(config, params, dict(special)), path)
+        tokenizer.save_pretrained(path)
+    # 6. score matrices (rows: base then experts; columns: tasks) and task-vector sizes
+    t0 = time.time()
+    objs = make_objectives(task_data, tokenizer, cfg.eval_batch_size, cfg.seq_len)
+    rows = [Model(config, base_params)] + [Model(config, p) for p in expert_params.values()]
+    matrices = {split: score_matrix(rows, objs[split]).round(4).tolist() for split in objs}
+    timings["scoring_s"] = time.time() - t0
+    ratios = task_vector_ratios(base_params, list(expert_params.values()))
+    timings["total_s"] = time.time() - start
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": config_fingerprint(zoo_config),
+        "config": _to_dict(zoo_config),
+        "seed": int(cfg.seed),
+        "tasks": list(task_data),
+        "metrics": {t: data.task_metric(t) for t in task_data},
+        "rows": ["base"] + list(task_data),
+        "score_matrix": matrices,
+        "task_vector_norm_ratio": dict(zip(task_data, [round(r, 6) for r in ratios], strict=True)),
+        "sizes": {
+            "examples": {t: {s: len(p[s]) for s in data.SPLITS} for t, p in task_data.items()},
+            "vocab_size": len(tokenizer),
+            "num_params": int(sum(x.size for x in jax.tree.leaves(base_params))),
+            "corpus_tokens": int(stream.size),
+        },
+        "model_config": dataclasses.asdict(config),
+        "final_train_loss": {
+            "base": float(base_losses[-20:].mean()),
+            **{t: float(v[-20:].mean()) for t, v in expert_losses.items()},
+        },
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "build_time_s": round(time.time() - start, 2),
+        "paths": {
+            "base": "base",
+            "experts": {t: f"experts/{t}" for t in task_data},
+            "tokenizer": "tokenizer",
+        },
+    }
+
+
+def _write_manifest(out_dir: str, manifest: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+
+
+def read_manifest(workdir: str) -> dict | None:
+    """The parsed manifest of a zoo directory, or None when there is none."""
+    path = os.path.join(workdir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def build(zoo_config, workdir: str, progress: bool = True) -> None:
+    """Builds the zoo into `workdir`, replacing it only once the new build is complete.
+
+    The build goes to a temporary sibling directory; then an existing `workdir` (which must itself be a zoo,
+    i.e. hold a manifest, or be empty) is moved aside and deleted, and the new one renamed into place.
+    """
+    workdir = os.path.abspath(workdir)
+    parent = os.path.dirname(workdir)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(workdir) and os.listdir(workdir) and read_manifest(workdir) is None:
+        raise FileExistsError(
+            f"{workdir} exists, is not empty and holds no {MANIFEST}: refusing to overwrite it"
+        )
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(workdir)}.building-")
+    try:
+        manifest = _build(zoo_config, tmp, progress)
+        _write_manifest(tmp, manifest)
+        old = None
+        if os.path.exists(workdir):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(workdir)}.old-")
+            os.rmdir(old)
+            os.replace(workdir, old)
+        os.replace(tmp, workdir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built zoo %s in %.1f s", workdir, manifest["build_time_s"])
+
+
+def load(workdir: str, eval_batch_size: int | None = None) -> Zoo:
+    """Loads a built zoo (models, tokenizer, data, objectives) from `workdir`."""
+    from hm3_jax.model_io import load_pretrained
+
+    manifest = read_manifest(workdir)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST} in {workdir}: not a zoo directory (build it first)")
+    tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, manifest["paths"]["tokenizer"]))
+    base = load_pretrained(os.path.join(workdir, manifest["paths"]["base"]))
+    experts = {t: load_pretrained(os.path.join(workdir, p)) for t, p in manifest["paths"]["experts"].items()}
+    task_data = {
+        t: data.group_by_split(data.read_jsonl(os.path.join(workdir, "data", f"{t}.jsonl")))
+        for t in manifest["tasks"]
+    }
+    batch_size = eval_batch_size or manifest["config"]["eval_batch_size"]
+    objs = make_objectives(task_data, tokenizer, batch_size, manifest["config"]["seq_len"])
+    return Zoo(base, experts, tokenizer, task_data, objs, manifest, os.path.abspath(workdir))
+
+
+def build_or_load(zoo_config, workdir: str, on_mismatch: str = "rebuild", progress: bool = True) -> Zoo:
+    """Returns the zoo for `zoo_config` in `workdir`, building it when needed.
+
+    Args:
+      zoo_config: the `config.zoo` ConfigDict (see experiments/configs/tiny3.py).
+      workdir: zoo directory.
+      on_mismatch: what to do when `workdir` holds a zoo of another config: "rebuild" (replace it with a clean
+        build) or "error" (raise ValueError).
+      progress: show progress bars while building.
+    """
+    if on_mismatch not in ("rebuild", "error"):
+        raise ValueError(f"on_mismatch must be 'rebuild' or 'error', got {on_mismatch!r}")
+    fingerprint = config_fingerprint(zoo_config)
+    manifest = read_manifest(workdir)
+    if manifest is not None and manifest.get("fingerprint") == fingerprint:
+        log.info("zoo cache hit: %s (fingerprint %s)", workdir, fingerprint)
+        return load(workdir)
+    if manifest is not None:
+        message = (
+            f"{workdir} holds a zoo built from another config (fingerprint {manifest.get('fingerprint')}, "
+            f"wanted {fingerprint})"
+        )
+        if on_mismatch == "error":
+            raise ValueError(message + "; use another workdir or on_mismatch='rebuild'")
+        log.warning("%s; rebuilding it", message)
+    build(zoo_config, workdir, progress=progress)
+    return load(workdir)
+
+
+def format_summary(manifest: Mapping) -> str:
+    """Markdown tables of the manifest's score matrices and task-vector sizes."""
+    tasks, rows = manifest["tasks"], manifest["rows"]
+    lines = []
+    for split, matrix in manifest["score_matrix"].items():
+        metric_names = [f"{t} ({manifest['metrics'][t]})" for t in tasks]
+        lines += [f"\n{split} split", "", "| model | " + " | ".join(metric_names) + " |"]
+        lines.append("|---" * (len(tasks) + 1) + "|")
+        for name, row in zip(rows, matrix, strict=True):
+            lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+    ratios = manifest["task_vector_norm_ratio"]
+    lines += ["", "||tau_k|| / ||theta_base||: " + ", ".join(f"{t} {r:.4f}" for t, r in ratios.items())]
+    lines.append(f"build time: {manifest['build_time_s']:.1f} s ({manifest['timings_s']})")
+    return "\n".join(lines)
