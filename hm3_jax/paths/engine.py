@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hm3_jax import models
 from hm3_jax.models.config import ModelConfig
@@ -247,9 +247,21 @@ class PathEngine:
             args = [jnp.asarray(paths[rows])]
             if junction is not None:
                 args.append({k: jnp.asarray(v[rows]) for k, v in junction.items()})
-            pieces.append((min(c, n - start), fn(self.shell, self.pool, *args)))
+            shell, pool = self.shell, self.pool
+            if self.strategy == "shard":  # paths split over the mesh, the model replicated on every device
+                split = NamedSharding(self.mesh, PartitionSpec("paths"))
+                args = jax.device_put(args, split)
+                shell, pool = self._replicated()
+            pieces.append((min(c, n - start), fn(shell, pool, *args)))
         outs = [jax.tree.map(lambda a, m=m: np.asarray(a)[:m], o) for m, o in pieces]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+    def _replicated(self):
+        if getattr(self, "_replicas", None) is None:
+            self._replicas = jax.device_put(
+                (self.shell, self.pool), NamedSharding(self.mesh, PartitionSpec())
+            )
+        return self._replicas
 
     def _run_tree(self, paths, lengths, junction):
         """Teacher-forced device outputs of every row via the prefix tree."""
@@ -500,10 +512,9 @@ def _pick_strategy(engine: PathEngine, key, t_max: int) -> str:
     timings = {}
     for name in candidates:
         engine.strategy = name
-        fn = engine._plain_fn(all_idx, False)
-        jax.block_until_ready(fn(engine.shell, engine.pool, jnp.asarray(paths)))  # compile + warm up
+        engine._run_plain(all_idx, paths, None)  # compile + warm up
         start = time.perf_counter()
-        jax.block_until_ready(fn(engine.shell, engine.pool, jnp.asarray(paths)))
+        engine._run_plain(all_idx, paths, None)
         timings[name] = time.perf_counter() - start
     best = min(timings, key=timings.get)
     engine._shared["strategy_timings"].update(timings)
