@@ -1,0 +1,105 @@
+"""Host-side training driver: chunked ``lax.scan`` training with orbax checkpoints between chunks.
+
+``train(key)`` from ``ppo.make_train`` runs everything in one jitted scan, which cannot be interrupted. Here the
+iterations are cut into chunks of ``checkpoint_every`` (one compiled ``train_chunk``); after each chunk the
+:class:`~hm3_jax.arch.ppo.RunnerState` (params, optimiser state, PRNG key, iteration) is saved with an orbax
+``CheckpointManager`` (orbax writes to a temporary directory and renames it, so a kill never leaves a half-written
+checkpoint). A killed run restarted with the same arguments restores the latest checkpoint and continues; since
+all randomness comes from the key inside the runner state, it ends bit-for-bit where the uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm import tqdm
+
+from hm3_jax.arch.ppo import RunnerState, Trainer
+
+
+def _to_saveable(runner: RunnerState) -> RunnerState:
+    return runner.replace(key=jax.random.key_data(runner.key))
+
+
+def _from_saveable(runner: RunnerState) -> RunnerState:
+    return runner.replace(key=jax.random.wrap_key_data(runner.key))
+
+
+def make_checkpoint_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """An orbax ``CheckpointManager`` over ``directory`` (created if missing), keeping the last ``max_to_keep``."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def restore_latest(manager: ocp.CheckpointManager, like: RunnerState) -> RunnerState | None:
+    """The latest checkpoint restored into the structure of ``like``, or None when there is none."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return _from_saveable(restored)
+
+
+def run_training(
+    trainer: Trainer,
+    key: jax.Array,
+    num_iterations: int,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 10,
+    metrics_fn: Callable[[int, dict[str, float]], Any] | None = None,
+    progress: bool = True,
+) -> RunnerState:
+    """Trains to ``num_iterations`` iterations in chunks, checkpointing after each chunk, resuming if possible.
+
+    Args:
+      trainer: from ``ppo.make_trainer``.
+      key: PRNG key of the run (used only when no checkpoint exists).
+      num_iterations: total iterations of the run (not "more iterations").
+      checkpoint_dir: orbax directory; None disables checkpointing and resuming.
+      checkpoint_every: iterations per jitted chunk (and between checkpoints).
+      metrics_fn: called on the host as ``metrics_fn(iteration, {name: float})`` for every iteration (1-based).
+      progress: show a tqdm bar.
+
+    Returns:
+      The final :class:`RunnerState`.
+    """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    runner = trainer.init(key)
+    manager = make_checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
+    if manager is not None:
+        restored = restore_latest(manager, runner)
+        if restored is not None:
+            runner = restored
+            logging.info("resumed from iteration %d in %s", int(runner.iteration), checkpoint_dir)
+    start = int(runner.iteration)
+    if start > num_iterations:
+        raise ValueError(f"checkpoint is at iteration {start}, past num_iterations={num_iterations}")
+    chunk_fn = jax.jit(trainer.train_chunk, static_argnums=1)
+    bar = tqdm(total=num_iterations, initial=start, disable=not progress, desc="arch ppo", unit="it")
+    done = start
+    while done < num_iterations:
+        size = min(checkpoint_every, num_iterations - done)
+        runner, metrics = chunk_fn(runner, size)
+        metrics = jax.device_get(metrics)
+        for i in range(size):
+            row = {name: float(np.asarray(value[i])) for name, value in metrics.items()}
+            if metrics_fn is not None:
+                metrics_fn(done + i + 1, row)
+        done += size
+        bar.update(size)
+        bar.set_postfix(ret=f"{float(metrics['episode_return'][-1]):.3f}")
+        if manager is not None:
+            manager.save(done, args=ocp.args.StandardSave(_to_saveable(runner)))
+            manager.wait_until_finished()
+    bar.close()
+    if manager is not None:
+        manager.close()
+    return runner
