@@ -113,8 +113,10 @@ def save_pretrained(model: Model, path: str | os.PathLike, max_shard_size: int |
     hf = hf_config_lib.hf_dict_from_config(config, getattr(model, "hf_config", None))
     hf["torch_dtype"] = _DTYPES[dtypes.pop()]
     hf.setdefault("transformers_version", _transformers_version())
-    specs = mapping.hf_tensor_specs(config, params)
-    tensor_fn = mapping.hf_tensor_fn(config, params)
+    # Bare base models (ViTModel) name tensors without the base-model prefix ("vit."), as transformers does.
+    prefix_base = hf["architectures"][0] != "ViTModel"
+    specs = mapping.hf_tensor_specs(config, params, prefix_base=prefix_base)
+    tensor_fn = mapping.hf_tensor_fn(config, params, prefix_base=prefix_base)
     num_shards = len(
         safetensors_io.plan_shards(
             ((n, int(np.prod(s)) * np.dtype(d).itemsize) for n, s, d in specs),

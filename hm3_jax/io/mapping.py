@@ -24,6 +24,7 @@ two copies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -76,8 +77,10 @@ def _to_ours(kind: str, x: np.ndarray, ours_shape: tuple[int, ...]) -> np.ndarra
         return x
     if kind == "linear":
         return x.T
-    if kind == "patch":  # [D, C, p, p] -> [C*p*p, D], flattening (c, i, j) in that order
-        return x.reshape(x.shape[0], -1).T
+    if kind == "patch":
+        if len(ours_shape) == 4:  # [D, C, p, p] -> [p, p, C, D] (flax/lax conv layout)
+            return x.transpose(2, 3, 1, 0)
+        return x.reshape(x.shape[0], -1).T  # [D, C, p, p] -> [C*p*p, D], flattening (c, i, j) in that order
     if kind == "leading1":
         return x.reshape(ours_shape)
     raise ValueError(f"unknown mapping kind {kind!r}")
@@ -89,6 +92,8 @@ def _to_hf(kind: str, x: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
     if kind == "linear":
         return x.T
     if kind == "patch":
+        if x.ndim == 4:
+            return x.transpose(3, 2, 0, 1)
         return x.T.reshape(hf_shape)
     if kind == "leading1":
         return x.reshape(hf_shape)
@@ -148,7 +153,111 @@ def _llama(config: ModelConfig) -> FamilyMapping:
     return FamilyMapping(tuple(entries), "model.", ignored=(r".*rotary_emb\.inv_freq$",), tied=tied)
 
 
-_FAMILIES: dict[str, Callable[[ModelConfig], FamilyMapping]] = {"llama": _llama}
+def _pick(shapes: dict, *candidates: str, leaf: bool = False) -> str:
+    """The first of `candidates` (paths like "blocks/fc") that exists in our params (and is a leaf if asked).
+
+    The GPT-2 and ViT tables accept a few spellings of the same slot, so the mapping follows the model
+    modules' names; `_check_covers` still requires every leaf of our params to be mapped exactly once.
+    """
+    for cand in candidates:
+        try:
+            node = _get(shapes, _leaf(cand))
+        except (KeyError, TypeError):
+            continue
+        if not leaf or not isinstance(node, dict):
+            return cand
+    raise AssertionError(f"internal: none of {candidates} in the family's params")
+
+
+def _dense_entries(hf: str, ours: str, kind: str, bias: bool = True) -> list[Entry]:
+    out = [_e(hf + ".weight", ours + "/kernel", kind=kind)]
+    if bias:
+        out.append(_e(hf + ".bias", ours + "/bias"))
+    return out
+
+
+def _norm_entries(hf: str, ours: str) -> list[Entry]:
+    return [_e(hf + ".weight", ours + "/scale"), _e(hf + ".bias", ours + "/bias")]
+
+
+def _gpt2(config: ModelConfig) -> FamilyMapping:
+    shapes = param_shapes(config, np.float32)
+    pre = "transformer.h.{l}."
+    entries = [
+        _e("transformer.wte.weight", "embed/embedding"),
+        _e(
+            "transformer.wpe.weight",
+            _pick(shapes, "embed/position/embedding", "embed/position", "embed/wpe", leaf=True),
+        ),
+    ]
+    entries += _norm_entries(pre + "ln_1", _pick(shapes, "blocks/attn_norm", "blocks/ln_1"))
+    # HF's Conv1D is [in, out] already: a plain copy. c_attn fuses q|k|v along its output axis.
+    if _has(shapes, "blocks/qkv"):
+        entries += _dense_entries(pre + "attn.c_attn", "blocks/qkv", "copy")
+    else:
+        entries.append(
+            _e(pre + "attn.c_attn.weight", "blocks/q/kernel", "blocks/k/kernel", "blocks/v/kernel")
+        )
+        entries.append(_e(pre + "attn.c_attn.bias", "blocks/q/bias", "blocks/k/bias", "blocks/v/bias"))
+    entries += _dense_entries(pre + "attn.c_proj", _pick(shapes, "blocks/o", "blocks/attn_proj"), "copy")
+    entries += _norm_entries(pre + "ln_2", _pick(shapes, "blocks/mlp_norm", "blocks/ln_2"))
+    entries += _dense_entries(
+        pre + "mlp.c_fc", _pick(shapes, "blocks/up", "blocks/fc", "blocks/mlp_in"), "copy"
+    )
+    entries += _dense_entries(
+        pre + "mlp.c_proj", _pick(shapes, "blocks/down", "blocks/proj", "blocks/mlp_out"), "copy"
+    )
+    entries += _norm_entries("transformer.ln_f", _pick(shapes, "final/norm", "final/ln_f"))
+    return FamilyMapping(
+        tuple(entries),
+        "transformer.",
+        ignored=(r".*\.attn\.bias$", r".*\.attn\.masked_bias$"),
+        tied=("lm_head.weight",),
+    )
+
+
+def _vit(config: ModelConfig) -> FamilyMapping:
+    shapes = param_shapes(config, np.float32)
+    pre = "vit.encoder.layer.{l}."
+    patch = _pick(shapes, "embed/patch", "embed/patch_embedding", "embed/projection")
+    entries = [
+        _e("vit.embeddings.cls_token", _pick(shapes, "embed/cls_token", "embed/cls"), kind="leading1"),
+        _e(
+            "vit.embeddings.position_embeddings",
+            _pick(shapes, "embed/position_embeddings", "embed/position", "embed/pos"),
+            kind="leading1",
+        ),
+        _e("vit.embeddings.patch_embeddings.projection.weight", patch + "/kernel", kind="patch"),
+        _e("vit.embeddings.patch_embeddings.projection.bias", patch + "/bias"),
+    ]
+    entries += _norm_entries(pre + "layernorm_before", _pick(shapes, "blocks/attn_norm", "blocks/norm1"))
+    for ours, hf in (("q", "query"), ("k", "key"), ("v", "value")):
+        entries += _dense_entries(
+            pre + f"attention.attention.{hf}", f"blocks/{ours}", "linear", config.attention_bias
+        )
+    entries += _dense_entries(pre + "attention.output.dense", "blocks/o", "linear")
+    entries += _norm_entries(pre + "layernorm_after", _pick(shapes, "blocks/mlp_norm", "blocks/norm2"))
+    entries += _dense_entries(
+        pre + "intermediate.dense", _pick(shapes, "blocks/up", "blocks/fc", "blocks/mlp_in"), "linear"
+    )
+    entries += _dense_entries(
+        pre + "output.dense", _pick(shapes, "blocks/down", "blocks/proj", "blocks/mlp_out"), "linear"
+    )
+    entries += _norm_entries("vit.layernorm", _pick(shapes, "final/norm", "final/layernorm"))
+    if config.num_labels > 0:
+        entries += _dense_entries("classifier", _pick(shapes, "head", "head/classifier"), "linear")
+    return FamilyMapping(tuple(entries), "vit.", ignored=(r"(vit\.)?pooler\..*",))
+
+
+def _has(shapes: dict, path: str) -> bool:
+    try:
+        _get(shapes, _leaf(path))
+        return True
+    except KeyError:
+        return False
+
+
+_FAMILIES: dict[str, Callable[[ModelConfig], FamilyMapping]] = {"llama": _llama, "gpt2": _gpt2, "vit": _vit}
 
 
 def family_mapping(config: ModelConfig) -> FamilyMapping:
@@ -176,6 +285,12 @@ def _set(tree: dict, path: Path, value) -> None:
 
 def param_shapes(config: ModelConfig, dtype) -> dict:
     """Our params' `ShapeDtypeStruct` tree for `config`, from the family's `init` under `jax.eval_shape`."""
+    return _param_shapes(config, np.dtype(dtype).name)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(config: ModelConfig, dtype_name: str) -> dict:
+    dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.dtype(dtype_name)
     return jax.eval_shape(lambda key: models.init(config, key, dtype=dtype), jax.random.key(0))
 
 
