@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 
 from hm3_jax.models.config import ModelConfig, rope_scaling_from_dict
+from hm3_jax.models.decode import greedy_decode
 from hm3_jax.models.path import (
     _family,
     apply_path,
@@ -57,6 +58,7 @@ __all__ = [
     "apply_path",
     "block",
     "embed",
+    "greedy_decode",
     "head",
     "identity_path",
     "init",

@@ -96,6 +96,12 @@ def make_ctx(config: ModelConfig, positions: jax.Array, mask: jax.Array, cache_i
     return ctx
 
 
+def embed_tokens(config: ModelConfig, shell: dict, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token embeddings h [B, S, D] (positions enter through RoPE in the blocks, so they are unused here)."""
+    del config, positions
+    return jnp.take(shell["embed"]["embedding"], input_ids, axis=0)
+
+
 def embed(config: ModelConfig, shell: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None):
     """Token embedding and block context.
 
@@ -110,8 +116,7 @@ def embed(config: ModelConfig, shell: dict, input_ids: jax.Array, attention_mask
         positions = layers.positions_from_mask(attention_mask)
     slots = jnp.arange(s)
     mask = layers.causal_mask(slots, slots, attention_mask, config.sliding_window)
-    h = jnp.take(shell["embed"]["embedding"], input_ids, axis=0)
-    return h, make_ctx(config, positions, mask)
+    return embed_tokens(config, shell, input_ids, positions), make_ctx(config, positions, mask)
 
 
 def block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: dict, cache: tuple | None):

@@ -1,0 +1,105 @@
+"""Greedy decoding with a KV cache along a path vs a full-recompute loop and HF Flax `generate`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+from hm3_jax import models
+from tests.test_models_llama import randomise, tiny_hf_config, to_hf_llama
+
+HF = tiny_hf_config(num_hidden_layers=2, vocab_size=53)
+CONFIG = models.ModelConfig(
+    family="llama", vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+    num_kv_heads=2, max_position_embeddings=64, norm_eps=HF["rms_norm_eps"],
+)  # fmt: skip
+NEW = 6
+
+decode = jax.jit(models.greedy_decode, static_argnames=("config", "max_new_tokens", "eos_id", "pad_id"))
+apply_path = jax.jit(models.apply_path, static_argnums=0)
+
+
+def greedy_decode_naive(config, shell, pool, path, prompt_ids, prompt_mask, max_new_tokens, junction=None):
+    """Reference without a cache: recompute the whole sequence with `apply_path` for every new token."""
+    ids, mask = prompt_ids, prompt_mask
+    out = []
+    for _ in range(max_new_tokens):
+        logits = apply_path(config, shell, pool, path, ids, junction=junction, attention_mask=mask)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        out.append(nxt)
+        ids = jnp.concatenate([ids, nxt[:, None]], axis=1)
+        mask = jnp.concatenate([mask, jnp.ones_like(nxt)[:, None]], axis=1)
+    return jnp.stack(out, axis=1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    init = jax.jit(models.init, static_argnums=0)
+    a = randomise(init(CONFIG, jax.random.key(0)), jax.random.key(1))
+    b = randomise(init(CONFIG, jax.random.key(2)), jax.random.key(3))
+    ids = jax.random.randint(jax.random.key(4), (3, 5), 0, CONFIG.vocab_size)
+    mask = jnp.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]], jnp.int32)
+    ids = jnp.where(mask == 1, ids, 0)
+    return a, b, ids, mask
+
+
+def test_identity_path_matches_hf_generate(setup):
+    a, _, ids, mask = setup
+    hf_model = FlaxLlamaForCausalLM(LlamaConfig(**HF), _do_init=False)
+    ref = hf_model.generate(
+        ids, attention_mask=mask, params=to_hf_llama(a, 2), max_new_tokens=NEW, do_sample=False,
+        pad_token_id=0, eos_token_id=2,
+    ).sequences[:, ids.shape[1]:]  # fmt: skip
+    pool = models.make_pool([a["blocks"]])
+    # HF stops a row at EOS and pads the rest: the same as our eos_id/pad_id option
+    out = decode(
+        CONFIG, models.shell_of(a), pool, models.identity_path(2), ids, mask, NEW, eos_id=2, pad_id=0
+    )
+    assert out.shape == (3, NEW) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_mixed_path_with_junction_matches_naive_loop(setup):
+    a, b, ids, mask = setup
+    shell, pool = models.shell_of(b), models.make_pool([a["blocks"], b["blocks"]])
+    path = jnp.array([2, 0, -1, 0, 3], jnp.int32)  # block a0 twice: each occurrence has its own cache slot
+    key_scale, key_shift = jax.random.split(jax.random.key(5))
+    junction = {
+        "scale": 1.0 + 0.1 * jax.random.normal(key_scale, (5, CONFIG.hidden_size)),
+        "shift": 0.05 * jax.random.normal(key_shift, (5, CONFIG.hidden_size)),
+    }
+    naive = greedy_decode_naive(CONFIG, shell, pool, path, ids, mask, NEW, junction)
+    out = decode(CONFIG, shell, pool, path, ids, mask, NEW, junction)
+    np.testing.assert_array_equal(out, naive)
+    # a second path reuses the compiled function and gives its own answer
+    other = jnp.array([1, 3, 0, -1, -1], jnp.int32)
+    np.testing.assert_array_equal(
+        decode(CONFIG, shell, pool, other, ids, mask, NEW, junction),
+        greedy_decode_naive(CONFIG, shell, pool, other, ids, mask, NEW, junction),
+    )
+
+
+def test_eos_replaces_later_tokens_with_pad(setup):
+    a, _, ids, mask = setup
+    shell, pool, path = models.shell_of(a), models.make_pool([a["blocks"]]), models.identity_path(2)
+    free = np.asarray(decode(CONFIG, shell, pool, path, ids, mask, NEW))
+    eos = int(free[0, 1])  # row 0 emits this at step 1
+    pad = CONFIG.vocab_size - 1
+    out = np.asarray(decode(CONFIG, shell, pool, path, ids, mask, NEW, eos_id=eos, pad_id=pad))
+    for row in range(free.shape[0]):
+        hits = np.nonzero(free[row] == eos)[0]
+        stop = hits[0] + 1 if hits.size else NEW
+        np.testing.assert_array_equal(out[row, :stop], free[row, :stop])
+        assert (out[row, stop:] == pad).all()
+
+
+def test_decode_bad_input(setup):
+    a, _, ids, mask = setup
+    shell, pool = models.shell_of(a), models.make_pool([a["blocks"]])
+    with pytest.raises(ValueError, match="outside the pool"):
+        models.greedy_decode(CONFIG, shell, pool, np.array([0, 7]), ids, mask, 2)
+    with pytest.raises(ValueError, match="S_prompt"):
+        models.greedy_decode(CONFIG, shell, pool, np.array([0, 1]), ids, mask[:, :2], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        models.greedy_decode(CONFIG, shell, pool, np.array([0, 1]), ids, mask, 0)
