@@ -139,3 +139,34 @@ def test_chrf_objective_decodes_like_per_example_greedy(params):
 def test_decode_until_eos_cuts_at_first_eos():
     tok = _ToyTokenizer()
     assert objectives.decode_until_eos(tok, np.array([[3, 4, 2, 5], [6, 7, 8, 9]]), 2) == ["de", "ghij"]
+
+
+def test_teacher_forced_agrees_with_kv_cache_greedy_decode(params):
+    """Against the library's batched, left-padded, KV-cached greedy decoder."""
+    prompts = _prompts(2, 10)
+    packed = objectives.pack_prompts(prompts, pad_id=0, batch_size=10)
+    tokens = np.asarray(
+        models.greedy_decode(
+            CONFIG,
+            models.shell_of(params),
+            params["blocks"],
+            np.arange(CONFIG.num_layers, dtype=np.int32),
+            jnp.asarray(packed["prompt_ids"]),
+            jnp.asarray(packed["prompt_mask"]),
+            6,
+        )
+    )
+    for prompt, row in zip(prompts, tokens, strict=True):
+        assert row.tolist() == reference_greedy(params, prompt, 6)
+    rng = np.random.default_rng(3)
+    pairs = []
+    for prompt, row in zip(prompts, tokens.tolist(), strict=True):
+        target = row[: int(rng.integers(1, 7))]
+        if rng.random() < 0.5:
+            target[int(rng.integers(len(target)))] += 1
+        pairs.append((prompt, target))
+    greedy_match = [row[: len(t)] == t for row, (_, t) in zip(tokens.tolist(), pairs, strict=True)]
+    assert 0 < sum(greedy_match) < len(greedy_match)
+    objective = objectives.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=4)
+    device = jax.jit(lambda p: objective.device_fn(functools.partial(models.apply, CONFIG, p)))
+    np.testing.assert_array_equal(np.asarray(device(params)), greedy_match)

@@ -194,6 +194,8 @@ def make_exact_match_objective(
     pad_id: int,
     batch_size: int,
     seq_len: int | None = None,
+    prompt_len: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> Objective:
     """Teacher-forced exact-match objective over tokenized (prompt, target+eos) pairs."""
     packed = pack_teacher_forced(pairs, pad_id, batch_size, seq_len, name=name)
@@ -249,9 +251,10 @@ def make_chrf_objective(
     tokenizer,
     batch_size: int,
     max_new_tokens: int,
+    prompt_len: int | None = None,
 ) -> Objective:
     """Greedy-decoding chrF objective: decode ``max_new_tokens``, cut at eos, detokenize, corpus chrF."""
-    packed = pack_prompts(prompts, tokenizer.pad_token_id, batch_size, name=name)
+    packed = pack_prompts(prompts, tokenizer.pad_token_id, batch_size, prompt_len, name=name)
     num = len(prompts)
     n_pad, prompt_len = packed["prompt_ids"].shape
     shape = (n_pad // batch_size, batch_size, prompt_len)
@@ -294,6 +297,8 @@ def make_objective(
     tokenizer,
     batch_size: int,
     seq_len: int | None = None,
+    prompt_len: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> Objective:
     """The objective of one task split (metric from the task registry).
 
@@ -306,6 +311,8 @@ def make_objective(
       batch_size: rows per forward pass.
       seq_len: row length of teacher-forced objectives (None: longest example rounded up to 8). Objectives
         with equal shapes share one compilation in `score_path`.
+      prompt_len, max_new_tokens: decoding shapes of chrF objectives (None: from this split's longest prompt
+        and longest target + eos).
     """
     from hm3_jax.tasks.data import task_metric
 
@@ -316,9 +323,14 @@ def make_objective(
     metric = task_metric(task)
     if metric == "exact_match":
         return make_exact_match_objective(name, pairs, tokenizer.pad_token_id, batch_size, seq_len)
-    max_new_tokens = max(len(t) for _, t in pairs)  # longest reference + eos
+    longest_target = max(len(t) for _, t in pairs)  # reference + eos
+    if max_new_tokens is None:
+        max_new_tokens = longest_target
+    elif max_new_tokens < longest_target:
+        raise ValueError(f"{name}: max_new_tokens={max_new_tokens} < longest target + eos ({longest_target})")
     references = [e["target"] for e in examples]
-    return make_chrf_objective(name, [p for p, _ in pairs], references, tokenizer, batch_size, max_new_tokens)
+    prompts = [p for p, _ in pairs]
+    return make_chrf_objective(name, prompts, references, tokenizer, batch_size, max_new_tokens, prompt_len)
 
 
 def _path_forward(config, shell, pool, path, junction, metric: str):

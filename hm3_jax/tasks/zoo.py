@@ -103,15 +103,24 @@ def make_objectives(
 ) -> dict:
     """{split: {task: Objective}} for every task of `task_data` ({task: {split: examples}}).
 
-    With `seq_len` set, every teacher-forced objective has rows of that length (fewer compilations).
+    With `seq_len` set, every teacher-forced objective has rows of that length, and decoding objectives take
+    their prompt length and number of new tokens from all `splits` together, so same-sized splits share
+    compilations.
     """
-    return {
-        split: {
-            task: objectives.make_objective(task, split, parts[split], tokenizer, batch_size, seq_len)
-            for task, parts in task_data.items()
-        }
-        for split in splits
-    }
+    out = {split: {} for split in splits}
+    for task, parts in task_data.items():
+        decode_shapes = {}
+        if data.task_metric(task) == "chrf":
+            pairs = objectives.tokenize_examples(tokenizer, [e for s in splits for e in parts[s]])
+            decode_shapes = {
+                "prompt_len": -(-max(len(p) for p, _ in pairs) // 8) * 8,
+                "max_new_tokens": max(len(t) for _, t in pairs),
+            }
+        for split in splits:
+            out[split][task] = objectives.make_objective(
+                task, split, parts[split], tokenizer, batch_size, seq_len, **decode_shapes
+            )
+    return out
 
 
 def score_matrix(models_list, split_objectives: Mapping[str, objectives.Objective]) -> np.ndarray:
