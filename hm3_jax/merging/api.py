@@ -24,6 +24,7 @@ Conventions (mergekit's, see docs/merging.md):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -128,15 +129,57 @@ def resolve_hparams(method: str, num_models: int, hparams: Mapping[str, Any]) ->
     return resolved
 
 
-def make_kernel(method: str, num_models: int, **hparams: Any) -> Kernel:
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return tuple(value.tolist())
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundKernel:
+    """A method's kernel with its hyperparameters bound; hashable by value, so it is a static jit argument
+    and merges with the same hyperparameters share compiled code."""
+
+    method: str
+    hparams: tuple[tuple[str, Any], ...]
+
+    def __call__(self, key, base, thetas, weights):
+        return METHODS[self.method][0](key, base, thetas, weights, **dict(self.hparams))
+
+
+def make_kernel(method: str, num_models: int, **hparams: Any) -> BoundKernel:
     """`kernel(key, base, thetas [K, ...], weights [K]) -> merged` with the method's hyperparameters bound.
 
     `t` (SLERP) and `weights` are per-leaf values resolved by the caller, not bound here.
     """
     resolved = resolve_hparams(method, num_models, hparams)
-    kernel, _ = METHODS[method]
-    bound = {k: v for k, v in resolved.items() if k != "t"}
-    return functools.partial(kernel, **bound)
+    bound = tuple(sorted((k, _hashable(v)) for k, v in resolved.items() if k != "t"))
+    return BoundKernel(method, bound)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "out_dtype", "stacked"))
+def merge_tensor(kernel, out_dtype, stacked, key, base, thetas, weights):
+    """One leaf: float32 merge, cast to `out_dtype`, plus a non-finite flag per input (`[1 + K]`, base first).
+
+    Shared by the in-memory and the streaming merge, so both run the same compiled code.
+
+    Args:
+      kernel: a `BoundKernel`.
+      stacked: vmap over the leading (block) axis; block `l` uses `fold_in(key, l)`.
+      key: PRNG key of this leaf.
+      base: `[...]` any float dtype; thetas: K arrays like `base`; weights: `[K]` (`[L, K]` when stacked).
+    """
+    base32 = base.astype(jnp.float32)
+    stacked_thetas = jnp.stack([t.astype(jnp.float32) for t in thetas])  # [K, ...]
+    bad = jnp.stack([~jnp.all(jnp.isfinite(base32))] + [~jnp.all(jnp.isfinite(t)) for t in stacked_thetas])
+    if stacked:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(base32.shape[0]))
+        out = jax.vmap(kernel, in_axes=(0, 0, 1, 0))(keys, base32, stacked_thetas, weights)
+    else:
+        out = kernel(key, base32, stacked_thetas, weights)
+    return out.astype(out_dtype), bad
 
 
 def first_mismatch(base: Any, models: Sequence[Any]) -> str | None:
@@ -168,35 +211,13 @@ def _check_finite(name: str, arrays: Sequence[Any], labels: Sequence[str]) -> No
     for array, label in zip(arrays, labels, strict=True):
         if isinstance(array, jax.core.Tracer):
             return
-        if jnp.issubdtype(jnp.asarray(array).dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(array))):
-            kind = "NaN" if bool(jnp.any(jnp.isnan(array))) else "Inf"
+        host = np.asarray(array)
+        if not (np.issubdtype(host.dtype, np.floating) or host.dtype.name == "bfloat16"):
+            continue
+        host = host.astype(np.float32)
+        if not np.all(np.isfinite(host)):
+            kind = "NaN" if np.any(np.isnan(host)) else "Inf"
             raise ValueError(f"{kind} in {label} at tensor {name!r}")
-
-
-def merge_leaf(
-    kernel: Kernel,
-    key: jax.Array | None,
-    name: str,
-    base_leaf: jax.Array,
-    model_leaves: Sequence[jax.Array],
-    weights: jax.Array,
-    out_dtype: Any,
-) -> jax.Array:
-    """Applies `kernel` to one leaf: float32 inside, `out_dtype` out; vmapped over blocks for `blocks/...`.
-
-    Args:
-      weights: `[K]`, or `[L, K]` for a stacked leaf (see `groups.leaf_weights`).
-    """
-    base32 = jnp.asarray(base_leaf).astype(jnp.float32)
-    thetas = jnp.stack([jnp.asarray(m).astype(jnp.float32) for m in model_leaves])  # [K, ...]
-    if key is None:
-        key = jax.random.key(0)  # unused by deterministic kernels
-    if is_stacked(name) and base32.ndim >= 1:
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(base32.shape[0]))
-        out = jax.vmap(kernel, in_axes=(0, 0, 1, 0))(keys, base32, thetas, weights)
-    else:
-        out = kernel(key, base32, thetas, weights)
-    return out.astype(out_dtype)
 
 
 def merge(
@@ -272,7 +293,13 @@ def merge(
             "t" if method == "slerp" else "weights",
         )
         leaf_key = None if key is None else jax.random.fold_in(key, index)
-        out.append(merge_leaf(kernel, leaf_key, name, ref_leaf, inputs, leaf_w, jnp.asarray(ref_leaf).dtype))
+        if leaf_key is None:
+            leaf_key = jax.random.key(0)  # unused by the deterministic methods
+        stacked = is_stacked(name) and np.ndim(ref_leaf) >= 1
+        merged, _ = merge_tensor(
+            kernel, np.dtype(ref_leaf.dtype), stacked, leaf_key, ref_leaf, inputs, leaf_w
+        )
+        out.append(merged)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

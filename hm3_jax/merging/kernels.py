@@ -36,13 +36,40 @@ def _per_model(value: float | Sequence[float], num_models: int) -> tuple[float, 
     return tuple(float(v) for v in value)
 
 
+def _suffix_counts(hist: jax.Array) -> jax.Array:
+    """`out[b] = sum_{c >= b} hist[c]` for a `[65536]` int32 histogram, as two small int32 matmuls against
+    triangular matrices (cheaper to compile on CPU than a 65536-long cumsum)."""
+    rows = hist.reshape(256, 256)
+    upper = (jnp.arange(256)[:, None] >= jnp.arange(256)[None, :]).astype(jnp.int32)  # [c, b] = c >= b
+    within = jnp.dot(rows, upper, preferred_element_type=jnp.int32)  # [r, b] = sum_{c >= b} rows[r, c]
+    totals = within[:, 0]
+    strictly_after = (jnp.arange(256)[:, None] > jnp.arange(256)[None, :]).astype(jnp.int32)  # [r', r]
+    later_rows = jnp.dot(totals, strictly_after, preferred_element_type=jnp.int32)  # [r]
+    return (within + later_rows[:, None]).reshape(-1)
+
+
+def _kth_largest(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
+    """The k-th largest of the uint32 `keys` where `valid` (1-based k), by a two-pass 16-bit radix select."""
+    high = (keys >> 16).astype(jnp.int32)
+    hist = jnp.zeros((1 << 16,), jnp.int32).at[jnp.where(valid, high, 1 << 16)].add(1, mode="drop")
+    at_least = _suffix_counts(hist)
+    bin_high = jnp.sum(at_least >= k) - 1
+    above = jnp.where(bin_high < (1 << 16) - 1, at_least[jnp.minimum(bin_high + 1, (1 << 16) - 1)], 0)
+    low = (keys & 0xFFFF).astype(jnp.int32)
+    in_bin = valid & (high == bin_high)
+    hist_low = jnp.zeros((1 << 16,), jnp.int32).at[jnp.where(in_bin, low, 1 << 16)].add(1, mode="drop")
+    bin_low = jnp.sum(_suffix_counts(hist_low) >= k - above) - 1
+    return (bin_high.astype(jnp.uint32) << 16) | bin_low.astype(jnp.uint32)
+
+
 def topk_magnitude_mask(x: jax.Array, density: float) -> jax.Array:
     """Boolean mask of the `k = floor(density * x.size)` entries of largest `|x|` (TIES "trim", Eq. 1 of
     Yadav et al. 2023; mergekit's `sparsify.magnitude`).
 
     Exactly k entries are kept; ties at the threshold go to the lower flat index, so the result is
     deterministic. The k-th largest magnitude is found by a two-pass radix select on the float32 bit pattern
-    (for non-negative floats the uint32 order is the value order), which is O(n) instead of a full sort.
+    (for non-negative floats the uint32 order is the value order), O(n) instead of a sort; the ties are
+    resolved by a second radix select on the (reversed) flat index of the tied entries.
 
     Args:
       x: float32 `[...]`.
@@ -57,27 +84,14 @@ def topk_magnitude_mask(x: jax.Array, density: float) -> jax.Array:
     if k <= 0:
         return jnp.zeros(x.shape, bool)
     bits = lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.uint32).reshape(-1)
-    # Pass 1: histogram of the high 16 bits; the bin holding the k-th largest value.
-    high = (bits >> 16).astype(jnp.int32)
-    hist_high = jnp.zeros((1 << 16,), jnp.int32).at[high].add(1)
-    at_least_high = jnp.cumsum(hist_high[::-1])[::-1]  # [65536] count of entries with high >= b
-    bin_high = jnp.sum(at_least_high >= k) - 1
-    above_bin = jnp.where(
-        bin_high + 1 < (1 << 16), at_least_high[jnp.minimum(bin_high + 1, (1 << 16) - 1)], 0
-    )
-    # Pass 2: within that bin, the low 16 bits.
-    low = (bits & 0xFFFF).astype(jnp.int32)
-    hist_low = (
-        jnp.zeros((1 << 16,), jnp.int32).at[jnp.where(high == bin_high, low, 1 << 16)].add(1, mode="drop")
-    )
-    at_least_low = jnp.cumsum(hist_low[::-1])[::-1]
-    bin_low = jnp.sum(at_least_low >= k - above_bin) - 1
-    threshold = (bin_high.astype(jnp.uint32) << 16) | bin_low.astype(jnp.uint32)
+    everything = jnp.ones(bits.shape, bool)
+    threshold = _kth_largest(bits, everything, jnp.int32(k))
     greater = bits > threshold
     equal = bits == threshold
-    remaining = k - jnp.sum(greater)
-    # Ties at the threshold: keep the first `remaining` in flat order.
-    keep = greater | (equal & (jnp.cumsum(equal.astype(jnp.int32)) <= remaining))
+    remaining = k - jnp.sum(greater, dtype=jnp.int32)
+    reversed_index = ~jnp.arange(n, dtype=jnp.uint32)  # larger key = lower flat index
+    index_threshold = _kth_largest(reversed_index, equal, remaining)
+    keep = greater | (equal & (reversed_index >= index_threshold))
     return keep.reshape(x.shape)
 
 

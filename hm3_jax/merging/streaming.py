@@ -15,7 +15,6 @@ streaming and the in-memory merge give identical tensors."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -25,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -53,15 +51,6 @@ TOKENIZER_FILES = (
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-@functools.partial(jax.jit, static_argnames=("kernel", "out_dtype"))
-def _merge_tensor(kernel, out_dtype, key, base, thetas, weights):
-    """One tensor: float32 merge plus a non-finite flag per input (`[1 + K]`, base first)."""
-    base32 = base.astype(jnp.float32)
-    stacked = jnp.stack([t.astype(jnp.float32) for t in thetas])
-    bad = jnp.stack([~jnp.all(jnp.isfinite(base32))] + [~jnp.all(jnp.isfinite(t)) for t in stacked])
-    return kernel(key, base32, stacked, weights).astype(out_dtype), bad
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -230,8 +219,8 @@ def merge_checkpoints(
                         "t" if method == "slerp" else "weights",
                     )
                     leaf_key = jax.random.fold_in(key, index[name])
-                    merged, bad = _merge_tensor(
-                        kernel, np.dtype(dtype_out), leaf_key, base_arr, arrays, leaf_w
+                    merged, bad = api.merge_tensor(
+                        kernel, np.dtype(dtype_out), False, leaf_key, base_arr, arrays, leaf_w
                     )
                     bad = np.asarray(bad)
                     if bad.any():

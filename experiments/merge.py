@@ -1,0 +1,121 @@
+r"""Merge Hugging Face checkpoints: a mergekit-compatible YAML config, or plain flags.
+
+  python -m experiments.merge --config=merge.yml --out=DIR [--seed=0]
+  python -m experiments.merge --method=ties --base=BASE --models=A,B --weights=0.5,0.5 --density=0.5 --out=DIR
+
+The merge streams tensor by tensor (bounded memory) into a temporary directory that becomes `--out` only when it
+is complete. Any unsupported key, method or bad value is an error naming it, with a non-zero exit status and no
+output directory. See docs/merging.md for the supported YAML subset.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags, logging
+
+from hm3_jax.merging import mergekit_config, streaming
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "mergekit YAML file.")
+flags.DEFINE_string("out", None, "Output directory (must not exist unless --overwrite).")
+flags.DEFINE_integer("seed", 0, "PRNG seed for DARE's drop masks.")
+flags.DEFINE_string("method", None, "Merge method (when no --config).")
+flags.DEFINE_string("base", None, "Base checkpoint directory.")
+flags.DEFINE_list("models", None, "Comma-separated fine-tuned checkpoint directories.")
+flags.DEFINE_list("weights", None, "Comma-separated weights, one per model.")
+flags.DEFINE_float("density", None, "Fraction kept by magnitude trimming (ties, dare_ties, consensus, pcb).")
+flags.DEFINE_float("drop_rate", None, "DARE drop probability p.")
+flags.DEFINE_float("t", None, "SLERP interpolation factor.")
+flags.DEFINE_float("scale", None, "Scale of the merged task vector.")
+flags.DEFINE_enum(
+    "normalize", None, ["true", "false"], "Divide by the sum of weights (method default if unset)."
+)
+flags.DEFINE_string("dtype", None, "Output dtype: bfloat16, float16 or float32 (default: the base's).")
+flags.DEFINE_string("tokenizer_source", None, "Directory to copy tokenizer files from (default: the base).")
+flags.DEFINE_integer("max_shard_mb", 5 * 1024, "Output shard size limit in MiB.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
+flags.DEFINE_bool("progress", True, "Show a progress bar over tensors.")
+
+
+def plan_from_flags() -> mergekit_config.MergePlan:
+    if FLAGS.config:
+        conflicting = [
+            name
+            for name in ("method", "base", "models", "weights", "density", "drop_rate", "t")
+            if FLAGS[name].present
+        ]
+        if conflicting:
+            raise ValueError(f"--config cannot be combined with --{', --'.join(conflicting)}")
+        plan = mergekit_config.parse_config(FLAGS.config)
+        if FLAGS.dtype:
+            plan = mergekit_config.MergePlan(**{**plan.__dict__, "dtype": FLAGS.dtype})
+        return plan
+    if not FLAGS.method or not FLAGS.models:
+        raise ValueError("give --config, or --method and --models (and --base)")
+    hparams = {}
+    for name in ("density", "drop_rate", "t", "scale"):
+        if FLAGS[name].value is not None:
+            hparams[name] = FLAGS[name].value
+    if FLAGS.normalize is not None:
+        hparams["normalize"] = FLAGS.normalize == "true"
+    weights = None
+    if FLAGS.weights is not None:
+        try:
+            weights = tuple(float(w) for w in FLAGS.weights)
+        except ValueError as err:
+            raise ValueError(f"--weights must be numbers: {FLAGS.weights}") from err
+    return mergekit_config.MergePlan(
+        FLAGS.method,
+        FLAGS.base,
+        tuple(FLAGS.models),
+        weights,
+        hparams,
+        FLAGS.dtype,
+        None,
+        FLAGS.tokenizer_source,
+    )
+
+
+def run(plan: mergekit_config.MergePlan, out: str, seed: int) -> dict:
+    """Runs a parsed plan; returns the merge summary."""
+    common = dict(
+        dtype=plan.dtype,
+        tokenizer_source=plan.tokenizer_source,
+        max_shard_bytes=FLAGS.max_shard_mb * 2**20,
+        overwrite=FLAGS.overwrite,
+        progress=FLAGS.progress,
+    )
+    if plan.method == "passthrough":
+        return streaming.passthrough_checkpoints(plan.slices, out, base=plan.base, **common)
+    return streaming.merge_checkpoints(
+        plan.method,
+        plan.base,
+        plan.models,
+        out,
+        key=jax.random.key(seed),
+        weights=None if plan.weights is None else list(plan.weights),
+        **common,
+        **plan.hparams,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.out:
+        raise app.UsageError("--out is required")
+    try:
+        plan = plan_from_flags()
+        summary = run(plan, FLAGS.out, FLAGS.seed)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        logging.error("merge failed: %s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    logging.info("merged %d tensors into %s", summary["num_tensors"], summary["out"])
+    print(f"wrote {summary['out']} ({summary['num_tensors']} tensors)")
+
+
+if __name__ == "__main__":
+    app.run(main)
