@@ -1,0 +1,47 @@
+"""Scalarisations of a maximised objective vector for one preference (HM3_SPEC "Scalarisations").
+
+Both are jittable and broadcast over leading axes: ``points [..., k]`` with ``pref [..., k]`` gives ``[...]``.
+For every point against every preference use ``points[None, :, :]`` and ``pref[:, None, :]``.
+"""
+
+import jax.numpy as jnp
+
+
+def _check_last_axis(points, pref, ideal=None):
+    if points.shape[-1] != pref.shape[-1] or (ideal is not None and ideal.shape[-1] != points.shape[-1]):
+        shapes = f"points {points.shape}, pref {pref.shape}" + (
+            "" if ideal is None else f", ideal {ideal.shape}"
+        )
+        raise ValueError(f"objective axes disagree (last dimension must be k everywhere): {shapes}")
+
+
+def weighted_sum(points, pref) -> jnp.ndarray:
+    """Weighted-sum scalarisation ``g(f; lambda) = sum_k lambda_k f_k`` (maximised; HM3's RL reward).
+
+    Args:
+      points: ``[..., k]`` objective values.
+      pref: ``[..., k]`` preference weights (broadcast against ``points``).
+
+    Returns:
+      ``[...]`` scalarised values, higher is better.
+    """
+    points, pref = jnp.asarray(points), jnp.asarray(pref)
+    _check_last_axis(points, pref)
+    return jnp.sum(points * pref, axis=-1)
+
+
+def tchebycheff(points, pref, ideal) -> jnp.ndarray:
+    """Tchebycheff scalarisation ``g(f; lambda, z*) = max_k lambda_k |f_k - z*_k|`` (to be MINIMISED).
+
+    Args:
+      points: ``[..., k]`` objective values.
+      pref: ``[..., k]`` preference weights.
+      ideal: ``[k]`` (or broadcastable) ideal point z*, e.g. the best source-model score per task (1 after
+        normalisation by the ideal point).
+
+    Returns:
+      ``[...]`` weighted Chebyshev distances to the ideal point; lower is better.
+    """
+    points, pref, ideal = jnp.asarray(points), jnp.asarray(pref), jnp.asarray(ideal)
+    _check_last_axis(points, pref, ideal)
+    return jnp.max(pref * jnp.abs(points - ideal), axis=-1)
