@@ -1,0 +1,259 @@
+"""Streaming merges of tiny HF-style safetensors checkpoints and the `python -m experiments.merge` CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import yaml
+from absl import flags
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from experiments import merge as cli
+from hm3_jax.merging import merge
+from hm3_jax.merging.mergekit_config import gradient, parse_config
+from hm3_jax.merging.streaming import merge_checkpoints, passthrough_checkpoints
+
+SHAPES = {
+    "lm_head.weight": (10, 4),
+    "model.embed_tokens.weight": (10, 4),
+    "model.layers.0.self_attn.q_proj.weight": (4, 4),
+    "model.layers.0.mlp.up_proj.weight": (6, 4),
+    "model.layers.1.self_attn.q_proj.weight": (4, 4),
+    "model.layers.1.mlp.up_proj.weight": (6, 4),
+    "model.norm.weight": (4,),
+}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _save(path, tensors, num_layers=2):
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": "llama", "num_hidden_layers": num_layers, "torch_dtype": "bfloat16"}, f)
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        f.write('{"version": "1.0"}')
+
+
+def _load(path):
+    out = {}
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="numpy") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(0)
+    base = {k: rng.normal(size=s).astype(ml_dtypes.bfloat16) for k, s in SHAPES.items()}
+    _save(root / "base", base)
+    experts = []
+    for i in range(3):
+        tensors = {
+            k: (v.astype(np.float32) + 0.1 * rng.normal(size=v.shape)).astype(ml_dtypes.bfloat16)
+            for k, v in base.items()
+        }
+        _save(root / f"m{i}", tensors)
+        experts.append(tensors)
+    return {"root": root, "base": base, "experts": experts, "dirs": [str(root / f"m{i}") for i in range(3)]}
+
+
+@pytest.mark.parametrize(
+    "method,hparams",
+    [
+        ("dare_ties", {"drop_rate": 0.3, "density": 0.6}),
+        ("ties", {"density": 0.5}),
+        ("pcb", {"density": 0.4}),
+        ("consensus", {"k": 2}),
+    ],
+)
+def test_streaming_equals_in_memory(pool, tmp_path, method, hparams):
+    key = jax.random.key(11)
+    weights = [0.5, [0.2, 0.8], {"attention": 1.0, "default": 0.3}]
+    out = tmp_path / "out"
+    merge_checkpoints(
+        method,
+        str(pool["root"] / "base"),
+        pool["dirs"],
+        str(out),
+        key=key,
+        weights=weights,
+        progress=False,
+        max_shard_bytes=200,
+        **hparams,
+    )
+    in_memory = merge(method, pool["base"], pool["experts"], key, weights=weights, **hparams)
+    streamed = _load(out)
+    assert sorted(streamed) == sorted(SHAPES)
+    for name in SHAPES:
+        assert streamed[name].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(streamed[name], np.asarray(in_memory[name]))
+    # sharded output with an index, config and tokenizer copied, no temp dirs left behind
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(SHAPES)
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_streaming_errors_leave_no_output(pool, tmp_path):
+    root = pool["root"]
+    bad_shape = dict(pool["base"])
+    bad_shape["model.layers.1.mlp.up_proj.weight"] = np.zeros((5, 4), ml_dtypes.bfloat16)
+    _save(tmp_path / "bad_shape", bad_shape)
+    nan = {k: v.copy() for k, v in pool["base"].items()}
+    nan["model.norm.weight"][2] = np.nan
+    _save(tmp_path / "nan", nan)
+    missing = dict(pool["base"])
+    del missing["lm_head.weight"]
+    _save(tmp_path / "missing", missing)
+    out = tmp_path / "out"
+    base = str(root / "base")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight.*shape \\(5, 4\\) vs \\(6, 4\\)"):
+        merge_checkpoints(
+            "ties", base, [pool["dirs"][0], str(tmp_path / "bad_shape")], str(out), progress=False
+        )
+    with pytest.raises(ValueError, match="NaN in checkpoint .*nan.* at tensor 'model.norm.weight'"):
+        merge_checkpoints("ties", base, [pool["dirs"][0], str(tmp_path / "nan")], str(out), progress=False)
+    with pytest.raises(ValueError, match="tensor 'lm_head.weight' missing"):
+        merge_checkpoints("ties", base, [str(tmp_path / "missing")], str(out), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        merge_checkpoints("ties", base, [], str(out), progress=False)
+    with pytest.raises(ValueError, match="weights: got 1 values for 2 models"):
+        merge_checkpoints("ties", base, pool["dirs"][:2], str(out), weights=[1.0], progress=False)
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert leftovers == []
+
+
+def test_passthrough_slices(pool, tmp_path):
+    out = tmp_path / "frank"
+    slices = [(pool["dirs"][0], 0, 2), (pool["dirs"][1], 1, 2)]
+    summary = passthrough_checkpoints(slices, str(out), progress=False)
+    assert summary["num_layers"] == 3
+    merged = _load(out)
+    np.testing.assert_array_equal(
+        merged["model.layers.2.mlp.up_proj.weight"], pool["experts"][1]["model.layers.1.mlp.up_proj.weight"]
+    )
+    np.testing.assert_array_equal(
+        merged["model.layers.1.self_attn.q_proj.weight"],
+        pool["experts"][0]["model.layers.1.self_attn.q_proj.weight"],
+    )
+    np.testing.assert_array_equal(merged["lm_head.weight"], pool["experts"][0]["lm_head.weight"])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_yaml_parsing(pool):
+    base = str(pool["root"] / "base")
+    plan = parse_config(
+        {
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "models": [
+                {"model": base},
+                {"model": pool["dirs"][0], "parameters": {"weight": 0.6, "density": 0.8}},
+                {"model": pool["dirs"][1], "parameters": {"weight": [0.0, 1.0], "density": 0.5}},
+            ],
+            "parameters": {"normalize": True, "int8_mask": True},
+            "dtype": "bfloat16",
+        }
+    )
+    assert plan.models == tuple(pool["dirs"][:2])
+    assert plan.hparams["drop_rate"] == pytest.approx([0.2, 0.5])
+    assert plan.hparams["normalize"] is True
+    np.testing.assert_allclose(plan.weights[1], [0.0, 1.0])
+    np.testing.assert_allclose(gradient([0.0, 1.0, 0.0], 5), [0.0, 0.5, 1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="unsupported key\\(s\\) in merge config: \\['chat_template'\\]"):
+        parse_config({"merge_method": "ties", "base_model": base, "models": [], "chat_template": "x"})
+    with pytest.raises(ValueError, match="unsupported merge_method 'model_stock'"):
+        parse_config({"merge_method": "model_stock", "models": []})
+    with pytest.raises(ValueError, match="models\\[0\\].parameters: unsupported key\\(s\\) \\['gamma'\\]"):
+        parse_config(
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": "a", "parameters": {"gamma": 1}}],
+            }
+        )
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        parse_config(
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": "a", "parameters": {"density": 2}}],
+            }
+        )
+
+
+def _run_cli(argv):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["merge"] + argv)
+    cli.main(["merge"])
+
+
+def test_cli_yaml_in_process(pool, tmp_path):
+    base = str(pool["root"] / "base")
+    config = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": [{"model": d, "parameters": {"weight": 1.0, "density": 0.5}} for d in pool["dirs"][:2]],
+        "dtype": "float32",
+    }
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    _run_cli([f"--config={path}", f"--out={out}", "--noprogress"])
+    merged = _load(out)
+    expected = merge("ties", pool["base"], pool["experts"][:2], density=0.5)
+    for name in SHAPES:
+        assert merged[name].dtype == np.float32
+        np.testing.assert_allclose(merged[name], np.asarray(expected[name], np.float32), atol=1e-2)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    # plain flags, and errors: exit 1, nothing written
+    out2 = tmp_path / "out2"
+    _run_cli(
+        [
+            "--method=task_arithmetic",
+            f"--base={base}",
+            f"--models={pool['dirs'][0]}",
+            "--weights=0.0",
+            f"--out={out2}",
+            "--noprogress",
+        ]
+    )
+    for name in SHAPES:
+        np.testing.assert_array_equal(_load(out2)[name], pool["base"][name])
+    path.write_text(yaml.safe_dump({**config, "merge_method": "nuslerp"}))
+    out3 = tmp_path / "out3"
+    with pytest.raises(SystemExit) as exit_info:
+        _run_cli([f"--config={path}", f"--out={out3}", "--noprogress"])
+    assert exit_info.value.code == 1
+    assert not out3.exists()
+    flags.FLAGS.unparse_flags()
+
+
+def test_cli_subprocess_unsupported_key(pool, tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text(
+        yaml.safe_dump({"merge_method": "ties", "base_model": str(pool["root"] / "base"), "tokenizer": {}})
+    )
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.merge", f"--config={path}", f"--out={out}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "unsupported key(s) in merge config: ['tokenizer']" in result.stderr
+    assert not out.exists()
