@@ -8,7 +8,7 @@ orientations:
 | ---------- | ------------------------------- | ----------------- | ------------------------------------ |
 | `copy`     | same                            | same              | norms, biases, embeddings, Conv1D    |
 | `linear`   | `nn.Linear.weight` [out, in]    | kernel [in, out]  | every projection except GPT-2's      |
-| `patch`    | `nn.Conv2d.weight` [D, C, p, p] | kernel [C*p*p, D] | ViT patch embedding                  |
+| `patch`    | `nn.Conv2d.weight` [D, C, p, p] | kernel [p*p*C, D] | ViT patch embedding                  |
 | `leading1` | [1, ..., N, D]                  | [N, D] (or [D])   | ViT `cls_token`, position embeddings |
 
 An entry with several leaves splits the HF tensor into equal parts along the last axis of our orientation
@@ -80,7 +80,8 @@ def _to_ours(kind: str, x: np.ndarray, ours_shape: tuple[int, ...]) -> np.ndarra
     if kind == "patch":
         if len(ours_shape) == 4:  # [D, C, p, p] -> [p, p, C, D] (flax/lax conv layout)
             return x.transpose(2, 3, 1, 0)
-        return x.reshape(x.shape[0], -1).T  # [D, C, p, p] -> [C*p*p, D], flattening (c, i, j) in that order
+        # [D, C, p, p] -> [p*p*C, D], flattened in (patch row, column, channel) order as hm3_jax.models.vit
+        return x.transpose(2, 3, 1, 0).reshape(-1, x.shape[0])
     if kind == "leading1":
         return x.reshape(ours_shape)
     raise ValueError(f"unknown mapping kind {kind!r}")
@@ -94,7 +95,8 @@ def _to_hf(kind: str, x: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
     if kind == "patch":
         if x.ndim == 4:
             return x.transpose(3, 2, 0, 1)
-        return x.T.reshape(hf_shape)
+        d, c, p, _ = hf_shape
+        return x.reshape(p, p, c, d).transpose(3, 2, 0, 1)
     if kind == "leading1":
         return x.reshape(hf_shape)
     raise ValueError(f"unknown mapping kind {kind!r}")
