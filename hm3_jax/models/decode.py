@@ -87,7 +87,7 @@ def greedy_decode(
     t_max = path.shape[0]
     d = config.hidden_size
     check_junction(junction, t_max, d)
-    dtype = shell["embed"][next(iter(shell["embed"]))].dtype
+    dtype = jax.tree.leaves(shell["embed"])[0].dtype
     if junction is None:
         junction = {"scale": jnp.ones((t_max, d), dtype), "shift": jnp.zeros((t_max, d), dtype)}
 

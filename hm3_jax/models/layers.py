@@ -153,3 +153,57 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 def normal_init(key: jax.Array, shape: tuple[int, ...], std: float, dtype=jnp.float32) -> jax.Array:
     """`N(0, std^2)` initialiser (HF's `initializer_range` convention)."""
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def init_layernorm_blocks(config: ModelConfig, key: jax.Array, qkv_bias: bool, dtype) -> dict:
+    """Stacked params of L pre-LayerNorm blocks (GPT-2 / ViT layout, see `layernorm_block_with_cache`)."""
+    d, f, std = config.hidden_size, config.intermediate_size, config.initializer_range
+
+    def dense_p(k, shape, bias=True):
+        p = {"kernel": normal_init(k, shape, std, dtype)}
+        if bias:
+            p["bias"] = jnp.zeros(shape[-1], dtype)
+        return p
+
+    def one_block(k):
+        kq, kk, kv, ko, ku, kd = jax.random.split(k, 6)
+        norm = {"scale": jnp.ones(d, dtype), "bias": jnp.zeros(d, dtype)}
+        return {
+            "attn_norm": norm,
+            "q": dense_p(kq, (d, d), qkv_bias),
+            "k": dense_p(kk, (d, d), qkv_bias),
+            "v": dense_p(kv, (d, d), qkv_bias),
+            "o": dense_p(ko, (d, d)),
+            "mlp_norm": norm,
+            "up": dense_p(ku, (d, f)),
+            "down": dense_p(kd, (f, d)),
+        }
+
+    return jax.vmap(one_block)(jax.random.split(key, config.num_layers))
+
+
+def layernorm_block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: dict, cache: tuple | None):
+    """Pre-LayerNorm transformer block (GPT-2, ViT; Radford et al. 2019, Dosovitskiy et al. 2021 eq. 2-3):
+
+        h = h + o(attn(q(ln1(h)), k(ln1(h)), v(ln1(h))));   h = h + down(act(up(ln2(h))))
+
+    Args: p: one block (attn_norm, q, k, v, o, mlp_norm, up, down); h [B, S, D]; ctx {"mask": bool
+      [B or 1, 1, S, Sk], optional "cache_index"}; cache None or (k, v) [B, S_total, H, hd] (see llama).
+    Returns: (h [B, S, D], cache).
+    """
+    b, s, _ = h.shape
+    heads, hd = config.num_heads, config.head_size
+    x = layer_norm(p["attn_norm"], h, config.norm_eps)
+    q = dense(p["q"], x).reshape(b, s, heads, hd)
+    k = dense(p["k"], x).reshape(b, s, heads, hd)
+    v = dense(p["v"], x).reshape(b, s, heads, hd)
+    if cache is not None:
+        start = (0, ctx["cache_index"], 0, 0)
+        k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+        v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+        cache = (k, v)
+    attn = attention(q, k, v, ctx["mask"]).reshape(b, s, heads * hd)
+    h = h + dense(p["o"], attn).astype(h.dtype)
+    x = layer_norm(p["mlp_norm"], h, config.norm_eps)
+    h = h + dense(p["down"], activation(config.hidden_act, dense(p["up"], x))).astype(h.dtype)
+    return h, cache
