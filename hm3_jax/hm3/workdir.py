@@ -102,7 +102,9 @@ class Workdir:
             raise WorkdirError(f"workdir {self.path} is not writable")
         free = shutil.disk_usage(self.path).free
         if free < 200 * 2**20:
-            raise WorkdirError(f"workdir {self.path} has only {free / 2**20:.0f} MiB free; need at least 200 MiB")
+            raise WorkdirError(
+                f"workdir {self.path} has only {free / 2**20:.0f} MiB free; need at least 200 MiB"
+            )
         meta_path = os.path.join(self.path, "run.json")
         if os.path.exists(meta_path):
             with open(meta_path) as f:

@@ -1,0 +1,174 @@
+"""HM3's upper level: a parameter-space merged model Theta(lambda) per preference (HM3_SPEC "Parameter space").
+
+Two variants, both reported:
+
+* **paper**: `dare_ties` with the task weights set to the preference (HM3_SPEC Eq. 5),
+  `Theta = base + sum_k lambda_k * M_k * DARE_p(delta_k)`, at fixed `density` and `drop_rate`.
+* **tuned**: CMA-ES (evosax, Hansen 2016) over the merge's hyperparameters — density, drop rate, a global scale
+  and one weight multiplier per block — minimising the Tchebycheff scalarisation
+  `g(x) = max_k lambda_k |f_k(x) / z*_k - 1|` of the normalised search-split scores (the ideal point of the
+  normalised scores is 1 on every task). Tchebycheff is minimised, as evosax does, so no sign flip is needed.
+
+Gene decoding (a real vector `x`, unconstrained): density = 0.05 + 0.95 * sigmoid(x0), drop_rate =
+0.9 * sigmoid(x1), scale = exp(0.5 * tanh(x2)) * 1.5 (in [0.91, 2.47]), block weight multipliers =
+exp(0.5 * tanh(x[3:3+L])). The initial mean decodes to the paper's setting (see `_initial_genes`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from hm3_jax import merging
+from hm3_jax.hm3.problem import Problem, score_params
+from hm3_jax.moo import scalarize
+
+
+def paper_merge(problem: Problem, preference, key: jax.Array, density: float, drop_rate: float) -> dict:
+    """Theta(lambda): DARE-TIES with weights = preference (HM3_SPEC Eq. 5)."""
+    return merging.hm3_merge(problem.base, problem.experts, list(np.asarray(preference, np.float64)), key,
+                             density=density, drop_rate=drop_rate)  # fmt: skip
+
+
+def _logit(p: float) -> float:
+    p = float(np.clip(p, 1e-4, 1 - 1e-4))
+    return float(np.log(p / (1 - p)))
+
+
+def decode_genes(x: np.ndarray, num_layers: int) -> dict:
+    """Real genes [3 + L] -> merge hyperparameters (see the module docstring)."""
+    x = np.asarray(x, np.float64)
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))
+    return {
+        "density": float(0.05 + 0.95 * sig(x[0])),
+        "drop_rate": float(0.9 * sig(x[1])),
+        "scale": float(1.5 * np.exp(0.5 * np.tanh(x[2]))),
+        "block_weights": np.exp(0.5 * np.tanh(x[3 : 3 + num_layers])).tolist(),
+    }
+
+
+def _initial_genes(density: float, drop_rate: float, num_layers: int) -> np.ndarray:
+    d = (np.clip(density, 0.06, 0.999) - 0.05) / 0.95
+    x2 = np.arctanh(np.clip(2.0 * np.log(1.0 / 1.5), -0.999, 0.999))  # scale 1.0
+    return np.concatenate([[_logit(d), _logit(drop_rate / 0.9), x2], np.zeros(num_layers)]).astype(np.float32)
+
+
+def tuned_merge(problem: Problem, preference, key: jax.Array, hparams: dict) -> dict:
+    """DARE-TIES with per-block weights `lambda_k * block_weights` at tuned density / drop rate / scale.
+
+    Shell leaves (embeddings, final norm, head) get `lambda_k * mean(block_weights)` (`merging.groups`).
+    """
+    block = np.asarray(hparams["block_weights"], np.float32)
+    weights = [float(lam) * block for lam in np.asarray(preference, np.float64)]
+    return merging.merge(
+        "dare_ties", problem.base, problem.experts, key, weights=weights,
+        density=hparams["density"], drop_rate=hparams["drop_rate"], scale=hparams["scale"], normalize=False,
+    )  # fmt: skip
+
+
+def tchebycheff_normalised(problem: Problem, scores: np.ndarray, preference) -> float:
+    """max_k lambda_k |f_k / z*_k - 1| on the search split (to minimise)."""
+    f = problem.normalise(scores, "search")
+    return float(
+        scalarize.tchebycheff(jnp.asarray(f), jnp.asarray(preference), jnp.ones_like(jnp.asarray(f)))
+    )
+
+
+def run_cmaes(problem: Problem, preference, key: jax.Array, *, density: float, drop_rate: float,
+              population_size: int, num_generations: int, sigma: float = 0.5) -> dict:  # fmt: skip
+    """CMA-ES over the merge hyperparameters for one preference (search split only).
+
+    Returns: {"hparams", "search", "fitness", "history" (best fitness per generation), "evaluations"}.
+    """
+    from evosax.algorithms import CMA_ES
+
+    L = problem.config.num_layers
+    x0 = _initial_genes(density, drop_rate, L)
+    strategy = CMA_ES(population_size=population_size, solution=jnp.zeros_like(x0))
+    es_params = strategy.default_params.replace(std_init=sigma)
+    key_init, key_es, key_merge = jax.random.split(key, 3)
+    state = strategy.init(key_init, jnp.asarray(x0), es_params)
+    best = {"fitness": np.inf}
+    history, evaluations = [], 0
+    for gen in range(num_generations):
+        key_es, key_ask, key_tell = jax.random.split(key_es, 3)
+        population, state = strategy.ask(key_ask, state, es_params)
+        fitness = []
+        for x in np.asarray(population):
+            hp = decode_genes(x, L)
+            merged = tuned_merge(problem, preference, key_merge, hp)
+            scores = score_params(problem.engines["search"], problem.experts, merged)
+            evaluations += 1
+            fit = tchebycheff_normalised(problem, scores, preference)
+            fitness.append(fit)
+            if fit < best["fitness"]:
+                best = {"fitness": fit, "hparams": hp, "search": scores.tolist()}
+        state, _ = strategy.tell(key_tell, population, jnp.asarray(fitness, jnp.float32), state, es_params)
+        history.append(best["fitness"])
+        logging.info(
+            "param-level CMA-ES gen %d/%d: best Tchebycheff %.4f", gen + 1, num_generations, best["fitness"]
+        )
+    return {**best, "history": history, "evaluations": evaluations}
+
+
+def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, cfg) -> list[dict]:
+    """Theta(lambda) for every preference: the paper's merge, and the CMA-ES-tuned merge when enabled.
+
+    Args:
+      problem: the Problem; preferences: [N, K]; key: PRNG key (split per preference).
+      cfg: `config.param_level` (density, drop_rate, cmaes.{enabled, population_size, num_generations}).
+    Returns: one JSON-able dict per preference with the merge keys and hyperparameters, search and heldout
+      scores of each variant, and the number of model evaluations each spent.
+    """
+    out = []
+    keys = jax.random.split(key, len(preferences))
+    for i, (pref, k) in enumerate(zip(preferences, keys, strict=True)):
+        start = time.perf_counter()
+        merge_key, cma_key = jax.random.split(k)
+        merged = paper_merge(problem, pref, merge_key, cfg.density, cfg.drop_rate)
+        entry = {
+            "preference": np.asarray(pref).tolist(),
+            "merge_key": np.asarray(merge_key).tolist(),
+            "paper": {
+                "hparams": {"density": cfg.density, "drop_rate": cfg.drop_rate},
+                "search": score_params(problem.engines["search"], problem.experts, merged).tolist(),
+                "heldout": score_params(problem.engines["heldout"], problem.experts, merged).tolist(),
+                "evaluations": 1,
+            },
+        }
+        if cfg.cmaes.enabled:
+            res = run_cmaes(problem, pref, cma_key, density=cfg.density, drop_rate=cfg.drop_rate,
+                            population_size=cfg.cmaes.population_size,
+                            num_generations=cfg.cmaes.num_generations)  # fmt: skip
+            paper_fit = tchebycheff_normalised(problem, np.asarray(entry["paper"]["search"]), pref)
+            if paper_fit <= res["fitness"]:  # the tuned merge is never worse than where CMA-ES started
+                x0 = _initial_genes(cfg.density, cfg.drop_rate, problem.config.num_layers)
+                res.update(fitness=paper_fit, hparams=decode_genes(x0, problem.config.num_layers),
+                           search=entry["paper"]["search"])  # fmt: skip
+            tuned = tuned_merge(problem, pref, merge_key, res["hparams"])
+            entry["tuned"] = {
+                "hparams": res["hparams"],
+                "search": res["search"],
+                "heldout": score_params(problem.engines["heldout"], problem.experts, tuned).tolist(),
+                "fitness": res["fitness"],
+                "history": res["history"],
+                "evaluations": res["evaluations"],
+            }
+        entry["wall_seconds"] = time.perf_counter() - start
+        logging.info("param level %d/%d done in %.1f s", i + 1, len(preferences), entry["wall_seconds"])
+        out.append(entry)
+    return out
+
+
+def merged_for(problem: Problem, entry: dict, variant: str) -> dict:
+    """Rebuilds Theta(lambda) of a stored param-level entry (`variant` "paper" or "tuned")."""
+    key = jnp.asarray(np.asarray(entry["merge_key"], np.uint32))
+    pref = np.asarray(entry["preference"])
+    if variant == "tuned" and "tuned" in entry:
+        return tuned_merge(problem, pref, key, entry["tuned"]["hparams"])
+    hp = entry["paper"]["hparams"]
+    return paper_merge(problem, pref, key, hp["density"], hp["drop_rate"])

@@ -1,0 +1,129 @@
+"""The merging problem HM3 solves: a base model, K experts, task objectives on two splits, the ideal point.
+
+A `Problem` is what every stage of the end-to-end run (HM3, its ablations and every baseline) sees, so all
+methods merge the same models and are scored on the same data:
+
+* `objectives["search"]` (70% of each task) is all any search may look at;
+* `objectives["heldout"]` (the other 30%) is used only for reported numbers.
+
+Scores are raw task scores in [0, 100], maximised. They are normalised per task by the ideal point
+z*_k = the best score any source model (base or expert) reaches on task k on the same split (HM3_SPEC,
+"Objectives and preferences"), so that f_k / z*_k is about 1 for the expert of task k.
+
+Path evaluation goes through one `hm3_jax.paths` engine per split; a merged model's pool is
+`make_pool([expert_1 blocks, ..., expert_K blocks, merged blocks])` (pool index m * L + l, m = K the merged
+model) and its shell (embeddings, final norm, head) is the merged model's, as in HM3_SPEC.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from absl import logging
+
+from hm3_jax import models
+from hm3_jax.paths import engine as engine_lib
+
+SPLITS = ("search", "heldout")
+# Floor of the ideal point (scores are in [0, 100]): a task no source solves at all is normalised by this.
+MIN_IDEAL = 1.0
+
+
+class Problem(NamedTuple):
+    """Everything a merging method may use.
+
+    Attributes:
+      config: the shared ModelConfig.
+      tasks: task names, in objective order (K of them).
+      base: base params.
+      experts: K expert params (expert k fine-tuned on task k).
+      objectives: {split: [Objective] * K}.
+      source_scores: {split: [K + 1, K]} raw scores of the base (row 0) and experts (rows 1..K).
+      ideal: {split: [K]} best source score per task (the normalisation constants).
+      engines: {split: PathEngine} (shared compiled code and caches).
+    """
+
+    config: Any
+    tasks: tuple[str, ...]
+    base: dict
+    experts: list
+    objectives: dict
+    source_scores: dict
+    ideal: dict
+    engines: dict
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_sources(self) -> int:
+        """K experts + 1 merged model."""
+        return len(self.experts) + 1
+
+    def normalise(self, scores, split: str) -> np.ndarray:
+        """Raw scores [..., K] -> scores divided by the ideal point of `split`."""
+        return np.asarray(scores, np.float64) / self.ideal[split]
+
+
+def pool_for(problem_or_experts, merged: dict | None) -> dict:
+    """Stacked block pool of the experts, plus the merged model's blocks as source K when given."""
+    experts = problem_or_experts.experts if isinstance(problem_or_experts, Problem) else problem_or_experts
+    blocks = [e["blocks"] for e in experts] + ([] if merged is None else [merged["blocks"]])
+    return models.make_pool(blocks)
+
+
+def make_problem(
+    zoo, engine_strategy: str = "map", chunk_size: int = 8, prefix_sharing: bool = True
+) -> Problem:
+    """Builds the Problem of a loaded zoo (`hm3_jax.tasks.zoo.Zoo`).
+
+    Source scores are computed with the path engine on each source's identity path, so the numbers every
+    method is compared with come from the same code path as the searched paths.
+    """
+    config = zoo.base.config
+    tasks = tuple(zoo.tasks)
+    base = zoo.base.params
+    experts = [zoo.experts[t].params for t in tasks]
+    objectives = {split: [zoo.objectives[split][t] for t in tasks] for split in SPLITS}
+    pool = pool_for(experts, base)  # experts then base: every source is one identity path over this pool
+    shell = models.shell_of(base)
+    engines = {
+        split: engine_lib.make_engine(
+            config,
+            shell,
+            pool,
+            objectives[split],
+            strategy=engine_strategy,
+            chunk_size=chunk_size,
+            prefix_sharing=prefix_sharing,
+            pool_id="sources",
+        )
+        for split in SPLITS
+    }
+    source_scores, ideal = {}, {}
+    for split in SPLITS:
+        rows = [score_params(engines[split], experts, p) for p in [base, *experts]]
+        source_scores[split] = np.stack(rows)
+        best = source_scores[split].max(axis=0)
+        if np.any(best < MIN_IDEAL):
+            bad = [t for t, b in zip(tasks, best, strict=True) if b < MIN_IDEAL]
+            logging.warning(
+                "no source model reaches %.1f on task(s) %s (%s split); normalising those by %.1f",
+                MIN_IDEAL, bad, split, MIN_IDEAL,
+            )  # fmt: skip
+        ideal[split] = np.maximum(best, MIN_IDEAL)
+    return Problem(config, tasks, base, experts, objectives, source_scores, ideal, engines)
+
+
+def score_params(engine, experts: list, params: dict) -> np.ndarray:
+    """Raw scores [K] of one parameter-space model through `engine`.
+
+    The model is source K of the pool `experts + [params]` and is run as its identity path
+    `K * L + arange(L)`, with its own shell. The engine caches by a hash of the shell and pool bytes.
+    """
+    L = models.pool_size(params["blocks"])
+    eng = engine.with_model(models.shell_of(params), pool_for(experts, params))
+    path = (len(experts) * L + np.arange(L, dtype=np.int32))[None]
+    return eng.evaluate(path).scores[0]

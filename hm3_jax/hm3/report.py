@@ -1,0 +1,206 @@
+"""The run's report: held-out points of every method, normalised, hypervolume, dominance, tables and plots.
+
+Every number here is a **held-out** score (HM3_SPEC "Objectives": the search split is only for searching).
+Each method contributes a set of points `[n, K]` (raw task scores in [0, 100], task order); they are
+normalised by the held-out ideal point z*_k (best source model per task), and one reference point is shared
+by all methods (`hm3_jax.moo.reference_point`: 1.1 past the worst normalised value on every axis, or a fixed
+reference from the config), so hypervolumes are comparable across methods.
+
+`report.json` keys: `tasks`, `ideal`, `reference_point`, `methods: {name: {points, normalised_points,
+pareto_mask, hypervolume, evaluations, wall_seconds, preferences?, ...}}`, `dominance: {name: C-metric both
+ways against hm3}`, `balanced` (HM3's model at the balanced preference against each expert's own-task score),
+`claims` (the paper's claims checked on this run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+
+from hm3_jax import moo
+from hm3_jax.hm3.workdir import atomic_write_json, atomic_write_text
+from hm3_jax.moo import plots
+
+PARAM_METHODS = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb")
+PATH_METHODS = ("ea", "moea", "grid_search", "differential_evolution")
+ABLATIONS = ("hm3_no_param_level", "hm3_no_arch_level")
+
+
+def build_report(
+    tasks, ideal_heldout, methods: dict, fixed_reference=None, extra: dict | None = None
+) -> dict:
+    """Assembles report.json's content.
+
+    Args:
+      tasks: K task names.
+      ideal_heldout: [K] held-out ideal point (raw scores).
+      methods: {name: {"points": [n, K] raw held-out scores, "evaluations", "wall_seconds", ...}}.
+      fixed_reference: optional [K] reference point in normalised units.
+      extra: more top-level entries (config, timings, ...).
+    """
+    ideal = np.asarray(ideal_heldout, np.float64)
+    normalised = {
+        n: moo.normalize_by_ideal(np.asarray(m["points"], np.float64), ideal) for n, m in methods.items()
+    }
+    reference = moo.reference_point(list(normalised.values()), fixed=fixed_reference)
+    out_methods = {}
+    for name, m in methods.items():
+        pts = normalised[name]
+        entry = dict(m)
+        entry["points"] = np.asarray(m["points"], np.float64).tolist()
+        entry["normalised_points"] = pts.tolist()
+        entry["pareto_mask"] = moo.pareto_mask(pts).tolist() if len(pts) else []
+        entry["hypervolume"] = float(moo.hypervolume(pts, reference)) if len(pts) else 0.0
+        out_methods[name] = entry
+    report = {
+        "tasks": list(tasks),
+        "ideal": ideal.tolist(),
+        "reference_point": np.asarray(reference).tolist(),
+        "methods": out_methods,
+    }
+    if "hm3" in normalised:
+        report["dominance"] = {
+            name: moo.dominance_summary(normalised["hm3"], pts)
+            for name, pts in normalised.items()
+            if name != "hm3" and len(pts)
+        }
+        report["claims"] = _claims(report)
+    report.update(extra or {})
+    return report
+
+
+def _claims(report: dict) -> dict:
+    """The paper's two small-scale claims, measured on this run (see README)."""
+    methods = report["methods"]
+    hv = {n: m["hypervolume"] for n, m in methods.items()}
+    others = {n: v for n, v in hv.items() if n != "hm3" and not n.startswith("expert:")}
+    best_other = max(others, key=others.get) if others else None
+    claims = {
+        "hm3_hypervolume": hv["hm3"],
+        "best_other_method": best_other,
+        "best_other_hypervolume": others.get(best_other) if best_other else None,
+        "hm3_has_highest_hypervolume": bool(best_other is None or hv["hm3"] > others[best_other]),
+    }
+    bal = report.get("balanced")
+    if bal:
+        claims["balanced_min_retention"] = min(bal["retention"])
+        claims["balanced_keeps_90_percent"] = bool(min(bal["retention"]) >= 0.9)
+    return claims
+
+
+def balanced_retention(tasks, hm3_point, expert_points) -> dict:
+    """HM3's held-out scores at the balanced preference over each expert's own-task held-out score."""
+    own = np.array([expert_points[k][k] for k in range(len(tasks))], np.float64)
+    point = np.asarray(hm3_point, np.float64)
+    return {
+        "hm3_point": point.tolist(),
+        "expert_own_task": own.tolist(),
+        "retention": (point / np.maximum(own, 1e-9)).tolist(),
+    }
+
+
+def _fmt(v, digits=1):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def write_markdown(report: dict, path: str, title: str = "HM3 on tiny3") -> str:
+    """report.md: the paper's Table 1 analogue, hypervolumes, ablations, budgets, dominance."""
+    tasks = report["tasks"]
+    methods = report["methods"]
+    lines = [
+        f"# {title}",
+        "",
+        "All scores are on the **held-out** split (30% of each task), in [0, 100].",
+        "",
+    ]
+    lines += [
+        "## Table 1 analogue: one model per method at the balanced preference",
+        "",
+        "For preference-driven methods the point is the one for the balanced preference (1/K each); a set "
+        "method (MOEA, grid search) shows its point closest to balanced; experts show their own model.",
+        "",
+        "| method | " + " | ".join(tasks) + " | mean | hypervolume | evaluations | seconds |",
+        "|---" * (len(tasks) + 5) + "|",
+    ]
+    for name, m in methods.items():
+        pts = np.asarray(m["points"], np.float64)
+        if not len(pts):
+            continue
+        row = pts[m.get("balanced_index", 0)]
+        lines.append(
+            f"| {name} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(row.mean())} | "
+            f"{_fmt(m['hypervolume'], 3)} | {m.get('evaluations', '-')} | {_fmt(m.get('wall_seconds'), 0)} |"
+        )
+    ref = report["reference_point"]
+    lines += ["", f"Hypervolume of each method's normalised held-out set, reference point {np.round(ref, 3).tolist()} "
+              "(shared by all methods).", ""]  # fmt: skip
+    abl = [n for n in ("hm3", *ABLATIONS) if n in methods]
+    if abl:
+        lines += ["## Ablation", "", "| variant | hypervolume | non-dominated points |", "|---|---|---|"]
+        for n in abl:
+            lines.append(f"| {n} | {_fmt(methods[n]['hypervolume'], 3)} | {sum(methods[n]['pareto_mask'])} |")
+        lines.append("")
+    if "dominance" in report:
+        lines += ["## Dominance against HM3", "",
+                  "C(HM3, X) = fraction of X's points dominated by some HM3 point; C(X, HM3) the reverse.", "",
+                  "| method | C(HM3, X) | C(X, HM3) |", "|---|---|---|"]  # fmt: skip
+        for n, d in report["dominance"].items():
+            lines.append(f"| {n} | {_fmt(d['b_dominated_by_a'], 2)} | {_fmt(d['a_dominated_by_b'], 2)} |")
+        lines.append("")
+    if "balanced" in report:
+        b = report["balanced"]
+        lines += ["## Balanced preference: HM3 against each expert on its own task", "",
+                  "| task | HM3 | expert | retention |", "|---|---|---|---|"]  # fmt: skip
+        for t, h, e, r in zip(tasks, b["hm3_point"], b["expert_own_task"], b["retention"], strict=True):
+            lines.append(f"| {t} | {_fmt(h)} | {_fmt(e)} | {_fmt(100 * r)}% |")
+        lines.append("")
+    if "claims" in report:
+        lines += [
+            "## Claims checked",
+            "",
+            "```",
+            *[f"{k}: {v}" for k, v in report["claims"].items()],
+            "```",
+            "",
+        ]
+    for section in ("budget", "timings", "param_level_summary", "arch_level_summary"):
+        if section in report:
+            lines += [f"## {section.replace('_', ' ')}", "", "```", _pretty(report[section]), "```", ""]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _pretty(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2)
+
+
+def write_plots(report: dict, out_dir: str, curves: dict | None = None) -> list[str]:
+    """Front plots (every method, normalised held-out points; all task pairs plus 3-D) and reward curves."""
+    tasks = report["tasks"]
+    pts = {
+        n: np.asarray(m["normalised_points"]) for n, m in report["methods"].items() if m["normalised_points"]
+    }
+    written = [plots.plot_front(pts, os.path.join(out_dir, "front.png"), tasks, "hm3",
+                                report["reference_point"], "normalised held-out scores")]  # fmt: skip
+    if len(tasks) > 2:
+        for a, b in itertools.combinations(range(len(tasks)), 2):
+            pair = {n: p[:, [a, b]] for n, p in pts.items()}
+            ref = np.asarray(report["reference_point"])[[a, b]]
+            written.append(plots.plot_front(pair, os.path.join(out_dir, f"front_{tasks[a]}_{tasks[b]}.png"),
+                                            [tasks[a], tasks[b]], "hm3", ref, f"{tasks[a]} vs {tasks[b]}"))  # fmt: skip
+    if curves:
+        written.append(plots.plot_curves(curves, os.path.join(out_dir, "reward_curves.png")))
+    return written
+
+
+def write_report(report: dict, out_dir: str, curves: dict | None = None, title: str = "HM3 on tiny3") -> dict:
+    """Writes report.json, report.md and the plots into `out_dir`; returns their paths."""
+    paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
+    paths["plots"] = write_plots(report, out_dir, curves)
+    write_markdown(report, paths["md"], title)
+    atomic_write_json(paths["json"], report)  # last: its presence marks a finished report
+    return paths
