@@ -103,3 +103,18 @@ def test_decode_bad_input(setup):
         models.greedy_decode(CONFIG, shell, pool, np.array([0, 1]), ids, mask[:, :2], 2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         models.greedy_decode(CONFIG, shell, pool, np.array([0, 1]), ids, mask, 0)
+
+
+def test_bfloat16_path_and_decode_stay_close_to_float32(setup):
+    a, b, ids, mask = setup
+    shell, pool = models.shell_of(a), models.make_pool([a["blocks"], b["blocks"]])
+    path = jnp.array([0, 3, 1], jnp.int32)
+    ref = apply_path(CONFIG, shell, pool, path, ids, attention_mask=mask)
+    shell16, pool16 = models.cast(shell, jnp.bfloat16), models.cast(pool, jnp.bfloat16)
+    out = apply_path(CONFIG, shell16, pool16, path, ids, attention_mask=mask)
+    assert out.dtype == jnp.float32 and jax.tree.leaves(pool16)[0].dtype == jnp.bfloat16
+    real = np.asarray(mask, bool)
+    err = np.abs(np.asarray(out) - np.asarray(ref))[real].max()
+    assert err < 0.05 * np.abs(np.asarray(ref)).max(), err
+    tokens = decode(CONFIG, shell16, pool16, path, ids, mask, 3)
+    assert tokens.shape == (3, 3) and ((tokens >= 0) & (tokens < CONFIG.vocab_size)).all()

@@ -1,4 +1,4 @@
-"""GPT-2 and ViT vs transformers' Flax classes (FlaxGPT2LMHeadModel, FlaxViTModel, FlaxViTForImageClassification)."""
+"""GPT-2 and ViT vs transformers' Flax GPT2LMHeadModel, ViTModel and ViTForImageClassification."""
 
 import jax
 import jax.numpy as jnp

@@ -6,9 +6,11 @@ Family-agnostic entry points dispatch on `config.family` ("llama", "gpt2", "vit"
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from hm3_jax.models.config import ModelConfig, rope_scaling_from_dict
 from hm3_jax.models.decode import greedy_decode
+from hm3_jax.models.flops import decode_flops, flops_per_token, forward_flops
 from hm3_jax.models.path import (
     _family,
     apply_path,
@@ -47,6 +49,12 @@ def apply(config: ModelConfig, params: dict, inputs, attention_mask=None):
     return _family(config).apply(config, params, inputs, attention_mask)
 
 
+def cast(params: dict, dtype) -> dict:
+    """Every floating-point leaf cast to `dtype` (e.g. jnp.bfloat16). Compute then runs in that dtype with
+    float32 accumulation, and norms / attention softmax in float32 (see `hm3_jax.models.layers`)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def shell_of(params: dict) -> dict:
     """The shell: params without `"blocks"`."""
     return {k: v for k, v in params.items() if k != "blocks"}
@@ -57,7 +65,11 @@ __all__ = [
     "apply",
     "apply_path",
     "block",
+    "cast",
+    "decode_flops",
     "embed",
+    "flops_per_token",
+    "forward_flops",
     "greedy_decode",
     "head",
     "identity_path",

@@ -7,8 +7,8 @@ is at position `n_real + n`, exactly as HF `generate` does.
 KV cache: k and v of shape [T_max, B, S_total, KV, hd] with `S_total = S_prompt + max_new_tokens`, one slot
 per *path step* (a pool block can repeat in a path and then sees different inputs at each occurrence). Slots
 `0..S_prompt-1` hold the prompt; the token generated at step n is written to slot `S_prompt + n`.
-A query at slot i sees key slot j iff `j <= i` and the key is a real token (prompt padding is masked). Padding path steps
-(`-1`) leave both h and their cache slot untouched.
+A query at slot i sees key slot j iff `j <= i` and the key is a real token (prompt padding is masked).
+Padding path steps (`-1`) leave both h and their cache slot untouched.
 
 Everything is traced (path, junction, prompts), so one compilation serves every path of a given T_max.
 """
