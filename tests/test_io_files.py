@@ -154,6 +154,9 @@ def test_missing_config_field_named():
 def test_missing_directory_config_and_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pretrained(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_pretrained(tmp_path / "file")
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(tmp_path / "empty")
@@ -254,6 +257,20 @@ def test_save_load_roundtrip_sharded_and_bf16(tmp_path):
         assert f.metadata() == {"format": "pt"}
     back = load_pretrained(tmp_path / "bf16", dtype=jnp.bfloat16)
     jax.tree.map(np.testing.assert_array_equal, back.params, bf16.params)
+
+
+def test_float16_file_is_cast_on_read(tmp_path):
+    from safetensors.numpy import load_file
+
+    model = _tiny_llama()
+    save_pretrained(model, tmp_path / "ck")
+    state = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    hf = json.loads((tmp_path / "ck" / "config.json").read_text())
+    half = {k: v.astype(np.float16) for k, v in state.items()}
+    back = load_pretrained(_write(tmp_path / "half", hf, half))
+    assert {x.dtype for x in jax.tree.leaves(back.params)} == {jnp.dtype(jnp.float32)}
+    want = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), model.params)
+    jax.tree.map(np.testing.assert_array_equal, back.params, want)
 
 
 def _header(file):

@@ -209,7 +209,10 @@ def read_hf_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(
+            f"checkpoint directory {path!r} {what} (expected a local Hugging Face directory)"
+        )
     cfg_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(
