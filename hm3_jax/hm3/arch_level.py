@@ -1,0 +1,240 @@
+"""HM3's lower level: the layer-path search for every preference, with one preference-conditioned policy.
+
+For preference lambda_i the pool is `experts' blocks + Theta(lambda_i)'s blocks` (source K) and the shell is
+Theta(lambda_i)'s (HM3_SPEC "Architecture space"). `PathScorer` is the host score function the RL calls: it
+sends each path to the engine of its preference's pool (search split only), optionally with junction
+alignment, and returns normalised scores `f_k / z*_k`. It remembers every scored (preference, path) in an
+archive that is saved with the RL checkpoints, so a resumed run sees the same archive.
+
+After training, the answer for preference i is the best path under the RL reward
+`sum_k lambda_k f_k - beta1 T / T_max` on the search split among the policy's greedy decode for lambda_i and
+every path the search scored for lambda_i (the search's own record, as an evolutionary baseline keeps its best
+individual). Only that path is then scored on the held-out split.
+
+Ablation "no parameter level": the pool holds the K experts only (the RL's `num_sources = K`); the engine pool
+keeps its (K + 1) L shape with a copy of expert 0 in the unused last slot (never selectable), and the shell is
+the plain average of the experts' shells (a path needs one embedding and head; we take the least informed one).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from hm3_jax import merging, models
+from hm3_jax.arch import descriptors as descriptors_lib
+from hm3_jax.arch import loop as loop_lib
+from hm3_jax.arch import ppo
+from hm3_jax.hm3.problem import Problem, pool_for
+from hm3_jax.hm3.workdir import atomic_write_text
+
+
+class PathScorer:
+    """Host score function `(paths [N, T_max], preferences [N, K]) -> normalised scores [N, K]`.
+
+    Args:
+      problem: the Problem; split: "search" (what the RL sees) or "heldout" (reports only).
+      preferences: [N, K] the preference vectors (rows of the episode preferences).
+      shells, pools: per preference, the path model's shell and block pool.
+      tag: cache namespace (keeps HM3 and its ablation apart in the engine cache).
+      aligners: None or per preference an `hm3_jax.paths.alignment.Aligner`.
+    """
+
+    def __init__(self, problem: Problem, split: str, preferences, shells, pools, tag: str, aligners=None):
+        self.problem = problem
+        self.split = split
+        self.preferences = np.asarray(preferences, np.float32)
+        self.engines = [
+            problem.engines[split].with_model(s, p, pool_id=f"{tag}/{split}/pref{i}")
+            for i, (s, p) in enumerate(zip(shells, pools, strict=True))
+        ]
+        self.aligners = aligners
+        self.evaluations = 0
+        self.flops = 0.0
+        self.seconds = 0.0
+        self.archive: dict[tuple[int, bytes], np.ndarray] = {}
+
+    def preference_index(self, prefs: np.ndarray) -> np.ndarray:
+        d = np.abs(np.asarray(prefs, np.float32)[:, None, :] - self.preferences[None]).sum(-1)
+        idx = d.argmin(1)
+        if np.any(d[np.arange(len(idx)), idx] > 1e-4):
+            raise ValueError("PathScorer got a preference that is not one of its preference vectors")
+        return idx
+
+    def raw(self, index: int, paths: np.ndarray) -> np.ndarray:
+        """Raw scores [N, K] of paths under preference `index`'s pool (cached by the engine)."""
+        junction = None if self.aligners is None else self.aligners[index].junctions(paths)
+        res = self.engines[index].evaluate(paths, junction)
+        self.evaluations += res.cost.num_evaluations
+        self.flops += res.cost.flops
+        self.seconds += res.cost.seconds
+        return res.scores
+
+    def __call__(self, paths: np.ndarray, prefs: np.ndarray) -> np.ndarray:
+        paths = np.asarray(paths, np.int32)
+        idx = self.preference_index(prefs)
+        out = np.zeros((len(paths), self.problem.num_tasks), np.float32)
+        for i in np.unique(idx):
+            rows = np.nonzero(idx == i)[0]
+            norm = self.problem.normalise(self.raw(int(i), paths[rows]), self.split)
+            out[rows] = norm
+            for r, s in zip(rows, norm, strict=True):
+                self.archive[(int(i), paths[r].tobytes())] = s
+        return out
+
+    # Archive persistence (saved beside the RL checkpoints).
+    def save_archive(self, path: str) -> None:
+        if not self.archive:
+            return
+        keys = list(self.archive)
+        idx = np.array([k[0] for k in keys], np.int32)
+        paths = np.stack([np.frombuffer(k[1], np.int32) for k in keys])
+        scores = np.stack([self.archive[k] for k in keys])
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, index=idx, paths=paths, scores=scores)
+        os.replace(tmp, path)
+
+    def load_archive(self, path: str) -> None:
+        if os.path.exists(path):
+            z = np.load(path)
+            for i, p, s in zip(z["index"], z["paths"], z["scores"], strict=True):
+                self.archive[(int(i), np.asarray(p, np.int32).tobytes())] = s
+
+
+def reward(normalised_scores, preference, length, beta1: float, t_max: int) -> np.ndarray:
+    """The RL reward `sum_k lambda_k f_k - beta1 T / T_max` (HM3_SPEC "Reward")."""
+    s = np.asarray(normalised_scores, np.float64)
+    return s @ np.asarray(preference, np.float64) - beta1 * np.asarray(length) / t_max
+
+
+def arch_config(cfg, num_sources: int, num_layers: int, num_tasks: int) -> ppo.ArchConfig:
+    """`config.arch.rl` (ml_collections) -> the static ArchConfig of this pool."""
+    rl = dict(cfg.rl)
+    return ppo.ArchConfig.from_mapping(
+        {**rl, "num_sources": num_sources, "num_layers": num_layers, "num_tasks": num_tasks}
+    )
+
+
+def no_param_level_model(problem: Problem) -> tuple[dict, list[dict]]:
+    """Shell (plain average of the experts' shells) and padded pool of the 'no parameter level' ablation."""
+    shell = merging.merge("linear", None, [models.shell_of(e) for e in problem.experts])
+    pool = pool_for(problem.experts, problem.experts[0])  # last source slot never selectable
+    return shell, pool
+
+
+def make_aligners(problem: Problem, mode: str, shells, pools, calib_ids, calib_mask, shell_source):
+    """One `Aligner` per preference (None for mode "none")."""
+    if mode == "none":
+        return None
+    from hm3_jax.paths import alignment
+
+    if mode != "moment":
+        raise ValueError(f"the end-to-end run supports alignment 'none' or 'moment', got {mode!r}")
+    out = []
+    for shell, pool in zip(shells, pools, strict=True):
+        source_shells = [models.shell_of(e) for e in problem.experts] + [shell]
+        stats = alignment.native_stats(problem.config, source_shells, pool, calib_ids, calib_mask)
+        out.append(alignment.make_aligner("moment", problem.config, shell, pool, stats=stats, calib_ids=calib_ids,
+                                          calib_mask=calib_mask, shell_source=shell_source))  # fmt: skip
+    return out
+
+
+def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, key, cfg, workdir: str,
+                   tag: str, num_sources: int, aligners_search=None, aligners_heldout=None) -> dict:  # fmt: skip
+    """Trains the preference-conditioned policy and returns the chosen path per preference.
+
+    Args:
+      problem, preferences [N, K]; shells / pools per preference (the pool's first `num_sources` sources are
+        searchable); base_blocks: the base model's blocks (descriptors); key: PRNG key; cfg: `config.arch`;
+      workdir: where RL checkpoints, the score archive and metrics go (resumable); tag: cache namespace.
+    Returns: JSON-able dict with per-preference paths, search/heldout scores, rewards, curves and costs.
+    """
+    start = time.perf_counter()
+    K, L = problem.num_tasks, problem.config.num_layers
+    acfg = arch_config(cfg, num_sources, L, K)
+    scorer = PathScorer(problem, "search", preferences, shells, pools, tag, aligners_search)
+    archive_path = os.path.join(workdir, "score_archive.npz")
+    scorer.load_archive(archive_path)
+    phi = jnp.stack([
+        descriptors_lib.block_descriptors(jax.tree.map(lambda x: x[: num_sources * L], p), base_blocks, num_sources)
+        for p in pools
+    ])  # fmt: skip  # [N, P, d]
+    trainer = ppo.make_trainer(acfg, ppo.host_score_fn(scorer, K), phi, jnp.asarray(preferences, jnp.float32))
+    curve: list[float] = []
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    def on_metrics(iteration: int, row: dict) -> None:
+        curve.append(row.get("episode_return", float("nan")))
+        if iteration % cfg.checkpoint_every == 0 or iteration == acfg.num_iterations:
+            scorer.save_archive(archive_path)
+
+    runner = loop_lib.run_training(trainer, key, acfg.num_iterations, checkpoint_dir=os.path.join(workdir, "ckpt"),
+                                   checkpoint_every=cfg.checkpoint_every, metrics_fn=on_metrics)  # fmt: skip
+    scorer.save_archive(archive_path)
+    # The reward curve of the whole run (also the iterations before a resume) is rebuilt from metrics.jsonl.
+    _append_curve(metrics_path, curve, start_iteration=acfg.num_iterations - len(curve))
+    decode = jax.jit(trainer.decode)
+    results = []
+    for i, pref in enumerate(np.asarray(preferences, np.float32)):
+        path, length = decode(runner.params, jnp.asarray(pref), phi[i])
+        greedy = np.asarray(path, np.int32)
+        scorer(greedy[None], pref[None])  # scored into the archive
+        cands = [(np.frombuffer(k[1], np.int32), s) for k, s in scorer.archive.items() if k[0] == i]
+        lengths = np.array([(p >= 0).sum() for p, _ in cands])
+        rewards = reward(np.stack([s for _, s in cands]), pref, lengths, acfg.beta1, acfg.t_max)
+        best = int(np.argmax(rewards))
+        best_path = cands[best][0]
+        g_key = greedy.tobytes()
+        g_reward = float(rewards[[p.tobytes() for p, _ in cands].index(g_key)])
+        results.append({
+            "preference": pref.tolist(),
+            "greedy_path": greedy.tolist(),
+            "greedy_reward": g_reward,
+            "path": best_path.tolist(),
+            "search_reward": float(rewards[best]),
+            "search": (np.asarray(cands[best][1]) * problem.ideal["search"]).tolist(),
+            "num_candidates": len(cands),
+        })  # fmt: skip
+    heldout = PathScorer(problem, "heldout", preferences, shells, pools, tag, aligners_heldout)
+    for i, r in enumerate(results):
+        r["heldout"] = heldout.raw(i, np.asarray([r["path"]], np.int32))[0].tolist()
+        if aligners_heldout is not None:
+            r["junction"] = {
+                k: v[0].tolist()
+                for k, v in aligners_heldout[i].junctions(np.asarray([r["path"]], np.int32)).items()
+            }
+    with open(metrics_path) as f:
+        full_curve = [float(line) for line in f if line.strip()]
+    return {
+        "per_preference": results,
+        "reward_curve": full_curve,
+        "evaluations": int(len(scorer.archive)),
+        "engine_evaluations_this_process": scorer.evaluations,
+        "flops": scorer.flops,
+        "engine_seconds": scorer.seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "arch_config": {k: getattr(acfg, k) for k in acfg.__dataclass_fields__},
+    }
+
+
+def _append_curve(path: str, curve: list[float], start_iteration: int) -> None:
+    """Keeps metrics.jsonl's first `start_iteration` lines (from before a resume) and appends `curve`."""
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = [line.strip() for line in f if line.strip()][:start_iteration]
+    atomic_write_text(path, "\n".join(old + [repr(float(c)) for c in curve]) + "\n")
+
+
+def decode_for(problem: Problem, trainer_params, trainer, preference, phi) -> np.ndarray:
+    """Greedy path [T_max] for any preference (also unseen): the policy's answer without search."""
+    path, _ = jax.jit(trainer.decode)(trainer_params, jnp.asarray(preference, jnp.float32), phi)
+    return np.asarray(path, np.int32)
+
+
+_ = logging
