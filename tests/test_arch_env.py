@@ -12,7 +12,9 @@ from hm3_jax.arch.ppo import ArchConfig, CachedScoreFn, gae
 
 def _params(t_min=2, t_max=4, beta1=0.2):
     # K = 2 tasks, 3 sources, L = 3 -> P = 9, STOP = 9
-    return env.make_env_params(jnp.array([0.25, 0.75]), beta1, num_sources=3, num_layers=3, t_min=t_min, t_max=t_max)
+    return env.make_env_params(
+        jnp.array([0.25, 0.75]), beta1, num_sources=3, num_layers=3, t_min=t_min, t_max=t_max
+    )
 
 
 def test_stop_masked_before_t_min_and_forced_end_at_t_max():
@@ -139,9 +141,9 @@ def test_wolpertinger_picks_critics_best_among_k_nearest():
     action, info = wolpertinger.select_action(jax.random.key(0), proto, emb, valid, q_fn, 3, eps=0.0)
     assert int(action) == 0  # best Q among {1, 2, 0}; 4 (Q = 100) is not among the nearest
     # with eps = 1 the pick is uniform among the k nearest
-    picks = jax.vmap(
-        lambda k: wolpertinger.select_action(k, proto, emb, valid, q_fn, 3, eps=1.0)[0]
-    )(jax.random.split(jax.random.key(1), 300))
+    picks = jax.vmap(lambda k: wolpertinger.select_action(k, proto, emb, valid, q_fn, 3, eps=1.0)[0])(
+        jax.random.split(jax.random.key(1), 300)
+    )
     assert set(np.unique(np.asarray(picks)).tolist()) == {0, 1, 2}
     # fewer valid actions than k: invalid candidates are never picked
     valid2 = jnp.array([False, True, False, False, False, False])

@@ -52,7 +52,9 @@ class ActorCritic(nn.Module):
         token_size = 4 * self.embed_size
         glorot = nn.initializers.glorot_uniform()
         self.gru_wi = self.param("gru_wi", glorot, (token_size, 3 * self.hidden_size))
-        self.gru_wh = self.param("gru_wh", nn.initializers.orthogonal(), (self.hidden_size, 3 * self.hidden_size))
+        self.gru_wh = self.param(
+            "gru_wh", nn.initializers.orthogonal(), (self.hidden_size, 3 * self.hidden_size)
+        )
         self.gru_b = self.param("gru_b", nn.initializers.zeros, (3 * self.hidden_size,))
         orth = nn.initializers.orthogonal
         self.actor_1 = nn.Dense(self.hidden_size, kernel_init=orth(np.sqrt(2)))

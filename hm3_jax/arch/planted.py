@@ -44,7 +44,12 @@ class PlantedProblem(NamedTuple):
 
 
 def make_planted_problem(
-    seed: int, num_tasks: int = 2, num_layers: int = 3, t_max: int = 4, merged_value: float = 0.7, noise: float = 0.08
+    seed: int,
+    num_tasks: int = 2,
+    num_layers: int = 3,
+    t_max: int = 4,
+    merged_value: float = 0.7,
+    noise: float = 0.08,
 ) -> PlantedProblem:
     """Draws the tables (numpy ``default_rng(seed)``) and a synthetic pool whose descriptors feed the network."""
     if t_max < num_layers:
@@ -53,7 +58,9 @@ def make_planted_problem(
     num_sources = num_tasks + 1
     pool_size = num_sources * num_layers
     tables = rng.uniform(0.0, noise, size=(num_tasks, t_max, pool_size)).astype(np.float32)
-    targets = np.stack([k * num_layers + rng.integers(0, num_layers, size=num_layers) for k in range(num_tasks)])
+    targets = np.stack(
+        [k * num_layers + rng.integers(0, num_layers, size=num_layers) for k in range(num_tasks)]
+    )
     for k in range(num_tasks):
         for j in range(num_layers):
             tables[k, j, targets[k, j]] = 1.0
@@ -86,7 +93,10 @@ def make_score_fn(problem: PlantedProblem):
 def numpy_scores(problem: PlantedProblem, path: tuple[int, ...]) -> np.ndarray:
     """``[K]`` scores of one unpadded path, by a plain loop (independent of :func:`make_score_fn`)."""
     return np.array(
-        [sum(problem.tables[k, j, a] for j, a in enumerate(path)) / problem.t_max for k in range(problem.num_tasks)]
+        [
+            sum(problem.tables[k, j, a] for j, a in enumerate(path)) / problem.t_max
+            for k in range(problem.num_tasks)
+        ]
     )
 
 
