@@ -1,0 +1,185 @@
+r"""Streaming-merge throughput on a synthetic Llama-shaped pool; prints one JSON object.
+
+  python -m benchmarks.merge_throughput [--size_gb=1.0] [--num_models=2] \
+      [--mergekit_python=/tmp/mk/bin/python]
+
+A base and `--num_models` fine-tuned checkpoints of about `--size_gb` GB each (bfloat16, Llama tensor names and
+config, so mergekit accepts them) are written to a temporary directory, merged with `ties` (density 0.5) and
+`dare_ties` (drop rate 0.5) by `hm3_jax.merging.streaming.merge_checkpoints`, and deleted afterwards.
+
+GB/s = bytes of all input tensors read (base + every model; 1 GB = 1e9 bytes) / wall-clock seconds of the whole
+merge, including reading, arithmetic, writing the output and compiling. `memcpy_gbps` is `np.copyto` of a
+512 MiB array (best of 3), counted as bytes copied per second: the physical limit of a streaming merge that
+reads each input byte once. `peak_rss_mb` is this process's peak RSS after the merges (before the memcpy
+test). With `--mergekit_python`, mergekit's own CLI (`mergekit-yaml`, CPU) merges the same files with `ties`
+(same density) and `mergekit_ties_gbps` is reported on the same definition; mergekit runs in its own venv and
+is never imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+from absl import app, flags
+
+from hm3_jax.merging.safetensors_stream import ShardWriter
+from hm3_jax.merging.streaming import merge_checkpoints
+
+FLAGS = flags.FLAGS
+flags.DEFINE_float("size_gb", 1.0, "Size of each checkpoint in GB (1e9 bytes), approximately (>=).")
+flags.DEFINE_integer("num_models", 2, "Number of fine-tuned models (besides the base).")
+flags.DEFINE_string("mergekit_python", None, "Python interpreter of a venv with mergekit installed.")
+flags.DEFINE_string("workdir", None, "Where to write the synthetic pool (default: a temp dir).")
+flags.DEFINE_integer("seed", 0, "Seed of the synthetic weights and of DARE.")
+
+HIDDEN, INTERMEDIATE, VOCAB, HEADS = 2048, 5632, 32000, 16
+
+
+def _layer_shapes(layer: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{layer}."
+    return {
+        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.v_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+        p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+        p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+        p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+        p + "input_layernorm.weight": (HIDDEN,),
+        p + "post_attention_layernorm.weight": (HIDDEN,),
+    }
+
+
+def _shapes(size_gb: float) -> tuple[dict[str, tuple[int, ...]], int]:
+    shell = {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "lm_head.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+    }
+    per_layer = sum(int(np.prod(s)) for s in _layer_shapes(0).values()) * 2
+    shell_bytes = sum(int(np.prod(s)) for s in shell.values()) * 2
+    num_layers = max(1, int(np.ceil((size_gb * 1e9 - shell_bytes) / per_layer)))
+    shapes = dict(shell)
+    for layer in range(num_layers):
+        shapes.update(_layer_shapes(layer))
+    return shapes, num_layers
+
+
+def _write_checkpoint(path: str, shapes, num_layers: int, base: str | None, seed: int) -> None:
+    """One checkpoint, tensor by tensor: base ~ N(0, 0.02); a model = base + N(0, 0.002)."""
+    os.makedirs(path)
+    names = sorted(shapes)
+    writer = ShardWriter(
+        os.path.join(path, "model.safetensors"), [(n, ml_dtypes.bfloat16, shapes[n]) for n in names]
+    )
+    rng = np.random.default_rng(seed)
+    base_file = None
+    if base is not None:
+        from safetensors import safe_open
+
+        base_file = safe_open(os.path.join(base, "model.safetensors"), framework="numpy")
+    for name in names:
+        if base_file is None:
+            value = rng.standard_normal(shapes[name], dtype=np.float32) * 0.02
+        else:
+            value = base_file.get_tensor(name).astype(np.float32)
+            value += rng.standard_normal(shapes[name], dtype=np.float32) * 0.002
+        writer.write(name, value.astype(ml_dtypes.bfloat16))
+    writer.close()
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _memcpy_gbps() -> float:
+    src = np.ones(512 * 2**20, np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return src.nbytes / best / 1e9
+
+
+def _input_bytes(dirs) -> int:
+    return sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in dirs)
+
+
+def _mergekit_ties(python: str, base: str, models, out: str) -> float:
+    config = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in models],
+        "dtype": "bfloat16",
+    }
+    path = out + ".yml"
+    with open(path, "w") as f:
+        json.dump(config, f)  # JSON is YAML
+    cli = os.path.join(os.path.dirname(python), "mergekit-yaml")
+    start = time.perf_counter()
+    subprocess.run([cli, path, out, "--no-copy-tokenizer", "--quiet", "--no-write-model-card"], check=True)
+    return time.perf_counter() - start
+
+
+def main(argv):
+    del argv
+    workdir = tempfile.mkdtemp(prefix="merge_bench_", dir=FLAGS.workdir)
+    try:
+        shapes, num_layers = _shapes(FLAGS.size_gb)
+        base = os.path.join(workdir, "base")
+        _write_checkpoint(base, shapes, num_layers, None, FLAGS.seed)
+        models = []
+        for i in range(FLAGS.num_models):
+            models.append(os.path.join(workdir, f"model{i}"))
+            _write_checkpoint(models[-1], shapes, num_layers, base, FLAGS.seed + 1 + i)
+        read_bytes = _input_bytes([base, *models])
+        result = {"input_gb": read_bytes / 1e9, "num_models": FLAGS.num_models, "num_layers": num_layers}
+        key = jax.random.key(FLAGS.seed)
+        for method, hparams in (("ties", {"density": 0.5}), ("dare_ties", {"drop_rate": 0.5})):
+            out = os.path.join(workdir, f"out_{method}")
+            start = time.perf_counter()
+            merge_checkpoints(method, base, models, out, key=key, progress=False, **hparams)
+            seconds = time.perf_counter() - start
+            result[f"{method}_seconds"] = seconds
+            result[f"{method}_gbps"] = read_bytes / seconds / 1e9
+            shutil.rmtree(out)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if FLAGS.mergekit_python:
+            out = os.path.join(workdir, "out_mergekit")
+            seconds = _mergekit_ties(FLAGS.mergekit_python, base, models, out)
+            result["mergekit_ties_seconds"] = seconds
+            result["mergekit_ties_gbps"] = read_bytes / seconds / 1e9
+            result["ties_speedup_vs_mergekit"] = result["ties_gbps"] / result["mergekit_ties_gbps"]
+            shutil.rmtree(out)
+        result["memcpy_gbps"] = _memcpy_gbps()
+        result["ties_fraction_of_memcpy"] = result["ties_gbps"] / result["memcpy_gbps"]
+        result["dare_ties_fraction_of_memcpy"] = result["dare_ties_gbps"] / result["memcpy_gbps"]
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
