@@ -15,6 +15,8 @@ that use them.
 
 import ml_collections
 
+from experiments.configs import hm3_common
+
 
 def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
     """The zoo section: data sizes, tokenizer, model size, base pretraining and expert fine-tuning."""
@@ -81,4 +83,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown tiny3 variant {arg!r}; use no argument or 'smoke'")
     config = ml_collections.ConfigDict()
     config.zoo = zoo_config(smoke=arg == "smoke")
-    return config
+    return hm3_common.add_hm3(config, smoke=arg == "smoke")

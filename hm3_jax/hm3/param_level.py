@@ -60,14 +60,59 @@ def _initial_genes(density: float, drop_rate: float, num_layers: int) -> np.ndar
 def tuned_merge(problem: Problem, preference, key: jax.Array, hparams: dict) -> dict:
     """DARE-TIES with per-block weights `lambda_k * block_weights` at tuned density / drop rate / scale.
 
-    Shell leaves (embeddings, final norm, head) get `lambda_k * mean(block_weights)` (`merging.groups`).
+    Shell leaves (embeddings, final norm, head) get `lambda_k * mean(block_weights)`. Implemented by
+    `dare_ties_traced`, whose hyperparameters are traced, so CMA-ES candidates never recompile.
     """
-    block = np.asarray(hparams["block_weights"], np.float32)
-    weights = [float(lam) * block for lam in np.asarray(preference, np.float64)]
-    return merging.merge(
-        "dare_ties", problem.base, problem.experts, key, weights=weights,
-        density=hparams["density"], drop_rate=hparams["drop_rate"], scale=hparams["scale"], normalize=False,
+    block = jnp.asarray(hparams["block_weights"], jnp.float32)
+    lam = jnp.asarray(np.asarray(preference, np.float32))
+    return dare_ties_traced(
+        problem.base, problem.experts, key, lam[:, None] * block[None], lam * jnp.mean(block),
+        jnp.float32(hparams["density"]), jnp.float32(hparams["drop_rate"]), jnp.float32(hparams["scale"]),
     )  # fmt: skip
+
+
+@jax.jit
+def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, drop_rate, scale):
+    """DARE-TIES (HM3_SPEC Eq. 5) with traced hyperparameters, for the CMA-ES search.
+
+    Per leaf and block: `delta_k = theta_k - base`; DARE keeps each entry with probability `1 - p` and
+    rescales by `1 / (1 - p)`; TIES keeps the entries whose magnitude is at or above the `(1 - density)`
+    quantile of `|delta_k|` (a quantile threshold instead of an exact top-k, so `density` can be traced);
+    the sign per entry is the sign of `sum_k w_k delta_k`; `Theta = base + scale * sum_k w_k m_k delta_k`
+    over the entries that agree with it (no normalisation, as `hm3_merge`).
+
+    Args: base / experts: params pytrees; key; block_weights [K, L]; shell_weights [K]; density, drop_rate,
+      scale: scalars. Returns: merged params with the base's dtypes.
+    """
+    from hm3_jax.merging.groups import is_stacked, path_name
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
+    expert_leaves = [jax.tree.leaves(e) for e in experts]
+    out = []
+    for index, (path, leaf) in enumerate(leaves):
+        thetas = jnp.stack([el[index] for el in expert_leaves]).astype(jnp.float32)  # [K, ...]
+        leaf_key = jax.random.fold_in(key, index)
+
+        def one(k, b, th, w):
+            delta = th - b[None]
+            keep = jax.random.bernoulli(k, 1.0 - drop_rate, delta.shape)
+            delta = jnp.where(keep, delta / (1.0 - drop_rate), 0.0)
+            mag = jnp.abs(delta).reshape(delta.shape[0], -1)
+            thr = jnp.quantile(mag, 1.0 - density, axis=1)
+            delta = jnp.where(jnp.abs(delta) >= thr.reshape((-1,) + (1,) * (delta.ndim - 1)), delta, 0.0)
+            weighted = delta * w.reshape((-1,) + (1,) * (delta.ndim - 1))
+            sign = jnp.sign(weighted.sum(0))
+            agree = jnp.sign(delta) == sign[None]
+            return b + scale * jnp.where(agree, weighted, 0.0).sum(0)
+
+        b32 = leaf.astype(jnp.float32)
+        if is_stacked(path_name(path)):
+            keys = jax.vmap(lambda i, lk=leaf_key: jax.random.fold_in(lk, i))(jnp.arange(b32.shape[0]))
+            merged = jax.vmap(one, in_axes=(0, 0, 1, 1))(keys, b32, thetas, block_weights)
+        else:
+            merged = one(leaf_key, b32, thetas, shell_weights)
+        out.append(merged.astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def tchebycheff_normalised(problem: Problem, scores: np.ndarray, preference) -> float:
@@ -92,11 +137,12 @@ def run_cmaes(problem: Problem, preference, key: jax.Array, *, density: float, d
     es_params = strategy.default_params.replace(std_init=sigma)
     key_init, key_es, key_merge = jax.random.split(key, 3)
     state = strategy.init(key_init, jnp.asarray(x0), es_params)
+    ask, tell = jax.jit(strategy.ask), jax.jit(strategy.tell)
     best = {"fitness": np.inf}
     history, evaluations = [], 0
     for gen in range(num_generations):
         key_es, key_ask, key_tell = jax.random.split(key_es, 3)
-        population, state = strategy.ask(key_ask, state, es_params)
+        population, state = ask(key_ask, state, es_params)
         fitness = []
         for x in np.asarray(population):
             hp = decode_genes(x, L)
@@ -107,7 +153,7 @@ def run_cmaes(problem: Problem, preference, key: jax.Array, *, density: float, d
             fitness.append(fit)
             if fit < best["fitness"]:
                 best = {"fitness": fit, "hparams": hp, "search": scores.tolist()}
-        state, _ = strategy.tell(key_tell, population, jnp.asarray(fitness, jnp.float32), state, es_params)
+        state, _ = tell(key_tell, population, jnp.asarray(fitness, jnp.float32), state, es_params)
         history.append(best["fitness"])
         logging.info(
             "param-level CMA-ES gen %d/%d: best Tchebycheff %.4f", gen + 1, num_generations, best["fitness"]

@@ -75,9 +75,17 @@ def pool_for(problem_or_experts, merged: dict | None) -> dict:
 
 
 def make_problem(
-    zoo, engine_strategy: str = "map", chunk_size: int = 8, prefix_sharing: bool = True
+    zoo,
+    engine_strategy: str = "map",
+    chunk_size: int = 8,
+    prefix_sharing: bool = True,
+    search_examples: int | None = None,
 ) -> Problem:
     """Builds the Problem of a loaded zoo (`hm3_jax.tasks.zoo.Zoo`).
+
+    `search_examples` caps the examples per task that searches are scored on (the first ones of the zoo's
+    shuffled search split; None = all of it). Path evaluation is the inner loop of every search and costs
+    in proportion to it; the held-out split is always used whole.
 
     Source scores are computed with the path engine on each source's identity path, so the numbers every
     method is compared with come from the same code path as the searched paths.
@@ -87,6 +95,15 @@ def make_problem(
     base = zoo.base.params
     experts = [zoo.experts[t].params for t in tasks]
     objectives = {split: [zoo.objectives[split][t] for t in tasks] for split in SPLITS}
+    if search_examples:
+        from hm3_jax.tasks import zoo as zoo_lib
+
+        subset = {t: {"search": zoo.data[t]["search"][:search_examples], "heldout": zoo.data[t]["heldout"]}
+                  for t in tasks}  # fmt: skip
+        cfg = zoo.manifest["config"]
+        search_objs = zoo_lib.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
+                                              cfg["seq_len"], splits=("search",))  # fmt: skip
+        objectives["search"] = [search_objs["search"][t] for t in tasks]
     pool = pool_for(experts, base)  # experts then base: every source is one identity path over this pool
     shell = models.shell_of(base)
     engines = {

@@ -123,6 +123,12 @@ class Workdir:
         os.makedirs(os.path.dirname(p), exist_ok=True)
         return p
 
+    def subdir(self, *parts: str) -> str:
+        """`workdir/parts...` as a directory (created)."""
+        p = os.path.join(self.path, *parts)
+        os.makedirs(p, exist_ok=True)
+        return p
+
     def stage_path(self, name: str) -> str:
         return os.path.join(self.path, "stages", name.replace(":", "_").replace("/", "_") + ".json")
 

@@ -1,0 +1,232 @@
+"""The end-to-end HM3 run (issue 6): zoo -> preferences -> parameter level -> architecture level ->
+ablations -> baselines at an equal budget -> held-out report, plots and exports.
+
+Every step is a stage of `Workdir` (stored as JSON under `DIR/stages/`), and the RL keeps orbax checkpoints,
+so a killed run re-run with the same command resumes and ends with the same report. A workdir made by a
+different config is refused (`WorkdirError`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from hm3_jax import models, moo
+from hm3_jax.hm3 import arch_level, baselines_runner, export, param_level
+from hm3_jax.hm3 import report as report_lib
+from hm3_jax.hm3.problem import Problem, make_problem, pool_for
+from hm3_jax.hm3.workdir import Workdir
+
+REQUIRED_PARAM = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb")
+REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
+
+
+def make_preferences(cfg, num_tasks: int, key: jax.Array) -> np.ndarray:
+    """[N, K] preferences: the balanced one first, then Dirichlet(1) samples or a Das-Dennis grid."""
+    balanced = np.full((1, num_tasks), 1.0 / num_tasks)
+    if cfg.kind == "dirichlet":
+        rest = np.asarray(moo.dirichlet(key, max(cfg.num - 1, 0), num_tasks), np.float64)
+    elif cfg.kind == "das_dennis":
+        grid = moo.das_dennis(num_tasks, cfg.divisions)
+        rest = grid[np.abs(grid - balanced).sum(1) > 1e-9]
+    else:
+        raise ValueError(f"preferences.kind must be 'dirichlet' or 'das_dennis', got {cfg.kind!r}")
+    prefs = np.concatenate([balanced, rest]).astype(np.float32)
+    return prefs / prefs.sum(1, keepdims=True)
+
+
+def _check_config(config) -> None:
+    unknown = [m for m in config.baselines.param_methods if m not in REQUIRED_PARAM]
+    unknown += [m for m in config.baselines.path_methods if m not in REQUIRED_PATH]
+    if unknown:
+        raise ValueError(f"unknown baseline method(s) {unknown}; known: {REQUIRED_PARAM + REQUIRED_PATH}")
+    if config.arch.alignment not in ("none", "moment"):
+        raise ValueError(f"arch.alignment must be 'none' or 'moment', got {config.arch.alignment!r}")
+    if config.param_level.pool_model not in ("paper", "tuned"):
+        raise ValueError(
+            f"param_level.pool_model must be 'paper' or 'tuned', got {config.param_level.pool_model!r}"
+        )
+
+
+def _calibration(problem: Problem, zoo, rows: int = 32):
+    """Calibration inputs [B, S] for moment alignment: prompts+targets of the search split (first tasks' rows)."""
+    obj = problem.objectives["search"][-1]
+    ids = np.asarray(obj.arrays.tree["input_ids"])
+    ids = ids.reshape(-1, ids.shape[-1])[:rows]
+    return ids, (ids != zoo.tokenizer.pad_token_id).astype(np.float32)
+
+
+def setup(config, workdir: str, zoo_dir: str | None = None):
+    """Workdir, zoo and Problem of a run (shared by `run_hm3` and `suggest`)."""
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    _check_config(config)
+    wd = Workdir(workdir, config.to_dict())
+    zoo_dir = zoo_dir or os.path.join(wd.path, "zoo")
+    zoo = zoo_lib.build_or_load(config.zoo, zoo_dir, on_mismatch="error")
+    empty = [(t, s) for s in ("search", "heldout") for t in zoo.tasks if not zoo.data[t].get(s)]
+    if empty:
+        raise ValueError(f"empty task split(s) {empty} in zoo {zoo_dir}")
+    problem = make_problem(
+        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing
+    )
+    return wd, zoo, problem
+
+
+def merged_models(problem: Problem, param: list[dict], variant: str) -> list[dict]:
+    return [param_level.merged_for(problem, e, variant) for e in param]
+
+
+def run_hm3(config, workdir: str, zoo_dir: str | None = None) -> dict:
+    """Runs (or resumes) the whole job; returns the report dict (also written to DIR/report.json)."""
+    t0 = time.perf_counter()
+    wd, zoo, problem = setup(config, workdir, zoo_dir)
+    K, L, N = problem.num_tasks, problem.config.num_layers, None
+    key = jax.random.PRNGKey(config.seed)
+    k_pref, k_param, k_arch, k_abl, k_base = jax.random.split(key, 5)
+    prefs = np.asarray(
+        wd.stage("preferences", lambda: make_preferences(config.preferences, K, k_pref)), np.float32
+    )
+    N = len(prefs)
+    logging.info("HM3: %d tasks %s, %d preferences, L=%d", K, problem.tasks, N, L)
+
+    # Parameter level.
+    param = wd.stage(
+        "param_level", lambda: param_level.run_param_level(problem, prefs, k_param, config.param_level)
+    )
+    variant = config.param_level.pool_model if config.param_level.cmaes.enabled else "paper"
+    merged = merged_models(problem, param, variant)
+    shells = [models.shell_of(m) for m in merged]
+    pools = [pool_for(problem, m) for m in merged]
+    base_blocks = problem.base["blocks"]
+
+    aligners = {"search": None, "heldout": None}
+    if config.arch.alignment == "moment":
+        ids, mask = _calibration(problem, zoo)
+        aligners["search"] = arch_level.make_aligners(
+            problem, "moment", shells, pools, ids, mask, shell_source=K
+        )
+        aligners["heldout"] = aligners["search"]  # junctions are fitted on search data and then fixed
+
+    hm3 = wd.stage("hm3", lambda: arch_level.run_arch_level(
+        problem, prefs, shells, pools, base_blocks, k_arch, config.arch, wd.subdir("arch", "hm3"), "hm3",
+        K + 1, aligners["search"], aligners["heldout"]))  # fmt: skip
+
+    np_shell, np_pool = arch_level.no_param_level_model(problem)
+    no_param = wd.stage("hm3_no_param_level", lambda: arch_level.run_arch_level(
+        problem, prefs, [np_shell] * N, [np_pool] * N, base_blocks, k_abl, config.arch,
+        wd.subdir("arch", "no_param"), "no_param", K))  # fmt: skip
+
+    budget = int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
+    methods: dict[str, dict] = {}
+    for k, t in enumerate(problem.tasks):
+        methods[f"expert:{t}"] = {"points": [problem.source_scores["heldout"][k + 1].tolist()], "evaluations": 0,
+                                  "wall_seconds": 0.0}  # fmt: skip
+    methods["base"] = {
+        "points": [problem.source_scores["heldout"][0].tolist()],
+        "evaluations": 0,
+        "wall_seconds": 0.0,
+    }
+    for i, m in enumerate(config.baselines.param_methods):
+        methods[m] = wd.stage(f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_param_baseline(
+            problem, m, prefs, jax.random.fold_in(k_base, i), tune=config.baselines.tune))  # fmt: skip
+    evaluator = baselines_runner.ExpertPathEvaluator(problem, np_shell, np_pool)
+    for i, m in enumerate(config.baselines.path_methods):
+        methods[m] = wd.stage(f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_path_baseline(
+            problem, m, prefs, jax.random.fold_in(k_base, 100 + i), evaluator, config.arch.rl.t_max, budget))  # fmt: skip
+
+    param_evals = sum(e["paper"]["evaluations"] + e.get("tuned", {}).get("evaluations", 0) for e in param)
+    param_seconds = sum(e["wall_seconds"] for e in param)
+    methods["hm3"] = {
+        "points": [r["heldout"] for r in hm3["per_preference"]],
+        "paths": [r["path"] for r in hm3["per_preference"]],
+        "preferences": prefs.tolist(),
+        "evaluations": hm3["evaluations"] + param_evals,
+        "path_evaluations": hm3["evaluations"],
+        "model_evaluations": param_evals,
+        "wall_seconds": hm3["wall_seconds"] + param_seconds,
+    }
+    methods["hm3_no_param_level"] = {
+        "points": [r["heldout"] for r in no_param["per_preference"]],
+        "paths": [r["path"] for r in no_param["per_preference"]],
+        "preferences": prefs.tolist(),
+        "evaluations": no_param["evaluations"],
+        "wall_seconds": no_param["wall_seconds"],
+    }
+    methods["hm3_no_arch_level"] = {
+        "points": [e[variant]["heldout"] if variant in e else e["paper"]["heldout"] for e in param],
+        "paper_points": [e["paper"]["heldout"] for e in param],
+        "preferences": prefs.tolist(),
+        "evaluations": param_evals,
+        "wall_seconds": param_seconds,
+    }
+    for m in methods.values():
+        if m.get("preferences") is not None:
+            m["balanced_index"] = 0
+        elif len(m["points"]) > 1:  # a set method: the point closest to balanced in normalised terms
+            pts = problem.normalise(np.asarray(m["points"]), "heldout")
+            m["balanced_index"] = int(np.argmax(pts.min(1)))
+
+    expert_points = [problem.source_scores["heldout"][k + 1] for k in range(K)]
+    extra = {
+        "balanced": report_lib.balanced_retention(problem.tasks, methods["hm3"]["points"][0], expert_points),
+        "ideal_search": problem.ideal["search"].tolist(),
+        "source_scores": {s: v.tolist() for s, v in problem.source_scores.items()},
+        "budget": {
+            "path_evaluations_per_path_baseline": budget,
+            "hm3_path_evaluations": hm3["evaluations"],
+            "hm3_model_evaluations": param_evals,
+        },  # fmt: skip
+        "param_level_summary": [
+            {
+                "preference": e["preference"],
+                "paper_heldout": e["paper"]["heldout"],
+                "tuned_heldout": e.get("tuned", {}).get("heldout"),
+                "tuned_hparams": e.get("tuned", {}).get("hparams"),
+            }
+            for e in param
+        ],  # fmt: skip
+        "arch_level_summary": {
+            "arch_config": hm3["arch_config"],
+            "alignment": config.arch.alignment,
+            "flops": hm3["flops"],
+            "engine_seconds": hm3["engine_seconds"],
+        },  # fmt: skip
+        "config_fingerprint": wd.fingerprint,
+    }
+    rep = report_lib.build_report(
+        problem.tasks, problem.ideal["heldout"], methods, config.report.fixed_reference, extra
+    )
+    rep["claims"] = report_lib._claims(rep)
+    curves = {"hm3": hm3["reward_curve"], "hm3_no_param_level": no_param["reward_curve"]}
+    paths = report_lib.write_report(rep, wd.path, curves)
+    logging.info("report written: %s", paths)
+
+    if config.export:
+        wd.stage("exports", lambda: _export_all(wd, zoo, problem, param, variant, merged, pools, hm3))
+    logging.info("HM3 run done in %.1f s", time.perf_counter() - t0)
+    return rep
+
+
+def _export_all(wd, zoo, problem, param, variant, merged, pools, hm3) -> dict:
+    m = zoo.manifest["paths"]
+    zoo_dirs = {"base": os.path.join(zoo.workdir, m["base"]),
+                "experts": [os.path.join(zoo.workdir, m["experts"][t]) for t in problem.tasks]}  # fmt: skip
+    tok = os.path.join(zoo.workdir, m["tokenizer"])
+    out = {}
+    for i, (e, mg, pool, r) in enumerate(zip(param, merged, pools, hm3["per_preference"], strict=True)):
+        hp = e.get(variant, e["paper"])["hparams"] if variant in e else e["paper"]["hparams"]
+        junction = None
+        if "junction" in r:
+            junction = {k: np.asarray(v) for k, v in r["junction"].items()}
+        out[f"pref_{i}"] = export.export_preference(os.path.join(wd.path, "exports", f"pref_{i}"), problem.config, mg,
+                                                    pool, r["path"], e["preference"], zoo_dirs, hp, junction, tok)  # fmt: skip
+    return out
+
+
+_ = (jnp,)
