@@ -4,6 +4,9 @@ preferences, and a killed-and-resumed run ends exactly where the uninterrupted r
 Cost on a loaded 2-core CPU: one compilation of the training chunk (~20-30 s) plus 2 x 80 iterations.
 """
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,13 +31,14 @@ def setup(tmp_path_factory):
     )
     straight_dir = str(tmp_path_factory.mktemp("straight"))
     runner = loop.run_training(
-        trainer, jax.random.key(0), NUM_ITERATIONS, straight_dir, checkpoint_every=CHUNK, progress=False
-    )
-    return problem, config, trainer, runner
+        trainer, jax.random.key(0), NUM_ITERATIONS, straight_dir, checkpoint_every=CHUNK, progress=False,
+        max_to_keep=NUM_ITERATIONS // CHUNK,
+    )  # fmt: skip
+    return problem, config, trainer, runner, straight_dir
 
 
 def test_planted_optimum_found_for_two_preferences(setup):
-    problem, config, trainer, runner = setup
+    problem, config, trainer, runner, _ = setup
     decode = jax.jit(trainer.decode)
     for w in PREFERENCES:
         optimum, _ = planted.brute_force_optimum(problem, np.array(w), config.beta1, config.t_min)
@@ -54,16 +58,31 @@ def test_planted_optimum_found_for_two_preferences(setup):
 
 
 def test_resume_equals_uninterrupted(setup, tmp_path):
-    _, _, trainer, straight = setup
-    workdir = str(tmp_path / "ckpt")
-    half = loop.run_training(
-        trainer, jax.random.key(0), NUM_ITERATIONS // 2, workdir, checkpoint_every=CHUNK, progress=False
-    )
-    assert int(half.iteration) == NUM_ITERATIONS // 2
-    del half  # "killed": the resumed run starts from the checkpoint on disk only
+    """A run killed after the checkpoint at NUM_ITERATIONS / 2 leaves exactly that checkpoint on disk (orbax
+    writes atomically); we copy it from the uninterrupted run, which saved it on its way, and resume."""
+    _, _, trainer, straight, straight_dir = setup
+    half = NUM_ITERATIONS // 2
+    workdir = tmp_path / "killed"
+    workdir.mkdir()
+    shutil.copytree(os.path.join(straight_dir, str(half)), workdir / str(half))
     resumed = loop.run_training(
-        trainer, jax.random.key(123), NUM_ITERATIONS, workdir, checkpoint_every=CHUNK, progress=False
-    )
+        trainer, jax.random.key(123), NUM_ITERATIONS, str(workdir), checkpoint_every=CHUNK, progress=False
+    )  # a different key: the restored state's key must win
     assert int(resumed.iteration) == NUM_ITERATIONS
     jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
     np.testing.assert_array_equal(jax.random.key_data(resumed.key), jax.random.key_data(straight.key))
+    assert sorted(os.listdir(workdir)) == [str(NUM_ITERATIONS - CHUNK), str(NUM_ITERATIONS)]
+
+
+def test_run_from_scratch_and_halfway_checkpoint_match(setup, tmp_path):
+    """The first half of a fresh checkpointed run equals the uninterrupted run's halfway checkpoint."""
+    _, _, trainer, _, straight_dir = setup
+    half = NUM_ITERATIONS // 2
+    runner = loop.run_training(
+        trainer, jax.random.key(0), half, str(tmp_path), checkpoint_every=CHUNK, progress=False
+    )
+    manager = loop.make_checkpoint_manager(straight_dir, max_to_keep=NUM_ITERATIONS // CHUNK)
+    saved = manager.restore(half, args=loop.ocp.args.StandardRestore())
+    manager.close()
+    jax.tree.map(np.testing.assert_array_equal, runner.params, saved["params"])

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -44,6 +45,9 @@ def restore_latest(manager: ocp.CheckpointManager, like: RunnerState) -> RunnerS
         return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    # orbax returns device-committed arrays; host round trip makes them look like init's, so the compiled
+    # training chunk is reused instead of recompiled for a different placement.
+    restored = jax.tree.map(jnp.asarray, jax.device_get(restored))
     return _from_saveable(restored)
 
 
@@ -55,6 +59,7 @@ def run_training(
     checkpoint_every: int = 10,
     metrics_fn: Callable[[int, dict[str, float]], Any] | None = None,
     progress: bool = True,
+    max_to_keep: int = 2,
 ) -> RunnerState:
     """Trains to ``num_iterations`` iterations in chunks, checkpointing after each chunk, resuming if possible.
 
@@ -66,6 +71,7 @@ def run_training(
       checkpoint_every: iterations per jitted chunk (and between checkpoints).
       metrics_fn: called on the host as ``metrics_fn(iteration, {name: float})`` for every iteration (1-based).
       progress: show a tqdm bar.
+      max_to_keep: checkpoints kept on disk (the latest ones).
 
     Returns:
       The final :class:`RunnerState`.
@@ -73,7 +79,7 @@ def run_training(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     runner = trainer.init(key)
-    manager = make_checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
+    manager = make_checkpoint_manager(checkpoint_dir, max_to_keep) if checkpoint_dir else None
     if manager is not None:
         restored = restore_latest(manager, runner)
         if restored is not None:
