@@ -99,6 +99,12 @@ def test_budgeted_evaluator_rejects_bad_scores():
     ev = B.BudgetedEvaluator(lambda p, s: np.full((len(p), 2), np.nan), GEOMETRY, 5, progress=False)
     with pytest.raises(ValueError, match="NaN"):
         ev(TARGETS, None)
+    with pytest.raises(ValueError, match="pool indices"):
+        ev(np.array([[0, 1, 6, -1]]), None)  # pool size is 2 * 3 = 6
+    with pytest.raises(ValueError, match="t_max=4"):
+        ev(np.zeros((1, 3), np.int32), None)
+    with pytest.raises(ValueError, match="junction scales"):
+        ev(TARGETS, np.ones((2, 3)))
 
 
 # ---------------------------------------------------------------- single-preference searches

@@ -95,11 +95,15 @@ class BudgetedEvaluator:
           out (the caller then stops).
         """
         paths = np.asarray(paths, dtype=np.int32)
+        if paths.ndim != 2 or paths.shape[1] != self.geometry.t_max:
+            raise ValueError(f"paths must be [N, t_max={self.geometry.t_max}], got shape {paths.shape}")
+        if np.any(paths < -1) or np.any(paths >= self.geometry.pool_size):
+            raise ValueError(f"paths hold pool indices in [0, {self.geometry.pool_size}) or -1 padding")
         scales = None if scales is None else np.asarray(scales, dtype=np.float32)
-        keys = [
-            self._key(p, None if scales is None else s)
-            for p, s in zip(paths, scales if scales is not None else [None] * len(paths), strict=True)
-        ]
+        if scales is not None and scales.shape != paths.shape:
+            raise ValueError(f"junction scales have shape {scales.shape}, paths {paths.shape}")
+        row_scales = [None] * len(paths) if scales is None else list(scales)
+        keys = [self._key(p, s) for p, s in zip(paths, row_scales, strict=True)]
         new_rows: list[int] = []
         new_keys: set[bytes] = set()
         accepted = 0

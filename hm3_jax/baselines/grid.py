@@ -39,10 +39,13 @@ def family_paths(geometry, indices) -> np.ndarray:
     return paths
 
 
+_ENUMERATE_LIMIT = 1 << 20
+
+
 def _sample_indices(key, geometry, count: int) -> list[int]:
     """``count`` distinct family indices drawn uniformly (exact for any family size, deterministic)."""
     size = geometry.num_sources**geometry.num_layers
-    if size <= 2**31 - 1:
+    if size <= _ENUMERATE_LIMIT:  # jax.random.choice materialises range(size)
         return [int(i) for i in np.asarray(jax.random.choice(key, size, (count,), replace=False))]
     # Huge family: draw the L base-S digits uniformly and reject repeats.
     weights = [geometry.num_sources ** (geometry.num_layers - 1 - l) for l in range(geometry.num_layers)]
