@@ -29,7 +29,7 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
     c.task_share = 0.05  # share of task-formatted text in the base corpus (formats only, not the skills)
     c.max_prose_chars = None  # all of pydoc_data.topics' prose
     c.seq_len = 64
-    c.eval_batch_size = 128
+    c.eval_batch_size = 105  # 210 search rows = 2 batches, no padding
 
     c.model = ml_collections.ConfigDict()
     c.model.hidden_size = 128
@@ -39,17 +39,17 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
     c.model.max_position_embeddings = 256
 
     c.base = ml_collections.ConfigDict()
-    c.base.num_steps = 400
+    c.base.num_steps = 300
     c.base.batch_size = 32
     c.base.learning_rate = 3e-3
-    c.base.warmup_steps = 40
+    c.base.warmup_steps = 30
     c.base.weight_decay = 0.01
 
     c.expert = ml_collections.ConfigDict()
-    c.expert.num_steps = 150
+    c.expert.num_steps = 200
     c.expert.batch_size = 32
     c.expert.learning_rate = 1e-3
-    c.expert.warmup_steps = 15
+    c.expert.warmup_steps = 20
     c.expert.weight_decay = 0.0
 
     if smoke:

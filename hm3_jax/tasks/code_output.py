@@ -53,30 +53,31 @@ def run_snippet(code: str) -> str:
 
 def _arith(rng: np.random.Generator) -> str:
     v1, v2 = (str(s) for s in rng.choice(_VARS, size=2, replace=False))
-    a, b = (int(v) for v in rng.integers(1, 10, size=2))
-    op1, op2 = (str(o) for o in rng.choice(["+", "-", "*"], size=2))
+    a = int(rng.integers(1, 10))
+    op1 = str(rng.choice(["+", "-", "*"], p=[0.4, 0.4, 0.2]))
+    b = int(rng.integers(2, 4)) if op1 == "*" else int(rng.integers(1, 6))
     lines = [f"{v1} = {a}", f"{v2} = {v1} {op1} {b}"]
-    if rng.random() < 0.5:
-        c = int(rng.integers(1, 6))
-        lines.append(f"print({v2} {op2} {c})")
+    choice = rng.integers(3)
+    if choice == 0:
+        lines.append(f"print({v2})")
+    elif choice == 1:
+        lines.append(f"print({v2} {rng.choice(['+', '-'])} {int(rng.integers(1, 6))})")
     else:
-        lines.append(f"print({v1} {op2} {v2})")
+        lines.append(f"print({v1} + {v2})")
     return "\n".join(lines)
 
 
 def _loop(rng: np.random.Generator) -> str:
     acc = str(rng.choice(["s", "t", "total"]))
     start = int(rng.integers(0, 4))
-    n = int(rng.integers(2, 6))
-    body = (f"{acc} = {acc} + i", f"{acc} = {acc} + {int(rng.integers(1, 5))}", f"{acc} = {acc} + i * 2")[
-        rng.integers(3)
-    ]
+    n = int(rng.integers(2, 5))
+    body = (f"{acc} = {acc} + i", f"{acc} = {acc} + {int(rng.integers(1, 4))}")[rng.integers(2)]
     return "\n".join([f"{acc} = {start}", f"for i in range({n}):", f"    {body}", f"print({acc})"])
 
 
 def _list(rng: np.random.Generator) -> str:
     name = str(rng.choice(["xs", "nums", "items"]))
-    values = [int(v) for v in rng.integers(0, 10, size=int(rng.integers(2, 5)))]
+    values = [int(v) for v in rng.integers(0, 10, size=int(rng.integers(2, 4)))]
     lines = [f"{name} = {values}"]
     mutation = rng.integers(3)
     if mutation == 0:
@@ -100,7 +101,7 @@ def _string(rng: np.random.Generator) -> str:
 
 
 _FAMILIES = (_arith, _loop, _list, _string)
-_FAMILY_WEIGHTS = (0.35, 0.25, 0.3, 0.1)
+_FAMILY_WEIGHTS = (0.3, 0.2, 0.4, 0.1)
 
 
 def sample(rng: np.random.Generator) -> tuple[str, str]:
