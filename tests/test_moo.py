@@ -13,23 +13,19 @@ from hm3_jax.moo import plots
 # ---------------------------------------------------------------- preferences
 
 
-def test_dirichlet_on_simplex_and_reproducible():
+def test_dirichlet_on_simplex_reproducible_and_uniform():
+    # one shape only: jax's Dirichlet sampler is slow to compile
     key = jax.random.key(0)
-    a = np.asarray(moo.dirichlet(key, 15, 3))
-    b = np.asarray(moo.dirichlet(key, 15, 3))
-    assert a.shape == (15, 3)
+    a = np.asarray(moo.dirichlet(key, 20000, 3))
+    b = np.asarray(moo.dirichlet(key, 20000, 3))
+    assert a.shape == (20000, 3)
     np.testing.assert_array_equal(a, b)
     assert np.all(a >= 0)
-    np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-6)
-    c = np.asarray(moo.dirichlet(jax.random.key(1), 15, 3))
-    assert not np.allclose(a, c)
-    moo.validate_preference(a, k=3)
-
-
-def test_dirichlet_uniform_mean():
-    # Dirichlet(1,1,1) has mean 1/3 per coordinate.
-    a = np.asarray(moo.dirichlet(jax.random.key(3), 20000, 3))
-    np.testing.assert_allclose(a.mean(0), 1 / 3, atol=0.01)
+    np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-5)
+    c = np.asarray(moo.dirichlet(jax.random.key(1), 20000, 3))
+    assert not np.allclose(a[:15], c[:15])
+    moo.validate_preference(a[:15], k=3)
+    np.testing.assert_allclose(a.mean(0), 1 / 3, atol=0.01)  # Dirichlet(1, 1, 1) has mean 1/3 per coordinate
 
 
 def test_das_dennis_hand_values():

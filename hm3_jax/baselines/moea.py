@@ -68,7 +68,8 @@ def run_moea(
     Returns:
       dict with ``front`` (``paths``, ``junction_scales``, ``scores`` of the non-dominated archive points),
       ``population`` (final population in the same form), ``archive``, ``evaluations``, ``generations``,
-      ``history`` (per generation: evaluations so far, front size, hypervolume of the archive front).
+      ``history`` (per generation: evaluations so far, front size, hypervolume of the archive front, or
+      None when K > 4).
     """
     geometry = check_geometry(geometry)
     budget = check_budget(budget)
@@ -99,7 +100,8 @@ def run_moea(
                 "generation": generation,
                 "evaluations": evaluator.evaluations,
                 "front_size": int(pareto_mask(archive_scores).sum()),
-                "hypervolume": hypervolume(archive_scores, ref),
+                # exact HV is cheap for k <= 4; in more dimensions it can take minutes per call
+                "hypervolume": hypervolume(archive_scores, ref) if archive_scores.shape[1] <= 4 else None,
             }
         )
 
