@@ -22,10 +22,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown config variant {arg!r}; use '' or 'smoke'")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.checkpoint_every = 25 if not smoke else 5
+    c.checkpoint_every = 20 if not smoke else 5
     c.per_preference = False  # True: the paper's Algorithm 1 (one network per preference)
-    c.preferences = ((0.9, 0.1), (0.1, 0.9), (0.5, 0.5))
-    c.eval_preferences = ((0.9, 0.1), (0.1, 0.9), (0.5, 0.5), (0.8, 0.2), (0.3, 0.7))  # two never trained on
+    # Adding (0.5, 0.5) to the training set made every decode miss after 250 iterations (docs/arch.md).
+    c.preferences = ((0.9, 0.1), (0.1, 0.9))
+    c.eval_preferences = (
+        (0.9, 0.1),
+        (0.1, 0.9),
+        (0.5, 0.5),
+        (0.8, 0.2),
+        (0.3, 0.7),
+    )  # three never trained on
 
     c.planted = ml_collections.ConfigDict()
     c.planted.seed = 0
@@ -46,7 +53,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a.k_nearest = 1
     a.explore_eps = 0.05
     a.preference_sampling = "given"
-    a.num_iterations = 250 if not smoke else 10
+    a.num_iterations = 100 if not smoke else 10
     a.update_epochs = 4
     a.num_minibatches = 4
     a.learning_rate = 3e-3
