@@ -170,3 +170,14 @@ def test_teacher_forced_agrees_with_kv_cache_greedy_decode(params):
     objective = objectives.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=4)
     device = jax.jit(lambda p: objective.device_fn(functools.partial(models.apply, CONFIG, p)))
     np.testing.assert_array_equal(np.asarray(device(params)), greedy_match)
+
+
+def test_bucketing_sorts_by_length_and_trims_rows():
+    pairs = [([1] * 20, [5, 2]), ([1, 3], [2]), ([1] * 9, [4, 2]), ([1, 4], [6, 2])]
+    arrays, order = objectives.bucket_teacher_forced(pairs, pad_id=0, batch_size=2)
+    np.testing.assert_array_equal(order, [1, 3, 2, 0])  # lengths 22, 3, 11, 4
+    assert [a.shape for a in arrays["input_ids"]] == [(1, 2, 8), (1, 2, 24)]
+    np.testing.assert_array_equal(arrays["input_ids"][0][0, 1], [1, 4, 6, 2, 0, 0, 0, 0])
+    np.testing.assert_array_equal(arrays["target_mask"][0][0, 1], [0, 1, 1, 0, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="seq_len"):
+        objectives.bucket_teacher_forced(pairs, pad_id=0, batch_size=2, seq_len=16)

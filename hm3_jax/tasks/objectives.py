@@ -45,7 +45,8 @@ class ArrayBundle:
         self.tree = tree
 
     def __repr__(self) -> str:
-        return "ArrayBundle(" + ", ".join(f"{k}: {v.shape}" for k, v in self.tree.items()) + ")"
+        shapes = jax.tree.map(lambda x: tuple(x.shape), self.tree)
+        return f"ArrayBundle({shapes})"
 
 
 class Objective(NamedTuple):
@@ -171,21 +172,67 @@ def teacher_forced_correct(logits: jax.Array, input_ids: jax.Array, target_mask:
 
 
 def exact_match_kernel(forward, arrays: dict) -> jax.Array:
-    """Teacher-forced greedy exact match over a padded split.
+    """Teacher-forced greedy exact match over a padded, length-bucketed split.
 
     Args:
       forward: ``input_ids [B, S] -> logits [B, S, V]``.
-      arrays: {"input_ids": int32 [nb, B, S], "target_mask": [nb, B, S]} (`pack_teacher_forced`, batched).
+      arrays: {"input_ids": tuple of int32 [nb_g, B, S_g], "target_mask": tuple of [nb_g, B, S_g]}: groups of
+        batches whose rows are trimmed to the group's length S_g (`bucket_teacher_forced`).
 
     Returns:
-      bool [nb * B] (padding rows included; the host function drops them).
+      bool [sum_g nb_g * B] in bucketed order (padding rows included; the host function drops them).
     """
 
     def one_batch(batch):
         ids, tmask = batch
         return teacher_forced_correct(forward(ids), ids, tmask)
 
-    return jax.lax.map(one_batch, (arrays["input_ids"], arrays["target_mask"])).reshape(-1)
+    outs = [
+        jax.lax.map(one_batch, (ids, tmask)).reshape(-1)
+        for ids, tmask in zip(arrays["input_ids"], arrays["target_mask"], strict=True)
+    ]
+    return jnp.concatenate(outs)
+
+
+def bucket_teacher_forced(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    batch_size: int,
+    seq_len: int | None = None,
+    name: str = "split",
+) -> tuple[dict, np.ndarray]:
+    """Sorts examples by length and trims each batch to its longest row (rounded up to 8).
+
+    Right padding costs compute in every forward pass; sorting first makes short examples share short
+    batches. Consecutive batches of equal length form one group (one `lax.map`).
+
+    Returns:
+      (arrays as `exact_match_kernel` takes them, order int [N]: the original index of each bucketed row).
+    """
+    packed = pack_teacher_forced(pairs, pad_id, 1, seq_len, name=name)
+    lengths = np.array([len(p) + len(t) for p, t in pairs])
+    order = np.argsort(lengths, kind="stable")
+    n_pad = _round_up(len(pairs), batch_size)
+    rows = np.concatenate([order, np.full(n_pad - len(order), -1)])
+    groups: list[tuple[int, list[np.ndarray], list[np.ndarray]]] = []
+    for b in range(n_pad // batch_size):
+        idx = rows[b * batch_size : (b + 1) * batch_size]
+        real = idx[idx >= 0]
+        width = min(packed["input_ids"].shape[1], _round_up(int(lengths[real].max()), 8))
+        ids = np.full((batch_size, width), pad_id, np.int32)
+        tmask = np.zeros((batch_size, width), np.float32)
+        ids[: len(real)] = packed["input_ids"][real, :width]
+        tmask[: len(real)] = packed["target_mask"][real, :width]
+        if groups and groups[-1][0] == width:
+            groups[-1][1].append(ids)
+            groups[-1][2].append(tmask)
+        else:
+            groups.append((width, [ids], [tmask]))
+    arrays = {
+        "input_ids": tuple(np.stack(g[1]) for g in groups),
+        "target_mask": tuple(np.stack(g[2]) for g in groups),
+    }
+    return arrays, order
 
 
 def make_exact_match_objective(
@@ -194,23 +241,22 @@ def make_exact_match_objective(
     pad_id: int,
     batch_size: int,
     seq_len: int | None = None,
-    prompt_len: int | None = None,
-    max_new_tokens: int | None = None,
 ) -> Objective:
-    """Teacher-forced exact-match objective over tokenized (prompt, target+eos) pairs."""
-    packed = pack_teacher_forced(pairs, pad_id, batch_size, seq_len, name=name)
+    """Teacher-forced exact-match objective over tokenized (prompt, target+eos) pairs.
+
+    `seq_len` caps the row length (error when an example is longer); rows are bucketed by length.
+    """
+    arrays, order = bucket_teacher_forced(pairs, pad_id, batch_size, seq_len, name=name)
     num = len(pairs)
-    n_pad, seq_len = packed["input_ids"].shape
-    shape = (n_pad // batch_size, batch_size, seq_len)
-    arrays = {
-        "input_ids": packed["input_ids"].reshape(shape),
-        "target_mask": packed["target_mask"].reshape(shape),
-    }
+    n_pad = _round_up(num, batch_size)
+    inverse = np.argsort(order)  # bucketed position of each original example
 
     def device_fn(forward):
-        return exact_match_kernel(forward, jax.tree.map(jnp.asarray, arrays))[:num]  # [N]
+        correct = exact_match_kernel(forward, jax.tree.map(jnp.asarray, arrays))
+        return correct[inverse]  # [N], original order
 
     def host_fn(correct) -> float:
+        # the mean does not depend on the order: accepts device_fn's [N] and the kernel's padded [N_pad]
         correct = np.asarray(correct)
         if correct.ndim != 1 or correct.shape[0] not in (num, n_pad):
             raise ValueError(
