@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny3
-PYTEST_ARGS ?= -q -n 2 --durations=15
+PYTEST_ARGS ?= -q -n 2 --dist loadfile --durations=20
 
 .PHONY: install test demo lint format clean
 
