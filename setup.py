@@ -21,6 +21,7 @@ setuptools.setup(
         "safetensors",
         "tokenizers",
         "numpy",
+        "ml_dtypes",
         "matplotlib",
         "tqdm",
         "sacrebleu",
@@ -35,6 +36,8 @@ setuptools.setup(
             "nbformat",
             "ipykernel",
             "ruff",
+            "moocore",
+            "filelock",
         ],
     },
 )
