@@ -13,14 +13,14 @@ from hm3_jax import models
 from hm3_jax.models import layers, llama
 
 TOL = 1e-4
+apply = jax.jit(llama.apply, static_argnums=0)  # one compile per config beats op-by-op dispatch
 
 
-def randomise(params, key):
-    """Randomises every leaf (init sets norms to 1 and biases to 0, which would hide layout errors)."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    new = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(treedef, new)
+def randomise(params, seed):
+    """Adds N(0, 0.1^2) noise to every leaf (init sets norms to 1 and biases to 0, which would hide layout
+    errors). numpy, not jax.random: one threefry compile per leaf shape costs seconds of CPU."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
 
 
 HF_NAMES = {  # ours -> (HF submodule, HF name) inside model.layers.{l}
@@ -138,13 +138,14 @@ def our_config(hf, **kw):
 
 
 def make_llama_pair(
-    key, hf_kwargs=None, ours_kwargs=None, tied=False, cls=FlaxLlamaForCausalLM, cfg_cls=None
+    seed, hf_kwargs=None, ours_kwargs=None, tied=False, cls=FlaxLlamaForCausalLM, cfg_cls=None
 ):
     """(HF forward, HF params, our config, our params) for the same random tiny model."""
+    key = jax.random.key(seed)
     hf_kwargs = tiny_hf_config(**(hf_kwargs or {}))
     cfg_cls = cfg_cls or LlamaConfig
     config = our_config(hf_kwargs, tie_word_embeddings=tied, **(ours_kwargs or {}))
-    params = randomise(llama.init(config, key), jax.random.fold_in(key, 1))
+    params = randomise(llama.init(config, key), seed)
     forward, shapes = hf_forward_fn(cls, cfg_cls(**hf_kwargs))
     hf_params = to_hf_llama(params, config.num_layers, tied)
     # our conversion must produce exactly the reference's tree of names and shapes
@@ -158,10 +159,10 @@ def random_ids(key, shape, vocab):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama_matches_flax_reference(tied):
-    hf_forward, hf_params, config, params = make_llama_pair(jax.random.key(1), tied=tied)
+    hf_forward, hf_params, config, params = make_llama_pair(1, tied=tied)
     ids = random_ids(jax.random.key(2), (2, 7), config.vocab_size)
     ref = hf_logits(hf_forward, hf_params, ids)
-    out = llama.apply(config, params, ids)
+    out = apply(config, params, ids)
     assert out.shape == (2, 7, config.vocab_size)
     np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
     if tied:
@@ -171,11 +172,11 @@ def test_llama_matches_flax_reference(tied):
 def test_llama_attention_bias_matches_reference_and_qwen2_style_bias():
     bias = {"attention_bias": True, "attention_out_bias": True}
     hf_forward, hf_params, config, params = make_llama_pair(
-        jax.random.key(3), hf_kwargs={"attention_bias": True}, ours_kwargs=bias
+        3, hf_kwargs={"attention_bias": True}, ours_kwargs=bias
     )
     ids = random_ids(jax.random.key(4), (2, 6), config.vocab_size)
     np.testing.assert_allclose(
-        llama.apply(config, params, ids), hf_logits(hf_forward, hf_params, ids), atol=TOL, rtol=0
+        apply(config, params, ids), hf_logits(hf_forward, hf_params, ids), atol=TOL, rtol=0
     )
     # Qwen2: q/k/v biases but none on o_proj == HF Llama with attention_bias and a zero o_proj bias.
     qwen_config = config.replace(attention_out_bias=False)
@@ -185,19 +186,19 @@ def test_llama_attention_bias_matches_reference_and_qwen2_style_bias():
     zero_o = jax.tree.map(lambda x: x, params)
     zero_o["blocks"]["o"]["bias"] = jnp.zeros_like(params["blocks"]["o"]["bias"])
     ref = hf_logits(hf_forward, to_hf_llama(zero_o, config.num_layers), ids)
-    np.testing.assert_allclose(llama.apply(qwen_config, qwen_params, ids), ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(apply(qwen_config, qwen_params, ids), ref, atol=TOL, rtol=0)
 
 
 def test_llama_padding_mask_matches_reference():
-    hf_forward, hf_params, config, params = make_llama_pair(jax.random.key(5))
+    hf_forward, hf_params, config, params = make_llama_pair(5)
     ids = random_ids(jax.random.key(6), (3, 6), config.vocab_size)
     mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
     ref = hf_logits(hf_forward, hf_params, ids, mask)
-    out = llama.apply(config, params, ids, attention_mask=mask)
+    out = apply(config, params, ids, attention_mask=mask)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=TOL, rtol=0)
     # Left padding is invisible: a left-padded row equals the unpadded sequence.
-    alone = llama.apply(config, params, ids[1:2, 2:])
+    alone = apply(config, params, ids[1:2, 2:])
     np.testing.assert_allclose(out[1, 2:], alone[0], atol=TOL, rtol=0)
     assert np.isfinite(np.asarray(out)).all()
 
@@ -218,7 +219,7 @@ def test_llama_padding_mask_matches_reference():
 )
 def test_llama_rope_theta_and_scaling(monkeypatch, rope_scaling):
     theta = 500.0
-    hf_forward, hf_params, config, params = make_llama_pair(jax.random.key(7))
+    hf_forward, hf_params, config, params = make_llama_pair(7)
     config = config.replace(rope_theta=theta, rope_scaling=models.rope_scaling_from_dict(rope_scaling))
     dim = config.head_size
     inv_freq = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
@@ -235,12 +236,12 @@ def test_llama_rope_theta_and_scaling(monkeypatch, rope_scaling):
     monkeypatch.setattr(modeling_flax_llama, "create_sinusoidal_positions", patched_sinusoids(inv_freq))
     ids = random_ids(jax.random.key(8), (2, 40), config.vocab_size)
     ref = hf_logits(hf_forward, hf_params, ids)
-    np.testing.assert_allclose(llama.apply(config, params, ids), ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(apply(config, params, ids), ref, atol=TOL, rtol=0)
 
 
 def test_mistral_matches_flax_reference():
     hf_forward, hf_params, config, params = make_llama_pair(
-        jax.random.key(9),
+        9,
         # HF Flax Mistral builds `triu(causal, k=-(sliding_window or 0))`, so `None` would leave only the
         # diagonal; a window longer than the sequence is full causal attention in both implementations.
         hf_kwargs={"sliding_window": 64},
@@ -249,7 +250,7 @@ def test_mistral_matches_flax_reference():
     )
     ids = random_ids(jax.random.key(10), (2, 9), config.vocab_size)
     np.testing.assert_allclose(
-        llama.apply(config, params, ids), hf_logits(hf_forward, hf_params, ids), atol=TOL, rtol=0
+        apply(config, params, ids), hf_logits(hf_forward, hf_params, ids), atol=TOL, rtol=0
     )
 
 
@@ -261,10 +262,10 @@ def test_sliding_window_mask_hand_computed():
 
 
 def test_bf16_params_close_to_float32():
-    _, _, config, params = make_llama_pair(jax.random.key(11))
+    _, _, config, params = make_llama_pair(11)
     ids = random_ids(jax.random.key(12), (2, 5), config.vocab_size)
-    ref = llama.apply(config, params, ids)
-    out = llama.apply(config, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), ids)
+    ref = apply(config, params, ids)
+    out = apply(config, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), ids)
     assert out.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(out - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
 
@@ -298,5 +299,5 @@ def test_init_layout_shapes():
     assert shapes["blocks"]["o"] == {"kernel": (2, 32, 16)}
     assert shapes["blocks"]["down"] == {"kernel": (2, 24, 16)}
     assert shapes["head"] == {"kernel": (16, 11)} and shapes["embed"] == {"embedding": (11, 16)}
-    logits = models.apply(config, params, jnp.zeros((1, 3), jnp.int32))
+    logits = apply(config, params, jnp.zeros((1, 3), jnp.int32))
     assert logits.shape == (1, 3, 11)

@@ -7,26 +7,20 @@ import numpy as np
 import pytest
 
 from hm3_jax import models
+from tests.test_models_llama import randomise
 
 CONFIG = models.ModelConfig(
     family="llama", vocab_size=37, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=4,
     num_kv_heads=2, max_position_embeddings=32,
 )  # fmt: skip
 TOL = 1e-5
-
-
-def randomised(params, key):
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    )
+apply = jax.jit(models.apply, static_argnums=0)
 
 
 @pytest.fixture(scope="module")
 def two_models():
-    a = randomised(models.init(CONFIG, jax.random.key(0)), jax.random.key(10))
-    b = randomised(models.init(CONFIG, jax.random.key(1)), jax.random.key(11))
+    a = randomise(models.init(CONFIG, jax.random.key(0)), 10)
+    b = randomise(models.init(CONFIG, jax.random.key(1)), 11)
     ids = jax.random.randint(jax.random.key(2), (2, 5), 0, CONFIG.vocab_size)
     return a, b, ids
 
@@ -42,7 +36,7 @@ def test_identity_path_equals_apply(two_models, jitted_apply_path):
     path = jnp.asarray(models.identity_path(CONFIG.num_layers, t_max=5))
     np.testing.assert_array_equal(np.asarray(path), [0, 1, 2, -1, -1])
     out = jitted_apply_path(CONFIG, models.shell_of(a), pool, path, ids)
-    np.testing.assert_allclose(out, models.apply(CONFIG, a, ids), atol=TOL, rtol=0)
+    np.testing.assert_allclose(out, apply(CONFIG, a, ids), atol=TOL, rtol=0)
 
 
 def test_padding_steps_leave_h_unchanged(two_models, jitted_apply_path):
@@ -75,7 +69,7 @@ def test_mixed_path_equals_hand_built_stacked_model(two_models, jitted_apply_pat
         *[jax.tree.map(lambda x, l=l: x[l], sources[m]["blocks"]) for m, l in pairs],
     )
     frankenmodel = {**models.shell_of(b), "blocks": stacked}  # shell from b: embeddings/head need not be a's
-    expected = models.apply(CONFIG.replace(num_layers=len(pairs)), frankenmodel, ids)
+    expected = apply(CONFIG.replace(num_layers=len(pairs)), frankenmodel, ids)
     out = jitted_apply_path(CONFIG, models.shell_of(b), pool, path, ids)
     np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
 
@@ -89,11 +83,16 @@ def test_junction_affine_applied_before_each_step(two_models, jitted_apply_path)
         "scale": 1.0 + 0.2 * jax.random.normal(key_scale, (3, CONFIG.hidden_size)),
         "shift": 0.1 * jax.random.normal(key_shift, (3, CONFIG.hidden_size)),
     }
-    h, ctx = models.embed(CONFIG, shell, ids)
-    for t in (0, 2):  # Python loop reference; step 1 is padding
-        p = jax.tree.map(lambda x, t=t: x[int(path[t])], pool)
-        h = models.block(CONFIG, p, h * junction["scale"][t] + junction["shift"][t], ctx)
-    expected = models.head(CONFIG, shell, h)
+
+    @jax.jit
+    def reference(shell, pool, junction):  # a Python loop over the non-padding steps 0 and 2
+        h, ctx = models.embed(CONFIG, shell, ids)
+        for t, index in ((0, 5), (2, 1)):  # path[0] = 5, path[2] = 1
+            p = jax.tree.map(lambda x, index=index: x[index], pool)
+            h = models.block(CONFIG, p, h * junction["scale"][t] + junction["shift"][t], ctx)
+        return models.head(CONFIG, shell, h)
+
+    expected = reference(shell, pool, junction)
     out = jitted_apply_path(CONFIG, shell, pool, path, ids, junction)
     np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
 

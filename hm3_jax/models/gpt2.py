@@ -30,19 +30,19 @@ from hm3_jax.models.config import ModelConfig
 
 
 def init(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random params in the layout above (kernels and embeddings `N(0, 0.02^2)`, norms 1, biases 0)."""
-    d, std = config.hidden_size, config.initializer_range
-    key_wte, key_wpe, key_blocks = jax.random.split(key, 3)
-    norm = {"scale": jnp.ones(d, dtype), "bias": jnp.zeros(d, dtype)}
-    return {
+    """Random params in the layout above (kernels and embeddings `N(0, initializer_range^2)`, norms 1,
+    biases 0)."""
+    d = config.hidden_size
+    spec = {
         "embed": {
-            "embedding": layers.normal_init(key_wte, (config.vocab_size, d), std, dtype),
-            "position": layers.normal_init(key_wpe, (config.max_position_embeddings, d), std, dtype),
+            "embedding": ("normal", (config.vocab_size, d)),
+            "position": ("normal", (config.max_position_embeddings, d)),
         },
-        "blocks": layers.init_layernorm_blocks(config, key_blocks, qkv_bias=True, dtype=dtype),
-        "final": {"norm": norm},
+        "blocks": layers.layernorm_blocks_spec(config, qkv_bias=True),
+        "final": {"norm": {"scale": ("ones", (d,)), "bias": ("zeros", (d,))}},
         "head": {},
     }
+    return layers.materialize(spec, key, config.initializer_range, dtype)
 
 
 def embed_tokens(config: ModelConfig, shell: dict, input_ids: jax.Array, positions: jax.Array) -> jax.Array:

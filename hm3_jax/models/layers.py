@@ -155,33 +155,6 @@ def normal_init(key: jax.Array, shape: tuple[int, ...], std: float, dtype=jnp.fl
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def init_layernorm_blocks(config: ModelConfig, key: jax.Array, qkv_bias: bool, dtype) -> dict:
-    """Stacked params of L pre-LayerNorm blocks (GPT-2 / ViT layout, see `layernorm_block_with_cache`)."""
-    d, f, std = config.hidden_size, config.intermediate_size, config.initializer_range
-
-    def dense_p(k, shape, bias=True):
-        p = {"kernel": normal_init(k, shape, std, dtype)}
-        if bias:
-            p["bias"] = jnp.zeros(shape[-1], dtype)
-        return p
-
-    def one_block(k):
-        kq, kk, kv, ko, ku, kd = jax.random.split(k, 6)
-        norm = {"scale": jnp.ones(d, dtype), "bias": jnp.zeros(d, dtype)}
-        return {
-            "attn_norm": norm,
-            "q": dense_p(kq, (d, d), qkv_bias),
-            "k": dense_p(kk, (d, d), qkv_bias),
-            "v": dense_p(kv, (d, d), qkv_bias),
-            "o": dense_p(ko, (d, d)),
-            "mlp_norm": norm,
-            "up": dense_p(ku, (d, f)),
-            "down": dense_p(kd, (f, d)),
-        }
-
-    return jax.vmap(one_block)(jax.random.split(key, config.num_layers))
-
-
 def layernorm_block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: dict, cache: tuple | None):
     """Pre-LayerNorm transformer block (GPT-2, ViT; Radford et al. 2019, Dosovitskiy et al. 2021 eq. 2-3):
 
@@ -207,3 +180,52 @@ def layernorm_block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: 
     x = layer_norm(p["mlp_norm"], h, config.norm_eps)
     h = h + dense(p["down"], activation(config.hidden_act, dense(p["up"], x))).astype(h.dtype)
     return h, cache
+
+
+def materialize(spec, key: jax.Array, std: float, dtype) -> dict:
+    """Turns a spec pytree of `(kind, shape)` leaves (`kind` in "normal", "ones", "zeros") into arrays.
+
+    Every "normal" leaf is `N(0, std^2)`, all drawn from ONE `jax.random.normal(key, [total])` and sliced, so
+    initialising a model compiles one random op instead of one per distinct shape (several seconds on CPU).
+    """
+    is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)  # noqa: E731
+    leaves, treedef = jax.tree.flatten(spec, is_leaf=is_leaf)
+    sizes = [math.prod(shape) if kind == "normal" else 0 for kind, shape in leaves]
+    flat = std * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0] + sizes)
+    out = []
+    for (kind, shape), start, size in zip(leaves, offsets[:-1], sizes, strict=True):
+        if kind == "normal":
+            out.append(flat[int(start) : int(start) + size].reshape(shape).astype(dtype))
+        elif kind == "ones":
+            out.append(jnp.ones(shape, dtype))
+        elif kind == "zeros":
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            raise ValueError(f"unknown init kind {kind!r}")
+    return jax.tree.unflatten(treedef, out)
+
+
+def dense_spec(shape: tuple[int, ...], bias: bool) -> dict:
+    """Spec of a (stacked) dense layer: kernel `shape` normal, bias `shape[:-2] + shape[-1:]` zeros."""
+    p = {"kernel": ("normal", shape)}
+    if bias:
+        p["bias"] = ("zeros", shape[:-2] + shape[-1:])
+    return p
+
+
+def layernorm_blocks_spec(config: ModelConfig, qkv_bias: bool) -> dict:
+    """Spec of L stacked pre-LayerNorm blocks (GPT-2 / ViT layout, see `layernorm_block_with_cache`)."""
+    n, d, f = config.num_layers, config.hidden_size, config.intermediate_size
+    hd = config.num_heads * config.head_size
+    norm = {"scale": ("ones", (n, d)), "bias": ("zeros", (n, d))}
+    return {
+        "attn_norm": norm,
+        "q": dense_spec((n, d, hd), qkv_bias),
+        "k": dense_spec((n, d, hd), qkv_bias),
+        "v": dense_spec((n, d, hd), qkv_bias),
+        "o": dense_spec((n, hd, d), True),
+        "mlp_norm": dict(norm),
+        "up": dense_spec((n, d, f), True),
+        "down": dense_spec((n, f, d), True),
+    }

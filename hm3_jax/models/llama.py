@@ -42,46 +42,31 @@ from hm3_jax.models import layers
 from hm3_jax.models.config import ModelConfig
 
 
-def _dense_init(key, shape, std, bias: bool, dtype):
-    p = {"kernel": layers.normal_init(key, shape, std, dtype)}
-    if bias:
-        p["bias"] = jnp.zeros(shape[-1], dtype)
-    return p
-
-
 def init(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random params in the layout above: kernels `N(0, initializer_range^2)`, norms 1, biases 0.
+    """Random params in the layout above: kernels and embedding `N(0, initializer_range^2)`, norms 1, biases 0.
 
     Args: config (family "llama"); key: PRNG key; dtype of every leaf.
     Returns: {"embed", "blocks", "final", "head"}; every `blocks` leaf has a leading axis L.
     """
-    d, f, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
-    hd, h, kv = config.head_size, config.num_heads, config.kv_heads
-    std = config.initializer_range
-    key_embed, key_head, key_blocks = jax.random.split(key, 3)
-
-    def one_block(k):
-        kq, kk, kv_, ko, kg, ku, kd = jax.random.split(k, 7)
-        return {
-            "attn_norm": {"scale": jnp.ones(d, dtype)},
-            "q": _dense_init(kq, (d, h * hd), std, config.attention_bias, dtype),
-            "k": _dense_init(kk, (d, kv * hd), std, config.attention_bias, dtype),
-            "v": _dense_init(kv_, (d, kv * hd), std, config.attention_bias, dtype),
-            "o": _dense_init(ko, (h * hd, d), std, config.attention_out_bias, dtype),
-            "mlp_norm": {"scale": jnp.ones(d, dtype)},
-            "gate": _dense_init(kg, (d, f), std, config.mlp_bias, dtype),
-            "up": _dense_init(ku, (d, f), std, config.mlp_bias, dtype),
-            "down": _dense_init(kd, (f, d), std, config.mlp_bias, dtype),
-        }
-
-    blocks = jax.vmap(one_block)(jax.random.split(key_blocks, n))
-    head = {} if config.tie_word_embeddings else {"kernel": layers.normal_init(key_head, (d, v), std, dtype)}
-    return {
-        "embed": {"embedding": layers.normal_init(key_embed, (v, d), std, dtype)},
-        "blocks": blocks,
-        "final": {"norm": {"scale": jnp.ones(d, dtype)}},
-        "head": head,
+    n, d, f, v = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    q_dim, kv_dim = config.num_heads * config.head_size, config.kv_heads * config.head_size
+    spec = {
+        "embed": {"embedding": ("normal", (v, d))},
+        "blocks": {
+            "attn_norm": {"scale": ("ones", (n, d))},
+            "q": layers.dense_spec((n, d, q_dim), config.attention_bias),
+            "k": layers.dense_spec((n, d, kv_dim), config.attention_bias),
+            "v": layers.dense_spec((n, d, kv_dim), config.attention_bias),
+            "o": layers.dense_spec((n, q_dim, d), config.attention_out_bias),
+            "mlp_norm": {"scale": ("ones", (n, d))},
+            "gate": layers.dense_spec((n, d, f), config.mlp_bias),
+            "up": layers.dense_spec((n, d, f), config.mlp_bias),
+            "down": layers.dense_spec((n, f, d), config.mlp_bias),
+        },
+        "final": {"norm": {"scale": ("ones", (d,))}},
+        "head": {} if config.tie_word_embeddings else {"kernel": ("normal", (d, v))},
     }
+    return layers.materialize(spec, key, config.initializer_range, dtype)
 
 
 def make_ctx(config: ModelConfig, positions: jax.Array, mask: jax.Array, cache_index=None) -> dict:

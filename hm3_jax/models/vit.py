@@ -37,29 +37,23 @@ from hm3_jax.models.config import ModelConfig
 
 
 def init(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random params in the layout above (kernels `N(0, initializer_range^2)`, norms 1, biases 0)."""
-    d, p, c, std = config.hidden_size, config.patch_size, config.num_channels, config.initializer_range
-    key_patch, key_cls, key_pos, key_blocks, key_head = jax.random.split(key, 5)
-    norm = {"scale": jnp.ones(d, dtype), "bias": jnp.zeros(d, dtype)}
+    """Random params in the layout above (kernels, CLS and positions `N(0, initializer_range^2)`, norms 1,
+    biases 0)."""
+    d, p, c = config.hidden_size, config.patch_size, config.num_channels
     head = {}
     if config.num_labels > 0:
-        head = {
-            "kernel": layers.normal_init(key_head, (d, config.num_labels), std, dtype),
-            "bias": jnp.zeros(config.num_labels, dtype),
-        }
-    return {
+        head = layers.dense_spec((d, config.num_labels), bias=True)
+    spec = {
         "embed": {
-            "patch": {
-                "kernel": layers.normal_init(key_patch, (p * p * c, d), std, dtype),
-                "bias": jnp.zeros(d, dtype),
-            },
-            "cls": layers.normal_init(key_cls, (d,), std, dtype),
-            "position": layers.normal_init(key_pos, (config.num_patches + 1, d), std, dtype),
+            "patch": layers.dense_spec((p * p * c, d), bias=True),
+            "cls": ("normal", (d,)),
+            "position": ("normal", (config.num_patches + 1, d)),
         },
-        "blocks": layers.init_layernorm_blocks(config, key_blocks, config.attention_bias, dtype),
-        "final": {"norm": norm},
+        "blocks": layers.layernorm_blocks_spec(config, config.attention_bias),
+        "final": {"norm": {"scale": ("ones", (d,)), "bias": ("zeros", (d,))}},
         "head": head,
     }
+    return layers.materialize(spec, key, config.initializer_range, dtype)
 
 
 def patchify(config: ModelConfig, pixel_values: jax.Array) -> jax.Array:
