@@ -2,7 +2,10 @@
 
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
 
-Prints the score matrices (rows: base and experts; columns: tasks) of the manifest.
+Prints the score matrices (rows: base and experts; columns: tasks) of the manifest; with --time_scoring also
+the seconds to score one model on the three search splits:
+
+    python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo --time_scoring
 """
 
 import json
@@ -17,6 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Zoo directory.")
 _ON_MISMATCH = flags.DEFINE_enum(
     "on_mismatch", "rebuild", ["rebuild", "error"], "What to do when --workdir holds a zoo of another config."
 )
+_TIME_SCORING = flags.DEFINE_bool(
+    "time_scoring", False, "Also time scoring one model on the three search splits (after compilation)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +31,10 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     zoo = zoo_lib.build_or_load(_CONFIG.value.zoo, _WORKDIR.value, on_mismatch=_ON_MISMATCH.value)
     print(zoo_lib.format_summary(zoo.manifest))
-    print(json.dumps({"workdir": zoo.workdir, "build_time_s": zoo.manifest["build_time_s"]}))
+    timing = zoo_lib.time_scoring(zoo) if _TIME_SCORING.value else None
+    print(
+        json.dumps({"workdir": zoo.workdir, "build_time_s": zoo.manifest["build_time_s"], "scoring": timing})
+    )
 
 
 if __name__ == "__main__":

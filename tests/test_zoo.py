@@ -48,6 +48,10 @@ def test_smoke_zoo_layout_and_manifest(smoke_zoo, smoke_config):
     ratios = manifest["task_vector_norm_ratio"]
     assert set(ratios) == set(data.TASK_NAMES) and all(0 < r < 1 for r in ratios.values())
     assert not [p for p in os.listdir(os.path.dirname(root)) if p.startswith(".")]  # no temp dirs left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(root).st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(os.path.join(root, "base", "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_reloaded_models_reproduce_the_manifest_scores(smoke_zoo):

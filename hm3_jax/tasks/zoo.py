@@ -287,6 +287,16 @@ def read_manifest(workdir: str) -> dict | None:
         return json.load(f)
 
 
+def _normalise_permissions(root: str) -> None:
+    """Temp dirs/files are created private (0700/0600); give the finished zoo the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
+
+
 def build(zoo_config, workdir: str, progress: bool = True) -> None:
     """Builds the zoo into `workdir`, replacing it only once the new build is complete.
 
@@ -304,6 +314,7 @@ def build(zoo_config, workdir: str, progress: bool = True) -> None:
     try:
         manifest = _build(zoo_config, tmp, progress)
         _write_manifest(tmp, manifest)
+        _normalise_permissions(tmp)
         old = None
         if os.path.exists(workdir):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(workdir)}.old-")
@@ -383,3 +394,23 @@ def format_summary(manifest: Mapping) -> str:
         f"({manifest['timings_s']})"
     )
     return "\n".join(lines)
+
+
+def time_scoring(zoo: Zoo, split: str = "search", repeats: int = 5) -> dict:
+    """Seconds to score one model (the first expert) on every task of `split`, after compilation.
+
+    Returns {"total_s": best of `repeats`, "<task>_s": best per task}.
+    """
+    model = next(iter(zoo.experts.values()))
+    split_objectives = zoo.objectives[split]
+
+    def run(objective):
+        start = time.perf_counter()
+        objectives.score_model(model.config, model.params, objective)
+        return time.perf_counter() - start
+
+    for objective in split_objectives.values():
+        run(objective)  # compile
+    per_task = {t: min(run(o) for _ in range(repeats)) for t, o in split_objectives.items()}
+    totals = [sum(run(o) for o in split_objectives.values()) for _ in range(repeats)]
+    return {"total_s": round(min(totals), 4), **{f"{t}_s": round(v, 4) for t, v in per_task.items()}}
