@@ -124,5 +124,7 @@ def test_bad_paths_and_pools_raise_clear_errors(two_models):
     other = models.init(CONFIG.replace(hidden_size=8, num_heads=2, num_kv_heads=1), jax.random.key(0))
     with pytest.raises(ValueError, match="shapes"):
         models.make_pool([a["blocks"], other["blocks"]])
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        models.apply_path(CONFIG, shell, pool, np.array([0]), ids, None, jnp.ones((2, 4)))
     with pytest.raises(ValueError, match="not a valid"):
         models.path_from_pairs([(0, 3)], CONFIG.num_layers, t_max=4)

@@ -63,6 +63,7 @@ def make_ctx(config: ModelConfig, positions: jax.Array, mask: jax.Array, cache_i
 
 def embed(config: ModelConfig, shell: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None):
     """input_ids [B, S] (attention_mask [B, S] optional) -> (h [B, S, D], ctx {"mask": [B, 1, S, S]})."""
+    layers.check_attention_mask(input_ids, attention_mask)
     b, s = input_ids.shape
     if s > config.max_position_embeddings:
         raise ValueError(

@@ -145,6 +145,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, sq, h, hd).astype(q.dtype)
 
 
+def check_attention_mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> None:
+    """Raises ValueError unless input_ids is [B, S] and attention_mask is None or of the same shape."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Positions [B, S] int32 = `cumsum(mask) - 1` clipped at 0 (left-padded real tokens get 0, 1, ...)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)

@@ -93,6 +93,7 @@ def embed(config: ModelConfig, shell: dict, input_ids: jax.Array, attention_mask
     Args: input_ids int [B, S]; attention_mask [B, S] (1 = real token) or None (all real).
     Returns: (h [B, S, D] in the embedding dtype, ctx {"sin", "cos": [B, S, hd], "mask": bool [B, 1, S, S]}).
     """
+    layers.check_attention_mask(input_ids, attention_mask)
     b, s = input_ids.shape
     if attention_mask is None:
         attention_mask = jnp.ones((b, s), jnp.int32)

@@ -150,7 +150,9 @@ def apply_path(
       shell: params without (or ignoring) `"blocks"`: `embed`, `final`, `head`.
       pool: stacked blocks [P, ...] (`make_pool`).
       path: int32 [T_max] pool indices, -1 = padding (the step leaves h unchanged). Traced: new paths reuse
-        the compiled function. A concrete path is checked on the host (indices in [-1, P)).
+        the compiled function. A concrete path is checked on the host (indices in [-1, P)); under jit the
+        path is a tracer and cannot be checked, and XLA clamps an out-of-range gather index, so call
+        `validate_path` on the host before a jitted call.
       inputs: family inputs (token ids [B, S]; ViT pixel_values [B, C, H, W]).
       junction: None or {"scale": [T_max, D], "shift": [T_max, D]}; before step t,
         `h = h * scale[t] + shift[t]`.
