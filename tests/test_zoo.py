@@ -54,7 +54,8 @@ def test_smoke_zoo_layout_and_manifest(smoke_zoo, smoke_config):
     assert os.stat(os.path.join(root, "base", "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_reloaded_models_reproduce_the_manifest_scores(smoke_zoo):
+def test_reloaded_models_reproduce_the_manifest_scores(smoke_zoo, smoke_config):
+    assert smoke_zoo.base.config == zoo_lib.model_config(smoke_config, smoke_zoo.base.config.vocab_size)
     rows = [smoke_zoo.base, *smoke_zoo.experts.values()]
     for split in ("search", "heldout"):
         recomputed = zoo_lib.score_matrix(rows, smoke_zoo.objectives[split])

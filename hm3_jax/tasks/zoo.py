@@ -92,6 +92,7 @@ def model_config(zoo_config, vocab_size: int):
         intermediate_size=m.intermediate_size,
         num_layers=m.num_layers,
         num_heads=m.num_heads,
+        num_kv_heads=m.num_heads,  # explicit, as load_pretrained reads it back: equal configs share jit caches
         max_position_embeddings=m.max_position_embeddings,
         rope_theta=10000.0,
         norm_eps=1e-6,
