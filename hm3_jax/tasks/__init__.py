@@ -5,5 +5,19 @@ match). See docs/tiny3.md.
 """
 
 from hm3_jax.tasks.data import SPLITS, TASK_NAMES, generate_all, generate_task, task_metric
+from hm3_jax.tasks.objectives import Objective, make_objective, score_model, score_path
+from hm3_jax.tasks.zoo import Zoo, build_or_load
 
-__all__ = ["SPLITS", "TASK_NAMES", "generate_all", "generate_task", "task_metric"]
+__all__ = [
+    "SPLITS",
+    "TASK_NAMES",
+    "Objective",
+    "Zoo",
+    "build_or_load",
+    "generate_all",
+    "generate_task",
+    "make_objective",
+    "score_model",
+    "score_path",
+    "task_metric",
+]
