@@ -29,7 +29,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.param_level.cmaes = ml_collections.ConfigDict()
     c.param_level.cmaes.enabled = True
     c.param_level.cmaes.population_size = 6
-    c.param_level.cmaes.num_generations = 3
+    c.param_level.cmaes.num_generations = 2
 
     c.arch = ml_collections.ConfigDict()
     c.arch.alignment = "none"  # "none" | "moment"
@@ -39,7 +39,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.arch.rl.t_max = 8
     c.arch.rl.beta1 = 0.05
     c.arch.rl.num_envs = 32
-    c.arch.rl.num_iterations = 40
+    c.arch.rl.num_iterations = 30
     c.arch.rl.k_nearest = 1  # M'; critic re-ranking (M' > 1) slowed learning on the planted problem (docs/arch.md)
     c.arch.rl.explore_eps = 0.1
     c.arch.rl.update_epochs = 4
