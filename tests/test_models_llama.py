@@ -205,8 +205,7 @@ def test_llama_padding_mask_matches_reference():
 
 @pytest.mark.parametrize(
     "rope_scaling",
-    [
-        None,
+    [  # theta = 500 in both cases (HF's Flax classes hard-code 10000)
         {"rope_type": "linear", "factor": 4.0},
         {
             "rope_type": "llama3",
@@ -223,9 +222,9 @@ def test_llama_rope_theta_and_scaling(monkeypatch, rope_scaling):
     config = config.replace(rope_theta=theta, rope_scaling=models.rope_scaling_from_dict(rope_scaling))
     dim = config.head_size
     inv_freq = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
-    if rope_scaling and rope_scaling["rope_type"] == "linear":
+    if rope_scaling["rope_type"] == "linear":
         inv_freq = inv_freq / 4.0
-    elif rope_scaling:
+    else:
         inv_freq = meta_llama3_inv_freq(theta, dim, 8.0, 1.0, 4.0, 64)
         # the test setup must exercise all three llama3 bands (kept, blended, divided)
         base = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
