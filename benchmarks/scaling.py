@@ -32,7 +32,7 @@ def measure(num_devices: int, num_paths: int, repeats: int, timeout: int) -> dic
             f"--mesh=paths:{num_devices}",
             f"--num_paths={num_paths}",
             f"--repeats={repeats}",
-            f"--out={out}",
+            f"--out_json={out}",
         ]
         subprocess.run(cmd, env=env, cwd=REPO, check=True, timeout=timeout, capture_output=True)
         with open(out) as f:

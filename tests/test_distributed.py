@@ -211,7 +211,7 @@ def test_same_scores_on_8_simulated_devices(tmp_path, reference):
         "--meshes=paths:8;paths:4,data:2;paths:2,data:2,model:2",
     ]
     subprocess.run(
-        cmd + [f"--out={out}"], env=_env(8), cwd=REPO, check=True, timeout=TIMEOUT, capture_output=True
+        cmd + [f"--out_json={out}"], env=_env(8), cwd=REPO, check=True, timeout=TIMEOUT, capture_output=True
     )
     results = json.loads(out.read_text())
     assert [r["mesh"] for r in results] == [
@@ -241,7 +241,7 @@ def test_same_scores_in_two_processes(tmp_path, reference):
             "--num_processes=2",
             f"--process_id={i}",
             "--distributed_timeout=60",
-            f"--out={outs[i]}",
+            f"--out_json={outs[i]}",
         ]
         log = open(tmp_path / f"p{i}.log", "w")  # noqa: SIM115 (closed below)
         procs.append(

@@ -7,7 +7,7 @@ float tolerance). Used by tests/test_distributed.py (8 simulated devices, 2 proc
 benchmarks/scaling.py.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-    python -m hm3_jax.distributed.demo --mesh=paths:2,data:2,model:2 --out=/tmp/scores.json
+    python -m hm3_jax.distributed.demo --mesh=paths:2,data:2,model:2 --out_json=/tmp/scores.json
 
 Multi-process: add --coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=i to each process.
 Process 0 writes --out (atomically); every process gets the same global sums (``to_host``).
@@ -26,7 +26,7 @@ from absl import app, flags
 
 from hm3_jax import distributed
 
-_OUT = flags.DEFINE_string("out", None, "JSON file for the sums and timings (written by process 0).")
+_OUT = flags.DEFINE_string("out_json", None, "JSON file for the sums and timings (written by process 0).")
 _NUM_PATHS = flags.DEFINE_integer("num_paths", 6, "Number of random paths to score.")
 _REPEATS = flags.DEFINE_integer("repeats", 0, "Timed evaluations of the whole batch after the compiling one.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Evaluation examples (divisible by the data axis).")
