@@ -26,6 +26,7 @@ setuptools.setup(
         "tqdm",
         "sacrebleu",
         "pyyaml",
+        "filelock",
         "tensorboardX",
     ],
     extras_require={

@@ -143,8 +143,13 @@ class Workdir:
         """Returns the stored result of stage ``name`` or computes, stores and returns it.
 
         The stored result is read back through JSON even on the first run, so a resumed run sees exactly what
-        an uninterrupted run saw.
+        an uninterrupted run saw. Concurrent processes on one workdir compute each stage once (file lock).
         """
-        if not self.has_stage(name):
-            atomic_write_json(self.stage_path(name), compute_fn())
+        from filelock import FileLock
+
+        # One process computes a stage; another one asking for it meanwhile waits and reads its result (two
+        # writers of one stage would also share its checkpoint directory).
+        with FileLock(self.stage_path(name) + ".lock"):
+            if not self.has_stage(name):
+                atomic_write_json(self.stage_path(name), compute_fn())
         return self.load_stage(name)

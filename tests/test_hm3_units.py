@@ -1,0 +1,127 @@
+"""Unit checks of the end-to-end run's pieces against hand-computed or independent values (fast, no zoo)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hm3_jax import merging, models
+from hm3_jax.hm3 import param_level
+from hm3_jax.hm3 import report as report_lib
+from hm3_jax.hm3 import run as run_lib
+from hm3_jax.hm3.workdir import Workdir, WorkdirError, atomic_write_json
+from hm3_jax.models.config import ModelConfig
+
+
+def test_workdir_stage_is_computed_once_and_read_back(tmp_path):
+    wd = Workdir(str(tmp_path / "w"), {"seed": 0})
+    calls = []
+    first = wd.stage("a", lambda: calls.append(1) or {"x": np.arange(3)})
+    again = wd.stage("a", lambda: calls.append(1) or {"x": [9]})
+    assert first == again == {"x": [0, 1, 2]} and len(calls) == 1
+    with pytest.raises(WorkdirError, match="fingerprint"):
+        Workdir(str(tmp_path / "w"), {"seed": 1})
+    Workdir(str(tmp_path / "w"), {"seed": 0})  # same config: reused
+
+
+def test_atomic_write_leaves_nothing_half_written(tmp_path):
+    path = tmp_path / "r.json"
+    atomic_write_json(str(path), {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(str(path), {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_preferences_start_balanced_and_lie_on_the_simplex():
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"num": 6, "kind": "dirichlet", "divisions": 2})
+    prefs = run_lib.make_preferences(cfg, 3, jax.random.PRNGKey(0))
+    assert prefs.shape == (6, 3)
+    np.testing.assert_allclose(prefs[0], 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(prefs.sum(1), 1, rtol=1e-6)
+    assert np.all(prefs >= 0)
+    cfg.kind = "das_dennis"
+    grid = run_lib.make_preferences(cfg, 3, jax.random.PRNGKey(0))
+    assert len(grid) == 1 + 6  # balanced + the 6 points of the 2-division grid (none of them balanced)
+
+
+def test_report_hypervolume_and_retention_by_hand():
+    methods = {
+        "hm3": {"points": [[80.0, 40.0], [40.0, 80.0]]},
+        "ta": {"points": [[40.0, 40.0]]},
+    }
+    rep = report_lib.build_report(["a", "b"], [80.0, 80.0], methods, fixed_reference=[0.0, 0.0])
+    # Normalised points (1, .5), (.5, 1): union of two boxes 1*.5 + .5*1 - .5*.5 = 0.75.
+    assert rep["methods"]["hm3"]["hypervolume"] == pytest.approx(0.75)
+    assert rep["methods"]["ta"]["hypervolume"] == pytest.approx(0.25)
+    assert rep["dominance"]["ta"]["b_dominated_by_a"] == 1.0
+    assert rep["claims"]["hm3_has_highest_hypervolume"]
+    bal = report_lib.balanced_retention(["a", "b"], [72.0, 40.0], [[80.0, 1.0], [2.0, 80.0]])
+    assert bal["retention"] == pytest.approx([0.9, 0.5])
+
+
+def test_initial_genes_decode_to_the_papers_setting():
+    hp = param_level.decode_genes(param_level._initial_genes(0.7, 0.3, 4), 4)
+    assert hp["density"] == pytest.approx(0.7, abs=1e-5)
+    assert hp["drop_rate"] == pytest.approx(0.3, abs=1e-5)
+    assert hp["scale"] == pytest.approx(1.0, abs=1e-5)
+    assert hp["block_weights"] == pytest.approx([1.0] * 4)
+
+
+def _tiny(key):
+    config = ModelConfig(family="llama", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
+                         num_heads=2, num_kv_heads=2, max_position_embeddings=32)  # fmt: skip
+    return config, models.init(config, key)
+
+
+def test_traced_dare_ties_matches_the_merging_library_without_trim_or_drop():
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    _, base = _tiny(keys[0])
+    experts = [jax.tree.map(lambda b, k=k: b + 0.1 * jax.random.normal(k, b.shape), base) for k in keys[1:]]
+    pref = np.array([0.5, 0.3, 0.2], np.float32)
+    ours = param_level.dare_ties_traced(base, experts, keys[0], jnp.asarray(pref)[:, None] * jnp.ones((3, 2)),
+                                        jnp.asarray(pref), 1.0, 0.0, 1.0)  # fmt: skip
+    ref = merging.hm3_merge(base, experts, list(pref), keys[0], density=1.0, drop_rate=0.0)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_traced_dare_ties_trim_against_numpy():
+    rng = np.random.default_rng(0)
+    base = {
+        "blocks": {"w": rng.normal(size=(1, 10)).astype(np.float32)},
+        "head": {"w": np.zeros(3, np.float32)},
+    }
+    experts = [
+        jax.tree.map(lambda b: b + rng.normal(size=b.shape).astype(np.float32), base) for _ in range(2)
+    ]
+    w = np.array([0.6, 0.4], np.float32)
+    out = param_level.dare_ties_traced(base, experts, jax.random.PRNGKey(1), jnp.asarray(w)[:, None], jnp.asarray(w),
+                                       0.5, 0.0, 1.0)  # fmt: skip
+    b = base["blocks"]["w"][0]
+    deltas = np.stack([e["blocks"]["w"][0] - b for e in experts])
+    kept = np.where(np.abs(deltas) >= np.quantile(np.abs(deltas), 0.5, axis=1, keepdims=True), deltas, 0)
+    weighted = kept * w[:, None]
+    sign = np.sign(weighted.sum(0))
+    expected = b + np.where(np.sign(kept) == sign, weighted, 0).sum(0)
+    np.testing.assert_allclose(np.asarray(out["blocks"]["w"][0]), expected, atol=1e-6)
+
+
+def test_export_yaml_lists_one_slice_per_step():
+    import yaml
+
+    from hm3_jax.hm3 import export
+
+    text = export.mergekit_passthrough_yaml(["e0", "e1", "m"], [5, 0, -1, 9], num_layers=4)
+    cfg = yaml.safe_load(text)
+    assert cfg["merge_method"] == "passthrough"
+    assert [s["sources"][0] for s in cfg["slices"]] == [
+        {"model": "e1", "layer_range": [1, 2]}, {"model": "e0", "layer_range": [0, 1]},
+        {"model": "m", "layer_range": [1, 2]},
+    ]  # fmt: skip
+    assert os.path.basename(__file__)
