@@ -7,9 +7,10 @@ alignment, and returns normalised scores `f_k / z*_k`. It remembers every scored
 archive that is saved with the RL checkpoints, so a resumed run sees the same archive.
 
 After training, the answer for preference i is the best path under the RL reward
-`sum_k lambda_k f_k - beta1 T / T_max` on the search split among the policy's greedy decode for lambda_i and
-every path the search scored for lambda_i (the search's own record, as an evolutionary baseline keeps its best
-individual). Only that path is then scored on the held-out split.
+`sum_k lambda_k f_k - beta1 T / T_max` on the search split among the policy's greedy decode for lambda_i,
+every source's identity path (Theta(lambda_i) alone is one of them: the lower level starts from the upper
+level's answer, as in HM3's hierarchy) and every path the search scored for lambda_i (the search's own
+record, as an evolutionary baseline keeps its best individual). Only that path is scored on the held-out split.
 
 Ablation "no parameter level": the pool holds the K experts only (the RL's `num_sources = K`); the engine pool
 keeps its (K + 1) L shape with a copy of expert 0 in the unused last slot (never selectable), and the shell is
@@ -179,11 +180,15 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
     # The reward curve of the whole run (also the iterations before a resume) is rebuilt from metrics.jsonl.
     _append_curve(metrics_path, curve, start_iteration=acfg.num_iterations - len(curve))
     decode = jax.jit(trainer.decode)
+    seeds = identity_paths(num_sources, L, acfg.t_max)  # [num_sources, T_max]
     results = []
     for i, pref in enumerate(np.asarray(preferences, np.float32)):
         path, length = decode(runner.params, jnp.asarray(pref), phi[i])
         greedy = np.asarray(path, np.int32)
-        scorer(greedy[None], pref[None])  # scored into the archive
+        # The greedy decode and every source's own identity path (Theta(lambda) alone among them, so the
+        # architecture level never answers worse than the parameter level on the search split) join the
+        # candidates the search scored; all are scored into the archive and counted as evaluations.
+        scorer(np.concatenate([greedy[None], seeds]), np.repeat(pref[None], 1 + len(seeds), 0))
         cands = [(np.frombuffer(k[1], np.int32), s) for k, s in scorer.archive.items() if k[0] == i]
         lengths = np.array([(p >= 0).sum() for p, _ in cands])
         rewards = reward(np.stack([s for _, s in cands]), pref, lengths, acfg.beta1, acfg.t_max)
@@ -220,6 +225,15 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         "wall_seconds": time.perf_counter() - start,
         "arch_config": {k: getattr(acfg, k) for k in acfg.__dataclass_fields__},
     }
+
+
+def identity_paths(num_sources: int, num_layers: int, t_max: int) -> np.ndarray:
+    """[num_sources, T_max]: source m's own blocks in order (pool indices m * L + l), -1 padded."""
+    out = np.full((num_sources, t_max), -1, np.int32)
+    n = min(num_layers, t_max)
+    for m in range(num_sources):
+        out[m, :n] = m * num_layers + np.arange(n)
+    return out
 
 
 def _append_curve(path: str, curve: list[float], start_iteration: int) -> None:
