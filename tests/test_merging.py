@@ -316,3 +316,23 @@ def test_bad_inputs():
         merge("ties", BASE, [M1, nan])
     with pytest.raises(ValueError, match="exactly one model"):
         merge("slerp", BASE, [M1, M2], t=0.5)
+
+
+def test_host_topk_threshold_matches_radix_select_with_ties():
+    """Heavy ties (magnitudes from 4 values, both signs): the numpy threshold pair equals the jitted radix
+    select's, and both keep exactly the k largest with ties to the lower flat index (by a stable sort)."""
+    rng = np.random.default_rng(5)
+    x = (rng.integers(0, 4, size=(7, 9)) * rng.choice([-1.0, 1.0], size=(7, 9))).astype(np.float32)
+    bits = np.abs(x).view(np.uint32).reshape(-1)
+    for density in (0.1, 0.37, 0.5, 0.99):
+        k = int(density * x.size)
+        host = kernels.host_topk_threshold(bits, density)
+        np.testing.assert_array_equal(host, np.asarray(kernels.topk_threshold(jnp.asarray(x), density)))
+        expected = np.zeros(x.size, bool)
+        expected[np.argsort(-np.abs(x).reshape(-1), kind="stable")[:k]] = True
+        mask = np.asarray(kernels.mask_from_threshold(jnp.asarray(x), host)).reshape(-1)
+        np.testing.assert_array_equal(mask, expected)
+        # a chunk with its flat offset gives the same entries
+        chunk = np.asarray(kernels.mask_from_threshold(jnp.asarray(x.reshape(-1)[20:40]), host, 20))
+        np.testing.assert_array_equal(chunk, expected[20:40])
+    np.testing.assert_array_equal(kernels.host_topk_threshold(bits, 1.0), [0, 0xFFFFFFFF])

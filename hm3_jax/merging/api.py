@@ -145,8 +145,8 @@ class BoundKernel:
     method: str
     hparams: tuple[tuple[str, Any], ...]
 
-    def __call__(self, key, base, thetas, weights):
-        return METHODS[self.method][0](key, base, thetas, weights, **dict(self.hparams))
+    def __call__(self, key, base, thetas, weights, **extra):
+        return METHODS[self.method][0](key, base, thetas, weights, **dict(self.hparams), **extra)
 
 
 def make_kernel(method: str, num_models: int, **hparams: Any) -> BoundKernel:
@@ -180,6 +180,50 @@ def merge_tensor(kernel, out_dtype, stacked, key, base, thetas, weights):
     else:
         out = kernel(key, base32, stacked_thetas, weights)
     return out.astype(out_dtype), bad
+
+
+# Methods whose merge is elementwise once the DARE survivors and the exact top-k thresholds of a tensor are
+# known, so the streaming merge can run them on flat chunks (`merge_chunk`).
+CHUNKED_METHODS = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"})
+
+
+def _inputs32(base, thetas):
+    base32 = base.astype(jnp.float32)
+    stacked_thetas = jnp.stack([t.astype(jnp.float32) for t in thetas])  # [K, ...]
+    bad = jnp.stack([~jnp.all(jnp.isfinite(base32))] + [~jnp.all(jnp.isfinite(t)) for t in stacked_thetas])
+    return base32, stacked_thetas, bad
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "out_dtype"))
+def merge_chunk(kernel, out_dtype, base, thetas, weights, keep, trim, offset):
+    """A flat chunk `[C]` of one (non-stacked) tensor for a `CHUNKED_METHODS` kernel: as `merge_tensor`, with
+    the DARE survivors `keep` (bool `[K, C]` or None) and the top-k thresholds `trim` (uint32 `[K, 2]`, for
+    the whole tensor, or None) given; `offset` is the chunk's first flat index. Returns the merged chunk
+    and the non-finite flags `[1 + K]`."""
+    base32, stacked_thetas, bad = _inputs32(base, thetas)
+    extra = {}
+    if keep is not None:
+        extra["keep"] = keep
+    if trim is not None:
+        extra["trim"] = trim
+        extra["offset"] = offset
+    out = kernel(jax.random.key(0), base32, stacked_thetas, weights, **extra)
+    return out.astype(out_dtype), bad
+
+
+@functools.partial(jax.jit, static_argnames=("kernel",))
+def trim_magnitude_bits(kernel, base, thetas, keep):
+    """The uint32 bit patterns of `|delta_k|` (`[K, C]`) that the kernel's TIES trim ranks, for a flat chunk:
+    `delta_k = theta_k - base` (after DARE with the survivors `keep` for `dare_ties`), computed with the
+    kernel's own operations so that host thresholds (`kernels.host_topk_threshold`) match the in-memory
+    radix select exactly. Also returns the non-finite flags `[1 + K]`."""
+    base32, stacked_thetas, bad = _inputs32(base, thetas)
+    deltas = stacked_thetas - base32
+    if kernel.method == "dare_ties":
+        hp = dict(kernel.hparams)
+        deltas = kernels._dare_deltas(None, deltas, hp["drop_rate"], hp["rescale"], keep)
+        deltas = deltas - jnp.zeros_like(base32)  # as `dare_ties` calls `ties` with a zero base
+    return jax.lax.bitcast_convert_type(jnp.abs(deltas), jnp.uint32), bad
 
 
 def first_mismatch(base: Any, models: Sequence[Any]) -> str | None:

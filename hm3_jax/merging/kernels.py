@@ -22,12 +22,22 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
 def _bcast(weights: jax.Array, ndim: int) -> jax.Array:
     """`[K]` -> `[K, 1, ..., 1]` to broadcast against a `[K, ...]` stack of `ndim` dims."""
     return weights.reshape(weights.shape + (1,) * (ndim - 1))
+
+
+def _sum_models(x: jax.Array) -> jax.Array:
+    """`sum_k x[k]` over the leading (model) axis, as `x[0] + x[1] + ...` in that order: XLA's CPU reduce
+    over a non-minor axis is about 20x slower than these elementwise adds."""
+    total = x[0]
+    for k in range(1, x.shape[0]):
+        total = total + x[k]
+    return total
 
 
 def _per_model(value: float | Sequence[float], num_models: int) -> tuple[float, ...]:
@@ -62,14 +72,61 @@ def _kth_largest(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
     return (bin_high.astype(jnp.uint32) << 16) | bin_low.astype(jnp.uint32)
 
 
+def topk_threshold(x: jax.Array, density: float) -> jax.Array:
+    """The exact cut of `topk_magnitude_mask(x, density)` as uint32 `[2]` = `(t, cut)`: an entry with
+    magnitude bits `b` (the float32 bit pattern of `|x|`) at flat index `i` is kept iff
+    `b > t or (b == t and i < cut)` (`mask_from_threshold`). Requires `0 < floor(density * n) < n`.
+
+    `t` is the k-th largest magnitude, found by a two-pass radix select on the bit pattern (for non-negative
+    floats the uint32 order is the value order), O(n) instead of a sort; the ties at `t` go to the lower flat
+    indices, found by a second radix select on the (reversed) flat index of the tied entries.
+    `host_topk_threshold` computes the same pair with numpy (the streaming merge uses it).
+    """
+    n = x.size
+    k = int(density * n)
+    bits = lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.uint32).reshape(-1)
+    everything = jnp.ones(bits.shape, bool)
+    threshold = _kth_largest(bits, everything, jnp.int32(k))
+    equal = bits == threshold
+    remaining = k - jnp.sum(bits > threshold, dtype=jnp.int32)
+    reversed_index = ~jnp.arange(n, dtype=jnp.uint32)  # larger key = lower flat index
+    index_threshold = _kth_largest(reversed_index, equal, remaining)
+    # reversed_index >= index_threshold  <=>  i <= ~index_threshold  <=>  i < ~index_threshold + 1
+    return jnp.stack([threshold, ~index_threshold + jnp.uint32(1)])
+
+
+def host_topk_threshold(magnitude_bits: np.ndarray, density: float) -> np.ndarray:
+    """`topk_threshold` on the host: `magnitude_bits` is the flat uint32 bit pattern of `|x|` (float32).
+
+    Exact (`np.partition`, O(n)); `density >= 1` gives a pair that keeps everything and `k = 0` one that keeps
+    nothing, as `topk_magnitude_mask` does. Returns uint32 `[2]`.
+    """
+    n = magnitude_bits.size
+    k = int(density * n)
+    if k >= n:
+        return np.array([0, 0xFFFFFFFF], np.uint32)
+    if k <= 0:
+        return np.array([0xFFFFFFFF, 0], np.uint32)
+    threshold = np.partition(magnitude_bits, n - k)[n - k]
+    remaining = k - int(np.count_nonzero(magnitude_bits > threshold))
+    cut = int(np.flatnonzero(magnitude_bits == threshold)[remaining - 1]) + 1
+    return np.array([threshold, cut], np.uint32)
+
+
+def mask_from_threshold(x: jax.Array, trim: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """Elementwise top-k mask from a `topk_threshold` pair; `offset` is the flat index of `x`'s first entry
+    (when `x` is a flat chunk of a larger tensor). Returns bool like `x`."""
+    bits = lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.uint32)
+    index = (jnp.arange(x.size, dtype=jnp.uint32) + jnp.asarray(offset, jnp.uint32)).reshape(x.shape)
+    return (bits > trim[0]) | ((bits == trim[0]) & (index < trim[1]))
+
+
 def topk_magnitude_mask(x: jax.Array, density: float) -> jax.Array:
     """Boolean mask of the `k = floor(density * x.size)` entries of largest `|x|` (TIES "trim", Eq. 1 of
     Yadav et al. 2023; mergekit's `sparsify.magnitude`).
 
     Exactly k entries are kept; ties at the threshold go to the lower flat index, so the result is
-    deterministic. The k-th largest magnitude is found by a two-pass radix select on the float32 bit pattern
-    (for non-negative floats the uint32 order is the value order), O(n) instead of a sort; the ties are
-    resolved by a second radix select on the (reversed) flat index of the tied entries.
+    deterministic (see `topk_threshold`).
 
     Args:
       x: float32 `[...]`.
@@ -83,19 +140,12 @@ def topk_magnitude_mask(x: jax.Array, density: float) -> jax.Array:
         return jnp.ones(x.shape, bool)
     if k <= 0:
         return jnp.zeros(x.shape, bool)
-    bits = lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.uint32).reshape(-1)
-    everything = jnp.ones(bits.shape, bool)
-    threshold = _kth_largest(bits, everything, jnp.int32(k))
-    greater = bits > threshold
-    equal = bits == threshold
-    remaining = k - jnp.sum(greater, dtype=jnp.int32)
-    reversed_index = ~jnp.arange(n, dtype=jnp.uint32)  # larger key = lower flat index
-    index_threshold = _kth_largest(reversed_index, equal, remaining)
-    keep = greater | (equal & (reversed_index >= index_threshold))
-    return keep.reshape(x.shape)
+    return mask_from_threshold(x, topk_threshold(x, density))
 
 
-def dare(key: jax.Array, delta: jax.Array, drop_rate: float, rescale: bool = True) -> jax.Array:
+def dare(
+    key: jax.Array, delta: jax.Array, drop_rate: float, rescale: bool = True, keep: jax.Array | None = None
+) -> jax.Array:
     """DARE drop-and-rescale (Yu et al. 2024, Eq. 2):
     `m ~ Bernoulli(p)`, `delta' = (1 - m) * delta / (1 - p)`.
 
@@ -104,12 +154,20 @@ def dare(key: jax.Array, delta: jax.Array, drop_rate: float, rescale: bool = Tru
       delta: float32 `[...]` task vector.
       drop_rate: p in [0, 1). `p = 0` returns `delta` unchanged.
       rescale: divide survivors by `1 - p` (mergekit's `rescale`, default on for DARE).
+      keep: the survivors `1 - m`, bool like `delta`, if already drawn (`dare_keep_mask`, the streaming merge
+        draws it once per tensor and applies it chunk by chunk); default drawn here from `key`.
     """
     if drop_rate <= 0.0:
         return delta
-    keep = jax.random.bernoulli(key, 1.0 - drop_rate, delta.shape)
+    if keep is None:
+        keep = dare_keep_mask(key, drop_rate, delta.shape)
     kept = delta / (1.0 - drop_rate) if rescale else delta
     return jnp.where(keep, kept, 0.0)
+
+
+def dare_keep_mask(key: jax.Array, drop_rate: float, shape: tuple[int, ...]) -> jax.Array:
+    """DARE's survivors `1 - m`, `m ~ Bernoulli(drop_rate)`: bool `shape`."""
+    return jax.random.bernoulli(key, 1.0 - drop_rate, shape)
 
 
 def elect_sign_mask(weighted_deltas: jax.Array, consensus: str = "sum") -> jax.Array:
@@ -124,9 +182,9 @@ def elect_sign_mask(weighted_deltas: jax.Array, consensus: str = "sum") -> jax.A
     """
     signs = jnp.sign(weighted_deltas)
     if consensus == "sum":
-        total = jnp.sum(weighted_deltas, axis=0)
+        total = _sum_models(weighted_deltas)
     elif consensus == "count":
-        total = jnp.sum(signs, axis=0)
+        total = _sum_models(signs)
     else:
         raise ValueError(f"consensus must be 'sum' or 'count', got {consensus!r}")
     elected = jnp.where(total >= 0, 1.0, -1.0)
@@ -135,7 +193,7 @@ def elect_sign_mask(weighted_deltas: jax.Array, consensus: str = "sum") -> jax.A
 
 def _weighted_sum(weighted: jax.Array, weights: jax.Array, normalize: bool) -> jax.Array:
     """`sum_k w_k x_k`, divided by `sum_k w_k` if `normalize` (a sum below 1e-8 in magnitude divides by 1)."""
-    merged = jnp.sum(weighted, axis=0)
+    merged = _sum_models(weighted)
     if normalize:
         divisor = jnp.sum(weights)
         merged = merged / jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
@@ -144,9 +202,9 @@ def _weighted_sum(weighted: jax.Array, weights: jax.Array, normalize: bool) -> j
 
 def _disjoint_merge(weighted: jax.Array, weights: jax.Array, mask: jax.Array, normalize: bool) -> jax.Array:
     """TIES "disjoint merge" (Eq. 3): `sum_k m_k w_k delta_k / sum_k m_k w_k` (0 divisor -> 1)."""
-    merged = jnp.sum(jnp.where(mask, weighted, 0.0), axis=0)
+    merged = _sum_models(jnp.where(mask, weighted, 0.0))
     if normalize:
-        divisor = jnp.sum(jnp.where(mask, _bcast(weights, mask.ndim), 0.0), axis=0)
+        divisor = _sum_models(jnp.where(mask, _bcast(weights, mask.ndim), 0.0))
         merged = merged / jnp.where(divisor == 0, 1.0, divisor)
     return merged
 
@@ -178,6 +236,8 @@ def ties(
     scale: float = 1.0,
     normalize: bool = True,
     consensus: str = "sum",
+    trim: jax.Array | None = None,
+    offset: jax.Array | int = 0,
 ):
     """TIES-merging (Yadav et al. 2023, Eqs. 1-3): trim each `delta_k` to its top-`density` magnitudes,
     elect a sign per entry from `sum_k w_k delta_k`, and take the disjoint (weighted) mean of the agreeing
@@ -185,23 +245,35 @@ def ties(
 
     `density` is the fraction kept (a float or one per model); `normalize=False` skips the division
     (mergekit's `normalize`, default True for TIES).
+
+    `trim` (uint32 `[K, 2]`, one `topk_threshold` pair per model) and `offset` let the streaming merge apply
+    the trim to a flat chunk of a tensor whose exact thresholds were computed beforehand; everything else
+    is elementwise, so a chunk gives the same entries as the whole tensor.
     """
     del key
     deltas = thetas - base
-    densities = _per_model(density, deltas.shape[0])
-    trimmed = jnp.stack(
-        [jnp.where(topk_magnitude_mask(d, dens), d, 0.0) for d, dens in zip(deltas, densities, strict=True)]
-    )
+    if trim is None:
+        densities = _per_model(density, deltas.shape[0])
+        masks = [topk_magnitude_mask(d, dens) for d, dens in zip(deltas, densities, strict=True)]
+    else:
+        masks = [mask_from_threshold(d, trim[i], offset) for i, d in enumerate(deltas)]
+    trimmed = jnp.stack([jnp.where(m, d, 0.0) for m, d in zip(masks, deltas, strict=True)])
     weighted = trimmed * _bcast(weights, trimmed.ndim)
     mask = elect_sign_mask(weighted, consensus)
     return base + scale * _disjoint_merge(weighted, weights, mask, normalize)
 
 
-def _dare_deltas(key, deltas, drop_rate, rescale):
+def _dare_deltas(key, deltas, drop_rate, rescale, keep=None):
     rates = _per_model(drop_rate, deltas.shape[0])
     return jnp.stack(
         [
-            dare(jax.random.fold_in(key, i), d, p, rescale)
+            dare(
+                None if (keep is not None or p <= 0.0) else jax.random.fold_in(key, i),
+                d,
+                p,
+                rescale,
+                None if keep is None else keep[i],
+            )
             for i, (d, p) in enumerate(zip(deltas, rates, strict=True))
         ]
     )
@@ -217,12 +289,13 @@ def dare_linear(
     scale: float = 1.0,
     normalize: bool = False,
     rescale: bool = True,
+    keep: jax.Array | None = None,
 ):
     """DARE + task arithmetic (Yu et al. 2024): `base + scale * sum_k w_k DARE_p(delta_k)`.
 
-    The k-th model's drop mask is drawn with `fold_in(key, k)`.
+    The k-th model's drop mask is drawn with `fold_in(key, k)` (`keep` `[K, ...]`: already drawn).
     """
-    deltas = _dare_deltas(key, thetas - base, drop_rate, rescale)
+    deltas = _dare_deltas(key, thetas - base, drop_rate, rescale, keep)
     return base + scale * _weighted_sum(deltas * _bcast(weights, deltas.ndim), weights, normalize)
 
 
@@ -238,6 +311,9 @@ def dare_ties(
     normalize: bool = False,
     rescale: bool = True,
     consensus: str = "sum",
+    keep: jax.Array | None = None,
+    trim: jax.Array | None = None,
+    offset: jax.Array | int = 0,
 ):
     """DARE + TIES (HM3_SPEC Eq. 5; Yu et al. 2024): `delta_k' = DARE_p(delta_k)`, then TIES on `delta_k'`
     (trim to top-`density`, elect signs, disjoint merge):
@@ -245,9 +321,10 @@ def dare_ties(
 
     Differs from mergekit's `dare_ties` only in naming: here `drop_rate` is DARE's p and `density` is the TIES
     trim (default 1 = no trim, which is mergekit's `dare_ties`, whose `density` is our `1 - drop_rate`).
-    The k-th model's drop mask is drawn with `fold_in(key, k)`.
+    The k-th model's drop mask is drawn with `fold_in(key, k)` (`keep`, `trim`, `offset`: as in `dare_linear`
+    and `ties`, for the streaming merge's chunks).
     """
-    deltas = _dare_deltas(key, thetas - base, drop_rate, rescale)
+    deltas = _dare_deltas(key, thetas - base, drop_rate, rescale, keep)
     return (
         ties(
             None,
@@ -258,6 +335,8 @@ def dare_ties(
             scale=1.0,
             normalize=normalize,
             consensus=consensus,
+            trim=trim,
+            offset=offset,
         )
         * scale
         + base
@@ -314,10 +393,10 @@ def consensus(
     deltas = thetas - base
     num_models = deltas.shape[0]
     weighted = deltas * _bcast(weights, deltas.ndim)
-    tau_mtl = jnp.sum(weighted, axis=0)
+    tau_mtl = _sum_models(weighted)
     lambdas = jnp.asarray(_per_model(tall_lambda, num_models), jnp.float32)
     tall = jnp.abs(weighted) >= _bcast(lambdas, deltas.ndim) * jnp.abs(tau_mtl - weighted)
-    keep = jnp.sum(tall.astype(jnp.int32), axis=0) >= k
+    keep = _sum_models(tall.astype(jnp.int32)) >= k
     zeros = jnp.zeros_like(base)
     if base_method == "task_arithmetic":
         merged = task_arithmetic(None, zeros, deltas, weights, normalize=bool(normalize))

@@ -15,6 +15,7 @@ streaming and the in-memory merge give identical tensors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 import tqdm
 
-from hm3_jax.merging import api
+from hm3_jax.merging import api, kernels
 from hm3_jax.merging.groups import GroupFn, default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.safetensors_stream import (
     Checkpoint,
@@ -51,6 +52,86 @@ TOKENIZER_FILES = (
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
+_MIN_BUCKET = 4096
+
+
+@functools.partial(jax.jit, static_argnames=("drop_rate", "shape"))
+def _keep_mask(key, drop_rate, shape):
+    return kernels.dare_keep_mask(key, drop_rate, shape)
+
+
+def _padded(flat: np.ndarray, start: int, stop: int, length: int, fill=0) -> np.ndarray:
+    """`flat[start:stop]` padded with `fill` to `length` entries (a view when no padding is needed)."""
+    piece = flat[start:stop]
+    if piece.size == length:
+        return piece
+    out = np.full(length, fill, flat.dtype)
+    out[: piece.size] = piece
+    return out
+
+
+def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements):
+    """One tensor of a `api.CHUNKED_METHODS` merge in flat chunks of `chunk_elements`: the DARE survivors
+    are drawn for the whole tensor exactly as the in-memory kernel draws them, the exact top-k thresholds
+    of the TIES trim are computed on the host (`kernels.host_topk_threshold`, the same kept set as the
+    in-memory radix select), and `api.merge_chunk` applies the now elementwise merge chunk by chunk.
+    Chunks are padded to a power-of-two length (at least `_MIN_BUCKET`) so that tensors share compiled code.
+
+    Returns `(merged [shape] dtype_out, bad [1 + K])`; `merged` is None when an input is not finite."""
+    hp = dict(kernel.hparams)
+    num_models, n, shape = len(arrays), base_arr.size, base_arr.shape
+    length = min(chunk_elements, max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
+    starts = range(0, n, length)
+    flat_base = base_arr.reshape(-1)
+    flats = [a.reshape(-1) for a in arrays]
+    weights = np.asarray(leaf_w, np.float32)
+
+    def inputs(start):
+        stop = min(start + length, n)
+        return _padded(flat_base, start, stop, length), [_padded(f, start, stop, length) for f in flats]
+
+    keep = None
+    if kernel.method in ("dare_linear", "dare_ties"):
+        rates = kernels._per_model(hp["drop_rate"], num_models)
+        if any(p > 0.0 for p in rates):
+            keep = np.ones((num_models, n), bool)
+            for i, p in enumerate(rates):
+                if p > 0.0:
+                    keep[i] = np.asarray(_keep_mask(jax.random.fold_in(leaf_key, i), p, shape)).reshape(-1)
+
+    def keep_chunk(start):
+        if keep is None:
+            return None
+        stop = min(start + length, n)
+        return np.stack([_padded(k, start, stop, length, True) for k in keep])
+
+    bad_any = np.zeros(num_models + 1, bool)
+    trim = None
+    if kernel.method in ("ties", "dare_ties"):
+        densities = kernels._per_model(hp["density"], num_models)
+        if any(int(d * n) < n for d in densities):
+            bits = np.empty((num_models, n), np.uint32)
+            for start in starts:
+                stop = min(start + length, n)
+                b, bad = api.trim_magnitude_bits(kernel, *inputs(start), keep_chunk(start))
+                bits[:, start:stop] = np.asarray(b)[:, : stop - start]
+                bad_any |= np.asarray(bad)
+            if bad_any.any():
+                return None, bad_any
+            trim = np.stack([kernels.host_topk_threshold(bits[i], d) for i, d in enumerate(densities)])
+            del bits
+    out = np.empty(n, dtype_out)
+    for start in starts:
+        stop = min(start + length, n)
+        merged, bad = api.merge_chunk(
+            kernel, np.dtype(dtype_out), *inputs(start), weights, keep_chunk(start), trim, np.uint32(start)
+        )
+        out[start:stop] = np.asarray(merged)[: stop - start]
+        bad_any |= np.asarray(bad)
+    if bad_any.any():
+        return None, bad_any
+    return out.reshape(shape), bad_any
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -138,6 +219,7 @@ def merge_checkpoints(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = True,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     **hparams: Any,
 ) -> dict[str, Any]:
     """Merges Hugging Face checkpoint directories tensor by tensor into the directory `out`.
@@ -152,6 +234,8 @@ def merge_checkpoints(
       tokenizer_source: directory whose tokenizer files are copied (default the base).
       max_shard_bytes: output shard size limit.
       progress: tqdm bar over tensors.
+      chunk_elements: flat chunk length for the elementwise methods (linear, task_arithmetic, ties,
+        dare_linear, dare_ties); the others merge each tensor whole. Does not change the result.
     Returns:
       `{"out": path, "num_tensors", "bytes_read", "bytes_written"}`.
     Raises:
@@ -219,10 +303,15 @@ def merge_checkpoints(
                         "t" if method == "slerp" else "weights",
                     )
                     leaf_key = jax.random.fold_in(key, index[name])
-                    merged, bad = api.merge_tensor(
-                        kernel, np.dtype(dtype_out), False, leaf_key, base_arr, arrays, leaf_w
-                    )
-                    bad = np.asarray(bad)
+                    if method in api.CHUNKED_METHODS:
+                        merged, bad = _merge_chunked(
+                            kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements
+                        )
+                    else:
+                        merged, bad = api.merge_tensor(
+                            kernel, np.dtype(dtype_out), False, leaf_key, base_arr, arrays, leaf_w
+                        )
+                        bad = np.asarray(bad)
                     if bad.any():
                         which = int(np.argmax(bad))
                         source = reference.path if which == 0 else inputs[which - 1].path
