@@ -95,11 +95,14 @@ def topk_threshold(x: jax.Array, density: float) -> jax.Array:
     return jnp.stack([threshold, ~index_threshold + jnp.uint32(1)])
 
 
-def host_topk_threshold(magnitude_bits: np.ndarray, density: float) -> np.ndarray:
+def host_topk_threshold(
+    magnitude_bits: np.ndarray, density: float, scratch: np.ndarray | None = None
+) -> np.ndarray:
     """`topk_threshold` on the host: `magnitude_bits` is the flat uint32 bit pattern of `|x|` (float32).
 
     Exact (`np.partition`, O(n)); `density >= 1` gives a pair that keeps everything and `k = 0` one that keeps
-    nothing, as `topk_magnitude_mask` does. Returns uint32 `[2]`.
+    nothing, as `topk_magnitude_mask` does. `scratch`: a reusable uint32 buffer of at least n entries for the
+    partition (default a new copy). Returns uint32 `[2]`.
     """
     n = magnitude_bits.size
     k = int(density * n)
@@ -107,7 +110,13 @@ def host_topk_threshold(magnitude_bits: np.ndarray, density: float) -> np.ndarra
         return np.array([0, 0xFFFFFFFF], np.uint32)
     if k <= 0:
         return np.array([0xFFFFFFFF, 0], np.uint32)
-    threshold = np.partition(magnitude_bits, n - k)[n - k]
+    if scratch is None:
+        threshold = np.partition(magnitude_bits, n - k)[n - k]
+    else:
+        work = scratch[:n]
+        np.copyto(work, magnitude_bits)
+        work.partition(n - k)
+        threshold = work[n - k]
     remaining = k - int(np.count_nonzero(magnitude_bits > threshold))
     cut = int(np.flatnonzero(magnitude_bits == threshold)[remaining - 1]) + 1
     return np.array([threshold, cut], np.uint32)

@@ -71,14 +71,25 @@ def _padded(flat: np.ndarray, start: int, stop: int, length: int, fill=0) -> np.
     return out
 
 
-def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements):
+def _workspace_buffer(workspace: dict, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A `shape` view of a buffer kept in `workspace` across tensors (grown when too small), so that large
+    tensors do not pay fresh page faults for every temporary."""
+    size = int(np.prod(shape))
+    buffer = workspace.get(name)
+    if buffer is None or buffer.dtype != np.dtype(dtype) or buffer.size < size:
+        buffer = workspace[name] = np.empty(size, dtype)
+    return buffer[:size].reshape(shape)
+
+
+def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements, workspace):
     """One tensor of a `api.CHUNKED_METHODS` merge in flat chunks of `chunk_elements`: the DARE survivors
     are drawn for the whole tensor exactly as the in-memory kernel draws them, the exact top-k thresholds
     of the TIES trim are computed on the host (`kernels.host_topk_threshold`, the same kept set as the
     in-memory radix select), and `api.merge_chunk` applies the now elementwise merge chunk by chunk.
     Chunks are padded to a power-of-two length (at least `_MIN_BUCKET`) so that tensors share compiled code.
 
-    Returns `(merged [shape] dtype_out, bad [1 + K])`; `merged` is None when an input is not finite."""
+    Returns `(merged [shape] dtype_out, bad [1 + K])`; `merged` is None when an input is not finite.
+    `merged` is a view of a `workspace` buffer: valid until the next call with the same workspace."""
     hp = dict(kernel.hparams)
     num_models, n, shape = len(arrays), base_arr.size, base_arr.shape
     length = min(chunk_elements, max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
@@ -95,7 +106,8 @@ def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_
     if kernel.method in ("dare_linear", "dare_ties"):
         rates = kernels._per_model(hp["drop_rate"], num_models)
         if any(p > 0.0 for p in rates):
-            keep = np.ones((num_models, n), bool)
+            keep = _workspace_buffer(workspace, "keep", bool, (num_models, n))
+            keep.fill(True)
             for i, p in enumerate(rates):
                 if p > 0.0:
                     keep[i] = np.asarray(_keep_mask(jax.random.fold_in(leaf_key, i), p, shape)).reshape(-1)
@@ -111,7 +123,7 @@ def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_
     if kernel.method in ("ties", "dare_ties"):
         densities = kernels._per_model(hp["density"], num_models)
         if any(int(d * n) < n for d in densities):
-            bits = np.empty((num_models, n), np.uint32)
+            bits = _workspace_buffer(workspace, "bits", np.uint32, (num_models, n))
             for start in starts:
                 stop = min(start + length, n)
                 b, bad = api.trim_magnitude_bits(kernel, *inputs(start), keep_chunk(start))
@@ -119,9 +131,11 @@ def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_
                 bad_any |= np.asarray(bad)
             if bad_any.any():
                 return None, bad_any
-            trim = np.stack([kernels.host_topk_threshold(bits[i], d) for i, d in enumerate(densities)])
-            del bits
-    out = np.empty(n, dtype_out)
+            scratch = _workspace_buffer(workspace, "scratch", np.uint32, (n,))
+            trim = np.stack(
+                [kernels.host_topk_threshold(bits[i], d, scratch) for i, d in enumerate(densities)]
+            )
+    out = _workspace_buffer(workspace, "out", dtype_out, (n,))
     for start in starts:
         stop = min(start + length, n)
         merged, bad = api.merge_chunk(
@@ -285,6 +299,7 @@ def merge_checkpoints(
         bytes_read = bytes_written = 0
         bar = tqdm.tqdm(total=len(names), desc=f"merge {method}", unit="tensor", disable=not progress)
         index = {name: i for i, name in enumerate(names)}
+        workspace: dict[str, np.ndarray] = {}
         for shard, file in zip(shards, files, strict=True):
             writer = ShardWriter(os.path.join(tmp, file), shard)
             for name, dtype_out, shape in shard:
@@ -305,7 +320,7 @@ def merge_checkpoints(
                     leaf_key = jax.random.fold_in(key, index[name])
                     if method in api.CHUNKED_METHODS:
                         merged, bad = _merge_chunked(
-                            kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements
+                            kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements, workspace
                         )
                     else:
                         merged, bad = api.merge_tensor(
