@@ -262,8 +262,7 @@ def test_cli_subprocess_unsupported_key(pool, tmp_path):
 @pytest.mark.parametrize(
     "method,hparams",
     [
-        ("dare_ties", {"drop_rate": [0.3, 0.0, 0.5], "density": 0.6}),
-        ("ties", {"density": [0.5, 1.0, 0.3]}),
+        ("dare_ties", {"drop_rate": [0.3, 0.0, 0.5], "density": [0.6, 1.0, 0.3]}),
         ("dare_linear", {"drop_rate": 0.4}),
     ],
 )

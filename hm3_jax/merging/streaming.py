@@ -108,9 +108,14 @@ def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_
         if any(p > 0.0 for p in rates):
             keep = _workspace_buffer(workspace, "keep", bool, (num_models, n))
             keep.fill(True)
-            for i, p in enumerate(rates):
-                if p > 0.0:
-                    keep[i] = np.asarray(_keep_mask(jax.random.fold_in(leaf_key, i), p, shape)).reshape(-1)
+            # dispatch every model's draw before waiting for any, so XLA can run them concurrently
+            drawn = {
+                i: _keep_mask(jax.random.fold_in(leaf_key, i), p, shape)
+                for i, p in enumerate(rates)
+                if p > 0.0
+            }
+            for i, mask in drawn.items():
+                keep[i] = np.asarray(mask).reshape(-1)
 
     def keep_chunk(start):
         if keep is None:
