@@ -58,7 +58,8 @@ class Checkpoint:
     """A Hugging Face checkpoint directory (one `model.safetensors` or shards with an index), read lazily.
 
     `names` are sorted; `shape(name)`, `dtype(name)` come from the headers; `get(name)` reads one tensor.
-    Files stay open (memory-mapped by safetensors) until `close()`.
+    `get` reads a tensor's bytes with one positioned read into a fresh array (no memory map), so a streaming
+    merge's resident memory is its current tensors, not the mapped pages of every checkpoint it has read.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -76,11 +77,12 @@ class Checkpoint:
             raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in checkpoint directory {self.path!r}")
         self._handles = {}
         self._file_of: dict[str, str] = {}
+        self._span: dict[str, tuple[int, int]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for file in files:
             full = os.path.join(self.path, file)
-            handle = safe_open(full, framework="numpy")
-            self._handles[file] = handle
+            safe_open(full, framework="numpy")  # validates the file
+            self._handles[file] = open(full, "rb")  # noqa: SIM115 (closed by close())
             with open(full, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(header_len))
@@ -91,6 +93,8 @@ class Checkpoint:
                     raise ValueError(f"{full}: tensor {name!r} has unsupported dtype {info['dtype']}")
                 self._file_of[name] = file
                 self._meta[name] = (tuple(info["shape"]), _CODE_DTYPES[info["dtype"]])
+                start, stop = info["data_offsets"]
+                self._span[name] = (8 + header_len + start, stop - start)
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._file_of))
             if missing:
@@ -104,9 +108,24 @@ class Checkpoint:
         return self._meta[name][1]
 
     def get(self, name: str) -> np.ndarray:
-        return self._handles[self._file_of[name]].get_tensor(name)
+        shape, dtype = self._meta[name]
+        offset, nbytes = self._span[name]
+        out = np.empty(shape, dtype)
+        if nbytes != out.nbytes:
+            raise ValueError(f"{self.path}: tensor {name!r} has {nbytes} bytes for shape {shape} {dtype}")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        handle = self._handles[self._file_of[name]]
+        done = 0
+        while done < nbytes:
+            got = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            if got <= 0:
+                raise ValueError(f"{self.path}: file ends inside tensor {name!r}")
+            done += got
+        return out
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
     def __enter__(self):

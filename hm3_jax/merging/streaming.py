@@ -1,9 +1,14 @@
 """Streaming merges of Hugging Face checkpoints: tensor by tensor, bounded memory, atomic output directory.
 
 `merge_checkpoints` reads one tensor of every input lazily (safetensors `safe_open`, numpy), merges it with
-the same per-tensor kernel and per-leaf weight rules as the in-memory `merge` (`api.py`), and appends it to
-an output shard whose header was written up front (`safetensors_stream.ShardWriter`), so peak memory is a
-few tensors, never a model. Everything is written into a temporary sibling directory that is renamed to
+the same kernels and per-leaf weight rules as the in-memory `merge` (`api.py`), and appends it to an output
+shard whose header was written up front (`safetensors_stream.ShardWriter`), so peak memory is a few tensors,
+never a model. The elementwise methods (`api.CHUNKED_METHODS`: linear, task_arithmetic, ties, dare_linear,
+dare_ties) run on flat chunks of `chunk_elements` (`_merge_chunked`): DARE's survivors are drawn for the whole
+tensor with the in-memory kernel's key and shape, TIES' exact top-k cut (k-th largest magnitude and the tie
+index, `kernels.host_topk_threshold`, numpy) is computed on the host before the chunks, so the kept set is
+the in-memory radix select's and the output is bitwise the in-memory merge's. slerp, consensus and pcb
+(whole-tensor norms and masks) merge each tensor whole with `api.merge_tensor`. Everything is written into a temporary sibling directory that is renamed to
 `out` only when the merge is complete; on any error it is deleted, so an interrupted merge never leaves a
 directory that looks done.
 
@@ -350,6 +355,8 @@ def merge_checkpoints(
         _finish(tmp, out, overwrite)
         tmp = None
     finally:
+        for ckpt in [reference, *inputs]:
+            ckpt.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return {
