@@ -11,6 +11,7 @@ a half-written PNG.
 import os
 import tempfile
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -75,12 +76,22 @@ def plot_front(
     if len(names) != k:
         raise ValueError(f"objective_names has {len(names)} names but the points have k={k} objectives")
     fig = Figure(figsize=(6.4, 4.8) if k <= 3 else (1.2 * k + 3, 4.8))
-    colors = [f"C{i % 10}" for i in range(len(checked))]
+    # More than 10 methods: tab20 colours plus a marker cycle, so no two series look alike.
+    colors = (
+        [f"C{i % 10}" for i in range(len(checked))]
+        if len(checked) <= 10
+        else [matplotlib.colormaps["tab20"](i % 20) for i in range(len(checked))]
+    )
+    colors = ["black" if name == front_method else c for name, c in zip(checked, colors, strict=True)]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h"]
+    marker_of = {
+        name: ("*" if name == front_method else markers[i % len(markers)]) for i, name in enumerate(checked)
+    }
     if k <= 2:
         ax = fig.add_subplot()
         for (name, pts), color in zip(checked.items(), colors, strict=True):
             ys = pts[:, 1] if k == 2 else np.zeros(len(pts))
-            marker = "*" if name == front_method else "o"
+            marker = marker_of[name]
             ax.scatter(pts[:, 0], ys, label=name, color=color, marker=marker, s=80 if marker == "*" else 30)
             if name == front_method and k == 2:
                 front = pts[pareto_mask(pts)]
@@ -96,8 +107,7 @@ def plot_front(
     elif k == 3:
         ax = fig.add_subplot(projection="3d")
         for (name, pts), color in zip(checked.items(), colors, strict=True):
-            marker = "*" if name == front_method else "o"
-            ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], label=name, color=color, marker=marker)
+            ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], label=name, color=color, marker=marker_of[name])
         if reference is not None:
             ref = np.asarray(reference, dtype=float)
             ax.scatter([ref[0]], [ref[1]], [ref[2]], marker="x", color="k", label="reference")
