@@ -1,8 +1,11 @@
 """Host-side bookkeeping shared by the single-preference searches (EA with CMA-ES, DE): the scalarised
 fitness (maximised), the best candidate so far and a per-generation history."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from hm3_jax.baselines.dfs import decode
 from hm3_jax.moo.preferences import validate_preference
 
 SCALARIZATIONS = ("weighted_sum", "tchebycheff")
@@ -78,3 +81,29 @@ class Tracker:
             "archive": evaluator.archive(),
             **extra,
         }
+
+
+def ask_tell_generations(strategy, state, params, key_loop, rep, evaluator, tracker, fitness_fn, pop_size: int,
+                         generations, max_stale_generations: int):  # fmt: skip
+    """The evosax ask -> decode -> evaluate -> tell loop shared by EA (CMA-ES) and DE.
+
+    Generation g uses the keys `split(fold_in(key_loop, g))`. Stops when the budget is spent, when a batch was
+    cut by the budget, or after `max_stale_generations` generations answered wholly from the cache. evosax
+    minimises, so the (maximised) fitness is negated at `tell` only. Returns the strategy state.
+    """
+    stale = 0
+    for generation in generations:
+        if evaluator.remaining == 0:
+            break
+        key_ask, key_tell = jax.random.split(jax.random.fold_in(key_loop, generation))
+        population, state = strategy.ask(key_ask, state, params)  # [pop, num_genes]
+        paths, scales = decode(rep, np.asarray(population))
+        before = evaluator.evaluations
+        scores = evaluator(paths, scales)
+        stale = stale + 1 if evaluator.evaluations == before else 0
+        fitness = fitness_fn(scores) if len(scores) else np.zeros(0)
+        tracker.record(generation, evaluator.evaluations, paths, scales, scores, fitness)
+        if len(scores) < pop_size or stale >= max_stale_generations:
+            break
+        state, _ = strategy.tell(key_tell, population, jnp.asarray(-fitness, jnp.float32), state, params)
+    return state

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from evosax.algorithms import DifferentialEvolution
 
-from hm3_jax.baselines._single import Tracker, make_fitness_fn
+from hm3_jax.baselines._single import Tracker, ask_tell_generations, make_fitness_fn
 from hm3_jax.baselines.common import BudgetedEvaluator, check_budget, check_geometry, strong_types
 from hm3_jax.baselines.dfs import decode, make_representation
 
@@ -82,7 +82,6 @@ def run_de(
 
     evaluator = BudgetedEvaluator(evaluate_fn, geometry, budget, progress)
     tracker = Tracker()
-    stale = 0
     try:
         paths, scales = decode(rep, population)
         scores = evaluator(paths, scales)
@@ -91,20 +90,8 @@ def run_de(
         if len(scores) == pop_size:
             fitness_min = jnp.asarray(-fitness, jnp.float32)
             state = strong_types(strategy.init(key_init, jnp.asarray(population), fitness_min, params))
-            for generation in range(1, max_generations):
-                if evaluator.remaining == 0:
-                    break
-                key_ask, key_tell = jax.random.split(jax.random.fold_in(key_loop, generation))
-                trial, state = strategy.ask(key_ask, state, params)  # [pop, num_genes]
-                paths, scales = decode(rep, np.asarray(trial))
-                before = evaluator.evaluations
-                scores = evaluator(paths, scales)
-                stale = stale + 1 if evaluator.evaluations == before else 0
-                fitness = fitness_fn(scores) if len(scores) else np.zeros(0)
-                tracker.record(generation, evaluator.evaluations, paths, scales, scores, fitness)
-                if len(scores) < pop_size or stale >= max_stale_generations:
-                    break
-                state, _ = strategy.tell(key_tell, trial, jnp.asarray(-fitness, jnp.float32), state, params)
+            ask_tell_generations(strategy, state, params, key_loop, rep, evaluator, tracker, fitness_fn, pop_size,
+                                 range(1, max_generations), max_stale_generations)  # fmt: skip
     finally:
         evaluator.close()
     return tracker.result(

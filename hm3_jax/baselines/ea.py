@@ -15,12 +15,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from evosax.algorithms import CMA_ES
 
-from hm3_jax.baselines._single import Tracker, make_fitness_fn
+from hm3_jax.baselines._single import Tracker, ask_tell_generations, make_fitness_fn
 from hm3_jax.baselines.common import BudgetedEvaluator, check_budget, check_geometry, strong_types
-from hm3_jax.baselines.dfs import decode, make_representation
+from hm3_jax.baselines.dfs import make_representation
 
 
 @functools.lru_cache(maxsize=32)
@@ -92,22 +91,9 @@ def run_ea(
 
     evaluator = BudgetedEvaluator(evaluate_fn, geometry, budget, progress)
     tracker = Tracker()
-    stale = 0
     try:
-        for generation in range(max_generations):
-            if evaluator.remaining == 0:
-                break
-            key_ask, key_tell = jax.random.split(jax.random.fold_in(key_loop, generation))
-            population, state = strategy.ask(key_ask, state, params)  # [pop, num_genes]
-            paths, scales = decode(rep, np.asarray(population))
-            before = evaluator.evaluations
-            scores = evaluator(paths, scales)
-            stale = stale + 1 if evaluator.evaluations == before else 0
-            fitness = fitness_fn(scores) if len(scores) else np.zeros(0)
-            tracker.record(generation, evaluator.evaluations, paths, scales, scores, fitness)
-            if len(scores) < pop_size or stale >= max_stale_generations:
-                break
-            state, _ = strategy.tell(key_tell, population, jnp.asarray(-fitness, jnp.float32), state, params)
+        ask_tell_generations(strategy, state, params, key_loop, rep, evaluator, tracker, fitness_fn, pop_size,
+                             range(max_generations), max_stale_generations)  # fmt: skip
     finally:
         evaluator.close()
     return tracker.result(
