@@ -1,7 +1,6 @@
 """Unit checks of the end-to-end run's pieces against hand-computed or independent values (fast, no zoo)."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -124,4 +123,3 @@ def test_export_yaml_lists_one_slice_per_step():
         {"model": "e1", "layer_range": [1, 2]}, {"model": "e0", "layer_range": [0, 1]},
         {"model": "m", "layer_range": [1, 2]},
     ]  # fmt: skip
-    assert os.path.basename(__file__)

@@ -25,7 +25,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from hm3_jax import merging, models
 from hm3_jax.arch import descriptors as descriptors_lib
@@ -243,12 +242,3 @@ def _append_curve(path: str, curve: list[float], start_iteration: int) -> None:
         with open(path) as f:
             old = [line.strip() for line in f if line.strip()][:start_iteration]
     atomic_write_text(path, "\n".join(old + [repr(float(c)) for c in curve]) + "\n")
-
-
-def decode_for(problem: Problem, trainer_params, trainer, preference, phi) -> np.ndarray:
-    """Greedy path [T_max] for any preference (also unseen): the policy's answer without search."""
-    path, _ = jax.jit(trainer.decode)(trainer_params, jnp.asarray(preference, jnp.float32), phi)
-    return np.asarray(path, np.int32)
-
-
-_ = logging

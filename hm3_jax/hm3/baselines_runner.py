@@ -22,7 +22,6 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import baselines, merging
-from hm3_jax.hm3.arch_level import PathScorer
 from hm3_jax.hm3.problem import Problem, score_params
 
 # Papers' defaults: TA scaling 0.4 (Ilharco et al. 2023 use 0.3-0.5), TIES density 0.2 with disjoint mean
@@ -51,10 +50,7 @@ PARAM_GRIDS = {
 def _param_merge(problem: Problem, method: str, preference, key, hparams: dict) -> dict:
     K = problem.num_tasks
     weights = [float(K * lam) for lam in preference]
-    hp = dict(hparams)
-    if method == "pcb" or method == "consensus":
-        hp.setdefault("scale", 1.0)
-    return merging.merge(method, problem.base, problem.experts, key, weights=weights, **hp)
+    return merging.merge(method, problem.base, problem.experts, key, weights=weights, **hparams)
 
 
 def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bool = True) -> dict:
@@ -166,6 +162,3 @@ def run_path_baseline(problem: Problem, method: str, preferences, key, evaluator
         "wall_seconds": time.perf_counter() - start,
         **extra,
     }
-
-
-_ = PathScorer

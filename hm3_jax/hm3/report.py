@@ -59,6 +59,7 @@ def build_report(
         "ideal": ideal.tolist(),
         "reference_point": np.asarray(reference).tolist(),
         "methods": out_methods,
+        **(extra or {}),
     }
     if "hm3" in normalised:
         report["dominance"] = {
@@ -66,8 +67,7 @@ def build_report(
             for name, pts in normalised.items()
             if name != "hm3" and len(pts)
         }
-        report["claims"] = _claims(report)
-    report.update(extra or {})
+        report["claims"] = _claims(report)  # after `extra`, which may hold the `balanced` retention
     return report
 
 

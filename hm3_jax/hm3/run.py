@@ -12,7 +12,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -86,7 +85,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None) -> dict:
     """Runs (or resumes) the whole job; returns the report dict (also written to DIR/report.json)."""
     t0 = time.perf_counter()
     wd, zoo, problem = setup(config, workdir, zoo_dir)
-    K, L, N = problem.num_tasks, problem.config.num_layers, None
+    K, L = problem.num_tasks, problem.config.num_layers
     key = jax.random.PRNGKey(config.seed)
     k_pref, k_param, k_arch, k_abl, k_base = jax.random.split(key, 5)
     prefs = np.asarray(
@@ -202,7 +201,6 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None) -> dict:
     rep = report_lib.build_report(
         problem.tasks, problem.ideal["heldout"], methods, config.report.fixed_reference, extra
     )
-    rep["claims"] = report_lib._claims(rep)
     curves = {"hm3": hm3["reward_curve"], "hm3_no_param_level": no_param["reward_curve"]}
     paths = report_lib.write_report(rep, wd.path, curves)
     logging.info("report written: %s", paths)
@@ -227,6 +225,3 @@ def _export_all(wd, zoo, problem, param, variant, merged, pools, hm3) -> dict:
         out[f"pref_{i}"] = export.export_preference(os.path.join(wd.path, "exports", f"pref_{i}"), problem.config, mg,
                                                     pool, r["path"], e["preference"], zoo_dirs, hp, junction, tok)  # fmt: skip
     return out
-
-
-_ = (jnp,)

@@ -118,11 +118,6 @@ class Workdir:
         else:
             atomic_write_json(meta_path, {"fingerprint": self.fingerprint, "config": config_dict})
 
-    def sub(self, *parts: str) -> str:
-        p = os.path.join(self.path, *parts)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        return p
-
     def subdir(self, *parts: str) -> str:
         """`workdir/parts...` as a directory (created)."""
         p = os.path.join(self.path, *parts)
