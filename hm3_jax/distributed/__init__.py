@@ -291,8 +291,12 @@ def quiet_non_main_processes() -> None:
 # Placement.
 
 
-def _place(x: Any, sharding: NamedSharding) -> jax.Array:
-    """Global array with ``sharding`` from a value every process holds identically (numpy or jax array)."""
+def place(x: Any, sharding: NamedSharding) -> jax.Array:
+    """Global array with ``sharding`` from a value every process holds identically (numpy or jax array).
+
+    One process: ``jax.device_put``. Several: ``jax.make_array_from_callback`` (each process materialises only
+    the shards of its own devices). An array that is already global is resharded on device.
+    """
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return jax.jit(lambda a: a, out_shardings=sharding)(x)  # already global: reshard on device
     if jax.process_count() == 1:
@@ -304,7 +308,7 @@ def _place(x: Any, sharding: NamedSharding) -> jax.Array:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every leaf replicated on every device of ``mesh`` (RL params, the shell, junction scales)."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: _place(x, sharding), tree)
+    return jax.tree.map(lambda x: place(x, sharding), tree)
 
 
 def pad_to_multiple(x: np.ndarray, multiple: int, fill) -> np.ndarray:
@@ -336,7 +340,7 @@ def shard_paths(paths, mesh: Mesh, fill: int = -1) -> tuple[jax.Array, int]:
         raise ValueError("paths is empty: nothing to evaluate")
     num_paths = paths.shape[0]
     padded = pad_to_multiple(paths.astype(np.int32), mesh.shape["paths"], fill)
-    return _place(padded, NamedSharding(mesh, P("paths"))), num_paths
+    return place(padded, NamedSharding(mesh, P("paths"))), num_paths
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
@@ -349,16 +353,16 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     num_data = mesh.shape["data"]
     sharding = NamedSharding(mesh, P("data"))
 
-    def place(path, x):
+    def place_leaf(path, x):
         shape = np.shape(x)
         if not shape or shape[0] % num_data:
             raise ValueError(
                 f"batch leaf {jax.tree_util.keystr(path)} has shape {shape}: its leading (example) axis "
                 f"must be divisible by the mesh's data axis ({num_data})"
             )
-        return _place(x, sharding)
+        return place(x, sharding)
 
-    return jax.tree_util.tree_map_with_path(place, batch)
+    return jax.tree_util.tree_map_with_path(place_leaf, batch)
 
 
 def pool_partition_specs(pool: Any, mesh: Mesh, row_parallel: tuple[str, ...] = ROW_PARALLEL) -> Any:
@@ -403,7 +407,7 @@ def pool_sharding(pool: Any, mesh: Mesh, row_parallel: tuple[str, ...] = ROW_PAR
 
 def place_pool(pool: Any, mesh: Mesh, row_parallel: tuple[str, ...] = ROW_PARALLEL) -> Any:
     """The pool placed with ``pool_sharding`` (each device holds 1/model of every large matrix)."""
-    return jax.tree.map(_place, pool, pool_sharding(pool, mesh, row_parallel))
+    return jax.tree.map(place, pool, pool_sharding(pool, mesh, row_parallel))
 
 
 def to_host(tree: Any) -> Any:

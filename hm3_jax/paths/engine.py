@@ -21,12 +21,35 @@ Pipeline of `evaluate`:
 4. plain evaluation runs fixed-size chunks of paths with the batching strategy:
    - "map":   `lax.map` over the paths of a chunk (one path's matmuls over the whole data batch at a time);
    - "vmap":  `vmap` over the paths of a chunk (batched matmuls with per-path weights);
-   - "shard": `shard_map` over a 1-D Mesh axis "paths" (each device `lax.map`s its share; pool replicated);
+   - "shard": `shard_map` over the mesh axis "paths" (each device `lax.map`s its share; pool replicated); see
+     "On a device mesh" below;
    - "auto":  at construction, time each available strategy on one chunk of random paths (after its
      compilation) and keep the fastest; the timings are in `engine.strategy_timings`. On this 2-core CPU
      "map" wins (vmapping paths with different weights was measured 1.4-3.3x slower).
    Chunks have a fixed size (the last is padded by repeating a path), so batch sizes never recompile.
 5. `host_fn` per path and task (chrF decodes strings and calls sacrebleu there), cost accounting.
+
+On a device mesh (`make_engine(..., mesh=mesh)` with the ("paths", "data", "model") mesh of
+`hm3_jax.distributed.make_mesh`, strategy "shard"; `make_problem(..., mesh=mesh)` does this for HM3 runs):
+   - "paths": each chunk of candidate paths is split over the "paths" devices (`shard_map`, manual over
+     "paths" only); a chunk is rounded up to a multiple of the axis size.
+   - "data": the objectives' batches are fixed by the objectives (each `lax.map`s over its split's batches),
+     so "data" splits the *examples inside every batch*: the forward closure constrains its inputs
+     (`input_ids [B, S]`, or the decode prompt ids and mask [B, P]) to `PartitionSpec("data")`, and XLA's
+     partitioner runs every block on B / data examples per device (the KV cache of greedy decoding follows).
+     A batch whose B is not divisible by the axis stays replicated (logged once). Nothing is summed across
+     devices by hand: per-example outputs (correct flags, tokens) are gathered by the partitioner.
+   - "model": left to XLA (the pool is replicated here; `hm3_jax.distributed.place_pool` is the tensor-parallel
+     layout for models that do not fit one device).
+   - the prefix tree is a sequential scan over nodes (nothing to split over "paths"), so on a mesh of more
+     than one device teacher-forced objectives are evaluated path-parallel by the plain engine instead
+     (`prefix_sharing` is turned off and logged); scores are the same (the tree is exact), FLOP and
+     block-step counts are the plain ones.
+   - multi-process (`jax.distributed`): every process calls `evaluate` with the same paths (the
+     multi-controller contract of `hm3_jax.distributed`); chunks, shell and pool are placed as global arrays
+     and the scores come back to every process (`distributed.to_host`), so caches and decisions agree.
+   Scores equal the 1-device ones: the per-path computation is the same, only where it runs differs
+   (checked by tests/test_hm3_distributed.py, which runs a whole HM3 smoke run on 8 devices and 2 processes).
 
 Objectives follow DESIGN.md: `name`, `metric` ("exact_match" or "chrf"), `device_fn(forward)` and `host_fn`.
 For a teacher-forced objective `forward(input_ids [B, S]) -> logits [B, S, V]`; for "chrf" `forward` is the
@@ -50,7 +73,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hm3_jax import models
+from hm3_jax import distributed, models
 from hm3_jax.models.config import ModelConfig
 from hm3_jax.paths import flops as flops_lib
 from hm3_jax.paths import prefix_tree as tree_lib
@@ -244,23 +267,24 @@ class PathEngine:
         for start in range(0, n, c):
             rows = np.arange(start, min(start + c, n))
             rows = np.concatenate([rows, np.full(c - rows.size, rows[-1])])  # pad by repeating a path
-            args = [jnp.asarray(paths[rows])]
+            args = [np.asarray(paths[rows], np.int32)]
             if junction is not None:
-                args.append({k: jnp.asarray(v[rows]) for k, v in junction.items()})
+                args.append({k: np.asarray(v[rows]) for k, v in junction.items()})
             shell, pool = self.shell, self.pool
             if self.strategy == "shard":  # paths split over the mesh, the model replicated on every device
                 split = NamedSharding(self.mesh, PartitionSpec("paths"))
-                args = jax.device_put(args, split)
+                args = jax.tree.map(lambda a, s=split: distributed.place(a, s), args)  # global on multi-host
                 shell, pool = self._replicated()
+            else:
+                args = jax.tree.map(jnp.asarray, args)
             pieces.append((min(c, n - start), fn(shell, pool, *args)))
-        outs = [jax.tree.map(lambda a, m=m: np.asarray(a)[:m], o) for m, o in pieces]
+        # to_host: the global result on every process (an all-gather when the mesh spans processes)
+        outs = [jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], o) for m, o in pieces]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
     def _replicated(self):
         if getattr(self, "_replicas", None) is None:
-            self._replicas = jax.device_put(
-                (self.shell, self.pool), NamedSharding(self.mesh, PartitionSpec())
-            )
+            self._replicas = distributed.replicate((self.shell, self.pool), self.mesh)
         return self._replicas
 
     def _run_tree(self, paths, lengths, junction):
@@ -293,12 +317,26 @@ class PathEngine:
 
     def _forward_for(self, obj, shell, pool, path, junction):
         config = self.config
+        split = self._split_examples
         if obj.metric in DECODE_METRICS:
             decode = _greedy_decode_fn()
             return lambda ids, mask, new: decode(
-                config, shell, pool, path, ids, mask, int(new), junction=junction
+                config, shell, pool, path, split(ids), split(mask), int(new), junction=junction
             )
-        return lambda ids: models.apply_path(config, shell, pool, path, ids, junction)
+        return lambda ids: models.apply_path(config, shell, pool, path, split(ids), junction)
+
+    def _split_examples(self, x):
+        """Inside "shard": the examples (axis 0) of an objective's batch split over the mesh axis "data"."""
+        num_data = _data_axis_size(self.mesh) if self.strategy == "shard" else 1
+        if num_data == 1:
+            return x
+        if x.shape[0] % num_data:
+            logging.log_first_n(
+                logging.WARNING, "batch of %d examples is not divisible by data=%d: replicated", 1,
+                x.shape[0], num_data,
+            )  # fmt: skip
+            return x
+        return jax.lax.with_sharding_constraint(x, PartitionSpec("data"))
 
     def _plain_fn(self, obj_idx: tuple, with_junction: bool):
         key = ("plain", self.strategy, obj_idx, with_junction)
@@ -322,7 +360,11 @@ class PathEngine:
             spec = PartitionSpec("paths")
             in_specs = (PartitionSpec(), PartitionSpec(), spec) + ((spec,) if with_junction else ())
             body = functools.partial(_shard_body, one_path, with_junction)
-            mapped = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
+            # manual over "paths" only: "data" (and "model") stay with XLA's partitioner (_split_examples)
+            mapped = jax.shard_map(
+                body, mesh=self.mesh, in_specs=in_specs, out_specs=spec, axis_names={"paths"},
+                check_vma=False,
+            )  # fmt: skip
             return mapped(shell, pool, paths, *((js,) if with_junction else ()))
 
         fn = jax.jit(traced)
@@ -380,6 +422,10 @@ def _shard_body(one_path, with_junction, shell, pool, paths, junction=None):
     return _lax_map_paths(one_path, shell, pool, paths, junction if with_junction else None)
 
 
+def _data_axis_size(mesh) -> int:
+    return int(dict(mesh.shape).get("data", 1)) if mesh is not None else 1
+
+
 def _check_same_shapes(a, b, name):
     sa = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), a)
     sb = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), b)
@@ -414,7 +460,10 @@ def make_engine(
       node_chunk_size: prefix-tree nodes per compiled call.
       prefix_sharing: evaluate teacher-forced objectives as a prefix tree (exactly the same scores).
       pool_id: explicit cache identity of (shell, pool); default: a hash of their bytes.
-      mesh: Mesh with an axis "paths" for strategy "shard" (default: all devices).
+      mesh: Mesh with an axis "paths" (and optionally "data", "model": `hm3_jax.distributed.make_mesh`) for
+        strategy "shard" (default: a 1-D mesh of all devices). Paths are split over "paths", the examples of
+        every batch over "data"; on more than one device the prefix tree is replaced by path-parallel plain
+        evaluation (see the module docstring). Other strategies ignore it (they run on the default device).
       auto_key: PRNG key of the random paths timed by strategy="auto" (default PRNGKey(0)).
       t_max: path length used by strategy="auto" (default config.num_layers).
     Returns: a PathEngine.
@@ -438,6 +487,12 @@ def make_engine(
             raise ValueError(f"mesh must have an axis named 'paths', got {mesh.axis_names}")
         n_dev = mesh.shape["paths"]
         chunk_size = -(-chunk_size // n_dev) * n_dev
+        if strategy == "shard" and prefix_sharing and mesh.size > 1:
+            logging.info(
+                "path engine on a %s mesh: teacher-forced objectives run path-parallel instead of as a "
+                "prefix tree (same scores)", dict(mesh.shape),
+            )  # fmt: skip
+            prefix_sharing = False
     shared = _record_objectives(config, objectives)
     engine = PathEngine(
         config=config, shell=shell, pool=pool, objectives=objectives, strategy=strategy,
