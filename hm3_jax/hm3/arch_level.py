@@ -89,7 +89,7 @@ class PathScorer:
 
     # Archive persistence (saved beside the RL checkpoints).
     def save_archive(self, path: str) -> None:
-        if not self.archive:
+        if not self.archive or jax.process_index() != 0:  # multi-process: every process holds the same archive
             return
         keys = list(self.archive)
         idx = np.array([k[0] for k in keys], np.int32)
