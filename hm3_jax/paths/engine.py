@@ -115,6 +115,15 @@ class _Recorder:
             ids, mask, new = arrays
             self.calls.append((ids, mask, int(new)))
             return jnp.zeros((ids.shape[0], int(new)), jnp.int32)
+        if self.config.family == "vit":  # pixel_values [B, C, H, W] -> hidden states or class logits
+            if len(arrays) != 1 or arrays[0].ndim != 4:
+                raise ValueError(
+                    f"objective {self.name!r}: a ViT forward takes one pixel_values [B, C, H, W]"
+                )
+            self.calls.append(arrays[0])
+            b, c = arrays[0].shape[0], self.config
+            shape = (b, c.num_labels) if c.num_labels else (b, c.num_patches + 1, c.hidden_size)
+            return jnp.zeros(shape, jnp.float32)
         if len(arrays) != 1 or arrays[0].ndim != 2:
             raise ValueError(f"objective {self.name!r}: forward takes one input_ids [B, S] array")
         self.calls.append(arrays[0])
@@ -392,7 +401,7 @@ class PathEngine:
                 if known.shape[0] == 1:
                     h = h_all[0]
                 else:  # which recorded batch is this? (objectives lax.map over their batches)
-                    same = jnp.all(jnp.asarray(known) == ids[None], axis=(1, 2))
+                    same = jnp.all(jnp.asarray(known) == ids[None], axis=tuple(range(1, known.ndim)))
                     h = h_all[jnp.argmax(same)]
                 return models.head(config, shell, h)
 
@@ -524,21 +533,22 @@ def _record_objectives(config: ModelConfig, objectives) -> dict:
                 )
             continue
         for ids in rec.calls:
-            b, s = ids.shape
+            # token ids [B, S], or ViT pixel_values [B, C, H, W] (N + 1 tokens, head on CLS only)
+            b, s = (ids.shape[0], config.num_patches + 1) if config.family == "vit" else ids.shape
             tf_block += b * s * flops_lib.block_flops_per_token(config, s)
-            tf_head += b * s * flops_lib.head_flops_per_token(config)
-            known = groups.setdefault((b, s), [])
+            tf_head += b * (1 if config.family == "vit" else s) * flops_lib.head_flops_per_token(config)
+            known = groups.setdefault(tuple(ids.shape), [])
             if not any(np.array_equal(ids, k) for k in known):
-                known.append(ids.astype(np.int32))
+                known.append(ids if config.family == "vit" else ids.astype(np.int32))
     tf_groups = {shape: np.stack(batches) for shape, batches in groups.items()}
 
     @jax.jit
     def embed_fn(shell):
         hs, ctxs = [], []
         for stacked in tf_groups.values():
-            n, b, s = stacked.shape
-            h, ctx = models.embed(config, shell, jnp.asarray(stacked.reshape(n * b, s)))
-            hs.append(h.reshape(n, b, s, -1))
+            n, b = stacked.shape[:2]
+            h, ctx = models.embed(config, shell, jnp.asarray(stacked.reshape((n * b,) + stacked.shape[2:])))
+            hs.append(h.reshape((n, b) + h.shape[1:]))
             # without an attention mask the block context depends only on (B, S): take the first batch's
             ctxs.append(
                 jax.tree.map(lambda x, b=b, nb=n * b: x[:b] if x.ndim and x.shape[0] == nb else x, ctx)
