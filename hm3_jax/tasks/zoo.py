@@ -151,8 +151,23 @@ def _train_rows_for_task(examples, tokenizer, seq_len: int) -> tuple[np.ndarray,
     return packed["input_ids"], packed["target_mask"]
 
 
+ZOO_KINDS = ("tiny3", "tiny8")
+
+
+def zoo_kind(zoo_config) -> str:
+    """`zoo_config.kind` ("tiny3" when absent, so tiny3 fingerprints are unchanged); tiny8: hm3_jax/tasks/tiny8."""
+    kind = _to_dict(zoo_config).get("kind", "tiny3")
+    if kind not in ZOO_KINDS:
+        raise ValueError(f"zoo kind must be one of {ZOO_KINDS}, got {kind!r}")
+    return kind
+
+
 def _build(zoo_config, out_dir: str, progress: bool) -> dict:
     """Builds every artefact into `out_dir` (an empty temporary directory); returns the manifest."""
+    if zoo_kind(zoo_config) == "tiny8":
+        from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+
+        return tiny8_zoo.build_into(zoo_config, out_dir, progress)
     from experiments import train_lib
     from hm3_jax import models
     from hm3_jax.model_io import Model, save_pretrained
@@ -337,6 +352,10 @@ def load(workdir: str, eval_batch_size: int | None = None) -> Zoo:
     manifest = read_manifest(workdir)
     if manifest is None:
         raise FileNotFoundError(f"no {MANIFEST} in {workdir}: not a zoo directory (build it first)")
+    if manifest.get("kind", "tiny3") == "tiny8":
+        from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+
+        return tiny8_zoo.load(workdir, manifest, eval_batch_size)
     tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, manifest["paths"]["tokenizer"]))
     base = load_pretrained(os.path.join(workdir, manifest["paths"]["base"]))
     experts = {t: load_pretrained(os.path.join(workdir, p)) for t, p in manifest["paths"]["experts"].items()}

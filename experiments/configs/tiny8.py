@@ -1,0 +1,85 @@
+"""The tiny8 vision benchmark: a ViT encoder and eight image-classification experts (docs/tiny8.md).
+
+Build the zoo (about 10 minutes on 2 CPU cores):
+
+    python -m experiments.build_zoo --config=experiments/configs/tiny8.py --workdir=runs/tiny8/zoo
+
+Run HM3 and every baseline on it (the report holds the per-task accuracy table, the paper's Table 3 shape):
+
+    python -m experiments.run_hm3 --config=experiments/configs/tiny8.py --workdir=runs/tiny8
+
+Smoke variant (tests; the zoo builds in well under a minute, its experts need not be good):
+
+    python -m experiments.build_zoo --config=experiments/configs/tiny8.py:smoke --workdir=/tmp/tiny8_smoke
+"""
+
+import ml_collections
+
+from experiments.configs import hm3_common
+from hm3_jax.tasks.tiny8.data import TASKS
+
+
+def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
+    """The zoo section: data sizes, ViT size, multi-task pretraining, expert linear probe + fine-tuning."""
+    c = ml_collections.ConfigDict()
+    c.kind = "tiny8"  # hm3_jax.tasks.zoo dispatches on it
+    c.seed = 0
+    c.tasks = TASKS
+    c.image_size = 16
+    c.num_eval = 300  # per task: 210 search + 90 heldout
+    c.num_train = 2000  # per task, disjoint from search/heldout; fine-tunes the expert
+    c.eval_batch_size = 105  # 210 search rows = 2 batches
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hidden_size = 64
+    c.model.intermediate_size = 256
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.patch_size = 4
+
+    c.base = ml_collections.ConfigDict()  # brief multi-task pretraining, a throw-away head per task
+    c.base.num_steps = 800
+    c.base.batch_size = 128
+    c.base.learning_rate = 1e-3
+    c.base.warmup_steps = 50
+    c.base.weight_decay = 0.05
+
+    c.expert = ml_collections.ConfigDict()  # linear probe (encoder frozen), then encoder + head fine-tuning
+    c.expert.probe_steps = 100
+    c.expert.probe_learning_rate = 1e-2
+    c.expert.num_steps = 400
+    c.expert.batch_size = 64
+    c.expert.learning_rate = 1e-3
+    c.expert.warmup_steps = 20
+    c.expert.weight_decay = 0.0
+
+    if smoke:
+        c.num_eval = 20  # 14 search + 6 heldout
+        c.num_train = 64
+        c.eval_batch_size = 8
+        c.model.hidden_size = 16
+        c.model.intermediate_size = 32
+        c.model.num_layers = 2
+        c.model.num_heads = 2
+        c.base.num_steps = 6
+        c.base.batch_size = 16
+        c.base.warmup_steps = 2
+        c.expert.probe_steps = 2
+        c.expert.num_steps = 4
+        c.expert.batch_size = 8
+        c.expert.warmup_steps = 1
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """tiny8 config; ``arg="smoke"`` gives the small variant used by tests.
+
+    python -m experiments.build_zoo --config=experiments/configs/tiny8.py --workdir=runs/tiny8/zoo
+    python -m experiments.run_hm3 --config=experiments/configs/tiny8.py --workdir=runs/tiny8
+    python -m experiments.run_hm3 --config=experiments/configs/tiny8.py:smoke --workdir=/tmp/tiny8_hm3_smoke
+    """
+    if arg not in (None, "", "smoke"):
+        raise ValueError(f"unknown tiny8 variant {arg!r}; use no argument or 'smoke'")
+    config = ml_collections.ConfigDict()
+    config.zoo = zoo_config(smoke=arg == "smoke")
+    return hm3_common.add_hm3(config, smoke=arg == "smoke")

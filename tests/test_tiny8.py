@@ -1,0 +1,172 @@
+"""tiny8 (issue 8): data generators, the accuracy objective, the smoke zoo and ViT paths in the engine."""
+
+import hashlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from hm3_jax import models
+from hm3_jax.models import ModelConfig
+from hm3_jax.paths import engine as engine_lib
+from hm3_jax.tasks import objectives
+from hm3_jax.tasks.tiny8 import data
+
+_CACHE = os.environ.get(
+    "HM3_TEST_CACHE",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "hm3"),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny8_smoke_zoo():
+    """The tiny8 smoke zoo, built once per machine under .pytest_cache (file-locked) and reused while its
+    config fingerprint is unchanged."""
+    from filelock import FileLock
+
+    from experiments.configs import tiny8
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    os.makedirs(_CACHE, exist_ok=True)
+    path = os.path.join(_CACHE, "tiny8_zoo_smoke")
+    with FileLock(path + ".lock"):
+        return zoo_lib.build_or_load(tiny8.get_config("smoke").zoo, path, progress=False)
+
+
+def _digest(images: np.ndarray) -> set:
+    return {hashlib.sha1(x.tobytes()).hexdigest() for x in images}
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return data.generate_all(seed=3, num_eval=20, num_train=60, image_size=16)
+
+
+def test_generators_deterministic_with_label_spaces_and_disjoint_splits(small_data):
+    again = data.generate_all(seed=3, num_eval=20, num_train=60, image_size=16)
+    other = data.generate_task("shapes", seed=4, num_eval=20, num_train=60)
+    assert not np.array_equal(other["train"]["pixel_values"], small_data["shapes"]["train"]["pixel_values"])
+    assert list(small_data) == list(data.TASKS)
+    for task, parts in small_data.items():
+        for split, arrays in parts.items():
+            np.testing.assert_array_equal(arrays["pixel_values"], again[task][split]["pixel_values"])
+            np.testing.assert_array_equal(arrays["labels"], again[task][split]["labels"])
+            assert arrays["pixel_values"].dtype == np.uint8 and arrays["labels"].dtype == np.int32
+            assert arrays["pixel_values"].shape[1:] == (3, 16, 16)
+            assert arrays["labels"].min() >= 0 and arrays["labels"].max() < data.NUM_CLASSES[task], (
+                task,
+                split,
+            )
+        assert {s: len(p["labels"]) for s, p in parts.items()} == {"train": 60, "search": 14, "heldout": 6}
+        # every class occurs in the train part (60 draws), and no image is shared between splits
+        assert set(parts["train"]["labels"].tolist()) == set(range(data.NUM_CLASSES[task])), task
+        digests = [_digest(parts[s]["pixel_values"]) for s in data.SPLITS]
+        assert sum(len(d) for d in digests) == len(set.union(*digests)), task
+
+
+def test_digit_sources_are_disjoint_and_bad_arguments_are_named():
+    train_idx, eval_idx = data._digits_partition(0, 300)
+    assert len(set(train_idx) & set(eval_idx)) == 0 and len(train_idx) + len(eval_idx) == 1797
+    with pytest.raises(ValueError, match="unknown tiny8 task"):
+        data.generate_task("svhn", 0, 10, 10)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        data.generate_task("shapes", 0, 10, 10, image_size=12)
+
+
+def _vit(num_layers=2, hidden=16):
+    return ModelConfig(family="vit", hidden_size=hidden, intermediate_size=32, num_layers=num_layers, num_heads=2,
+                       image_size=16, patch_size=4, attention_bias=True, hidden_act="gelu", norm_eps=1e-12)  # fmt: skip
+
+
+def test_accuracy_objective_equals_numpy_reference():
+    config = _vit()
+    params = models.init(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(13, 3, 16, 16)).astype(np.float32)
+    w, b = rng.normal(size=(16, 5)), rng.normal(size=5)
+    feats = np.asarray(models.apply(config, params, x))[:, 0].astype(np.float64)  # CLS of the final LayerNorm
+    pred = np.argmax(feats @ w + b, axis=1)
+    labels = np.where(np.arange(13) < 8, pred, (pred + 1) % 5)  # 8 of 13 right by construction
+    for pad in (None, 9):  # padded classes (bias -1e9) never win
+        obj = objectives.make_accuracy_objective(
+            "t/search", x, labels, w, b, batch_size=4, num_classes_padded=pad
+        )
+        assert obj.metric == "accuracy" and obj.num_examples == 13
+        assert objectives.score_model(config, params, obj) == pytest.approx(100.0 * 8 / 13)
+    with pytest.raises(ValueError, match="labels must lie"):
+        objectives.make_accuracy_objective("t/search", x, labels + 5, w, b, batch_size=4)
+    with pytest.raises(ValueError, match="hidden states"):
+        logits_config = config.replace(num_labels=3)
+        objectives.score_model(logits_config, models.init(logits_config, jax.random.key(0)), obj)
+
+
+def test_engine_prefix_tree_equals_plain_for_vit_paths():
+    config = _vit()
+    ps = [models.init(config, jax.random.key(i)) for i in range(3)]
+    rng = np.random.default_rng(2)
+    objs = []
+    for k, c in enumerate((3, 6)):
+        x = rng.normal(size=(10, 3, 16, 16)).astype(np.float32)
+        w, b = rng.normal(size=(16, c)), rng.normal(size=c)
+        feats = np.asarray(models.apply(config, ps[0], x))[:, 0]
+        y = np.where(np.arange(10) < 5 + k, np.argmax(feats @ w + b, 1), rng.integers(0, c, 10))
+        objs.append(objectives.make_accuracy_objective(f"t{k}/search", x, y, w, b, 4, 6))
+    pool = models.make_pool([p["blocks"] for p in ps])
+    shell = models.shell_of(ps[0])
+    paths = np.array([[0, 1, -1, -1], [0, 1, 2, 3], [0, 1, 2, -1], [5, 4, 0, -1]], np.int32)
+    tree = engine_lib.make_engine(config, shell, pool, objs, strategy="map", prefix_sharing=True)
+    plain = engine_lib.make_engine(config, shell, pool, objs, strategy="map", prefix_sharing=False)
+    a, b = tree.evaluate(paths), plain.evaluate(paths)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert a.cost.block_steps < b.cost.block_steps  # shared prefixes ran once
+    expected = [[objectives.score_path(config, shell, pool, p, o) for o in objs] for p in paths]
+    np.testing.assert_array_equal(a.scores, expected)
+    assert a.scores[0, 0] >= 50.0  # the identity path of model 0 gets the planted labels right
+
+
+def test_smoke_zoo_builds_loads_and_identity_paths_score_the_experts(tiny8_smoke_zoo):
+    from experiments.configs import tiny8
+    from hm3_jax.tasks import zoo as zoo_lib
+    from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+
+    zoo = tiny8_smoke_zoo
+    m = zoo.manifest
+    assert m["kind"] == "tiny8" and m["tasks"] == list(data.TASKS) and zoo.tasks == data.TASKS
+    assert np.asarray(m["score_matrix"]["heldout"]).shape == (9, 8)
+    assert zoo.tokenizer is None and zoo.base.config.family == "vit" and zoo.base.config.num_labels == 0
+    # cache hit: same fingerprint, nothing rebuilt
+    again = zoo_lib.build_or_load(tiny8.get_config("smoke").zoo, zoo.workdir, on_mismatch="error")
+    assert again.manifest["build_time_s"] == m["build_time_s"]
+    # stored data = freshly generated data (determinism through the zoo)
+    cfg = tiny8.get_config("smoke").zoo
+    fresh = data.generate_task("counting", cfg.seed, cfg.num_eval, cfg.num_train, cfg.image_size)
+    for split in data.SPLITS:
+        np.testing.assert_array_equal(
+            zoo.data["counting"][split]["pixel_values"], fresh[split]["pixel_values"]
+        )
+    heads = tiny8_zoo.load_heads(zoo.workdir)
+    config = zoo.base.config
+    experts = [zoo.experts[t].params for t in zoo.tasks]
+    pool = models.make_pool([e["blocks"] for e in experts] + [zoo.base.params["blocks"]])
+    L = config.num_layers
+    for k, task in enumerate(zoo.tasks):
+        assert heads[task]["kernel"].shape == (config.hidden_size, data.NUM_CLASSES[task])
+        obj = zoo.objectives["heldout"][task]
+        expert = zoo.experts[task].params
+        # independent: numpy head on the expert's CLS features
+        split = zoo.data[task]["heldout"]
+        feats = np.asarray(models.apply(config, expert, data.to_model_inputs(split["pixel_values"])))[:, 0]
+        ref = 100.0 * np.mean(
+            np.argmax(feats @ heads[task]["kernel"] + heads[task]["bias"], 1) == split["labels"]
+        )
+        own = objectives.score_model(config, expert, obj)
+        assert own == pytest.approx(ref) and own == pytest.approx(
+            m["score_matrix"]["heldout"][k + 1][k], abs=1e-3
+        )
+        path = models.path_from_pairs([(k, l) for l in range(L)], L, L + 1)  # expert k's identity path
+        assert objectives.score_path(config, models.shell_of(expert), pool, path, obj) == own
+    engine = engine_lib.make_engine(config, models.shell_of(experts[2]), pool, list(zoo.objectives["heldout"].values()),
+                                    strategy="map")  # fmt: skip
+    got = engine.evaluate(np.array([[2 * L + l for l in range(L)]], np.int32)).scores[0]
+    np.testing.assert_allclose(got, m["score_matrix"]["heldout"][3], atol=1e-3)
