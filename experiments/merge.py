@@ -6,6 +6,9 @@ r"""Merge Hugging Face checkpoints: a mergekit-compatible YAML config, or plain 
 The merge streams tensor by tensor (bounded memory) into a temporary directory that becomes `--out` only when it
 is complete. Any unsupported key, method or bad value is an error naming it, with a non-zero exit status and no
 output directory. See docs/merging.md for the supported YAML subset.
+
+Accepts the scale-out flags of hm3_jax.distributed; with several processes process 0 merges (a streaming
+host-side job) while the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
+from hm3_jax import distributed
 from hm3_jax.merging import mergekit_config, streaming
 
 FLAGS = flags.FLAGS
@@ -37,6 +41,7 @@ flags.DEFINE_string("tokenizer_source", None, "Directory to copy tokenizer files
 flags.DEFINE_integer("max_shard_mb", 5 * 1024, "Output shard size limit in MiB.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
 flags.DEFINE_bool("progress", True, "Show a progress bar over tensors.")
+distributed.define_flags()
 
 
 def plan_from_flags() -> mergekit_config.MergePlan:
@@ -106,6 +111,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.out:
         raise app.UsageError("--out is required")
+    distributed.runtime_from_flags()  # before any other JAX call
+    if not distributed.is_main_process():  # a host-side streaming job: process 0 merges, the others wait
+        distributed.barrier("merge")
+        return
     try:
         plan = plan_from_flags()
         summary = run(plan, FLAGS.out, FLAGS.seed)
@@ -115,6 +124,7 @@ def main(argv):
         sys.exit(1)
     logging.info("merged %d tensors into %s", summary["num_tensors"], summary["out"])
     print(f"wrote {summary['out']} ({summary['num_tensors']} tensors)")
+    distributed.barrier("merge")
 
 
 if __name__ == "__main__":

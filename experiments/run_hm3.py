@@ -4,28 +4,46 @@ r"""End-to-end HM3: the Pareto front of merged models on a benchmark, every base
     python -m experiments.run_hm3 --config=experiments/configs/tiny3.py:smoke --workdir=/tmp/hm3_smoke
 
 Kill it at any point and re-run the same command: it resumes from its stages and checkpoints.
+
+On a device mesh (paths over "paths", evaluation examples over "data"; same report as one device):
+
+    python -m experiments.run_hm3 --config=experiments/configs/tiny3.py --workdir=runs/tiny3 --mesh=paths:4,data:2
+
+On several hosts (run on every host, same shared --workdir; process 0 writes):
+
+    python -m experiments.run_hm3 --config=... --workdir=/shared/run --coordinator_address=HOST0:1234 \
+        --num_processes=2 --process_id=I
+
+Scale-out flags: see hm3_jax/distributed (--mesh, --multihost, --coordinator_address, --num_processes,
+--process_id, --distributed_timeout) and docs/scaling.md.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from hm3_jax import distributed
 from hm3_jax.hm3 import run as run_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file (e.g. experiments/configs/tiny3.py).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Benchmark config file (e.g. experiments/configs/tiny3.py)."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds the same run).")
 _ZOO_DIR = flags.DEFINE_string("zoo_dir", None, "Zoo directory (default WORKDIR/zoo); built if missing.")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_flags()
 
 
 def main(argv):
     del argv
-    report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value)
+    mesh = distributed.runtime_from_flags()  # before any other JAX call
+    report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
     claims = report.get("claims", {})
-    print({k: claims[k] for k in sorted(claims)})
+    if distributed.is_main_process():
+        print({k: claims[k] for k in sorted(claims)})
 
 
-def run_hm3(config, workdir, zoo_dir=None):
-    return run_lib.run_hm3(config, workdir, zoo_dir)
+def run_hm3(config, workdir, zoo_dir=None, mesh=None):
+    return run_lib.run_hm3(config, workdir, zoo_dir, mesh)
 
 
 if __name__ == "__main__":

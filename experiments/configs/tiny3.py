@@ -74,13 +74,27 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """tiny3 config; ``arg="smoke"`` gives the small variant used by tests.
+    """tiny3 config; ``arg="smoke"`` gives the small variant used by tests; ``arg="smoke_mesh"`` is smoke cut
+    further (2 preferences, no CMA-ES, 1 PPO iteration, one parameter and one path baseline, no exports):
+    tests/test_hm3_distributed.py runs it on 1 device, on 8 devices and in 2 processes.
 
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py:smoke --workdir=/tmp/tiny3_smoke
     """
-    if arg not in (None, "", "smoke"):
-        raise ValueError(f"unknown tiny3 variant {arg!r}; use no argument or 'smoke'")
+    if arg not in (None, "", "smoke", "smoke_mesh"):
+        raise ValueError(f"unknown tiny3 variant {arg!r}; use no argument, 'smoke' or 'smoke_mesh'")
+    smoke = arg in ("smoke", "smoke_mesh")
     config = ml_collections.ConfigDict()
-    config.zoo = zoo_config(smoke=arg == "smoke")
-    return hm3_common.add_hm3(config, smoke=arg == "smoke")
+    config.zoo = zoo_config(smoke=smoke)  # smoke_mesh shares the smoke zoo (same zoo fingerprint)
+    config = hm3_common.add_hm3(config, smoke=smoke)
+    if arg == "smoke_mesh":
+        config.preferences.num = 2
+        config.param_level.cmaes.enabled = False  # the paper's DARE-TIES model per preference
+        config.arch.rl.num_iterations = 1
+        config.arch.rl.num_envs = 4
+        config.arch.rl.num_minibatches = 1
+        config.baselines.param_methods = ("task_arithmetic",)
+        config.baselines.path_methods = ("ea",)
+        config.baselines.budget = 4
+        config.export = False
+    return config

@@ -6,6 +6,11 @@ iterations are cut into chunks of ``checkpoint_every`` (one compiled ``train_chu
 ``CheckpointManager`` (orbax writes to a temporary directory and renames it, so a kill never leaves a half-written
 checkpoint). A killed run restarted with the same arguments restores the latest checkpoint and continues; since
 all randomness comes from the key inside the runner state, it ends bit-for-bit where the uninterrupted run ends.
+
+Multi-process runs (``jax.distributed``): every process runs the same training on its own devices and calls
+``save``/``restore`` on the same (shared) directory, as orbax's multi-host support requires (its barriers are
+collectives); the state is saved as numpy arrays, which orbax writes from process 0 only, and process 0
+finalises each step. Only process 0 shows the progress bar.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ from hm3_jax.arch.ppo import RunnerState, Trainer
 
 
 def _to_saveable(runner: RunnerState) -> RunnerState:
-    return runner.replace(key=jax.random.key_data(runner.key))
+    runner = runner.replace(key=jax.random.key_data(runner.key))
+    if jax.process_count() > 1:
+        # Multi-process (every process trains the same replicated RL state on its own device): numpy leaves,
+        # which orbax's NumpyHandler writes from process 0 only. A process-local jax.Array would be written by
+        # every process to the same tensorstore path (each calls itself the owner of replica 0).
+        runner = jax.tree.map(np.asarray, jax.device_get(runner))
+    return runner
 
 
 def _from_saveable(runner: RunnerState) -> RunnerState:
@@ -43,7 +54,11 @@ def restore_latest(manager: ocp.CheckpointManager, like: RunnerState) -> RunnerS
     step = manager.latest_step()
     if step is None:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
+    like = _to_saveable(like)
+    if jax.process_count() > 1:  # numpy targets: every process reads the whole (small) state
+        abstract = like
+    else:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     # orbax returns device-committed arrays; host round trip makes them look like init's, so the compiled
     # training chunk is reused instead of recompiled for a different placement.
@@ -89,7 +104,8 @@ def run_training(
     if start > num_iterations:
         raise ValueError(f"checkpoint is at iteration {start}, past num_iterations={num_iterations}")
     chunk_fn = jax.jit(trainer.train_chunk, static_argnums=1)
-    bar = tqdm(total=num_iterations, initial=start, disable=not progress, desc="arch ppo", unit="it")
+    show = progress and jax.process_index() == 0  # one progress bar per run, not per process
+    bar = tqdm(total=num_iterations, initial=start, disable=not show, desc="arch ppo", unit="it")
     done = start
     while done < num_iterations:
         size = min(checkpoint_every, num_iterations - done)

@@ -35,8 +35,9 @@ Flags (``define_flags()`` registers them once; every experiment binary calls it 
   --coordinator_address=host:port --num_processes=N --process_id=i   explicit multi-process setup (GPU hosts,
                                     local tests); all three or none.
   --distributed_timeout=300         seconds to wait for the other processes.
-Call ``initialize_from_flags()`` first thing in ``main`` (before any other JAX call), then
-``make_mesh(FLAGS.mesh)``.
+Call ``runtime_from_flags()`` first thing in ``main`` (before any other JAX call): it runs
+``initialize_from_flags()``, quiets non-main processes and returns ``make_mesh(FLAGS.mesh)`` (None on one
+device without --mesh).
 """
 
 from __future__ import annotations
@@ -195,6 +196,22 @@ def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
     )
 
 
+def runtime_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Mesh | None:
+    """What every experiment binary does first in ``main``: join the processes (``initialize_from_flags``),
+    quiet the non-main processes' logs, and build the mesh.
+
+    Returns: ``make_mesh(--mesh)`` when ``--mesh`` is given or there is more than one device (all on "paths"
+      by default); None on a single device without ``--mesh``, so a plain one-CPU run is unchanged.
+    """
+    initialize_from_flags(flag_values)
+    quiet_non_main_processes()
+    if flag_values.mesh or jax.device_count() > 1:
+        mesh = make_mesh(flag_values.mesh)
+        logging.info("mesh %s over %d process(es)", dict(mesh.shape), jax.process_count())
+        return mesh
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Mesh.
 
@@ -279,6 +296,25 @@ def main_process_only(fn: Callable) -> Callable:
         return fn(*args, **kwargs) if is_main_process() else None
 
     return wrapped
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (no-op with one process).
+
+    ``multihost_utils.sync_global_devices``: a tiny collective, so every process must call it, in the same
+    order. Use it after process 0 writes a file that the others read next.
+    """
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Process 0's value of a pytree of numpy-compatible leaves on every process (identity with one process).
+
+    For host-side decisions that must agree, e.g. whether a stage file already exists (a collective)."""
+    if jax.process_count() == 1:
+        return value
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(value))
 
 
 def quiet_non_main_processes() -> None:

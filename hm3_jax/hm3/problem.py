@@ -80,6 +80,7 @@ def make_problem(
     chunk_size: int = 8,
     prefix_sharing: bool = True,
     search_examples: int | None = None,
+    mesh=None,
 ) -> Problem:
     """Builds the Problem of a loaded zoo (`hm3_jax.tasks.zoo.Zoo`).
 
@@ -89,6 +90,10 @@ def make_problem(
 
     Source scores are computed with the path engine on each source's identity path, so the numbers every
     method is compared with come from the same code path as the searched paths.
+
+    `mesh` (a `hm3_jax.distributed.make_mesh` Mesh, or None): when given, both engines use strategy "shard" on
+    it (paths over "paths", the examples of each batch over "data"; see hm3_jax/paths/engine.py) instead of
+    `engine_strategy`; the scores are the same as without a mesh.
     """
     config = zoo.base.config
     tasks = tuple(zoo.tasks)
@@ -112,10 +117,11 @@ def make_problem(
             shell,
             pool,
             objectives[split],
-            strategy=engine_strategy,
+            strategy="shard" if mesh is not None else engine_strategy,
             chunk_size=chunk_size,
             prefix_sharing=prefix_sharing,
             pool_id="sources",
+            mesh=mesh,
         )
         for split in SPLITS
     }

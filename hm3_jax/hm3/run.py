@@ -4,6 +4,13 @@ ablations -> baselines at an equal budget -> held-out report, plots and exports.
 Every step is a stage of `Workdir` (stored as JSON under `DIR/stages/`), and the RL keeps orbax checkpoints,
 so a killed run re-run with the same command resumes and ends with the same report. A workdir made by a
 different config is refused (`WorkdirError`).
+
+Scale-out (issue 7): `mesh` (from `hm3_jax.distributed.make_mesh`, e.g. `--mesh=paths:4,data:2` of
+experiments/run_hm3.py) goes to the path engines (candidate paths over "paths", batch examples over "data");
+None keeps the single-device engine of `config.engine.strategy`. In a multi-process run (`jax.distributed`)
+every process runs this same function on the same values (RL, CMA-ES and merges are replicated, small next to
+path evaluation; path evaluation is one SPMD computation over the mesh), and only process 0 writes: stages
+(`Workdir`), the report and plots, exports; the others wait at a barrier and read what process 0 wrote.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from hm3_jax import models, moo
+from hm3_jax import distributed, models, moo
 from hm3_jax.hm3 import arch_level, baselines_runner, export, param_level
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3.problem import Problem, make_problem, pool_for
@@ -60,19 +67,26 @@ def _calibration(problem: Problem, zoo, rows: int = 32):
     return ids, (ids != zoo.tokenizer.pad_token_id).astype(np.float32)
 
 
-def setup(config, workdir: str, zoo_dir: str | None = None):
-    """Workdir, zoo and Problem of a run (shared by `run_hm3` and `suggest`)."""
+def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
+    """Workdir, zoo and Problem of a run (shared by `run_hm3` and `suggest`); `mesh`: see the module docstring.
+
+    Multi-process: process 0 builds (or checks) the zoo first, the others load it after a barrier.
+    """
     from hm3_jax.tasks import zoo as zoo_lib
 
     _check_config(config)
     wd = Workdir(workdir, config.to_dict())
     zoo_dir = zoo_dir or os.path.join(wd.path, "zoo")
-    zoo = zoo_lib.build_or_load(config.zoo, zoo_dir, on_mismatch="error")
+    if distributed.is_main_process():
+        zoo = zoo_lib.build_or_load(config.zoo, zoo_dir, on_mismatch="error")
+    distributed.barrier("hm3:zoo")
+    if not distributed.is_main_process():
+        zoo = zoo_lib.build_or_load(config.zoo, zoo_dir, on_mismatch="error", progress=False)
     empty = [(t, s) for s in ("search", "heldout") for t in zoo.tasks if not zoo.data[t].get(s)]
     if empty:
         raise ValueError(f"empty task split(s) {empty} in zoo {zoo_dir}")
     problem = make_problem(
-        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing
+        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing, mesh=mesh
     )
     return wd, zoo, problem
 
@@ -81,10 +95,15 @@ def merged_models(problem: Problem, param: list[dict], variant: str) -> list[dic
     return [param_level.merged_for(problem, e, variant) for e in param]
 
 
-def run_hm3(config, workdir: str, zoo_dir: str | None = None) -> dict:
-    """Runs (or resumes) the whole job; returns the report dict (also written to DIR/report.json)."""
+def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict:
+    """Runs (or resumes) the whole job; returns the report dict (also written to DIR/report.json).
+
+    `mesh`: None (one device, `config.engine.strategy`) or a ("paths", "data", "model") Mesh for the path
+    engines; the report is the same either way (wall seconds aside). Every process of a multi-process run
+    calls this and gets the report; process 0 writes it.
+    """
     t0 = time.perf_counter()
-    wd, zoo, problem = setup(config, workdir, zoo_dir)
+    wd, zoo, problem = setup(config, workdir, zoo_dir, mesh)
     K, L = problem.num_tasks, problem.config.num_layers
     key = jax.random.PRNGKey(config.seed)
     k_pref, k_param, k_arch, k_abl, k_base = jax.random.split(key, 5)
@@ -202,11 +221,14 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None) -> dict:
         problem.tasks, problem.ideal["heldout"], methods, config.report.fixed_reference, extra
     )
     curves = {"hm3": hm3["reward_curve"], "hm3_no_param_level": no_param["reward_curve"]}
-    paths = report_lib.write_report(rep, wd.path, curves)
-    logging.info("report written: %s", paths)
+    if distributed.is_main_process():
+        paths = report_lib.write_report(rep, wd.path, curves)
+        logging.info("report written: %s", paths)
+    distributed.barrier("hm3:report")
 
-    if config.export:
-        wd.stage("exports", lambda: _export_all(wd, zoo, problem, param, variant, merged, pools, hm3))
+    if config.export:  # host-side only (no collectives): process 0 writes, the others read its stage
+        wd.stage("exports", lambda: _export_all(wd, zoo, problem, param, variant, merged, pools, hm3),
+                 main_only=True)  # fmt: skip
     logging.info("HM3 run done in %.1f s", time.perf_counter() - t0)
     return rep
 

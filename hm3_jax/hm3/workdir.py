@@ -8,6 +8,13 @@ refused with an error that names both fingerprints.
 
 All writes go to a temporary file in the same directory and are moved into place with ``os.replace``, so an
 interruption never leaves a half-written stage that looks finished.
+
+Multi-process runs (``jax.distributed``; every process runs the same program, see ``hm3_jax.distributed``):
+every process computes every stage (stages may contain collectives, e.g. path evaluation on a mesh that spans
+the processes, so all must take part), only process 0 writes ``run.json`` and the stage files, a barrier
+follows each write, and then every process reads the stage back from the file process 0 wrote. Whether a
+stage is already finished is process 0's answer broadcast to all, so all processes resume (or compute)
+the same stages. The directory must be shared storage (NFS, a GCS fuse mount) on multi-host runs.
 """
 
 from __future__ import annotations
@@ -47,7 +54,13 @@ def fingerprint(obj: Any) -> str:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temp file in the same directory and ``os.replace``."""
+    """Writes ``text`` to ``path`` through a temp file in the same directory and ``os.replace``.
+
+    In a multi-process JAX run only process 0 writes (every process computed the same text; two writers of
+    one path would race); the others return at once.
+    """
+    if not _is_main_process():
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -106,6 +119,7 @@ class Workdir:
                 f"workdir {self.path} has only {free / 2**20:.0f} MiB free; need at least 200 MiB"
             )
         meta_path = os.path.join(self.path, "run.json")
+        main = _is_main_process()
         if os.path.exists(meta_path):
             with open(meta_path) as f:
                 meta = json.load(f)
@@ -115,8 +129,9 @@ class Workdir:
                     f"but this config's fingerprint is {self.fingerprint}; use a new --workdir (or delete it) "
                     "so two runs are never mixed"
                 )
-        else:
+        elif main:
             atomic_write_json(meta_path, {"fingerprint": self.fingerprint, "config": config_dict})
+        _barrier("workdir:run.json")
 
     def subdir(self, *parts: str) -> str:
         """`workdir/parts...` as a directory (created)."""
@@ -134,12 +149,18 @@ class Workdir:
         with open(self.stage_path(name)) as f:
             return json.load(f)
 
-    def stage(self, name: str, compute_fn: Callable[[], Any]) -> Any:
+    def stage(self, name: str, compute_fn: Callable[[], Any], *, main_only: bool = False) -> Any:
         """Returns the stored result of stage ``name`` or computes, stores and returns it.
 
         The stored result is read back through JSON even on the first run, so a resumed run sees exactly what
         an uninterrupted run saw. Concurrent processes on one workdir compute each stage once (file lock).
+
+        In a multi-process JAX run (see the module docstring) every process computes the stage and process 0
+        writes it; with ``main_only=True`` (host-side I/O such as exports, no collectives inside) only
+        process 0 computes it and the others read its result.
         """
+        if _process_count() > 1:
+            return self._stage_multiprocess(name, compute_fn, main_only)
         from filelock import FileLock
 
         # One process computes a stage; another one asking for it meanwhile waits and reads its result (two
@@ -148,3 +169,34 @@ class Workdir:
             if not self.has_stage(name):
                 atomic_write_json(self.stage_path(name), compute_fn())
         return self.load_stage(name)
+
+    def _stage_multiprocess(self, name: str, compute_fn: Callable[[], Any], main_only: bool) -> Any:
+        from hm3_jax import distributed
+
+        done = bool(distributed.broadcast_from_main(np.int32(self.has_stage(name))))
+        if not done:
+            main = distributed.is_main_process()
+            result = compute_fn() if (main or not main_only) else None
+            if main:
+                atomic_write_json(self.stage_path(name), result)
+            distributed.barrier(f"workdir:stage:{name}")
+        return self.load_stage(name)
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    if _process_count() > 1:
+        from hm3_jax import distributed
+
+        distributed.barrier(name)
