@@ -86,3 +86,29 @@ def test_run_from_scratch_and_halfway_checkpoint_match(setup, tmp_path):
     saved = manager.restore(half, args=loop.ocp.args.StandardRestore())
     manager.close()
     jax.tree.map(np.testing.assert_array_equal, runner.params, saved["params"])
+
+
+def test_warm_start_decodes_the_demonstration_before_any_ppo():
+    """Behaviour cloning onto source 2's identity path: the untrained-by-PPO policy decodes exactly that path
+    (then STOP) for every training preference and for one never seen; without warm start it does not."""
+    problem = planted.make_planted_problem(0, num_tasks=2, num_layers=3, t_max=5, merged_value=0.7)
+    prefs = jnp.array(((0.9, 0.1), (0.1, 0.9), (0.5, 0.5)))
+    base = dict(num_sources=3, num_layers=3, num_tasks=2, t_min=1, t_max=5, num_envs=8, num_iterations=0,
+                k_nearest=1, learning_rate=3e-3)  # fmt: skip
+    demo = (6, 7, 8)
+    paths, lengths, actions = ppo.demonstration(
+        ppo.ArchConfig(**base, warm_start_source=2, warm_start_steps=1)
+    )
+    np.testing.assert_array_equal(actions, [6, 7, 8, 9])  # blocks of source 2, then STOP (index P = 9)
+    np.testing.assert_array_equal(paths[2], [6, 7, -1, -1, -1])
+    decoded = {}
+    for steps in (0, 300):
+        config = ppo.ArchConfig(**base, warm_start_source=2 if steps else -1, warm_start_steps=steps)
+        trainer = ppo.make_trainer(config, planted.make_score_fn(problem), problem.descriptors, prefs[:2])
+        params = trainer.init(jax.random.key(1)).params
+        decoded[steps] = []
+        for w in prefs:
+            path, length = trainer.decode(params, w)
+            decoded[steps].append(tuple(int(a) for a in np.asarray(path)[: int(length)]))
+    assert decoded[300] == [demo] * 3
+    assert decoded[0] != [demo] * 3

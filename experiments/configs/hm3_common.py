@@ -20,27 +20,42 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.engine.strategy = "map"  # measured fastest on CPU (benchmarks/path_eval.py); "auto" re-measures
     c.engine.chunk_size = 8
     c.engine.prefix_sharing = True
-    c.engine.search_examples = 64  # per task, of the search split (path evaluation cost is linear in it)
+    # Examples per task that searches score on (the first ones of the search split; 0 = all of it). Path
+    # evaluation cost is linear in it; fewer examples make the search scores noisier (tiny3 has 210 per task;
+    # 105 = one evaluation batch).
+    c.engine.search_examples = 105
 
     c.param_level = ml_collections.ConfigDict()
     c.param_level.density = 0.7  # TIES trim (fraction kept)
     c.param_level.drop_rate = 0.3  # DARE drop probability
-    c.param_level.pool_model = "tuned"  # which Theta(lambda) joins the pool: "paper" or "tuned" (CMA-ES)
+    c.param_level.pool_model = (
+        "tuned"  # which Theta(lambda) joins the pool: "paper" or "tuned" (grid + CMA-ES)
+    )
+    # Tuned variant, step 1: global scales tried (x the paper's weights lambda) at (density, drop_rate) and at
+    # (1, 0) before CMA-ES; () skips the grid. On tiny3 the best scale moves from 1.0 to 2.0 with lambda.
+    c.param_level.scale_grid = (1.0, 1.5, 2.0, 2.5)
     c.param_level.cmaes = ml_collections.ConfigDict()
-    c.param_level.cmaes.enabled = True
+    c.param_level.cmaes.enabled = True  # the tuned variant (grid + CMA-ES); False = the paper's merge only
     c.param_level.cmaes.population_size = 6
     c.param_level.cmaes.num_generations = 2
+    c.param_level.cmaes.sigma = 0.3  # initial step size in gene space, around the best grid point
 
     c.arch = ml_collections.ConfigDict()
     c.arch.alignment = "none"  # "none" | "moment"
     c.arch.checkpoint_every = 5
     c.arch.rl = ml_collections.ConfigDict()
-    c.arch.rl.t_min = 2
+    c.arch.rl.t_min = 3
     c.arch.rl.t_max = 8
     c.arch.rl.beta1 = 0.05
     c.arch.rl.num_envs = 32
-    c.arch.rl.num_iterations = 30
-    c.arch.rl.k_nearest = 1  # M'; critic re-ranking (M' > 1) slowed learning on the planted problem (docs/arch.md)
+    c.arch.rl.num_iterations = 40
+    # Behaviour cloning onto Theta(lambda)'s identity path before PPO (ppo.warm_start): the lower level starts
+    # from the upper level's answer and explores its neighbourhood. 0 = start from a random policy.
+    c.arch.rl.warm_start_steps = 300
+    c.arch.rl.init_log_std = -0.5  # exploration noise of the Gaussian proto-action (std ~0.6 per dimension)
+    c.arch.rl.k_nearest = (
+        1  # M'; critic re-ranking (M' > 1) slowed learning on the planted problem (docs/arch.md)
+    )
     c.arch.rl.explore_eps = 0.1
     c.arch.rl.update_epochs = 4
     c.arch.rl.num_minibatches = 4
@@ -63,6 +78,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     if smoke:
         c.preferences.num = 3
         c.engine.search_examples = 0  # the whole (tiny) search split
+        c.param_level.scale_grid = (1.5,)
         c.param_level.cmaes.population_size = 4
         c.param_level.cmaes.num_generations = 1
         c.arch.checkpoint_every = 1
@@ -70,6 +86,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
         c.arch.rl.t_min = 1
         c.arch.rl.num_envs = 8
         c.arch.rl.num_iterations = 2
+        c.arch.rl.warm_start_steps = 20
         c.arch.rl.update_epochs = 1
         c.arch.rl.num_minibatches = 2
         c.arch.rl.hidden_size = 16

@@ -60,6 +60,7 @@ class ArchConfig:
     PPO: ``num_iterations``, ``update_epochs``, ``num_minibatches``, ``learning_rate``, ``max_grad_norm``,
     ``clip_eps``, ``vf_coef``, ``ent_coef``, ``gamma``, ``gae_lambda``.
     Network: ``hidden_size``, ``embed_size``, ``init_log_std``.
+    Warm start: ``warm_start_source`` (-1: none) and ``warm_start_steps`` (see :func:`warm_start`).
     """
 
     num_sources: int
@@ -85,6 +86,8 @@ class ArchConfig:
     hidden_size: int = 64
     embed_size: int = 16
     init_log_std: float = -0.5
+    warm_start_source: int = -1
+    warm_start_steps: int = 0
 
     def __post_init__(self):
         checks = {
@@ -104,6 +107,8 @@ class ArchConfig:
             "learning_rate > 0": self.learning_rate > 0,
             "0 < gamma <= 1": 0.0 < self.gamma <= 1.0,
             "0 <= gae_lambda <= 1": 0.0 <= self.gae_lambda <= 1.0,
+            "-1 <= warm_start_source < num_sources": -1 <= self.warm_start_source < self.num_sources,
+            "warm_start_steps >= 0": self.warm_start_steps >= 0,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -344,6 +349,8 @@ def _make_trainer(config: ArchConfig, score_fn: ScoreFn, table: jax.Array, prefe
         key_net, key_run = jax.random.split(key)
         path = jnp.full((config.t_max,), -1, jnp.int32)
         params = network.init(key_net, path, jnp.int32(0), preferences[0], table[0])
+        if config.warm_start_source >= 0 and config.warm_start_steps > 0:
+            params = warm_start(network, params, config, table, embeddings, preferences)
         return RunnerState(params, optimiser.init(params), key_run, jnp.zeros((), jnp.int32))
 
     def episode(params, key, preference, pref_index, greedy: bool):
@@ -595,6 +602,59 @@ def _make_trainer(config: ArchConfig, score_fn: ScoreFn, table: jax.Array, prefe
 
     del stop
     return Trainer(init, rollout, score, update, iteration, train_chunk, train, decode, refine, network)
+
+
+def demonstration(config: ArchConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The warm start's demonstration: source ``warm_start_source``'s own blocks in order, then STOP.
+
+    Returns ``(paths [D, t_max], lengths [D], actions [D])``: the state before each of the D decisions
+    (``D = min(L, t_max) + 1``, or ``t_max`` decisions when the path fills it) and the action taken there.
+    """
+    L, m = config.num_layers, config.warm_start_source
+    steps = min(L, config.t_max)
+    actions = [m * L + l for l in range(steps)] + ([config.pool_size] if steps < config.t_max else [])
+    paths = np.full((len(actions), config.t_max), -1, np.int32)
+    for d in range(len(actions)):
+        paths[d, :d] = actions[:d]
+    return jnp.asarray(paths), jnp.arange(len(actions), dtype=jnp.int32), jnp.asarray(actions, jnp.int32)
+
+
+def warm_start(network, params, config: ArchConfig, table, embeddings, preferences):
+    """Behaviour cloning of the actor's proto-action mean onto a demonstration path, before PPO.
+
+    HM3's hierarchy: the lower level starts from the upper level's answer. With ``warm_start_source = K`` (the
+    parameter-merged Theta(lambda)) the demonstration is Theta(lambda)'s identity path, so the first
+    rollouts explore the neighbourhood of the parameter level's model (the Gaussian proto-action noise moves a
+    step to a nearby action: another source's block at the same depth, a neighbouring block) instead of random
+    paths. Loss: ``mean_{lambda, d} ||mu(S_d, lambda) - e(a_d)||^2`` over the N preferences (each with its
+    own descriptor table row) and the demonstration's D decisions, ``warm_start_steps`` Adam steps at the PPO
+    learning rate. Only the mean head is fitted (log-std and critic keep their initial values), so the
+    exploration noise is the configured ``init_log_std``. Deterministic (no randomness).
+    """
+    paths, lengths, actions = demonstration(config)
+    num_prefs = preferences.shape[0]
+    rows = jnp.arange(num_prefs) if table.shape[0] > 1 else jnp.zeros((num_prefs,), jnp.int32)
+    opt = optax.adam(config.learning_rate)
+
+    def loss_fn(p):
+        def one(pref, row):
+            def step(path, length, action):
+                carry = network.apply(p, path, length, pref, table[row], method="encode")
+                mean, _, _ = network.apply(p, carry, pref, method="heads")
+                return jnp.sum((mean - embeddings[row, action]) ** 2)
+
+            return jax.vmap(step)(paths, lengths, actions).mean()
+
+        return jax.vmap(one)(preferences, rows).mean()
+
+    def body(carry, _):
+        p, state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, state = opt.update(grads, state, p)
+        return (optax.apply_updates(p, updates), state), loss
+
+    (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=config.warm_start_steps)
+    return params
 
 
 def make_train(

@@ -89,7 +89,9 @@ class PathScorer:
 
     # Archive persistence (saved beside the RL checkpoints).
     def save_archive(self, path: str) -> None:
-        if not self.archive or jax.process_index() != 0:  # multi-process: every process holds the same archive
+        if (
+            not self.archive or jax.process_index() != 0
+        ):  # multi-process: every process holds the same archive
             return
         keys = list(self.archive)
         idx = np.array([k[0] for k in keys], np.int32)
@@ -113,11 +115,19 @@ def reward(normalised_scores, preference, length, beta1: float, t_max: int) -> n
 
 
 def arch_config(cfg, num_sources: int, num_layers: int, num_tasks: int) -> ppo.ArchConfig:
-    """`config.arch.rl` (ml_collections) -> the static ArchConfig of this pool."""
+    """`config.arch.rl` (ml_collections) -> the static ArchConfig of this pool.
+
+    With a parameter-level model in the pool (`num_sources == K + 1`, source K) the policy is warm-started on
+    its identity path (`ppo.warm_start`, `rl.warm_start_steps` steps): the lower level starts from the upper
+    level's answer. Without one (the no-parameter-level ablation, `num_sources == K`) there is nothing to
+    start from and the policy starts from its random initialisation.
+    """
     rl = dict(cfg.rl)
+    merged_source = num_sources - 1 if num_sources > num_tasks else -1
     return ppo.ArchConfig.from_mapping(
-        {**rl, "num_sources": num_sources, "num_layers": num_layers, "num_tasks": num_tasks}
-    )
+        {**rl, "num_sources": num_sources, "num_layers": num_layers, "num_tasks": num_tasks,
+         "warm_start_source": merged_source if rl.get("warm_start_steps", 0) > 0 else -1}
+    )  # fmt: skip
 
 
 def no_param_level_model(problem: Problem) -> tuple[dict, list[dict]]:

@@ -103,6 +103,11 @@ def make_problem(
     if search_examples:
         from hm3_jax.tasks import zoo as zoo_lib
 
+        if zoo.manifest.get("kind", "tiny3") != "tiny3":
+            raise ValueError(
+                f"engine.search_examples={search_examples} is supported for the text zoo (tiny3) only; this zoo "
+                f"is {zoo.manifest.get('kind')!r}: set engine.search_examples = 0 (the whole search split)"
+            )
         subset = {t: {"search": zoo.data[t]["search"][:search_examples], "heldout": zoo.data[t]["heldout"]}
                   for t in tasks}  # fmt: skip
         cfg = zoo.manifest["config"]

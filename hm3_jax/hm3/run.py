@@ -86,8 +86,9 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     if empty:
         raise ValueError(f"empty task split(s) {empty} in zoo {zoo_dir}")
     problem = make_problem(
-        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing, mesh=mesh
-    )
+        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
+        search_examples=config.engine.get("search_examples") or None, mesh=mesh,
+    )  # fmt: skip
     return wd, zoo, problem
 
 
