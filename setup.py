@@ -28,6 +28,11 @@ setuptools.setup(
         "pyyaml",
         "filelock",
         "tensorboardX",
+        # tiny8's offline image data: sklearn's bundled digits, scikit-image's sample photographs, mnist1d's
+        # generator (hm3_jax/tasks/tiny8/data.py).
+        "scikit-learn",
+        "scikit-image",
+        "mnist1d",
     ],
     extras_require={
         "test": [
