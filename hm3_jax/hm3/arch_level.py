@@ -15,6 +15,12 @@ record, as an evolutionary baseline keeps its best individual). Only that path i
 Ablation "no parameter level": the pool holds the K experts only (the RL's `num_sources = K`); the engine pool
 keeps its (K + 1) L shape with a copy of expert 0 in the unused last slot (never selectable), and the shell is
 the plain average of the experts' shells (a path needs one embedding and head; we take the least informed one).
+
+On a device mesh (issue 7) the PPO loop is the split one (`loop.run_training(score_mode="split")`: jitted
+rollout -> `PathScorer` on the host -> jitted update) whenever the search engine's mesh has more than one device
+(`score_mode_for`): the engine's SPMD program must not be launched from a `pure_callback` of the running PPO
+chunk (the XLA collective rendezvous aborts). One device keeps the faster callback loop; both give the same
+parameters for the same key.
 """
 
 from __future__ import annotations
@@ -154,6 +160,14 @@ def make_aligners(problem: Problem, mode: str, shells, pools, calib_ids, calib_m
     return out
 
 
+def score_mode_for(engine) -> str:
+    """`"split"` when `engine` (a path engine) evaluates on a mesh of more than one device (or process), else
+    `"callback"` (`loop.run_training`'s `score_mode`; see the module docstring)."""
+    mesh = getattr(engine, "mesh", None)
+    sharded = getattr(engine, "strategy", None) == "shard" and mesh is not None and mesh.size > 1
+    return "split" if sharded or jax.process_count() > 1 else "callback"
+
+
 def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, key, cfg, workdir: str,
                    tag: str, num_sources: int, aligners_search=None, aligners_heldout=None) -> dict:  # fmt: skip
     """Trains the preference-conditioned policy and returns the chosen path per preference.
@@ -183,8 +197,10 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         if iteration % cfg.checkpoint_every == 0 or iteration == acfg.num_iterations:
             scorer.save_archive(archive_path)
 
+    mode = score_mode_for(problem.engines["search"])
     runner = loop_lib.run_training(trainer, key, acfg.num_iterations, checkpoint_dir=os.path.join(workdir, "ckpt"),
-                                   checkpoint_every=cfg.checkpoint_every, metrics_fn=on_metrics)  # fmt: skip
+                                   checkpoint_every=cfg.checkpoint_every, metrics_fn=on_metrics, score_mode=mode,
+                                   host_fn=scorer if mode == "split" else None)  # fmt: skip
     scorer.save_archive(archive_path)
     # The reward curve of the whole run (also the iterations before a resume) is rebuilt from metrics.jsonl.
     _append_curve(metrics_path, curve, start_iteration=acfg.num_iterations - len(curve))
