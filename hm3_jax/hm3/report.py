@@ -105,7 +105,14 @@ def _fmt(v, digits=1):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def write_markdown(report: dict, path: str, title: str = "HM3 on tiny3") -> str:
+def _fmt_hv(v):
+    """Hypervolumes: 3 decimals, or 3 significant digits when small (8 objectives give values ~1e-6)."""
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.3g}"
+
+
+def write_markdown(report: dict, path: str, title: str = "HM3") -> str:
     """report.md: the paper's Table 1 analogue, hypervolumes, ablations, budgets, dominance."""
     tasks = report["tasks"]
     methods = report["methods"]
@@ -131,7 +138,7 @@ def write_markdown(report: dict, path: str, title: str = "HM3 on tiny3") -> str:
         row = pts[m.get("balanced_index", 0)]
         lines.append(
             f"| {name} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(row.mean())} | "
-            f"{_fmt(m['hypervolume'], 3)} | {m.get('evaluations', '-')} | {_fmt(m.get('wall_seconds'), 0)} |"
+            f"{_fmt_hv(m['hypervolume'])} | {m.get('evaluations', '-')} | {_fmt(m.get('wall_seconds'), 0)} |"
         )
     ref = report["reference_point"]
     lines += ["", f"Hypervolume of each method's normalised held-out set, reference point {np.round(ref, 3).tolist()} "
@@ -140,7 +147,7 @@ def write_markdown(report: dict, path: str, title: str = "HM3 on tiny3") -> str:
     if abl:
         lines += ["## Ablation", "", "| variant | hypervolume | non-dominated points |", "|---|---|---|"]
         for n in abl:
-            lines.append(f"| {n} | {_fmt(methods[n]['hypervolume'], 3)} | {sum(methods[n]['pareto_mask'])} |")
+            lines.append(f"| {n} | {_fmt_hv(methods[n]['hypervolume'])} | {sum(methods[n]['pareto_mask'])} |")
         lines.append("")
     if "dominance" in report:
         lines += ["## Dominance against HM3", "",
@@ -197,7 +204,7 @@ def write_plots(report: dict, out_dir: str, curves: dict | None = None) -> list[
     return written
 
 
-def write_report(report: dict, out_dir: str, curves: dict | None = None, title: str = "HM3 on tiny3") -> dict:
+def write_report(report: dict, out_dir: str, curves: dict | None = None, title: str = "HM3") -> dict:
     """Writes report.json, report.md and the plots into `out_dir`; returns their paths."""
     paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
     paths["plots"] = write_plots(report, out_dir, curves)

@@ -223,7 +223,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     )
     curves = {"hm3": hm3["reward_curve"], "hm3_no_param_level": no_param["reward_curve"]}
     if distributed.is_main_process():
-        paths = report_lib.write_report(rep, wd.path, curves)
+        title = f"HM3 on {zoo.manifest.get('kind', 'tiny3')}"
+        paths = report_lib.write_report(rep, wd.path, curves, title=title)
         logging.info("report written: %s", paths)
     distributed.barrier("hm3:report")
 
