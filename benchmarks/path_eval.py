@@ -1,15 +1,41 @@
 """Path-evaluation engine vs rebuilding each candidate as its own stacked model; prints one JSON object.
 
-    .venv/bin/python benchmarks/path_eval.py                      # tiny3-sized random pool + synthetic data
-    .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3/zoo # the built tiny3 zoo (search split)
+    .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3/zoo          # the built tiny3 zoo (search split)
+    .venv/bin/python benchmarks/path_eval.py                               # tiny3-sized random pool, synthetic
 
-Keys: engine_paths_per_s (distinct paths scored per second by the engine, compilation excluded: it compiles
-once for all paths and models), rebuild_paths_per_s (each candidate built as a separate stacked model — a
-mergekit passthrough merge — then jitted and evaluated; compile time included, jit cached per depth, which
-favours the baseline), speedup_vs_rebuild, engine_flops_per_s (analytic forward FLOPs / s),
-matmul_peak_flops_per_s (dense float32 1024^3 matmul in the same run), fraction_of_peak, prefix_sharing_saving
-(1 - tree / plain for seconds and FLOPs on the same policy-like batch), plus the settings. Ratios are measured
-within one run; on a shared machine absolute numbers move with load.
+Workload. The pool is the K = 3 tiny3 experts plus the balanced preference's parameter-merged model
+Theta(1/3, 1/3, 1/3) (`--run`'s stages/param_level.json when it exists, else task arithmetic with scale 0.7);
+the shell (embeddings, head) is Theta's. The objectives are the zoo's search split (210 examples per task:
+translation = greedy decoding + chrF, math and code = teacher-forced exact match). The paths are ones a policy
+really produces: (1) `archive`: the first `--num_paths` distinct paths of a real run's score archive
+(`--archive`, every path the RL of an HM3 run scored, in order of first evaluation); (2) `rollouts`:
+`--rollout_iterations` batches of `num_envs` episodes of the HM3 actor warm-started on Theta's identity path
+(`hm3_jax.arch.ppo.warm_start`, the run's `config.arch.rl`), evaluated in order with the cache on, as the
+PPO loop evaluates them.
+
+Keys
+- engine_paths_per_s: distinct paths scored per second by the engine (prefix tree for teacher-forced tasks,
+  plain `lax.map` for decoding) on the archive batch, cache off, compilation excluded (the engine compiles
+  once for every path and every preference's model); engine_plain_paths_per_s: the same without the tree.
+- rebuild_paths_per_s / speedup_vs_rebuild: the per-candidate workflow users have today (HM3 issue 5): each
+  candidate path is materialised as a stacked model (a mergekit passthrough merge), written as a Hugging Face
+  safetensors directory with `hm3_jax.save_pretrained` and loaded back with `hm3_jax.load_pretrained` (as a
+  mergekit output is consumed), then scored by a freshly jitted evaluation, as a separate evaluation job per
+  merged model does (compile included; process start-up, imports and data loading are NOT included, which
+  favours the baseline). rebuild_seconds_breakdown splits its time into build+write+load, compile, evaluate.
+- rebuild_cached_paths_per_s / speedup_vs_rebuild_cached: the generous in-memory variant: the stacked model
+  is built in memory (host copy of the chosen blocks) and the evaluation is compiled once per path depth and
+  reused for every later candidate of that depth (compile time of the first of each depth included).
+- engine_flops_per_s: analytic forward FLOPs of the work the engine did (hm3_jax/paths/flops.py: the matmuls
+  of every block step it ran, the LM heads, decoding prefill + one token per step) / engine seconds;
+  matmul_peak_flops_per_s: float32 1024^3 `jnp.dot` in the same run (median of 20 timed calls, measured just
+  before and just after the engine runs; both are in matmul_peak_samples, the best call in
+  matmul_peak_best_flops_per_s); fraction_of_peak = engine_flops_per_s / matmul_peak_flops_per_s.
+- prefix_sharing_saving: 1 - tree / plain on the archive batch for FLOPs, block steps and seconds.
+- rollouts: per batch and in total, paths asked, distinct, cache hits (in-batch duplicates count as hits),
+  evaluations, block steps tree vs plain, seconds; cache_hit_rate = 1 - evaluations / paths;
+  real_run: the score archive's size against the number of episodes that run played.
+- load_average_1min (start and end): the machine is shared; ratios are measured within one run.
 """
 
 from __future__ import annotations
@@ -17,7 +43,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sys
+import tempfile
 import time
+import types
 from typing import NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -26,21 +56,72 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import hm3_jax  # noqa: E402
 from hm3_jax import models  # noqa: E402
 from hm3_jax.paths import make_engine  # noqa: E402
 from hm3_jax.tasks.objectives import make_exact_match_objective  # noqa: E402
 
+DECODE_METRICS = ("chrf",)
+
 
 class Setup(NamedTuple):
     config: models.ModelConfig
+    base: dict | None  # base model params (descriptors of the RL policy), None for the random pool
+    experts: list  # expert params, task order
+    merged: dict  # Theta(lambda) params of the balanced preference
     shell: dict
-    pool: dict
-    objectives: list
+    pool: dict  # experts' blocks then Theta's: (K + 1) * L blocks
+    objectives: dict  # {"search": [Objective, ...], "heldout": [...]}
+    tasks: list
     source: str
+    merged_source: str
+    tokenizer: object = None
 
 
-def random_setup(num_examples: int, seq_len: int, batch_size: int) -> Setup:
-    """tiny3-sized Llama (D=128, F=336, L=4, V=1024), 3 experts + their mean, 3 synthetic exact-match tasks."""
+def balanced_merged(base, experts, run_dir: str | None):
+    """Theta of the balanced preference: a real run's param-level entry when available, else TA 0.7."""
+    stage = os.path.join(run_dir or "", "stages", "param_level.json")
+    if run_dir and os.path.exists(stage):
+        from hm3_jax.hm3 import param_level
+
+        with open(stage) as f:
+            entries = json.load(f)
+        with open(os.path.join(run_dir, "run.json")) as f:
+            pcfg = json.load(f)["config"]["param_level"]
+        variant = pcfg.get("pool_model", "tuned") if pcfg.get("cmaes", {}).get("enabled", False) else "paper"
+        prefs = np.asarray([e["preference"] for e in entries])
+        k = len(experts)
+        idx = int(np.argmin(np.abs(prefs - 1.0 / k).sum(axis=1)))
+        # merged_for reads only problem.base and problem.experts (param_level.paper_merge / tuned_merge)
+        problem = types.SimpleNamespace(base=base, experts=experts)
+        merged = param_level.merged_for(problem, entries[idx], variant)
+        return merged, f"{stage} entry {idx} (preference {np.round(prefs[idx], 3).tolist()}, {variant})"
+    from hm3_jax import merging
+
+    merged = merging.merge(
+        "task_arithmetic", base, experts, jax.random.PRNGKey(0), weights=[1.0] * len(experts), scale=0.7
+    )
+    return merged, "task_arithmetic(scale=0.7, weights 1) of the experts"
+
+
+def zoo_setup(workdir: str, run_dir: str | None) -> Setup:
+    """The tiny3 zoo: experts + the balanced Theta as the pool, Theta's shell, the zoo's objectives."""
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    zoo = zoo_lib.load(workdir)
+    tasks = list(zoo.tasks)
+    experts = [zoo.experts[t].params for t in tasks]
+    config = zoo.base.config
+    merged, how = balanced_merged(zoo.base.params, experts, run_dir)
+    pool = models.make_pool([p["blocks"] for p in experts] + [merged["blocks"]])
+    objectives = {s: [zoo.objectives[s][t] for t in tasks] for s in ("search", "heldout")}
+    return Setup(config, zoo.base.params, experts, merged, models.shell_of(merged), pool, objectives, tasks,
+                 f"tiny3 zoo {workdir}", how, zoo.tokenizer)  # fmt: skip
+
+
+def random_setup(num_examples: int = 210, seq_len: int = 64, batch_size: int = 105) -> Setup:
+    """tiny3-sized Llama (D=128, F=336, L=4, V=1024), 3 random experts + their mean, 3 synthetic exact-match
+    tasks (no zoo needed; a smoke setting, not the reported one)."""
     config = models.ModelConfig(family="llama", vocab_size=1024, hidden_size=128, intermediate_size=336,
                                 num_layers=4, num_heads=4)  # fmt: skip
     experts = [models.init(config, jax.random.PRNGKey(i)) for i in range(3)]
@@ -54,126 +135,284 @@ def random_setup(num_examples: int, seq_len: int, batch_size: int) -> Setup:
             for _ in range(num_examples)
         ]
         objectives.append(make_exact_match_objective(f"synthetic{task}/search", pairs, 0, batch_size))
-    return Setup(config, models.shell_of(merged), pool, objectives, "random tiny3-sized pool, synthetic data")
+    return Setup(config, None, experts, merged, models.shell_of(merged), pool,
+                 {"search": objectives, "heldout": objectives}, ["synthetic0", "synthetic1", "synthetic2"],
+                 "random tiny3-sized pool, synthetic data", "mean of the random experts")  # fmt: skip
 
 
-def zoo_setup(workdir: str) -> Setup:
-    from hm3_jax.tasks import zoo as zoo_lib
-
-    zoo = zoo_lib.load(workdir)
-    experts = list(zoo.experts.values())
-    config = experts[0].config
-    merged = jax.tree.map(lambda *xs: sum(xs) / len(xs), *[m.params for m in experts])
-    pool = models.make_pool([m.params["blocks"] for m in experts] + [merged["blocks"]])
-    objectives = list(zoo.objectives["search"].values())
-    return Setup(config, models.shell_of(merged), pool, objectives, f"tiny3 zoo {workdir} (search split)")
-
-
-def policy_batch(rng, num_paths: int, pool_size: int, t_max: int, num_modes: int = 4) -> np.ndarray:
-    """Paths sampled around a few modes, as a policy produces them: keep a mode's first c steps, then
-    random steps (or stop); c is uniform in [1, t_max]."""
-    modes = rng.integers(0, pool_size, (num_modes, t_max))
-    out = modes[rng.integers(0, num_modes, num_paths)].copy()
-    for row in out:
-        cut = rng.integers(1, t_max + 1)
-        row[cut:] = rng.integers(-1, pool_size, t_max - cut)
-    return out.astype(np.int32)
+# ------------------------------------------------------------------------------------------------ policy paths
+def archive_paths(path: str, pool_size: int) -> np.ndarray:
+    """Every path of a real run's score archive in order of first evaluation, distinct (all preferences:
+    a path scored for several preferences' models appears once), int32 [n, T_max]."""
+    with np.load(path) as z:
+        paths = np.asarray(z["paths"], np.int32)
+    if paths.size and paths.max() >= pool_size:
+        raise ValueError(f"{path}: pool index {paths.max()} outside this pool of {pool_size} blocks")
+    _, first = np.unique(paths, axis=0, return_index=True)
+    return paths[np.sort(first)]
 
 
-def matmul_peak(n: int = 1024, reps: int = 10) -> float:
+def rl_config(setup: Setup, run_dir: str | None):
+    """ArchConfig of the run (`config.arch.rl` in run_dir/run.json; the tiny3 defaults otherwise), warm-started
+    on the merged source K's identity path as `hm3_jax.hm3.arch_level.arch_config` builds it."""
+    from hm3_jax.arch import ppo
+
+    rl = {"t_max": 8, "t_min": 3, "num_envs": 32, "k_nearest": 1, "explore_eps": 0.1, "init_log_std": -0.5,
+          "warm_start_steps": 300, "hidden_size": 64, "embed_size": 16, "learning_rate": 0.003}  # fmt: skip
+    run_json = os.path.join(run_dir or "", "run.json")
+    if run_dir and os.path.exists(run_json):
+        with open(run_json) as f:
+            rl.update(json.load(f)["config"]["arch"]["rl"])
+    k, L = len(setup.experts), setup.config.num_layers
+    rl.update(num_sources=k + 1, num_layers=L, num_tasks=k)
+    rl["warm_start_source"] = k if rl.get("warm_start_steps", 0) > 0 else -1
+    return ppo.ArchConfig.from_mapping(rl)
+
+
+def policy_rollouts(key, setup: Setup, acfg, num_iterations: int) -> list[np.ndarray]:
+    """Final paths [num_envs, T_max] of `num_iterations` rollouts of the actor initialised with `key` and
+    warm-started on Theta's identity path, balanced preference (no PPO update: the scores are not needed)."""
+    from hm3_jax.arch import descriptors, ppo
+
+    k = len(setup.experts)
+    phi = descriptors.block_descriptors(setup.pool, setup.base["blocks"], k + 1)
+    pref = jnp.full((1, k), 1.0 / k, jnp.float32)
+
+    def unused_score(paths, prefs):
+        raise AssertionError("rollouts only: no scores are requested")
+
+    trainer = ppo.make_trainer(acfg, unused_score, phi, pref)
+    runner = jax.jit(trainer.init)(key)
+    rollout = jax.jit(trainer.rollout)
+    out = []
+    for _ in range(num_iterations):
+        runner, batch = rollout(runner)
+        out.append(np.asarray(batch.final_path, np.int32))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def matmul_peak(n: int = 1024, reps: int = 20) -> tuple[float, float]:
+    """(median, best) FLOP/s of a float32 [n, n] @ [n, n] over `reps` timed calls after one warm-up."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
-    best = float("inf")
+    times = []
     for _ in range(reps):
         start = time.perf_counter()
         f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+        times.append(time.perf_counter() - start)
+    return 2.0 * n**3 / float(np.median(times)), 2.0 * n**3 / min(times)
 
 
-def rebuild_eval(setup: Setup, paths: np.ndarray) -> float:
-    """Seconds to score `paths` by building each as its own stacked model (host copy), jit per depth."""
+def _score_fn(config, objectives):
+    """Scoring of one standalone model: what an evaluation job runs on a merged model (a new function object
+    per call, so jitting it traces and compiles afresh)."""
+
+    def score(params):
+        outs = []
+        for o in objectives:
+            if o.metric in DECODE_METRICS:
+                ident = jnp.arange(config.num_layers, dtype=jnp.int32)  # a model = its identity path
+                fwd = lambda i, m, n, p=params, a=ident: models.greedy_decode(  # noqa: E731
+                    config, p, p["blocks"], a, i, m, int(n)
+                )
+            else:
+                fwd = lambda ids, p=params: models.apply(config, p, ids)  # noqa: E731
+            outs.append(o.device_fn(fwd))
+        return tuple(outs)
+
+    return score
+
+
+def _stacked(setup: Setup, real: np.ndarray):
+    """The candidate as its own model: the shell plus the chosen blocks copied in path order (host arrays)."""
+    pool_np = jax.tree.map(np.asarray, setup.pool)
+    blocks = jax.tree.map(lambda x: np.ascontiguousarray(x[real]), pool_np)
+    params = dict(jax.tree.map(np.asarray, setup.shell), blocks=blocks)
+    return setup.config.replace(num_layers=len(real)), params
+
+
+def rebuild_per_candidate(setup: Setup, paths: np.ndarray, objectives) -> tuple[list, dict]:
+    """(a) mergekit-style workflow per candidate: build, save_pretrained, load_pretrained, fresh jit, score."""
+    times = {"build_write_load": 0.0, "compile": 0.0, "evaluate": 0.0}
+    scores = []
+    root = tempfile.mkdtemp(prefix="rebuild_")
+    try:
+        for i, path in enumerate(paths):
+            real = path[path >= 0]
+            t0 = time.perf_counter()
+            config, params = _stacked(setup, real)
+            out_dir = os.path.join(root, f"candidate{i}")
+            hm3_jax.save_pretrained(hm3_jax.Model(config, params), out_dir)
+            model = hm3_jax.load_pretrained(out_dir)
+            t1 = time.perf_counter()
+            fn = jax.jit(_score_fn(model.config, objectives)).lower(model.params).compile()
+            t2 = time.perf_counter()
+            raw = jax.block_until_ready(fn(model.params))
+            scores.append([o.host_fn(np.asarray(r)) for o, r in zip(objectives, raw, strict=True)])
+            t3 = time.perf_counter()
+            shutil.rmtree(out_dir)
+            times["build_write_load"] += t1 - t0
+            times["compile"] += t2 - t1
+            times["evaluate"] += t3 - t2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return scores, times
+
+
+def rebuild_cached(setup: Setup, paths: np.ndarray, objectives) -> tuple[list, float]:
+    """(b) in-memory variant: stacked model built in memory, evaluation compiled once per depth."""
     compiled = {}
+    scores = []
     start = time.perf_counter()
     for path in paths:
         real = path[path >= 0]
-        blocks = jax.tree.map(lambda x, r=real: jnp.asarray(np.asarray(x)[r]), setup.pool)  # materialise
-        params = dict(setup.shell, blocks=blocks)
-        config = setup.config.replace(num_layers=max(len(real), 1))
+        config, params = _stacked(setup, real)
         if len(real) not in compiled:
+            compiled[len(real)] = jax.jit(_score_fn(config, objectives))
+        raw = compiled[len(real)](jax.tree.map(jnp.asarray, params))
+        scores.append([o.host_fn(np.asarray(r)) for o, r in zip(objectives, raw, strict=True)])
+    return scores, time.perf_counter() - start
 
-            def score(params, config=config):
-                return tuple(
-                    o.device_fn(lambda ids: models.apply(config, params, ids)) for o in setup.objectives
-                )
 
-            compiled[len(real)] = jax.jit(score)
-        if len(real) == 0:
-            continue
-        raw = compiled[len(real)](params)
-        [o.host_fn(np.asarray(r)) for o, r in zip(setup.objectives, raw, strict=True)]
-    return time.perf_counter() - start
+def _cost_dict(cost) -> dict:
+    return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in cost._asdict().items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", default="", help="tiny3 zoo directory (default: random tiny3-sized pool)")
-    parser.add_argument("--num_paths", type=int, default=48)
-    parser.add_argument("--num_rebuild", type=int, default=8)
-    parser.add_argument("--t_max", type=int, default=8)
-    parser.add_argument("--num_examples", type=int, default=210)
+    parser.add_argument("--run", default="runs/tiny3_v2", help="HM3 run dir (param_level.json, run.json)")
+    parser.add_argument("--archive", default="", help="score_archive.npz (default: RUN's, else runs/tiny3's)")
+    parser.add_argument("--num_paths", type=int, default=32, help="archive paths scored by the engine")
+    parser.add_argument("--rollout_iterations", type=int, default=3)
+    parser.add_argument("--num_rebuild", type=int, default=4, help="candidates of the per-candidate workflow")
+    parser.add_argument("--num_rebuild_cached", type=int, default=8)
     parser.add_argument("--strategy", default="map")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    jax.config.update("jax_default_matmul_precision", "highest")
-
-    setup = zoo_setup(args.zoo) if args.zoo else random_setup(args.num_examples, 64, 128)
+    load_start = os.getloadavg()[0]
+    run_dir = args.run if os.path.isdir(args.run) else None
+    setup = zoo_setup(args.zoo, run_dir) if args.zoo else random_setup()
+    objectives = setup.objectives["search"]
     pool_size = models.pool_size(setup.pool)
-    rng = np.random.default_rng(0)
+    acfg = rl_config(setup, run_dir)
+
+    archive = args.archive
+    if not archive:
+        for d in (run_dir, "runs/tiny3"):
+            if d and os.path.exists(os.path.join(d, "arch", "hm3", "score_archive.npz")):
+                archive = os.path.join(d, "arch", "hm3", "score_archive.npz")
+                break
+    if archive:
+        batch = archive_paths(archive, pool_size)[: args.num_paths]
+    else:  # no run yet: distinct paths of policy rollouts stand in for the archive
+        batch = np.concatenate(policy_rollouts(jax.random.PRNGKey(args.seed + 1), setup, acfg, 4))
+        batch = np.unique(batch, axis=0)[: args.num_paths]
+
     kwargs = dict(strategy=args.strategy, chunk_size=8, node_chunk_size=16)
     start = time.perf_counter()
-    tree = make_engine(setup.config, setup.shell, setup.pool, setup.objectives, **kwargs)
+    tree = make_engine(setup.config, setup.shell, setup.pool, objectives, pool_id="tree", **kwargs)
     plain = make_engine(
-        setup.config, setup.shell, setup.pool, setup.objectives, prefix_sharing=False, **kwargs
+        setup.config, setup.shell, setup.pool, objectives, prefix_sharing=False, pool_id="plain", **kwargs
     )
-    warm = policy_batch(rng, 4, pool_size, args.t_max)
-    tree.evaluate(warm)
-    plain.evaluate(warm)
+    warm = batch[:2]
+    tree.evaluate(warm, use_cache=False)
+    plain.evaluate(warm, use_cache=False)
     compile_s = time.perf_counter() - start
 
-    batch = policy_batch(rng, args.num_paths, pool_size, args.t_max)
+    peak_before = matmul_peak()
     res_tree = tree.evaluate(batch, use_cache=False)
     res_plain = plain.evaluate(batch, use_cache=False)
-    assert np.array_equal(res_tree.scores, res_plain.scores), "prefix tree and plain evaluation disagree"
+    peak_after = matmul_peak()
+    if not np.array_equal(res_tree.scores, res_plain.scores):
+        raise AssertionError("prefix tree and plain evaluation disagree")
+    peak = float(np.mean([peak_before[0], peak_after[0]]))
     n = res_tree.cost.num_evaluations
-
-    rebuild_paths = batch[: args.num_rebuild]
-    rebuild_s = rebuild_eval(setup, rebuild_paths)
-    peak = matmul_peak()
     engine_s = res_tree.cost.seconds
+
+    # rollouts of the warm-started policy, evaluated in order with the cache on (a fresh cache namespace)
+    rollouts = policy_rollouts(jax.random.PRNGKey(args.seed), setup, acfg, args.rollout_iterations)
+    live = tree.with_model(setup.shell, setup.pool, pool_id="rollouts")
+    per_batch = [_cost_dict(live.evaluate(paths).cost) for paths in rollouts]
+    total = {k: sum(b[k] for b in per_batch) for k in per_batch[0]}
+
+    rb_paths = batch[: args.num_rebuild]
+    rb_scores, rb_times = rebuild_per_candidate(setup, rb_paths, objectives)
+    rb_seconds = sum(rb_times.values())
+    rbc_paths = batch[: args.num_rebuild_cached]
+    rbc_scores, rbc_seconds = rebuild_cached(setup, rbc_paths, objectives)
+    agree = float(np.max(np.abs(np.asarray(rb_scores) - res_tree.scores[: len(rb_paths)])))
+    agree_c = float(np.max(np.abs(np.asarray(rbc_scores) - res_tree.scores[: len(rbc_paths)])))
+
+    engine_pps = n / engine_s
+    rebuild_pps = len(rb_paths) / rb_seconds
+    rebuild_c_pps = len(rbc_paths) / rbc_seconds
+    real_run = None
+    if archive:
+        with np.load(archive) as z:
+            rows = int(z["paths"].shape[0])
+        run_json = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(archive))), "run.json")
+        if os.path.exists(run_json):
+            with open(run_json) as f:
+                rl = json.load(f)["config"]["arch"]["rl"]
+            episodes = int(rl["num_iterations"]) * int(rl["num_envs"])
+            real_run = {
+                "archive": archive, "episodes_played": episodes, "distinct_paths_scored": rows,
+                "cache_hit_rate": 1.0 - rows / episodes,
+                "note": "rows include the final greedy decode and identity seeds per preference",
+            }  # fmt: skip
     out = {
         "data": setup.source,
+        "merged_model": setup.merged_source,
         "zoo": bool(args.zoo),
         "strategy": args.strategy,
-        "num_paths": int(args.num_paths),
+        "policy_batch": f"first {len(batch)} distinct paths of {archive}" if archive else "policy rollouts",
+        "num_paths": int(len(batch)),
         "num_distinct_paths": int(n),
-        "t_max": args.t_max,
-        "engine_paths_per_s": n / engine_s,
+        "t_max": int(batch.shape[1]),
+        "engine_paths_per_s": engine_pps,
         "engine_plain_paths_per_s": res_plain.cost.num_evaluations / res_plain.cost.seconds,
         "engine_compile_s": compile_s,
-        "rebuild_paths_per_s": len(rebuild_paths) / rebuild_s,
-        "speedup_vs_rebuild": (n / engine_s) / (len(rebuild_paths) / rebuild_s),
+        "rebuild_paths_per_s": rebuild_pps,
+        "speedup_vs_rebuild": engine_pps / rebuild_pps,
+        "rebuild_num_paths": int(len(rb_paths)),
+        "rebuild_seconds_breakdown": rb_times,
+        "rebuild_cached_paths_per_s": rebuild_c_pps,
+        "speedup_vs_rebuild_cached": engine_pps / rebuild_c_pps,
+        "rebuild_cached_num_paths": int(len(rbc_paths)),
+        "rebuild_max_abs_score_diff_vs_engine": max(agree, agree_c),
         "engine_flops_per_s": res_tree.cost.flops / engine_s,
         "engine_plain_flops_per_s": res_plain.cost.flops / res_plain.cost.seconds,
         "matmul_peak_flops_per_s": peak,
+        "matmul_peak_best_flops_per_s": max(peak_before[1], peak_after[1]),
+        "matmul_peak_samples": {"before": peak_before[0], "after": peak_after[0]},
         "fraction_of_peak": (res_tree.cost.flops / engine_s) / peak,
         "fraction_of_peak_plain": (res_plain.cost.flops / res_plain.cost.seconds) / peak,
+        "engine_seconds": engine_s,
+        "engine_plain_seconds": res_plain.cost.seconds,
         "prefix_sharing_saving": {
             "flops": 1.0 - res_tree.cost.flops / res_plain.cost.flops,
             "block_steps": 1.0 - res_tree.cost.block_steps / res_plain.cost.block_steps,
             "seconds": 1.0 - engine_s / res_plain.cost.seconds,
         },
-        "load_average_1min": os.getloadavg()[0],
+        "rollouts": {
+            "policy": f"warm-started actor ({acfg.warm_start_steps} BC steps on Theta's identity path), "
+            f"{acfg.num_envs} envs x {args.rollout_iterations} iterations, balanced preference, seed {args.seed}",
+            "per_batch": per_batch,
+            "total": total,
+            "cache_hit_rate": 1.0 - total["num_evaluations"] / max(total["num_paths"], 1),
+            "prefix_sharing_saving_block_steps": 1.0
+            - total["block_steps"] / max(total["block_steps_plain"], 1),
+            "prefix_sharing_saving_flops": 1.0 - total["flops"] / max(total["flops_plain"], 1.0),
+            "engine_paths_per_s": total["num_evaluations"] / max(total["seconds"], 1e-9),
+            "engine_paths_served_per_s": total["num_paths"] / max(total["seconds"], 1e-9),
+        },
+        "real_run": real_run,
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
+        "jax": jax.__version__,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     print(json.dumps(out))
 

@@ -5,10 +5,17 @@ first real token of every row is position 0 and the n-th generated token of a ro
 is at position `n_real + n`, exactly as HF `generate` does.
 
 KV cache: k and v of shape [T_max, B, S_total, KV, hd] with `S_total = S_prompt + max_new_tokens`, one slot
-per *path step* (a pool block can repeat in a path and then sees different inputs at each occurrence). Slots
+per *real path step* (a pool block can repeat in a path and then sees different inputs at each occurrence). Slots
 `0..S_prompt-1` hold the prompt; the token generated at step n is written to slot `S_prompt + n`.
 A query at slot i sees key slot j iff `j <= i` and the key is a real token (prompt padding is masked).
-Padding path steps (`-1`) leave both h and their cache slot untouched.
+Padding path steps (`-1`) leave h unchanged (they apply no block and no junction).
+
+Performance (behaviour as above): the path is made canonical once (real steps first, in order, junction rows
+moved along, `jnp.argsort` of `path < 0`, stable), and every forward pass (the prefill and each generated
+token) runs a `lax.fori_loop` over the `num_real` real steps only, with the cache in the loop carry, updated in
+place at cache row t. Compared with a `lax.scan` over all T_max steps with a `lax.cond` per step and the cache
+as scanned input/output, this skips the padding steps entirely and avoids re-stacking the whole cache at every
+generated token (measured on tiny3's translation split: see docs/paths.md, "Measured").
 
 Everything is traced (path, junction, prompts), so one compilation serves every path of a given T_max.
 """
@@ -25,25 +32,29 @@ from hm3_jax.models.path import _family, _is_concrete, check_junction, pool_size
 LM_FAMILIES = ("llama", "gpt2")
 
 
-def _path_with_cache(config, module, pool, path, junction, h, ctx, cache_k, cache_v):
-    """Runs h [B, s, D] along the path, reading/writing per-step caches [T_max, B, S_total, KV, hd]."""
-    scales, shifts = junction["scale"], junction["shift"]
+def _canonical_steps(path, junction):
+    """Real steps first (stable), junction rows moved along; returns (path, scales, shifts, num_real)."""
+    order = jnp.argsort(path < 0, stable=True)
+    return path[order], junction["scale"][order], junction["shift"][order], jnp.sum(path >= 0)
 
-    def step(h, xs):
-        idx, scale, shift, k, v = xs
 
-        def run(operand):
-            h, k, v = operand
-            p = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, idx, 0, keepdims=False), pool)
-            x = (h * scale + shift).astype(h.dtype)
-            h, (k, v) = module.block_with_cache(config, p, x, ctx, (k, v))
-            return h, k, v
+def _path_with_cache(config, module, pool, steps, h, ctx, cache_k, cache_v):
+    """Runs h [B, s, D] through the real steps of a canonical path (`_canonical_steps`), reading and writing
+    cache row t of caches [T_max, B, S_total, KV, hd] at step t."""
+    path, scales, shifts, num_real = steps
 
-        h, k, v = jax.lax.cond(idx >= 0, run, lambda operand: operand, (h, k, v))
-        return h, (k, v)
+    def body(t, carry):
+        h, cache_k, cache_v = carry
+        p = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, path[t], 0, keepdims=False), pool)
+        x = (h * scales[t] + shifts[t]).astype(h.dtype)
+        k = jax.lax.dynamic_index_in_dim(cache_k, t, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(cache_v, t, 0, keepdims=False)
+        h, (k, v) = module.block_with_cache(config, p, x, ctx, (k, v))
+        cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, k, t, 0)
+        cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, v, t, 0)
+        return h, cache_k, cache_v
 
-    h, (cache_k, cache_v) = jax.lax.scan(step, h, (path, scales, shifts, cache_k, cache_v))
-    return h, cache_k, cache_v
+    return jax.lax.fori_loop(0, num_real, body, (h, cache_k, cache_v))
 
 
 def greedy_decode(
@@ -103,13 +114,14 @@ def greedy_decode(
     cache_shape = (t_max, b, s_total, config.kv_heads, config.head_size)
     cache_k = jnp.zeros(cache_shape, dtype)
     cache_v = jnp.zeros(cache_shape, dtype)
+    steps = _canonical_steps(path, junction)
 
     # Prefill: the whole prompt in one pass, writing cache slots 0..S_prompt-1.
     positions = layers.positions_from_mask(prompt_mask)  # [B, S_prompt]
     mask = layers.causal_mask(slots[:s_prompt], slots, key_mask, config.sliding_window)
     ctx = module.make_ctx(config, positions, mask, cache_index=0)
     h = module.embed_tokens(config, shell, prompt_ids, positions)
-    h, cache_k, cache_v = _path_with_cache(config, module, pool, path, junction, h, ctx, cache_k, cache_v)
+    h, cache_k, cache_v = _path_with_cache(config, module, pool, steps, h, ctx, cache_k, cache_v)
     first = jnp.argmax(module.head(config, shell, h[:, -1:])[:, 0], axis=-1).astype(jnp.int32)  # [B]
     num_real = jnp.sum(prompt_mask, axis=1)  # [B]
 
@@ -120,7 +132,7 @@ def greedy_decode(
         mask = layers.causal_mask(slot[None], slots, key_mask, config.sliding_window)
         ctx = module.make_ctx(config, pos, mask, cache_index=slot)
         h = module.embed_tokens(config, shell, token[:, None], pos)
-        h, cache_k, cache_v = _path_with_cache(config, module, pool, path, junction, h, ctx, cache_k, cache_v)
+        h, cache_k, cache_v = _path_with_cache(config, module, pool, steps, h, ctx, cache_k, cache_v)
         nxt = jnp.argmax(module.head(config, shell, h)[:, 0], axis=-1).astype(jnp.int32)
         if eos_id is not None:
             done = done | (token == eos_id)
