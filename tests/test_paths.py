@@ -117,6 +117,9 @@ def test_flops_formula_by_hand():
     assert flops.block_flops_per_token(CFG, 6) == 5504
     assert flops.head_flops_per_token(CFG) == 768
     assert flops.teacher_forced_flops(CFG, 2, 6, 3) == 12 * (3 * 5504 + 768)
+    # decoding 2 rows, prompt 3, 2 new tokens, 3 block steps: cache of 5 slots -> attn 2*2*5*16 = 320, block
+    # 2048 + 320 + 3072 = 5440 per token for 3 + 1 tokens per row; the head on 2 positions per row only
+    assert flops.decode_flops(CFG, 2, 3, 2, 3) == 2 * 4 * 3 * 5440 + 2 * 2 * 768
 
 
 def test_identity_path_scores_what_the_expert_scores(setup):

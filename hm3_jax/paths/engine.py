@@ -26,7 +26,8 @@ Pipeline of `evaluate`:
    - "auto":  at construction, time each available strategy on one chunk of random paths (after its
      compilation) and keep the fastest; the timings are in `engine.strategy_timings`. On this 2-core CPU
      "map" wins (vmapping paths with different weights was measured 1.4-3.3x slower).
-   Chunks have a fixed size (the last is padded by repeating a path), so batch sizes never recompile.
+   Chunks have a fixed size (the last is padded with empty paths, which run no block: embed and head only),
+   so batch sizes never recompile.
 5. `host_fn` per path and task (chrF decodes strings and calls sacrebleu there), cost accounting.
 
 On a device mesh (`make_engine(..., mesh=mesh)` with the ("paths", "data", "model") mesh of
@@ -275,10 +276,15 @@ class PathEngine:
         pieces = []
         for start in range(0, n, c):
             rows = np.arange(start, min(start + c, n))
-            rows = np.concatenate([rows, np.full(c - rows.size, rows[-1])])  # pad by repeating a path
-            args = [np.asarray(paths[rows], np.int32)]
+            pad = c - rows.size
+            # pad with empty paths (all -1, identity junction rows): no block runs for them (apply_path's
+            # `lax.cond` and greedy_decode's loop over real steps skip padding), only embed + head
+            args = [np.concatenate([paths[rows], np.full((pad, paths.shape[1]), -1)]).astype(np.int32)]
             if junction is not None:
-                args.append({k: np.asarray(v[rows]) for k, v in junction.items()})
+                args.append({
+                    k: np.concatenate([v[rows], np.full((pad,) + v.shape[1:], 1.0 if k == "scale" else 0.0)])
+                    .astype(np.float32) for k, v in junction.items()
+                })  # fmt: skip
             shell, pool = self.shell, self.pool
             if self.strategy == "shard":  # paths split over the mesh, the model replicated on every device
                 split = NamedSharding(self.mesh, PartitionSpec("paths"))

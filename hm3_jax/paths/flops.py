@@ -11,7 +11,7 @@ Per token of a sequence whose attention spans `context` keys, for one Llama/GPT-
     scores QK^T and A V       2 * (2 * context * H * hd)     # dense: XLA computes the masked half too
     MLP                       3 * (2 * D * F)  (Llama SwiGLU: gate, up, down)  or  2 * (2 * D * F) (GPT-2)
 
-and the LM head costs 2 * D * V per token.
+and the LM head costs 2 * D * V per token whose logits are computed.
 """
 
 from __future__ import annotations
@@ -45,14 +45,16 @@ def teacher_forced_flops(config: ModelConfig, batch: int, seq_len: int, num_bloc
 def decode_flops(
     config: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int, num_block_steps: int
 ) -> int:
-    """FLOPs of greedy decoding with a KV cache of `prompt_len + max_new_tokens` slots along a path.
+    """FLOPs of greedy decoding (`models.greedy_decode`) with a KV cache of `prompt_len + max_new_tokens` slots.
 
-    Prefill: `prompt_len` tokens attending over the whole cache (dense masked attention), then
-    `max_new_tokens - 1` single-token steps, each attending over the whole cache; the head runs on every
-    prefill position and every step (upper bound: an implementation may keep only the last prefill logits).
+    Blocks: the prefill of `prompt_len` tokens, then `max_new_tokens - 1` single-token steps, every query
+    attending over the whole cache (dense masked attention, as executed). Head: on the last prompt position
+    (the first new token) and on each of the `max_new_tokens - 1` steps, i.e. `max_new_tokens` times per row
+    (greedy_decode computes no logits for the other prompt positions, so none are counted).
     """
     total = prompt_len + max_new_tokens
-    tokens = batch * (prompt_len + max(max_new_tokens - 1, 0))
+    block_tokens = batch * (prompt_len + max(max_new_tokens - 1, 0))
     return int(
-        tokens * (num_block_steps * block_flops_per_token(config, total) + head_flops_per_token(config))
+        block_tokens * num_block_steps * block_flops_per_token(config, total)
+        + batch * max_new_tokens * head_flops_per_token(config)
     )
