@@ -74,6 +74,48 @@ def test_digit_sources_are_disjoint_and_bad_arguments_are_named():
         data.generate_task("shapes", 0, 10, 10, image_size=12)
 
 
+def test_colours_label_is_the_dominant_hue_bin_and_letters_differ():
+    import colorsys
+
+    parts = data.generate_task("colours", seed=5, num_eval=10, num_train=120)
+    x, y = parts["train"]["pixel_values"].astype(np.float64) / 255.0, parts["train"]["labels"]
+    bins = data.NUM_CLASSES["colours"]
+    hits = 0
+    for img, label in zip(x, y, strict=True):
+        rgb = img.reshape(3, -1).T
+        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in rgb])
+        coloured = (hsv[:, 1] > 0.5) & (hsv[:, 2] > 0.6)  # ring and distractors, not the grey ground
+        votes = np.bincount(np.floor(hsv[coloured, 0] * bins + 0.5).astype(int) % bins, minlength=bins)
+        hits += int(np.argmax(votes) == label)  # the ring covers more pixels than both small squares
+    assert hits >= 0.9 * len(y), hits
+    glyphs = [data._glyph(c, "DejaVuSans.ttf", 0.0) for c in data.LETTERS]
+    assert all(g.shape[0] > 30 for g in glyphs)  # 64 px font: capitals are about 47 px high
+    resized = [
+        np.asarray(np.round(g[:: max(1, g.shape[0] // 8), :: max(1, g.shape[1] // 8)][:8, :6]))
+        for g in glyphs
+    ]
+    assert len({r.tobytes() for r in resized}) == len(data.LETTERS)
+    fg, bg = data._contrasting_colours(np.random.default_rng(0))
+    assert fg.mean() > bg.mean() + 0.2  # light figure on a dark ground
+
+
+def test_init_encoder_uses_fan_in_scaled_kernels():
+    from hm3_jax.tasks.tiny8 import train as train_lib
+
+    config = _vit(num_layers=2, hidden=16).replace(intermediate_size=64)
+    params = train_lib.init_encoder(config, jax.random.key(0))
+    for name, (fan_in, fan_out) in {"q": (16, 16), "up": (16, 64), "down": (64, 16)}.items():
+        k = np.asarray(params["blocks"][name]["kernel"])
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        assert k.shape == (2, fan_in, fan_out) and np.abs(k).max() <= limit
+        assert np.std(k) == pytest.approx(
+            limit / np.sqrt(3.0), rel=0.15
+        )  # uniform(-a, a) has std a / sqrt(3)
+    pos = np.asarray(params["embed"]["position"])
+    np.testing.assert_allclose(pos[1:], train_lib.sincos_2d(4, 16), atol=1e-6)
+    assert np.all(pos[0] == 0)
+
+
 def _vit(num_layers=2, hidden=16):
     return ModelConfig(family="vit", hidden_size=hidden, intermediate_size=32, num_layers=num_layers, num_heads=2,
                        image_size=16, patch_size=4, attention_bias=True, hidden_act="gelu", norm_eps=1e-12)  # fmt: skip

@@ -27,7 +27,7 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
     c.tasks = TASKS
     c.image_size = 16
     c.num_eval = 300  # per task: 210 search + 90 heldout
-    c.num_train = 2000  # per task, disjoint from search/heldout; fine-tunes the expert
+    c.num_train = 3000  # per task, disjoint from search/heldout; fine-tunes the expert
     c.eval_batch_size = 105  # 210 search rows = 2 batches
 
     c.model = ml_collections.ConfigDict()
@@ -38,16 +38,16 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
     c.model.patch_size = 4
 
     c.base = ml_collections.ConfigDict()  # brief multi-task pretraining, a throw-away head per task
-    c.base.num_steps = 800
+    c.base.num_steps = 1500
     c.base.batch_size = 128
-    c.base.learning_rate = 1e-3
-    c.base.warmup_steps = 50
+    c.base.learning_rate = 3e-3
+    c.base.warmup_steps = 100
     c.base.weight_decay = 0.05
 
     c.expert = ml_collections.ConfigDict()  # linear probe (encoder frozen), then encoder + head fine-tuning
     c.expert.probe_steps = 100
     c.expert.probe_learning_rate = 1e-2
-    c.expert.num_steps = 400
+    c.expert.num_steps = 500
     c.expert.batch_size = 64
     c.expert.learning_rate = 1e-3
     c.expert.warmup_steps = 20
