@@ -48,7 +48,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.arch.rl.t_max = 8
     c.arch.rl.beta1 = 0.05
     c.arch.rl.num_envs = 32
-    c.arch.rl.num_iterations = 40
+    c.arch.rl.num_iterations = 20
     # Behaviour cloning onto Theta(lambda)'s identity path before PPO (ppo.warm_start): the lower level starts
     # from the upper level's answer and explores its neighbourhood. 0 = start from a random policy.
     c.arch.rl.warm_start_steps = 300
