@@ -31,6 +31,10 @@ Keys
   matmul_peak_flops_per_s: float32 1024^3 `jnp.dot` in the same run (median of 20 timed calls, measured just
   before and just after the engine runs; both are in matmul_peak_samples, the best call in
   matmul_peak_best_flops_per_s); fraction_of_peak = engine_flops_per_s / matmul_peak_flops_per_s.
+  The machine is shared (2 cores, load average often 8-12), so wall-time rates move with the load, and a
+  20-call matmul sees the scheduler differently from a minute-long engine run. fraction_of_peak_cpu_time
+  divides FLOPs per process CPU second (all threads) of the engine by the same for the matmul: a measure of
+  how efficiently the engine uses the cores it gets, largely independent of the load.
 - prefix_sharing_saving: 1 - tree / plain on the archive batch for FLOPs, block steps and seconds.
 - rollouts: per batch and in total, paths asked, distinct, cache hits (in-batch duplicates count as hits),
   evaluations, block steps tree vs plain, seconds; cache_hit_rate = 1 - evaluations / paths;
@@ -192,17 +196,21 @@ def policy_rollouts(key, setup: Setup, acfg, num_iterations: int) -> list[np.nda
 
 
 # ------------------------------------------------------------------------------------------------ baselines
-def matmul_peak(n: int = 1024, reps: int = 20) -> tuple[float, float]:
-    """(median, best) FLOP/s of a float32 [n, n] @ [n, n] over `reps` timed calls after one warm-up."""
+def matmul_peak(n: int = 1024, reps: int = 20) -> tuple[float, float, float]:
+    """FLOP/s of a float32 [n, n] @ [n, n] over `reps` timed calls after one warm-up: (median over calls of
+    wall time, best call, total FLOPs / process CPU seconds of all calls)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
     times = []
+    cpu = time.process_time()
     for _ in range(reps):
         start = time.perf_counter()
         f(a, a).block_until_ready()
         times.append(time.perf_counter() - start)
-    return 2.0 * n**3 / float(np.median(times)), 2.0 * n**3 / min(times)
+    cpu = time.process_time() - cpu
+    flops = 2.0 * n**3
+    return flops / float(np.median(times)), flops / min(times), reps * flops / cpu
 
 
 def _score_fn(config, objectives):
@@ -323,8 +331,12 @@ def main():
     compile_s = time.perf_counter() - start
 
     peak_before = matmul_peak()
+    cpu = time.process_time()
     res_tree = tree.evaluate(batch, use_cache=False)
+    tree_cpu = time.process_time() - cpu
+    cpu = time.process_time()
     res_plain = plain.evaluate(batch, use_cache=False)
+    plain_cpu = time.process_time() - cpu
     peak_after = matmul_peak()
     if not np.array_equal(res_tree.scores, res_plain.scores):
         raise AssertionError("prefix tree and plain evaluation disagree")
@@ -390,6 +402,13 @@ def main():
         "matmul_peak_samples": {"before": peak_before[0], "after": peak_after[0]},
         "fraction_of_peak": (res_tree.cost.flops / engine_s) / peak,
         "fraction_of_peak_plain": (res_plain.cost.flops / res_plain.cost.seconds) / peak,
+        "engine_flops_per_cpu_s": res_tree.cost.flops / tree_cpu,
+        "matmul_peak_flops_per_cpu_s": float(np.mean([peak_before[2], peak_after[2]])),
+        "fraction_of_peak_cpu_time": (res_tree.cost.flops / tree_cpu)
+        / np.mean([peak_before[2], peak_after[2]]),
+        "fraction_of_peak_cpu_time_plain": (res_plain.cost.flops / plain_cpu)
+        / np.mean([peak_before[2], peak_after[2]]),
+        "engine_cpu_seconds": tree_cpu,
         "engine_seconds": engine_s,
         "engine_plain_seconds": res_plain.cost.seconds,
         "prefix_sharing_saving": {

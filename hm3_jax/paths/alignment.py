@@ -346,12 +346,14 @@ def make_aligner(mode: str, config: ModelConfig, shell: dict, pool: dict, *,
             raise ValueError("moment alignment needs stats (native_stats) and calib_ids")
         ids, mask = _weights(calib_ids, calib_mask)
         moment = make_moment_fn(config, shell_source)
-        batched = jax.jit(
-            lambda paths: jax.lax.map(lambda p: moment(shell, pool, stats, ids, mask, p), paths)
+        # the model, statistics and calibration data are jit arguments, not closed-over constants (XLA would
+        # constant-fold through them at compile time, seconds for a tiny3-sized pool)
+        compiled = jax.jit(
+            lambda sh, po, st, i, m, paths: jax.lax.map(lambda p: moment(sh, po, st, i, m, p), paths)
         )
-        return Aligner(mode, batched, chunk_size)
+        return Aligner(mode, lambda paths: compiled(shell, pool, stats, ids, mask, paths), chunk_size)
     if learned_params is None:
         raise ValueError("learned alignment needs learned_params (fit_learned)")
     rows = make_learned_fn(config, shell_source)
-    batched = jax.jit(lambda paths: jax.lax.map(lambda p: rows(learned_params, p), paths))
-    return Aligner(mode, batched, chunk_size)
+    compiled = jax.jit(lambda params, paths: jax.lax.map(lambda p: rows(params, p), paths))
+    return Aligner(mode, lambda paths: compiled(learned_params, paths), chunk_size)
