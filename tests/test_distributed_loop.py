@@ -99,3 +99,22 @@ def test_bad_score_mode_arguments_raise(setup):
     with pytest.raises(ValueError, match="host_fn returned scores of shape"):
         loop.run_training(trainer, jax.random.key(0), 1, score_mode="split", progress=False,
                           host_fn=lambda p, w: np.zeros((len(p), 3), np.float32))  # fmt: skip
+
+
+def test_arch_level_picks_the_split_loop_for_a_multi_device_engine():
+    from types import SimpleNamespace
+
+    from hm3_jax.hm3 import arch_level
+
+    one = SimpleNamespace(strategy="map", mesh=None)
+    mesh1 = SimpleNamespace(strategy="shard", mesh=SimpleNamespace(size=1))
+    mesh8 = SimpleNamespace(strategy="shard", mesh=SimpleNamespace(size=8))
+    assert arch_level.score_mode_for(one) == "callback"
+    assert arch_level.score_mode_for(mesh1) == "callback"
+    assert arch_level.score_mode_for(mesh8) == "split"
+    assert arch_level.score_mode_for(one, "split") == "split"
+    assert arch_level.score_mode_for(mesh8, "split") == "split"
+    with pytest.raises(ValueError, match="cannot drive a path engine on several"):
+        arch_level.score_mode_for(mesh8, "callback")
+    with pytest.raises(ValueError, match="arch.score_mode must be"):
+        arch_level.score_mode_for(one, "async")

@@ -75,7 +75,8 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """tiny3 config; ``arg="smoke"`` gives the small variant used by tests; ``arg="smoke_mesh"`` is smoke cut
-    further (2 preferences, no CMA-ES, 1 PPO iteration, one parameter and one path baseline, no exports):
+    further (2 preferences, no CMA-ES, 1 PPO iteration in the split loop, one parameter and one path baseline, no
+    exports):
     tests/test_hm3_distributed.py runs it on 1 device, on 8 devices and in 2 processes.
 
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
@@ -91,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.preferences.num = 2
         config.param_level.cmaes.enabled = False  # the paper's DARE-TIES model per preference
         config.arch.rl.num_iterations = 1
+        # The split PPO loop on one device too (bit-identical to the callback loop, tests/test_distributed_loop.py):
+        # programs with host callbacks never enter the persistent compilation cache; these do, and the 1-device
+        # reference, the 8-device run and process 0 of the 2-process run share them.
+        config.arch.score_mode = "split"
         config.arch.rl.num_envs = 4
         config.arch.rl.num_minibatches = 1
         config.baselines.param_methods = ("task_arithmetic",)

@@ -160,12 +160,23 @@ def make_aligners(problem: Problem, mode: str, shells, pools, calib_ids, calib_m
     return out
 
 
-def score_mode_for(engine) -> str:
-    """`"split"` when `engine` (a path engine) evaluates on a mesh of more than one device (or process), else
-    `"callback"` (`loop.run_training`'s `score_mode`; see the module docstring)."""
+def score_mode_for(engine, requested: str = "auto") -> str:
+    """`loop.run_training`'s `score_mode` for a PathScorer over `engine` (see the module docstring).
+
+    `requested` (`config.arch.score_mode`, default "auto"): "auto" gives `"split"` when `engine` evaluates on a
+    mesh of more than one device (or in several processes), else `"callback"`; "split" is always allowed (same
+    results, slower on one device); "callback" on a multi-device engine is refused (it would abort in XLA).
+    """
+    if requested not in ("auto", "callback", "split"):
+        raise ValueError(f"arch.score_mode must be 'auto', 'callback' or 'split', got {requested!r}")
     mesh = getattr(engine, "mesh", None)
     sharded = getattr(engine, "strategy", None) == "shard" and mesh is not None and mesh.size > 1
-    return "split" if sharded or jax.process_count() > 1 else "callback"
+    multi = sharded or jax.process_count() > 1
+    if requested == "callback" and multi:
+        raise ValueError("arch.score_mode='callback' cannot drive a path engine on several devices/processes")
+    if requested == "auto":
+        return "split" if multi else "callback"
+    return requested
 
 
 def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, key, cfg, workdir: str,
@@ -197,7 +208,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         if iteration % cfg.checkpoint_every == 0 or iteration == acfg.num_iterations:
             scorer.save_archive(archive_path)
 
-    mode = score_mode_for(problem.engines["search"])
+    mode = score_mode_for(problem.engines["search"], cfg.get("score_mode", "auto"))
     runner = loop_lib.run_training(trainer, key, acfg.num_iterations, checkpoint_dir=os.path.join(workdir, "ckpt"),
                                    checkpoint_every=cfg.checkpoint_every, metrics_fn=on_metrics, score_mode=mode,
                                    host_fn=scorer if mode == "split" else None)  # fmt: skip

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import distributed, models, moo
-from hm3_jax.hm3 import arch_level, baselines_runner, export, param_level
+from hm3_jax.hm3 import arch_level, export, param_level
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3.problem import Problem, make_problem, pool_for
 from hm3_jax.hm3.workdir import Workdir
@@ -140,6 +140,10 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     no_param = wd.stage("hm3_no_param_level", lambda: arch_level.run_arch_level(
         problem, prefs, [np_shell] * N, [np_pool] * N, base_blocks, k_abl, config.arch,
         wd.subdir("arch", "no_param"), "no_param", K))  # fmt: skip
+
+    # Imported here, not at the top: the baselines import evosax, which creates jax arrays at import time, and
+    # that would start the XLA backend before `jax.distributed.initialize` in the binaries' main (issue 7).
+    from hm3_jax.hm3 import baselines_runner
 
     budget = int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
     methods: dict[str, dict] = {}
