@@ -99,6 +99,21 @@ def test_colours_label_is_the_dominant_hue_bin_and_letters_differ():
     assert fg.mean() > bg.mean() + 0.2  # light figure on a dark ground
 
 
+def test_counting_label_is_the_number_of_dots():
+    from scipy import ndimage
+
+    parts = data.generate_task("counting", seed=6, num_eval=10, num_train=100)
+    x, y = parts["train"]["pixel_values"].astype(np.float64).mean(1), parts["train"]["labels"]
+    hits = 0
+    for img, label in zip(x, y, strict=True):
+        ground = np.median(img)
+        dots = img > ground + 0.3 * (img.max() - ground)  # dots are brighter than the ground
+        components, _ = ndimage.label(dots, np.ones((3, 3)))
+        found = int((np.bincount(components.ravel())[1:] >= 2).sum())  # blobs of 2+ pixels (not noise)
+        hits += int(found == label + 1)  # label c means c + 1 dots
+    assert hits >= 0.9 * len(y), hits
+
+
 def test_init_encoder_uses_fan_in_scaled_kernels():
     from hm3_jax.tasks.tiny8 import train as train_lib
 

@@ -49,8 +49,8 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
     c.expert.probe_learning_rate = 1e-2
     c.expert.num_steps = 500
     c.expert.batch_size = 64
-    c.expert.learning_rate = 1e-3
-    c.expert.warmup_steps = 20
+    c.expert.learning_rate = 2e-3
+    c.expert.warmup_steps = 50
     c.expert.weight_decay = 0.0
 
     if smoke:

@@ -149,7 +149,11 @@ def _gen_counting(rng, n, size):
         _, bg = _contrasting_colours(rng)
         img = np.broadcast_to(bg[:, None, None], (3, size, size)).copy()
         centres: list[np.ndarray] = []
+        tries = 0
         while len(centres) < y + 1:
+            if tries == 100:  # the dots placed so far leave no room: start this image's layout again
+                centres, tries = [], 0
+            tries += 1
             c = rng.uniform(r + 0.5, size - r - 0.5, 2)
             if all(np.linalg.norm(c - o) >= 3.2 * r for o in centres):
                 centres.append(c)
