@@ -251,3 +251,32 @@ def test_alignment_outputs_do_not_depend_on_the_batch(setup, aligned):
         # and the engine's aligned scores match the independent reference on apply_path
         ref = reference_scores(setup, target, {k: v[-1:] for k, v in j.items()})
         np.testing.assert_allclose(results[0][2], ref[0], rtol=1e-6, atol=1e-6)
+
+
+def test_decode_objective_matches_greedy_decode_per_path(setup):
+    """A chrF-like (decode) objective through the engine equals greedy_decode run path by path; 3 paths in
+    chunks of 2, so the last chunk is padded with an empty path."""
+    rng = np.random.default_rng(11)
+    ids = rng.integers(3, 24, (2, 2, 4)).astype(np.int32)  # [batches, B, P]
+    mask = np.ones_like(ids)
+    mask[:, 0, :2] = 0  # a left-padded prompt
+    weights = np.arange(1, 2 * 2 * 3 + 1).reshape(4, 3)
+
+    def device_fn(decode_fn):
+        return jax.lax.map(lambda b: decode_fn(b[0], b[1], 3), (jnp.asarray(ids), jnp.asarray(mask))).reshape(
+            4, 3
+        )
+
+    def host_fn(tokens):  # a hash of every token, in [0, 100]
+        return float(np.sum(np.asarray(tokens) * weights) % 10007) / 100.07
+
+    objective = Objective("dec", "chrf", device_fn, host_fn)
+    engine = make_engine(CFG, setup["shell"], setup["pool"], [objective], strategy="map", chunk_size=2)
+    paths = np.array([[0, 4, -1, 2, -1], [3, -1, -1, -1, -1], [5, 5, 1, 0, 2]], np.int32)
+    scores = engine.evaluate(paths).scores[:, 0]
+    decode = jax.jit(models.greedy_decode, static_argnums=(0, 6))  # one compilation for every reference call
+    for path, score in zip(paths, scores, strict=True):
+        tokens = [
+            decode(CFG, setup["shell"], setup["pool"], path, i, m, 3) for i, m in zip(ids, mask, strict=True)
+        ]
+        assert score == host_fn(np.concatenate(tokens))
