@@ -1,15 +1,24 @@
 """The whole HM3 run on a device mesh and in two processes gives the same report as on one device (issue 7).
 
-The reference is the `tiny3.py:smoke_mesh` run computed here, in-process, on one CPU device with the default
-engine (strategy "map", prefix tree). The same config then runs through the real binary
-(`python -m experiments.run_hm3`) in subprocesses (XLA_FLAGS must be set before jax is imported there):
-on 8 simulated devices with `--mesh=paths:4,data:2`, and as two `jax.distributed` processes on 127.0.0.1
-(gloo CPU collectives, a free port chosen at runtime, 4 devices each, the mesh spanning both). "Same report"
-means: the same methods, per-method held-out points, normalised points, hypervolumes and HM3 paths (wall
-seconds and FLOP counts are not compared: the mesh engine evaluates paths without the prefix tree).
+Three runs of `tiny3.py:smoke_mesh` through the real binary (`python -m experiments.run_hm3`), each in a
+subprocess (XLA_FLAGS must be set before jax is imported) bounded by a timeout:
 
-Every subprocess is bounded by a timeout. The subprocesses share a persistent XLA compilation cache under
-.pytest_cache/hm3 (compilation dominates these tiny runs; programs with host callbacks are never cached).
+* the reference: one CPU device, no mesh (the default engine: strategy "map", prefix tree; the PPO loop with
+  the host callback);
+* (a) 8 simulated CPU devices, `--mesh=paths:4,data:2` (candidate paths over "paths", the examples of each
+  evaluation batch over "data"; no prefix tree; the split PPO loop);
+* (b) two `jax.distributed` processes on 127.0.0.1 (gloo CPU collectives, a free port, 4 devices each, the
+  `paths:4,data:2` mesh spanning both, one shared workdir as on a shared filesystem).
+
+"Same report" (`_assert_same_report`): the same tasks and methods; per method the held-out points, normalised
+points, hypervolume, evaluation counts and HM3's chosen paths; the ideal and reference points. Wall seconds and
+FLOP counts are not compared (the mesh engine runs without the prefix tree). (b) also checks that only process
+0 printed the claims and that no temporary stage file is left behind.
+
+Cost: compilation dominates these tiny runs. The subprocesses share a persistent XLA compilation cache under
+.pytest_cache/hm3/jax_cache_mesh (XLA_FLAGS' device count is not part of its keys, so the reference's single-device
+programs — merges, RL — are reused by (a) and process 0 of (b)); the reference runs first, then (a) and (b)
+run concurrently. docs/scaling.md has the measured times, cold and warm.
 """
 
 import json
@@ -17,35 +26,29 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from experiments.configs import tiny3
-from hm3_jax.hm3 import run as run_lib
-
-# Known failure (issue 7, open): on 8 simulated CPU devices the run deadlocks in the first PPO chunk: the RL
-# training jit calls the path engine from a host callback, and the engine's sharded computation (all-reduce over
-# "data", collective permute over the mesh) waits forever for one device's participant (XLA aborts after 40 s;
-# log in the commit message). A standalone nested callback -> sharded computation works, so the cause is still
-# open. Opt in with HM3_RUN_MESH_TESTS=1; until fixed these tests would fail and cost ~7 minutes.
-pytestmark = pytest.mark.skipif(
-    os.environ.get("HM3_RUN_MESH_TESTS") != "1",
-    reason="known deadlock of the engine's collectives inside the PPO host callback on a mesh; HM3_RUN_MESH_TESTS=1",
-)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 600
+TIMEOUT = 420  # per run; a cold cache on a loaded 2-core machine needs ~3-4 minutes
 CONFIG = os.path.join(REPO, "experiments", "configs", "tiny3.py") + ":smoke_mesh"
+MESH = "--mesh=paths:4,data:2"
+CACHE = os.path.join(
+    os.environ.get("HM3_TEST_CACHE", os.path.join(REPO, ".pytest_cache", "hm3")), "jax_cache_mesh"
+)
 
 
 def _env(num_devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as tests/conftest.py sets for the reference
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(REPO, ".pytest_cache", "hm3", "jax_cache")
+    env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as tests/conftest.py sets for in-process tests
+    env["JAX_COMPILATION_CACHE_DIR"] = CACHE
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)  # > 0: jax locks the cache for concurrent writers;
+    # a directory used without a size limit lacks the "-atime" files this mode expects: hence our own directory
     env["TQDM_DISABLE"] = "1"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -57,9 +60,88 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cmd(workdir, zoo_dir, *extra) -> list:
-    return [sys.executable, "-m", "experiments.run_hm3", f"--config={CONFIG}", f"--workdir={workdir}",
-            f"--zoo_dir={zoo_dir}", *extra]  # fmt: skip
+class _Run:
+    """One or more processes of `experiments.run_hm3` on one workdir, each logging to its own file."""
+
+    def __init__(self, name: str, base, zoo_dir: str, num_devices: int, per_process_extra: list[tuple]):
+        self.name, self.workdir = name, base / name
+        self.logs = [base / f"{name}.p{i}.log" for i in range(len(per_process_extra))]
+        self.procs = []
+        self.start = time.perf_counter()
+        self.seconds = None
+        for log_path, extra in zip(self.logs, per_process_extra, strict=True):
+            cmd = [sys.executable, "-m", "experiments.run_hm3", f"--config={CONFIG}", f"--workdir={self.workdir}",
+                   f"--zoo_dir={zoo_dir}", *extra]  # fmt: skip
+            with open(log_path, "w") as log:  # the child keeps its own descriptor
+                self.procs.append(subprocess.Popen(cmd, env=_env(num_devices), cwd=REPO, stdout=log,
+                                                   stderr=subprocess.STDOUT))  # fmt: skip
+
+    def wait(self) -> list:
+        """Exit codes (None for a process killed at the timeout); kills every process still running."""
+        deadline = self.start + TIMEOUT
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=max(deadline - time.perf_counter(), 1)))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.seconds = round(time.perf_counter() - self.start, 1)
+        return codes
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def log_text(self, i: int = 0) -> str:
+        return self.logs[i].read_text()
+
+    def check(self, codes) -> dict:
+        tails = "\n----\n".join(f"{p.name}:\n{p.read_text()[-3000:]}" for p in self.logs)
+        assert codes == [0] * len(self.procs), (
+            f"{self.name}: exit codes {codes} after {self.seconds} s\n{tails}"
+        )
+        return json.loads((self.workdir / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(smoke_zoo_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("hm3_mesh")
+    ref = _Run("reference", base, smoke_zoo_dir, 1, [()])
+    started = [ref]
+    try:
+        ref_codes = ref.wait()  # first: its single-device programs fill the cache (a) and (b) read
+        if ref_codes != [0]:  # nothing to compare with: fail fast with the reference's log
+            ref.check(ref_codes)
+        port = _free_port()
+        multi = [(MESH, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                  "--distributed_timeout=120") for i in range(2)]  # fmt: skip
+        mesh8 = _Run("mesh8", base, smoke_zoo_dir, 8, [(MESH,)])
+        started.append(mesh8)
+        two = _Run("two_processes", base, smoke_zoo_dir, 4, multi)
+        started.append(two)
+        results = {"reference": (ref, ref_codes), "mesh8": (mesh8, mesh8.wait()), "two": (two, two.wait())}
+        print({name: r.seconds for name, (r, _) in results.items()})  # shown with pytest -s / on failure
+        yield results
+    finally:
+        for r in started:
+            r.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    run, codes = runs["reference"]
+    report = run.check(codes)
+    # The comparison must be able to fail: the points differ between methods and preferences.
+    points = np.concatenate([np.asarray(m["points"]) for m in report["methods"].values()])
+    assert np.ptp(points) > 0.5
+    assert "mesh {" not in run.log_text()  # one device, no mesh: the default engine
+    return report
 
 
 def _assert_same_report(got: dict, want: dict, what: str) -> None:
@@ -77,75 +159,35 @@ def _assert_same_report(got: dict, want: dict, what: str) -> None:
             assert g["paths"] == m["paths"], f"{what}: {name}"
 
 
-@pytest.fixture(scope="module")
-def eight_devices(smoke_zoo_dir, tmp_path_factory):
-    """Starts the 8-device run in the background (it overlaps with the in-process reference)."""
-    workdir = tmp_path_factory.mktemp("mesh8") / "run"
-    log_path = workdir.parent / "log.txt"
-    log = open(log_path, "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        _cmd(workdir, smoke_zoo_dir, "--mesh=paths:4,data:2"),
-        env=_env(8), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    yield proc, workdir, log_path
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def reference(eight_devices, smoke_zoo_dir, tmp_path_factory):
-    del eight_devices  # started first, so it runs while the reference is computed
-    workdir = str(tmp_path_factory.mktemp("ref") / "run")
-    report = run_lib.run_hm3(tiny3.get_config("smoke_mesh"), workdir, zoo_dir=smoke_zoo_dir)
-    # The comparison must be able to fail: paths and points differ between methods and preferences.
-    points = np.concatenate([np.asarray(m["points"]) for m in report["methods"].values()])
-    assert np.ptp(points) > 0.5
-    return json.loads(json.dumps(report))  # through JSON, as the subprocesses' reports are read
-
-
-def test_same_report_on_8_devices_with_a_paths_data_mesh(eight_devices, reference):
-    proc, workdir, log_path = eight_devices
-    try:
-        code = proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"8-device run exceeded {TIMEOUT} s")
-    assert code == 0, log_path.read_text()[-4000:]
-    log = log_path.read_text()
-    assert "mesh {'paths': 4, 'data': 2, 'model': 1}" in log, log[-2000:]
-    report = json.loads((workdir / "report.json").read_text())
+def test_same_report_on_8_devices_with_a_paths_data_mesh(runs, reference):
+    run, codes = runs["mesh8"]
+    report = run.check(codes)
+    log = run.log_text()
+    assert "mesh {'paths': 4, 'data': 2, 'model': 1} over 1 process(es)" in log, log[-2000:]
     _assert_same_report(report, reference, "paths:4,data:2 mesh vs 1 device")
 
 
-def test_same_report_in_two_processes(reference, smoke_zoo_dir, tmp_path):
-    port = _free_port()
-    workdir = tmp_path / "run"  # one shared workdir, as on a shared filesystem
-    procs = []
-    for i in range(2):
-        extra = ("--mesh=paths:4,data:2", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}", "--distributed_timeout=120")  # fmt: skip
-        log = open(tmp_path / f"p{i}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen(_cmd(workdir, smoke_zoo_dir, *extra), env=_env(4), cwd=REPO,
-                                       stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
-    try:
-        codes = [p.wait(timeout=TIMEOUT) for p, _ in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], "\n----\n".join(t[-3000:] for t in logs)
-    assert "over 2 process(es)" in logs[0]
+def test_same_report_in_two_processes(runs, reference):
+    run, codes = runs["two"]
+    report = run.check(codes)
+    logs = [run.log_text(i) for i in range(2)]
+    assert "mesh {'paths': 4, 'data': 2, 'model': 1} over 2 process(es)" in logs[0], logs[0][-2000:]
     # Only process 0 prints the claims (host-side output); both computed the same report.
     assert any(line.startswith("{'") for line in logs[0].splitlines()), logs[0][-2000:]
     assert not any(line.startswith("{'") for line in logs[1].splitlines()), logs[1][-2000:]
-    report = json.loads((workdir / "report.json").read_text())
     _assert_same_report(report, reference, "2 processes vs 1 process")
-    stages = sorted(os.listdir(workdir / "stages"))
-    assert not [s for s in stages if s.startswith(".tmp")], stages
+    stages = sorted(os.listdir(run.workdir / "stages"))
+    assert stages and not [s for s in stages if s.startswith(".tmp")], stages
+
+
+def test_importing_the_binary_leaves_the_xla_backend_uninitialised():
+    """`jax.distributed.initialize` (in the binaries' main) must come before the XLA backend starts; a module
+    that makes jax arrays at import time (evosax does) must not be imported at the top of the run's modules."""
+    code = (
+        "import jax._src.xla_bridge as xb\n"
+        "import experiments.run_hm3\n"
+        "assert not xb._backends, f'backend started at import: {list(xb._backends)}'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_env(1), cwd=REPO, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
