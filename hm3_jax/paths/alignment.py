@@ -12,10 +12,15 @@ junction). Modes:
   so the mapped state has exactly the native per-dimension mean and std on the calibration data.
 - `learned`: the paper's W(m, l, t): an MLP of [emb_m(m); emb_l(l); emb_t(t)] outputs a diagonal scale
   (1 + output, so zero init is the identity) and shift, fitted with Adam on
-      Deep CORAL (Sun & Saenko 2016)   ||C(h') - C_nat||_F^2 / (4 d^2)
-    + mean matching                    ||mu(h') - mu_nat||^2 / d
+      Deep CORAL (Sun & Saenko 2016)   ||C(h') - C_nat||_F^2 / (4 d^2) / v^2
+    + mean matching                    ||mu(h') - mu_nat||^2 / d / v
   for h' the mapped hidden state at every junction of a set of training paths (the incoming state is
-  `stop_gradient`ed, so every junction is fitted to the distribution the earlier ones produce).
+  `stop_gradient`ed, so every junction is fitted to the distribution the earlier ones produce), with
+  v = mean_i sd_nat_i^2 the native input's mean variance at that junction. Dividing by v makes each junction's
+  loss scale-free (our choice; the paper gives no normalisation): without it the loss is dominated by deep
+  junctions (hidden std ~1) and one shared MLP gives the junction after the embeddings (std ~0.02 on tiny3)
+  shifts as large as the embeddings themselves, which destroyed every stitched path's scores on tiny3
+  (benchmarks/alignment.py, docs/paths.md).
 
 Both fitted modes skip (identity) a step whose previous step is the block's native predecessor: block l-1 of
 the same source, or, for l = 0 at the first step, the embeddings when the shell belongs to that source
@@ -261,7 +266,10 @@ def fit_learned(key, config: ModelConfig, shell: dict, pool: dict, stats: Native
             pc = jnp.maximum(p, 0)
             hj = jax.lax.stop_gradient(h) * s + b
             mu, _, cov = masked_moments(hj, mask)
-            loss = coral_loss(cov, stats.cov[pc]) + jnp.mean((mu - stats.mean[pc]) ** 2)
+            # scale-free: divided by the native input's mean variance v (CORAL by v^2), so a junction after the
+            # embeddings (std ~0.02 on tiny3) weighs as much as one deep in the residual stream (std ~1)
+            var = jnp.maximum(jnp.mean(stats.std[pc] ** 2), _EPS)
+            loss = coral_loss(cov, stats.cov[pc]) / var**2 + jnp.mean((mu - stats.mean[pc]) ** 2) / var
             active = ~skipped
             bp = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, pc, 0, keepdims=False), pool)
             h_next = jnp.where(p >= 0, models.block(config, bp, hj.astype(h.dtype), ctx), h)
