@@ -38,7 +38,8 @@ Keys
 - prefix_sharing_saving: 1 - tree / plain on the archive batch for FLOPs, block steps and seconds.
 - rollouts: per batch and in total, paths asked, distinct, cache hits (in-batch duplicates count as hits),
   evaluations, block steps tree vs plain, seconds; cache_hit_rate = 1 - evaluations / paths;
-  real_run: the score archive's size against the number of episodes that run played.
+  real_run: a finished run's distinct scored paths (stages/hm3.json "evaluations") against the episodes
+  it played (num_iterations x num_envs): the cache hit rate of a whole HM3 search.
 - load_average_1min (start and end): the machine is shared; ratios are measured within one run.
 """
 
@@ -362,19 +363,24 @@ def main():
     rebuild_pps = len(rb_paths) / rb_seconds
     rebuild_c_pps = len(rbc_paths) / rbc_seconds
     real_run = None
-    if archive:
-        with np.load(archive) as z:
-            rows = int(z["paths"].shape[0])
-        run_json = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(archive))), "run.json")
-        if os.path.exists(run_json):
-            with open(run_json) as f:
-                rl = json.load(f)["config"]["arch"]["rl"]
-            episodes = int(rl["num_iterations"]) * int(rl["num_envs"])
+    if (
+        archive
+    ):  # the cache over a whole real run: distinct paths scored vs episodes played (finished runs only)
+        run_of_archive = os.path.dirname(os.path.dirname(os.path.dirname(archive)))
+        stage = os.path.join(run_of_archive, "stages", "hm3.json")
+        if os.path.exists(stage):
+            with open(stage) as f:
+                hm3 = json.load(f)
+            hm3 = hm3.get("value", hm3)
+            acfg_run = hm3["arch_config"]
+            episodes = int(acfg_run["num_iterations"]) * int(acfg_run["num_envs"])
             real_run = {
-                "archive": archive, "episodes_played": episodes, "distinct_paths_scored": rows,
-                "cache_hit_rate": 1.0 - rows / episodes,
-                "note": "rows include the final greedy decode and identity seeds per preference",
+                "run": run_of_archive, "episodes_played": episodes, "distinct_paths_scored": int(hm3["evaluations"]),
+                "cache_hit_rate": 1.0 - int(hm3["evaluations"]) / episodes,
+                "note": "scored paths include each preference's final greedy decode and identity seeds",
             }  # fmt: skip
+        else:
+            real_run = {"run": run_of_archive, "note": "run not finished (no stages/hm3.json): not reported"}
     out = {
         "data": setup.source,
         "merged_model": setup.merged_source,
