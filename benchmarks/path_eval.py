@@ -41,6 +41,10 @@ Keys
   real_run: a finished run's distinct scored paths (stages/hm3.json "evaluations") against the episodes
   it played (num_iterations x num_envs): the cache hit rate of a whole HM3 search.
 - load_average_1min (start and end): the machine is shared; ratios are measured within one run.
+
+`--profile` prints instead the CPU-time profile of the pieces of one path evaluation (a block and its parts,
+the LM head, the exact-match objectives' argmax over the vocabulary, greedy decoding) with their analytic FLOPs
+and fraction of the matmul peak per CPU second (docs/paths.md, "Where the time goes").
 """
 
 from __future__ import annotations
@@ -285,6 +289,80 @@ def rebuild_cached(setup: Setup, paths: np.ndarray, objectives) -> tuple[list, f
     return scores, time.perf_counter() - start
 
 
+def _cpu_seconds(fn, *args, reps: int = 9) -> float:
+    """Best process CPU seconds (all threads) of `reps` calls of a jitted fn, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.process_time()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def profile_components(setup: Setup, batch: int = 105, seq_len: int = 48, prompt_len: int = 16) -> dict:
+    """CPU ms, analytic GFLOP and fraction of the matmul peak (per CPU second) of the pieces of one path
+    evaluation: a block and its parts, the LM head, the objectives' argmax, greedy decoding (`--profile`)."""
+    from hm3_jax.models import flops as mflops
+    from hm3_jax.models import layers
+
+    config, shell = setup.config, setup.shell
+    block = jax.tree.map(lambda x: x[-1], setup.pool)  # Theta's last block
+    a = jnp.ones((1024, 1024), jnp.float32)
+    peak = 2.0 * 1024**3 / _cpu_seconds(jax.jit(lambda x: x @ x), a)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (batch, seq_len), 3, config.vocab_size)
+    h, ctx = models.embed(config, shell, ids)
+    x2 = h.reshape(-1, config.hidden_size)
+    heads, hd = config.num_heads, config.head_size
+    q = jax.random.normal(jax.random.PRNGKey(2), (batch, seq_len, heads, hd))
+    logits = jax.random.normal(jax.random.PRNGKey(3), (batch, seq_len, config.vocab_size))
+    tokens = batch * seq_len
+    d, f = config.hidden_size, config.intermediate_size
+    rows = {}
+
+    def row(name, fn, args, flops):
+        t = _cpu_seconds(jax.jit(fn), *args)
+        rows[name] = {
+            "cpu_ms": 1e3 * t,
+            "gflop": flops / 1e9,
+            "fraction_of_peak": flops / t / peak if flops else None,
+        }
+
+    row(
+        "block",
+        lambda p, h, c: models.block(config, p, h, c),
+        (block, h, ctx),
+        tokens * mflops.block_flops_per_token(config, seq_len),
+    )
+    row(
+        "block: q, k, v projections",
+        lambda x, a, b, c: (x @ a, x @ b, x @ c),
+        (x2, block["q"]["kernel"], block["k"]["kernel"], block["v"]["kernel"]),
+        tokens * 2 * d * 3 * heads * hd,
+    )
+    row("block: o projection", lambda x, a: x @ a, (x2, block["o"]["kernel"]), tokens * 2 * d * heads * hd)
+    row(
+        "block: MLP",
+        lambda x, g, u, o: (jax.nn.silu(x @ g) * (x @ u)) @ o,
+        (x2, block["gate"]["kernel"], block["up"]["kernel"], block["down"]["kernel"]),
+        tokens * 6 * d * f,
+    )
+    row("block: attention", layers.attention, (q, q, q, ctx["mask"]), tokens * 4 * heads * hd * seq_len)
+    row("block: RoPE (q)", layers.apply_rope, (q, ctx["sin"], ctx["cos"]), 0)
+    row("block: RMSNorm", lambda x: layers.rms_norm(block["attn_norm"]["scale"], x, config.norm_eps), (h,), 0)
+    row("LM head", lambda sh, h: models.head(config, sh, h), (shell, h), tokens * 2 * d * config.vocab_size)
+    row("argmax over V of [B, S, V] logits", lambda x: jnp.argmax(x, -1), (logits,), 0)
+    row("max over V (comparison)", lambda x: jnp.max(x, -1), (logits,), 0)
+    path = jnp.arange(config.num_layers, dtype=jnp.int32) + models.pool_size(setup.pool) - config.num_layers
+    pid = jax.random.randint(jax.random.PRNGKey(4), (batch, prompt_len), 3, config.vocab_size)
+    pmask = jnp.ones((batch, prompt_len), jnp.int32)
+    for new in (1, 12):
+        row(f"greedy_decode prompt {prompt_len}, {new} new",
+            lambda sh, po, pa, i, m, n=new: models.greedy_decode(config, sh, po, pa, i, m, n),
+            (shell, setup.pool, path, pid, pmask), batch * mflops.decode_flops(config, prompt_len, new))  # fmt: skip
+    return {"matmul_1024_flops_per_cpu_s": peak, "batch": batch, "seq_len": seq_len, "rows": rows}
+
+
 def _cost_dict(cost) -> dict:
     return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in cost._asdict().items()}
 
@@ -300,10 +378,16 @@ def main():
     parser.add_argument("--num_rebuild_cached", type=int, default=8)
     parser.add_argument("--strategy", default="map")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="only the per-component CPU-time profile")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     run_dir = args.run if os.path.isdir(args.run) else None
     setup = zoo_setup(args.zoo, run_dir) if args.zoo else random_setup()
+    if args.profile:
+        print(
+            json.dumps({"data": setup.source, **profile_components(setup), "load_average_1min": load_start})
+        )
+        return
     objectives = setup.objectives["search"]
     pool_size = models.pool_size(setup.pool)
     acfg = rl_config(setup, run_dir)
