@@ -75,8 +75,7 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """tiny3 config; ``arg="smoke"`` gives the small variant used by tests; ``arg="smoke_mesh"`` is smoke cut
-    further (2 preferences, no CMA-ES, 1 PPO iteration in the split loop, one parameter and one path baseline, no
-    exports):
+    further (2 preferences, no CMA-ES, 1 PPO iteration in the split loop, no baselines, no exports):
     tests/test_hm3_distributed.py runs it on 1 device, on 8 devices and in 2 processes.
 
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
@@ -98,8 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.arch.score_mode = "split"
         config.arch.rl.num_envs = 4
         config.arch.rl.num_minibatches = 1
-        config.baselines.param_methods = ("task_arithmetic",)
-        config.baselines.path_methods = ("ea",)
+        # No baselines: they run on the same engines as HM3's levels (score_params, path evaluation), and in the
+        # 2-process test every program process 1 runs is compiled afresh (jax writes its persistent cache from
+        # process 0 only), so each baseline costs ~20-40 s there.
+        config.baselines.param_methods = ()
+        config.baselines.path_methods = ()
         config.baselines.budget = 4
         config.export = False
     return config

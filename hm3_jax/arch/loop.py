@@ -17,11 +17,10 @@ Two ways to score a chunk with a HOST score function (``score_mode``):
 * ``"callback"`` (default): ``ppo.train_chunk`` jitted once, the host function called from inside it through
   ``jax.pure_callback`` (``ppo.host_score_fn``); about 1.5x faster on one device (docs/arch.md).
 * ``"split"``: per iteration a jitted ``rollout``, the host function on numpy, a jitted ``update`` (the loop of
-  ``ppo.split_iteration``). Required when the host function runs a computation over SEVERAL devices (the path
-  engine on a mesh, or across processes): a computation that is executing (the PPO chunk, on one CPU device)
-  holds its device's executor while it waits for its callback, so an SPMD program launched from the callback
-  never gets that device's participant and XLA's collective rendezvous aborts the process (issue 7,
-  docs/scaling.md). Split mode launches the engine only between jitted calls. Both modes give bit-identical
+  ``ppo.split_iteration``). For host functions that run a computation over SEVERAL devices (the path engine
+  on a mesh, or across processes): launched from the callback of a program that is still executing on one of
+  those devices, such a computation can hang in XLA's CPU collective rendezvous (one participant never
+  arrives; XLA aborts after 40 s; intermittent, issue 7, docs/scaling.md). Split mode launches the engine only between jitted calls. Both modes give bit-identical
   results for the same key (tests/test_distributed_loop.py), so checkpoints are interchangeable.
 """
 

@@ -298,13 +298,36 @@ def main_process_only(fn: Callable) -> Callable:
     return wrapped
 
 
+_ALIGN_COUNT = [0]
+ALIGN_TIMEOUT_SECONDS = 900
+
+
+def align_processes(name: str) -> None:
+    """Waits until every process gets here (no-op with one process): a barrier of the coordination service,
+    not a device collective, with a long timeout (``ALIGN_TIMEOUT_SECONDS``).
+
+    Call it before a program with cross-process collectives whenever the processes may have drifted apart:
+    gloo gives a new communication context only 30 s for every process to join (a hard-coded key-value
+    timeout), and the processes drift by whole compilations (jax writes the persistent compilation cache from
+    process 0 only, so process 1 compiles what process 0 loads). Every process must call it equally often.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    _ALIGN_COUNT[0] += 1
+    client = jax_distributed.global_state.client
+    client.wait_at_barrier(f"hm3_align:{name}:{_ALIGN_COUNT[0]}", ALIGN_TIMEOUT_SECONDS * 1000)
+
+
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier ``name`` (no-op with one process).
 
-    ``multihost_utils.sync_global_devices``: a tiny collective, so every process must call it, in the same
-    order. Use it after process 0 writes a file that the others read next.
+    ``align_processes`` then ``multihost_utils.sync_global_devices`` (a tiny collective), so every process must
+    call it, in the same order. Use it after process 0 writes a file that the others read next.
     """
     if jax.process_count() > 1:
+        align_processes(name)
         multihost_utils.sync_global_devices(name)
 
 
@@ -314,6 +337,7 @@ def broadcast_from_main(value: Any) -> Any:
     For host-side decisions that must agree, e.g. whether a stage file already exists (a collective)."""
     if jax.process_count() == 1:
         return value
+    align_processes("broadcast_from_main")
     return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(value))
 
 

@@ -18,9 +18,9 @@ the plain average of the experts' shells (a path needs one embedding and head; w
 
 On a device mesh (issue 7) the PPO loop is the split one (`loop.run_training(score_mode="split")`: jitted
 rollout -> `PathScorer` on the host -> jitted update) whenever the search engine's mesh has more than one device
-(`score_mode_for`): the engine's SPMD program must not be launched from a `pure_callback` of the running PPO
-chunk (the XLA collective rendezvous aborts). One device keeps the faster callback loop; both give the same
-parameters for the same key.
+(`score_mode_for`): the engine's SPMD program is then never launched from a `pure_callback` of the running PPO
+chunk (which intermittently hangs in XLA's collective rendezvous on 8 CPU devices; docs/scaling.md). One device keeps
+the faster callback loop; both give the same parameters for the same key.
 """
 
 from __future__ import annotations

@@ -290,12 +290,25 @@ class PathEngine:
                 split = NamedSharding(self.mesh, PartitionSpec("paths"))
                 args = jax.tree.map(lambda a, s=split: distributed.place(a, s), args)  # global on multi-host
                 shell, pool = self._replicated()
+                if jax.process_count() > 1:
+                    self._compile_then_align(fn, (obj_idx, junction is not None), shell, pool, args)
             else:
                 args = jax.tree.map(jnp.asarray, args)
             pieces.append((min(c, n - start), fn(shell, pool, *args)))
         # to_host: the global result on every process (an all-gather when the mesh spans processes)
         outs = [jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], o) for m, o in pieces]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+    def _compile_then_align(self, fn, key, shell, pool, args) -> None:
+        """Multi-process: compile `fn` for these inputs first (once per shape; the call then reuses it), then
+        wait for every process, so none enters the program's collectives while another still compiles it
+        (gloo allows 30 s; process 1 compiles what process 0 loads from the persistent cache)."""
+        seen = self._shared.setdefault("aot_compiled", set())
+        sig = (key, tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves((shell, pool, args))))
+        if sig not in seen:
+            fn.lower(shell, pool, *args).compile()
+            seen.add(sig)
+        distributed.align_processes("engine")
 
     def _replicated(self):
         if getattr(self, "_replicas", None) is None:
