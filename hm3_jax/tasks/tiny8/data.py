@@ -3,23 +3,27 @@
 The vision analogue of the paper's eight CLIP tasks (SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD):
 eight tasks with their own label spaces, all rendered as RGB images of one size (default 16 x 16) so one
 ViT encoder reads every task. Nothing is downloaded: the sources are code, scikit-learn's bundled `digits`,
-the `mnist1d` generator and scikit-image's bundled sample photographs.
+matplotlib's bundled DejaVu fonts and scikit-image's bundled sample photographs.
 
 | task | classes | what decides the label |
 | --- | --- | --- |
-| digits   | 10 | sklearn's 8x8 handwritten digit (upsampled, shifted, random ink/paper colours) |
-| mnist1d  | 10 | the mnist1d digit template of a 1-D signal, drawn as a line plot |
-| textures | 8  | which scikit-image photograph a grey crop (random scale, flip, tint) comes from |
+| digits   | 10 | sklearn's 8x8 handwritten digit (resized to 10-13 px, placed at random, tinted light on dark) |
+| letters  | 8  | one of the capitals A E G K M R S X in one of five DejaVu fonts, rotated +-12 degrees, 9-13 px |
+| textures | 8  | which scikit-image photograph a grey crop (random scale, flip, contrast, tint) comes from |
 | shapes   | 6  | circle, square, triangle, cross, ring, diamond (random size, place, colours) |
 | stripes  | 8  | grating orientation in 22.5 degree bins (random frequency, phase, colours) |
 | counting | 6  | number of dots, 1-6 |
-| colours  | 8  | hue bin (45 degrees) of a random shape on a grey background |
+| colours  | 10 | hue bin (36 degrees) of a ring, with two small squares of other hues as distractors |
 | position | 9  | 3x3 grid cell holding a cross, with two square distractors elsewhere |
+
+Colours are drawn light on dark (`_contrasting_colours`): a figure of brightness 0.65-1 on a ground of
+0-0.35, each tinted per channel. With free hues and polarity the ViT did not learn digits in our budget.
 
 Splits (as tiny3): per task a **train** part (only the zoo builder fine-tunes on it) and an evaluation pool
 of `num_eval` examples split 70/30 into **search** and **heldout**. Train and evaluation examples come from
-disjoint sources: distinct random draws for procedural tasks and mnist1d, disjoint sample indices for digits,
-and disjoint image regions (top 70% of each photograph for train, bottom 30% for evaluation) for textures.
+disjoint sources: distinct random draws for procedural tasks and letters, disjoint sample indices for digits,
+and disjoint tiles of each photograph for textures (a third of its 4S x 4S tiles, spread over the whole
+photograph, for evaluation).
 
 A split is `{"pixel_values": uint8 [n, 3, S, S], "labels": int32 [n]}`; `to_model_inputs` maps uint8 to the
 float inputs the ViT reads, `(x / 255 - 0.5) / 0.5` (HF ViTImageProcessor's default mean/std 0.5).
@@ -50,7 +54,7 @@ NUM_CLASSES = {
 LETTERS = "AEGKMRSX"
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 TEXTURE_IMAGES = ("brick", "grass", "gravel", "camera", "coins", "moon", "page", "astronaut")
-_TRAIN_REGION = 0.7  # textures: train crops from the top 70% of each photograph, evaluation crops below
+_TILE = 4  # textures: photographs are cut into tiles of 4S x 4S pixels; a crop lies inside one tile
 
 
 def task_index(task: str) -> int:
@@ -304,21 +308,33 @@ def _texture_sources() -> list[np.ndarray]:
     return out
 
 
+def _texture_tiles(shape: tuple[int, int], size: int, part: str) -> list[tuple[int, int]]:
+    """(row, column) of the 4S x 4S tiles of a photograph that belong to `part`.
+
+    Tile (i, j) is an evaluation tile when (i + 2 j) % 3 == 0 (a third of the tiles, spread over the whole
+    photograph, so both parts see every region's content), else a train tile.
+    """
+    tile = _TILE * size
+    grid = [(i, j) for i in range(shape[0] // tile) for j in range(shape[1] // tile)]
+    out = [(i, j) for i, j in grid if ((i + 2 * j) % 3 == 0) == (part != "train")]
+    if not out:
+        raise ValueError(f"a {shape} photograph has no {part} tile of {tile} px")
+    return out
+
+
 def _gen_textures(rng, n, size, part):
     sources = _texture_sources()
     labels = rng.integers(0, len(TEXTURE_IMAGES), n)
     out = np.empty((n, 3, size, size))
     for i, y in enumerate(labels):
         src = sources[y]
-        h, w = src.shape
-        cut = int(h * _TRAIN_REGION)
-        lo, hi = (0, cut) if part == "train" else (cut, h)
+        tiles = _texture_tiles(src.shape, size, part)
+        ty, tx = tiles[rng.integers(len(tiles))]
         scale = int(rng.integers(1, 4))  # crop of scale * S pixels, block-averaged down to S
         c = scale * size
-        if hi - lo < c:
-            scale, c = 1, size
-        y0 = int(rng.integers(lo, hi - c + 1))
-        x0 = int(rng.integers(0, w - c + 1))
+        tile = _TILE * size
+        y0 = ty * tile + int(rng.integers(0, tile - c + 1))
+        x0 = tx * tile + int(rng.integers(0, tile - c + 1))
         crop = src[y0 : y0 + c, x0 : x0 + c].reshape(size, scale, size, scale).mean((1, 3))
         if rng.uniform() < 0.5:
             crop = crop[:, ::-1]

@@ -1,4 +1,4 @@
-"""The tiny8 zoo: a ViT encoder pretrained without labels and eight task experts, built offline (issue 8).
+"""The tiny8 zoo: a briefly multi-task-pretrained ViT encoder and eight task experts, built offline (issue 8).
 
 Layout of a zoo directory (built into a temporary sibling and renamed into place by
 `hm3_jax.tasks.zoo.build`, which dispatches here when `config.zoo.kind == "tiny8"`)::
