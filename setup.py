@@ -28,11 +28,12 @@ setuptools.setup(
         "pyyaml",
         "filelock",
         "tensorboardX",
-        # tiny8's offline image data: sklearn's bundled digits, scikit-image's sample photographs, mnist1d's
-        # generator (hm3_jax/tasks/tiny8/data.py).
+        # tiny8's offline image data (hm3_jax/tasks/tiny8/data.py): sklearn's bundled digits, scikit-image's
+        # sample photographs, scipy for resizing, PIL + matplotlib's bundled DejaVu fonts for the letters.
         "scikit-learn",
         "scikit-image",
-        "mnist1d",
+        "scipy",
+        "pillow",
     ],
     extras_require={
         "test": [
