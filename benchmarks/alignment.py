@@ -150,12 +150,7 @@ def main():
     pool_size = models.pool_size(setup.pool)
     key_pref, key_fit, key_rand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
 
-    archive = args.archive
-    if not archive:
-        for d in (run_dir, "runs/tiny3"):
-            if d and os.path.exists(os.path.join(d, "arch", "hm3", "score_archive.npz")):
-                archive = os.path.join(d, "arch", "hm3", "score_archive.npz")
-                break
+    archive = args.archive or path_eval.find_archive(run_dir)
     if not archive:
         raise FileNotFoundError("no score archive found: pass --archive (a run's arch/hm3/score_archive.npz)")
     policy = path_eval.archive_paths(archive, pool_size)[: args.num_policy_paths]

@@ -161,6 +161,14 @@ def archive_paths(path: str, pool_size: int) -> np.ndarray:
     return paths[np.sort(first)]
 
 
+def find_archive(run_dir: str | None) -> str:
+    """HM3's score archive of `run_dir`, else of runs/tiny3 ("" when neither has one)."""
+    for d in (run_dir, "runs/tiny3"):
+        if d and os.path.exists(os.path.join(d, "arch", "hm3", "score_archive.npz")):
+            return os.path.join(d, "arch", "hm3", "score_archive.npz")
+    return ""
+
+
 def rl_config(setup: Setup, run_dir: str | None):
     """ArchConfig of the run (`config.arch.rl` in run_dir/run.json; the tiny3 defaults otherwise), warm-started
     on the merged source K's identity path as `hm3_jax.hm3.arch_level.arch_config` builds it."""
@@ -392,12 +400,7 @@ def main():
     pool_size = models.pool_size(setup.pool)
     acfg = rl_config(setup, run_dir)
 
-    archive = args.archive
-    if not archive:
-        for d in (run_dir, "runs/tiny3"):
-            if d and os.path.exists(os.path.join(d, "arch", "hm3", "score_archive.npz")):
-                archive = os.path.join(d, "arch", "hm3", "score_archive.npz")
-                break
+    archive = args.archive or find_archive(run_dir)
     if archive:
         batch = archive_paths(archive, pool_size)[: args.num_paths]
     else:  # no run yet: distinct paths of policy rollouts stand in for the archive

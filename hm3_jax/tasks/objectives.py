@@ -158,6 +158,15 @@ def pack_prompts(
     return {"prompt_ids": ids, "prompt_mask": mask}
 
 
+def _percent_correct(name: str, num: int, n_pad: int, correct) -> float:
+    """Host part of the correctness metrics: 100 * mean of the first `num` entries of `correct` ([num] or
+    [n_pad] bool), with a clear error naming the objective on any other shape."""
+    correct = np.asarray(correct)
+    if correct.ndim != 1 or correct.shape[0] not in (num, n_pad):
+        raise ValueError(f"{name}: expected correctness of shape ({num},) or ({n_pad},), got {correct.shape}")
+    return 100.0 * float(correct[:num].mean())
+
+
 def teacher_forced_correct(logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array) -> jax.Array:
     """Greedy exact match from one forward pass.
 
@@ -258,14 +267,8 @@ def make_exact_match_objective(
         correct = exact_match_kernel(forward, jax.tree.map(jnp.asarray, arrays))
         return correct[inverse]  # [N], original order
 
-    def host_fn(correct) -> float:
-        # the mean does not depend on the order: accepts device_fn's [N] and the kernel's padded [N_pad]
-        correct = np.asarray(correct)
-        if correct.ndim != 1 or correct.shape[0] not in (num, n_pad):
-            raise ValueError(
-                f"{name}: expected correctness of shape ({num},) or ({n_pad},), got {correct.shape}"
-            )
-        return 100.0 * float(correct[:num].mean())
+    # the mean does not depend on the order: accepts device_fn's [N] and the kernel's padded [N_pad]
+    host_fn = functools.partial(_percent_correct, name, num, n_pad)
 
     return Objective(
         name, "exact_match", device_fn, host_fn, num, batch_size, exact_match_kernel, ArrayBundle(arrays)
@@ -474,13 +477,7 @@ def make_accuracy_objective(
     def device_fn(forward):
         return accuracy_kernel(forward, jax.tree.map(jnp.asarray, arrays))[:num]  # [N]
 
-    def host_fn(correct) -> float:
-        correct = np.asarray(correct)
-        if correct.ndim != 1 or correct.shape[0] not in (num, n_pad):
-            raise ValueError(
-                f"{name}: expected correctness of shape ({num},) or ({n_pad},), got {correct.shape}"
-            )
-        return 100.0 * float(correct[:num].mean())
+    host_fn = functools.partial(_percent_correct, name, num, n_pad)
 
     return Objective(
         name, "accuracy", device_fn, host_fn, num, batch_size, accuracy_kernel, ArrayBundle(arrays)
