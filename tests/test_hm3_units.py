@@ -123,3 +123,12 @@ def test_export_yaml_lists_one_slice_per_step():
         {"model": "e1", "layer_range": [1, 2]}, {"model": "e0", "layer_range": [0, 1]},
         {"model": "m", "layer_range": [1, 2]},
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 1.5, 2.5, 3.0])
+def test_initial_genes_encode_every_grid_scale(scale):
+    """The scale grid's starting points decode back to their scale (the box is [0.5, 3.0])."""
+    hp = param_level.decode_genes(param_level._initial_genes(1.0, 0.0, 4, scale), 4)
+    assert hp["scale"] == pytest.approx(scale, rel=2e-3)
+    assert hp["density"] == pytest.approx(1.0, abs=2e-3)
+    assert hp["drop_rate"] == pytest.approx(0.0, abs=2e-3)
