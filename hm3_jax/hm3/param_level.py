@@ -79,21 +79,25 @@ def tuned_merge(problem: Problem, preference, key: jax.Array, hparams: dict) -> 
     return dare_ties_traced(
         problem.base, problem.experts, key, lam[:, None] * block[None], lam * jnp.mean(block),
         jnp.float32(hparams["density"]), jnp.float32(hparams["drop_rate"]), jnp.float32(hparams["scale"]),
+        jnp.float32(hparams.get("sign_election", True)),
     )  # fmt: skip
 
 
 @jax.jit
-def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, drop_rate, scale):
+def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, drop_rate, scale, elect=1.0):
     """DARE-TIES (HM3_SPEC Eq. 5) with traced hyperparameters, for the CMA-ES search.
 
     Per leaf and block: `delta_k = theta_k - base`; DARE keeps each entry with probability `1 - p` and
     rescales by `1 / (1 - p)`; TIES keeps the entries whose magnitude is at or above the `(1 - density)`
     quantile of `|delta_k|` (a quantile threshold instead of an exact top-k, so `density` can be traced);
     the sign per entry is the sign of `sum_k w_k delta_k`; `Theta = base + scale * sum_k w_k m_k delta_k`
-    over the entries that agree with it (no normalisation, as `hm3_merge`).
+    over the entries that agree with it (no normalisation, as `hm3_merge`). With `elect = 0` no sign is
+    elected (every entry is kept): at density 1 and drop rate 0 this is task arithmetic
+    `Theta = base + scale * sum_k w_k delta_k` (Ilharco et al. 2023).
 
     Args: base / experts: params pytrees; key; block_weights [K, L]; shell_weights [K]; density, drop_rate,
-      scale: scalars. Returns: merged params with the base's dtypes.
+      scale: scalars; elect: scalar, 1 (TIES sign election) or 0 (none). Returns: merged params with the
+      base's dtypes.
     """
     from hm3_jax.merging.groups import is_stacked, path_name
 
@@ -113,7 +117,7 @@ def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, 
             delta = jnp.where(jnp.abs(delta) >= thr.reshape((-1,) + (1,) * (delta.ndim - 1)), delta, 0.0)
             weighted = delta * w.reshape((-1,) + (1,) * (delta.ndim - 1))
             sign = jnp.sign(weighted.sum(0))
-            agree = jnp.sign(delta) == sign[None]
+            agree = (jnp.sign(delta) == sign[None]) | (elect < 0.5)
             return b + scale * jnp.where(agree, weighted, 0.0).sum(0)
 
         b32 = leaf.astype(jnp.float32)
@@ -143,28 +147,32 @@ def _evaluate(problem: Problem, preference, merge_key: jax.Array, hp: dict) -> t
 
 
 def scale_grid_search(problem: Problem, preference, merge_key: jax.Array, *, settings, scales) -> dict:
-    """Step (1) of the tuned variant: every (density, drop rate) of `settings` x every global scale.
+    """Step (1) of the tuned variant: every (density, drop rate[, sign election]) of `settings` x every scale.
 
-    Returns: {"hparams", "fitness", "search", "evaluations", "grid": [[density, drop, scale, fitness], ...]}.
+    Returns: {"hparams", "fitness", "search", "evaluations", "grid": [[density, drop, scale, election,
+    fitness], ...]}.
     """
     L = problem.config.num_layers
     best, grid = {"fitness": np.inf}, []
-    for density, drop in settings:
+    for setting in settings:
+        density, drop = setting[:2]
+        elect = bool(setting[2]) if len(setting) > 2 else True
         for scale in scales:
-            hp = decode_genes(_initial_genes(density, drop, L, scale), L)
+            hp = {**decode_genes(_initial_genes(density, drop, L, scale), L), "sign_election": elect}
             fit, search = _evaluate(problem, preference, merge_key, hp)
-            grid.append([hp["density"], hp["drop_rate"], hp["scale"], fit])
+            grid.append([hp["density"], hp["drop_rate"], hp["scale"], float(elect), fit])
             if fit < best["fitness"]:
                 best = {"fitness": fit, "hparams": hp, "search": search}
     return {**best, "evaluations": len(grid), "grid": grid}
 
 
 def run_cmaes(problem: Problem, preference, key: jax.Array, *, x0: np.ndarray, population_size: int,
-              num_generations: int, sigma: float = 0.5, merge_key: jax.Array | None = None) -> dict:  # fmt: skip
+              num_generations: int, sigma: float = 0.5, merge_key: jax.Array | None = None,
+              sign_election: bool = True) -> dict:  # fmt: skip
     """Step (2): CMA-ES over the 3 + L merge genes from `x0` for one preference (search split only).
 
     `merge_key` fixes the DARE masks of every candidate (default: derived from `key`), so candidates differ
-    only in their hyperparameters. Returns: {"hparams", "search", "fitness", "history" (best fitness per
+    only in their hyperparameters; `sign_election` (not a gene) is the starting point's. Returns: {"hparams", "search", "fitness", "history" (best fitness per
     generation), "evaluations"}.
     """
     from evosax.algorithms import CMA_ES
@@ -184,7 +192,7 @@ def run_cmaes(problem: Problem, preference, key: jax.Array, *, x0: np.ndarray, p
         population, state = ask(key_ask, state, es_params)
         fitness = []
         for x in np.asarray(population):
-            hp = decode_genes(x, L)
+            hp = {**decode_genes(x, L), "sign_election": bool(sign_election)}
             fit, search = _evaluate(problem, preference, merge_key, hp)
             evaluations += 1
             fitness.append(fit)
@@ -203,8 +211,10 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
 
     Args:
       problem: the Problem; preferences: [N, K]; key: PRNG key (split per preference).
-      cfg: `config.param_level` (density, drop_rate, scale_grid, cmaes.{enabled, population_size,
-        num_generations, sigma}).
+      cfg: `config.param_level` (density, drop_rate, scale_grid, task_arithmetic_grid, cmaes.{enabled,
+        population_size, num_generations, sigma}). The scale grid runs at the configured (density, drop rate),
+        at (1, 0) and, with `task_arithmetic_grid` (default True), at (1, 0) without sign election, i.e. task
+        arithmetic: the upper level chooses among existing merging methods, as HM3_SPEC's parameter space.
     Returns: one JSON-able dict per preference with the merge keys and hyperparameters, search and heldout
       scores of each variant, and the number of model evaluations each spent. The tuned variant is the best
       of the paper's setting, the scale grid and CMA-ES under the Tchebycheff fitness on the search split.
@@ -231,10 +241,12 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
         if cfg.cmaes.enabled:
             x0 = _initial_genes(cfg.density, cfg.drop_rate, L)
             best = {"fitness": tchebycheff_normalised(problem, paper_search, pref),
-                    "hparams": decode_genes(x0, L), "search": paper_search.tolist()}  # fmt: skip
+                    "hparams": {**decode_genes(x0, L), "sign_election": True}, "search": paper_search.tolist()}  # fmt: skip
             grid = {"evaluations": 0, "grid": []}
             if scales:
-                settings = [(cfg.density, cfg.drop_rate), (1.0, 0.0)]
+                settings = [(cfg.density, cfg.drop_rate, True), (1.0, 0.0, True)]
+                if cfg.get("task_arithmetic_grid", True):
+                    settings.append((1.0, 0.0, False))
                 grid = scale_grid_search(problem, pref, merge_key, settings=settings, scales=scales)
                 if grid["fitness"] < best["fitness"]:
                     best = {k: grid[k] for k in ("fitness", "hparams", "search")}
@@ -242,7 +254,7 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
                     x0 = _initial_genes(hp["density"], hp["drop_rate"], L, hp["scale"])
             res = run_cmaes(problem, pref, cma_key, x0=x0, population_size=cfg.cmaes.population_size,
                             num_generations=cfg.cmaes.num_generations, sigma=cfg.cmaes.get("sigma", 0.5),
-                            merge_key=merge_key)  # fmt: skip
+                            merge_key=merge_key, sign_election=best["hparams"]["sign_election"])  # fmt: skip
             if res["fitness"] < best["fitness"]:
                 best = {k: res[k] for k in ("fitness", "hparams", "search")}
             tuned = tuned_merge(problem, pref, merge_key, best["hparams"])
