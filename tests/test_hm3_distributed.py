@@ -182,11 +182,15 @@ def test_same_report_in_two_processes(runs, reference):
 
 def test_importing_the_binary_leaves_the_xla_backend_uninitialised():
     """`jax.distributed.initialize` (in the binaries' main) must come before the XLA backend starts; a module
-    that makes jax arrays at import time (evosax does) must not be imported at the top of the run's modules."""
+    that makes jax arrays at import time (evosax does) must not be imported at the top of the run's modules,
+    nor of the baselines (hm3_jax.baselines imports evosax inside the functions that use it)."""
     code = (
+        "import sys\n"
         "import jax._src.xla_bridge as xb\n"
         "import experiments.run_hm3\n"
+        "import hm3_jax.baselines, hm3_jax.hm3.baselines_runner\n"
         "assert not xb._backends, f'backend started at import: {list(xb._backends)}'\n"
+        "assert 'evosax' not in sys.modules, 'evosax imported at module level'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_env(1), cwd=REPO, capture_output=True, text=True,
                          timeout=120)  # fmt: skip

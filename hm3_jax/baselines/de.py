@@ -11,7 +11,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from evosax.algorithms import DifferentialEvolution
 
 from hm3_jax.baselines._single import Tracker, ask_tell_generations, make_fitness_fn
 from hm3_jax.baselines.common import BudgetedEvaluator, check_budget, check_geometry, strong_types
@@ -19,8 +18,11 @@ from hm3_jax.baselines.dfs import decode, make_representation
 
 
 @functools.lru_cache(maxsize=32)
-def _strategy(population_size: int, num_genes: int) -> DifferentialEvolution:
-    # One object per shape so runs share evosax's compiled ask/tell (see ``ea._strategy``).
+def _strategy(population_size: int, num_genes: int):
+    """evosax's ``DifferentialEvolution`` for this shape, one object per shape so runs share evosax's compiled
+    ask/tell; evosax imported lazily (see ``ea._strategy``)."""
+    from evosax.algorithms import DifferentialEvolution
+
     return DifferentialEvolution(population_size=population_size, solution=jnp.zeros(num_genes, jnp.float32))
 
 

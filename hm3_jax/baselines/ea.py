@@ -15,7 +15,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from evosax.algorithms import CMA_ES
 
 from hm3_jax.baselines._single import Tracker, ask_tell_generations, make_fitness_fn
 from hm3_jax.baselines.common import BudgetedEvaluator, check_budget, check_geometry, strong_types
@@ -23,9 +22,16 @@ from hm3_jax.baselines.dfs import make_representation
 
 
 @functools.lru_cache(maxsize=32)
-def _strategy(population_size: int, num_genes: int) -> CMA_ES:
-    # evosax jits ask/tell with the strategy object as a static argument (hashed by identity): reusing one
-    # object per shape lets every run with that shape (e.g. one per preference) share the compiled code.
+def _strategy(population_size: int, num_genes: int):
+    """evosax's ``CMA_ES`` for this shape, one object per shape.
+
+    evosax jits ask/tell with the strategy object as a static argument (hashed by identity): reusing one
+    object per shape lets every run with that shape (e.g. one per preference) share the compiled code.
+    evosax is imported here, not at the module top: it creates jax arrays at import time, which starts the XLA
+    backend, and a multi-process run must call ``jax.distributed.initialize`` before that (issue 7).
+    """
+    from evosax.algorithms import CMA_ES
+
     return CMA_ES(population_size=population_size, solution=jnp.zeros(num_genes, jnp.float32))
 
 
