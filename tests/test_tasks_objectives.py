@@ -181,3 +181,29 @@ def test_bucketing_sorts_by_length_and_trims_rows():
     np.testing.assert_array_equal(arrays["target_mask"][0][0, 1], [0, 1, 1, 0, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="seq_len"):
         objectives.bucket_teacher_forced(pairs, pad_id=0, batch_size=2, seq_len=16)
+
+
+def test_argmax_equals_matches_jnp_argmax_with_ties_nan_and_inf():
+    rng = np.random.default_rng(7)
+    v = 9
+    # small integer logits: many ties; plus planted NaN and +-inf entries
+    logits = rng.integers(-2, 3, size=(400, v)).astype(np.float32)
+    special = rng.random(logits.shape)
+    logits[special < 0.04] = np.nan
+    logits[(special >= 0.04) & (special < 0.08)] = np.inf
+    logits[(special >= 0.08) & (special < 0.12)] = -np.inf
+    logits[:20] = -np.inf  # rows that are all -inf: argmax is 0
+    logits[20:25] = np.nan  # rows that are all NaN: argmax is 0
+    labels = rng.integers(0, v, size=(400,))
+    labels[:40:2] = 0
+    labels[40::3] = np.nanargmax(np.where(np.isnan(logits), -np.inf, logits), axis=-1)[40::3]  # often right
+    expected = np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)) == labels
+    got = np.asarray(jax.jit(objectives.argmax_equals)(jnp.asarray(logits), jnp.asarray(labels)))
+    np.testing.assert_array_equal(got, expected)
+    assert 0.25 < expected.mean() < 0.75  # both outcomes are exercised
+    # every label of a row: exactly one matches (the argmax)
+    all_labels = np.tile(np.arange(v), (400, 1))
+    hits = objectives.argmax_equals(jnp.asarray(logits)[:, None, :].repeat(v, 1), jnp.asarray(all_labels))
+    np.testing.assert_array_equal(np.asarray(hits).sum(1), np.ones(400))
+    # labels outside [0, V) never match
+    assert not np.asarray(objectives.argmax_equals(jnp.zeros((2, v)), jnp.asarray([-1, v]))).any()
