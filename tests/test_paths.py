@@ -180,6 +180,30 @@ def test_strategies_agree(setup):
         np.testing.assert_allclose(eng.evaluate(paths).scores, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_threads_give_the_same_scores_and_pass_errors_on(setup, monkeypatch):
+    paths = policy_like_paths(5, 11)  # 3 chunks of 4: the worker thread and the caller share them
+    kwargs = dict(strategy="map", chunk_size=4, prefix_sharing=False)
+    one = make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], num_threads=1, **kwargs)
+    three = make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], num_threads=3, **kwargs)
+    expected = one.evaluate(paths, use_cache=False).scores
+    np.testing.assert_array_equal(three.evaluate(paths, use_cache=False).scores, expected)
+    np.testing.assert_array_equal(setup["plain"].evaluate(paths, use_cache=False).scores, expected)
+    assert all(v == 1 for v in three.num_traces.values())  # compiled once, before the workers start
+
+    original = type(three)._plain_chunk
+
+    def failing(self, obj_idx, rows, junction, start):
+        if start == 8:
+            raise RuntimeError("chunk 8 failed")
+        return original(self, obj_idx, rows, junction, start)
+
+    monkeypatch.setattr(type(three), "_plain_chunk", failing)
+    with pytest.raises(RuntimeError, match="chunk 8 failed"):
+        three.evaluate(paths, use_cache=False)
+    with pytest.raises(ValueError, match="num_threads"):
+        make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], num_threads=0, **kwargs)
+
+
 def test_bad_inputs_raise_clear_errors(setup):
     with pytest.raises(ValueError, match="strategy"):
         make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], strategy="pmap")

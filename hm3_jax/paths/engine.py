@@ -27,7 +27,9 @@ Pipeline of `evaluate`:
      compilation) and keep the fastest; the timings are in `engine.strategy_timings`. On this 2-core CPU
      "map" wins (vmapping paths with different weights was measured 1.4-3.3x slower).
    Chunks have a fixed size (the last is padded with empty paths, which run no block: embed and head only),
-   so batch sizes never recompile.
+   so batch sizes never recompile. Chunks run on `num_threads` host threads (default 2; the tree of step 3
+   runs on the calling thread meanwhile): XLA:CPU executes one thread's dispatched programs one after the
+   other, and these programs of small ops keep about one core busy each (see `_start_plain`).
 5. `host_fn` per path and task (chrF decodes strings and calls sacrebleu there), cost accounting.
 
 On a device mesh (`make_engine(..., mesh=mesh)` with the ("paths", "data", "model") mesh of
@@ -64,6 +66,7 @@ split).
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -135,7 +138,7 @@ class PathEngine:
     """Scores batches of layer paths; build with `make_engine` (see the module docstring)."""
 
     def __init__(self, *, config, shell, pool, objectives, strategy, chunk_size, node_chunk_size,
-                 prefix_sharing, model_id, shared, mesh):  # fmt: skip
+                 prefix_sharing, model_id, shared, mesh, num_threads=2):  # fmt: skip
         self.config = config
         self.shell = shell
         self.pool = pool
@@ -146,6 +149,7 @@ class PathEngine:
         self.prefix_sharing = prefix_sharing
         self.model_id = model_id
         self.mesh = mesh
+        self.num_threads = num_threads
         self._shared = shared  # compiled functions, recorded calls, cache: shared by with_model copies
         self.total_cost = Cost()
 
@@ -181,7 +185,7 @@ class PathEngine:
             config=self.config, shell=shell, pool=pool, objectives=self.objectives, strategy=self.strategy,
             chunk_size=self.chunk_size, node_chunk_size=self.node_chunk_size,
             prefix_sharing=self.prefix_sharing, model_id=pool_id or tree_fingerprint(shell, pool),
-            shared=self._shared, mesh=self.mesh,
+            shared=self._shared, mesh=self.mesh, num_threads=self.num_threads,
         )  # fmt: skip
 
     def evaluate(self, paths, junction: dict | None = None, *, use_cache: bool = True) -> EvalResult:
@@ -233,6 +237,7 @@ class PathEngine:
         flops = 0.0
         block_steps = 0
         plain_idx = dec_idx + ([] if self.prefix_sharing else tf_idx)
+        plain_job = self._start_plain(tuple(sorted(plain_idx)), paths, junction) if plain_idx else None
         if self.prefix_sharing and tf_idx:
             outs, steps = self._run_tree(paths, lengths, junction)
             for k, o in zip(tf_idx, outs, strict=True):
@@ -244,7 +249,7 @@ class PathEngine:
             flops += sum(sh["tf_block_flops"] * int(t) + sh["tf_head_flops"] for t in lengths)
             block_steps += int(lengths.sum())
         if plain_idx:
-            outs = self._run_plain(tuple(sorted(plain_idx)), paths, junction)
+            outs = plain_job()  # the main thread helps with the chunks left, then waits
             for k, o in zip(sorted(plain_idx), outs, strict=True):
                 raw[k] = o
             flops += sum(sum(f(int(t)) for f in sh["dec_flops_fns"]) for t in lengths) if dec_idx else 0.0
@@ -271,33 +276,87 @@ class PathEngine:
 
     def _run_plain(self, obj_idx: tuple, paths, junction):
         """Device outputs of objectives `obj_idx` for every row, in fixed-size chunks (stacked [N, ...])."""
+        return self._start_plain(obj_idx, paths, junction)()
+
+    def _start_plain(self, obj_idx: tuple, paths, junction):
+        """Starts `_run_plain`'s chunks on `num_threads - 1` worker threads; returns `finish()`, which works
+        through the chunks still waiting on the calling thread, then returns the stacked outputs.
+
+        Why threads: XLA:CPU runs the programs one process dispatches asynchronously one after the other, and
+        the engine's programs (a `lax.map` over paths, greedy decoding's per-token steps, the tree's node
+        scan) are sequences of small ops that each keep about one core busy. Chunks on separate threads (and
+        the tree on the caller's thread meanwhile) run concurrently: on this 2-core CPU that is where most of
+        the wall-clock gain of `num_threads=2` comes from (docs/path_eval.md). Every chunk computes the same
+        values whichever thread runs it. Strategy "shard" keeps one thread: every process of a multi-process
+        mesh must enter the chunks' collectives in the same order.
+        """
+        n, c = paths.shape[0], self.chunk_size
+        starts = list(range(0, n, c))
+        results: list[Any] = [None] * len(starts)
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+        todo = list(range(len(starts)))
+
+        def work():
+            while True:
+                with lock:
+                    if not todo or errors:
+                        return
+                    i = todo.pop(0)
+                try:
+                    m, out = self._plain_chunk(obj_idx, paths, junction, starts[i])
+                    results[i] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
+                except BaseException as err:  # noqa: BLE001 (re-raised on the calling thread)
+                    with lock:
+                        errors.append(err)
+
+        workers = self.num_threads - 1 if self.strategy != "shard" else 0
+        warmed = self._shared.setdefault("warmed", set())
+        key = (obj_idx, junction is not None)
+        if workers and key not in warmed and todo:  # trace + compile once, on this thread, before any worker
+            todo.pop(0)
+            m, out = self._plain_chunk(obj_idx, paths, junction, starts[0])
+            results[0] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
+        warmed.add(key)
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(starts)))]
+        for t in threads:
+            t.start()
+
+        def finish():
+            work()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            return jax.tree.map(lambda *xs: np.concatenate(xs), *results)
+
+        return finish
+
+    def _plain_chunk(self, obj_idx: tuple, paths, junction, start: int):
+        """(real rows m, device outputs) of the chunk of rows `start : start + chunk_size` (padded)."""
         fn = self._plain_fn(obj_idx, junction is not None)
         n, c = paths.shape[0], self.chunk_size
-        pieces = []
-        for start in range(0, n, c):
-            rows = np.arange(start, min(start + c, n))
-            pad = c - rows.size
-            # pad with empty paths (all -1, identity junction rows): no block runs for them (apply_path's
-            # `lax.cond` and greedy_decode's loop over real steps skip padding), only embed + head
-            args = [np.concatenate([paths[rows], np.full((pad, paths.shape[1]), -1)]).astype(np.int32)]
-            if junction is not None:
-                args.append({
-                    k: np.concatenate([v[rows], np.full((pad,) + v.shape[1:], 1.0 if k == "scale" else 0.0)])
-                    .astype(np.float32) for k, v in junction.items()
-                })  # fmt: skip
-            shell, pool = self.shell, self.pool
-            if self.strategy == "shard":  # paths split over the mesh, the model replicated on every device
-                split = NamedSharding(self.mesh, PartitionSpec("paths"))
-                args = jax.tree.map(lambda a, s=split: distributed.place(a, s), args)  # global on multi-host
-                shell, pool = self._replicated()
-                if jax.process_count() > 1:
-                    self._compile_then_align(fn, (obj_idx, junction is not None), shell, pool, args)
-            else:
-                args = jax.tree.map(jnp.asarray, args)
-            pieces.append((min(c, n - start), fn(shell, pool, *args)))
-        # to_host: the global result on every process (an all-gather when the mesh spans processes)
-        outs = [jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], o) for m, o in pieces]
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+        rows = np.arange(start, min(start + c, n))
+        pad = c - rows.size
+        # pad with empty paths (all -1, identity junction rows): no block runs for them (apply_path's
+        # `lax.cond` and greedy_decode's loop over real steps skip padding), only embed + head
+        args = [np.concatenate([paths[rows], np.full((pad, paths.shape[1]), -1)]).astype(np.int32)]
+        if junction is not None:
+            args.append({
+                k: np.concatenate([v[rows], np.full((pad,) + v.shape[1:], 1.0 if k == "scale" else 0.0)])
+                .astype(np.float32) for k, v in junction.items()
+            })  # fmt: skip
+        shell, pool = self.shell, self.pool
+        if self.strategy == "shard":  # paths split over the mesh, the model replicated on every device
+            split = NamedSharding(self.mesh, PartitionSpec("paths"))
+            args = jax.tree.map(lambda a, s=split: distributed.place(a, s), args)  # global on multi-host
+            shell, pool = self._replicated()
+            if jax.process_count() > 1:
+                self._compile_then_align(fn, (obj_idx, junction is not None), shell, pool, args)
+        else:
+            args = jax.tree.map(jnp.asarray, args)
+        # to_host (by the caller): the global result on every process (an all-gather on a multi-process mesh)
+        return min(c, n - start), fn(shell, pool, *args)
 
     def _compile_then_align(self, fn, key, shell, pool, args) -> None:
         """Multi-process: compile `fn` for these inputs first (once per shape; the call then reuses it), then
@@ -475,6 +534,7 @@ def make_engine(
     mesh: jax.sharding.Mesh | None = None,
     auto_key: jax.Array | None = None,
     t_max: int | None = None,
+    num_threads: int = 2,
 ) -> PathEngine:
     """Builds a path-evaluation engine (see the module docstring).
 
@@ -494,12 +554,17 @@ def make_engine(
         evaluation (see the module docstring). Other strategies ignore it (they run on the default device).
       auto_key: PRNG key of the random paths timed by strategy="auto" (default PRNGKey(0)).
       t_max: path length used by strategy="auto" (default config.num_layers).
+      num_threads: host threads that run chunks of plain evaluation concurrently, the prefix tree running
+        on the calling thread meanwhile (1 = everything in sequence; strategy "shard" always uses 1). The
+        scores do not depend on it.
     Returns: a PathEngine.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
     if chunk_size < 1 or node_chunk_size < 1:
         raise ValueError("chunk_size and node_chunk_size must be >= 1")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if not objectives:
         raise ValueError("make_engine needs at least one objective")
     for o in objectives:
@@ -525,7 +590,7 @@ def make_engine(
     engine = PathEngine(
         config=config, shell=shell, pool=pool, objectives=objectives, strategy=strategy,
         chunk_size=chunk_size, node_chunk_size=node_chunk_size, prefix_sharing=prefix_sharing,
-        model_id=pool_id or tree_fingerprint(shell, pool), shared=shared, mesh=mesh,
+        model_id=pool_id or tree_fingerprint(shell, pool), shared=shared, mesh=mesh, num_threads=num_threads,
     )  # fmt: skip
     if strategy == "auto":
         engine.strategy = _pick_strategy(engine, auto_key, t_max or config.num_layers)
