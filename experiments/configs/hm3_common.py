@@ -34,6 +34,9 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # Tuned variant, step 1: global scales tried (x the paper's weights lambda) at (density, drop_rate) and at
     # (1, 0) before CMA-ES; () skips the grid. On tiny3 the best scale moves from 1.0 to 2.0 with lambda.
     c.param_level.scale_grid = (1.0, 1.5, 2.0, 2.5)
+    # The grid also runs at (1, 0) without TIES sign election, i.e. task arithmetic: the upper level picks the
+    # merging method too (the best tuned parameter baseline on tiny3 was task arithmetic).
+    c.param_level.task_arithmetic_grid = True
     c.param_level.cmaes = ml_collections.ConfigDict()
     c.param_level.cmaes.enabled = True  # the tuned variant (grid + CMA-ES); False = the paper's merge only
     c.param_level.cmaes.population_size = 6
@@ -63,6 +66,10 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.arch.rl.ent_coef = 0.0
     c.arch.rl.hidden_size = 64
     c.arch.rl.embed_size = 16
+    # After PPO: best-improvement hill climbing from the best path over single-step edits (source swaps,
+    # deletions, repeats, neighbouring layers), at most this many new path evaluations per preference, counted
+    # in HM3's budget (and so in every path baseline's). 0 = off.
+    c.arch.neighbourhood_evaluations = 16
     c.arch.refine_iterations = 0  # optional online PPO refinement per preference (suggest with search=True)
 
     c.baselines = ml_collections.ConfigDict()
@@ -73,6 +80,9 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
 
     c.report = ml_collections.ConfigDict()
     c.report.fixed_reference = None  # a [K] reference point in normalised units, or None for the 1.1 rule
+    # Paired bootstrap over held-out examples: hypervolume intervals and P(HM3 > X) (hm3_jax.moo.bootstrap);
+    # every reported point is re-run once on the held-out split. 0 = off.
+    c.report.bootstrap_samples = 1000
     c.export = True
 
     if smoke:
@@ -82,6 +92,8 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
         c.param_level.cmaes.population_size = 4
         c.param_level.cmaes.num_generations = 1
         c.arch.checkpoint_every = 1
+        c.arch.neighbourhood_evaluations = 4
+        c.report.bootstrap_samples = 20
         c.arch.rl.t_max = 4
         c.arch.rl.t_min = 1
         c.arch.rl.num_envs = 8

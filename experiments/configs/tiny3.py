@@ -1,6 +1,6 @@
 """The built-in tiny3 benchmark: a Llama base model and three experts (translation, math, code).
 
-Build the zoo (about 5-10 minutes on 2 CPU cores):
+Build the zoo (about 8-15 minutes on 2 CPU cores):
 
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
 
@@ -18,18 +18,26 @@ import ml_collections
 from experiments.configs import hm3_common
 
 
-def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
-    """The zoo section: data sizes, tokenizer, model size, base pretraining and expert fine-tuning."""
+def zoo_config(smoke: bool = False, far: bool = False) -> ml_collections.ConfigDict:
+    """The zoo section: data sizes, tokenizer, model size, base pretraining and expert fine-tuning.
+
+    `far`: the first tiny3 design (experts far from a weak base); `smoke`: tiny shapes for tests (unchanged
+    since the first design, so its zoo fingerprint, and the tests' cached zoo, stay the same).
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.tasks = ("translation", "math", "code")
-    c.num_eval = 300  # per task: 210 search + 90 heldout
+    # The paper's regime: experts are light fine-tunes of one capable base (Llama-2-chat -> WizardMath, ...).
+    # The base sees 30% task-formatted text (formats and some skill), then each expert fine-tunes 150 steps at
+    # lr 3e-4: task vectors are 5-8% of the base's norm (the first tiny3, 5% task text and 200 steps at 1e-3,
+    # had 25-32% and experts that scored ~0 off their task; `tiny3.py:far` keeps it).
+    c.num_eval = 1000  # per task: 700 search + 300 heldout
     c.num_train = 4000  # per task, disjoint from search/heldout; fine-tunes the expert
     c.vocab_size = 1024
-    c.task_share = 0.05  # share of task-formatted text in the base corpus (formats only, not the skills)
+    c.task_share = 0.3  # share of task-formatted text in the base corpus
     c.max_prose_chars = None  # all of pydoc_data.topics' prose
     c.seq_len = 64
-    c.eval_batch_size = 105  # 210 search rows = 2 batches, no padding
+    c.eval_batch_size = 100  # the held-out 300 rows = 3 batches, no padding
 
     c.model = ml_collections.ConfigDict()
     c.model.hidden_size = 128
@@ -39,21 +47,30 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
     c.model.max_position_embeddings = 256
 
     c.base = ml_collections.ConfigDict()
-    c.base.num_steps = 300
+    c.base.num_steps = 600
     c.base.batch_size = 32
     c.base.learning_rate = 3e-3
     c.base.warmup_steps = 30
     c.base.weight_decay = 0.01
 
     c.expert = ml_collections.ConfigDict()
-    c.expert.num_steps = 200
+    c.expert.num_steps = 150
     c.expert.batch_size = 32
-    c.expert.learning_rate = 1e-3
+    c.expert.learning_rate = 3e-4
     c.expert.warmup_steps = 20
     c.expert.weight_decay = 0.0
 
+    if far:
+        c.num_eval = 300  # 210 search + 90 heldout
+        c.task_share = 0.05
+        c.eval_batch_size = 105
+        c.base.num_steps = 300
+        c.expert.num_steps = 200
+        c.expert.learning_rate = 1e-3
     if smoke:
         c.num_eval = 30
+        c.task_share = 0.05
+        c.expert.learning_rate = 1e-3
         c.num_train = 200
         c.vocab_size = 600
         c.max_prose_chars = 20000
@@ -81,12 +98,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py:smoke --workdir=/tmp/tiny3_smoke
     """
-    if arg not in (None, "", "smoke", "smoke_mesh"):
-        raise ValueError(f"unknown tiny3 variant {arg!r}; use no argument, 'smoke' or 'smoke_mesh'")
+    if arg not in (None, "", "smoke", "smoke_mesh", "far"):
+        raise ValueError(f"unknown tiny3 variant {arg!r}; use no argument, 'far', 'smoke' or 'smoke_mesh'")
     smoke = arg in ("smoke", "smoke_mesh")
     config = ml_collections.ConfigDict()
-    config.zoo = zoo_config(smoke=smoke)  # smoke_mesh shares the smoke zoo (same zoo fingerprint)
+    config.zoo = zoo_config(
+        smoke=smoke, far=arg == "far"
+    )  # smoke_mesh shares the smoke zoo (same zoo fingerprint)
     config = hm3_common.add_hm3(config, smoke=smoke)
+    if not smoke:
+        # Searches score the first 100 (light design; one evaluation batch) or 105 (far design) search examples.
+        config.engine.search_examples = 105 if arg == "far" else 100
     if arg == "smoke_mesh":
         config.preferences.num = 2
         config.param_level.cmaes.enabled = False  # the paper's DARE-TIES model per preference

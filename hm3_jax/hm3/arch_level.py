@@ -10,7 +10,10 @@ After training, the answer for preference i is the best path under the RL reward
 `sum_k lambda_k f_k - beta1 T / T_max` on the search split among the policy's greedy decode for lambda_i,
 every source's identity path (Theta(lambda_i) alone is one of them: the lower level starts from the upper
 level's answer, as in HM3's hierarchy) and every path the search scored for lambda_i (the search's own
-record, as an evolutionary baseline keeps its best individual). Only that path is scored on the held-out split.
+record, as an evolutionary baseline keeps its best individual). With `arch.neighbourhood_evaluations = B > 0`
+that best path is then refined by a first-order local search (`neighbourhood_search`: best-improvement hill
+climbing over single-step edits, at most B new path evaluations per preference, counted in the budget like every
+other evaluation). Only the final path is scored on the held-out split.
 
 Ablation "no parameter level": the pool holds the K experts only (the RL's `num_sources = K`); the engine pool
 keeps its (K + 1) L shape with a copy of expert 0 in the unused last slot (never selectable), and the shell is
@@ -232,6 +235,27 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         best_path = cands[best][0]
         g_key = greedy.tobytes()
         g_reward = float(rewards[[p.tobytes() for p, _ in cands].index(g_key)])
+        start_reward, refined, num_candidates = float(rewards[best]), 0, len(cands)
+        if cfg.get("neighbourhood_evaluations", 0) > 0:
+            ls = neighbourhood_search(
+                lambda paths, i=i, pref=pref: scorer(paths, np.repeat(pref[None], len(paths), 0)),
+                best_path,
+                pref,
+                num_sources=num_sources,
+                num_layers=L,
+                t_min=acfg.t_min,
+                t_max=acfg.t_max,
+                beta1=acfg.beta1,
+                budget=int(cfg.neighbourhood_evaluations),
+                known={p.tobytes(): s for p, s in cands},
+            )
+            best_path, refined, num_candidates = (
+                ls["path"],
+                ls["evaluations"],
+                num_candidates + ls["evaluations"],
+            )
+            cands = [(best_path, ls["scores"])]
+            rewards, best = np.asarray([ls["reward"]]), 0
         results.append({
             "preference": pref.tolist(),
             "greedy_path": greedy.tolist(),
@@ -239,7 +263,9 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
             "path": best_path.tolist(),
             "search_reward": float(rewards[best]),
             "search": (np.asarray(cands[best][1]) * problem.ideal["search"]).tolist(),
-            "num_candidates": len(cands),
+            "num_candidates": num_candidates,
+            "pre_refinement_reward": start_reward,
+            "neighbourhood_evaluations": refined,
         })  # fmt: skip
     heldout = PathScorer(problem, "heldout", preferences, shells, pools, tag, aligners_heldout)
     for i, r in enumerate(results):
@@ -261,6 +287,74 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         "wall_seconds": time.perf_counter() - start,
         "arch_config": {k: getattr(acfg, k) for k in acfg.__dataclass_fields__},
     }
+
+
+def neighbours(path, num_sources: int, num_layers: int, t_min: int, t_max: int) -> np.ndarray:
+    """[M, T_max] every path one edit away from `path` (int32 pool indices m * L + l, -1 padded), no repeats.
+
+    Edits, in this order (a budgeted search evaluates the first ones first): (1) the same layer from another
+    source (a "source swap": the stitch that mixes experts' skills); (2) deleting a step (if T > t_min);
+    (3) repeating a step (if T < t_max); (4) the neighbouring layer of the same source.
+    """
+    path = np.asarray(path, np.int32)
+    steps = [int(a) for a in path if a >= 0]
+    T, L = len(steps), num_layers
+    out: list[list[int]] = []
+    for t, a in enumerate(steps):
+        m, l = divmod(a, L)
+        out += [steps[:t] + [m2 * L + l] + steps[t + 1 :] for m2 in range(num_sources) if m2 != m]
+    if T > t_min:
+        out += [steps[:t] + steps[t + 1 :] for t in range(T)]
+    if T < t_max:
+        out += [steps[: t + 1] + [steps[t]] + steps[t + 1 :] for t in range(T)]
+    for t, a in enumerate(steps):
+        m, l = divmod(a, L)
+        out += [steps[:t] + [m * L + l2] + steps[t + 1 :] for l2 in (l - 1, l + 1) if 0 <= l2 < L]
+    seen, rows = {tuple(steps)}, []
+    for cand in out:
+        if tuple(cand) not in seen:
+            seen.add(tuple(cand))
+            rows.append(cand + [-1] * (t_max - len(cand)))
+    return np.asarray(rows, np.int32).reshape(-1, t_max)
+
+
+def neighbourhood_search(score_fn, path, preference, *, num_sources: int, num_layers: int, t_min: int,
+                         t_max: int, beta1: float, budget: int, known: dict | None = None) -> dict:  # fmt: skip
+    """Best-improvement hill climbing over `neighbours` under the RL reward, at most `budget` new evaluations.
+
+    Args:
+      score_fn: `paths [M, T_max] -> normalised search scores [M, K]` (e.g. a PathScorer for one preference).
+      path: the start [T_max]; preference [K]; known: {path bytes: normalised scores} already scored (free).
+    Returns: {"path", "scores", "reward", "evaluations" (new ones), "steps" (accepted moves)}.
+    Each round scores the unscored neighbours of the current path (truncated to the remaining budget) and moves
+    to the best one if it raises the reward; it stops at a local optimum or when the budget is spent.
+    """
+    known = dict(known or {})
+    cur = np.asarray(path, np.int32)
+    lengths = lambda ps: (np.asarray(ps) >= 0).sum(-1)
+    evaluations, steps = 0, 0
+    if cur.tobytes() not in known:
+        known[cur.tobytes()] = np.asarray(score_fn(cur[None]))[0]
+        evaluations += 1
+    cur_r = float(reward(known[cur.tobytes()], preference, lengths(cur), beta1, t_max))
+    while evaluations < budget:
+        nb = neighbours(cur, num_sources, num_layers, t_min, t_max)
+        new = np.asarray([p for p in nb if p.tobytes() not in known], np.int32).reshape(-1, t_max)
+        new = new[: budget - evaluations]
+        if len(new):
+            for p, sc in zip(new, np.asarray(score_fn(new)), strict=True):
+                known[p.tobytes()] = sc
+            evaluations += len(new)
+        nb = np.asarray([p for p in nb if p.tobytes() in known], np.int32).reshape(-1, t_max)
+        if not len(nb):
+            break
+        r = reward(np.stack([known[p.tobytes()] for p in nb]), preference, lengths(nb), beta1, t_max)
+        j = int(np.argmax(r))
+        if r[j] <= cur_r + 1e-9:
+            break
+        cur, cur_r, steps = nb[j], float(r[j]), steps + 1
+    return {"path": cur, "scores": known[cur.tobytes()], "reward": cur_r, "evaluations": evaluations,
+            "steps": steps}  # fmt: skip
 
 
 def identity_paths(num_sources: int, num_layers: int, t_max: int) -> np.ndarray:

@@ -90,6 +90,18 @@ def _claims(report: dict) -> dict:
     return claims
 
 
+def add_bootstrap(report: dict, bootstrap: dict) -> dict:
+    """Adds the bootstrap section and, to the claims, P(HM3's hypervolume > the best other method's)."""
+    report["bootstrap"] = bootstrap
+    best = report.get("claims", {}).get("best_other_method")
+    entry = bootstrap["methods"].get(best or "", {})
+    if "p_hm3_greater" in entry:
+        report["claims"]["p_hm3_hypervolume_greater_than_best_other"] = entry["p_hm3_greater"]
+        report["claims"]["best_other_hypervolume_interval"] = entry["interval"]
+        report["claims"]["hm3_hypervolume_interval"] = bootstrap["methods"]["hm3"]["interval"]
+    return report
+
+
 def balanced_retention(tasks, hm3_point, expert_points) -> dict:
     """HM3's held-out scores at the balanced preference over each expert's own-task held-out score."""
     own = np.array([expert_points[k][k] for k in range(len(tasks))], np.float64)
@@ -143,6 +155,19 @@ def write_markdown(report: dict, path: str, title: str = "HM3") -> str:
     ref = report["reference_point"]
     lines += ["", f"Hypervolume of each method's normalised held-out set, reference point {np.round(ref, 3).tolist()} "
               "(shared by all methods).", ""]  # fmt: skip
+    if "bootstrap" in report:
+        bs = report["bootstrap"]
+        lines += [f"## Hypervolume with {100 * bs['level']:.0f}% bootstrap intervals", "",
+                  f"{bs['num_samples']} paired resamples of the held-out examples ({bs['examples_per_task']} per "
+                  "task; every method and the ideal point on the same resamples; `hm3_jax.moo.bootstrap`). "
+                  "P(HM3 > X) is the share of resamples where HM3's hypervolume is larger.", "",
+                  "| method | hypervolume | interval | P(HM3 > X) |", "|---|---|---|---|"]  # fmt: skip
+        for n, e in bs["methods"].items():
+            lo, hi = e["interval"]
+            p = e.get("p_hm3_greater")
+            lines.append(f"| {n} | {_fmt_hv(e['hypervolume'])} | [{_fmt_hv(lo)}, {_fmt_hv(hi)}] | "
+                         f"{'-' if p is None else f'{p:.2f}'} |")  # fmt: skip
+        lines.append("")
     abl = [n for n in ("hm3", *ABLATIONS) if n in methods]
     if abl:
         lines += ["## Ablation", "", "| variant | hypervolume | non-dominated points |", "|---|---|---|"]

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import distributed, models, moo
-from hm3_jax.hm3 import arch_level, export, param_level
+from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, param_level
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3.problem import Problem, make_problem, pool_for
 from hm3_jax.hm3.workdir import Workdir
@@ -225,6 +225,14 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     rep = report_lib.build_report(
         problem.tasks, problem.ideal["heldout"], methods, config.report.fixed_reference, extra
     )
+    if config.report.get("bootstrap_samples", 0) > 0 and "hm3" in rep["methods"]:
+        specs = _method_specs(problem, config, methods, k_base, merged, shells, pools, variant, param, np_shell,
+                              np_pool, hm3, no_param)  # fmt: skip
+        bs = wd.stage("bootstrap", lambda: heldout_bootstrap.run_bootstrap(
+            problem, zoo, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
+            config.report.bootstrap_samples, config.seed,
+            [heldout_bootstrap.params_spec(p, L) for p in [problem.base, *problem.experts]]))  # fmt: skip
+        rep = report_lib.add_bootstrap(rep, bs)
     curves = {"hm3": hm3["reward_curve"], "hm3_no_param_level": no_param["reward_curve"]}
     if distributed.is_main_process():
         title = f"HM3 on {zoo.manifest.get('kind', 'tiny3')}"
@@ -237,6 +245,48 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
                  main_only=True)  # fmt: skip
     logging.info("HM3 run done in %.1f s", time.perf_counter() - t0)
     return rep
+
+
+def _method_specs(problem, config, methods, k_base, merged, shells, pools, variant, param, np_shell, np_pool,
+                  hm3, no_param) -> dict:  # fmt: skip
+    """{method: () -> [ModelSpec]}: every reported point of the run rebuilt as a path model (for the bootstrap).
+
+    Mirrors how each point was made: parameter baselines re-merge with their chosen hyperparameters and the
+    same keys (`run_param_baseline`), path methods re-use their paths (and junction scales) over the experts'
+    pool, HM3 its path over its preference's pool, the no-architecture-level ablation its Theta(lambda).
+    """
+    from hm3_jax.hm3 import baselines_runner
+
+    L, D = problem.config.num_layers, problem.config.hidden_size
+    spec = heldout_bootstrap.params_spec
+    out = {f"expert:{t}": (lambda k=k: [spec(problem.experts[k], L)]) for k, t in enumerate(problem.tasks)}
+    out["base"] = lambda: [spec(problem.base, L)]
+    for i, m in enumerate(config.baselines.param_methods):
+        key = jax.random.fold_in(k_base, i)
+        out[m] = lambda m=m, key=key: [
+            spec(baselines_runner._param_merge(problem, m, pref, jax.random.fold_in(key, j), hp), L)
+            for j, (pref, hp) in enumerate(
+                zip(np.asarray(methods[m]["preferences"], np.float32), methods[m]["hparams"], strict=True)
+            )
+        ]
+    for m in config.baselines.path_methods:
+        out[m] = lambda m=m: [
+            (np_shell, np_pool, np.asarray(p, np.int32), baselines_runner._junction_from_scales(sc, D))
+            for p, sc in zip(methods[m]["paths"], methods[m]["junction_scales"], strict=True)
+        ]
+
+    def hm3_specs():
+        res = []
+        for sh, pl, r in zip(shells, pools, hm3["per_preference"], strict=True):
+            j = {k: np.asarray(v, np.float32) for k, v in r["junction"].items()} if "junction" in r else None
+            res.append((sh, pl, np.asarray(r["path"], np.int32), j))
+        return res
+
+    out["hm3"] = hm3_specs
+    out["hm3_no_param_level"] = lambda: [(np_shell, np_pool, np.asarray(r["path"], np.int32), None)
+                                         for r in no_param["per_preference"]]  # fmt: skip
+    out["hm3_no_arch_level"] = lambda: [spec(mg, L) for mg in merged]
+    return {n: f for n, f in out.items() if n in methods}
 
 
 def _export_all(wd, zoo, problem, param, variant, merged, pools, hm3) -> dict:
