@@ -121,3 +121,26 @@ def test_bfloat16_decode_runs_with_a_bfloat16_cache(setup):
         lambda: models.greedy_decode(CONFIG, shell16, pool16, jnp.array([0, 3]), ids, mask, 2)
     )  # traces the bf16 cache path (the forward in bf16 is checked in test_models_llama)
     assert cache.shape == (3, 2) and cache.dtype == jnp.int32
+
+
+def test_first_argmax_and_canonical_steps_match_numpy_definitions():
+    from hm3_jax.models.decode import _canonical_steps, first_argmax
+
+    rng = np.random.default_rng(3)
+    logits = rng.integers(-2, 3, size=(300, 7)).astype(np.float32)  # many ties
+    logits[rng.random(logits.shape) < 0.05] = np.nan
+    logits[:10] = -np.inf
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    for _ in range(20):  # stable partition: real steps first in order, then the padding steps
+        path = np.where(rng.random(6) < 0.4, -1, rng.integers(0, 9, 6)).astype(np.int32)
+        junction = {
+            "scale": jnp.asarray(rng.normal(size=(6, 3))),
+            "shift": jnp.asarray(rng.normal(size=(6, 3))),
+        }
+        order = np.argsort(path < 0, kind="stable")
+        p, sc, sh, n = _canonical_steps(jnp.asarray(path), junction)
+        np.testing.assert_array_equal(np.asarray(p), path[order])
+        np.testing.assert_array_equal(np.asarray(sc), np.asarray(junction["scale"])[order])
+        np.testing.assert_array_equal(np.asarray(sh), np.asarray(junction["shift"])[order])
+        assert int(n) == int((path >= 0).sum())
