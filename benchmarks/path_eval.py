@@ -43,8 +43,9 @@ Keys
 - load_average_1min (start and end): the machine is shared; ratios are measured within one run.
 
 `--profile` prints instead the CPU-time profile of the pieces of one path evaluation (a block and its parts,
-the LM head, the exact-match objectives' argmax over the vocabulary, greedy decoding) with their analytic FLOPs
-and fraction of the matmul peak per CPU second (docs/paths.md, "Where the time goes").
+the LM head, `jnp.argmax` over the vocabulary and the formulations that replaced it, greedy decoding) with their
+analytic FLOPs and fraction of the matmul peak per CPU second (docs/paths.md, "Where the time goes";
+docs/path_eval.md).
 """
 
 from __future__ import annotations
@@ -361,6 +362,11 @@ def profile_components(setup: Setup, batch: int = 105, seq_len: int = 48, prompt
     row("LM head", lambda sh, h: models.head(config, sh, h), (shell, h), tokens * 2 * d * config.vocab_size)
     row("argmax over V of [B, S, V] logits", lambda x: jnp.argmax(x, -1), (logits,), 0)
     row("max over V (comparison)", lambda x: jnp.max(x, -1), (logits,), 0)
+    from hm3_jax.models.decode import first_argmax
+    from hm3_jax.tasks.objectives import argmax_equals
+
+    row("argmax_equals over V (what exact match runs now)", argmax_equals, (logits, ids), 0)
+    row("first_argmax over V (what greedy decoding runs now)", first_argmax, (logits,), 0)
     path = jnp.arange(config.num_layers, dtype=jnp.int32) + models.pool_size(setup.pool) - config.num_layers
     pid = jax.random.randint(jax.random.PRNGKey(4), (batch, prompt_len), 3, config.vocab_size)
     pmask = jnp.ones((batch, prompt_len), jnp.int32)

@@ -4,7 +4,7 @@ Left-padded prompts: `prompt_mask` is 1 on real tokens; RoPE/learned positions a
 first real token of every row is position 0 and the n-th generated token of a row with `n_real` prompt tokens
 is at position `n_real + n`, exactly as HF `generate` does.
 
-KV cache: k and v of shape [T_max, B, S_total, KV, hd] with `S_total = S_prompt + max_new_tokens`, one slot
+KV cache: k and v of shape [T_max, B, KV, S_total, hd] (head-major: the attention's dots read it in place) with `S_total = S_prompt + max_new_tokens`, one slot
 per *real path step* (a pool block can repeat in a path and then sees different inputs at each occurrence). Slots
 `0..S_prompt-1` hold the prompt; the token generated at step n is written to slot `S_prompt + n`.
 A query at slot i sees key slot j iff `j <= i` and the key is a real token (prompt padding is masked).
@@ -58,7 +58,7 @@ def first_argmax(logits: jax.Array) -> jax.Array:
 
 def _path_with_cache(config, module, pool, steps, h, ctx, cache_k, cache_v):
     """Runs h [B, s, D] through the real steps of a canonical path (`_canonical_steps`), reading and writing
-    cache row t of caches [T_max, B, S_total, KV, hd] at step t."""
+    cache row t of caches [T_max, B, KV, S_total, hd] at step t."""
     path, scales, shifts, num_real = steps
 
     def body(t, carry):
@@ -129,7 +129,7 @@ def greedy_decode(
         [prompt_mask, jnp.ones((b, max_new_tokens), jnp.int32)], axis=1
     )  # [B, S_total]
     slots = jnp.arange(s_total)
-    cache_shape = (t_max, b, s_total, config.kv_heads, config.head_size)
+    cache_shape = (t_max, b, config.kv_heads, s_total, config.head_size)
     cache_k = jnp.zeros(cache_shape, dtype)
     cache_v = jnp.zeros(cache_shape, dtype)
     steps = _canonical_steps(path, junction)

@@ -145,6 +145,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, sq, h, hd).astype(q.dtype)
 
 
+def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attention` with keys and values in the KV cache's head-major layout: k, v [B, KV, Sk, hd].
+
+    Same maths as `attention` (q [B, Sq, H, hd], mask bool [B, 1, Sq, Sk], returns [B, Sq, H, hd]). With the
+    cache stored head-major the batched dots read k and v in place: with the token-major layout XLA:CPU
+    transposed the whole cache row of every block at every generated token (the largest item of a tiny3
+    decode's profile; docs/path_eval.md).
+    """
+    b, sq, h, hd = q.shape
+    kv = k.shape[1]
+    groups = h // kv
+    qg = q.reshape(b, sq, kv, groups, hd)
+    logits = jnp.einsum("bqkgd,bksd->bkgqs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # mask [B,1,1,Sq,Sk]
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgqs,bksd->bqkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, sq, h, hd).astype(q.dtype)
+
+
+def write_cache(cache: tuple, k: jax.Array, v: jax.Array, index) -> tuple:
+    """Writes k, v [B, S, KV, hd] into a head-major cache (k, v) [B, KV, S_total, hd] at slots index..index+S-1."""
+    start = (0, 0, index, 0)
+    k = jax.lax.dynamic_update_slice(cache[0], k.transpose(0, 2, 1, 3).astype(cache[0].dtype), start)
+    v = jax.lax.dynamic_update_slice(cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), start)
+    return k, v
+
+
 def check_attention_mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> None:
     """Raises ValueError unless input_ids is [B, S] and attention_mask is None or of the same shape."""
     if input_ids.ndim != 2:
@@ -171,7 +198,7 @@ def layernorm_block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: 
         h = h + o(attn(q(ln1(h)), k(ln1(h)), v(ln1(h))));   h = h + down(act(up(ln2(h))))
 
     Args: p: one block (attn_norm, q, k, v, o, mlp_norm, up, down); h [B, S, D]; ctx {"mask": bool
-      [B or 1, 1, S, Sk], optional "cache_index"}; cache None or (k, v) [B, S_total, H, hd] (see llama).
+      [B or 1, 1, S, Sk], optional "cache_index"}; cache None or (k, v) [B, H, S_total, hd] (see llama).
     Returns: (h [B, S, D], cache).
     """
     b, s, _ = h.shape
@@ -181,11 +208,10 @@ def layernorm_block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: 
     k = dense(p["k"], x).reshape(b, s, heads, hd)
     v = dense(p["v"], x).reshape(b, s, heads, hd)
     if cache is not None:
-        start = (0, ctx["cache_index"], 0, 0)
-        k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-        v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-        cache = (k, v)
-    attn = attention(q, k, v, ctx["mask"]).reshape(b, s, heads * hd)
+        cache = write_cache(cache, k, v, ctx["cache_index"])
+        attn = attention_head_major(q, cache[0], cache[1], ctx["mask"]).reshape(b, s, heads * hd)
+    else:
+        attn = attention(q, k, v, ctx["mask"]).reshape(b, s, heads * hd)
     h = h + dense(p["o"], attn).astype(h.dtype)
     x = layer_norm(p["mlp_norm"], h, config.norm_eps)
     h = h + dense(p["down"], activation(config.hidden_act, dense(p["up"], x))).astype(h.dtype)

@@ -110,7 +110,7 @@ def block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: dict, cach
 
     Args:
       p: one slice of params["blocks"] (leaves without the L axis); h [B, S, D]; ctx from `embed`/`make_ctx`.
-      cache: None, or (k, v) each [B, S_total, KV, hd]; the new keys/values are written at slots
+      cache: None, or (k, v) each [B, KV, S_total, hd] (head-major); the new keys/values are written at slots
         `ctx["cache_index"] + 0..S-1` and the queries attend over all S_total slots with `ctx["mask"]`
         [B, 1, S, S_total].
     Returns: (h [B, S, D], updated cache or None).
@@ -124,11 +124,11 @@ def block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: dict, cach
     q = layers.apply_rope(q, ctx["sin"], ctx["cos"])
     k = layers.apply_rope(k, ctx["sin"], ctx["cos"])
     if cache is not None:
-        start = (0, ctx["cache_index"], 0, 0)
-        k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-        v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-        cache = (k, v)
-    attn = layers.attention(q, k, v, ctx["mask"]).reshape(b, s, config.num_heads * hd)
+        cache = layers.write_cache(cache, k, v, ctx["cache_index"])
+        attn = layers.attention_head_major(q, cache[0], cache[1], ctx["mask"])
+    else:
+        attn = layers.attention(q, k, v, ctx["mask"])
+    attn = attn.reshape(b, s, config.num_heads * hd)
     h = h + layers.dense(p["o"], attn).astype(h.dtype)
     x = layers.rms_norm(p["mlp_norm"]["scale"], h, config.norm_eps)
     gated = layers.activation(config.hidden_act, layers.dense(p["gate"], x)) * layers.dense(p["up"], x)
