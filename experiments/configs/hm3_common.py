@@ -70,6 +70,11 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # deletions, repeats, neighbouring layers), at most this many new path evaluations per preference, counted
     # in HM3's budget (and so in every path baseline's). 0 = off.
     c.arch.neighbourhood_evaluations = 16
+    # With a capped search split (engine.search_examples): the M best candidates per preference (plus
+    # Theta(lambda)'s identity path) are re-scored on the whole search split and the best there is the answer
+    # (against the winner's curse of picking the max of many noisy scores); charged to the budget, and the
+    # per-preference path baselines (EA, DE, grid search) confirm the same way. 0 = off.
+    c.arch.confirm_top = 3
     c.arch.refine_iterations = 0  # optional online PPO refinement per preference (suggest with search=True)
 
     c.baselines = ml_collections.ConfigDict()

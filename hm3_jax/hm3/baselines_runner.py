@@ -93,16 +93,68 @@ def _junction_from_scales(scales, hidden_size: int):
 
 
 class ExpertPathEvaluator:
-    """`evaluate_fn(paths, junction_scales) -> normalised search scores` over the experts-only pool."""
+    """`evaluate_fn(paths, junction_scales) -> normalised search scores` over the experts-only pool.
+
+    Every scored (path, scales) is kept in `records` (cleared by the caller between preferences), so a method's
+    best candidates can be confirmed on the whole search split (`confirm`).
+    """
 
     def __init__(self, problem: Problem, shell, pool, tag: str = "expert_paths"):
         self.problem = problem
         self.search = problem.engines["search"].with_model(shell, pool, pool_id=f"{tag}/search")
         self.heldout = problem.engines["heldout"].with_model(shell, pool, pool_id=f"{tag}/heldout")
+        self.full = None
+        if "search_full" in problem.engines:
+            self.full = problem.engines["search_full"].with_model(shell, pool, pool_id=f"{tag}/search_full")
+        self.records: dict = {}
 
     def __call__(self, paths, junction_scales=None):
+        paths = np.asarray(paths, np.int32)
         j = _junction_from_scales(junction_scales, self.problem.config.hidden_size)
-        return self.problem.normalise(self.search.evaluate(np.asarray(paths, np.int32), j).scores, "search")
+        scores = self.problem.normalise(self.search.evaluate(paths, j).scores, "search")
+        sc = None if junction_scales is None else np.asarray(junction_scales, np.float32)
+        for r, p in enumerate(paths):
+            row = None if sc is None else sc[r]
+            key = (p.tobytes(), None if row is None else row.tobytes())
+            self.records[key] = (p, row, scores[r])
+        return scores
+
+    def confirm(self, preference, top: int, fitness=None) -> dict | None:
+        """The `top` recorded candidates by weighted sum on the search subset, re-scored on the whole search
+        split; returns the best there ({"path", "scales", "charged_evaluations", ...}), or None when the
+        search split is not capped."""
+        if self.full is None or top < 1 or not self.records:
+            return None
+        pref = np.asarray(preference, np.float64)
+        recs = list(self.records.values())
+        sub = np.array([r[2] @ pref for r in recs])
+        order = np.argsort(-sub, kind="stable")[:top]
+        paths = np.stack([recs[i][0] for i in order])
+        scales = [recs[i][1] for i in order]
+        has_scales = any(x is not None for x in scales)
+        full = np.zeros((len(order), self.problem.num_tasks))
+        for r, (p, x) in enumerate(zip(paths, scales, strict=True)):  # one row each: scales may be None
+            j = _junction_from_scales(None if x is None else x[None], self.problem.config.hidden_size)
+            full[r] = self.full.evaluate(p[None], j).scores[0]
+        full_fit = self.problem.normalise(full, "search_full") @ pref
+        best = int(np.argmax(full_fit))
+        n_full = sum(o.num_examples for o in self.problem.objectives["search_full"])
+        n_sub = sum(o.num_examples for o in self.problem.objectives["search"])
+        return {
+            "path": paths[best],
+            "scales": scales[best] if has_scales else None,
+            "subset_fitness": sub[order].tolist(),
+            "full_fitness": full_fit.tolist(),
+            "charged_evaluations": int(len(order) * -(-n_full // n_sub)),
+        }
+
+    def confirm_units(self, top: int) -> int:
+        """Budget charged per confirmation of `top` candidates (0 when the search split is not capped)."""
+        if self.full is None or top < 1:
+            return 0
+        n_full = sum(o.num_examples for o in self.problem.objectives["search_full"])
+        n_sub = sum(o.num_examples for o in self.problem.objectives["search"])
+        return int(top * -(-n_full // n_sub))
 
     def heldout_raw(self, paths, junction_scales=None):
         j = _junction_from_scales(junction_scales, self.problem.config.hidden_size)
@@ -110,32 +162,58 @@ class ExpertPathEvaluator:
 
 
 def run_path_baseline(problem: Problem, method: str, preferences, key, evaluator: ExpertPathEvaluator,
-                      t_max: int, budget: int, settings: dict | None = None) -> dict:  # fmt: skip
-    """One path-space baseline at `budget` path evaluations in total."""
+                      t_max: int, budget: int, settings: dict | None = None, confirm_top: int = 0) -> dict:  # fmt: skip
+    """One path-space baseline at `budget` path evaluations in total.
+
+    With `confirm_top = M > 0` (and a capped search split) the per-preference methods (EA, DE, grid search)
+    choose, as HM3 does, the best of their M best candidates re-scored on the whole search split; each
+    confirmation is charged to the budget (EA and DE search with what is left). MOEA returns its front as is.
+    """
     start = time.perf_counter()
     prefs = np.asarray(preferences)
     N = len(prefs)
     geometry = (problem.num_tasks, problem.config.num_layers, t_max)
     settings = dict(settings or {})
     chosen_paths, chosen_scales, evaluations, extra = [], [], 0, {}
+    units = evaluator.confirm_units(confirm_top) if method != "moea" else 0
+    confirms = []
     if method in ("ea", "differential_evolution"):
         run = baselines.run_ea if method == "ea" else baselines.run_de
-        per = max(1, budget // N)
+        per = max(1, (budget - N * units) // N)
         for i, pref in enumerate(prefs):
+            evaluator.records = {}
             res = run(jax.random.fold_in(key, i), evaluator, geometry, pref, per, progress=False, **settings)
-            chosen_paths.append(np.asarray(res["best_path"]))
-            chosen_scales.append(
-                None if res.get("best_junction_scales") is None else np.asarray(res["best_junction_scales"])
-            )
+            path = np.asarray(res["best_path"])
+            sc = None if res.get("best_junction_scales") is None else np.asarray(res["best_junction_scales"])
+            c = evaluator.confirm(pref, confirm_top)
+            if c is not None:
+                path, sc = c["path"], c["scales"]
+                evaluations += c["charged_evaluations"]
+                confirms.append({k: v for k, v in c.items() if k not in ("path", "scales")})
+            chosen_paths.append(path)
+            chosen_scales.append(sc)
             evaluations += int(res["evaluations"])
     elif method == "grid_search":
+        evaluator.records = {}
         res = baselines.run_grid_search(
-            key, evaluator, geometry, budget, preferences=prefs, progress=False, **settings
+            key,
+            evaluator,
+            geometry,
+            max(1, budget - N * units),
+            preferences=prefs,
+            progress=False,
+            **settings,
         )
-        for b in res["best_per_preference"]:
-            chosen_paths.append(np.asarray(b["path"]))
-            chosen_scales.append(None)
         evaluations = int(res["evaluations"])
+        for b, pref in zip(res["best_per_preference"], prefs, strict=True):
+            path = np.asarray(b["path"])
+            c = evaluator.confirm(pref, confirm_top)
+            if c is not None:
+                path = c["path"]
+                evaluations += c["charged_evaluations"]
+                confirms.append({k: v for k, v in c.items() if k not in ("path", "scales")})
+            chosen_paths.append(path)
+            chosen_scales.append(None)
         extra = {"family_size": int(res["family_size"]), "exhaustive": bool(res["exhaustive"])}
     elif method == "moea":
         res = baselines.run_moea(key, evaluator, geometry, budget, progress=False, **settings)
@@ -160,5 +238,6 @@ def run_path_baseline(problem: Problem, method: str, preferences, key, evaluator
         "preferences": prefs.tolist() if method != "moea" else None,
         "evaluations": evaluations,
         "wall_seconds": time.perf_counter() - start,
+        **({"confirm": confirms} if confirms else {}),
         **extra,
     }

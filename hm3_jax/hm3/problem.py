@@ -85,7 +85,8 @@ def make_problem(
     """Builds the Problem of a loaded zoo (`hm3_jax.tasks.zoo.Zoo`).
 
     `search_examples` caps the examples per task that searches are scored on (the first ones of the zoo's
-    shuffled search split; None = all of it). Path evaluation is the inner loop of every search and costs
+    shuffled search split; None = all of it); the whole search split is then kept as split "search_full"
+    (objectives, engine, source scores, ideal), for confirming a search's final candidates. Path evaluation is the inner loop of every search and costs
     in proportion to it; the held-out split is always used whole.
 
     Source scores are computed with the path engine on each source's identity path, so the numbers every
@@ -114,6 +115,8 @@ def make_problem(
         search_objs = zoo_lib.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
                                               cfg["seq_len"], splits=("search",))  # fmt: skip
         objectives["search"] = [search_objs["search"][t] for t in tasks]
+        # The whole search split too: a search may confirm its few best candidates on it (arch.confirm_top).
+        objectives["search_full"] = [zoo.objectives["search"][t] for t in tasks]
     pool = pool_for(experts, base)  # experts then base: every source is one identity path over this pool
     shell = models.shell_of(base)
     engines = {
@@ -128,10 +131,10 @@ def make_problem(
             pool_id="sources",
             mesh=mesh,
         )
-        for split in SPLITS
+        for split in objectives
     }
     source_scores, ideal = {}, {}
-    for split in SPLITS:
+    for split in objectives:
         rows = [score_params(engines[split], experts, p) for p in [base, *experts]]
         source_scores[split] = np.stack(rows)
         best = source_scores[split].max(axis=0)

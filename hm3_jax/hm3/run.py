@@ -161,7 +161,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     evaluator = baselines_runner.ExpertPathEvaluator(problem, np_shell, np_pool)
     for i, m in enumerate(config.baselines.path_methods):
         methods[m] = wd.stage(f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_path_baseline(
-            problem, m, prefs, jax.random.fold_in(k_base, 100 + i), evaluator, config.arch.rl.t_max, budget))  # fmt: skip
+            problem, m, prefs, jax.random.fold_in(k_base, 100 + i), evaluator, config.arch.rl.t_max, budget,
+            confirm_top=config.arch.get("confirm_top", 0)))  # fmt: skip
 
     param_evals = sum(e["paper"]["evaluations"] + e.get("tuned", {}).get("evaluations", 0) for e in param)
     param_seconds = sum(e["wall_seconds"] for e in param)
