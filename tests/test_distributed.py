@@ -6,8 +6,6 @@ subprocess is bounded by a timeout. The reference scores are computed here with 
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
@@ -18,23 +16,14 @@ from absl import flags
 
 from hm3_jax import distributed
 from hm3_jax.distributed import demo
+from tests._subprocess_util import REPO, free_port, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
 
 
 def _env(num_devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # CPU, simulated devices, XLA's fast-compile flags (tests/_subprocess_util)
+    return subprocess_env(num_devices)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +217,7 @@ def test_same_scores_on_8_simulated_devices(tmp_path, reference):
 
 
 def test_same_scores_in_two_processes(tmp_path, reference):
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / f"p{i}.json" for i in range(2)]
     procs = []
     for i in range(2):

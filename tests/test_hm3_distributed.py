@@ -29,7 +29,6 @@ measured times.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,8 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests._subprocess_util import REPO, free_port, subprocess_env
+
 TIMEOUT = 900  # per run, from the common start: a hang bound; a cold run at load 10 on 2 cores took ~8 min
 CONFIG = os.path.join(REPO, "experiments", "configs", "tiny3.py") + ":smoke_mesh"
 MESH = "--mesh=paths:4,data:2"
@@ -47,28 +47,15 @@ CACHE = os.path.join(
 
 
 def _env(num_devices: int) -> dict:
-    env = dict(os.environ)
-    # XLA's backend optimisations off: a third less compile time for these compile-bound runs; the reference run
-    # gave the identical report with and without (docs/testing.md). All runs here use the same flags.
-    env["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
+    # CPU, simulated devices, XLA's fast-compile flags (tests/_subprocess_util)
+    env = subprocess_env(num_devices)
     env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as tests/conftest.py sets for in-process tests
     env["JAX_COMPILATION_CACHE_DIR"] = CACHE
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)  # > 0: jax locks the cache for concurrent writers;
     # a directory used without a size limit lacks the "-atime" files this mode expects: hence our own directory
     env["TQDM_DISABLE"] = "1"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Run:
@@ -130,7 +117,7 @@ RUNS = ("mesh8", "two")
 def runs(smoke_zoo_dir, tmp_path_factory):
     """Starts the reference, (a) and (b) together; waits for all (each bounded by TIMEOUT)."""
     base = tmp_path_factory.mktemp("hm3_mesh")
-    port = _free_port()
+    port = free_port()
     multi = [(MESH, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
               "--distributed_timeout=120") for i in range(2)]  # fmt: skip
     started = []
