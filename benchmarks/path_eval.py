@@ -377,6 +377,25 @@ def profile_components(setup: Setup, batch: int = 105, seq_len: int = 48, prompt
     return {"matmul_1024_flops_per_cpu_s": peak, "batch": batch, "seq_len": seq_len, "rows": rows}
 
 
+def check_scores(setup: Setup, batch: np.ndarray, strategy: str) -> dict:
+    """The engine's float64 scores of `batch` on the search and held-out splits: sha1 (first 10 hex digits)
+    of each [N, num_tasks] array and its column means (`--check_scores`: docs/path_eval.md compares them
+    before and after every change that is not an exact reformulation)."""
+    import hashlib
+
+    out = {"num_paths": int(len(batch))}
+    for split in ("search", "heldout"):
+        engine = make_engine(
+            setup.config, setup.shell, setup.pool, setup.objectives[split], strategy=strategy
+        )
+        scores = np.asarray(engine.evaluate(batch, use_cache=False).scores, np.float64)
+        out[split] = {
+            "sha1": hashlib.sha1(scores.tobytes()).hexdigest()[:10],
+            "mean": np.round(scores.mean(axis=0), 3).tolist(),
+        }
+    return out
+
+
 def _cost_dict(cost) -> dict:
     return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in cost._asdict().items()}
 
@@ -393,6 +412,10 @@ def main():
     parser.add_argument("--strategy", default="map")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="only the per-component CPU-time profile")
+    parser.add_argument(
+        "--check_scores", action="store_true",
+        help="only the engine's scores of the archive batch on the search and held-out splits (sha1 prefixes)",
+    )  # fmt: skip
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     run_dir = args.run if os.path.isdir(args.run) else None
@@ -404,9 +427,18 @@ def main():
         return
     objectives = setup.objectives["search"]
     pool_size = models.pool_size(setup.pool)
+    archive = args.archive or find_archive(run_dir)
+    if args.check_scores:
+        if not archive:
+            raise SystemExit("--check_scores needs a score archive (--archive or --run)")
+        print(
+            json.dumps(
+                check_scores(setup, archive_paths(archive, pool_size)[: args.num_paths], args.strategy)
+            )
+        )
+        return
     acfg = rl_config(setup, run_dir)
 
-    archive = args.archive or find_archive(run_dir)
     if archive:
         batch = archive_paths(archive, pool_size)[: args.num_paths]
     else:  # no run yet: distinct paths of policy rollouts stand in for the archive

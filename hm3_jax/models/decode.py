@@ -4,18 +4,22 @@ Left-padded prompts: `prompt_mask` is 1 on real tokens; RoPE/learned positions a
 first real token of every row is position 0 and the n-th generated token of a row with `n_real` prompt tokens
 is at position `n_real + n`, exactly as HF `generate` does.
 
-KV cache: k and v of shape [T_max, B, KV, S_total, hd] (head-major: the attention's dots read it in place) with `S_total = S_prompt + max_new_tokens`, one slot
-per *real path step* (a pool block can repeat in a path and then sees different inputs at each occurrence). Slots
-`0..S_prompt-1` hold the prompt; the token generated at step n is written to slot `S_prompt + n`.
+KV cache: one (k, v) pair per path step, each [B, KV, S_total, hd] (head-major: the attention's dots read it
+in place), `S_total = S_prompt + max_new_tokens`, one pair per *real path step* (a pool block can repeat in a
+path and then sees different inputs at each occurrence). Slots `0..S_prompt-1` hold the prompt; the token
+generated at step n is written to slot `S_prompt + n`.
 A query at slot i sees key slot j iff `j <= i` and the key is a real token (prompt padding is masked).
 Padding path steps (`-1`) leave h unchanged (they apply no block and no junction).
 
 Performance (behaviour as above): the path is made canonical once (real steps first, in order, junction rows
-moved along, `jnp.argsort` of `path < 0`, stable), and every forward pass (the prefill and each generated
-token) runs a `lax.fori_loop` over the `num_real` real steps only, with the cache in the loop carry, updated in
-place at cache row t. Compared with a `lax.scan` over all T_max steps with a `lax.cond` per step and the cache
-as scanned input/output, this skips the padding steps entirely and avoids re-stacking the whole cache at every
-generated token (measured on tiny3's translation split: see docs/paths.md, "Measured").
+moved along), the path's T_max blocks are gathered from the pool once per call, and every forward pass (the
+prefill and each generated token) is unrolled over the T_max static steps, step t running under
+`lax.cond(t < num_real)` with its own cache pair as a separate loop-carried array. So padding steps cost
+nothing, and no generated token copies a cache row or a pool block: with one [T_max, B, KV, S_total, hd] cache
+and a `fori_loop` over the real steps, each step sliced its row out (1.5 MB for k and v at tiny3's shapes),
+wrote it back and gathered its block from the pool, the largest items of the decode profile (docs/path_eval.md,
+"Second pass": 72 -> 61 ms CPU per tiny3 translation batch, same tokens). Compilation is about twice as long
+(the T_max steps are traced as separate code, twice: prefill and generated token).
 
 Everything is traced (path, junction, prompts), so one compilation serves every path of a given T_max.
 """
@@ -56,23 +60,23 @@ def first_argmax(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, iota, logits.shape[-1]), axis=-1)
 
 
-def _path_with_cache(config, module, pool, steps, h, ctx, cache_k, cache_v):
-    """Runs h [B, s, D] through the real steps of a canonical path (`_canonical_steps`), reading and writing
-    cache row t of caches [T_max, B, KV, S_total, hd] at step t."""
-    path, scales, shifts, num_real = steps
+def _path_with_caches(config, module, blocks, steps, h, ctx, caches):
+    """Runs h [B, s, D] through the real steps of a canonical path, unrolled over the T_max static steps:
+    step t applies `blocks[t]` (the path's t-th pool block, gathered once per decode call) under a
+    `lax.cond(t < num_real)`, reading and writing its own cache `caches[t] = (k, v)` [B, KV, S_total, hd].
 
-    def body(t, carry):
-        h, cache_k, cache_v = carry
-        p = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, path[t], 0, keepdims=False), pool)
-        x = (h * scales[t] + shifts[t]).astype(h.dtype)
-        k = jax.lax.dynamic_index_in_dim(cache_k, t, 0, keepdims=False)
-        v = jax.lax.dynamic_index_in_dim(cache_v, t, 0, keepdims=False)
-        h, (k, v) = module.block_with_cache(config, p, x, ctx, (k, v))
-        cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, k, t, 0)
-        cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, v, t, 0)
-        return h, cache_k, cache_v
+    Returns (h, caches)."""
+    _, scales, shifts, num_real = steps
+    caches = list(caches)
+    for t, p in enumerate(blocks):
 
-    return jax.lax.fori_loop(0, num_real, body, (h, cache_k, cache_v))
+        def run(operands, t=t, p=p):
+            h, cache = operands
+            x = (h * scales[t] + shifts[t]).astype(h.dtype)
+            return module.block_with_cache(config, p, x, ctx, cache)
+
+        h, caches[t] = jax.lax.cond(t < num_real, run, lambda operands: operands, (h, caches[t]))
+    return h, tuple(caches)
 
 
 def greedy_decode(
@@ -129,37 +133,42 @@ def greedy_decode(
         [prompt_mask, jnp.ones((b, max_new_tokens), jnp.int32)], axis=1
     )  # [B, S_total]
     slots = jnp.arange(s_total)
-    cache_shape = (t_max, b, config.kv_heads, s_total, config.head_size)
-    cache_k = jnp.zeros(cache_shape, dtype)
-    cache_v = jnp.zeros(cache_shape, dtype)
+    cache_shape = (b, config.kv_heads, s_total, config.head_size)
+    caches = tuple((jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype)) for _ in range(t_max))
     steps = _canonical_steps(path, junction)
+    blocks = [
+        jax.tree.map(
+            lambda leaf, t=t: jax.lax.dynamic_index_in_dim(leaf, steps[0][t], 0, keepdims=False), pool
+        )
+        for t in range(t_max)
+    ]
 
     # Prefill: the whole prompt in one pass, writing cache slots 0..S_prompt-1.
     positions = layers.positions_from_mask(prompt_mask)  # [B, S_prompt]
     mask = layers.causal_mask(slots[:s_prompt], slots, key_mask, config.sliding_window)
     ctx = module.make_ctx(config, positions, mask, cache_index=0)
     h = module.embed_tokens(config, shell, prompt_ids, positions)
-    h, cache_k, cache_v = _path_with_cache(config, module, pool, steps, h, ctx, cache_k, cache_v)
+    h, caches = _path_with_caches(config, module, blocks, steps, h, ctx, caches)
     first = first_argmax(module.head(config, shell, h[:, -1:])[:, 0])  # [B]
     num_real = jnp.sum(prompt_mask, axis=1)  # [B]
 
     def step(carry, n):
-        token, done, cache_k, cache_v = carry
+        token, done, caches = carry
         slot = s_prompt + n
         pos = (num_real + n)[:, None]  # [B, 1]
         mask = layers.causal_mask(slot[None], slots, key_mask, config.sliding_window)
         ctx = module.make_ctx(config, pos, mask, cache_index=slot)
         h = module.embed_tokens(config, shell, token[:, None], pos)
-        h, cache_k, cache_v = _path_with_cache(config, module, pool, steps, h, ctx, cache_k, cache_v)
+        h, caches = _path_with_caches(config, module, blocks, steps, h, ctx, caches)
         nxt = first_argmax(module.head(config, shell, h)[:, 0])
         if eos_id is not None:
             done = done | (token == eos_id)
             nxt = jnp.where(done, pad_id, nxt)
-        return (nxt, done, cache_k, cache_v), token
+        return (nxt, done, caches), token
 
     done0 = jnp.zeros((b,), bool)
-    carry = (first, done0, cache_k, cache_v)
+    carry = (first, done0, caches)
     # The last token never needs its own forward pass: scan max_new_tokens - 1 steps, then append it.
-    (last, done, _, _), tokens = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
+    (last, done, _), tokens = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
     tokens = jnp.concatenate([tokens, last[None]], axis=0).T  # [B, max_new_tokens]
     return tokens
