@@ -128,3 +128,18 @@ def test_bad_paths_and_pools_raise_clear_errors(two_models):
         models.apply_path(CONFIG, shell, pool, np.array([0]), ids, None, jnp.ones((2, 4)))
     with pytest.raises(ValueError, match="not a valid"):
         models.path_from_pairs([(0, 3)], CONFIG.num_layers, t_max=4)
+
+
+def test_positions_give_the_full_logits_at_those_positions(two_models, jitted_apply_path):
+    a, b, ids = two_models
+    shell, pool = models.shell_of(a), models.make_pool([a["blocks"], b["blocks"]])
+    path = jnp.array([4, 0, -1, 2], jnp.int32)
+    full = np.asarray(jitted_apply_path(CONFIG, shell, pool, path, ids))  # [2, 5, V]
+    positions = jnp.array([[3, 0, 4], [1, 1, 2]], jnp.int32)
+    picked = np.asarray(jitted_apply_path(CONFIG, shell, pool, path, ids, positions=positions))
+    assert picked.shape == (2, 3, CONFIG.vocab_size)
+    for row in range(2):
+        for j, t in enumerate(np.asarray(positions[row])):
+            np.testing.assert_allclose(picked[row, j], full[row, t], atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="positions must be"):
+        models.apply_path(CONFIG, shell, pool, path, ids, positions=jnp.zeros((3, 2), jnp.int32))

@@ -122,6 +122,16 @@ def test_flops_formula_by_hand():
     assert flops.decode_flops(CFG, 2, 3, 2, 3) == 2 * 4 * 3 * 5440 + 2 * 2 * 768
 
 
+def test_head_flops_count_the_positions_the_objectives_read(setup):
+    """The likelihood objectives read the logits of every position; exact match asks for the target positions
+    only (`positions=`), and the engine computes and counts the head there only."""
+    em = setup["objectives"][2]
+    em_positions = sum(p.shape[0] * p.shape[1] * p.shape[2] for p in em.arrays.tree["target_positions"])
+    assert em_positions < sum(ids.size for ids in em.arrays.tree["input_ids"])
+    expected = flops.head_flops_per_token(CFG) * (4 * 8 + 2 * 5 + em_positions)
+    assert setup["engine"]._shared["tf_head_flops"] == expected
+
+
 def test_identity_path_scores_what_the_expert_scores(setup):
     engine = setup["engine"]
     for k, expert in enumerate(setup["experts"]):

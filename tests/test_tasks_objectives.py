@@ -207,3 +207,44 @@ def test_argmax_equals_matches_jnp_argmax_with_ties_nan_and_inf():
     np.testing.assert_array_equal(np.asarray(hits).sum(1), np.ones(400))
     # labels outside [0, V) never match
     assert not np.asarray(objectives.argmax_equals(jnp.zeros((2, v)), jnp.asarray([-1, v]))).any()
+
+
+def test_target_positions_by_hand():
+    ids = np.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    tmask = np.array([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]], np.float32)  # the last position never counts
+    positions, labels, valid = objectives.target_positions(ids, tmask)
+    np.testing.assert_array_equal(positions, [[1, 2], [4, 0]])
+    np.testing.assert_array_equal(labels, [[7, 8], [14, 0]])
+    np.testing.assert_array_equal(valid, [[True, True], [True, False]])
+    with pytest.raises(ValueError, match="more than width"):
+        objectives.target_positions(ids, tmask, width=1)
+
+
+def test_exact_match_with_head_at_target_positions_equals_full_logits(params):
+    """A forward that takes `positions` (the head only where targets are read) gives the same correctness as
+    the full logits, and is called with positions that cover every target."""
+    rng = np.random.default_rng(3)
+    pairs = []
+    for prompt in _prompts(4, 9):
+        greedy = reference_greedy(params, prompt, 5)
+        target = greedy[: int(rng.integers(1, 6))]
+        if rng.integers(2):
+            target[-1] = (target[-1] + 1) % CONFIG.vocab_size
+        pairs.append((prompt, target))
+    objective = objectives.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=4)
+    calls = []
+
+    def gathered(ids, positions=None):
+        calls.append(positions is not None)
+        return models.apply_path(
+            CONFIG, models.shell_of(params), params["blocks"], jnp.arange(CONFIG.num_layers), ids,
+            positions=positions,
+        )  # fmt: skip
+
+    full = functools.partial(models.apply, CONFIG, params)
+    assert objectives.accepts_positions(gathered) and not objectives.accepts_positions(full)
+    a = np.asarray(objective.device_fn(gathered))
+    b = np.asarray(objective.device_fn(full))
+    assert calls and all(calls)
+    np.testing.assert_array_equal(a, b)
+    assert 0 < a.sum() < len(a)

@@ -142,6 +142,7 @@ def apply_path(
     inputs: jax.Array,
     junction: dict | None = None,
     attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
 ) -> jax.Array:
     """Forward of a layer path: embed from `shell`, blocks gathered from `pool` by `path`, head from `shell`.
 
@@ -157,7 +158,10 @@ def apply_path(
       junction: None or {"scale": [T_max, D], "shift": [T_max, D]}; before step t,
         `h = h * scale[t] + shift[t]`.
       attention_mask: [B, S] (1 = real token) or None.
-    Returns: the family's `head` outputs (logits [B, S, V] for LMs).
+      positions: None, or int [B, P] (LMs only): the head runs only on these positions of each row, and the
+        logits [B, P, V] are `full_logits[b, positions[b, p]]` (teacher-forced objectives that read a few
+        positions; `hm3_jax.tasks.objectives.exact_match_kernel`).
+    Returns: the family's `head` outputs (logits [B, S, V] for LMs, [B, P, V] with `positions`).
     """
     module = _family(config)
     if _is_concrete(path):
@@ -166,4 +170,17 @@ def apply_path(
     check_junction(junction, path.shape[0], config.hidden_size)
     h, ctx = module.embed(config, shell, inputs, attention_mask)
     h = run_path(config, pool, path, h, ctx, junction)
+    if positions is not None:
+        h = gather_positions(config, h, positions)
     return module.head(config, shell, h)
+
+
+def gather_positions(config: ModelConfig, h: jax.Array, positions: jax.Array) -> jax.Array:
+    """Hidden states at given positions: h [B, S, D], positions int [B, P] -> [B, P, D] (LM families only)."""
+    if config.family == "vit":
+        raise ValueError("positions= selects LM head positions; a ViT has no per-token head")
+    if positions.ndim != 2 or positions.shape[0] != h.shape[0]:
+        raise ValueError(
+            f"positions must be [B, P] with B = {h.shape[0]}, got shape {tuple(positions.shape)}"
+        )
+    return jnp.take_along_axis(h, positions.astype(jnp.int32)[..., None], axis=1)

@@ -55,7 +55,9 @@ On a device mesh (`make_engine(..., mesh=mesh)` with the ("paths", "data", "mode
    (checked by tests/test_hm3_distributed.py, which runs a whole HM3 smoke run on 8 devices and 2 processes).
 
 Objectives follow DESIGN.md: `name`, `metric` ("exact_match" or "chrf"), `device_fn(forward)` and `host_fn`.
-For a teacher-forced objective `forward(input_ids [B, S]) -> logits [B, S, V]`; for "chrf" `forward` is the
+For a teacher-forced objective `forward(input_ids [B, S], positions=None) -> logits [B, S, V]`, or
+`[B, P, V]` at `positions` [B, P] when the objective asks (exact match reads only its target positions, so the
+LM head runs there only; the recorded P is what the head FLOPs count); for "chrf" `forward` is the
 decode closure `forward(prompt_ids [B, P], prompt_mask [B, P], max_new_tokens) -> tokens [B, max_new_tokens]`
 (greedy decoding with a KV cache along the path). At construction every `device_fn` is called once eagerly
 with a recording forward, to learn its input batches (for the prefix tree and the FLOP count); a `device_fn`
@@ -79,6 +81,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hm3_jax import distributed, models
 from hm3_jax.models.config import ModelConfig
+from hm3_jax.models.path import gather_positions
 from hm3_jax.paths import flops as flops_lib
 from hm3_jax.paths import prefix_tree as tree_lib
 from hm3_jax.paths.cache import Cost, EvalResult, canonicalize, path_keys, tree_fingerprint
@@ -101,10 +104,12 @@ class _Recorder:
 
     def __init__(self, config: ModelConfig, decode: bool, name: str):
         self.config, self.decode, self.name, self.calls = config, decode, name, []
+        self.head_positions = []  # per teacher-forced call: positions per row whose logits are computed
 
-    def __call__(self, *args):
+    def __call__(self, *args, positions=None):
         try:
             arrays = [np.asarray(a) for a in args]
+            positions = None if positions is None else np.asarray(positions)
         except (TypeError, jax.errors.TracerArrayConversionError) as err:
             raise ValueError(
                 f"objective {self.name!r}: device_fn must call forward with concrete arrays (its split); "
@@ -130,8 +135,15 @@ class _Recorder:
             return jnp.zeros(shape, jnp.float32)
         if len(arrays) != 1 or arrays[0].ndim != 2:
             raise ValueError(f"objective {self.name!r}: forward takes one input_ids [B, S] array")
+        if positions is not None and (positions.ndim != 2 or positions.shape[0] != arrays[0].shape[0]):
+            raise ValueError(
+                f"objective {self.name!r}: positions must be [B, P] for input_ids {arrays[0].shape}, got "
+                f"{positions.shape}"
+            )
         self.calls.append(arrays[0])
-        return jnp.zeros(arrays[0].shape + (self.config.vocab_size,), jnp.float32)
+        self.head_positions.append(arrays[0].shape[1] if positions is None else positions.shape[1])
+        out_len = arrays[0].shape[1] if positions is None else positions.shape[1]
+        return jnp.zeros((arrays[0].shape[0], out_len, self.config.vocab_size), jnp.float32)
 
 
 class PathEngine:
@@ -410,7 +422,12 @@ class PathEngine:
             return lambda ids, mask, new: decode(
                 config, shell, pool, path, split(ids), split(mask), int(new), junction=junction
             )
-        return lambda ids: models.apply_path(config, shell, pool, path, split(ids), junction)
+        if self.config.family == "vit":
+            return lambda ids: models.apply_path(config, shell, pool, path, split(ids), junction)
+        return lambda ids, positions=None: models.apply_path(
+            config, shell, pool, path, split(ids), junction,
+            positions=None if positions is None else split(positions),
+        )  # fmt: skip
 
     def _split_examples(self, x):
         """Inside "shard": the examples (axis 0) of an objective's batch split over the mesh axis "data"."""
@@ -471,7 +488,7 @@ class PathEngine:
             # hs[g]: [n_g, B, S, D] hidden states of every batch of group g at this path's end
             by_shape = dict(zip(groups, hs, strict=True))
 
-            def forward(ids):
+            def forward(ids, positions=None):
                 shape = tuple(ids.shape)
                 if shape not in by_shape:
                     raise ValueError(f"forward called with input shape {shape} never seen when recording")
@@ -481,8 +498,12 @@ class PathEngine:
                 else:  # which recorded batch is this? (objectives lax.map over their batches)
                     same = jnp.all(jnp.asarray(known) == ids[None], axis=tuple(range(1, known.ndim)))
                     h = h_all[jnp.argmax(same)]
+                if positions is not None:
+                    h = gather_positions(config, h, positions)
                 return models.head(config, shell, h)
 
+            if config.family == "vit":  # no per-token head: the forward takes no positions
+                return tuple(o.device_fn(lambda ids: forward(ids)) for o in tf_objs)
             return tuple(o.device_fn(forward) for o in tf_objs)
 
         def block_fn(p, h, ctx):  # h [n, B, S, D]: one batch at a time, the shapes plain evaluation runs
@@ -616,11 +637,14 @@ def _record_objectives(config: ModelConfig, objectives) -> dict:
                     functools.partial(flops_lib.decode_flops, config, ids.shape[0], ids.shape[1], new)
                 )
             continue
-        for ids in rec.calls:
-            # token ids [B, S], or ViT pixel_values [B, C, H, W] (N + 1 tokens, head on CLS only)
+        for ids, head_positions in zip(rec.calls, rec.head_positions or [None] * len(rec.calls), strict=True):
+            # token ids [B, S], or ViT pixel_values [B, C, H, W] (N + 1 tokens, head on CLS only); an LM head
+            # runs on every position, or on the `positions` the objective asked for (P per row)
             b, s = (ids.shape[0], config.num_patches + 1) if config.family == "vit" else ids.shape
             tf_block += b * s * flops_lib.block_flops_per_token(config, s)
-            tf_head += b * (1 if config.family == "vit" else s) * flops_lib.head_flops_per_token(config)
+            tf_head += (
+                b * (1 if config.family == "vit" else head_positions) * flops_lib.head_flops_per_token(config)
+            )
             known = groups.setdefault(tuple(ids.shape), [])
             if not any(np.array_equal(ids, k) for k in known):
                 known.append(ids if config.family == "vit" else ids.astype(np.int32))

@@ -30,6 +30,7 @@ the same shapes never recompile.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -208,27 +209,82 @@ def teacher_forced_correct(logits: jax.Array, input_ids: jax.Array, target_mask:
     return jnp.all(ok, axis=-1)
 
 
+def accepts_positions(forward) -> bool:
+    """Whether a teacher-forced `forward` takes the optional keyword `positions` (see `exact_match_kernel`)."""
+    try:
+        return "positions" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+
+
 def exact_match_kernel(forward, arrays: dict) -> jax.Array:
     """Teacher-forced greedy exact match over a padded, length-bucketed split.
 
     Args:
-      forward: ``input_ids [B, S] -> logits [B, S, V]``.
+      forward: ``input_ids [B, S] -> logits [B, S, V]``; a forward that also takes the keyword
+        ``positions`` (int32 [B, P]) returns the logits at those positions only, ``[B, P, V]``
+        (`logits[b, p] = full_logits[b, positions[b, p]]`), and then the LM head runs only where a target is
+        predicted (~7% of the positions on tiny3; docs/path_eval.md, "Second pass").
       arrays: {"input_ids": tuple of int32 [nb_g, B, S_g], "target_mask": tuple of [nb_g, B, S_g]}: groups of
-        batches whose rows are trimmed to the group's length S_g (`bucket_teacher_forced`).
+        batches whose rows are trimmed to the group's length S_g (`bucket_teacher_forced`), optionally with
+        "target_positions", "target_labels" (int32) and "target_valid" (bool), tuples of [nb_g, B, P_g]: the
+        positions t with target_mask 1, their labels input_ids[t + 1], padded to P_g per group (used with a
+        forward that takes `positions`; the result is the same either way).
 
     Returns:
       bool [sum_g nb_g * B] in bucketed order (padding rows included; the host function drops them).
     """
+    gathered = "target_positions" in arrays and accepts_positions(forward)
 
     def one_batch(batch):
         ids, tmask = batch
         return teacher_forced_correct(forward(ids), ids, tmask)
 
-    outs = [
-        jax.lax.map(one_batch, (ids, tmask)).reshape(-1)
-        for ids, tmask in zip(arrays["input_ids"], arrays["target_mask"], strict=True)
-    ]
+    def one_batch_gathered(batch):
+        ids, positions, labels, valid = batch
+        ok = argmax_equals(forward(ids, positions=positions), labels) | ~valid
+        return jnp.all(ok, axis=-1)
+
+    if gathered:
+        keys = ("input_ids", "target_positions", "target_labels", "target_valid")
+        outs = [
+            jax.lax.map(one_batch_gathered, g).reshape(-1)
+            for g in zip(*(arrays[k] for k in keys), strict=True)
+        ]
+    else:
+        outs = [
+            jax.lax.map(one_batch, (ids, tmask)).reshape(-1)
+            for ids, tmask in zip(arrays["input_ids"], arrays["target_mask"], strict=True)
+        ]
     return jnp.concatenate(outs)
+
+
+def target_positions(input_ids: np.ndarray, target_mask: np.ndarray, width: int | None = None):
+    """The positions a teacher-forced exact match reads, per row, left-aligned and padded.
+
+    Args: input_ids int [..., S]; target_mask [..., S] (1 at t when the prediction at t must equal
+      input_ids[t + 1]); width: P (default: the largest number of targets of a row, at least 1).
+    Returns: (positions int32 [..., P], labels int32 [..., P] = input_ids[t + 1], valid bool [..., P]); padding
+      entries have position 0, label 0, valid False.
+    """
+    tmask = np.asarray(target_mask) > 0
+    tmask[..., -1] = False  # the last position predicts nothing inside the row
+    counts = tmask.sum(axis=-1)
+    width = max(1, int(counts.max(initial=0))) if width is None else int(width)
+    if counts.max(initial=0) > width:
+        raise ValueError(f"target_positions: a row has {counts.max()} targets, more than width={width}")
+    flat_mask = tmask.reshape(-1, tmask.shape[-1])
+    flat_ids = np.asarray(input_ids).reshape(-1, tmask.shape[-1])
+    positions = np.zeros((flat_mask.shape[0], width), np.int32)
+    labels = np.zeros((flat_mask.shape[0], width), np.int32)
+    valid = np.zeros((flat_mask.shape[0], width), bool)
+    for r in range(flat_mask.shape[0]):
+        t = np.nonzero(flat_mask[r])[0]
+        positions[r, : len(t)] = t
+        labels[r, : len(t)] = flat_ids[r, t + 1]
+        valid[r, : len(t)] = True
+    shape = tmask.shape[:-1] + (width,)
+    return positions.reshape(shape), labels.reshape(shape), valid.reshape(shape)
 
 
 def bucket_teacher_forced(
@@ -269,6 +325,13 @@ def bucket_teacher_forced(
         "input_ids": tuple(np.stack(g[1]) for g in groups),
         "target_mask": tuple(np.stack(g[2]) for g in groups),
     }
+    gathered = [
+        target_positions(ids, tmask)
+        for ids, tmask in zip(arrays["input_ids"], arrays["target_mask"], strict=True)
+    ]
+    arrays["target_positions"] = tuple(g[0] for g in gathered)
+    arrays["target_labels"] = tuple(g[1] for g in gathered)
+    arrays["target_valid"] = tuple(g[2] for g in gathered)
     return arrays, order
 
 
@@ -512,7 +575,11 @@ def make_accuracy_objective(
 def _path_forward(config, shell, pool, path, junction, metric: str):
     from hm3_jax import models
 
-    if metric in ("exact_match", "accuracy"):
+    if metric == "exact_match":
+        return lambda ids, positions=None: models.apply_path(
+            config, shell, pool, path, ids, junction=junction, positions=positions
+        )
+    if metric == "accuracy":
         return lambda ids: models.apply_path(config, shell, pool, path, ids, junction=junction)
     from hm3_jax.models import greedy_decode
 
