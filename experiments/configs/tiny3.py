@@ -126,4 +126,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.baselines.path_methods = ()
         config.baselines.budget = 4
         config.export = False
+        # The held-out bootstrap and the neighbourhood refinement are tested by the smoke run
+        # (tests/test_hm3_run.py) and tests/test_hm3_units.py; here they would only add compilations x 4 processes.
+        config.report.bootstrap_samples = 0
+        config.arch.neighbourhood_evaluations = 0
     return config
