@@ -45,7 +45,7 @@ from hm3_jax import merging, models
 from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
-from hm3_jax.hm3.problem import Problem, pool_for
+from hm3_jax.hm3.problem import Problem, full_search_cost, pool_for
 from hm3_jax.hm3.workdir import atomic_write_text
 
 
@@ -329,15 +329,13 @@ def _confirm(problem: Problem, full_scorer, index: int, pref, scorer, num_source
     chosen_paths = paths[order]
     full = full_scorer(chosen_paths, np.repeat(np.asarray(pref)[None], len(order), 0))
     r_full = reward(full, pref, (chosen_paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
-    n_full = sum(o.num_examples for o in problem.objectives["search_full"])
-    n_sub = sum(o.num_examples for o in problem.objectives["search"])
     return {
         "paths": chosen_paths.tolist(),
         "subset_rewards": r_sub[order].tolist(),
         "full_rewards": r_full.tolist(),
         "full_search": (np.asarray(full) * problem.ideal["search_full"]).tolist(),
         "chosen": int(np.argmax(r_full)),
-        "charged_evaluations": int(len(order) * -(-n_full // n_sub)),
+        "charged_evaluations": int(len(order) * full_search_cost(problem)),
     }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import baselines, merging
-from hm3_jax.hm3.problem import Problem, score_params
+from hm3_jax.hm3.problem import Problem, full_search_cost, score_params
 
 # Papers' defaults: TA scaling 0.4 (Ilharco et al. 2023 use 0.3-0.5), TIES density 0.2 with disjoint mean
 # (Yadav et al. 2023), DARE drop 0.9 (Yu et al. 2024) with TIES density 1, Consensus TALL lambda 0.4 with
@@ -138,23 +138,19 @@ class ExpertPathEvaluator:
             full[r] = self.full.evaluate(p[None], j).scores[0]
         full_fit = self.problem.normalise(full, "search_full") @ pref
         best = int(np.argmax(full_fit))
-        n_full = sum(o.num_examples for o in self.problem.objectives["search_full"])
-        n_sub = sum(o.num_examples for o in self.problem.objectives["search"])
         return {
             "path": paths[best],
             "scales": scales[best] if has_scales else None,
             "subset_fitness": sub[order].tolist(),
             "full_fitness": full_fit.tolist(),
-            "charged_evaluations": int(len(order) * -(-n_full // n_sub)),
+            "charged_evaluations": int(len(order) * full_search_cost(self.problem)),
         }
 
     def confirm_units(self, top: int) -> int:
         """Budget charged per confirmation of `top` candidates (0 when the search split is not capped)."""
         if self.full is None or top < 1:
             return 0
-        n_full = sum(o.num_examples for o in self.problem.objectives["search_full"])
-        n_sub = sum(o.num_examples for o in self.problem.objectives["search"])
-        return int(top * -(-n_full // n_sub))
+        return int(top * full_search_cost(self.problem))
 
     def heldout_raw(self, paths, junction_scales=None):
         j = _junction_from_scales(junction_scales, self.problem.config.hidden_size)

@@ -67,6 +67,14 @@ class Problem(NamedTuple):
         return np.asarray(scores, np.float64) / self.ideal[split]
 
 
+def full_search_cost(problem: Problem) -> int:
+    """Path evaluations charged for scoring one path on the whole search split ("search_full") instead of the
+    capped one: ceil(examples of the whole split / examples of the capped split), over all tasks."""
+    n_full = sum(o.num_examples for o in problem.objectives["search_full"])
+    n_sub = sum(o.num_examples for o in problem.objectives["search"])
+    return int(-(-n_full // n_sub))
+
+
 def pool_for(problem_or_experts, merged: dict | None) -> dict:
     """Stacked block pool of the experts, plus the merged model's blocks as source K when given."""
     experts = problem_or_experts.experts if isinstance(problem_or_experts, Problem) else problem_or_experts
