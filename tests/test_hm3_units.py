@@ -78,34 +78,38 @@ def _tiny(key):
     return config, models.init(config, key)
 
 
-def test_traced_dare_ties_matches_the_merging_library_without_trim_or_drop():
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+def _tiny_base_and_experts(seed: int):
+    """A tiny base, three experts at base + 0.1 N(0, 1), and the key the base was initialised with."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     _, base = _tiny(keys[0])
     experts = [jax.tree.map(lambda b, k=k: b + 0.1 * jax.random.normal(k, b.shape), base) for k in keys[1:]]
+    return base, experts, keys[0]
+
+
+def test_traced_dare_ties_matches_the_merging_library_without_trim_or_drop():
+    base, experts, key = _tiny_base_and_experts(0)
     pref = np.array([0.5, 0.3, 0.2], np.float32)
-    ours = param_level.dare_ties_traced(base, experts, keys[0], jnp.asarray(pref)[:, None] * jnp.ones((3, 2)),
+    ours = param_level.dare_ties_traced(base, experts, key, jnp.asarray(pref)[:, None] * jnp.ones((3, 2)),
                                         jnp.asarray(pref), 1.0, 0.0, 1.0)  # fmt: skip
-    ref = merging.hm3_merge(base, experts, list(pref), keys[0], density=1.0, drop_rate=0.0)
+    ref = merging.hm3_merge(base, experts, list(pref), key, density=1.0, drop_rate=0.0)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 def test_traced_merge_without_sign_election_is_task_arithmetic():
     """elect = 0 at density 1, drop 0: Theta = base + scale * sum_k w_k delta_k, independently computed."""
-    keys = jax.random.split(jax.random.PRNGKey(3), 4)
-    _, base = _tiny(keys[0])
-    experts = [jax.tree.map(lambda b, k=k: b + 0.1 * jax.random.normal(k, b.shape), base) for k in keys[1:]]
+    base, experts, key = _tiny_base_and_experts(3)
     w = np.array([0.5, 0.3, 0.2], np.float32)
-    ours = param_level.dare_ties_traced(base, experts, keys[0], jnp.asarray(w)[:, None] * jnp.ones((3, 2)),
+    ours = param_level.dare_ties_traced(base, experts, key, jnp.asarray(w)[:, None] * jnp.ones((3, 2)),
                                         jnp.asarray(w), 1.0, 0.0, 1.7, 0.0)  # fmt: skip
-    ref = merging.merge("task_arithmetic", base, experts, keys[0], weights=list(w), scale=1.7)
+    ref = merging.merge("task_arithmetic", base, experts, key, weights=list(w), scale=1.7)
     expected = jax.tree.map(
         lambda b, *e: b + 1.7 * sum(wk * (ek - b) for wk, ek in zip(w, e, strict=True)), base, *experts
     )
     for a, b, c in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
         np.testing.assert_allclose(np.asarray(b), np.asarray(c), atol=1e-5)
-    with_election = param_level.dare_ties_traced(base, experts, keys[0], jnp.asarray(w)[:, None] * jnp.ones((3, 2)),
+    with_election = param_level.dare_ties_traced(base, experts, key, jnp.asarray(w)[:, None] * jnp.ones((3, 2)),
                                                  jnp.asarray(w), 1.0, 0.0, 1.7, 1.0)  # fmt: skip
     assert any(
         not np.allclose(a, b)

@@ -247,7 +247,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         start_reward, refined, num_candidates = float(rewards[best]), 0, len(cands)
         if cfg.get("neighbourhood_evaluations", 0) > 0:
             ls = neighbourhood_search(
-                lambda paths, i=i, pref=pref: scorer(paths, np.repeat(pref[None], len(paths), 0)),
+                lambda paths, pref=pref: scorer(paths, np.repeat(pref[None], len(paths), 0)),
                 best_path,
                 pref,
                 num_sources=num_sources,
@@ -266,7 +266,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
             cands = [(best_path, ls["scores"])]
             rewards, best = np.asarray([ls["reward"]]), 0
         confirm = None
-        if cfg.get("confirm_top", 0) > 0 and "search_full" in problem.engines:
+        if full_scorer is not None:
             confirm = _confirm(
                 problem, full_scorer, i, pref, scorer, num_sources, L, acfg, int(cfg.confirm_top)
             )

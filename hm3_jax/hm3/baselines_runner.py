@@ -82,6 +82,16 @@ def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bo
     }
 
 
+def param_baseline_models(problem: Problem, method: str, result: dict, key) -> list[dict]:
+    """The merged models behind `run_param_baseline(problem, method, prefs, key)`'s reported points, rebuilt
+    from its stored preferences and chosen hyperparameters with the same per-preference keys."""
+    prefs = np.asarray(result["preferences"], np.float32)  # as run: float32 preference rows
+    return [
+        _param_merge(problem, method, pref, jax.random.fold_in(key, i), hp)
+        for i, (pref, hp) in enumerate(zip(prefs, result["hparams"], strict=True))
+    ]
+
+
 def _junction_from_scales(scales, hidden_size: int):
     if scales is None:
         return None
@@ -119,7 +129,7 @@ class ExpertPathEvaluator:
             self.records[key] = (p, row, scores[r])
         return scores
 
-    def confirm(self, preference, top: int, fitness=None) -> dict | None:
+    def confirm(self, preference, top: int) -> dict | None:
         """The `top` recorded candidates by weighted sum on the search subset, re-scored on the whole search
         split; returns the best there ({"path", "scales", "charged_evaluations", ...}), or None when the
         search split is not capped."""

@@ -21,7 +21,7 @@ from absl import logging
 
 from hm3_jax import models
 from hm3_jax.hm3.problem import MIN_IDEAL, Problem
-from hm3_jax.moo import bootstrap
+from hm3_jax.moo import bootstrap, hypervolume, normalize_by_ideal
 from hm3_jax.tasks import objectives as objectives_lib
 
 ModelSpec = tuple  # (shell, pool, path [T], junction or None)
@@ -98,8 +98,6 @@ def run_bootstrap(problem: Problem, zoo, method_specs: dict[str, Callable[[], li
         logging.info("bootstrap: %s re-run (%d points)", name, len(specs))
     ref = np.asarray(reference, np.float64)
     hv = bootstrap.hypervolume_samples(samples, ideal, ref)
-    from hm3_jax.moo import hypervolume, normalize_by_ideal
-
     ideal_full = np.asarray(problem.ideal["heldout"], np.float64)
     point_hv = {
         n: hypervolume(normalize_by_ideal(np.asarray(method_points[n], np.float64), ideal_full), ref)

@@ -172,8 +172,8 @@ def run_cmaes(problem: Problem, preference, key: jax.Array, *, x0: np.ndarray, p
     """Step (2): CMA-ES over the 3 + L merge genes from `x0` for one preference (search split only).
 
     `merge_key` fixes the DARE masks of every candidate (default: derived from `key`), so candidates differ
-    only in their hyperparameters; `sign_election` (not a gene) is the starting point's. Returns: {"hparams", "search", "fitness", "history" (best fitness per
-    generation), "evaluations"}.
+    only in their hyperparameters; `sign_election` (not a gene) is the starting point's. Returns:
+    {"hparams", "search", "fitness", "history" (best fitness per generation), "evaluations"}.
     """
     from evosax.algorithms import CMA_ES
 

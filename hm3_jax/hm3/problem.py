@@ -94,8 +94,8 @@ def make_problem(
 
     `search_examples` caps the examples per task that searches are scored on (the first ones of the zoo's
     shuffled search split; None = all of it); the whole search split is then kept as split "search_full"
-    (objectives, engine, source scores, ideal), for confirming a search's final candidates. Path evaluation is the inner loop of every search and costs
-    in proportion to it; the held-out split is always used whole.
+    (objectives, engine, source scores, ideal), for confirming a search's final candidates. Path evaluation
+    is the inner loop of every search and costs in proportion to it; the held-out split is always used whole.
 
     Source scores are computed with the path engine on each source's identity path, so the numbers every
     method is compared with come from the same code path as the searched paths.

@@ -155,9 +155,10 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         "evaluations": 0,
         "wall_seconds": 0.0,
     }
-    for i, m in enumerate(config.baselines.param_methods):
-        methods[m] = wd.stage(f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_param_baseline(
-            problem, m, prefs, jax.random.fold_in(k_base, i), tune=config.baselines.tune))  # fmt: skip
+    param_keys = {m: jax.random.fold_in(k_base, i) for i, m in enumerate(config.baselines.param_methods)}
+    for m in config.baselines.param_methods:
+        methods[m] = wd.stage(f"baseline_{m}", lambda m=m: baselines_runner.run_param_baseline(
+            problem, m, prefs, param_keys[m], tune=config.baselines.tune))  # fmt: skip
     evaluator = baselines_runner.ExpertPathEvaluator(problem, np_shell, np_pool)
     for i, m in enumerate(config.baselines.path_methods):
         methods[m] = wd.stage(f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_path_baseline(
@@ -227,8 +228,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         problem.tasks, problem.ideal["heldout"], methods, config.report.fixed_reference, extra
     )
     if config.report.get("bootstrap_samples", 0) > 0 and "hm3" in rep["methods"]:
-        specs = _method_specs(problem, config, methods, k_base, merged, shells, pools, variant, param, np_shell,
-                              np_pool, hm3, no_param)  # fmt: skip
+        specs = _method_specs(problem, config, methods, param_keys, merged, shells, pools, np_shell, np_pool, hm3,
+                              no_param)  # fmt: skip
         bs = wd.stage("bootstrap", lambda: heldout_bootstrap.run_bootstrap(
             problem, zoo, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
             config.report.bootstrap_samples, config.seed,
@@ -248,13 +249,14 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     return rep
 
 
-def _method_specs(problem, config, methods, k_base, merged, shells, pools, variant, param, np_shell, np_pool,
-                  hm3, no_param) -> dict:  # fmt: skip
+def _method_specs(problem, config, methods, param_keys, merged, shells, pools, np_shell, np_pool, hm3,
+                  no_param) -> dict:  # fmt: skip
     """{method: () -> [ModelSpec]}: every reported point of the run rebuilt as a path model (for the bootstrap).
 
     Mirrors how each point was made: parameter baselines re-merge with their chosen hyperparameters and the
-    same keys (`run_param_baseline`), path methods re-use their paths (and junction scales) over the experts'
-    pool, HM3 its path over its preference's pool, the no-architecture-level ablation its Theta(lambda).
+    same keys (`baselines_runner.param_baseline_models`), path methods re-use their paths (and junction scales)
+    over the experts' pool, HM3 its path over its preference's pool, the no-architecture-level ablation its
+    Theta(lambda).
     """
     from hm3_jax.hm3 import baselines_runner
 
@@ -262,13 +264,10 @@ def _method_specs(problem, config, methods, k_base, merged, shells, pools, varia
     spec = heldout_bootstrap.params_spec
     out = {f"expert:{t}": (lambda k=k: [spec(problem.experts[k], L)]) for k, t in enumerate(problem.tasks)}
     out["base"] = lambda: [spec(problem.base, L)]
-    for i, m in enumerate(config.baselines.param_methods):
-        key = jax.random.fold_in(k_base, i)
-        out[m] = lambda m=m, key=key: [
-            spec(baselines_runner._param_merge(problem, m, pref, jax.random.fold_in(key, j), hp), L)
-            for j, (pref, hp) in enumerate(
-                zip(np.asarray(methods[m]["preferences"], np.float32), methods[m]["hparams"], strict=True)
-            )
+    for m in config.baselines.param_methods:
+        out[m] = lambda m=m: [
+            spec(mg, L)
+            for mg in baselines_runner.param_baseline_models(problem, m, methods[m], param_keys[m])
         ]
     for m in config.baselines.path_methods:
         out[m] = lambda m=m: [
