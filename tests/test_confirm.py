@@ -62,3 +62,69 @@ def test_arch_level_confirmation_includes_the_merged_models_identity_path(proble
     expected = arch_level.reward(problem.normalise(np.asarray(c["full_search"]), "search_full"), pref[0],
                                  (ps >= 0).sum(-1), 0.05, 3)  # fmt: skip
     np.testing.assert_allclose(c["full_rewards"], expected, atol=1e-9)
+
+
+def test_paired_difference_samples_against_hand_values():
+    from hm3_jax.moo import bootstrap
+
+    a = [np.array([1, 0, 1, 1]), np.array([0, 0, 1])]
+    b = [np.array([0, 0, 1, 0]), np.array([1, 0, 1])]
+    idx = [np.array([[0, 1, 2, 3], [0, 0, 0, 0], [1, 1, 2, 2]]), np.array([[0, 1, 2], [0, 0, 1], [2, 2, 2]])]
+    got = bootstrap.paired_difference_samples(a, b, ["exact_match"] * 2, [0.5, 0.25], idx)
+    # resample 0: task 0 75 - 25 = 50, task 1 33.3 - 66.7 = -33.3; resample 1: 100 - 0, 0 - 66.7;
+    # resample 2: 50 - 50, 100 - 100
+    np.testing.assert_allclose(got, [0.5 * 50 - 0.25 * 100 / 3, 0.5 * 100 - 0.25 * 200 / 3, 0.0])
+
+
+def test_significant_gain_is_paired_and_checks_the_engine_scores(problem):
+    from hm3_jax.hm3 import arch_level, heldout_bootstrap
+
+    L, K = problem.config.num_layers, problem.num_tasks
+    acfg = types.SimpleNamespace(beta1=0.0, t_max=L)
+    base = heldout_bootstrap.params_spec(problem.base, L)
+    full = problem.normalise(problem.source_scores["search_full"], "search_full")
+    # a model against itself: the paired difference is 0 on every resample
+    assert arch_level.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 50, 0) == 0.0
+    # each expert against the base, for a preference on its own task (scores checked against the engine's)
+    for k in range(K):
+        expert = heldout_bootstrap.params_spec(problem.experts[k], L)
+        p = arch_level.significant_gain(problem, "search_full", expert, base, np.eye(K)[k], acfg, 200, 1,
+                                        expected=(full[1 + k], full[0]))  # fmt: skip
+        if full[1 + k, k] > full[0, k] + 0.2:  # clearly better on the whole split: (almost) every resample
+            assert p > 0.95
+        if full[1 + k, k] == full[0, k]:
+            assert p == 0.0
+    with pytest.raises(RuntimeError, match="engine gave"):
+        arch_level.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 10, 0,
+                                    expected=(full[0] + 0.5, full[0]))  # fmt: skip
+
+
+def test_confirmation_keeps_theta_unless_the_gain_is_significant(problem):
+    from hm3_jax import models
+    from hm3_jax.hm3 import arch_level
+    from hm3_jax.hm3.problem import pool_for
+
+    L, K = problem.config.num_layers, problem.num_tasks
+    full = problem.normalise(problem.source_scores["search_full"], "search_full")
+    k = int(np.argmax(full[1:].diagonal() - full[0]))  # the expert that gains most over the base on its task
+    # Theta := the base's blocks with expert k's shell, so source k's identity path is expert k itself
+    pool, shell = pool_for(problem, problem.base), models.shell_of(problem.experts[k])
+    pref = np.eye(K, dtype=np.float32)[k][None]
+    scorer = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "confirm_sig")
+    fscorer = arch_level.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_sig")
+    ids = arch_level.identity_paths(K + 1, L, L)
+    scorer(ids[[k, K]], np.repeat(pref, 2, 0))
+    acfg = types.SimpleNamespace(beta1=0.0, t_max=L)
+    spec_fn = lambda p: (shell, pool, np.asarray(p, np.int32), None)  # noqa: E731
+    plain = arch_level._confirm(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1)
+    assert np.array_equal(plain["paths"][plain["chosen"]], ids[k])  # the expert wins on the whole split
+    strict = arch_level._confirm(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=1.01,
+                                 spec_fn=spec_fn, num_samples=50)  # fmt: skip
+    assert np.array_equal(strict["paths"][strict["chosen"]], ids[K])  # an unreachable level: Theta stands
+    assert (
+        strict["significance"]["accepted"] is False
+        and strict["significance"]["best_on_full"] == plain["chosen"]
+    )
+    usual = arch_level._confirm(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=0.95,
+                                spec_fn=spec_fn, num_samples=200)  # fmt: skip
+    assert usual["significance"]["p_gain_over_theta"] > 0.95 and usual["chosen"] == plain["chosen"]

@@ -75,6 +75,10 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # (against the winner's curse of picking the max of many noisy scores); charged to the budget, and the
     # per-preference path baselines (EA, DE, grid search) confirm the same way. 0 = off.
     c.arch.confirm_top = 3
+    # ... and a candidate replaces Theta(lambda)'s identity path only if it beats it on at least this fraction of
+    # paired bootstrap resamples of the whole search split (arch_level.significant_gain). 0 = best on the split.
+    c.arch.confirm_significance = 0.95
+    c.arch.confirm_bootstrap_samples = 1000
     c.arch.refine_iterations = 0  # optional online PPO refinement per preference (suggest with search=True)
 
     c.baselines = ml_collections.ConfigDict()

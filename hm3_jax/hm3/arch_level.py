@@ -18,8 +18,12 @@ distinct candidates by search reward, plus Theta(lambda)'s identity path, are re
 split and the answer is the best of them there: choosing the maximum of hundreds of noisy scores on 100
 examples per task is biased upward (the winner's curse; on tiny3 the chosen path's math score fell from 20 on
 the 100 search examples to 12 held-out). Each such evaluation is charged `ceil(n_full / n_sub)` path
-evaluations in the budget (the path baselines get the same total). Only the final path is scored on the
-held-out split.
+evaluations in the budget (the path baselines get the same total). With `arch.confirm_significance = c > 0`
+a path other than Theta(lambda)'s identity path is answered only if it beats Theta on a fraction >= c of
+paired bootstrap resamples of the whole search split (`significant_gain`): on tiny3 the paths that beat Theta
+on all 700 search examples by a few exact-match points mostly lost to it held-out (differences within the
+noise of 700 examples), so the upper level's answer stands unless the evidence is clear. Only the final path
+is scored on the held-out split.
 
 Ablation "no parameter level": the pool holds the K experts only (the RL's `num_sources = K`); the engine pool
 keeps its (K + 1) L shape with a copy of expert 0 in the unused last slot (never selectable), and the shell is
@@ -267,9 +271,19 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
             rewards, best = np.asarray([ls["reward"]]), 0
         confirm = None
         if full_scorer is not None:
+
+            def spec_fn(path, i=i):
+                path = np.asarray(path, np.int32)
+                junction = None
+                if aligners_search is not None:
+                    junction = {k: v[0] for k, v in aligners_search[i].junctions(path[None]).items()}
+                return shells[i], pools[i], path, junction
+
             confirm = _confirm(
-                problem, full_scorer, i, pref, scorer, num_sources, L, acfg, int(cfg.confirm_top)
-            )
+                problem, full_scorer, i, pref, scorer, num_sources, L, acfg, int(cfg.confirm_top),
+                significance=float(cfg.get("confirm_significance", 0.0)), spec_fn=spec_fn,
+                num_samples=int(cfg.get("confirm_bootstrap_samples", 1000)), seed=int(cfg.get("confirm_seed", 0)) + i,
+            )  # fmt: skip
             best_path = np.asarray(confirm["paths"][confirm["chosen"]], np.int32)
             cands = [(best_path, scorer.archive[(i, best_path.tobytes())])]
             rewards, best = (
@@ -314,9 +328,16 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
 
 
 def _confirm(problem: Problem, full_scorer, index: int, pref, scorer, num_sources: int, num_layers: int, acfg,
-             top: int) -> dict:  # fmt: skip
+             top: int, significance: float = 0.0, spec_fn=None, num_samples: int = 1000, seed: int = 0) -> dict:  # fmt: skip
     """Re-scores the `top` best candidates of preference `index` (and Theta's identity path) on the whole
-    search split; returns the candidates, both rewards and the chosen index (best on the whole split)."""
+    search split; returns the candidates, both rewards and the chosen index (best on the whole split).
+
+    With `significance` = c > 0 and `spec_fn(path) -> ModelSpec` (`heldout_bootstrap` semantics), a candidate
+    that beats Theta(lambda)'s identity path on the whole split replaces it only when it does so on a
+    fraction >= c of `num_samples` paired bootstrap resamples of the split's examples (`significant_gain`):
+    the upper level's answer stands unless the data say the architecture level improves on it. The
+    per-example statistics come from one re-run of the two models (scores checked against the engine's).
+    """
     cands = [(np.frombuffer(k[1], np.int32), s) for k, s in scorer.archive.items() if k[0] == index]
     paths = np.stack([p for p, _ in cands])
     r_sub = reward(np.stack([s for _, s in cands]), pref, (paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
@@ -329,14 +350,60 @@ def _confirm(problem: Problem, full_scorer, index: int, pref, scorer, num_source
     chosen_paths = paths[order]
     full = full_scorer(chosen_paths, np.repeat(np.asarray(pref)[None], len(order), 0))
     r_full = reward(full, pref, (chosen_paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
-    return {
+    chosen = int(np.argmax(r_full))
+    out = {
         "paths": chosen_paths.tolist(),
         "subset_rewards": r_sub[order].tolist(),
         "full_rewards": r_full.tolist(),
         "full_search": (np.asarray(full) * problem.ideal["search_full"]).tolist(),
-        "chosen": int(np.argmax(r_full)),
+        "chosen": chosen,
         "charged_evaluations": int(len(order) * full_search_cost(problem)),
     }
+    theta_at = [k for k, p in enumerate(chosen_paths) if num_sources > problem.num_tasks
+                and np.array_equal(p, identity_paths(num_sources, num_layers, acfg.t_max)[num_sources - 1])]  # fmt: skip
+    if significance > 0 and spec_fn is not None and theta_at and chosen != theta_at[0]:
+        t = theta_at[0]
+        p_gain = significant_gain(problem, "search_full", spec_fn(chosen_paths[chosen]), spec_fn(chosen_paths[t]),
+                                  pref, acfg, num_samples, seed, expected=(full[chosen], full[t]))  # fmt: skip
+        accepted = p_gain >= significance
+        out["significance"] = {"level": float(significance), "p_gain_over_theta": p_gain, "accepted": accepted,
+                               "best_on_full": chosen, "num_samples": int(num_samples)}  # fmt: skip
+        out["chosen"] = chosen if accepted else t
+    return out
+
+
+def significant_gain(problem: Problem, split: str, spec_a, spec_b, pref, acfg, num_samples: int, seed: int,
+                     expected=None, tol: float = 1e-3) -> float:  # fmt: skip
+    """P(reward(a) > reward(b)) over paired bootstrap resamples of `split`'s examples.
+
+    The reward difference on a resample is `sum_k lambda_k (f_k(a) - f_k(b)) / z*_k - beta1 (T_a - T_b) / T_max`
+    (the RL reward, `reward`), both models scored on the same resampled examples (per-example 0/1 for exact
+    match, sentence statistics for chrF: `hm3_jax.moo.bootstrap`). `expected`: the engine's normalised scores
+    of a and b on the split; the re-run must reproduce them (else RuntimeError).
+    Args: spec_a, spec_b: (shell, pool, path [T], junction or None). Returns a probability in [0, 1].
+    """
+    from hm3_jax.hm3 import heldout_bootstrap
+    from hm3_jax.moo import bootstrap
+
+    stats, scores = [], []
+    for spec in (spec_a, spec_b):
+        st, sc = heldout_bootstrap.example_stats(
+            problem, problem.references[split], problem.tokenizer, spec, split
+        )
+        stats.append(st)
+        scores.append(problem.normalise(np.asarray(sc), split))
+    ideal = np.asarray(problem.ideal[split], np.float64)
+    if expected is not None and np.max(np.abs(np.asarray(scores) - np.asarray(expected)) * ideal) > tol:
+        raise RuntimeError(
+            f"significant_gain: re-running on {split} gives {scores}, the engine gave {expected}"
+        )
+    objs = problem.objectives[split]
+    idx = bootstrap.resample_indices(seed, [o.num_examples for o in objs], num_samples)
+    weights = np.asarray(pref, np.float64) / ideal
+    diff = bootstrap.paired_difference_samples(stats[0], stats[1], [o.metric for o in objs], weights, idx)
+    t_a, t_b = (int((np.asarray(s[2]) >= 0).sum()) for s in (spec_a, spec_b))
+    diff = diff - acfg.beta1 * (t_a - t_b) / acfg.t_max
+    return float(np.mean(diff > 0))
 
 
 def neighbours(path, num_sources: int, num_layers: int, t_min: int, t_max: int) -> np.ndarray:

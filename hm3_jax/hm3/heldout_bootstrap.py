@@ -32,15 +32,16 @@ def params_spec(params: dict, num_layers: int) -> ModelSpec:
     return models.shell_of(params), params["blocks"], np.arange(num_layers, dtype=np.int32), None
 
 
-def example_stats(problem: Problem, references: Sequence[Sequence[str] | None], tokenizer, spec: ModelSpec):
-    """Per task the per-example statistics of one model on the held-out split (see `moo.bootstrap`).
+def example_stats(problem: Problem, references: Sequence[Sequence[str] | None], tokenizer, spec: ModelSpec,
+                  split: str = "heldout"):  # fmt: skip
+    """Per task the per-example statistics of one model on `split` (see `moo.bootstrap`).
 
-    Args: references: per task the held-out references (chrF tasks) or None; tokenizer: the zoo's.
+    Args: references: per task the split's references (chrF tasks) or None; tokenizer: the zoo's.
     Returns: ([stats per task], [full-sample score per task]).
     """
     shell, pool, path, junction = spec
     out, scores = [], []
-    for obj, refs in zip(problem.objectives["heldout"], references, strict=True):
+    for obj, refs in zip(problem.objectives[split], references, strict=True):
         raw = np.asarray(objectives_lib.path_device_scores(
             problem.config, shell, pool, jnp.asarray(path, jnp.int32), junction, obj))  # fmt: skip
         raw = raw[: obj.num_examples]

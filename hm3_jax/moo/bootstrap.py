@@ -73,6 +73,16 @@ def resampled_scores(stats, metric: str, idx: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown metric {metric!r}")
 
 
+def paired_difference_samples(stats_a, stats_b, metrics, weights, idx) -> np.ndarray:
+    """[B] `sum_k w_k (score_a,k - score_b,k)` on each paired resample: models a and b scored on the same
+    resampled examples `idx` (per task [B, N_k]); stats_a / stats_b: per task per-example statistics."""
+    out = 0.0
+    for a, b, m, w, i in zip(stats_a, stats_b, metrics, weights, idx, strict=True):
+        if w:
+            out = out + float(w) * (resampled_scores(a, m, i) - resampled_scores(b, m, i))
+    return np.broadcast_to(np.asarray(out, np.float64), (idx[0].shape[0],)).copy()
+
+
 def full_score(stats, metric: str) -> float:
     """The score on all examples (must equal the reported point: a consistency check)."""
     stats = np.asarray(stats)
