@@ -1,12 +1,16 @@
 """Path-evaluation engine vs rebuilding each candidate as its own stacked model; prints one JSON object.
 
-    .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3/zoo          # the built tiny3 zoo (search split)
+    .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3_v5/zoo --run=runs/tiny3_v5   # the reported one
+    .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3_v5/zoo --full_search        # whole search split
     .venv/bin/python benchmarks/path_eval.py                               # tiny3-sized random pool, synthetic
 
 Workload. The pool is the K = 3 tiny3 experts plus the balanced preference's parameter-merged model
 Theta(1/3, 1/3, 1/3) (`--run`'s stages/param_level.json when it exists, else task arithmetic with scale 0.7);
-the shell (embeddings, head) is Theta's. The objectives are the zoo's search split (210 examples per task:
-translation = greedy decoding + chrF, math and code = teacher-forced exact match). The paths are ones a policy
+the shell (embeddings, head) is Theta's. The objectives are what HM3's search scores: the first
+`engine.search_examples` examples per task of the zoo's search split (`--run`'s run.json; 100 on tiny3_v5),
+built as `hm3_jax.hm3.problem.make_problem` builds its capped "search" split (`--full_search`: the whole search
+split, 700 per task on tiny3_v5, which HM3 scores only to confirm its final few candidates); translation =
+greedy decoding + chrF, math and code = teacher-forced exact match. The paths are ones a policy
 really produces: (1) `archive`: the first `--num_paths` distinct paths of a real run's score archive
 (`--archive`, every path the RL of an HM3 run scored, in order of first evaluation); (2) `rollouts`:
 `--rollout_iterations` batches of `num_envs` episodes of the HM3 actor warm-started on Theta's identity path
@@ -28,13 +32,15 @@ Keys
   reused for every later candidate of that depth (compile time of the first of each depth included).
 - engine_flops_per_s: analytic forward FLOPs of the work the engine did (hm3_jax/paths/flops.py: the matmuls
   of every block step it ran, the LM heads, decoding prefill + one token per step) / engine seconds;
-  matmul_peak_flops_per_s: float32 1024^3 `jnp.dot` in the same run (median of 20 timed calls, measured just
-  before and just after the engine runs; both are in matmul_peak_samples, the best call in
-  matmul_peak_best_flops_per_s); fraction_of_peak = engine_flops_per_s / matmul_peak_flops_per_s.
-  The machine is shared (2 cores, load average often 8-12), so wall-time rates move with the load, and a
-  20-call matmul sees the scheduler differently from a minute-long engine run. fraction_of_peak_cpu_time
-  divides FLOPs per process CPU second (all threads) of the engine by the same for the matmul: a measure of
-  how efficiently the engine uses the cores it gets, largely independent of the load.
+  matmul_peak_flops_per_s: the machine's sustained float32 1024^3 `jnp.dot` rate in the same run, measured
+  conservatively (`PeakMeter`): two rounds of 20 timed calls before the engine runs, two between the tree
+  and the plain run, two after; the peak is the BEST round median (a slowed round can only understate the
+  machine). matmul_peak_samples_gflops lists every round median, matmul_peak_mean_flops_per_s their mean and
+  fraction_of_mean_peak the ratio against it (the flattering denominator of sessions 3-4, for comparison);
+  fraction_of_peak = engine_flops_per_s / matmul_peak_flops_per_s.
+  The machine is shared (2 cores), so wall-time rates move with the load. fraction_of_peak_cpu_time
+  divides FLOPs per process CPU second (all threads) of the engine by the best round's FLOPs per CPU second
+  of the matmul: how efficiently the engine uses the cores it gets, largely independent of the load.
 - prefix_sharing_saving: 1 - tree / plain on the archive batch for FLOPs, block steps and seconds.
 - rollouts: per batch and in total, paths asked, distinct, cache hits (in-batch duplicates count as hits),
   evaluations, block steps tree vs plain, seconds; cache_hit_rate = 1 - evaluations / paths;
@@ -51,6 +57,7 @@ docs/path_eval.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -114,8 +121,39 @@ def balanced_merged(base, experts, run_dir: str | None):
     return merged, "task_arithmetic(scale=0.7, weights 1) of the experts"
 
 
-def zoo_setup(workdir: str, run_dir: str | None) -> Setup:
-    """The tiny3 zoo: experts + the balanced Theta as the pool, Theta's shell, the zoo's objectives."""
+def run_search_examples(run_dir: str | None) -> int | None:
+    """`config.engine.search_examples` of the run (examples per task its searches score), None if unset/0."""
+    run_json = os.path.join(run_dir or "", "run.json")
+    if not (run_dir and os.path.exists(run_json)):
+        return None
+    with open(run_json) as f:
+        return json.load(f)["config"].get("engine", {}).get("search_examples") or None
+
+
+def search_objectives(zoo, tasks, search_examples: int | None) -> dict:
+    """{"search": what a search scores, "search_full": the zoo's whole search split, "heldout"} (Objective
+    lists in task order). With `search_examples` the "search" objectives are built exactly as
+    `hm3_jax.hm3.problem.make_problem` builds its capped split (the first `search_examples` examples of each
+    task's shuffled search split, batch min(eval_batch_size, search_examples), decode shapes of that split),
+    so the benchmark scores what HM3's search evaluates; without it "search" is the whole split."""
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    out = {s: [zoo.objectives[s][t] for t in tasks] for s in ("search", "heldout")}
+    out["search_full"] = out["search"]
+    if search_examples:
+        if search_examples < 1:
+            raise ValueError(f"search_examples must be >= 1, got {search_examples}")
+        cfg = zoo.manifest["config"]
+        subset = {t: {"search": zoo.data[t]["search"][:search_examples]} for t in tasks}
+        capped = zoo_lib.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
+                                         cfg["seq_len"], splits=("search",))  # fmt: skip
+        out["search"] = [capped["search"][t] for t in tasks]
+    return out
+
+
+def zoo_setup(workdir: str, run_dir: str | None, search_examples: int | None) -> Setup:
+    """The tiny3 zoo: experts + the balanced Theta as the pool, Theta's shell, the zoo's objectives ("search"
+    capped at `search_examples` per task as the run's searches score it; see `search_objectives`)."""
     from hm3_jax.tasks import zoo as zoo_lib
 
     zoo = zoo_lib.load(workdir)
@@ -124,9 +162,10 @@ def zoo_setup(workdir: str, run_dir: str | None) -> Setup:
     config = zoo.base.config
     merged, how = balanced_merged(zoo.base.params, experts, run_dir)
     pool = models.make_pool([p["blocks"] for p in experts] + [merged["blocks"]])
-    objectives = {s: [zoo.objectives[s][t] for t in tasks] for s in ("search", "heldout")}
+    objectives = search_objectives(zoo, tasks, search_examples)
+    n = [o.num_examples for o in objectives["search"]]
     return Setup(config, zoo.base.params, experts, merged, models.shell_of(merged), pool, objectives, tasks,
-                 f"tiny3 zoo {workdir}", how, zoo.tokenizer)  # fmt: skip
+                 f"tiny3 zoo {workdir}, search split {n} examples per task", how, zoo.tokenizer)  # fmt: skip
 
 
 def random_setup(num_examples: int = 210, seq_len: int = 64, batch_size: int = 105) -> Setup:
@@ -146,7 +185,7 @@ def random_setup(num_examples: int = 210, seq_len: int = 64, batch_size: int = 1
         ]
         objectives.append(make_exact_match_objective(f"synthetic{task}/search", pairs, 0, batch_size))
     return Setup(config, None, experts, merged, models.shell_of(merged), pool,
-                 {"search": objectives, "heldout": objectives}, ["synthetic0", "synthetic1", "synthetic2"],
+                 {"search": objectives, "search_full": objectives, "heldout": objectives}, ["synthetic0", "synthetic1", "synthetic2"],
                  "random tiny3-sized pool, synthetic data", "mean of the random experts")  # fmt: skip
 
 
@@ -211,10 +250,10 @@ def policy_rollouts(key, setup: Setup, acfg, num_iterations: int) -> list[np.nda
 
 # ------------------------------------------------------------------------------------------------ baselines
 def matmul_peak(n: int = 1024, reps: int = 20) -> tuple[float, float, float]:
-    """FLOP/s of a float32 [n, n] @ [n, n] over `reps` timed calls after one warm-up: (median over calls of
-    wall time, best call, total FLOPs / process CPU seconds of all calls)."""
+    """One round of the float32 [n, n] @ [n, n] matmul: FLOP/s over `reps` timed calls after one warm-up:
+    (median over calls of wall time, best call, total FLOPs / process CPU seconds of all calls)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
+    f = _matmul_fn()
     f(a, a).block_until_ready()
     times = []
     cpu = time.process_time()
@@ -225,6 +264,48 @@ def matmul_peak(n: int = 1024, reps: int = 20) -> tuple[float, float, float]:
     cpu = time.process_time() - cpu
     flops = 2.0 * n**3
     return flops / float(np.median(times)), flops / min(times), reps * flops / cpu
+
+
+@functools.cache
+def _matmul_fn():
+    return jax.jit(lambda x, y: x @ y)
+
+
+class PeakMeter:
+    """The machine's sustained float32 matmul rate, measured conservatively on a shared machine.
+
+    `sample(label)` runs `rounds` rounds of `matmul_peak` (20 calls each); the benchmark samples before the
+    engine runs, between its two runs and after them, so the rounds are interleaved with the work they are
+    compared with. `peak()` is the BEST round median (wall) and `peak_cpu()` the best round's FLOPs per
+    process CPU second: a round slowed by the scheduler, by other processes or by threads still winding down
+    from compilation can only lower its own median, never raise it, so the best median is the rate the
+    machine sustains when it is free, the honest denominator for fraction_of_peak (a mean of a slowed round
+    and a free one flatters the engine: session 4 saw round medians of 219 and 400 GF/s in one run)."""
+
+    def __init__(self, rounds: int = 2):
+        self.rounds = rounds
+        self.samples: dict[str, list] = {}
+
+    def sample(self, label: str) -> None:
+        self.samples[label] = [matmul_peak() for _ in range(self.rounds)]
+
+    def _all(self):
+        return [r for rs in self.samples.values() for r in rs]
+
+    def peak(self) -> float:
+        return max(r[0] for r in self._all())
+
+    def mean_peak(self) -> float:
+        return float(np.mean([r[0] for r in self._all()]))
+
+    def best_call(self) -> float:
+        return max(r[1] for r in self._all())
+
+    def peak_cpu(self) -> float:
+        return max(r[2] for r in self._all())
+
+    def summary(self) -> dict:
+        return {k: [round(r[0] / 1e9, 1) for r in rs] for k, rs in self.samples.items()}
 
 
 def _score_fn(config, objectives):
@@ -384,7 +465,10 @@ def check_scores(setup: Setup, batch: np.ndarray, strategy: str) -> dict:
     import hashlib
 
     out = {"num_paths": int(len(batch))}
-    for split in ("search", "heldout"):
+    splits = ("search", "heldout")
+    if setup.objectives["search_full"] is not setup.objectives["search"]:
+        splits = ("search", "search_full", "heldout")
+    for split in splits:
         engine = make_engine(
             setup.config, setup.shell, setup.pool, setup.objectives[split], strategy=strategy
         )
@@ -403,7 +487,12 @@ def _cost_dict(cost) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", default="", help="tiny3 zoo directory (default: random tiny3-sized pool)")
-    parser.add_argument("--run", default="runs/tiny3_v2", help="HM3 run dir (param_level.json, run.json)")
+    parser.add_argument("--run", default="runs/tiny3_v5", help="HM3 run dir (param_level.json, run.json)")
+    parser.add_argument(
+        "--full_search", action="store_true",
+        help="score the whole search split (default: the first engine.search_examples per task of --run's "
+        "config, the split HM3's search scores)",
+    )  # fmt: skip
     parser.add_argument("--archive", default="", help="score_archive.npz (default: RUN's, else runs/tiny3's)")
     parser.add_argument("--num_paths", type=int, default=32, help="archive paths scored by the engine")
     parser.add_argument("--rollout_iterations", type=int, default=3)
@@ -419,7 +508,8 @@ def main():
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     run_dir = args.run if os.path.isdir(args.run) else None
-    setup = zoo_setup(args.zoo, run_dir) if args.zoo else random_setup()
+    search_examples = None if args.full_search else run_search_examples(run_dir)
+    setup = zoo_setup(args.zoo, run_dir, search_examples) if args.zoo else random_setup()
     if args.profile:
         print(
             json.dumps({"data": setup.source, **profile_components(setup), "load_average_1min": load_start})
@@ -456,17 +546,19 @@ def main():
     plain.evaluate(warm, use_cache=False)
     compile_s = time.perf_counter() - start
 
-    peak_before = matmul_peak()
+    meter = PeakMeter()
+    meter.sample("before")
     cpu = time.process_time()
     res_tree = tree.evaluate(batch, use_cache=False)
     tree_cpu = time.process_time() - cpu
+    meter.sample("between")
     cpu = time.process_time()
     res_plain = plain.evaluate(batch, use_cache=False)
     plain_cpu = time.process_time() - cpu
-    peak_after = matmul_peak()
+    meter.sample("after")
     if not np.array_equal(res_tree.scores, res_plain.scores):
         raise AssertionError("prefix tree and plain evaluation disagree")
-    peak = float(np.mean([peak_before[0], peak_after[0]]))
+    peak, peak_cpu = meter.peak(), meter.peak_cpu()
     n = res_tree.cost.num_evaluations
     engine_s = res_tree.cost.seconds
 
@@ -529,16 +621,17 @@ def main():
         "engine_flops_per_s": res_tree.cost.flops / engine_s,
         "engine_plain_flops_per_s": res_plain.cost.flops / res_plain.cost.seconds,
         "matmul_peak_flops_per_s": peak,
-        "matmul_peak_best_flops_per_s": max(peak_before[1], peak_after[1]),
-        "matmul_peak_samples": {"before": peak_before[0], "after": peak_after[0]},
+        "matmul_peak_mean_flops_per_s": meter.mean_peak(),
+        "matmul_peak_best_call_flops_per_s": meter.best_call(),
+        "matmul_peak_samples_gflops": meter.summary(),
         "fraction_of_peak": (res_tree.cost.flops / engine_s) / peak,
+        "fraction_of_mean_peak": (res_tree.cost.flops / engine_s) / meter.mean_peak(),
         "fraction_of_peak_plain": (res_plain.cost.flops / res_plain.cost.seconds) / peak,
         "engine_flops_per_cpu_s": res_tree.cost.flops / tree_cpu,
-        "matmul_peak_flops_per_cpu_s": float(np.mean([peak_before[2], peak_after[2]])),
-        "fraction_of_peak_cpu_time": (res_tree.cost.flops / tree_cpu)
-        / np.mean([peak_before[2], peak_after[2]]),
-        "fraction_of_peak_cpu_time_plain": (res_plain.cost.flops / plain_cpu)
-        / np.mean([peak_before[2], peak_after[2]]),
+        "matmul_peak_flops_per_cpu_s": peak_cpu,
+        "fraction_of_peak_cpu_time": (res_tree.cost.flops / tree_cpu) / peak_cpu,
+        "fraction_of_peak_cpu_time_plain": (res_plain.cost.flops / plain_cpu) / peak_cpu,
+        "engine_flops": res_tree.cost.flops,
         "engine_cpu_seconds": tree_cpu,
         "engine_seconds": engine_s,
         "engine_plain_seconds": res_plain.cost.seconds,
