@@ -8,6 +8,22 @@ beats Theta on the whole search split AND held-out is headroom a better search c
 only is the winner's curse.
 
     .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --top=10
+
+`--neighbourhood`: instead of the RL's archive, EVERY path one edit away from Theta(lambda)'s identity path
+(`arch_level.neighbours(theta, K + 1, L, t_min, t_max)`: a block swapped for another source's block at the same
+layer, a step deleted or repeated, a block replaced by its neighbouring layer of the same source) is scored on the
+whole search split ("search_full") and on the held-out split, per preference, under the RL reward
+`sum_k lambda_k f_k / z*_k - beta1 T / T_max` (`arch_level.reward`, config.arch.rl's beta1 and t_max; z* the
+split's ideal point). Scores come from per-example statistics computed with the engine's jitted kernels
+(`objectives.path_device_scores`; 0/1 exact match, chrF sentence statistics as `hm3_jax.moo.bootstrap`), so the
+same evaluation also gives the noise: the standard error of a path's reward difference to Theta, from
+`--bootstrap` paired resamples of each split's examples (the same resampled examples for the path and Theta;
+z* fixed). For the exact-match tasks it is checked against the closed form `100 sd(x_path - x_theta) / sqrt(n)`.
+Checks: Theta's held-out scores equal report.json's hm3_no_arch_level points, and its whole-search-split
+scores equal those the run's confirmation step recorded (stages/hm3.json) where it recorded them.
+Writes `--plot` (gains on search_full vs held-out, with 2 SE) and prints one JSON object.
+
+    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --neighbourhood
 """
 
 from __future__ import annotations
@@ -19,30 +35,281 @@ import os
 import numpy as np
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default="runs/tiny3_v5")
-    parser.add_argument("--config", default="experiments/configs/tiny3.py")
-    parser.add_argument("--top", type=int, default=10)
-    args = parser.parse_args()
+def _setup(args):
+    """The run's config, zoo, Problem, preferences, Theta(lambda) per preference, shells and pools.
 
-    from absl import logging
-
-    from experiments.configs import tiny3
+    Builds the Problem with `make_problem` from the run's zoo (its fingerprint checked against the config) rather
+    than through `run.setup`, which would also check the whole run config's fingerprint against the run's
+    run.json: this script only reads the run, so later config additions outside the zoo (e.g. new `arch.*`
+    settings) must not lock it out. Nothing is written into the run directory.
+    """
     from hm3_jax import models
-    from hm3_jax.hm3 import arch_level
     from hm3_jax.hm3 import run as run_lib
-    from hm3_jax.hm3.problem import pool_for
+    from hm3_jax.hm3.problem import make_problem, pool_for
+    from hm3_jax.tasks import zoo as zoo_lib
 
-    logging.set_verbosity(logging.WARNING)
-    config = tiny3.get_config()
-    _, _, problem = run_lib.setup(config, args.run, os.path.join(args.run, "zoo"))
+    config = _config(args.config)
+    zoo_dir = os.path.join(args.run, "zoo")
+    manifest = zoo_lib.read_manifest(zoo_dir)
+    if manifest is None or manifest["fingerprint"] != zoo_lib.config_fingerprint(config.zoo):
+        raise ValueError(
+            f"{zoo_dir} is not the zoo of config {args.config!r} (zoo fingerprint differs or none)"
+        )
+    zoo = zoo_lib.load(zoo_dir)
+    problem = make_problem(
+        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
+        search_examples=config.engine.get("search_examples") or None,
+    )  # fmt: skip
     with open(os.path.join(args.run, "stages", "param_level.json")) as f:
         param = json.load(f)
     prefs = np.asarray([e["preference"] for e in param], np.float32)
     merged = run_lib.merged_models(problem, param, config.param_level.pool_model)
     shells = [models.shell_of(m) for m in merged]
     pools = [pool_for(problem, m) for m in merged]
+    return config, zoo, problem, prefs, shells, pools
+
+
+def _config(spec: str):
+    """`path/to/config.py[:variant]` -> the ConfigDict (tiny3 only: the run's benchmark)."""
+    from experiments.configs import tiny3
+
+    path, _, variant = spec.partition(":")
+    if os.path.basename(path) != "tiny3.py":
+        raise ValueError(f"--config must be experiments/configs/tiny3.py[:variant], got {spec!r}")
+    return tiny3.get_config(variant or None)
+
+
+def _example_stats(problem, shell, pool, path, split: str, refs, tokenizer):
+    """Per task the per-example statistics of one path on `split` ([N] bool, or [N, S] chrF statistics) and the
+    full-split scores [K] they give (the engine's kernels: `objectives.path_device_scores`)."""
+    import jax.numpy as jnp
+
+    from hm3_jax.moo import bootstrap
+    from hm3_jax.tasks import objectives as obj_lib
+
+    stats, scores = [], []
+    for obj, r in zip(problem.objectives[split], refs, strict=True):
+        raw = np.asarray(
+            obj_lib.path_device_scores(problem.config, shell, pool, jnp.asarray(path), None, obj)
+        )
+        raw = raw[: obj.num_examples]
+        if obj.metric == "chrf":
+            st = bootstrap.chrf_sentence_stats(
+                obj_lib.decode_until_eos(tokenizer, raw, tokenizer.eos_token_id), r
+            )
+        else:
+            st = raw.astype(bool)
+        stats.append(st)
+        scores.append(bootstrap.full_score(st, obj.metric))
+    return stats, np.asarray(scores, np.float64)
+
+
+def neighbourhood(args) -> dict:
+    """`--neighbourhood` (see the module docstring): the one-edit neighbourhood of Theta(lambda) per preference."""
+    from tqdm.auto import tqdm
+
+    from hm3_jax.hm3 import arch_level
+    from hm3_jax.moo import bootstrap
+
+    config, zoo, problem, prefs, shells, pools = _setup(args)
+    if config.arch.alignment != "none":
+        raise ValueError(
+            f"--neighbourhood scores plain paths; the run used arch.alignment={config.arch.alignment!r}"
+        )
+    K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
+    with open(os.path.join(args.run, "report.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(args.run, "stages", "hm3.json")) as f:
+        hm3_stage = json.load(f)["per_preference"]
+    no_arch = report["methods"]["hm3_no_arch_level"]
+    theta = arch_level.identity_paths(K + 1, L, rl.t_max)[K]
+    neigh = arch_level.neighbours(theta, K + 1, L, rl.t_min, rl.t_max)  # [M, T_max]
+    cands = np.concatenate([theta[None], neigh])  # row 0 = Theta
+    lengths = (cands >= 0).sum(-1)
+    splits = ("search_full", "heldout")
+    refs, idx, metrics = {}, {}, {}
+    for s in splits:
+        part = "heldout" if s == "heldout" else "search"  # search_full = the zoo's whole search split
+        objs = problem.objectives[s]
+        refs[s] = [[e["target"].strip() for e in zoo.data[t][part]] if o.metric == "chrf" else None
+                   for t, o in zip(problem.tasks, objs, strict=True)]  # fmt: skip
+        idx[s] = bootstrap.resample_indices(args.seed, [o.num_examples for o in objs], args.bootstrap)
+        metrics[s] = [o.metric for o in objs]
+    chosen = [int(i) for i in args.preferences.split(",") if i.strip()] or list(range(len(prefs)))
+    if any(not 0 <= i < len(prefs) for i in chosen):
+        raise ValueError(f"--preferences {args.preferences!r}: the run has {len(prefs)} preferences")
+    rows, se_check = [], []
+    bar = tqdm(total=len(chosen) * len(cands) * len(splits), desc="neighbourhood paths", mininterval=5.0)
+    for i in chosen:
+        pref = prefs[i]
+        out = {"index": i, "preference": pref.tolist(), "num_neighbours": int(len(neigh))}
+        for s in splits:
+            z = np.asarray(problem.ideal[s], np.float64)
+            scores, res = [], []  # [P, K], [P, B, K]
+            for c, path in enumerate(cands):
+                stats, sc = _example_stats(problem, shells[i], pools[i], path, s, refs[s], zoo.tokenizer)
+                scores.append(sc)
+                res.append(np.stack([bootstrap.resampled_scores(st, m, ix)
+                                     for st, m, ix in zip(stats, metrics[s], idx[s], strict=True)], -1))  # fmt: skip
+                if c == 0:
+                    theta_stats = stats
+                else:  # closed-form SE of the exact-match score differences, against the bootstrap's
+                    for k, m in enumerate(metrics[s]):
+                        if m == "exact_match":
+                            d = stats[k].astype(np.float64) - theta_stats[k].astype(np.float64)
+                            closed = 100 * d.std(ddof=1) / np.sqrt(len(d))
+                            boot = float(np.std(res[-1][:, k] - res[0][:, k], ddof=1))
+                            if closed > 0:
+                                se_check.append(boot / closed)
+                bar.update()
+            scores, res = np.stack(scores), np.stack(res)
+            reward = arch_level.reward(scores / z, pref, lengths, rl.beta1, rl.t_max)  # [P]
+            gain = reward[1:] - reward[0]
+            # paired resampled reward differences [M, B]; the length term is deterministic
+            diff = ((res[1:] - res[:1]) / z) @ np.asarray(pref, np.float64)
+            diff -= rl.beta1 * (lengths[1:, None] - lengths[0]) / rl.t_max
+            se = diff.std(1, ddof=1)
+            out[s] = {"theta_scores": scores[0].tolist(), "theta_reward": float(reward[0]),
+                      "gains": gain.tolist(), "se": se.tolist(),
+                      "num_beat_theta": int((gain > 0).sum()),
+                      "num_beat_by_2se": int((gain > 2 * se).sum()),
+                      "best_gain": float(gain.max()), "best_path": cands[1 + int(gain.argmax())].tolist(),
+                      "median_se": float(np.median(se))}  # fmt: skip
+        _check_theta(out, i, pref, no_arch, hm3_stage[i], theta)
+        gf, gh = np.asarray(out["search_full"]["gains"]), np.asarray(out["heldout"]["gains"])
+        sf, sh = np.asarray(out["search_full"]["se"]), np.asarray(out["heldout"]["se"])
+        b = int(gf.argmax())  # select on the whole search split, test on held-out
+        out.update({
+            "num_beat_theta_on_both": int(((gf > 0) & (gh > 0)).sum()),
+            "selected_on_search_full": {"path": neigh[b].tolist(), "gain_search_full": float(gf[b]),
+                                        "se_search_full": float(sf[b]), "gain_heldout": float(gh[b]),
+                                        "se_heldout": float(sh[b]), "z_heldout": float(gh[b] / sh[b])},
+        })  # fmt: skip
+        rows.append(out)
+    bar.close()
+
+    def mean(f):
+        return float(np.mean([f(r) for r in rows]))
+
+    sel = [r["selected_on_search_full"] for r in rows]
+    summary = {
+        "num_neighbours": mean(lambda r: r["num_neighbours"]),
+        "num_beat_theta_search_full": mean(lambda r: r["search_full"]["num_beat_theta"]),
+        "num_beat_theta_heldout": mean(lambda r: r["heldout"]["num_beat_theta"]),
+        "num_beat_theta_both": mean(lambda r: r["num_beat_theta_on_both"]),
+        "num_beat_by_2se_search_full": mean(lambda r: r["search_full"]["num_beat_by_2se"]),
+        "num_beat_by_2se_heldout": mean(lambda r: r["heldout"]["num_beat_by_2se"]),
+        "best_gain_search_full": mean(lambda r: r["search_full"]["best_gain"]),
+        "best_gain_heldout": mean(lambda r: r["heldout"]["best_gain"]),
+        "selected_gain_search_full": float(np.mean([s["gain_search_full"] for s in sel])),
+        "selected_gain_heldout": float(np.mean([s["gain_heldout"] for s in sel])),
+        "selected_positive_on_heldout": int(sum(s["gain_heldout"] > 0 for s in sel)),
+        "selected_heldout_gain_over_2se": int(sum(s["gain_heldout"] > 2 * s["se_heldout"] for s in sel)),
+        "median_se_search_full": float(np.median([x for r in rows for x in r["search_full"]["se"]])),
+        "median_se_heldout": float(np.median([x for r in rows for x in r["heldout"]["se"]])),
+        "theta_reward_search_full": mean(lambda r: r["search_full"]["theta_reward"]),
+        "theta_reward_heldout": mean(lambda r: r["heldout"]["theta_reward"]),
+    }
+    if args.plot:
+        _plot_neighbourhood(rows, args.plot)
+    return {
+        "run": args.run, "mode": "neighbourhood", "beta1": rl.beta1, "t_max": rl.t_max, "t_min": rl.t_min,
+        "theta_path": theta.tolist(), "neighbours": neigh.tolist(), "bootstrap_samples": args.bootstrap,
+        "examples_per_task": {s: [o.num_examples for o in problem.objectives[s]] for s in splits},
+        "mean_over_preferences": summary,
+        "se_check_exact_match_bootstrap_over_closed_form": {
+            "n": len(se_check), "mean": float(np.mean(se_check)) if se_check else None,
+            "min": float(np.min(se_check)) if se_check else None, "max": float(np.max(se_check)) if se_check else None},
+        "checks": "Theta's held-out scores == report.json hm3_no_arch_level points (1e-3); Theta's search_full "
+                  "scores == stages/hm3.json confirm full_search where recorded (1e-3)",
+        "plot": args.plot or None,
+        "per_preference": rows,
+    }  # fmt: skip
+
+
+def _check_theta(out: dict, i: int, pref, no_arch: dict, stage: dict, theta) -> None:
+    """Theta's re-scores against the run's own numbers (an independent code path: the engine)."""
+    d = np.abs(np.asarray(no_arch["preferences"], np.float64) - np.asarray(pref, np.float64)).sum(1)
+    j = int(d.argmin())
+    if d[j] > 1e-4:
+        raise RuntimeError(f"preference {i} is not among report.json's hm3_no_arch_level preferences")
+    got, want = np.asarray(out["heldout"]["theta_scores"]), np.asarray(no_arch["points"][j])
+    if np.max(np.abs(got - want)) > 1e-3:
+        raise RuntimeError(f"preference {i}: Theta's held-out scores {got} != report.json's {want}")
+    out["check_heldout_vs_report"] = "ok"
+    if np.abs(np.asarray(stage["preference"]) - np.asarray(pref)).sum() > 1e-4:
+        raise RuntimeError(
+            f"stages/hm3.json entry {i} is for preference {stage['preference']}, not {list(pref)}"
+        )
+    confirm = stage.get("confirm") or {}
+    for p, full in zip(confirm.get("paths", []), confirm.get("full_search", []), strict=True):
+        if np.array_equal(np.asarray(p), theta):
+            got = np.asarray(out["search_full"]["theta_scores"])
+            if np.max(np.abs(got - np.asarray(full))) > 1e-3:
+                raise RuntimeError(f"preference {i}: Theta's search_full scores {got} != the run's {full}")
+            out["check_search_full_vs_confirm"] = "ok"
+
+
+def _plot_neighbourhood(rows: list, path: str) -> None:
+    """Every neighbour's reward gain over Theta on search_full (x) vs held-out (y); the search_full-selected one
+    per preference with 2-SE bars. Written to a temp file, then moved."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    gf = np.concatenate([r["search_full"]["gains"] for r in rows])
+    gh = np.concatenate([r["heldout"]["gains"] for r in rows])
+    ax.scatter(gf, gh, s=6, alpha=0.35, color="grey", label="every one-edit neighbour")
+    sel = [r["selected_on_search_full"] for r in rows]
+    ax.errorbar([s["gain_search_full"] for s in sel], [s["gain_heldout"] for s in sel],
+                xerr=[2 * s["se_search_full"] for s in sel], yerr=[2 * s["se_heldout"] for s in sel],
+                fmt="o", ms=4, color="C3", lw=0.8, label="best on search_full per preference (2 SE)")  # fmt: skip
+    ax.axhline(0, color="k", lw=0.6)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_xlabel("reward gain over Theta, whole search split")
+    ax.set_ylabel("reward gain over Theta, held-out")
+    ax.set_title("tiny3: one-edit neighbourhood of Theta(lambda)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/tiny3_v5")
+    parser.add_argument("--config", default="experiments/configs/tiny3.py")
+    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument(
+        "--neighbourhood",
+        action="store_true",
+        help="score every path one edit away from Theta's identity path (see the docstring)",
+    )
+    parser.add_argument("--bootstrap", type=int, default=400, help="--neighbourhood: paired resamples")
+    parser.add_argument("--seed", type=int, default=0, help="--neighbourhood: bootstrap seed")
+    parser.add_argument(
+        "--preferences", default="", help="--neighbourhood: comma-separated indices (default all)"
+    )
+    parser.add_argument("--plot", default="runs/arch_headroom/neighbourhood.png", help="--neighbourhood plot")
+    args = parser.parse_args()  # fmt: skip
+
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    if args.neighbourhood:
+        print(json.dumps(neighbourhood(args)))
+        return
+    from hm3_jax.hm3 import arch_level
+
+    config, _, problem, prefs, shells, pools = _setup(args)
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
     scorer = {
         s: arch_level.PathScorer(problem, s, prefs, shells, pools, "headroom")
