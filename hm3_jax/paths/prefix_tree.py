@@ -181,3 +181,55 @@ def make_tree_chunk_fn(block_fn: Callable, leaf_fn: Callable, with_junction: boo
         return jax.lax.scan(visit, buffers, nodes)
 
     return chunk_fn
+
+
+def split_paths(paths: np.ndarray, lengths: np.ndarray, junction: dict | None, num_parts: int) -> list:
+    """Cuts a batch of distinct canonical paths into at most `num_parts` groups of rows whose prefix trees can
+    run independently (on separate threads), with about the same number of block steps each.
+
+    The paths are sorted lexicographically (the tree's preorder) and cut into contiguous ranges. A range's
+    tree runs the block steps of its paths' distinct prefixes, so a cut between sorted neighbours i - 1 and i
+    costs lcp(i - 1, i) extra block steps (their common prefix is run in both trees) and nothing else: the
+    outputs are the same as from one tree, node by node. Cut j is placed where
+    `|steps before the cut - j * total / num_parts| + lcp` is smallest (ties: the earliest).
+
+    Args: paths int [N, T_max] (real steps first), lengths int [N], junction None or {"scale", "shift"}
+      [N, T_max, D]; num_parts >= 1.
+    Returns: list of int64 row-index arrays (into `paths`), each non-empty, together a partition of 0..N-1.
+    """
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    n = paths.shape[0]
+    if n == 0:
+        return []
+    if num_parts == 1 or n == 1:
+        return [np.arange(n, dtype=np.int64)]
+
+    def step_key(i, t):
+        if junction is None:
+            return (int(paths[i, t]),)
+        return (int(paths[i, t]), junction["scale"][i, t].tobytes(), junction["shift"][i, t].tobytes())
+
+    seqs = [tuple(step_key(i, t) for t in range(int(lengths[i]))) for i in range(n)]
+    order = sorted(range(n), key=lambda i: seqs[i])
+    lcp = np.zeros(n, np.int64)  # lcp[j]: common prefix of sorted paths j - 1 and j
+    for j in range(1, n):
+        a, b = seqs[order[j - 1]], seqs[order[j]]
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        lcp[j] = k
+    new_steps = np.array([len(seqs[order[j]]) for j in range(n)]) - lcp  # block steps path j adds to one tree
+    before = np.concatenate([[0], np.cumsum(new_steps)])  # before[j]: steps of sorted paths 0..j-1
+    total = float(before[-1])
+    cuts = [0]
+    for part in range(1, num_parts):
+        lo = cuts[-1] + 1
+        if lo >= n:
+            break
+        cand = np.arange(lo, n)
+        cost = np.abs(before[cand] - part * total / num_parts) + lcp[cand]
+        cuts.append(int(cand[np.argmin(cost)]))
+    cuts.append(n)
+    order_arr = np.asarray(order, np.int64)
+    return [order_arr[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
