@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hm3_jax import models
-from hm3_jax.paths import alignment, build_prefix_tree, canonicalize, flops, make_engine, split_paths
+from hm3_jax.paths import alignment, build_prefix_tree, canonicalize, flops, make_engine
 from hm3_jax.tasks.objectives import make_exact_match_objective
 
 L, K, T_MAX = 3, 2, 5  # layers per source, sources in the pool (2 experts, no merged model needed here)
@@ -109,44 +109,6 @@ def test_prefix_tree_structure():
     assert tree.num_block_steps == 5  # plain evaluation would run 3 + 2 + 2 + 1 = 8
     with pytest.raises(ValueError, match="distinct"):
         build_prefix_tree(paths[[0, 0]], np.array([3, 3]))
-
-
-def test_split_paths_by_hand():
-    # sorted: [1,2,3] [1,2] -> lexicographic: (1,2) < (1,2,3) < (1,4) < (5,); steps one tree adds: 2, 1, 1, 1
-    paths = np.array([[1, 2, 3], [1, 2, -1], [1, 4, -1], [5, -1, -1]], np.int32)
-    lengths = np.array([3, 2, 2, 1])
-    assert [r.tolist() for r in split_paths(paths, lengths, None, 1)] == [[0, 1, 2, 3]]
-    # halfway = 2.5 steps: a cut before (1,2,3) costs |2 - 2.5| + lcp 2; before (1,4): |3 - 2.5| + 1;
-    # before (5,): |4 - 2.5| + 0 = 1.5 -> the earliest of the two 1.5s
-    parts = split_paths(paths, lengths, None, 2)
-    assert [r.tolist() for r in parts] == [[1, 0], [2, 3]]
-    trees = [build_prefix_tree(paths[r], lengths[r]) for r in parts]
-    assert sum(t.num_block_steps for t in trees) == 5 + 1  # the one tree's 5, plus block 1 run twice
-    parts = split_paths(paths, lengths, None, 9)  # more parts than paths: one path each at most
-    assert sorted(np.concatenate(parts).tolist()) == [0, 1, 2, 3] and all(len(r) >= 1 for r in parts)
-    assert split_paths(paths[:0], lengths[:0], None, 2) == []
-    with pytest.raises(ValueError, match="num_parts"):
-        split_paths(paths, lengths, None, 0)
-
-
-def test_tree_cut_over_threads_equals_one_tree(setup):
-    """The engine cuts the tree into one part per thread: same scores as one tree (and plain), bitwise; the
-    block steps counted are the parts' (a few more than one tree's, never more than plain's)."""
-    paths = policy_like_paths(6, 12)
-    kwargs = dict(strategy="map", chunk_size=4, node_chunk_size=4)
-    one = make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], num_threads=1, **kwargs)
-    two = make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], num_threads=2, **kwargs)
-    r1, r2 = one.evaluate(paths, use_cache=False), two.evaluate(paths, use_cache=False)
-    np.testing.assert_array_equal(r2.scores, r1.scores)
-    np.testing.assert_array_equal(r2.scores, setup["plain"].evaluate(paths, use_cache=False).scores)
-    canon, _, lengths = canonicalize(paths, None, models.pool_size(setup["pool"]))
-    _, first = np.unique(canon, axis=0, return_index=True)
-    canon, lengths = canon[np.sort(first)], lengths[np.sort(first)]
-    expected = sum(
-        build_prefix_tree(canon[r], lengths[r]).num_block_steps for r in split_paths(canon, lengths, None, 2)
-    )
-    assert r1.cost.block_steps < r2.cost.block_steps == expected <= r2.cost.block_steps_plain
-    assert all(v == 1 for v in two.num_traces.values())
 
 
 def test_flops_formula_by_hand():

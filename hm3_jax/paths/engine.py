@@ -71,6 +71,7 @@ import functools
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -240,66 +241,45 @@ class PathEngine:
     def _evaluate_rows(self, paths, lengths, junction):
         sh = self._shared
         n = paths.shape[0]
+        raw: list[Any] = [None] * self.num_tasks
         block_steps_plain = int(lengths.sum())
         flops_plain = sum(self._path_flops(int(t)) for t in lengths)
-        tf_idx = tuple(k for k, o in enumerate(self.objectives) if o.metric not in DECODE_METRICS)
-        dec_idx = tuple(k for k, o in enumerate(self.objectives) if o.metric in DECODE_METRICS)
-        use_tree = bool(self.prefix_sharing and tf_idx)
-        plain_idx = tuple(sorted(dec_idx + (() if use_tree else tf_idx)))
-        threads = self.num_threads if self.strategy != "shard" else 1
-        scores = np.zeros((n, self.num_tasks))
-        tree_steps: list[int] = []
-        jobs = []  # (compiled-function key, job): the tree parts first (the larger units), then the chunks
-        if use_tree:
-            for rows in tree_lib.split_paths(paths, lengths, junction, threads):
-                jobs.append((("tree",), functools.partial(
-                    self._tree_job, tf_idx, rows, paths, lengths, junction, scores, tree_steps
-                )))  # fmt: skip
-        if plain_idx:
-            for start in range(0, n, self.chunk_size):
-                jobs.append((("plain", plain_idx, junction is not None), functools.partial(
-                    self._plain_job, plain_idx, paths, junction, start, scores
-                )))  # fmt: skip
-        self._run_jobs(jobs, threads)
+        tf_idx = [k for k, o in enumerate(self.objectives) if o.metric not in DECODE_METRICS]
+        dec_idx = [k for k, o in enumerate(self.objectives) if o.metric in DECODE_METRICS]
         flops = 0.0
         block_steps = 0
-        if use_tree:
-            block_steps += sum(tree_steps)
-            flops += block_steps * sh["tf_block_flops"] + n * sh["tf_head_flops"]
+        plain_idx = dec_idx + ([] if self.prefix_sharing else tf_idx)
+        plain_job = self._start_plain(tuple(sorted(plain_idx)), paths, junction) if plain_idx else None
+        if self.prefix_sharing and tf_idx:
+            outs, steps = self._run_tree(paths, lengths, junction)
+            for k, o in zip(tf_idx, outs, strict=True):
+                raw[k] = o
+            tree_tokens_flops = steps["block_steps"] * sh["tf_block_flops"] + n * sh["tf_head_flops"]
+            flops += tree_tokens_flops
+            block_steps += steps["block_steps"]
         elif tf_idx:
             flops += sum(sh["tf_block_flops"] * int(t) + sh["tf_head_flops"] for t in lengths)
             block_steps += int(lengths.sum())
-        if dec_idx:
-            flops += sum(sum(f(int(t)) for f in sh["dec_flops_fns"]) for t in lengths)
-            if not tf_idx:
+        if plain_idx:
+            outs = plain_job()  # the main thread helps with the chunks left, then waits
+            for k, o in zip(sorted(plain_idx), outs, strict=True):
+                raw[k] = o
+            flops += sum(sum(f(int(t)) for f in sh["dec_flops_fns"]) for t in lengths) if dec_idx else 0.0
+            if dec_idx and not tf_idx:
                 block_steps += int(lengths.sum())
-        return scores, dict(
-            num_evaluations=n, block_steps=block_steps, block_steps_plain=block_steps_plain,
-            flops=float(flops), flops_plain=float(flops_plain),
-        )  # fmt: skip
-
-    def _host_scores(self, obj_idx, outs, rows, scores) -> None:
-        """scores[rows[j], k] = host_fn_k(outs_k[j]) for every objective k of `obj_idx` (checked in [0, 100])."""
-        for k, out in zip(obj_idx, outs, strict=True):
-            obj = self.objectives[k]
-            for j, i in enumerate(rows):
-                value = float(obj.host_fn(jax.tree.map(lambda a, j=j: np.asarray(a[j]), out)))
+        scores = np.zeros((n, self.num_tasks))
+        for k, obj in enumerate(self.objectives):
+            for i in range(n):
+                value = float(obj.host_fn(jax.tree.map(lambda a, i=i: np.asarray(a[i]), raw[k])))
                 if not np.isfinite(value) or value < -1e-6 or value > 100 + 1e-6:
                     raise ValueError(
                         f"objective {obj.name!r} returned score {value}, expected within [0, 100]"
                     )
                 scores[i, k] = value
-
-    def _tree_job(self, tf_idx, rows, paths, lengths, junction, scores, tree_steps) -> None:
-        sub_j = None if junction is None else {k: v[rows] for k, v in junction.items()}
-        outs, steps = self._run_tree(paths[rows], lengths[rows], sub_j)
-        tree_steps.append(steps["block_steps"])
-        self._host_scores(tf_idx, outs, rows, scores)
-
-    def _plain_job(self, obj_idx, paths, junction, start, scores) -> None:
-        m, out = self._plain_chunk(obj_idx, paths, junction, start)
-        outs = jax.tree.map(lambda a: distributed.to_host(a)[:m], out)
-        self._host_scores(obj_idx, outs, range(start, start + m), scores)
+        return scores, dict(
+            num_evaluations=n, block_steps=block_steps, block_steps_plain=block_steps_plain,
+            flops=float(flops), flops_plain=float(flops_plain),
+        )  # fmt: skip
 
     def _path_flops(self, length: int) -> float:
         sh = self._shared
@@ -308,64 +288,61 @@ class PathEngine:
 
     def _run_plain(self, obj_idx: tuple, paths, junction):
         """Device outputs of objectives `obj_idx` for every row, in fixed-size chunks (stacked [N, ...])."""
-        outs = []
-        for start in range(0, paths.shape[0], self.chunk_size):
-            m, out = self._plain_chunk(obj_idx, paths, junction, start)
-            outs.append(jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out))
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+        return self._start_plain(obj_idx, paths, junction)()
 
-    def _run_jobs(self, jobs, threads: int) -> None:
-        """Runs `jobs` ((compiled-function key, job) pairs; a job scores its rows into the shared array) on
-        `threads` host threads, the calling thread included, each taking the next job in the list.
+    def _start_plain(self, obj_idx: tuple, paths, junction):
+        """Starts `_run_plain`'s chunks on `num_threads - 1` worker threads; returns `finish()`, which works
+        through the chunks still waiting on the calling thread, then returns the stacked outputs.
 
-        Jobs: the prefix tree of the teacher-forced objectives cut into `threads` parts
-        (`prefix_tree.split_paths`: same outputs, a few extra block steps at the cuts), then the chunks of
-        plain evaluation (greedy decoding for chrF); each job also runs its rows' `host_fn`s (chrF's
-        detokenising and sacrebleu), so host work overlaps device work instead of following it.
-
-        Why threads: XLA:CPU runs the programs one Python thread dispatches one after the other, and the
-        engine's programs (the tree's node scan, greedy decoding's per-token steps, a `lax.map` over paths)
-        are sequences of small ops that keep about one core busy each. On this 2-core CPU two threads are
-        where most of the wall-clock gain comes from; cutting the tree lets both threads share the larger
-        teacher-forced work instead of one thread running the whole tree while the other runs out of decode
-        chunks (docs/path_eval.md, third pass). Every job computes the same values whichever thread runs it.
-        Strategy "shard" keeps one thread: every process of a multi-process mesh must enter the chunks'
-        collectives in the same order. A function is traced and compiled on the calling thread (its first
-        job runs there before any worker starts), so trace counts stay 1; a worker's exception is re-raised
-        here.
+        Why threads: XLA:CPU runs the programs one process dispatches asynchronously one after the other, and
+        the engine's programs (a `lax.map` over paths, greedy decoding's per-token steps, the tree's node
+        scan) are sequences of small ops that each keep about one core busy. Chunks on separate threads (and
+        the tree on the caller's thread meanwhile) run concurrently: on this 2-core CPU that is where most of
+        the wall-clock gain of `num_threads=2` comes from (docs/path_eval.md). Every chunk computes the same
+        values whichever thread runs it. Strategy "shard" keeps one thread: every process of a multi-process
+        mesh must enter the chunks' collectives in the same order.
         """
-        todo = list(jobs)
-        warmed = self._shared.setdefault("warmed", set())
-        if threads > 1:
-            for key in dict.fromkeys(k for k, _ in jobs):  # first job of each not-yet-compiled function
-                if key not in warmed:
-                    first = next(i for i, (k, _) in enumerate(todo) if k == key)
-                    todo.pop(first)[1]()
-                    warmed.add(key)
-        warmed.update(k for k, _ in jobs)
+        n, c = paths.shape[0], self.chunk_size
+        starts = list(range(0, n, c))
+        results: list[Any] = [None] * len(starts)
         errors: list[BaseException] = []
         lock = threading.Lock()
+        todo = list(range(len(starts)))
 
         def work():
             while True:
                 with lock:
                     if not todo or errors:
                         return
-                    _, job = todo.pop(0)
+                    i = todo.pop(0)
                 try:
-                    job()
+                    m, out = self._plain_chunk(obj_idx, paths, junction, starts[i])
+                    results[i] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
                 except BaseException as err:  # noqa: BLE001 (re-raised on the calling thread)
                     with lock:
                         errors.append(err)
 
-        workers = [threading.Thread(target=work, daemon=True) for _ in range(min(threads - 1, len(todo)))]
-        for t in workers:
+        workers = self.num_threads - 1 if self.strategy != "shard" else 0
+        warmed = self._shared.setdefault("warmed", set())
+        key = (obj_idx, junction is not None)
+        if workers and key not in warmed and todo:  # trace + compile once, on this thread, before any worker
+            todo.pop(0)
+            m, out = self._plain_chunk(obj_idx, paths, junction, starts[0])
+            results[0] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
+        warmed.add(key)
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(starts)))]
+        for t in threads:
             t.start()
-        work()
-        for t in workers:
-            t.join()
-        if errors:
-            raise errors[0]
+
+        def finish():
+            work()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            return jax.tree.map(lambda *xs: np.concatenate(xs), *results)
+
+        return finish
 
     def _plain_chunk(self, obj_idx: tuple, paths, junction, start: int):
         """(real rows m, device outputs) of the chunk of rows `start : start + chunk_size` (padded)."""
