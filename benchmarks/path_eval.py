@@ -93,6 +93,7 @@ class Setup(NamedTuple):
     source: str
     merged_source: str
     tokenizer: object = None
+    fresh_search_objectives: object = None  # () -> new "search" Objectives (empty chrF memo), or None
 
 
 def balanced_merged(base, experts, run_dir: str | None):
@@ -164,8 +165,10 @@ def zoo_setup(workdir: str, run_dir: str | None, search_examples: int | None) ->
     pool = models.make_pool([p["blocks"] for p in experts] + [merged["blocks"]])
     objectives = search_objectives(zoo, tasks, search_examples)
     n = [o.num_examples for o in objectives["search"]]
+    fresh = lambda: search_objectives(zoo, tasks, search_examples)["search"]  # noqa: E731
     return Setup(config, zoo.base.params, experts, merged, models.shell_of(merged), pool, objectives, tasks,
-                 f"tiny3 zoo {workdir}, search split {n} examples per task", how, zoo.tokenizer)  # fmt: skip
+                 f"tiny3 zoo {workdir}, search split {n} examples per task", how, zoo.tokenizer,
+                 fresh)  # fmt: skip
 
 
 def random_setup(num_examples: int = 210, seq_len: int = 64, batch_size: int = 105) -> Setup:
@@ -199,6 +202,20 @@ def archive_paths(path: str, pool_size: int) -> np.ndarray:
         raise ValueError(f"{path}: pool index {paths.max()} outside this pool of {pool_size} blocks")
     _, first = np.unique(paths, axis=0, return_index=True)
     return paths[np.sort(first)]
+
+
+def warm_paths(archive: str, pool_size: int, skip: int, batch: np.ndarray, num_layers: int) -> np.ndarray:
+    """Two paths to compile the engines on, none of them in `batch`: the archive's next distinct paths, else
+    the identity paths of sources 0 and 1 (padded to the batch's T_max)."""
+    t_max = batch.shape[1]
+    if archive:
+        rest = archive_paths(archive, pool_size)[skip : skip + 2]
+        if len(rest) == 2:
+            return rest
+    out = np.full((2, t_max), -1, np.int32)
+    for m in range(2):
+        out[m, :num_layers] = np.arange(num_layers) + m * num_layers
+    return out
 
 
 def find_archive(run_dir: str | None) -> str:
@@ -538,10 +555,15 @@ def main():
     kwargs = dict(strategy=args.strategy, chunk_size=8, node_chunk_size=16)
     start = time.perf_counter()
     tree = make_engine(setup.config, setup.shell, setup.pool, objectives, pool_id="tree", **kwargs)
+    # the plain engine gets its own objectives: chrF memoises segment statistics per objective
+    # (metrics.make_chrf_scorer), and the plain run must not find the tree run's hypotheses there
+    plain_objectives = setup.fresh_search_objectives() if setup.fresh_search_objectives else objectives
     plain = make_engine(
-        setup.config, setup.shell, setup.pool, objectives, prefix_sharing=False, pool_id="plain", **kwargs
-    )
-    warm = batch[:2]
+        setup.config, setup.shell, setup.pool, plain_objectives, prefix_sharing=False, pool_id="plain",
+        **kwargs,
+    )  # fmt: skip
+    # compile on paths outside the timed batch (so no timed path's chrF statistics are memoised in advance)
+    warm = warm_paths(archive, pool_size, len(batch), batch, setup.config.num_layers)
     tree.evaluate(warm, use_cache=False)
     plain.evaluate(warm, use_cache=False)
     compile_s = time.perf_counter() - start

@@ -157,6 +157,24 @@ def test_chrf_hand_computed():
         metrics.chrf(["a"], ["a", "b"])
 
 
+def test_chrf_scorer_equals_sacrebleu_bit_for_bit():
+    """The cached scorer gives exactly `metrics.chrf` (sacrebleu's corpus_score), memo hits included."""
+    rng = np.random.default_rng(0)
+    words = ["la", "maison", "est", "rouge", "un", "chat", "noir", "dort", "!", "l'eau", ""]
+    refs = [" ".join(rng.choice(words[:-1], rng.integers(1, 6))) for _ in range(12)]
+    score = metrics.make_chrf_scorer(refs, max_cached=30)
+    systems = [[" ".join(rng.choice(words, rng.integers(0, 6))) for _ in refs] for _ in range(6)]
+    systems += [systems[0], list(refs), [""] * len(refs), systems[1][:6] + systems[2][6:]]
+    for hyps in systems:  # 10 systems x 12 segments: the memo is cleared on the way (max_cached=30)
+        assert score(hyps) == metrics.chrf(hyps, refs)  # exact float equality
+    assert score(list(refs)) == 100.0
+    assert metrics.make_chrf_scorer(["ac"])(["ab"]) == pytest.approx(25.0)  # the hand value above
+    with pytest.raises(ValueError, match="hypotheses"):
+        score(["a"])
+    with pytest.raises(ValueError, match="no examples"):
+        metrics.make_chrf_scorer([])
+
+
 def test_exact_match_and_final_number_by_hand():
     assert metrics.exact_match([" 5", "6", "[1, 2]"], ["5", "7", "[1, 2]"]) == pytest.approx(200 / 3)
     assert metrics.final_number("so 3 + 4 = 7 apples") == "7"

@@ -405,6 +405,7 @@ def make_chrf_objective(
     }
     references = [r.strip() for r in references]
     eos = tokenizer.eos_token_id
+    score_chrf = metrics.make_chrf_scorer(references)  # == metrics.chrf(., references), references cached
 
     def device_fn(decode_fn):
         return chrf_kernel(decode_fn, jax.tree.map(jnp.asarray, arrays))[:num]  # [N, T]
@@ -415,7 +416,7 @@ def make_chrf_objective(
             raise ValueError(
                 f"{name}: expected tokens of shape ({num}, T) or ({n_pad}, T), got {tokens.shape}"
             )
-        return metrics.chrf(decode_until_eos(tokenizer, tokens[:num], eos), references)
+        return score_chrf(decode_until_eos(tokenizer, tokens[:num], eos))
 
     return Objective(name, "chrf", device_fn, host_fn, num, batch_size, chrf_kernel, ArrayBundle(arrays))
 
