@@ -302,6 +302,7 @@ def _plot(models_out: dict, tasks, path: str) -> None:
     os.close(fd)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is for reading
     os.replace(tmp, path)
 
 
