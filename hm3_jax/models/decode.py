@@ -37,7 +37,8 @@ LM_FAMILIES = ("llama", "gpt2")
 
 
 def _canonical_steps(path, junction):
-    """Real steps first (stable), junction rows moved along; returns (path, scales, shifts, num_real).
+    """Real steps first (stable), junction rows moved along; returns (path, scales, shifts, num_real)
+    (scales and shifts None when `junction` is None).
 
     The stable partition is computed with cumulative sums and one scatter (a permutation), not `jnp.argsort`:
     XLA:CPU's sort of the 8 flags cost ~3 ms per decode call (profiled), the scatter microseconds."""
@@ -45,6 +46,8 @@ def _canonical_steps(path, junction):
     num_real = jnp.sum(real, dtype=jnp.int32)
     dest = jnp.where(real, jnp.cumsum(real) - 1, num_real + jnp.cumsum(~real) - 1)  # new slot of each step
     order = jnp.zeros_like(dest).at[dest].set(jnp.arange(path.shape[0], dtype=dest.dtype))
+    if junction is None:
+        return path[order], None, None, num_real
     return path[order], junction["scale"][order], junction["shift"][order], num_real
 
 
@@ -72,7 +75,7 @@ def _path_with_caches(config, module, blocks, steps, h, ctx, caches):
 
         def run(operands, t=t, p=p):
             h, cache = operands
-            x = (h * scales[t] + shifts[t]).astype(h.dtype)
+            x = h if scales is None else (h * scales[t] + shifts[t]).astype(h.dtype)  # as `run_path`
             return module.block_with_cache(config, p, x, ctx, cache)
 
         h, caches[t] = jax.lax.cond(t < num_real, run, lambda operands: operands, (h, caches[t]))
@@ -121,8 +124,6 @@ def greedy_decode(
     d = config.hidden_size
     check_junction(junction, t_max, d)
     dtype = jax.tree.leaves(shell["embed"])[0].dtype
-    if junction is None:
-        junction = {"scale": jnp.ones((t_max, d), dtype), "shift": jnp.zeros((t_max, d), dtype)}
 
     b, s_prompt = prompt_ids.shape
     s_total = s_prompt + max_new_tokens

@@ -99,25 +99,26 @@ def _is_concrete(x) -> bool:
 
 
 def run_path(config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx, junction=None) -> jax.Array:
-    """Runs the hidden state through the path's blocks (no embed/head). h [B, S, D] -> [B, S, D]."""
+    """Runs the hidden state through the path's blocks (no embed/head). h [B, S, D] -> [B, S, D].
+
+    Without a junction the blocks see h as it is; the identity junction (scale 1, shift 0) gives the same
+    values except that a -0.0 entry would enter as +0.0 (`-0.0 * 1 + 0 = +0`), so the path engine, decoding and
+    this function all skip the affine map when there is no junction (it cost ~2% of the engine's CPU time)."""
     module = _family(config)
-    t_max = path.shape[0]
-    if junction is None:
-        scales = jnp.ones((t_max, h.shape[-1]), h.dtype)
-        shifts = jnp.zeros((t_max, h.shape[-1]), h.dtype)
-    else:
-        scales, shifts = junction["scale"], junction["shift"]
+    affine = None if junction is None else (junction["scale"], junction["shift"])
 
     def step(h, xs):
-        idx, scale, shift = xs
+        idx, rows = xs
 
         def run(h):
             p = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, idx, 0, keepdims=False), pool)
-            return module.block(config, p, (h * scale + shift).astype(h.dtype), ctx)
+            if rows is not None:  # without a junction no affine map at all (not h * 1 + 0: see the docstring)
+                h = (h * rows[0] + rows[1]).astype(h.dtype)
+            return module.block(config, p, h, ctx)
 
         return jax.lax.cond(idx >= 0, run, lambda h: h, h), None
 
-    h, _ = jax.lax.scan(step, h, (path.astype(jnp.int32), scales, shifts))
+    h, _ = jax.lax.scan(step, h, (path.astype(jnp.int32), affine))
     return h
 
 

@@ -390,14 +390,12 @@ class PathEngine:
         """Teacher-forced device outputs of every row via the prefix tree."""
         sh = self._shared
         tree = tree_lib.build_prefix_tree(paths, lengths, junction)
-        fn = self._tree_fn()
+        fn = self._tree_fn(tree.scale is not None)
         t_max = paths.shape[1]
         h0s, ctxs = sh["embed_fn"](self.shell)
         buffers = tuple(jnp.zeros((t_max + 1,) + h.shape, h.dtype).at[0].set(h) for h in h0s)
         num = tree.num_nodes
         d = self.config.hidden_size
-        if tree.scale is None:  # identity junction rows: the same arithmetic as `run_path` without one
-            tree = tree._replace(scale=np.ones((num, d), np.float32), shift=np.zeros((num, d), np.float32))
         chunks_out = []
         for nodes in tree_lib.chunk_nodes(tree, self.node_chunk_size, d):
             buffers, outs = fn(self.shell, self.pool, buffers, ctxs, jax.tree.map(jnp.asarray, nodes))
@@ -475,8 +473,10 @@ class PathEngine:
         sh["compiled"][key] = fn
         return fn
 
-    def _tree_fn(self):
-        key = ("tree",)
+    def _tree_fn(self, with_junction: bool):
+        """The compiled scan over a chunk of tree nodes; without junction rows the nodes apply no affine map
+        (as `run_path` without a junction: the same arithmetic as plain evaluation)."""
+        key = ("tree", with_junction)
         sh = self._shared
         if key in sh["compiled"]:
             return sh["compiled"][key]
@@ -509,7 +509,7 @@ class PathEngine:
         def block_fn(p, h, ctx):  # h [n, B, S, D]: one batch at a time, the shapes plain evaluation runs
             return jax.lax.map(lambda x: models.block(config, p, x, ctx), h)
 
-        chunk_fn = tree_lib.make_tree_chunk_fn(block_fn, leaf_fn, with_junction=True)
+        chunk_fn = tree_lib.make_tree_chunk_fn(block_fn, leaf_fn, with_junction=with_junction)
 
         def traced(shell, pool, buffers, ctxs, nodes):
             self._count_trace(key)
