@@ -21,9 +21,23 @@ same evaluation also gives the noise: the standard error of a path's reward diff
 z* fixed). For the exact-match tasks it is checked against the closed form `100 sd(x_path - x_theta) / sqrt(n)`.
 Checks: Theta's held-out scores equal report.json's hm3_no_arch_level points, and its whole-search-split
 scores equal those the run's confirmation step recorded (stages/hm3.json) where it recorded them.
-Writes `--plot` (gains on search_full vs held-out, with 2 SE) and prints one JSON object.
+Writes `--plot` (gains on search_full vs held-out, with 2 SE) and prints one JSON object; the summary also gives
+per edit type (source swap, deletion, repeat, neighbouring layer) the median gain and how many beat Theta.
 
     .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --neighbourhood
+
+`--alignment=moment` (with `--neighbourhood`): every path is scored with HM3's moment junction alignment
+(`hm3_jax.paths.alignment`, closed-form per-dimension scale and shift before every junction between blocks that
+are not native neighbours), whatever the run itself used. The aligners are built exactly as `hm3.run.run_hm3`
+builds them for `arch.alignment="moment"`: one per preference from `arch_level.make_aligners` over that
+preference's shell and pool, calibrated on `run._calibration` (32 rows of the capped search split), shell
+source K (Theta's embeddings), and the SAME aligner for search_full and held-out (junctions are fitted on search
+data, then fixed). A path's junction is `aligner.junctions(paths)[row]` and the per-example evaluation runs with
+it. Theta's identity path has no junction between different sources, so its junction must be the identity
+(scale exactly 1, shift exactly 0; checked) and its per-example statistics must equal those without a junction
+(checked, recorded as `theta_same_with_identity_junction`).
+
+    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --neighbourhood --alignment=moment
 """
 
 from __future__ import annotations
@@ -79,9 +93,10 @@ def _config(spec: str):
     return tiny3.get_config(variant or None)
 
 
-def _example_stats(problem, shell, pool, path, split: str, refs, tokenizer):
+def _example_stats(problem, shell, pool, path, split: str, refs, tokenizer, junction=None):
     """Per task the per-example statistics of one path on `split` ([N] bool, or [N, S] chrF statistics) and the
-    full-split scores [K] they give (the engine's kernels: `objectives.path_device_scores`)."""
+    full-split scores [K] they give (the engine's kernels: `objectives.path_device_scores`); `junction` None or
+    {"scale", "shift": [T_max, D]} (`models.apply_path`)."""
     import jax.numpy as jnp
 
     from hm3_jax.moo import bootstrap
@@ -90,7 +105,7 @@ def _example_stats(problem, shell, pool, path, split: str, refs, tokenizer):
     stats, scores = [], []
     for obj, r in zip(problem.objectives[split], refs, strict=True):
         raw = np.asarray(
-            obj_lib.path_device_scores(problem.config, shell, pool, jnp.asarray(path), None, obj)
+            obj_lib.path_device_scores(problem.config, shell, pool, jnp.asarray(path), junction, obj)
         )
         raw = raw[: obj.num_examples]
         if obj.metric == "chrf":
@@ -109,14 +124,15 @@ def neighbourhood(args) -> dict:
     from tqdm.auto import tqdm
 
     from hm3_jax.hm3 import arch_level
+    from hm3_jax.hm3 import run as run_lib
     from hm3_jax.moo import bootstrap
 
     config, zoo, problem, prefs, shells, pools = _setup(args)
-    if config.arch.alignment != "none":
-        raise ValueError(
-            f"--neighbourhood scores plain paths; the run used arch.alignment={config.arch.alignment!r}"
-        )
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
+    aligners = None  # as run.run_hm3 builds them; one per preference, for search_full and held-out alike
+    if args.alignment == "moment":
+        ids, mask = run_lib._calibration(problem, zoo)
+        aligners = arch_level.make_aligners(problem, "moment", shells, pools, ids, mask, shell_source=K)
     with open(os.path.join(args.run, "report.json")) as f:
         report = json.load(f)
     with open(os.path.join(args.run, "stages", "hm3.json")) as f:
@@ -139,15 +155,36 @@ def neighbourhood(args) -> dict:
     if any(not 0 <= i < len(prefs) for i in chosen):
         raise ValueError(f"--preferences {args.preferences!r}: the run has {len(prefs)} preferences")
     rows, se_check = [], []
+    edit_types = [_edit_type(theta, n, L) for n in neigh]
     bar = tqdm(total=len(chosen) * len(cands) * len(splits), desc="neighbourhood paths", mininterval=5.0)
     for i in chosen:
         pref = prefs[i]
         out = {"index": i, "preference": pref.tolist(), "num_neighbours": int(len(neigh))}
+        junc = (
+            None if aligners is None else aligners[i].junctions(cands)
+        )  # [P, T_max, D] each, fixed per path
+        if junc is not None:
+            # a junction step is one the aligner did not leave at the identity (scale 1, shift 0)
+            active = (junc["scale"] != 1.0).any(-1) | (junc["shift"] != 0.0).any(-1)  # [P, T_max]
+            out["num_junctions"] = active.sum(-1)[1:].tolist()
+            if active[0].any():
+                raise RuntimeError(
+                    f"preference {i}: Theta's identity path got a non-identity junction at steps "
+                    f"{np.nonzero(active[0])[0].tolist()} (it has no junction between different sources)"
+                )
+            out["theta_junction_max_abs_dev"] = [float(np.abs(junc["scale"][0] - 1).max()),
+                                                 float(np.abs(junc["shift"][0]).max())]  # fmt: skip
         for s in splits:
             z = np.asarray(problem.ideal[s], np.float64)
             scores, res = [], []  # [P, K], [P, B, K]
             for c, path in enumerate(cands):
-                stats, sc = _example_stats(problem, shells[i], pools[i], path, s, refs[s], zoo.tokenizer)
+                j = None if junc is None else {"scale": junc["scale"][c], "shift": junc["shift"][c]}
+                stats, sc = _example_stats(problem, shells[i], pools[i], path, s, refs[s], zoo.tokenizer, j)
+                if c == 0 and j is not None:  # the identity junction must not change Theta's outputs
+                    plain, _ = _example_stats(problem, shells[i], pools[i], path, s, refs[s], zoo.tokenizer)
+                    out.setdefault("theta_same_with_identity_junction", {})[s] = all(
+                        np.array_equal(a, b) for a, b in zip(stats, plain, strict=True)
+                    )
                 scores.append(sc)
                 res.append(np.stack([bootstrap.resampled_scores(st, m, ix)
                                      for st, m, ix in zip(stats, metrics[s], idx[s], strict=True)], -1))  # fmt: skip
@@ -209,11 +246,17 @@ def neighbourhood(args) -> dict:
         "median_se_heldout": float(np.median([x for r in rows for x in r["heldout"]["se"]])),
         "theta_reward_search_full": mean(lambda r: r["search_full"]["theta_reward"]),
         "theta_reward_heldout": mean(lambda r: r["heldout"]["theta_reward"]),
+        "by_edit_type": edit_type_summary(rows, edit_types),
     }
+    if aligners is not None:
+        summary["theta_same_with_identity_junction"] = all(
+            all(r["theta_same_with_identity_junction"].values()) for r in rows
+        )
     if args.plot:
-        _plot_neighbourhood(rows, args.plot)
+        _plot_neighbourhood(rows, args.plot, args.alignment)
     return {
-        "run": args.run, "mode": "neighbourhood", "beta1": rl.beta1, "t_max": rl.t_max, "t_min": rl.t_min,
+        "run": args.run, "mode": "neighbourhood", "alignment": args.alignment,
+        "run_alignment": config.arch.alignment, "edit_types": edit_types, "beta1": rl.beta1, "t_max": rl.t_max, "t_min": rl.t_min,
         "theta_path": theta.tolist(), "neighbours": neigh.tolist(), "bootstrap_samples": args.bootstrap,
         "examples_per_task": {s: [o.num_examples for o in problem.objectives[s]] for s in splits},
         "mean_over_preferences": summary,
@@ -225,6 +268,47 @@ def neighbourhood(args) -> dict:
         "plot": args.plot or None,
         "per_preference": rows,
     }  # fmt: skip
+
+
+def _edit_type(theta, cand, num_layers: int) -> str:
+    """Which one-edit move turns `theta` into `cand` (both [T_max], -1 padded; `arch_level.neighbours`' edits):
+    "swap" (same layer, another source), "neighbouring_layer" (same source, layer +-1), "deletion", "repeat"."""
+    a, b = [int(x) for x in theta if x >= 0], [int(x) for x in cand if x >= 0]
+    if len(b) == len(a) - 1:
+        return "deletion"
+    if len(b) == len(a) + 1:
+        return "repeat"
+    diff = [t for t in range(len(a)) if a[t] != b[t]] if len(a) == len(b) else []
+    if len(diff) != 1:
+        raise ValueError(f"{b} is not one edit away from {a}")
+    (ma, la), (mb, lb) = divmod(a[diff[0]], num_layers), divmod(b[diff[0]], num_layers)
+    if la == lb:
+        return "swap"
+    if ma == mb and abs(la - lb) == 1:
+        return "neighbouring_layer"
+    raise ValueError(f"{b} is not one edit away from {a}")
+
+
+def edit_type_summary(rows: list, edit_types: list[str]) -> dict:
+    """Per edit type and split, over every preference x neighbour of that type: count, median / min / max gain
+    over Theta, how many beat Theta, by more than 2 SE, and on both splits (`rows`: `neighbourhood`'s)."""
+    types = np.asarray(edit_types)
+    out = {}
+    for t in dict.fromkeys(edit_types):
+        sel = types == t
+        g = {
+            s: np.concatenate([np.asarray(r[s]["gains"])[sel] for r in rows])
+            for s in ("search_full", "heldout")
+        }
+        se = {
+            s: np.concatenate([np.asarray(r[s]["se"])[sel] for r in rows]) for s in ("search_full", "heldout")
+        }
+        out[t] = {"count": int(g["heldout"].size),
+                  **{s: {"median_gain": float(np.median(g[s])), "min_gain": float(g[s].min()),
+                         "max_gain": float(g[s].max()), "num_beat_theta": int((g[s] > 0).sum()),
+                         "num_beat_by_2se": int((g[s] > 2 * se[s]).sum())} for s in g},
+                  "num_beat_theta_on_both": int(((g["search_full"] > 0) & (g["heldout"] > 0)).sum())}  # fmt: skip
+    return out
 
 
 def _check_theta(out: dict, i: int, pref, no_arch: dict, stage: dict, theta) -> None:
@@ -250,7 +334,7 @@ def _check_theta(out: dict, i: int, pref, no_arch: dict, stage: dict, theta) -> 
             out["check_search_full_vs_confirm"] = "ok"
 
 
-def _plot_neighbourhood(rows: list, path: str) -> None:
+def _plot_neighbourhood(rows: list, path: str, alignment: str = "none") -> None:
     """Every neighbour's reward gain over Theta on search_full (x) vs held-out (y); the search_full-selected one
     per preference with 2-SE bars. Written to a temp file, then moved."""
     import tempfile
@@ -272,7 +356,7 @@ def _plot_neighbourhood(rows: list, path: str) -> None:
     ax.axvline(0, color="k", lw=0.6)
     ax.set_xlabel("reward gain over Theta, whole search split")
     ax.set_ylabel("reward gain over Theta, held-out")
-    ax.set_title("tiny3: one-edit neighbourhood of Theta(lambda)")
+    ax.set_title(f"tiny3: one-edit neighbourhood of Theta(lambda), alignment {alignment}")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -299,8 +383,25 @@ def main() -> None:
     parser.add_argument(
         "--preferences", default="", help="--neighbourhood: comma-separated indices (default all)"
     )
-    parser.add_argument("--plot", default="runs/arch_headroom/neighbourhood.png", help="--neighbourhood plot")
+    parser.add_argument(
+        "--alignment",
+        choices=("none", "moment"),
+        default="none",
+        help="--neighbourhood: junction alignment the paths are scored with (see the docstring)",
+    )
+    parser.add_argument(
+        "--plot",
+        default="",
+        help="--neighbourhood plot (default runs/arch_headroom/neighbourhood.png, _moment.png for moment)",
+    )
     args = parser.parse_args()  # fmt: skip
+    if args.alignment != "none" and not args.neighbourhood:
+        parser.error(
+            "--alignment applies to --neighbourhood only (the default mode re-scores the run's paths)"
+        )
+    if not args.plot:
+        suffix = "" if args.alignment == "none" else f"_{args.alignment}"
+        args.plot = f"runs/arch_headroom/neighbourhood{suffix}.png"
 
     from absl import logging
 
