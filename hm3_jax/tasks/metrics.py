@@ -24,7 +24,7 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return float(CHRF().corpus_score(list(hypotheses), [list(references)]).score)
 
 
-def make_chrf_scorer(references: Sequence[str], max_cached: int = 1_000_000):
+def make_chrf_scorer(references: Sequence[str], max_cached: int = 200_000):
     """`score(hypotheses) -> float`, equal to `chrf(hypotheses, references)` bit for bit, for scoring many
     systems (layer paths) against the same references.
 
@@ -37,7 +37,9 @@ def make_chrf_scorer(references: Sequence[str], max_cached: int = 1_000_000):
     most counts are looked up (tiny3_v5, 100 segments, 32 distinct archive paths in a fresh process: 6.8-13.5
     -> 4.0 ms of CPU per path, detokenising included; docs/path_eval.md, third pass). Tested equal to `chrf`.
 
-    Args: references: one per example; max_cached: the memo is cleared when it holds more segments.
+    Args: references: one per example; max_cached: the memo is cleared when it holds more segments (~270
+      bytes each, measured on tiny3-like sentences: the default bounds it near 55 MB per objective; a whole
+      tiny3 HM3 search scores ~700 paths x 100 segments).
     Raises ValueError on an empty reference list or a hypothesis list of another length.
     """
     from sacrebleu.metrics import CHRF
