@@ -124,6 +124,26 @@ def test_suggest_from_the_front_and_from_the_policy(smoke_run):
     new = suggest_lib.suggest(workdir, [0.7, 0.2, 0.1], search=True)
     assert new["source"] == "policy" and len(new["path"]) == 4
     assert all(0 <= s <= 100 for s in new["heldout"])
+    # the answer is the decoded path only if its search reward beats Theta(lambda)'s identity path
+    theta = [9, 10, -1, -1]  # source K = 3 of a 2-layer pool, T_max 4
+    r = new["decision"]["search_rewards"]
+    assert new["path"] == (new["decoded_path"] if r[0] > r[1] else theta)
+    assert new["theta"]["variant"] == "tuned" and new["theta"]["from_preference"] == report["methods"]["hm3"][
+        "preferences"][int(np.abs(np.asarray(report["methods"]["hm3"]["preferences"]) - [0.7, 0.2, 0.1]).sum(1).argmin())]  # fmt: skip
+
+
+def test_suggest_rebuilds_the_runs_theta_at_a_front_preference(smoke_run):
+    """At a preference of the run, the Theta(lambda) suggest builds is the run's (its held-out scores are the
+    report's hm3_no_arch_level point)."""
+    from hm3_jax.hm3.problem import score_params
+
+    config, workdir, report = smoke_run
+    _, _, problem = run_lib.setup(config, workdir)
+    for i in range(len(report["methods"]["hm3_no_arch_level"]["points"])):
+        pref = np.asarray(report["methods"]["hm3_no_arch_level"]["preferences"][i])
+        theta, _ = suggest_lib._theta(workdir, config, problem, pref)
+        got = score_params(problem.engines["heldout"], problem.experts, theta)
+        np.testing.assert_allclose(got, report["methods"]["hm3_no_arch_level"]["points"][i], atol=1e-6)
     with pytest.raises(ValueError):
         suggest_lib.suggest(workdir, [0.5, 0.5])
 

@@ -60,12 +60,21 @@ def make_checkpoint_manager(directory: str, max_to_keep: int = 2) -> ocp.Checkpo
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def restore_latest(manager: ocp.CheckpointManager, like: RunnerState) -> RunnerState | None:
-    """The latest checkpoint restored into the structure of ``like``, or None when there is none."""
+def restore_latest(manager: ocp.CheckpointManager, like) -> RunnerState | None:
+    """The latest checkpoint restored into the structure of ``like``, or None when there is none.
+
+    ``like``: a RunnerState, or a function returning one (e.g. ``lambda: trainer.init(key)``), which is then
+    only traced for its shapes (`jax.eval_shape`), not run: restoring skips the initialisation's work (the
+    warm start's behaviour cloning).
+    """
     step = manager.latest_step()
     if step is None:
         return None
-    like = _to_saveable(like)
+    if callable(like) and jax.process_count() == 1:
+        abstract = jax.eval_shape(lambda: _to_saveable(like()))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return _from_saveable(jax.tree.map(jnp.asarray, jax.device_get(restored)))
+    like = _to_saveable(like() if callable(like) else like)
     if jax.process_count() > 1:  # numpy targets: every process reads the whole (small) state
         abstract = like
     else:

@@ -94,6 +94,7 @@ def make_problem(
     prefix_sharing: bool = True,
     search_examples: int | None = None,
     mesh=None,
+    source_scores: dict | None = None,
 ) -> Problem:
     """Builds the Problem of a loaded zoo (`hm3_jax.tasks.zoo.Zoo`).
 
@@ -108,6 +109,9 @@ def make_problem(
     `mesh` (a `hm3_jax.distributed.make_mesh` Mesh, or None): when given, both engines use strategy "shard" on
     it (paths over "paths", the examples of each batch over "data"; see hm3_jax/paths/engine.py) instead of
     `engine_strategy`; the scores are the same as without a mesh.
+
+    `source_scores`: {split: [K + 1, K]} the sources' scores computed earlier for this zoo and these settings
+    (a run stores them as a stage), used instead of re-scoring the sources; every split must be given.
     """
     config = zoo.base.config
     tasks = tuple(zoo.tasks)
@@ -146,10 +150,24 @@ def make_problem(
         )
         for split in objectives
     }
+    if source_scores is not None:
+        given = {k: np.asarray(v, np.float64) for k, v in source_scores.items()}
+        shape = (len(experts) + 1, len(tasks))
+        if set(given) != set(objectives) or any(v.shape != shape for v in given.values()):
+            raise ValueError(
+                f"source_scores must give a {shape} array for each split {sorted(objectives)}, got "
+                f"{ {k: v.shape for k, v in given.items()} }"
+            )
+    else:
+        given = None
     source_scores, ideal = {}, {}
     for split in objectives:
-        rows = [score_params(engines[split], experts, p) for p in [base, *experts]]
-        source_scores[split] = np.stack(rows)
+        if given is not None:
+            source_scores[split] = given[split]
+        else:
+            source_scores[split] = np.stack(
+                [score_params(engines[split], experts, p) for p in [base, *experts]]
+            )
         best = source_scores[split].max(axis=0)
         if np.any(best < MIN_IDEAL):
             bad = [t for t, b in zip(tasks, best, strict=True) if b < MIN_IDEAL]

@@ -85,10 +85,14 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     empty = [(t, s) for s in ("search", "heldout") for t in zoo.tasks if not zoo.data[t].get(s)]
     if empty:
         raise ValueError(f"empty task split(s) {empty} in zoo {zoo_dir}")
+    # The sources' scores on every split (the ideal point) are a stage: computed once per run (12 model
+    # evaluations on tiny3, most of a suggestion's time), then read back by resumes and by `suggest`.
+    stored = wd.load_stage("source_scores") if wd.has_stage("source_scores") else None
     problem = make_problem(
         zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
-        search_examples=config.engine.get("search_examples") or None, mesh=mesh,
+        search_examples=config.engine.get("search_examples") or None, mesh=mesh, source_scores=stored,
     )  # fmt: skip
+    wd.stage("source_scores", lambda: {k: v.tolist() for k, v in problem.source_scores.items()})
     return wd, zoo, problem
 
 

@@ -2,10 +2,15 @@
 vectors, online optimisation").
 
 * `suggest(run_dir, preference)`: the front model whose preference is closest (L1) to the one asked for.
-* `suggest(run_dir, preference, search=True)`: builds Theta(lambda) for exactly this preference (the paper's
-  DARE-TIES with the run's parameter-level settings), decodes a path for it greedily with the trained
-  preference-conditioned policy (restored from the run's checkpoint; no training), and scores the path on
-  the search and held-out splits. Optionally `refine_iterations` PPO iterations for this lambda first.
+* `suggest(run_dir, preference, search=True)`: builds Theta(lambda) for exactly this preference with the
+  run's parameter level (the tuned hyperparameters of the nearest front preference, weights = lambda, its merge
+  key; the paper's DARE-TIES when the run's pool model is the paper's), decodes a path for it greedily with the
+  trained preference-conditioned policy (restored from the run's checkpoint; no training), and answers with
+  the run's own selection rule: the decoded path replaces Theta(lambda)'s identity path only if it has the
+  higher RL reward on the search split and, when the run confirms on the whole search split
+  (`arch.confirm_top`, `arch.confirm_significance`), beats it there on enough paired bootstrap resamples.
+  Both candidates and the decision are returned; the answer is scored on held-out. Optionally
+  `refine_iterations` PPO iterations for this lambda first.
 """
 
 from __future__ import annotations
@@ -68,42 +73,95 @@ def suggest(
 
 
 def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
-    from hm3_jax.hm3 import arch_level, param_level
+    from hm3_jax.hm3 import arch_level
     from hm3_jax.hm3 import run as run_lib
     from hm3_jax.hm3.problem import pool_for
 
     start = time.perf_counter()
-    _, _, problem = run_lib.setup(config, run_dir)
+    _, zoo, problem = run_lib.setup(config, run_dir)
     K, L = problem.num_tasks, problem.config.num_layers
     key = jax.random.PRNGKey(seed)
-    merged = param_level.paper_merge(
-        problem, pref, key, config.param_level.density, config.param_level.drop_rate
-    )
+    merged, theta_from = _theta(run_dir, config, problem, pref)
     shell, pool = models.shell_of(merged), pool_for(problem, merged)
+    pref32 = jnp.asarray(pref, jnp.float32)
+    aligners = None  # junctions as the run fits them (fitted on search data, then fixed for every split)
+    if config.arch.alignment == "moment":
+        ids, mask = run_lib._calibration(problem, zoo)
+        aligners = arch_level.make_aligners(problem, "moment", [shell], [pool], ids, mask, shell_source=K)
+
+    def junction(path):
+        if aligners is None:
+            return None
+        return {k: v[0] for k, v in aligners[0].junctions(np.asarray(path, np.int32)[None]).items()}
+
+    def path_scorer(split):
+        return arch_level.PathScorer(problem, split, pref32[None], [shell], [pool], "suggest", aligners)
+
     acfg = arch_level.arch_config(config.arch, K + 1, L, K)
     phi = descriptors_lib.block_descriptors(pool, problem.base["blocks"], K + 1)
-    pref32 = jnp.asarray(pref, jnp.float32)
-    scorer = arch_level.PathScorer(problem, "search", pref32[None], [shell], [pool], tag="suggest")
+    scorer = path_scorer("search")
     trainer = ppo.make_trainer(acfg, ppo.host_score_fn(scorer, K), phi, pref32[None])
     manager = loop_lib.make_checkpoint_manager(os.path.join(run_dir, "arch", "hm3", "ckpt"))
-    runner = loop_lib.restore_latest(manager, trainer.init(key))
+    runner = loop_lib.restore_latest(manager, lambda: trainer.init(key))  # shapes only: no warm start run
     if runner is None:
         raise FileNotFoundError(f"no policy checkpoint under {run_dir}/arch/hm3/ckpt")
     params = runner.params
     if refine_iterations:
         params = trainer.refine(key, params, pref32, phi, refine_iterations)
-    path, _ = jax.jit(trainer.decode)(params, pref32, phi)
-    path = np.asarray(path, np.int32)
-    search = scorer.raw(0, path[None])[0]
-    heldout = arch_level.PathScorer(problem, "heldout", pref32[None], [shell], [pool], tag="suggest").raw(
-        0, path[None]
-    )[0]
+    decoded, _ = jax.jit(trainer.decode)(params, pref32, phi)
+    decoded = np.asarray(decoded, np.int32)
+    theta = arch_level.identity_paths(K + 1, L, acfg.t_max)[K]
+    cands = np.stack([decoded, theta])
+    norm = problem.normalise(scorer.raw(0, cands), "search")
+    rewards = arch_level.reward(norm, pref, (cands >= 0).sum(-1), acfg.beta1, acfg.t_max)
+    decision = {"search_rewards": rewards.tolist()}
+    chosen = 0 if rewards[0] > rewards[1] else 1
+    if chosen == 0 and not np.array_equal(decoded, theta) and "search_full" in problem.engines:
+        if config.arch.get("confirm_top", 0) > 0:
+            full = problem.normalise(path_scorer("search_full").raw(0, cands), "search_full")
+            r_full = arch_level.reward(full, pref, (cands >= 0).sum(-1), acfg.beta1, acfg.t_max)
+            decision["full_search_rewards"] = r_full.tolist()
+            chosen = 0 if r_full[0] > r_full[1] else 1
+            level = float(config.arch.get("confirm_significance", 0.0))
+            if chosen == 0 and level > 0:
+                p_gain = arch_level.significant_gain(
+                    problem, "search_full", (shell, pool, decoded, junction(decoded)), (shell, pool, theta, junction(theta)), pref, acfg,
+                    int(config.arch.get("confirm_bootstrap_samples", 1000)), seed, expected=(full[0], full[1]),
+                )  # fmt: skip
+                decision["p_gain_over_theta"] = p_gain
+                chosen = 0 if p_gain >= level else 1
+    path = cands[chosen]
+    heldout = path_scorer("heldout").raw(0, path[None])[0]
     return {
         "source": "policy",
         "preference": pref.tolist(),
         "path": path.tolist(),
-        "search": search.tolist(),
+        "decoded_path": decoded.tolist(),
+        "answer": "decoded path" if chosen == 0 else "Theta(lambda) (the decoded path did not beat it)",
+        "decision": decision,
+        "theta": theta_from,
+        "search": (norm[chosen] * problem.ideal["search"]).tolist(),
         "heldout": heldout.tolist(),
         "normalised_heldout": (heldout / np.asarray(report["ideal"])).tolist(),
         "seconds": time.perf_counter() - start,
+    }
+
+
+def _theta(run_dir: str, config, problem, pref: np.ndarray) -> tuple[dict, dict]:
+    """Theta(lambda) for a new preference, made as the run made its pool models: the hyperparameters and merge
+    key of the nearest (L1) preference of the run's parameter level, with weights = `pref` (at a front
+    preference this is exactly the run's Theta). Returns (params, description)."""
+    from hm3_jax.hm3 import param_level
+
+    with open(os.path.join(run_dir, "stages", "param_level.json")) as f:
+        entries = json.load(f)
+    prefs = np.asarray([e["preference"] for e in entries], np.float64)
+    i = int(np.abs(prefs - pref).sum(1).argmin())
+    variant = config.param_level.pool_model if config.param_level.cmaes.enabled else "paper"
+    variant = variant if variant in entries[i] else "paper"
+    merged = param_level.merged_for(problem, {**entries[i], "preference": np.asarray(pref).tolist()}, variant)
+    return merged, {
+        "variant": variant,
+        "hparams": entries[i][variant]["hparams"],
+        "from_preference": prefs[i].tolist(),
     }
