@@ -112,3 +112,28 @@ def test_warm_start_decodes_the_demonstration_before_any_ppo():
             decoded[steps].append(tuple(int(a) for a in np.asarray(path)[: int(length)]))
     assert decoded[300] == [demo] * 3
     assert decoded[0] != [demo] * 3
+
+
+def test_warm_start_uses_its_own_learning_rate_when_given():
+    """warm_start_learning_rate = x fits exactly what learning_rate = x fits (0 = the PPO learning rate)."""
+    problem = planted.make_planted_problem(0, num_tasks=2, num_layers=3, t_max=5, merged_value=0.7)
+    prefs = jnp.array(((0.9, 0.1), (0.1, 0.9)))
+    base = dict(num_sources=3, num_layers=3, num_tasks=2, t_min=1, t_max=5, num_envs=8, num_iterations=0,
+                k_nearest=1, warm_start_source=2, warm_start_steps=20)  # fmt: skip
+
+    def init(**kw):
+        config = ppo.ArchConfig(**base, **kw)
+        trainer = ppo.make_trainer(config, planted.make_score_fn(problem), problem.descriptors, prefs)
+        return trainer.init(jax.random.key(1)).params
+
+    own = init(learning_rate=1e-4, warm_start_learning_rate=3e-3)
+    jax.tree.map(np.testing.assert_array_equal, own, init(learning_rate=3e-3))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        init(learning_rate=1e-4),
+        init(learning_rate=1e-4, warm_start_learning_rate=0.0),
+    )
+    slow = init(learning_rate=1e-4)
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(slow), strict=True)
+    )

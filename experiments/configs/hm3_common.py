@@ -55,6 +55,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # Behaviour cloning onto Theta(lambda)'s identity path before PPO (ppo.warm_start): the lower level starts
     # from the upper level's answer and explores its neighbourhood. 0 = start from a random policy.
     c.arch.rl.warm_start_steps = 300
+    c.arch.rl.warm_start_learning_rate = 0.0  # 0 = rl.learning_rate
     c.arch.rl.init_log_std = -0.5  # exploration noise of the Gaussian proto-action (std ~0.6 per dimension)
     c.arch.rl.k_nearest = (
         1  # M'; critic re-ranking (M' > 1) slowed learning on the planted problem (docs/arch.md)

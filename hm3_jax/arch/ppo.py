@@ -60,7 +60,8 @@ class ArchConfig:
     PPO: ``num_iterations``, ``update_epochs``, ``num_minibatches``, ``learning_rate``, ``max_grad_norm``,
     ``clip_eps``, ``vf_coef``, ``ent_coef``, ``gamma``, ``gae_lambda``.
     Network: ``hidden_size``, ``embed_size``, ``init_log_std``.
-    Warm start: ``warm_start_source`` (-1: none) and ``warm_start_steps`` (see :func:`warm_start`).
+    Warm start: ``warm_start_source`` (-1: none), ``warm_start_steps`` and ``warm_start_learning_rate`` (0: the
+    PPO ``learning_rate``) (see :func:`warm_start`).
     """
 
     num_sources: int
@@ -88,6 +89,7 @@ class ArchConfig:
     init_log_std: float = -0.5
     warm_start_source: int = -1
     warm_start_steps: int = 0
+    warm_start_learning_rate: float = 0.0
 
     def __post_init__(self):
         checks = {
@@ -109,6 +111,7 @@ class ArchConfig:
             "0 <= gae_lambda <= 1": 0.0 <= self.gae_lambda <= 1.0,
             "-1 <= warm_start_source < num_sources": -1 <= self.warm_start_source < self.num_sources,
             "warm_start_steps >= 0": self.warm_start_steps >= 0,
+            "warm_start_learning_rate >= 0": self.warm_start_learning_rate >= 0,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -627,14 +630,14 @@ def warm_start(network, params, config: ArchConfig, table, embeddings, preferenc
     rollouts explore the neighbourhood of the parameter level's model (the Gaussian proto-action noise moves a
     step to a nearby action: another source's block at the same depth, a neighbouring block) instead of random
     paths. Loss: ``mean_{lambda, d} ||mu(S_d, lambda) - e(a_d)||^2`` over the N preferences (each with its
-    own descriptor table row) and the demonstration's D decisions, ``warm_start_steps`` Adam steps at the PPO
-    learning rate. Only the mean head is fitted (log-std and critic keep their initial values), so the
-    exploration noise is the configured ``init_log_std``. Deterministic (no randomness).
+    own descriptor table row) and the demonstration's D decisions, ``warm_start_steps`` Adam steps at
+    ``warm_start_learning_rate`` (0: the PPO learning rate). Only the mean head is fitted (log-std and critic
+    keep their initial values), so the exploration noise is the configured ``init_log_std``. Deterministic.
     """
     paths, lengths, actions = demonstration(config)
     num_prefs = preferences.shape[0]
     rows = jnp.arange(num_prefs) if table.shape[0] > 1 else jnp.zeros((num_prefs,), jnp.int32)
-    opt = optax.adam(config.learning_rate)
+    opt = optax.adam(config.warm_start_learning_rate or config.learning_rate)
 
     def loss_fn(p):
         def one(pref, row):
