@@ -139,13 +139,19 @@ def arch_config(cfg, num_sources: int, num_layers: int, num_tasks: int) -> ppo.A
     With a parameter-level model in the pool (`num_sources == K + 1`, source K) the policy is warm-started on
     its identity path (`ppo.warm_start`, `rl.warm_start_steps` steps): the lower level starts from the upper
     level's answer. Without one (the no-parameter-level ablation, `num_sources == K`) there is nothing to
-    start from and the policy starts from its random initialisation.
+    start from and the policy starts from its random initialisation. `rl.warm_started_learning_rate` (0 = off):
+    PPO's learning rate after a warm start (the cloning itself runs at `rl.learning_rate`), so PPO fine-tunes the
+    warm-started policy instead of undoing it.
     """
     rl = dict(cfg.rl)
     merged_source = num_sources - 1 if num_sources > num_tasks else -1
+    warm = merged_source >= 0 and rl.get("warm_start_steps", 0) > 0
+    tuned_lr = rl.pop("warm_started_learning_rate", 0.0)
+    if warm and tuned_lr:  # behaviour cloning at rl.learning_rate, then PPO at the smaller fine-tuning rate
+        rl.update(warm_start_learning_rate=rl["learning_rate"], learning_rate=tuned_lr)
     return ppo.ArchConfig.from_mapping(
         {**rl, "num_sources": num_sources, "num_layers": num_layers, "num_tasks": num_tasks,
-         "warm_start_source": merged_source if rl.get("warm_start_steps", 0) > 0 else -1}
+         "warm_start_source": merged_source if warm else -1}
     )  # fmt: skip
 
 
