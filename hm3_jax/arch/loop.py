@@ -70,15 +70,12 @@ def restore_latest(manager: ocp.CheckpointManager, like) -> RunnerState | None:
     step = manager.latest_step()
     if step is None:
         return None
-    if callable(like) and jax.process_count() == 1:
-        abstract = jax.eval_shape(lambda: _to_saveable(like()))
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        return _from_saveable(jax.tree.map(jnp.asarray, jax.device_get(restored)))
-    like = _to_saveable(like() if callable(like) else like)
     if jax.process_count() > 1:  # numpy targets: every process reads the whole (small) state
-        abstract = like
+        abstract = _to_saveable(like() if callable(like) else like)
+    elif callable(like):
+        abstract = jax.eval_shape(lambda: _to_saveable(like()))
     else:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     # orbax returns device-committed arrays; host round trip makes them look like init's, so the compiled
     # training chunk is reused instead of recompiled for a different placement.

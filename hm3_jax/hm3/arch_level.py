@@ -277,17 +277,11 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
             rewards, best = np.asarray([ls["reward"]]), 0
         confirm = None
         if full_scorer is not None:
-
-            def spec_fn(path, i=i):
-                path = np.asarray(path, np.int32)
-                junction = None
-                if aligners_search is not None:
-                    junction = {k: v[0] for k, v in aligners_search[i].junctions(path[None]).items()}
-                return shells[i], pools[i], path, junction
-
+            aligner = None if aligners_search is None else aligners_search[i]
             confirm = _confirm(
                 problem, full_scorer, i, pref, scorer, num_sources, L, acfg, int(cfg.confirm_top),
-                significance=float(cfg.get("confirm_significance", 0.0)), spec_fn=spec_fn,
+                significance=float(cfg.get("confirm_significance", 0.0)),
+                spec_fn=lambda path, i=i, a=aligner: model_spec(shells[i], pools[i], path, a),
                 num_samples=int(cfg.get("confirm_bootstrap_samples", 1000)), seed=int(cfg.get("confirm_seed", 0)) + i,
             )  # fmt: skip
             best_path = np.asarray(confirm["paths"][confirm["chosen"]], np.int32)
@@ -312,10 +306,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
     for i, r in enumerate(results):
         r["heldout"] = heldout.raw(i, np.asarray([r["path"]], np.int32))[0].tolist()
         if aligners_heldout is not None:
-            r["junction"] = {
-                k: v[0].tolist()
-                for k, v in aligners_heldout[i].junctions(np.asarray([r["path"]], np.int32)).items()
-            }
+            r["junction"] = {k: v.tolist() for k, v in path_junction(aligners_heldout[i], r["path"]).items()}
     with open(metrics_path) as f:
         full_curve = [float(line) for line in f if line.strip()]
     confirm_units = sum(r["confirm"]["charged_evaluations"] for r in results if "confirm" in r)
@@ -333,6 +324,19 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
     }
 
 
+def path_junction(aligner, path) -> dict | None:
+    """The junction parameters of one path [T_max] under `aligner` (None: no alignment)."""
+    if aligner is None:
+        return None
+    return {k: v[0] for k, v in aligner.junctions(np.asarray(path, np.int32)[None]).items()}
+
+
+def model_spec(shell, pool, path, aligner=None) -> tuple:
+    """One path model as a `heldout_bootstrap` ModelSpec `(shell, pool, path, junction)`."""
+    path = np.asarray(path, np.int32)
+    return shell, pool, path, path_junction(aligner, path)
+
+
 def _confirm(problem: Problem, full_scorer, index: int, pref, scorer, num_sources: int, num_layers: int, acfg,
              top: int, significance: float = 0.0, spec_fn=None, num_samples: int = 1000, seed: int = 0) -> dict:  # fmt: skip
     """Re-scores the `top` best candidates of preference `index` (and Theta's identity path) on the whole
@@ -348,7 +352,8 @@ def _confirm(problem: Problem, full_scorer, index: int, pref, scorer, num_source
     paths = np.stack([p for p, _ in cands])
     r_sub = reward(np.stack([s for _, s in cands]), pref, (paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
     order = list(np.argsort(-r_sub, kind="stable")[:top])
-    if num_sources > problem.num_tasks:  # Theta(lambda)'s identity path, the upper level's own answer
+    j = []  # where Theta(lambda)'s identity path, the upper level's own answer, is among the candidates
+    if num_sources > problem.num_tasks:
         theta = identity_paths(num_sources, num_layers, acfg.t_max)[num_sources - 1]
         j = [k for k, p in enumerate(paths) if np.array_equal(p, theta)]
         if j and j[0] not in order:
@@ -365,10 +370,8 @@ def _confirm(problem: Problem, full_scorer, index: int, pref, scorer, num_source
         "chosen": chosen,
         "charged_evaluations": int(len(order) * full_search_cost(problem)),
     }
-    theta_at = [k for k, p in enumerate(chosen_paths) if num_sources > problem.num_tasks
-                and np.array_equal(p, identity_paths(num_sources, num_layers, acfg.t_max)[num_sources - 1])]  # fmt: skip
-    if significance > 0 and spec_fn is not None and theta_at and chosen != theta_at[0]:
-        t = theta_at[0]
+    if significance > 0 and spec_fn is not None and j and chosen != order.index(j[0]):
+        t = order.index(j[0])
         p_gain = significant_gain(problem, "search_full", spec_fn(chosen_paths[chosen]), spec_fn(chosen_paths[t]),
                                   pref, acfg, num_samples, seed, expected=(full[chosen], full[t]))  # fmt: skip
         accepted = p_gain >= significance

@@ -89,11 +89,6 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
         ids, mask = run_lib._calibration(problem, zoo)
         aligners = arch_level.make_aligners(problem, "moment", [shell], [pool], ids, mask, shell_source=K)
 
-    def junction(path):
-        if aligners is None:
-            return None
-        return {k: v[0] for k, v in aligners[0].junctions(np.asarray(path, np.int32)[None]).items()}
-
     def path_scorer(split):
         return arch_level.PathScorer(problem, split, pref32[None], [shell], [pool], "suggest", aligners)
 
@@ -112,24 +107,23 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     decoded = np.asarray(decoded, np.int32)
     theta = arch_level.identity_paths(K + 1, L, acfg.t_max)[K]
     cands = np.stack([decoded, theta])
-    norm = problem.normalise(scorer.raw(0, cands), "search")
+    judge = path_scorer("search")  # its archive holds just these two candidates (not refine's paths)
+    norm = judge(cands, np.repeat(pref32[None], 2, 0))  # normalised search scores
     rewards = arch_level.reward(norm, pref, (cands >= 0).sum(-1), acfg.beta1, acfg.t_max)
     decision = {"search_rewards": rewards.tolist()}
     chosen = 0 if rewards[0] > rewards[1] else 1
-    if chosen == 0 and not np.array_equal(decoded, theta) and "search_full" in problem.engines:
-        if config.arch.get("confirm_top", 0) > 0:
-            full = problem.normalise(path_scorer("search_full").raw(0, cands), "search_full")
-            r_full = arch_level.reward(full, pref, (cands >= 0).sum(-1), acfg.beta1, acfg.t_max)
-            decision["full_search_rewards"] = r_full.tolist()
-            chosen = 0 if r_full[0] > r_full[1] else 1
-            level = float(config.arch.get("confirm_significance", 0.0))
-            if chosen == 0 and level > 0:
-                p_gain = arch_level.significant_gain(
-                    problem, "search_full", (shell, pool, decoded, junction(decoded)), (shell, pool, theta, junction(theta)), pref, acfg,
-                    int(config.arch.get("confirm_bootstrap_samples", 1000)), seed, expected=(full[0], full[1]),
-                )  # fmt: skip
-                decision["p_gain_over_theta"] = p_gain
-                chosen = 0 if p_gain >= level else 1
+    confirm = chosen == 0 and not np.array_equal(decoded, theta) and "search_full" in problem.engines
+    if confirm and config.arch.get("confirm_top", 0) > 0:  # the run's confirmation rule, on these two paths
+        c = arch_level._confirm(
+            problem, path_scorer("search_full"), 0, pref32, judge, K + 1, L, acfg, top=1,
+            significance=float(config.arch.get("confirm_significance", 0.0)),
+            spec_fn=lambda path: arch_level.model_spec(shell, pool, path, None if aligners is None else aligners[0]),
+            num_samples=int(config.arch.get("confirm_bootstrap_samples", 1000)), seed=seed,
+        )  # fmt: skip
+        decision["full_search_rewards"] = c["full_rewards"]  # [decoded, Theta]
+        if "significance" in c:
+            decision["p_gain_over_theta"] = c["significance"]["p_gain_over_theta"]
+        chosen = 0 if np.array_equal(c["paths"][c["chosen"]], decoded) else 1
     path = cands[chosen]
     heldout = path_scorer("heldout").raw(0, path[None])[0]
     return {
