@@ -64,12 +64,7 @@ def _setup(args):
 
     config = _config(args.config)
     zoo_dir = os.path.join(args.run, "zoo")
-    manifest = zoo_lib.read_manifest(zoo_dir)
-    if manifest is None or manifest["fingerprint"] != zoo_lib.config_fingerprint(config.zoo):
-        raise ValueError(
-            f"{zoo_dir} is not the zoo of config {args.config!r} (zoo fingerprint differs or none)"
-        )
-    zoo = zoo_lib.load(zoo_dir)
+    zoo = zoo_lib.load_matching(config.zoo, zoo_dir)
     problem = make_problem(
         zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
         search_examples=config.engine.get("search_examples") or None,

@@ -159,12 +159,7 @@ def main() -> None:
         report = json.load(f)
     config = tiny3.get_config(args.config or None)
     zoo_dir = os.path.join(args.run, "zoo")
-    manifest = zoo_lib.read_manifest(zoo_dir)
-    if manifest is None or manifest["fingerprint"] != zoo_lib.config_fingerprint(config.zoo):
-        raise ValueError(
-            f"{zoo_dir} is not the zoo of tiny3 config {args.config!r} (fingerprint differs or none)"
-        )
-    zoo = zoo_lib.load(zoo_dir)
+    zoo = zoo_lib.load_matching(config.zoo, zoo_dir)
     tasks = list(zoo.tasks)
     if tasks != report["tasks"]:
         raise ValueError(f"zoo tasks {tasks} != report tasks {report['tasks']}")
@@ -226,7 +221,7 @@ def main() -> None:
     for mult, k in zip(multipliers, jax.random.split(key, len(multipliers)), strict=True):
         steps = expert_steps * mult
         name = f"multitask_{mult}x"
-        want = {"seed": args.seed, "num_steps": steps, "zoo_fingerprint": manifest["fingerprint"],
+        want = {"seed": args.seed, "num_steps": steps, "zoo_fingerprint": zoo.manifest["fingerprint"],
                 "batch_size": zcfg.expert.batch_size, "learning_rate": zcfg.expert.learning_rate,
                 "warmup_steps": zcfg.expert.warmup_steps, "weight_decay": zcfg.expert.weight_decay,
                 "mixing": "stratified-uniform"}  # fmt: skip

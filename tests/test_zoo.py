@@ -85,6 +85,20 @@ def test_config_change_is_detected(smoke_zoo, smoke_config):
         zoo_lib.build_or_load(changed, smoke_zoo.workdir, on_mismatch="ignore")
 
 
+def test_load_matching_never_builds(smoke_zoo, smoke_config, tmp_path, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("must not build")
+
+    monkeypatch.setattr(zoo_lib, "build", no_build)
+    assert zoo_lib.load_matching(smoke_config, smoke_zoo.workdir).manifest == smoke_zoo.manifest
+    with pytest.raises(ValueError, match="holds no zoo"):
+        zoo_lib.load_matching(smoke_config, str(tmp_path / "none"))
+    changed = smoke_config.copy_and_resolve_references()
+    changed.seed = 1
+    with pytest.raises(ValueError, match="another config"):
+        zoo_lib.load_matching(changed, smoke_zoo.workdir)
+
+
 def test_rebuild_replaces_the_directory_atomically(tmp_path, monkeypatch, smoke_config):
     def fake_build(config, out_dir, progress):
         open(os.path.join(out_dir, "weights.bin"), "w").write(str(config.seed))

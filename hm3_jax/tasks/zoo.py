@@ -397,6 +397,14 @@ def build_or_load(zoo_config, workdir: str, on_mismatch: str = "rebuild", progre
     return load(workdir)
 
 
+def load_matching(zoo_config, workdir: str) -> Zoo:
+    """The zoo already built in `workdir` from `zoo_config` (ValueError when there is none or it is another
+    config's); never builds. For scripts that read a finished run's zoo."""
+    if read_manifest(workdir) is None:
+        raise ValueError(f"{workdir} holds no zoo (no manifest); build it with experiments.build_zoo")
+    return build_or_load(zoo_config, workdir, on_mismatch="error", progress=False)
+
+
 def format_summary(manifest: Mapping) -> str:
     """Markdown tables of the manifest's score matrices and task-vector sizes."""
     tasks, rows = manifest["tasks"], manifest["rows"]
