@@ -135,21 +135,15 @@ def run_search_examples(run_dir: str | None) -> int | None:
 def search_objectives(zoo, tasks, search_examples: int | None) -> dict:
     """{"search": what a search scores, "search_full": the zoo's whole search split, "heldout"} (Objective
     lists in task order). With `search_examples` the "search" objectives are built exactly as
-    `hm3_jax.hm3.problem.make_problem` builds its capped split (the first `search_examples` examples of each
-    task's shuffled search split, batch min(eval_batch_size, search_examples), decode shapes of that split),
+    `hm3_jax.hm3.problem.make_problem` builds its capped split (`problem.capped_search_objectives`: the first
+    `search_examples` examples of each task's shuffled search split),
     so the benchmark scores what HM3's search evaluates; without it "search" is the whole split."""
-    from hm3_jax.tasks import zoo as zoo_lib
+    from hm3_jax.hm3.problem import capped_search_objectives
 
     out = {s: [zoo.objectives[s][t] for t in tasks] for s in ("search", "heldout")}
     out["search_full"] = out["search"]
     if search_examples:
-        if search_examples < 1:
-            raise ValueError(f"search_examples must be >= 1, got {search_examples}")
-        cfg = zoo.manifest["config"]
-        subset = {t: {"search": zoo.data[t]["search"][:search_examples]} for t in tasks}
-        capped = zoo_lib.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
-                                         cfg["seq_len"], splits=("search",))  # fmt: skip
-        out["search"] = [capped["search"][t] for t in tasks]
+        out["search"] = capped_search_objectives(zoo, tasks, search_examples)
     return out
 
 

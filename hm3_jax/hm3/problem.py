@@ -119,19 +119,7 @@ def make_problem(
     experts = [zoo.experts[t].params for t in tasks]
     objectives = {split: [zoo.objectives[split][t] for t in tasks] for split in SPLITS}
     if search_examples:
-        from hm3_jax.tasks import zoo as zoo_lib
-
-        if zoo.manifest.get("kind", "tiny3") != "tiny3":
-            raise ValueError(
-                f"engine.search_examples={search_examples} is supported for the text zoo (tiny3) only; this zoo "
-                f"is {zoo.manifest.get('kind')!r}: set engine.search_examples = 0 (the whole search split)"
-            )
-        subset = {t: {"search": zoo.data[t]["search"][:search_examples], "heldout": zoo.data[t]["heldout"]}
-                  for t in tasks}  # fmt: skip
-        cfg = zoo.manifest["config"]
-        search_objs = zoo_lib.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
-                                              cfg["seq_len"], splits=("search",))  # fmt: skip
-        objectives["search"] = [search_objs["search"][t] for t in tasks]
+        objectives["search"] = capped_search_objectives(zoo, tasks, search_examples)
         # The whole search split too: a search may confirm its few best candidates on it (arch.confirm_top).
         objectives["search_full"] = [zoo.objectives["search"][t] for t in tasks]
     pool = pool_for(experts, base)  # experts then base: every source is one identity path over this pool
@@ -188,6 +176,25 @@ def make_problem(
                   for split in objectives}  # fmt: skip
     return Problem(config, tasks, base, experts, objectives, source_scores, ideal, engines, references,
                    getattr(zoo, "tokenizer", None))  # fmt: skip
+
+
+def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
+    """Per task (in `tasks` order) the objective of the first `search_examples` examples of the zoo's shuffled
+    search split, batch min(eval_batch_size, search_examples): the "search" split of a capped Problem."""
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    if search_examples < 1:
+        raise ValueError(f"search_examples must be >= 1, got {search_examples}")
+    if zoo.manifest.get("kind", "tiny3") != "tiny3":
+        raise ValueError(
+            f"engine.search_examples={search_examples} is supported for the text zoo (tiny3) only; this zoo "
+            f"is {zoo.manifest.get('kind')!r}: set engine.search_examples = 0 (the whole search split)"
+        )
+    subset = {t: {"search": zoo.data[t]["search"][:search_examples]} for t in tasks}
+    cfg = zoo.manifest["config"]
+    objs = zoo_lib.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
+                                   cfg["seq_len"], splits=("search",))  # fmt: skip
+    return [objs["search"][t] for t in tasks]
 
 
 def score_params(engine, experts: list, params: dict) -> np.ndarray:
