@@ -34,13 +34,20 @@ Keys
   of every block step it ran, the LM heads, decoding prefill + one token per step) / engine seconds;
   matmul_peak_flops_per_s: the machine's sustained float32 1024^3 `jnp.dot` rate in the same run, measured
   conservatively (`PeakMeter`): two rounds of 20 timed calls before the engine runs, two between the tree
-  and the plain run, two after; the peak is the BEST round median (a slowed round can only understate the
+  and the plain run, two after, two before and two after the standalone models; the peak is the BEST round median (a slowed round can only understate the
   machine). matmul_peak_samples_gflops lists every round median, matmul_peak_mean_flops_per_s their mean and
   fraction_of_mean_peak the ratio against it (the flattering denominator of sessions 3-4, for comparison);
   fraction_of_peak = engine_flops_per_s / matmul_peak_flops_per_s.
   The machine is shared (2 cores), so wall-time rates move with the load. fraction_of_peak_cpu_time
   divides FLOPs per process CPU second (all threads) of the engine by the best round's FLOPs per CPU second
   of the matmul: how efficiently the engine uses the cores it gets, largely independent of the load.
+- standalone_*: the ceiling the engine is held against. Every batch path as its own stacked model, scored by
+  a plain jitted evaluation compiled and warmed per depth before the clock starts (params on the device;
+  evaluation + host scoring timed): standalone_flops_per_s (FLOPs as performed: the LM head on every
+  teacher-forced position, since `models.apply` returns full logits), standalone_fraction_of_peak (wall and
+  per CPU second), engine_vs_standalone_flops_per_s = engine FLOP rate / standalone FLOP rate (how close the
+  engine comes to what XLA:CPU gets out of the merged model itself), speedup_vs_standalone_warm = engine
+  paths/s / standalone paths/s (no compilation on either side). Two more peak rounds run before and after it.
 - prefix_sharing_saving: 1 - tree / plain on the archive batch for FLOPs, block steps and seconds.
 - rollouts: per batch and in total, paths asked, distinct, cache hits (in-batch duplicates count as hits),
   evaluations, block steps tree vs plain, seconds; cache_hit_rate = 1 - evaluations / paths;
@@ -391,6 +398,37 @@ def rebuild_cached(setup: Setup, paths: np.ndarray, objectives) -> tuple[list, f
     return scores, time.perf_counter() - start
 
 
+def standalone_models(setup: Setup, paths: np.ndarray, objectives, engine) -> dict:
+    """The ceiling the engine is held against: each path as its own stacked model, scored by a plain jitted
+    evaluation (`_score_fn`, what a user runs on one model), compiled and warmed per depth BEFORE the clock
+    starts, params already on the device: only evaluation + the objectives' host scoring is timed, one call
+    after the other on the calling thread (XLA spreads each op over the cores itself).
+
+    FLOPs are counted as performed: every block of the path on every teacher-forced position, the LM head on
+    every position (`models.apply` returns full logits), decoding as the engine counts it. The ratio
+    engine / standalone FLOP rate says how close the engine comes to what XLA:CPU gets out of the model itself.
+    """
+    prepared, compiled = [], {}
+    for path in paths:
+        real = path[path >= 0]
+        cfg, params = _stacked(setup, real)
+        params = jax.device_put(params)
+        if len(real) not in compiled:
+            fn = jax.jit(_score_fn(cfg, objectives))
+            jax.block_until_ready(fn(params))  # compile + warm, off the clock
+            compiled[len(real)] = fn
+        flops = engine.path_flops(len(real), full_head=True)
+        prepared.append((compiled[len(real)], params, flops))
+    scores = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    for fn, params, _ in prepared:
+        raw = fn(params)
+        scores.append([o.host_fn(np.asarray(r)) for o, r in zip(objectives, raw, strict=True)])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    total = float(sum(f for _, _, f in prepared))
+    return {"scores": np.asarray(scores), "seconds": wall, "cpu_seconds": cpu, "flops": total}
+
+
 def _cpu_seconds(fn, *args, reps: int = 9) -> float:
     """Best process CPU seconds (all threads) of `reps` calls of a jitted fn, after one warm-up call."""
     jax.block_until_ready(fn(*args))
@@ -590,6 +628,12 @@ def main():
     rb_seconds = sum(rb_times.values())
     rbc_paths = batch[: args.num_rebuild_cached]
     rbc_scores, rbc_seconds = rebuild_cached(setup, rbc_paths, objectives)
+    fresh = setup.fresh_search_objectives() if setup.fresh_search_objectives else objectives
+    meter.sample("standalone")
+    alone = standalone_models(setup, batch, fresh, tree)
+    meter.sample("end")
+    peak, peak_cpu = meter.peak(), meter.peak_cpu()
+    agree_alone = float(np.max(np.abs(alone["scores"] - res_tree.scores)))
     agree = float(np.max(np.abs(np.asarray(rb_scores) - res_tree.scores[: len(rb_paths)])))
     agree_c = float(np.max(np.abs(np.asarray(rbc_scores) - res_tree.scores[: len(rbc_paths)])))
 
@@ -639,7 +683,14 @@ def main():
         "rebuild_cached_paths_per_s": rebuild_c_pps,
         "speedup_vs_rebuild_cached": engine_pps / rebuild_c_pps,
         "rebuild_cached_num_paths": int(len(rbc_paths)),
-        "rebuild_max_abs_score_diff_vs_engine": max(agree, agree_c),
+        "rebuild_max_abs_score_diff_vs_engine": max(agree, agree_c, agree_alone),
+        "standalone_paths_per_s": len(batch) / alone["seconds"],
+        "standalone_flops_per_s": alone["flops"] / alone["seconds"],
+        "standalone_fraction_of_peak": alone["flops"] / alone["seconds"] / peak,
+        "standalone_fraction_of_peak_cpu_time": alone["flops"] / alone["cpu_seconds"] / peak_cpu,
+        "engine_vs_standalone_flops_per_s": (res_tree.cost.flops / engine_s)
+        / (alone["flops"] / alone["seconds"]),
+        "speedup_vs_standalone_warm": engine_pps / (len(batch) / alone["seconds"]),
         "engine_flops_per_s": res_tree.cost.flops / engine_s,
         "engine_plain_flops_per_s": res_plain.cost.flops / res_plain.cost.seconds,
         "matmul_peak_flops_per_s": peak,
