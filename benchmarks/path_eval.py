@@ -34,8 +34,8 @@ Keys
   of every block step it ran, the LM heads, decoding prefill + one token per step) / engine seconds;
   matmul_peak_flops_per_s: the machine's sustained float32 1024^3 `jnp.dot` rate in the same run, measured
   conservatively (`PeakMeter`): two rounds of 20 timed calls before the engine runs, two between the tree
-  and the plain run, two after, two before and two after the standalone models; the peak is the BEST round median (a slowed round can only understate the
-  machine). matmul_peak_samples_gflops lists every round median, matmul_peak_mean_flops_per_s their mean and
+  and the plain run, two after, two before and two after the standalone models; the peak is the BEST round
+  median (a slowed round can only understate the machine). matmul_peak_samples_gflops lists every round median, matmul_peak_mean_flops_per_s their mean and
   fraction_of_mean_peak the ratio against it (the flattering denominator of sessions 3-4, for comparison);
   fraction_of_peak = engine_flops_per_s / matmul_peak_flops_per_s.
   The machine is shared (2 cores), so wall-time rates move with the load. fraction_of_peak_cpu_time
