@@ -1,41 +1,24 @@
-"""Analytic forward FLOP counts for cost accounting (a multiply-add counts as 2 FLOPs).
+"""Batch-level forward FLOP counts for the engine's cost accounting, on top of `hm3_jax.models.flops`.
 
-Counted: every matmul of a block and of the LM head. Not counted: embeddings (a gather), norms, RoPE, softmax,
-residual adds and junction scalings (all O(D) per token, < 1% of a block at our sizes).
-
-Per token of a sequence whose attention spans `context` keys, for one Llama/GPT-2 block
-(D = hidden_size, F = intermediate_size, H = num_heads, KV = kv heads, hd = head_size):
-
-    q and o projections       2 * (2 * D * H * hd)
-    k and v projections       2 * (2 * D * KV * hd)
-    scores QK^T and A V       2 * (2 * context * H * hd)     # dense: XLA computes the masked half too
-    MLP                       3 * (2 * D * F)  (Llama SwiGLU: gate, up, down)  or  2 * (2 * D * F) (GPT-2)
-
-and the LM head costs 2 * D * V per token whose logits are computed.
+The per-token formulas (what is counted: every matmul of a block, the attention scores over the full key
+length as executed, the LM head; not counted: embeddings, norms, RoPE, softmax, residual adds and junction
+scalings) live in `hm3_jax.models.flops`, the one place they are written. This module scales them to the
+engine's units: a [batch, seq_len] teacher-forced batch through `num_block_steps` blocks, and a greedy decode
+of `batch` rows. A multiply-add counts as 2 FLOPs.
 """
 
 from __future__ import annotations
 
+from hm3_jax.models import flops as model_flops
 from hm3_jax.models.config import ModelConfig
 
-
-def block_flops_per_token(config: ModelConfig, context: int) -> int:
-    """FLOPs of one block for one query token attending over `context` keys (formula in the module doc)."""
-    d, f = config.hidden_size, config.intermediate_size
-    h, kv, hd = config.num_heads, config.kv_heads, config.head_size
-    proj = 2 * (2 * d * h * hd) + 2 * (2 * d * kv * hd)
-    attn = 2 * (2 * context * h * hd)
-    mlp = (3 if config.family == "llama" else 2) * (2 * d * f)
-    return int(proj + attn + mlp)
-
-
-def head_flops_per_token(config: ModelConfig) -> int:
-    """FLOPs of the LM head for one token: 2 * D * V (0 for families without a vocabulary head)."""
-    return int(2 * config.hidden_size * config.vocab_size)
+block_flops_per_token = model_flops.block_flops_per_token  # (config, keys attended) -> FLOPs of one block
+head_flops_per_token = model_flops.head_flops_per_token  # 2 * D * V for an LM
 
 
 def teacher_forced_flops(config: ModelConfig, batch: int, seq_len: int, num_block_steps: int) -> int:
-    """Forward FLOPs of `num_block_steps` block applications plus one head on a [batch, seq_len] input."""
+    """Forward FLOPs of `num_block_steps` block applications plus the head on every position of a
+    [batch, seq_len] input: batch * `models.flops.forward_flops(config, seq_len, num_block_steps)` (LMs)."""
     tokens = batch * seq_len
     return int(
         tokens * (num_block_steps * block_flops_per_token(config, seq_len) + head_flops_per_token(config))
@@ -45,16 +28,10 @@ def teacher_forced_flops(config: ModelConfig, batch: int, seq_len: int, num_bloc
 def decode_flops(
     config: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int, num_block_steps: int
 ) -> int:
-    """FLOPs of greedy decoding (`models.greedy_decode`) with a KV cache of `prompt_len + max_new_tokens` slots.
-
-    Blocks: the prefill of `prompt_len` tokens, then `max_new_tokens - 1` single-token steps, every query
-    attending over the whole cache (dense masked attention, as executed). Head: on the last prompt position
-    (the first new token) and on each of the `max_new_tokens - 1` steps, i.e. `max_new_tokens` times per row
-    (greedy_decode computes no logits for the other prompt positions, so none are counted).
-    """
-    total = prompt_len + max_new_tokens
-    block_tokens = batch * (prompt_len + max(max_new_tokens - 1, 0))
-    return int(
-        block_tokens * num_block_steps * block_flops_per_token(config, total)
-        + batch * max_new_tokens * head_flops_per_token(config)
-    )
+    """FLOPs of greedy decoding (`models.greedy_decode`) of `batch` rows along `num_block_steps` blocks:
+    batch * `models.flops.decode_flops(config, prompt_len, max_new_tokens, num_block_steps)` (the prefill and
+    `max_new_tokens - 1` single-token steps, each query over all `prompt_len + max_new_tokens` cache slots; the
+    head on the last prompt position and on every step)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return int(batch * model_flops.decode_flops(config, prompt_len, max_new_tokens, num_block_steps))
