@@ -132,3 +132,27 @@ def test_warm_start_uses_its_own_learning_rate_when_given():
     assert any(
         not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(slow), strict=True)
     )
+
+
+def test_metrics_writer_writes_on_process_zero_only(tmp_path, monkeypatch):
+    """Multi-process training: every process calls the writer with the same rows; only process 0 writes, so
+    metrics.jsonl has each iteration once. Resume drops rows written after the last checkpoint."""
+    import json
+
+    from hm3_jax.arch import experiment
+
+    writer = experiment.MetricsWriter(str(tmp_path))
+    for it in (1, 2, 3):
+        writer(it, {"return": 0.5 * it})
+    writer.close()
+    monkeypatch.setattr(experiment.jax, "process_index", lambda: 1)
+    other = experiment.MetricsWriter(str(tmp_path))
+    other(1, {"return": 9.0})
+    other.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["iteration"] for r in rows] == [1, 2, 3] and rows[0]["return"] == 0.5
+    monkeypatch.setattr(experiment.jax, "process_index", lambda: 0)
+    experiment.MetricsWriter(str(tmp_path), resume_iteration=2).close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["iteration"] for line in f] == [1, 2]

@@ -19,13 +19,18 @@ class MetricsWriter:
     """Appends one JSON object per iteration to ``metrics.jsonl`` and scalars to TensorBoard (``tb/``).
 
     On resume, rows past ``resume_iteration`` (written after the last checkpoint by a killed run) are dropped
-    first, via a temporary file and an atomic rename, so the log matches the restored state.
+    first, via a temporary file and an atomic rename, so the log matches the restored state. In a
+    multi-process run only process 0 writes (every process sees the same metrics; N writers appending to one
+    file would log every iteration N times); the others' writer does nothing.
     """
 
     def __init__(self, workdir: str, resume_iteration: int = 0):
         from tensorboardX import SummaryWriter
 
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
         if os.path.exists(self.path):
             with open(self.path) as f:
                 rows = [
@@ -36,11 +41,15 @@ class MetricsWriter:
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def __call__(self, iteration: int, row: dict[str, float]) -> None:
+        if not self.active:
+            return
         self.file.write(json.dumps({**row, "iteration": int(iteration)}) + "\n")
         for name, value in row.items():
             self.tb.add_scalar(f"arch/{name}", value, iteration)
 
     def close(self) -> None:
+        if not self.active:
+            return
         self.file.close()
         self.tb.close()
 
@@ -129,5 +138,6 @@ def train_planted(config: Any, workdir: str) -> dict[str, Any]:
             "preference %s: path %s (%.4f), optimum %s (%.4f)", w, found, value, optimum, optimum_value
         )
     result = {"evaluations": evaluations, "num_optimal": sum(e["optimal"] for e in evaluations)}
-    _atomic_write(os.path.join(workdir, "result.json"), json.dumps(result, indent=1))
+    if jax.process_index() == 0:  # one writer; every process returns the same result
+        _atomic_write(os.path.join(workdir, "result.json"), json.dumps(result, indent=1))
     return result
