@@ -70,31 +70,18 @@ def train_multitask(key, config, base_params, task_rows, num_steps: int, cfg_exp
     Same optimiser, schedule and jitted step as `experiments.train_lib.train_lm`; batches stratified by task.
     Returns (params, losses float32 [num_steps]).
     """
-    import jax
-    import jax.numpy as jnp
-    from tqdm.auto import tqdm
-
     from experiments import train_lib
 
-    if num_steps <= 0:
-        raise ValueError(f"num_steps must be positive, got {num_steps}")
-    batch = cfg_expert.batch_size
-    schedule = train_lib.make_schedule(cfg_expert.learning_rate, num_steps, cfg_expert.warmup_steps)
-    step = train_lib._jitted_step(config, batch)  # the zoo's compiled step (one per config and batch size)
-    params = jax.tree.map(jnp.array, base_params)  # own copy: the step donates its buffers
-    opt_state = train_lib.make_optimizer().init(params)
-    plan = stratified_rows(key, num_steps, batch, [len(ids) for ids, _ in task_rows])
-    task_of, row_of = plan // 2**20, plan % 2**20
-    ids_all = [np.asarray(i, np.int32) for i, _ in task_rows]
-    mask_all = [np.asarray(m, np.float32) for _, m in task_rows]
-    losses = []
-    for i in tqdm(range(num_steps), desc=desc, mininterval=2.0):
-        ids = np.stack([ids_all[t][r] for t, r in zip(task_of[i], row_of[i], strict=True)])
-        mask = np.stack([mask_all[t][r] for t, r in zip(task_of[i], row_of[i], strict=True)])
-        opt_state = train_lib._set_hyperparams(opt_state, schedule(i), cfg_expert.weight_decay)
-        params, opt_state, loss = step(params, opt_state, ids, mask)
-        losses.append(loss)
-    return params, np.asarray(jax.device_get(jnp.stack(losses)), np.float32)
+    plan = stratified_rows(key, num_steps, cfg_expert.batch_size, [len(ids) for ids, _ in task_rows])
+    offsets = np.cumsum([0] + [len(ids) for ids, _ in task_rows])[:-1]
+    rows = offsets[plan // 2**20] + plan % 2**20  # (task, row) -> row of the tasks' concatenated rows
+    return train_lib.train_lm(
+        key, config, base_params,
+        np.concatenate([np.asarray(i, np.int32) for i, _ in task_rows]),
+        np.concatenate([np.asarray(m, np.float32) for _, m in task_rows]),
+        num_steps, cfg_expert.batch_size, cfg_expert.learning_rate, cfg_expert.warmup_steps,
+        cfg_expert.weight_decay, desc=desc, rows=rows,
+    )  # fmt: skip
 
 
 def trained_or_cached(out_dir, meta_want, train_fn, config, special):

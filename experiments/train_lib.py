@@ -120,6 +120,7 @@ def train_lm(
     weight_decay: float = 0.0,
     desc: str = "train",
     progress: bool = True,
+    rows: np.ndarray | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Trains `params` on rows of token ids with a masked next-token loss (AdamW, warmup + cosine).
 
@@ -129,6 +130,8 @@ def train_lm(
       input_ids: int32 [N, S]; loss_mask: [N, S] (1 at t when predicting input_ids[t + 1] is trained).
       num_steps, batch_size, learning_rate, warmup_steps, weight_decay: optimiser settings.
       desc: progress-bar label. progress: show a tqdm bar.
+      rows: optional batch plan, int [num_steps, batch_size] indices into `input_ids` (e.g. batches stratified
+        by task); default: rows drawn uniformly with replacement from `key`.
 
     Returns:
       (trained params, per-step losses float32 [num_steps]).
@@ -147,8 +150,14 @@ def train_lm(
     params = jax.tree.map(jnp.array, params)  # own copy: the step donates its buffers
     opt_state = make_optimizer().init(params)
     ids, mask = np.asarray(input_ids, np.int32), np.asarray(loss_mask, np.float32)
-    # rows drawn uniformly with replacement; the run is a function of `key`
-    rows = np.asarray(jax.random.randint(key, (num_steps, batch_size), 0, ids.shape[0]))
+    if rows is None:  # rows drawn uniformly with replacement; the run is a function of `key`
+        rows = np.asarray(jax.random.randint(key, (num_steps, batch_size), 0, ids.shape[0]))
+    rows = np.asarray(rows)
+    if rows.shape != (num_steps, batch_size) or rows.min() < 0 or rows.max() >= ids.shape[0]:
+        raise ValueError(
+            f"rows must be [num_steps, batch_size] = [{num_steps}, {batch_size}] indices into the "
+            f"{ids.shape[0]} input rows, got shape {rows.shape}, range [{rows.min()}, {rows.max()}]"
+        )
     losses = []
     bar = tqdm(range(num_steps), desc=desc, disable=not progress, mininterval=1.0)
     for i in bar:
