@@ -42,9 +42,9 @@ Keys
   divides FLOPs per process CPU second (all threads) of the engine by the best round's FLOPs per CPU second
   of the matmul: how efficiently the engine uses the cores it gets, largely independent of the load.
 - standalone_*: the ceiling the engine is held against. Every batch path as its own stacked model, scored by
-  a plain jitted evaluation compiled and warmed per depth before the clock starts (params on the device;
-  evaluation + host scoring timed): standalone_flops_per_s (FLOPs as performed: the LM head on every
-  teacher-forced position, since `models.apply` returns full logits), standalone_fraction_of_peak (wall and
+  a plain jitted evaluation of the same work (the LM head where exact match reads it, greedy decoding),
+  compiled and warmed per depth before the clock starts (params on the device; evaluation + host scoring
+  timed): standalone_flops_per_s, standalone_fraction_of_peak (wall and
   per CPU second), engine_vs_standalone_flops_per_s = engine FLOP rate / standalone FLOP rate (how close the
   engine comes to what XLA:CPU gets out of the merged model itself), speedup_vs_standalone_warm = engine
   paths/s / standalone paths/s (no compilation on either side). Two more peak rounds run before and after it.
@@ -327,17 +327,23 @@ class PeakMeter:
         return {k: [round(r[0] / 1e9, 1) for r in rs] for k, rs in self.samples.items()}
 
 
-def _score_fn(config, objectives):
+def _score_fn(config, objectives, head_positions: bool = False):
     """Scoring of one standalone model: what an evaluation job runs on a merged model (a new function object
-    per call, so jitting it traces and compiles afresh)."""
+    per call, so jitting it traces and compiles afresh). `head_positions`: the teacher-forced forward takes
+    `positions=` (the LM head only where exact match reads it, as the engine runs it) instead of returning
+    full logits; same scores either way."""
 
     def score(params):
         outs = []
+        ident = jnp.arange(config.num_layers, dtype=jnp.int32)  # a model = its identity path
         for o in objectives:
             if o.metric in DECODE_METRICS:
-                ident = jnp.arange(config.num_layers, dtype=jnp.int32)  # a model = its identity path
                 fwd = lambda i, m, n, p=params, a=ident: models.greedy_decode(  # noqa: E731
                     config, p, p["blocks"], a, i, m, int(n)
+                )
+            elif head_positions:
+                fwd = lambda ids, positions=None, p=params, a=ident: models.apply_path(  # noqa: E731
+                    config, p, p["blocks"], a, ids, positions=positions
                 )
             else:
                 fwd = lambda ids, p=params: models.apply(config, p, ids)  # noqa: E731
@@ -400,13 +406,12 @@ def rebuild_cached(setup: Setup, paths: np.ndarray, objectives) -> tuple[list, f
 
 def standalone_models(setup: Setup, paths: np.ndarray, objectives, engine) -> dict:
     """The ceiling the engine is held against: each path as its own stacked model, scored by a plain jitted
-    evaluation (`_score_fn`, what a user runs on one model), compiled and warmed per depth BEFORE the clock
-    starts, params already on the device: only evaluation + the objectives' host scoring is timed, one call
-    after the other on the calling thread (XLA spreads each op over the cores itself).
-
-    FLOPs are counted as performed: every block of the path on every teacher-forced position, the LM head on
-    every position (`models.apply` returns full logits), decoding as the engine counts it. The ratio
-    engine / standalone FLOP rate says how close the engine comes to what XLA:CPU gets out of the model itself.
+    evaluation of the same work as the plain engine (`_score_fn` with the LM head at the positions exact match
+    reads, greedy decoding for chrF), compiled and warmed per depth BEFORE the clock starts, params already on
+    the device: only evaluation + the objectives' host scoring is timed, one call after the other on the
+    calling thread (XLA spreads each op over the cores itself). FLOPs as the engine counts them for the path
+    alone (`PathEngine.path_flops`). The FLOP-rate ratio engine / standalone says how close the engine comes
+    to what XLA:CPU gets out of the merged model itself on the same work.
     """
     prepared, compiled = [], {}
     for path in paths:
@@ -414,10 +419,10 @@ def standalone_models(setup: Setup, paths: np.ndarray, objectives, engine) -> di
         cfg, params = _stacked(setup, real)
         params = jax.device_put(params)
         if len(real) not in compiled:
-            fn = jax.jit(_score_fn(cfg, objectives))
+            fn = jax.jit(_score_fn(cfg, objectives, head_positions=True))
             jax.block_until_ready(fn(params))  # compile + warm, off the clock
             compiled[len(real)] = fn
-        flops = engine.path_flops(len(real), full_head=True)
+        flops = engine.path_flops(len(real))
         prepared.append((compiled[len(real)], params, flops))
     scores = []
     wall, cpu = time.perf_counter(), time.process_time()

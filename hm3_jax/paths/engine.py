@@ -281,17 +281,10 @@ class PathEngine:
             flops=float(flops), flops_plain=float(flops_plain),
         )  # fmt: skip
 
-    def path_flops(self, length: int, full_head: bool = False) -> float:
+    def path_flops(self, length: int) -> float:
         """Analytic forward FLOPs of one path of `length` real blocks on every objective, evaluated alone (no
-        prefix sharing). The LM head is counted where the objectives read it (exact match: the target
-        positions), or with `full_head` on every teacher-forced position, as a standalone `models.apply` of
-        the path's model computes it (benchmarks/path_eval.py compares the engine with that)."""
-        sh = self._shared
-        head = sh["tf_head_flops"]
-        if full_head and self.config.family != "vit":
-            head = sh["tf_tokens"] * flops_lib.head_flops_per_token(self.config)
-        tf = sh["tf_block_flops"] * length + head
-        return float(tf + sum(f(length) for f in sh["dec_flops_fns"]))
+        prefix sharing; the LM head where the objectives read it, e.g. exact match's target positions)."""
+        return self._path_flops(length)
 
     def _path_flops(self, length: int) -> float:
         sh = self._shared
@@ -635,7 +628,7 @@ def _record_objectives(config: ModelConfig, objectives) -> dict:
     recording forward: its distinct input batches grouped by shape, and per-path FLOP counts."""
     groups: dict[tuple, list[np.ndarray]] = {}
     dec_flops_fns = []
-    tf_block = tf_head = tf_tokens = 0.0
+    tf_block = tf_head = 0.0
     for o in objectives:
         decode = o.metric in DECODE_METRICS
         rec = _Recorder(config, decode, o.name)
@@ -654,7 +647,6 @@ def _record_objectives(config: ModelConfig, objectives) -> dict:
             # runs on every position, or on the `positions` the objective asked for (P per row)
             b, s = (ids.shape[0], config.num_patches + 1) if config.family == "vit" else ids.shape
             tf_block += b * s * flops_lib.block_flops_per_token(config, s)
-            tf_tokens += b * s
             tf_head += (
                 b * (1 if config.family == "vit" else head_positions) * flops_lib.head_flops_per_token(config)
             )
@@ -684,7 +676,6 @@ def _record_objectives(config: ModelConfig, objectives) -> dict:
         "tf_groups": tf_groups,
         "tf_block_flops": float(tf_block),
         "tf_head_flops": float(tf_head),
-        "tf_tokens": float(tf_tokens),  # teacher-forced positions of every objective's batches (no dedup)
         "dec_flops_fns": dec_flops_fns,
         "embed_fn": embed_fn,
     }
