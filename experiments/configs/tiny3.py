@@ -92,7 +92,8 @@ def zoo_config(smoke: bool = False, far: bool = False) -> ml_collections.ConfigD
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """tiny3 config; ``arg="smoke"`` gives the small variant used by tests; ``arg="smoke_mesh"`` is smoke cut
-    further (2 preferences, no CMA-ES, 1 PPO iteration in the split loop, no baselines, no exports):
+    further (2 preferences, no CMA-ES, 1 PPO iteration in the split loop, no baselines, no exports, no
+    no-parameter-level ablation):
     tests/test_hm3_distributed.py runs it on 1 device, on 8 devices and in 2 processes.
 
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
@@ -130,4 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # (tests/test_hm3_run.py) and tests/test_hm3_units.py; here they would only add compilations x 4 processes.
         config.report.bootstrap_samples = 0
         config.arch.neighbourhood_evaluations = 0
+        # No no-parameter-level ablation (a second architecture level with one source less: every PPO and engine
+        # program compiled again, about a quarter of each run, x 4 processes); the smoke run reports it.
+        config.ablations = ("no_arch_level",)
     return config

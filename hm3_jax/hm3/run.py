@@ -30,6 +30,14 @@ from hm3_jax.hm3.workdir import Workdir
 
 REQUIRED_PARAM = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb")
 REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
+# `config.ablations` (optional; a config without the key runs both): which ablations the run computes and reports.
+# "no_param_level" is a second architecture level (RL over the experts' pool); "no_arch_level" is the parameter
+# level's Theta(lambda) (no extra work). tiny3.py:smoke_mesh runs only the latter (fewer compilations).
+ABLATIONS = ("no_param_level", "no_arch_level")
+
+
+def _ablations(config) -> tuple:
+    return tuple(config.get("ablations", ABLATIONS))
 
 
 def make_preferences(cfg, num_tasks: int, key: jax.Array) -> np.ndarray:
@@ -51,6 +59,9 @@ def _check_config(config) -> None:
     unknown += [m for m in config.baselines.path_methods if m not in REQUIRED_PATH]
     if unknown:
         raise ValueError(f"unknown baseline method(s) {unknown}; known: {REQUIRED_PARAM + REQUIRED_PATH}")
+    bad = [a for a in _ablations(config) if a not in ABLATIONS]
+    if bad:
+        raise ValueError(f"unknown ablation(s) {bad} in config.ablations; known: {ABLATIONS}")
     if config.arch.alignment not in ("none", "moment"):
         raise ValueError(f"arch.alignment must be 'none' or 'moment', got {config.arch.alignment!r}")
     if config.param_level.pool_model not in ("paper", "tuned"):
@@ -141,9 +152,11 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         K + 1, aligners["search"], aligners["heldout"]))  # fmt: skip
 
     np_shell, np_pool = arch_level.no_param_level_model(problem)
-    no_param = wd.stage("hm3_no_param_level", lambda: arch_level.run_arch_level(
-        problem, prefs, [np_shell] * N, [np_pool] * N, base_blocks, k_abl, config.arch,
-        wd.subdir("arch", "no_param"), "no_param", K))  # fmt: skip
+    no_param = None
+    if "no_param_level" in _ablations(config):
+        no_param = wd.stage("hm3_no_param_level", lambda: arch_level.run_arch_level(
+            problem, prefs, [np_shell] * N, [np_pool] * N, base_blocks, k_abl, config.arch,
+            wd.subdir("arch", "no_param"), "no_param", K))  # fmt: skip
 
     # Imported here, not at the top: the baselines import evosax, which creates jax arrays at import time, and
     # that would start the XLA backend before `jax.distributed.initialize` in the binaries' main (issue 7).
@@ -180,20 +193,22 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         "model_evaluations": param_evals,
         "wall_seconds": hm3["wall_seconds"] + param_seconds,
     }
-    methods["hm3_no_param_level"] = {
-        "points": [r["heldout"] for r in no_param["per_preference"]],
-        "paths": [r["path"] for r in no_param["per_preference"]],
-        "preferences": prefs.tolist(),
-        "evaluations": no_param["evaluations"],
-        "wall_seconds": no_param["wall_seconds"],
-    }
-    methods["hm3_no_arch_level"] = {
-        "points": [e[variant]["heldout"] if variant in e else e["paper"]["heldout"] for e in param],
-        "paper_points": [e["paper"]["heldout"] for e in param],
-        "preferences": prefs.tolist(),
-        "evaluations": param_evals,
-        "wall_seconds": param_seconds,
-    }
+    if no_param is not None:
+        methods["hm3_no_param_level"] = {
+            "points": [r["heldout"] for r in no_param["per_preference"]],
+            "paths": [r["path"] for r in no_param["per_preference"]],
+            "preferences": prefs.tolist(),
+            "evaluations": no_param["evaluations"],
+            "wall_seconds": no_param["wall_seconds"],
+        }
+    if "no_arch_level" in _ablations(config):
+        methods["hm3_no_arch_level"] = {
+            "points": [e[variant]["heldout"] if variant in e else e["paper"]["heldout"] for e in param],
+            "paper_points": [e["paper"]["heldout"] for e in param],
+            "preferences": prefs.tolist(),
+            "evaluations": param_evals,
+            "wall_seconds": param_seconds,
+        }
     for m in methods.values():
         if m.get("preferences") is not None:
             m["balanced_index"] = 0
@@ -239,7 +254,9 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
             config.report.bootstrap_samples, config.seed,
             [heldout_bootstrap.params_spec(p, L) for p in [problem.base, *problem.experts]]))  # fmt: skip
         rep = report_lib.add_bootstrap(rep, bs)
-    curves = {"hm3": hm3["reward_curve"], "hm3_no_param_level": no_param["reward_curve"]}
+    curves = {"hm3": hm3["reward_curve"]}
+    if no_param is not None:
+        curves["hm3_no_param_level"] = no_param["reward_curve"]
     if distributed.is_main_process():
         title = f"HM3 on {zoo.manifest.get('kind', 'tiny3')}"
         paths = report_lib.write_report(rep, wd.path, curves, title=title)
