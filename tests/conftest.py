@@ -1,4 +1,5 @@
-"""Shared test setup: CPU only, float32 matmuls at full precision, one persistent compilation cache.
+"""Shared test setup: CPU only, float32 matmuls at full precision, one persistent compilation cache, the
+shared smoke zoo and smoke HM3 run, and the order in which xdist hands out the test files.
 
 The suite is compile-bound (thousands of small programs; the HM3 smoke run alone compiles ~470), so a persistent
 compilation cache is shared by both xdist workers and their children (the resumed run, the notebook's kernel):
@@ -7,6 +8,12 @@ cached by jax). It is set through the environment before jax starts, so subproce
 fast-compile flags (used by the mesh subprocess runs, tests/_subprocess_util.py) are NOT used in-process: they
 change floating-point results in the last bits, and the planted-problem PPO test then decodes another path
 (measured); in-process tests check the numerics users get.
+
+Schedule (`make test` = `pytest -n 2 --dist loadfile`): the suite is dominated by two long files, the smoke HM3
+run (tests/test_hm3_run.py) and the mesh runs (tests/test_hm3_distributed.py). `pytest_collection_modifyitems`
+puts them first, then the file that uses the finished smoke run (tests/test_hm3_run_resume.py), then the rest in
+collection order; `pytest_configure` turns off xdist's reordering of files by test count (`--loadscope-reorder`)
+so that this order is the order in which files are handed out. docs/testing.md has the measurements.
 """
 
 import os
@@ -51,3 +58,71 @@ def smoke_zoo_dir():
     with FileLock(path + ".lock"):
         zoo_lib.build_or_load(tiny3.get_config("smoke").zoo, path, progress=False)
     return path
+
+
+# The files handed out first, longest first (see the module docstring); the rest keep their collection order.
+FIRST_FILES = ("test_hm3_run.py", "test_hm3_distributed.py", "test_hm3_run_resume.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: hand out files in our order, not by count
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = _os.path.basename(str(item.path))
+        return FIRST_FILES.index(name) if name in FIRST_FILES else len(FIRST_FILES)
+
+    items[:] = sorted(items, key=rank)  # stable: the order inside a file and among the rest is kept
+
+
+def _session_dir(tmp_path_factory):
+    """A directory of this test session shared by all its xdist workers (fresh for every session).
+
+    pytest-xdist gives each worker the base temp dir `<session base temp>/popen-gwN`, where the session's base
+    temp dir (`pytest-of-USER/pytest-N`, or `--basetemp`) is made fresh by the controller for every session; its
+    parent is therefore shared by the workers of one session and by no other session. Without xdist the
+    session's own base temp dir is that directory.
+    """
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if _os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_zoo_dir, tmp_path_factory):
+    """(config, workdir, report) of the tiny3 smoke HM3 run (`run_hm3` on the smoke zoo), made ONCE per session.
+
+    Both xdist workers use it (tests/test_hm3_run.py and tests/test_hm3_run_resume.py may run in parallel):
+    the first to ask makes it under a file lock in the session's shared directory, the other waits and then
+    reads the report `run_hm3` returned (pickled, so both see the same object). Made per session, never reused
+    from an older suite run (the code may have changed). The run directory is shared: tests that change it work
+    on a copy. If the run fails, the other worker fails at once with the same error instead of redoing it.
+    """
+    import pickle
+    import traceback
+
+    from filelock import FileLock
+
+    from experiments.configs import tiny3
+    from hm3_jax.hm3 import run as run_lib
+
+    root = _session_dir(tmp_path_factory) / "hm3_smoke_run"
+    workdir, done, failed = root / "run", root / "report.pickle", root / "failed.txt"
+    config = tiny3.get_config("smoke")
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if failed.exists():
+            raise RuntimeError(f"the smoke HM3 run failed in another xdist worker:\n{failed.read_text()}")
+        if not done.exists():
+            try:
+                report = run_lib.run_hm3(config, str(workdir), zoo_dir=smoke_zoo_dir)
+            except BaseException:
+                failed.write_text(traceback.format_exc())
+                raise
+            tmp = root / ".report.pickle.tmp"
+            tmp.write_bytes(pickle.dumps(report))
+            _os.replace(tmp, done)
+            return config, str(workdir), report
+        report = pickle.loads(done.read_bytes())
+    return config, str(workdir), report
