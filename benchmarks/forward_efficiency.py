@@ -1,0 +1,70 @@
+"""How close a plain jitted forward gets to the matmul peak as the model widens; prints one JSON object.
+
+    .venv/bin/python benchmarks/forward_efficiency.py
+
+A 4-block Llama forward (`models.apply`, full logits) on a [100, 48] batch (tiny3's search batch) at widths
+D = 128 (tiny3: F = 336, 4 heads), 256 and 512 (F = 2.69 D, 4 / 4 / 8 heads), against a float32 1024^3
+`jnp.dot`, interleaved in one process over 5 rounds. Reported: FLOPs per process CPU second (all threads) of
+each, best round, and each forward's fraction of the matmul's. FLOPs: `hm3_jax.models.flops.forward_flops`
+(every matmul, attention over the full key length, the head on every position).
+
+Why: `benchmarks/path_eval.py`'s fraction_of_peak is bounded by what XLA:CPU gets out of tiny3's small
+shapes (docs/path_eval.md, "Fourth pass"); this shows how that bound moves with the model's width.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from hm3_jax import models
+from hm3_jax.models import flops as mflops
+from hm3_jax.models.config import ModelConfig
+
+WIDTHS = ((128, 336, 4), (256, 688, 4), (512, 1376, 8))  # (D, F, heads)
+
+
+def main(rounds: int = 5, batch: int = 100, seq_len: int = 48) -> None:
+    load = os.getloadavg()[0]
+    a = jnp.ones((1024, 1024), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    cases = {}
+    for d, f, h in WIDTHS:
+        cfg = ModelConfig(
+            family="llama", vocab_size=1024, hidden_size=d, intermediate_size=f, num_layers=4, num_heads=h,
+            max_position_embeddings=256,
+        )  # fmt: skip
+        params = models.init(cfg, jax.random.PRNGKey(0))
+        ids = jax.random.randint(jax.random.PRNGKey(1), (batch, seq_len), 0, cfg.vocab_size)
+        fwd = jax.jit(lambda p, x, cfg=cfg: models.apply(cfg, p, x))
+        fwd(params, ids).block_until_ready()  # compile off the clock
+        cases[f"D={d}"] = (fwd, params, ids, batch * mflops.forward_flops(cfg, seq_len))
+    rates = {name: 0.0 for name in ("matmul", *cases)}
+    for _ in range(rounds):
+        start = time.process_time()
+        for _ in range(10):
+            mm(a).block_until_ready()
+        rates["matmul"] = max(rates["matmul"], 10 * 2 * 1024**3 / (time.process_time() - start))
+        for name, (fwd, params, ids, flops) in cases.items():
+            start = time.process_time()
+            for _ in range(5):
+                fwd(params, ids).block_until_ready()
+            rates[name] = max(rates[name], 5 * flops / (time.process_time() - start))
+    out = {
+        "benchmark": "forward_efficiency",
+        "batch": [batch, seq_len],
+        "gflops_per_cpu_s": {k: round(v / 1e9, 1) for k, v in rates.items()},
+        "fraction_of_matmul_per_cpu_s": {k: round(rates[k] / rates["matmul"], 3) for k in cases},
+        "load_average_1min": {"start": load, "end": os.getloadavg()[0]},
+        "jax": jax.__version__,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
