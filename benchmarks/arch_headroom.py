@@ -30,7 +30,7 @@ per edit type (source swap, deletion, repeat, neighbouring layer) the median gai
 (`hm3_jax.paths.alignment`, closed-form per-dimension scale and shift before every junction between blocks that
 are not native neighbours), whatever the run itself used. The aligners are built exactly as `hm3.run.run_hm3`
 builds them for `arch.alignment="moment"`: one per preference from `arch_level.make_aligners` over that
-preference's shell and pool, calibrated on `run._calibration` (32 rows of the capped search split), shell
+preference's shell and pool, calibrated on `run.calibration_inputs` (32 rows of the capped search split), shell
 source K (Theta's embeddings), and the SAME aligner for search_full and held-out (junctions are fitted on search
 data, then fixed). A path's junction is `aligner.junctions(paths)[row]` and the per-example evaluation runs with
 it. Theta's identity path has no junction between different sources, so its junction must be the identity
@@ -126,7 +126,7 @@ def neighbourhood(args) -> dict:
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
     aligners = None  # as run.run_hm3 builds them; one per preference, for search_full and held-out alike
     if args.alignment == "moment":
-        ids, mask = run_lib._calibration(problem, zoo)
+        ids, mask = run_lib.calibration_inputs(problem, zoo)
         aligners = arch_level.make_aligners(problem, "moment", shells, pools, ids, mask, shell_source=K)
     with open(os.path.join(args.run, "report.json")) as f:
         report = json.load(f)

@@ -55,7 +55,7 @@ def test_arch_level_confirmation_includes_the_merged_models_identity_path(proble
     others = np.array([[0, 1, -1], [2, 3, -1], [4, 5, 1]], np.int32)
     scorer(np.concatenate([others, theta[None]]), np.repeat(pref, 4, 0))
     acfg = types.SimpleNamespace(beta1=0.05, t_max=3)
-    c = arch_level._confirm(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1)
+    c = arch_level.confirm_candidates(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1)
     assert any(np.array_equal(p, theta) for p in np.asarray(c["paths"]))
     assert len(c["paths"]) in (1, 2) and c["chosen"] == int(np.argmax(c["full_rewards"]))
     ps = np.asarray(c["paths"], np.int32)
@@ -116,15 +116,15 @@ def test_confirmation_keeps_theta_unless_the_gain_is_significant(problem):
     scorer(ids[[k, K]], np.repeat(pref, 2, 0))
     acfg = types.SimpleNamespace(beta1=0.0, t_max=L)
     spec_fn = lambda p: (shell, pool, np.asarray(p, np.int32), None)  # noqa: E731
-    plain = arch_level._confirm(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1)
+    plain = arch_level.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1)
     assert np.array_equal(plain["paths"][plain["chosen"]], ids[k])  # the expert wins on the whole split
-    strict = arch_level._confirm(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=1.01,
+    strict = arch_level.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=1.01,
                                  spec_fn=spec_fn, num_samples=50)  # fmt: skip
     assert np.array_equal(strict["paths"][strict["chosen"]], ids[K])  # an unreachable level: Theta stands
     assert (
         strict["significance"]["accepted"] is False
         and strict["significance"]["best_on_full"] == plain["chosen"]
     )
-    usual = arch_level._confirm(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=0.95,
+    usual = arch_level.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=0.95,
                                 spec_fn=spec_fn, num_samples=200)  # fmt: skip
     assert usual["significance"]["p_gain_over_theta"] > 0.95 and usual["chosen"] == plain["chosen"]

@@ -278,7 +278,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         confirm = None
         if full_scorer is not None:
             aligner = None if aligners_search is None else aligners_search[i]
-            confirm = _confirm(
+            confirm = confirm_candidates(
                 problem, full_scorer, i, pref, scorer, num_sources, L, acfg, int(cfg.confirm_top),
                 significance=float(cfg.get("confirm_significance", 0.0)),
                 spec_fn=lambda path, i=i, a=aligner: model_spec(shells[i], pools[i], path, a),
@@ -337,7 +337,7 @@ def model_spec(shell, pool, path, aligner=None) -> tuple:
     return shell, pool, path, path_junction(aligner, path)
 
 
-def _confirm(problem: Problem, full_scorer, index: int, pref, scorer, num_sources: int, num_layers: int, acfg,
+def confirm_candidates(problem: Problem, full_scorer, index: int, pref, scorer, num_sources: int, num_layers: int, acfg,
              top: int, significance: float = 0.0, spec_fn=None, num_samples: int = 1000, seed: int = 0) -> dict:  # fmt: skip
     """Re-scores the `top` best candidates of preference `index` (and Theta's identity path) on the whole
     search split; returns the candidates, both rewards and the chosen index (best on the whole split).

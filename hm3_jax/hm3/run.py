@@ -70,7 +70,7 @@ def _check_config(config) -> None:
         )
 
 
-def _calibration(problem: Problem, zoo, rows: int = 32):
+def calibration_inputs(problem: Problem, zoo, rows: int = 32):
     """Calibration inputs [B, S] for moment alignment: prompts+targets of the search split (first tasks' rows)."""
     obj = problem.objectives["search"][-1]
     ids = np.asarray(obj.arrays.tree["input_ids"])
@@ -141,7 +141,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
 
     aligners = {"search": None, "heldout": None}
     if config.arch.alignment == "moment":
-        ids, mask = _calibration(problem, zoo)
+        ids, mask = calibration_inputs(problem, zoo)
         aligners["search"] = arch_level.make_aligners(
             problem, "moment", shells, pools, ids, mask, shell_source=K
         )

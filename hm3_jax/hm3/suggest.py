@@ -86,7 +86,7 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     pref32 = jnp.asarray(pref, jnp.float32)
     aligners = None  # junctions as the run fits them (fitted on search data, then fixed for every split)
     if config.arch.alignment == "moment":
-        ids, mask = run_lib._calibration(problem, zoo)
+        ids, mask = run_lib.calibration_inputs(problem, zoo)
         aligners = arch_level.make_aligners(problem, "moment", [shell], [pool], ids, mask, shell_source=K)
 
     def path_scorer(split):
@@ -114,7 +114,7 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     chosen = 0 if rewards[0] > rewards[1] else 1
     confirm = chosen == 0 and not np.array_equal(decoded, theta) and "search_full" in problem.engines
     if confirm and config.arch.get("confirm_top", 0) > 0:  # the run's confirmation rule, on these two paths
-        c = arch_level._confirm(
+        c = arch_level.confirm_candidates(
             problem, path_scorer("search_full"), 0, pref32, judge, K + 1, L, acfg, top=1,
             significance=float(config.arch.get("confirm_significance", 0.0)),
             spec_fn=lambda path: arch_level.model_spec(shell, pool, path, None if aligners is None else aligners[0]),
