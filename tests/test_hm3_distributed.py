@@ -29,6 +29,7 @@ file out second, right after tests/test_hm3_run.py. docs/testing.md has the meas
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,18 +59,8 @@ def _env(num_devices: int) -> dict:
     return env
 
 
-NICE = 10  # the runs' CPU priority increment (see _lower_priority)
-
-
-def _lower_priority() -> None:
-    """In the child before exec: a lower CPU priority (`nice` +NICE).
-
-    The suite's critical path is the other worker's in-process smoke HM3 run (tests/test_hm3_run.py, one
-    process) and the tests that need it; these four processes are filler work next to it. At equal priority
-    they took 4/5 of the 2 cores and stretched the smoke run by ~2x; niced, the smoke run keeps about one core
-    and they use the rest (docs/testing.md). Their results do not depend on the priority.
-    """
-    os.nice(NICE)
+NICE = 10  # the runs' CPU priority increment (`nice -n NICE`)
+_NICE = [shutil.which("nice"), "-n", str(NICE)] if shutil.which("nice") else []
 
 
 class _Run:
@@ -82,11 +73,15 @@ class _Run:
         self.start = time.perf_counter()
         self.seconds = None
         for log_path, extra in zip(self.logs, per_process_extra, strict=True):
-            cmd = [sys.executable, "-m", "experiments.run_hm3", f"--config={CONFIG}", f"--workdir={self.workdir}",
+            # `nice` (exec's the run, same pid): the suite's critical path is the other worker's in-process
+            # smoke HM3 run (tests/test_hm3_run.py, one process) and the tests that need it; these four processes
+            # are filler work next to it. At equal priority they took 4/5 of the 2 cores and stretched the smoke
+            # run ~2x; niced, it keeps about one core and they use the rest. The results do not depend on it.
+            cmd = [*_NICE, sys.executable, "-m", "experiments.run_hm3", f"--config={CONFIG}", f"--workdir={self.workdir}",
                    f"--zoo_dir={zoo_dir}", *extra]  # fmt: skip
             with open(log_path, "w") as log:  # the child keeps its own descriptor
                 self.procs.append(subprocess.Popen(cmd, env=_env(num_devices), cwd=REPO, stdout=log,
-                                                   stderr=subprocess.STDOUT, preexec_fn=_lower_priority))  # fmt: skip
+                                                   stderr=subprocess.STDOUT))  # fmt: skip
 
     def wait(self) -> list:
         """Exit codes (None for a process killed at the timeout); kills every process still running."""
