@@ -11,8 +11,8 @@ change floating-point results in the last bits, and the planted-problem PPO test
 
 Schedule (`make test` = `pytest -n 2 --dist loadfile`): the suite is dominated by two long files, the smoke HM3
 run (tests/test_hm3_run.py) and the mesh runs (tests/test_hm3_distributed.py). `pytest_collection_modifyitems`
-puts them first, then the file that uses the finished smoke run (tests/test_hm3_run_resume.py), then the rest in
-collection order; `pytest_configure` turns off xdist's reordering of files by test count (`--loadscope-reorder`)
+puts them first, then the file that uses the finished smoke run (tests/test_hm3_run_resume.py), then the rest
+longest first; `pytest_configure` turns off xdist's reordering of files by test count (`--loadscope-reorder`)
 so that this order is the order in which files are handed out. docs/testing.md has the measurements.
 """
 
@@ -60,8 +60,17 @@ def smoke_zoo_dir():
     return path
 
 
-# The files handed out first, longest first (see the module docstring); the rest keep their collection order.
+# The files handed out first (see the module docstring): the two long ones, then the one that needs the smoke
+# run. The rest follow longest first (seconds per file in a cold `make test` at load ~5, docs/testing.md), so
+# that the last files handed out are short and both workers finish together; a file not listed goes last.
 FIRST_FILES = ("test_hm3_run.py", "test_hm3_distributed.py", "test_hm3_run_resume.py")
+FILE_SECONDS = {
+    "test_paths.py": 74, "test_merging.py": 68, "test_arch_train.py": 48, "test_merge_cli.py": 47,
+    "test_tiny8.py": 42, "test_tasks_objectives.py": 41, "test_hm3_units.py": 29, "test_models_decode.py": 28,
+    "test_models_llama.py": 26, "test_distributed_loop.py": 25, "test_models_gpt2_vit.py": 24,
+    "test_confirm.py": 22, "test_distributed.py": 22, "test_io_parity_gpt2_vit.py": 20, "test_models_path.py": 20,
+    "test_io_parity.py": 18, "test_baselines.py": 14, "test_arch_env.py": 9, "test_moo.py": 7,
+}  # fmt: skip
 
 
 def pytest_configure(config):
@@ -72,9 +81,11 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(session, config, items):
     def rank(item):
         name = _os.path.basename(str(item.path))
-        return FIRST_FILES.index(name) if name in FIRST_FILES else len(FIRST_FILES)
+        if name in FIRST_FILES:
+            return (FIRST_FILES.index(name), 0)
+        return (len(FIRST_FILES), -FILE_SECONDS.get(name, 0))
 
-    items[:] = sorted(items, key=rank)  # stable: the order inside a file and among the rest is kept
+    items[:] = sorted(items, key=rank)  # stable: the order inside a file (and among unlisted files) is kept
 
 
 def _session_dir(tmp_path_factory):
