@@ -21,7 +21,7 @@ import os
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TEST_CACHE = os.environ.get("HM3_TEST_CACHE", os.path.join(_REPO, ".pytest_cache", "hm3"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_TEST_CACHE, "jax_cache_tests"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # every program: see docs/testing.md
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # > 0: locked for concurrent writers
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
