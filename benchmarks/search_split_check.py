@@ -43,7 +43,7 @@ def main():
     for i, (pref, hp, h) in enumerate(zip(base["preferences"], base["hparams"], hm3, strict=True)):
         pref = np.asarray(pref)
         key = jax.random.fold_in(jax.random.fold_in(k_base, i_method), i)
-        merged = baselines_runner._param_merge(problem, args.method, pref, key, hp)
+        merged = baselines_runner.param_merge(problem, args.method, pref, key, hp)
         f_base = problem.normalise(score_params(problem.engines["search"], problem.experts, merged), "search")
         f_hm3 = problem.normalise(h["search"], "search")
         rows.append({

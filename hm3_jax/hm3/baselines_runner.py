@@ -47,7 +47,9 @@ PARAM_GRIDS = {
 }
 
 
-def _param_merge(problem: Problem, method: str, preference, key, hparams: dict) -> dict:
+def param_merge(problem: Problem, method: str, preference, key, hparams: dict) -> dict:
+    """The merged params of parameter-space `method` at `preference` [K]: expert k weighted K * lambda_k (so the
+    balanced preference gives every expert weight 1, the methods' default), `hparams` as the method takes them."""
     K = problem.num_tasks
     weights = [float(K * lam) for lam in preference]
     return merging.merge(method, problem.base, problem.experts, key, weights=weights, **hparams)
@@ -59,12 +61,12 @@ def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bo
     points, default_points, chosen, evaluations = [], [], [], 0
     for i, pref in enumerate(np.asarray(preferences)):
         k = jax.random.fold_in(key, i)
-        default = _param_merge(problem, method, pref, k, PARAM_DEFAULTS[method])
+        default = param_merge(problem, method, pref, k, PARAM_DEFAULTS[method])
         default_points.append(score_params(problem.engines["heldout"], problem.experts, default).tolist())
         best, best_fit = PARAM_DEFAULTS[method], -np.inf
         grid = PARAM_GRIDS[method] if tune else [PARAM_DEFAULTS[method]]
         for hp in grid:
-            merged = _param_merge(problem, method, pref, k, hp)
+            merged = param_merge(problem, method, pref, k, hp)
             s = score_params(problem.engines["search"], problem.experts, merged)
             evaluations += 1
             fit = float(problem.normalise(s, "search") @ pref)
@@ -87,7 +89,7 @@ def param_baseline_models(problem: Problem, method: str, result: dict, key) -> l
     from its stored preferences and chosen hyperparameters with the same per-preference keys."""
     prefs = np.asarray(result["preferences"], np.float32)  # as run: float32 preference rows
     return [
-        _param_merge(problem, method, pref, jax.random.fold_in(key, i), hp)
+        param_merge(problem, method, pref, jax.random.fold_in(key, i), hp)
         for i, (pref, hp) in enumerate(zip(prefs, result["hparams"], strict=True))
     ]
 
