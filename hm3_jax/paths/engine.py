@@ -243,7 +243,7 @@ class PathEngine:
         n = paths.shape[0]
         raw: list[Any] = [None] * self.num_tasks
         block_steps_plain = int(lengths.sum())
-        flops_plain = sum(self._path_flops(int(t)) for t in lengths)
+        flops_plain = sum(self.path_flops(int(t)) for t in lengths)
         tf_idx = [k for k, o in enumerate(self.objectives) if o.metric not in DECODE_METRICS]
         dec_idx = [k for k, o in enumerate(self.objectives) if o.metric in DECODE_METRICS]
         flops = 0.0
@@ -284,9 +284,6 @@ class PathEngine:
     def path_flops(self, length: int) -> float:
         """Analytic forward FLOPs of one path of `length` real blocks on every objective, evaluated alone (no
         prefix sharing; the LM head where the objectives read it, e.g. exact match's target positions)."""
-        return self._path_flops(length)
-
-    def _path_flops(self, length: int) -> float:
         sh = self._shared
         tf = sh["tf_block_flops"] * length + sh["tf_head_flops"]
         return float(tf + sum(f(length) for f in sh["dec_flops_fns"]))
