@@ -146,16 +146,14 @@ def make_problem(
                 f"source_scores must give a {shape} array for each split {sorted(objectives)}, got "
                 f"{ {k: v.shape for k, v in given.items()} }"
             )
+        source_scores = {split: given[split] for split in objectives}
     else:
-        given = None
-    source_scores, ideal = {}, {}
+        source_scores = {
+            split: np.stack([score_params(engines[split], experts, p) for p in [base, *experts]])
+            for split in objectives
+        }
+    ideal = {}
     for split in objectives:
-        if given is not None:
-            source_scores[split] = given[split]
-        else:
-            source_scores[split] = np.stack(
-                [score_params(engines[split], experts, p) for p in [base, *experts]]
-            )
         best = source_scores[split].max(axis=0)
         if np.any(best < MIN_IDEAL):
             bad = [t for t, b in zip(tasks, best, strict=True) if b < MIN_IDEAL]
