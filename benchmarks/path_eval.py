@@ -618,7 +618,6 @@ def main():
     meter.sample("after")
     if not np.array_equal(res_tree.scores, res_plain.scores):
         raise AssertionError("prefix tree and plain evaluation disagree")
-    peak, peak_cpu = meter.peak(), meter.peak_cpu()
     n = res_tree.cost.num_evaluations
     engine_s = res_tree.cost.seconds
 
@@ -637,7 +636,7 @@ def main():
     meter.sample("standalone")
     alone = standalone_models(setup, batch, fresh, tree)
     meter.sample("end")
-    peak, peak_cpu = meter.peak(), meter.peak_cpu()
+    peak, peak_cpu = meter.peak(), meter.peak_cpu()  # the best of all ten rounds
     agree_alone = float(np.max(np.abs(alone["scores"] - res_tree.scores)))
     agree = float(np.max(np.abs(np.asarray(rb_scores) - res_tree.scores[: len(rb_paths)])))
     agree_c = float(np.max(np.abs(np.asarray(rbc_scores) - res_tree.scores[: len(rbc_paths)])))
