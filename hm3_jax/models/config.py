@@ -18,7 +18,8 @@ ViT's `qkv_bias -> attention_bias`. Qwen2 is `family="llama"` with `attention_bi
 `attention_out_bias=False`; Llama's HF `attention_bias=True` sets both.
 
 `rope_scaling` is a tuple of `(key, value)` pairs (a dict is not hashable); use `rope_scaling_from_dict`.
-Supported `rope_type`s: `default`, `linear`, `llama3` (see `hm3_jax.models.layers.rope_inv_freq`).
+Supported `rope_type`s: `default`, `linear`, `llama3` (see `hm3_jax.models.layers.rope_inv_freq`); the keys each
+one reads are `ROPE_SCALING_KEYS[rope_type]` (all required).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ from typing import Any
 
 FAMILIES = ("llama", "gpt2", "vit")
 ROPE_TYPES = ("default", "linear", "llama3")
+# The `rope_scaling` keys that `layers.rope_inv_freq` reads for each type, i.e. the keys transformers'
+# `_compute_linear_scaling_rope_parameters` / `_compute_llama3_parameters` read (4.57 and 5.x alike).
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -108,6 +116,9 @@ class ModelConfig:
             rope_type = dict(self.rope_scaling).get("rope_type", "default")
             if rope_type not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+            missing = [k for k in ROPE_SCALING_KEYS[rope_type] if k not in dict(self.rope_scaling)]
+            if missing:
+                raise ValueError(f"rope_scaling of type {rope_type!r} lacks {missing}")
         if self.family == "vit":
             if self.image_size % self.patch_size:
                 raise ValueError(
