@@ -32,24 +32,24 @@ def params_spec(params: dict, num_layers: int) -> ModelSpec:
     return models.shell_of(params), params["blocks"], np.arange(num_layers, dtype=np.int32), None
 
 
-def example_stats(problem: Problem, references: Sequence[Sequence[str] | None], tokenizer, spec: ModelSpec,
+def example_stats(problem: Problem, references: Sequence | None, tokenizer, spec: ModelSpec,
                   split: str = "heldout"):  # fmt: skip
-    """Per task the per-example statistics of one model on `split` (see `moo.bootstrap`).
+    """Per task the per-example statistics of one model on `split` (see `moo.bootstrap`): each objective's
+    `example_fn` of its kernel output (0/1 correctness, or chrF sentence statistics of the stripped decodes).
 
-    Args: references: per task the split's references (chrF tasks) or None; tokenizer: the zoo's.
+    Args: references, tokenizer: unused (the objectives hold their references and tokenizer; kept for the
+      callers).
     Returns: ([stats per task], [full-sample score per task]).
     """
+    del references, tokenizer
     shell, pool, path, junction = spec
     out, scores = [], []
-    for obj, refs in zip(problem.objectives[split], references, strict=True):
+    for obj in problem.objectives[split]:
+        if getattr(obj, "example_fn", None) is None:
+            raise ValueError(f"objective {obj.name!r} has no example_fn: no per-example statistics")
         raw = np.asarray(objectives_lib.path_device_scores(
             problem.config, shell, pool, jnp.asarray(path, jnp.int32), junction, obj))  # fmt: skip
-        raw = raw[: obj.num_examples]
-        if obj.metric == "chrf":
-            hyps = objectives_lib.decode_until_eos(tokenizer, raw, tokenizer.eos_token_id)
-            stats = bootstrap.chrf_sentence_stats(hyps, refs)
-        else:
-            stats = raw.astype(bool)
+        stats = obj.example_fn(raw)
         out.append(stats)
         scores.append(bootstrap.full_score(stats, obj.metric))
     return out, scores

@@ -5,7 +5,8 @@ two methods can differ by sampling alone. The bootstrap (Efron & Tibshirani 1993
 resamples each task's held-out examples with replacement, B times, and recomputes every reported quantity on
 each resample:
 
-* per-example statistics of every point: exact match and accuracy are 0/1 per example (score = 100 * mean);
+* per-example statistics of every point (`Objective.example_fn`): exact match (teacher-forced or generated),
+  multiple choice and accuracy are 0/1 per example (score = 100 * mean);
   chrF is corpus-level, so each example contributes its sentence statistics (character and word n-gram match
   counts, sacrebleu's `CHRF._extract_corpus_statistics`) and the score of a resample is chrF of the summed
   statistics, exactly as sacrebleu computes the corpus score (its own paired-bootstrap test does the same);
@@ -57,20 +58,45 @@ def chrf_sentence_stats(hypotheses, references) -> np.ndarray:
     return np.asarray(CHRF()._extract_corpus_statistics(list(hypotheses), [list(references)]), np.int64)
 
 
+def _mean_resampled(stats, idx):
+    return 100.0 * stats.astype(np.float64)[idx].mean(1)
+
+
+def _chrf_resampled(stats, idx):
+    summed = stats[idx].sum(1)  # [B, S]
+    return np.array([chrf_from_stats(row) for row in summed])
+
+
+def _mean_full(stats):
+    return 100.0 * float(stats.astype(np.float64).mean())
+
+
+# metric -> (resampled scores [B] of per-example statistics and indices [B, N], full-sample score): 0/1
+# correctness per example (score = 100 * mean), or chrF sentence statistics (score = chrF of their sum)
+AGGREGATES = {
+    "exact_match": (_mean_resampled, _mean_full),
+    "generated_exact_match": (_mean_resampled, _mean_full),
+    "multiple_choice": (_mean_resampled, _mean_full),
+    "accuracy": (_mean_resampled, _mean_full),
+    "chrf": (_chrf_resampled, chrf_from_stats),
+}
+
+
+def _aggregate(metric: str):
+    if metric not in AGGREGATES:
+        raise ValueError(f"unknown metric {metric!r} (known: {sorted(AGGREGATES)})")
+    return AGGREGATES[metric]
+
+
 def resampled_scores(stats, metric: str, idx: np.ndarray) -> np.ndarray:
     """Scores [B] in [0, 100] of one model on one task for each resample `idx [B, N]`.
 
-    `stats`: [N] 0/1 correctness for "exact_match" / "accuracy", or [N, S] chrF sentence statistics.
+    `stats`: [N] 0/1 correctness for the mean metrics of `AGGREGATES`, or [N, S] chrF sentence statistics.
     """
     stats = np.asarray(stats)
     if stats.shape[0] != idx.shape[1]:
         raise ValueError(f"{stats.shape[0]} per-example statistics but resamples of {idx.shape[1]} examples")
-    if metric in ("exact_match", "accuracy"):
-        return 100.0 * stats.astype(np.float64)[idx].mean(1)
-    if metric == "chrf":
-        summed = stats[idx].sum(1)  # [B, S]
-        return np.array([chrf_from_stats(row) for row in summed])
-    raise ValueError(f"unknown metric {metric!r}")
+    return _aggregate(metric)[0](stats, idx)
 
 
 def paired_difference_samples(stats_a, stats_b, metrics, weights, idx) -> np.ndarray:
@@ -85,10 +111,7 @@ def paired_difference_samples(stats_a, stats_b, metrics, weights, idx) -> np.nda
 
 def full_score(stats, metric: str) -> float:
     """The score on all examples (must equal the reported point: a consistency check)."""
-    stats = np.asarray(stats)
-    if metric in ("exact_match", "accuracy"):
-        return 100.0 * float(stats.astype(np.float64).mean())
-    return chrf_from_stats(stats)
+    return _aggregate(metric)[1](np.asarray(stats))
 
 
 def hypervolume_samples(method_points: dict, ideal: np.ndarray, reference) -> dict:

@@ -54,10 +54,11 @@ On a device mesh (`make_engine(..., mesh=mesh)` with the ("paths", "data", "mode
    Scores equal the 1-device ones: the per-path computation is the same, only where it runs differs
    (checked by tests/test_hm3_distributed.py, which runs a whole HM3 smoke run on 8 devices and 2 processes).
 
-Objectives follow DESIGN.md: `name`, `metric` ("exact_match" or "chrf"), `device_fn(forward)` and `host_fn`.
+Objectives follow DESIGN.md: `name`, `metric` (e.g. "exact_match", "multiple_choice", or one of
+`DECODE_METRICS`: "chrf", "generated_exact_match"), `device_fn(forward)` and `host_fn`.
 For a teacher-forced objective `forward(input_ids [B, S], positions=None) -> logits [B, S, V]`, or
 `[B, P, V]` at `positions` [B, P] when the objective asks (exact match reads only its target positions, so the
-LM head runs there only; the recorded P is what the head FLOPs count); for "chrf" `forward` is the
+LM head runs there only; the recorded P is what the head FLOPs count); for `DECODE_METRICS` `forward` is the
 decode closure `forward(prompt_ids [B, P], prompt_mask [B, P], max_new_tokens) -> tokens [B, max_new_tokens]`
 (greedy decoding with a KV cache along the path). At construction every `device_fn` is called once eagerly
 with a recording forward, to learn its input batches (for the prefix tree and the FLOP count); a `device_fn`
@@ -87,7 +88,8 @@ from hm3_jax.paths import prefix_tree as tree_lib
 from hm3_jax.paths.cache import Cost, EvalResult, canonicalize, path_keys, tree_fingerprint
 
 STRATEGIES = ("auto", "map", "vmap", "shard")
-DECODE_METRICS = ("chrf",)
+# metrics whose objectives get the decode forward (greedy generation); every other metric is teacher-forced
+DECODE_METRICS = ("chrf", "generated_exact_match")
 
 
 def _greedy_decode_fn():

@@ -26,16 +26,26 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 def make_chrf_scorer(references: Sequence[str], max_cached: int = 200_000):
     """`score(hypotheses) -> float`, equal to `chrf(hypotheses, references)` bit for bit, for scoring many
-    systems (layer paths) against the same references.
+    systems (layer paths) against the same references: ``chrf_from_counts(make_chrf_counter(references)(.))``.
+    """
+    counts = make_chrf_counter(references, max_cached)
+    return lambda hypotheses: chrf_from_counts(counts(hypotheses))
+
+
+def make_chrf_counter(references: Sequence[str], max_cached: int = 200_000):
+    """`counts(hypotheses) -> [N][S] int`: sacrebleu chrF's sentence statistics of each (hypothesis, reference)
+    segment (equal to `CHRF()._extract_corpus_statistics`), memoised.
 
     sacrebleu's corpus chrF is `_compute_score_from_stats(sum of the segments' integer [hyp, ref, match]
     n-gram counts)`, each segment's counts a function of (hypothesis, reference) only. `corpus_score`
-    recomputes the references' n-grams and every segment's counts on every call; this scorer computes the
-    references' n-grams once and memoises each segment's counts by (segment index, hypothesis), then calls the
-    same two sacrebleu functions on the summed counts (`sum_of_lists` and `_compute_score_from_stats`, as
-    `CHRF._aggregate_and_compute` does). Paths of a search produce the same hypothesis for many segments, so
-    most counts are looked up (tiny3_v5, 100 segments, 32 distinct archive paths in a fresh process: 6.8-13.5
-    -> 4.0 ms of CPU per path, detokenising included; docs/path_eval.md, third pass). Tested equal to `chrf`.
+    recomputes the references' n-grams and every segment's counts on every call; this counter computes the
+    references' n-grams once and memoises each segment's counts by (segment index, hypothesis);
+    `chrf_from_counts` then calls the same two sacrebleu functions on the summed counts (`sum_of_lists` and
+    `_compute_score_from_stats`, as `CHRF._aggregate_and_compute` does). Paths of a search produce the same
+    hypothesis for many segments, so most counts are looked up (tiny3_v5, 100 segments, 32 distinct archive
+    paths in a fresh process: 6.8-13.5 -> 4.0 ms of CPU per path, detokenising included; docs/path_eval.md,
+    third pass). Tested equal to `chrf`. The per-segment counts are also the statistics of a paired bootstrap
+    (`hm3_jax.moo.bootstrap`).
 
     Args: references: one per example; max_cached: the memo is cleared when it holds more segments (~270
       bytes each, measured on tiny3-like sentences: the default bounds it near 55 MB per objective; a whole
@@ -43,7 +53,6 @@ def make_chrf_scorer(references: Sequence[str], max_cached: int = 200_000):
     Raises ValueError on an empty reference list or a hypothesis list of another length.
     """
     from sacrebleu.metrics import CHRF
-    from sacrebleu.utils import sum_of_lists
 
     refs = list(references)
     if not refs:
@@ -52,7 +61,7 @@ def make_chrf_scorer(references: Sequence[str], max_cached: int = 200_000):
     ref_cache = metric._cache_references([refs])
     memo: dict = {}
 
-    def score(hypotheses: Sequence[str]) -> float:
+    def counts(hypotheses: Sequence[str]) -> list[list[int]]:
         if len(hypotheses) != len(refs):
             raise ValueError(f"chrf: {len(hypotheses)} hypotheses but {len(refs)} references")
         if len(memo) > max_cached:
@@ -60,14 +69,22 @@ def make_chrf_scorer(references: Sequence[str], max_cached: int = 200_000):
         stats = []
         for i, hyp in enumerate(hypotheses):
             key = (i, hyp)
-            counts = memo.get(key)
-            if counts is None:
-                counts = metric._compute_segment_statistics(metric._preprocess_segment(hyp), ref_cache[i])
-                memo[key] = counts
-            stats.append(counts)
-        return float(metric._compute_score_from_stats(sum_of_lists(stats)).score)
+            c = memo.get(key)
+            if c is None:
+                c = metric._compute_segment_statistics(metric._preprocess_segment(hyp), ref_cache[i])
+                memo[key] = c
+            stats.append(c)
+        return stats
 
-    return score
+    return counts
+
+
+def chrf_from_counts(counts: Sequence[Sequence[int]]) -> float:
+    """sacrebleu corpus chrF (defaults) from per-segment statistics [N][S] (`make_chrf_counter`)."""
+    from sacrebleu.metrics import CHRF
+    from sacrebleu.utils import sum_of_lists
+
+    return float(CHRF()._compute_score_from_stats(sum_of_lists(list(counts))).score)
 
 
 def final_number(text: str) -> str | None:

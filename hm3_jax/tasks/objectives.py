@@ -3,13 +3,29 @@
 An `Objective` (docs/DESIGN.md) is a hashable NamedTuple, so it can be a static `jax.jit` argument:
 
 * ``device_fn(forward) -> array`` is jittable. For ``metric == "exact_match"``, ``forward`` maps
-  ``input_ids [B, S] -> logits [B, S, V]`` and the result is ``correct bool [N]``. For ``metric == "chrf"``,
-  ``forward`` is a decode closure ``(prompt_ids [B, P], prompt_mask [B, P], max_new_tokens: int) ->
+  ``input_ids [B, S] -> logits [B, S, V]`` and the result is ``correct bool [N]`` ("multiple_choice": the
+  same forward, result ``float32 [R_pad]`` summed continuation log-probabilities). For the decode metrics
+  (``"chrf"``, ``"generated_exact_match"``: `hm3_jax.paths.engine.DECODE_METRICS`), ``forward`` is a decode
+  closure ``(prompt_ids [B, P], prompt_mask [B, P], max_new_tokens: int) ->
   tokens [B, max_new_tokens]`` (greedy, left-padded prompts) and the result is ``tokens int32 [N, T]``.
   For ``metric == "accuracy"`` (tiny8, `make_accuracy_objective`), ``forward`` maps
   ``pixel_values [B, C, H, W] -> ViT hidden states [B, N+1, D]`` and the objective applies its task's fixed
   linear head to the CLS feature; the result is ``correct bool [N]``.
 * ``host_fn(array) -> float`` turns that into the score in [0, 100].
+* ``example_fn(array) -> np.ndarray`` gives the per-example statistics behind the score, for paired bootstraps
+  (`hm3_jax.moo.bootstrap`): ``bool [N]`` correctness (exact match, accuracy, generated exact match, multiple
+  choice) or ``int [N, S]`` chrF sentence statistics, in the row order of its input (the kernel's rows, as
+  `path_device_scores` returns them: length-bucketed for teacher-forced exact match, the examples' own order
+  otherwise; the same for every model, which is all a paired resample needs). Its full-sample score
+  (`moo.bootstrap.full_score`) equals host_fn's.
+
+Generation objectives (`make_generation_objective`, metric "chrf" or "generated_exact_match") are what
+lm-eval-harness's ``generate_until`` computes: greedy generation of at most ``max_new_tokens`` tokens,
+stopping at the first of the model's EOS ids or where the decoded text first contains a stop string (the text cut there);
+decoded without special tokens, stripped, then compared to the stripped target (exact match) or scored with
+sacrebleu's corpus chrF. Generating all ``max_new_tokens`` and cutting afterwards gives the same text: greedy
+tokens before a stop do not depend on what follows. Multiple choice (`multiple_choice.py`) sums continuation
+log-probabilities, as lm-eval's ``loglikelihood``.
 
 The split is padded to a multiple of the batch size and `lax.map` runs over the batches, so the whole split is
 one jitted call whose shapes depend only on the objective.
@@ -38,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3_jax.paths.engine import DECODE_METRICS
 from hm3_jax.tasks import metrics
 from hm3_jax.tasks.tokenizer import encode
 
@@ -59,17 +76,21 @@ class Objective(NamedTuple):
     `kernel(forward, arrays) -> array` is the shape-generic computation behind `device_fn` (a module-level
     function shared by every objective of one metric), and `arrays.tree` holds the split's padded arrays, so
     `score_path` can pass them traced and one compilation serves every objective of the same shapes.
-    `device_fn(forward)` is `kernel(forward, arrays)` restricted to the real examples.
+    `device_fn(forward)` is `kernel(forward, arrays)` restricted to the real examples (multiple choice: equal
+    to it). `example_fn(kernel output) -> per-example statistics` (None for objectives built elsewhere).
     """
 
     name: str  # "<task>/<split>", e.g. "math/search"
-    metric: str  # "exact_match", "chrf" or "accuracy" (forward: pixel_values -> ViT hidden states)
+    # "exact_match" (teacher-forced), "generated_exact_match", "chrf" (both decode: engine.DECODE_METRICS),
+    # "multiple_choice" or "accuracy" (forward: pixel_values -> ViT hidden states)
+    metric: str
     device_fn: Callable[[Callable], jax.Array]
     host_fn: Callable[[Any], float]
     num_examples: int
     batch_size: int
     kernel: Callable[[Callable, dict], jax.Array]
     arrays: ArrayBundle
+    example_fn: Callable[[Any], np.ndarray] | None = None
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -159,13 +180,18 @@ def pack_prompts(
     return {"prompt_ids": ids, "prompt_mask": mask}
 
 
-def _percent_correct(name: str, num: int, n_pad: int, correct) -> float:
-    """Host part of the correctness metrics: 100 * mean of the first `num` entries of `correct` ([num] or
-    [n_pad] bool), with a clear error naming the objective on any other shape."""
+def _correct_flags(name: str, num: int, n_pad: int, correct) -> np.ndarray:
+    """bool [num]: the first `num` entries of `correct` ([num] or [n_pad]), with a clear error naming the
+    objective on any other shape (the example_fn of the correctness metrics)."""
     correct = np.asarray(correct)
     if correct.ndim != 1 or correct.shape[0] not in (num, n_pad):
         raise ValueError(f"{name}: expected correctness of shape ({num},) or ({n_pad},), got {correct.shape}")
-    return 100.0 * float(correct[:num].mean())
+    return correct[:num].astype(bool)
+
+
+def _percent_correct(name: str, num: int, n_pad: int, correct) -> float:
+    """Host part of the correctness metrics: 100 * mean of `_correct_flags`."""
+    return 100.0 * float(_correct_flags(name, num, n_pad, correct).mean())
 
 
 def argmax_equals(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -357,13 +383,15 @@ def make_exact_match_objective(
 
     # the mean does not depend on the order: accepts device_fn's [N] and the kernel's padded [N_pad]
     host_fn = functools.partial(_percent_correct, name, num, n_pad)
+    example_fn = functools.partial(_correct_flags, name, num, n_pad)  # the kernel's (bucketed) row order
 
     return Objective(
-        name, "exact_match", device_fn, host_fn, num, batch_size, exact_match_kernel, ArrayBundle(arrays)
-    )
+        name, "exact_match", device_fn, host_fn, num, batch_size, exact_match_kernel, ArrayBundle(arrays),
+        example_fn,
+    )  # fmt: skip
 
 
-def chrf_kernel(decode_fn, arrays: dict) -> jax.Array:
+def generation_kernel(decode_fn, arrays: dict) -> jax.Array:
     """Greedy decoding of a padded split.
 
     Args:
@@ -384,6 +412,100 @@ def chrf_kernel(decode_fn, arrays: dict) -> jax.Array:
     return tokens.reshape(-1, max_new_tokens)
 
 
+GENERATION_METRICS = {"exact_match": "generated_exact_match", "chrf": "chrf"}  # argument -> Objective.metric
+
+
+def make_generation_objective(
+    name: str,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[str],
+    tokenizer,
+    batch_size: int,
+    metric: str,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    stop: Sequence[str] = (),
+    prompt_len: int | None = None,
+) -> Objective:
+    """Greedy-generation objective, scored as lm-eval-harness's ``generate_until`` (module docstring).
+
+    ``text_i = strip(cut_stop(decode(g_i[: first eos])))`` with g_i the greedy tokens of prompt i; then
+    ``exact_match = 100 * mean_i [text_i == strip(target_i)]`` (Objective.metric "generated_exact_match") or
+    ``chrf = sacrebleu corpus chrF(text, strip(targets))`` (metric "chrf").
+
+    Args:
+      name: "<task>/<split>".
+      prompts: token ids per example, as the caller's tokenizer gives them
+        (``tokenizer(prompt)["input_ids"]``, its own special-token rule); left-padded here.
+      targets: reference strings, one per example.
+      tokenizer: decodes generations (``decode(ids, skip_special_tokens=True)``); its pad id (or 0) pads
+        prompts.
+      batch_size: rows per decode call (the split is padded to a multiple of it).
+      metric: "exact_match" or "chrf".
+      max_new_tokens: tokens generated per example (static).
+      eos_ids: generation stops at the first of these ids (all EOS ids of the model's generation_config.json).
+      stop: strings; the decoded text is cut at the first occurrence of any (lm-eval's ``until``).
+      prompt_len: prompt width (None: the longest prompt rounded up to 8); equal shapes share a compilation.
+    """
+    if metric not in GENERATION_METRICS:
+        raise ValueError(
+            f"{name}: generation metric must be one of {sorted(GENERATION_METRICS)}, got {metric!r}"
+        )
+    if len(targets) != len(prompts):
+        raise ValueError(f"{name}: {len(prompts)} prompts but {len(targets)} targets")
+    if max_new_tokens < 1:
+        raise ValueError(f"{name}: max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos_ids, stop = tuple(int(e) for e in eos_ids), tuple(stop)
+    if not eos_ids:
+        raise ValueError(f"{name}: need at least one eos id")
+    if any(not s for s in stop):
+        raise ValueError(f"{name}: stop strings must be non-empty")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
+    packed = pack_prompts(prompts, pad_id, batch_size, prompt_len, name=name)
+    num = len(prompts)
+    n_pad, prompt_len = packed["prompt_ids"].shape
+    shape = (n_pad // batch_size, batch_size, prompt_len)
+    arrays = {
+        "prompt_ids": packed["prompt_ids"].reshape(shape),
+        "prompt_mask": packed["prompt_mask"].reshape(shape),
+        "new_tokens": np.zeros((max_new_tokens,), np.int32),
+    }
+    targets = [t.strip() for t in targets]
+
+    def device_fn(decode_fn):
+        return generation_kernel(decode_fn, jax.tree.map(jnp.asarray, arrays))[:num]  # [N, T]
+
+    def texts(tokens) -> list[str]:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[0] not in (num, n_pad):
+            raise ValueError(
+                f"{name}: expected tokens of shape ({num}, T) or ({n_pad}, T), got {tokens.shape}"
+            )
+        return decode_generations(tokenizer, tokens[:num], eos_ids, stop)
+
+    if metric == "chrf":
+        counts = metrics.make_chrf_counter(targets)  # one memo for the score and the statistics
+
+        def host_fn(tokens) -> float:
+            return metrics.chrf_from_counts(counts(texts(tokens)))
+
+        def example_fn(tokens) -> np.ndarray:
+            return np.asarray(counts(texts(tokens)), np.int64)  # [N, S] sentence statistics
+
+    else:
+
+        def example_fn(tokens) -> np.ndarray:
+            return np.array([h == t for h, t in zip(texts(tokens), targets, strict=True)], bool)  # [N]
+
+        def host_fn(tokens) -> float:
+            return 100.0 * float(example_fn(tokens).mean())
+
+    return Objective(
+        name, GENERATION_METRICS[metric], device_fn, host_fn, num, batch_size, generation_kernel,
+        ArrayBundle(arrays), example_fn,
+    )  # fmt: skip
+
+
 def make_chrf_objective(
     name: str,
     prompts: Sequence[Sequence[int]],
@@ -393,42 +515,31 @@ def make_chrf_objective(
     max_new_tokens: int,
     prompt_len: int | None = None,
 ) -> Objective:
-    """Greedy-decoding chrF objective: decode ``max_new_tokens``, cut at eos, detokenize, corpus chrF."""
-    packed = pack_prompts(prompts, tokenizer.pad_token_id, batch_size, prompt_len, name=name)
-    num = len(prompts)
-    n_pad, prompt_len = packed["prompt_ids"].shape
-    shape = (n_pad // batch_size, batch_size, prompt_len)
-    arrays = {
-        "prompt_ids": packed["prompt_ids"].reshape(shape),
-        "prompt_mask": packed["prompt_mask"].reshape(shape),
-        "new_tokens": np.zeros((max_new_tokens,), np.int32),
-    }
-    references = [r.strip() for r in references]
-    eos = tokenizer.eos_token_id
-    score_chrf = metrics.make_chrf_scorer(references)  # == metrics.chrf(., references), references cached
+    """Greedy-decoding chrF objective of the zoo tasks: `make_generation_objective` with the tokenizer's eos
+    as the only stop (decode ``max_new_tokens``, cut at eos, detokenize, strip, corpus chrF)."""
+    return make_generation_objective(
+        name, prompts, references, tokenizer, batch_size, "chrf", max_new_tokens,
+        eos_ids=(tokenizer.eos_token_id,), prompt_len=prompt_len,
+    )  # fmt: skip
 
-    def device_fn(decode_fn):
-        return chrf_kernel(decode_fn, jax.tree.map(jnp.asarray, arrays))[:num]  # [N, T]
 
-    def host_fn(tokens) -> float:
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or tokens.shape[0] not in (num, n_pad):
-            raise ValueError(
-                f"{name}: expected tokens of shape ({num}, T) or ({n_pad}, T), got {tokens.shape}"
-            )
-        return score_chrf(decode_until_eos(tokenizer, tokens[:num], eos))
-
-    return Objective(name, "chrf", device_fn, host_fn, num, batch_size, chrf_kernel, ArrayBundle(arrays))
+def decode_generations(tokenizer, tokens, eos_ids: Sequence[int], stop: Sequence[str] = ()) -> list[str]:
+    """Text of each row of ``tokens [N, T]``: up to (excluding) its first id in `eos_ids`, decoded without
+    special tokens, cut before the first occurrence of any `stop` string (lm-eval's ``until``), stripped."""
+    eos = set(int(e) for e in eos_ids)
+    out = []
+    for row in np.asarray(tokens).tolist():
+        end = next((j for j, t in enumerate(row) if t in eos), len(row))
+        text = tokenizer.decode(row[:end], skip_special_tokens=True)
+        for s in stop:
+            text = text.split(s, 1)[0]
+        out.append(text.strip())
+    return out
 
 
 def decode_until_eos(tokenizer, tokens, eos_id: int) -> list[str]:
     """Detokenizes each row of ``tokens [N, T]`` up to (excluding) its first eos, stripped."""
-    out = []
-    for row in np.asarray(tokens).tolist():
-        if eos_id in row:
-            row = row[: row.index(eos_id)]
-        out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return out
+    return decode_generations(tokenizer, tokens, (eos_id,))
 
 
 def make_objective(
@@ -567,24 +678,33 @@ def make_accuracy_objective(
         return accuracy_kernel(forward, jax.tree.map(jnp.asarray, arrays))[:num]  # [N]
 
     host_fn = functools.partial(_percent_correct, name, num, n_pad)
+    example_fn = functools.partial(_correct_flags, name, num, n_pad)
 
     return Objective(
-        name, "accuracy", device_fn, host_fn, num, batch_size, accuracy_kernel, ArrayBundle(arrays)
+        name,
+        "accuracy",
+        device_fn,
+        host_fn,
+        num,
+        batch_size,
+        accuracy_kernel,
+        ArrayBundle(arrays),
+        example_fn,
     )
 
 
 def _path_forward(config, shell, pool, path, junction, metric: str):
     from hm3_jax import models
 
-    if metric == "exact_match":
-        return lambda ids, positions=None: models.apply_path(
-            config, shell, pool, path, ids, junction=junction, positions=positions
+    if metric in DECODE_METRICS:
+        return lambda ids, mask, n: models.greedy_decode(
+            config, shell, pool, path, ids, mask, n, junction=junction
         )
     if metric == "accuracy":
         return lambda ids: models.apply_path(config, shell, pool, path, ids, junction=junction)
-    from hm3_jax.models import greedy_decode
-
-    return lambda ids, mask, n: greedy_decode(config, shell, pool, path, ids, mask, n, junction=junction)
+    return lambda ids, positions=None: models.apply_path(  # exact match, multiple choice: teacher-forced
+        config, shell, pool, path, ids, junction=junction, positions=positions
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "kernel", "metric"))
