@@ -136,6 +136,17 @@ def test_default_rope_type_is_plain_rope():
     assert config_from_hf_dict(dict(BASE, rope_parameters={"rope_type": "default"})).rope_theta == 1e4
 
 
+def test_v5_form_is_kept_or_rewritten_consistently():
+    v5 = _to_v5(dict(BASE, rope_theta=5e5, rope_scaling=dict(LLAMA3_SCALING)))
+    c = config_from_hf_dict(v5)
+    assert hf_dict_from_config(c, base=v5) == v5  # unchanged config: the loaded dict as it was
+    grown = c.replace(num_layers=5)
+    out = hf_dict_from_config(
+        grown, base=v5
+    )  # rebuilt: transformers-4 RoPE keys only, no stale rope_parameters
+    assert "rope_parameters" not in out and out["rope_theta"] == 5e5 and config_from_hf_dict(out) == grown
+
+
 def test_linear_scaling_in_both_forms():
     v4 = dict(BASE, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2})
     c = config_from_hf_dict(v4)
