@@ -400,7 +400,7 @@ def significant_gain(problem: Problem, split: str, spec_a, spec_b, pref, acfg, n
             problem, problem.references[split], problem.tokenizer, spec, split
         )
         stats.append(st)
-        scores.append(problem.normalise(np.asarray(sc), split))
+        scores.append(problem.normalise(problem.objective_scores(sc), split))
     ideal = np.asarray(problem.ideal[split], np.float64)
     if expected is not None and np.max(np.abs(np.asarray(scores) - np.asarray(expected)) * ideal) > tol:
         raise RuntimeError(
@@ -408,7 +408,7 @@ def significant_gain(problem: Problem, split: str, spec_a, spec_b, pref, acfg, n
         )
     objs = problem.objectives[split]
     idx = bootstrap.resample_indices(seed, [o.num_examples for o in objs], num_samples)
-    weights = np.asarray(pref, np.float64) / ideal
+    weights = problem.task_weights(np.asarray(pref, np.float64) / ideal)  # per task: lambda_g / (z*_g |g|)
     diff = bootstrap.paired_difference_samples(stats[0], stats[1], [o.metric for o in objs], weights, idx)
     t_a, t_b = (int((np.asarray(s[2]) >= 0).sum()) for s in (spec_a, spec_b))
     diff = diff - acfg.beta1 * (t_a - t_b) / acfg.t_max

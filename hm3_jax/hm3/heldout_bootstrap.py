@@ -68,7 +68,7 @@ def run_bootstrap(problem: Problem, zoo, method_specs: dict[str, Callable[[], li
     Returns: {"num_samples", "seed", "level", "methods": {name: {hypervolume, interval, p_hm3_greater}},
       "ideal_interval": [[lo, hi] per task]}.
     """
-    tasks = problem.tasks
+    tasks = problem.task_names or problem.tasks
     refs = [
         [e["target"].strip() for e in zoo.data[t]["heldout"]] if o.metric == "chrf" else None
         for t, o in zip(tasks, problem.objectives["heldout"], strict=True)
@@ -79,11 +79,12 @@ def run_bootstrap(problem: Problem, zoo, method_specs: dict[str, Callable[[], li
 
     def resampled(spec, expected=None, what=""):
         stats, full = example_stats(problem, refs, zoo.tokenizer, spec)
-        if expected is not None and np.max(np.abs(np.asarray(full) - np.asarray(expected))) > tol:
+        full = problem.objective_scores(full)  # per task -> per objective (a spec's objective: its tasks' mean)
+        if expected is not None and np.max(np.abs(full - np.asarray(expected))) > tol:
             raise RuntimeError(f"bootstrap: re-running {what} gives {full}, the report has {list(expected)}")
-        return np.stack(
+        return problem.objective_scores(np.stack(
             [bootstrap.resampled_scores(s, m, i) for s, m, i in zip(stats, metrics, idx, strict=True)], -1
-        )
+        ))  # [B, K]  # fmt: skip
 
     sources = np.stack([resampled(s) for s in source_specs])  # [1 + K, B, K]
     ideal = np.maximum(sources.max(0), MIN_IDEAL)  # the Problem's rule (a task no source solves: 1.0)

@@ -35,16 +35,20 @@ class Problem(NamedTuple):
 
     Attributes:
       config: the shared ModelConfig.
-      tasks: task names, in objective order (K of them).
+      tasks: objective names (K of them; expert k is fine-tuned for objective k). On the built-in zoos every
+        objective is one task; a spec's objective is the mean of its tasks' scores (`task_names`, `groups`).
       base: base params.
       experts: K expert params (expert k fine-tuned on task k).
-      objectives: {split: [Objective] * K}.
+      objectives: {split: [Objective] * T}, one per task (T = K on the built-in zoos).
       source_scores: {split: [K + 1, K]} raw scores of the base (row 0) and experts (rows 1..K).
       ideal: {split: [K]} best source score per task (the normalisation constants).
       engines: {split: PathEngine} (shared compiled code and caches).
       references: {split: [per task the reference strings (chrF tasks) or None]}, in the examples' order
         (per-example statistics for paired tests: `heldout_bootstrap.example_stats`); None when unknown.
       tokenizer: the zoo's tokenizer (decodes greedy outputs for those statistics), or None.
+      task_names: the T task names of `objectives` (None: the same as `tasks`).
+      groups: per task the index of its objective in `tasks` (None: task k is objective k); the engines
+        return objective scores (means over each objective's tasks).
     """
 
     config: Any
@@ -57,15 +61,36 @@ class Problem(NamedTuple):
     engines: dict
     references: dict | None = None
     tokenizer: Any = None
+    task_names: tuple | None = None
+    groups: tuple | None = None
 
     @property
     def num_tasks(self) -> int:
+        """K, the number of objectives (score columns)."""
         return len(self.tasks)
+
+    @property
+    def task_groups(self) -> np.ndarray:
+        """int [T]: the objective index of each task (the identity on the built-in zoos)."""
+        return np.arange(len(self.tasks)) if self.groups is None else np.asarray(self.groups)
+
+    def task_weights(self, objective_weights) -> np.ndarray:
+        """[T] per-task weights w_t = v_g / |tasks of g| (g = the task's objective), so that
+        `sum_t w_t score_t = sum_g v_g * mean of g's task scores` (objective weights `v` [K])."""
+        g = self.task_groups
+        return np.asarray(objective_weights, np.float64)[g] / np.bincount(g)[g]
 
     @property
     def num_sources(self) -> int:
         """K experts + 1 merged model."""
         return len(self.experts) + 1
+
+    def objective_scores(self, task_scores) -> np.ndarray:
+        """Task scores [..., T] -> objective scores [..., K] (each objective the mean of its tasks' scores)."""
+        x = np.asarray(task_scores, np.float64)
+        if self.groups is None:
+            return x
+        return x @ engine_lib.group_matrix(self.groups, len(self.groups))
 
     def normalise(self, scores, split: str) -> np.ndarray:
         """Raw scores [..., K] -> scores divided by the ideal point of `split`."""
@@ -117,11 +142,15 @@ def make_problem(
     tasks = tuple(zoo.tasks)
     base = zoo.base.params
     experts = [zoo.experts[t].params for t in tasks]
-    objectives = {split: [zoo.objectives[split][t] for t in tasks] for split in SPLITS}
+    # A spec zoo scores tasks and groups them into objectives; a built-in zoo's tasks are its objectives.
+    task_groups = getattr(zoo, "groups", None)
+    task_names = tuple(task_groups) if task_groups is not None else tasks
+    groups = None if task_groups is None else tuple(tasks.index(task_groups[t]) for t in task_names)
+    objectives = {split: [zoo.objectives[split][t] for t in task_names] for split in SPLITS}
     if search_examples:
-        objectives["search"] = capped_search_objectives(zoo, tasks, search_examples)
+        objectives["search"] = capped_search_objectives(zoo, task_names, search_examples)
         # The whole search split too: a search may confirm its few best candidates on it (arch.confirm_top).
-        objectives["search_full"] = [zoo.objectives["search"][t] for t in tasks]
+        objectives["search_full"] = [zoo.objectives["search"][t] for t in task_names]
     pool = pool_for(experts, base)  # experts then base: every source is one identity path over this pool
     shell = models.shell_of(base)
     engines = {
@@ -135,6 +164,7 @@ def make_problem(
             prefix_sharing=prefix_sharing,
             pool_id="sources",
             mesh=mesh,
+            groups=groups,
         )
         for split in objectives
     }
@@ -170,10 +200,10 @@ def make_problem(
         examples = zoo.data[task]["heldout" if split == "heldout" else "search"][rows.get(split, slice(None))]
         return [e["target"].strip() for e in examples]
 
-    references = {split: [refs(split, t, o.metric) for t, o in zip(tasks, objectives[split], strict=True)]
+    references = {split: [refs(split, t, o.metric) for t, o in zip(task_names, objectives[split], strict=True)]
                   for split in objectives}  # fmt: skip
     return Problem(config, tasks, base, experts, objectives, source_scores, ideal, engines, references,
-                   getattr(zoo, "tokenizer", None))  # fmt: skip
+                   getattr(zoo, "tokenizer", None), task_names, groups)  # fmt: skip
 
 
 def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
@@ -183,6 +213,9 @@ def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
 
     if search_examples < 1:
         raise ValueError(f"search_examples must be >= 1, got {search_examples}")
+    if hasattr(zoo, "capped_search_objectives"):  # a spec zoo: its own tokenisation and shapes
+        objs = zoo.capped_search_objectives(search_examples)
+        return [objs[t] for t in tasks]
     if zoo.manifest.get("kind", "tiny3") != "tiny3":
         raise ValueError(
             f"engine.search_examples={search_examples} is supported for the text zoo (tiny3) only; this zoo "

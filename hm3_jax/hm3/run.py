@@ -26,7 +26,9 @@ from hm3_jax import distributed, models, moo
 from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, param_level
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3.problem import Problem, make_problem, pool_for
-from hm3_jax.hm3.workdir import Workdir
+from hm3_jax.hm3.workdir import Workdir, WorkdirError
+from hm3_jax.tasks import spec as spec_lib
+from hm3_jax.tasks import spec_zoo
 
 REQUIRED_PARAM = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb")
 REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
@@ -72,8 +74,13 @@ def _check_config(config) -> None:
 
 def calibration_inputs(problem: Problem, zoo, rows: int = 32):
     """Calibration inputs [B, S] for moment alignment: prompts+targets of the search split (first tasks' rows)."""
-    obj = problem.objectives["search"][-1]
-    ids = np.asarray(obj.arrays.tree["input_ids"])
+    tree = problem.objectives["search"][-1].arrays.tree
+    if "prompt_ids" in tree:  # a generation objective: its left-padded prompts and their mask
+        ids, mask = (np.asarray(tree[k]) for k in ("prompt_ids", "prompt_mask"))
+        return ids.reshape(-1, ids.shape[-1])[:rows], mask.reshape(-1, ids.shape[-1])[:rows].astype(
+            np.float32
+        )
+    ids = np.asarray(tree["input_ids"])
     ids = ids.reshape(-1, ids.shape[-1])[:rows]
     return ids, (ids != zoo.tokenizer.pad_token_id).astype(np.float32)
 
@@ -83,9 +90,38 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
 
     Multi-process: process 0 builds (or checks) the zoo first, the others load it after a barrier.
     """
+    _check_config(config)
+    if config.get("spec"):
+        # The spec, its data and its checkpoints are checked (and loaded) before anything is written.
+        spec = spec_lib.load_spec(config.spec)
+        zoo = spec_zoo.load(spec, config.get("spec_split_seed", 0))
+        hashes = spec_lib.file_hashes(spec)
+        wd = Workdir(workdir, config.to_dict())
+        _check_spec_files(wd, hashes)
+        wd.stage("spec", lambda: {"spec": spec_lib.as_dict(spec), "files": hashes, **spec_zoo.describe(zoo)})
+    else:
+        wd, zoo = _builtin_zoo(config, workdir, zoo_dir)
+    L = zoo.base.config.num_layers
+    if config.arch.rl.t_max < L:
+        raise ValueError(
+            f"arch.rl.t_max={config.arch.rl.t_max} is smaller than the models' {L} blocks: Theta(lambda)'s own "
+            f"path would be cut; set --config.arch.rl.t_max >= {L}"
+        )
+    # The sources' scores on every split (the ideal point) are a stage: computed once per run (12 model
+    # evaluations on tiny3, most of a suggestion's time), then read back by resumes and by `suggest`.
+    stored = wd.load_stage("source_scores") if wd.has_stage("source_scores") else None
+    problem = make_problem(
+        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
+        search_examples=config.engine.get("search_examples") or None, mesh=mesh, source_scores=stored,
+    )  # fmt: skip
+    wd.stage("source_scores", lambda: {k: v.tolist() for k, v in problem.source_scores.items()})
+    return wd, zoo, problem
+
+
+def _builtin_zoo(config, workdir: str, zoo_dir: str | None):
+    """Workdir and zoo of a built-in benchmark (config.zoo: tiny3 / tiny8), built by process 0 if needed."""
     from hm3_jax.tasks import zoo as zoo_lib
 
-    _check_config(config)
     wd = Workdir(workdir, config.to_dict())
     zoo_dir = zoo_dir or os.path.join(wd.path, "zoo")
     if distributed.is_main_process():
@@ -96,15 +132,20 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     empty = [(t, s) for s in ("search", "heldout") for t in zoo.tasks if not zoo.data[t].get(s)]
     if empty:
         raise ValueError(f"empty task split(s) {empty} in zoo {zoo_dir}")
-    # The sources' scores on every split (the ideal point) are a stage: computed once per run (12 model
-    # evaluations on tiny3, most of a suggestion's time), then read back by resumes and by `suggest`.
-    stored = wd.load_stage("source_scores") if wd.has_stage("source_scores") else None
-    problem = make_problem(
-        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
-        search_examples=config.engine.get("search_examples") or None, mesh=mesh, source_scores=stored,
-    )  # fmt: skip
-    wd.stage("source_scores", lambda: {k: v.tolist() for k, v in problem.source_scores.items()})
-    return wd, zoo, problem
+    return wd, zoo
+
+
+def _check_spec_files(wd: Workdir, hashes: dict) -> None:
+    """A workdir's cached stages were computed from the spec's files as they were: a changed checkpoint, data or
+    spec file (by content hash) is an error naming the files, never mixed into the cached stages."""
+    if not wd.has_stage("spec"):
+        return
+    changed = spec_lib.changed_files(wd.load_stage("spec")["files"], hashes)
+    if changed:
+        raise WorkdirError(
+            f"{wd.path} holds a run of this spec whose files have changed since: {changed}; use a new --workdir "
+            "(or restore the files)"
+        )
 
 
 def merged_models(problem: Problem, param: list[dict], variant: str) -> list[dict]:
@@ -258,7 +299,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     if no_param is not None:
         curves["hm3_no_param_level"] = no_param["reward_curve"]
     if distributed.is_main_process():
-        title = f"HM3 on {zoo.manifest.get('kind', 'tiny3')}"
+        kind = zoo.manifest.get("kind", "tiny3")
+        title = f"HM3 on {os.path.basename(config.spec) if kind == 'spec' else kind}"
         paths = report_lib.write_report(rep, wd.path, curves, title=title)
         logging.info("report written: %s", paths)
     distributed.barrier("hm3:report")

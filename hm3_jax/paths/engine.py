@@ -210,7 +210,8 @@ class PathEngine:
           junction: None (plain stacking) or {"scale", "shift"} [N, T_max, D]: before step t of path i,
             `h = h * scale[i, t] + shift[i, t]` (alignment.py builds these).
           use_cache: read the cache (results are always written to it).
-        Returns: EvalResult(scores float64 [N, num_tasks] in [0, 100], cost of this call).
+        Returns: EvalResult(scores float64 [N, num_tasks] in [0, 100] (or [N, num_groups], the group means, for
+          an engine made with `groups`), cost of this call).
         """
         start = time.perf_counter()
         paths_c, junction_c, lengths = canonicalize(paths, junction, self.pool_size)
@@ -235,6 +236,8 @@ class PathEngine:
                 cache[keys[i]] = scores[row]
             cost = cost._replace(**eval_cost)
         out = np.stack([cache[k] for k in keys]) if keys else np.zeros((0, self.num_tasks))
+        if self._shared["group_matrix"] is not None:
+            out = out @ self._shared["group_matrix"]  # [N, num_tasks] -> [N, num_groups]: group means
         cost = cost._replace(seconds=time.perf_counter() - start)
         self.total_cost = self.total_cost + cost
         return EvalResult(scores=out, cost=cost)
@@ -560,6 +563,7 @@ def make_engine(
     auto_key: jax.Array | None = None,
     t_max: int | None = None,
     num_threads: int = 2,
+    groups: Sequence[int] | None = None,
 ) -> PathEngine:
     """Builds a path-evaluation engine (see the module docstring).
 
@@ -582,6 +586,9 @@ def make_engine(
       num_threads: host threads that run chunks of plain evaluation concurrently, the prefix tree running
         on the calling thread meanwhile (1 = everything in sequence; strategy "shard" always uses 1). The
         scores do not depend on it.
+      groups: None (one score column per objective) or, per objective, the index of the column it counts
+        towards: `evaluate` then returns per column the mean of its objectives' scores (a spec's objective is
+        the mean of its tasks, `hm3_jax.tasks.spec`); the cache keeps the per-objective scores.
     Returns: a PathEngine.
     """
     if strategy not in STRATEGIES:
@@ -612,6 +619,7 @@ def make_engine(
             )  # fmt: skip
             prefix_sharing = False
     shared = _record_objectives(config, objectives)
+    shared["group_matrix"] = group_matrix(groups, len(objectives))
     engine = PathEngine(
         config=config, shell=shell, pool=pool, objectives=objectives, strategy=strategy,
         chunk_size=chunk_size, node_chunk_size=node_chunk_size, prefix_sharing=prefix_sharing,
@@ -620,6 +628,23 @@ def make_engine(
     if strategy == "auto":
         engine.strategy = _pick_strategy(engine, auto_key, t_max or config.num_layers)
     return engine
+
+
+def group_matrix(groups: Sequence[int] | None, num_objectives: int) -> np.ndarray | None:
+    """[num_objectives, G] averaging matrix: column g holds 1 / |{k: groups[k] = g}| at the objectives of group
+    g (None when `groups` is None). Every group 0..G-1 must have an objective."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups, np.int64)
+    if groups.shape != (num_objectives,) or groups.min(initial=0) < 0:
+        raise ValueError(f"groups must give a group index >= 0 for each of the {num_objectives} objectives")
+    num_groups = int(groups.max()) + 1
+    counts = np.bincount(groups, minlength=num_groups)
+    if np.any(counts == 0):
+        raise ValueError(f"groups {groups.tolist()} leave group(s) {np.nonzero(counts == 0)[0].tolist()} empty")
+    m = np.zeros((num_objectives, num_groups))
+    m[np.arange(num_objectives), groups] = 1.0 / counts[groups]
+    return m
 
 
 def _record_objectives(config: ModelConfig, objectives) -> dict:

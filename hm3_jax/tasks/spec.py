@@ -1,0 +1,296 @@
+"""The run spec: one YAML file that names a base checkpoint, one expert per objective and the evaluation tasks.
+
+Every HM3 run on a user's own checkpoints reads one spec (HM3_SPEC "Decisions taken": inputs)::
+
+    base: base                      # HF directory: config.json, *.safetensors, tokenizer files
+    experts:                        # one expert per objective, keyed by the objective's name
+      math: experts/math
+      code: experts/code
+    tasks:
+      gsm8k_like: {data: data/gsm.jsonl, metric: exact_match, objective: math, max_new_tokens: 32}
+      mbpp_like:  {data: data/code.jsonl, metric: exact_match, objective: code, stop: ["\\n\\n"]}
+      choice:     {data: data/choice.jsonl, metric: multiple_choice, objective: code}
+    # optional:
+    tokenizer_source: base          # map every expert's vocabulary onto the base tokenizer's ids (mergekit's)
+    dtype: float32                  # or bfloat16: every checkpoint is loaded in it
+    eval_batch_size: 16             # rows per forward pass of the evaluation
+
+Relative paths are relative to the spec file. An objective's score is the mean of its tasks' scores (the paper's
+seven benchmarks over three objectives); the preference has one weight per objective (= per expert), in the order
+of `experts`. A task's objective defaults to the task's own name.
+
+Data files are JSONL, one example per line: ``{"prompt", "target"}`` for `exact_match` / `chrf`,
+``{"prompt", "choices": [...], "answer": index}`` for `multiple_choice`. An optional ``"split"`` ("search" or
+"heldout") is honoured; rows without it are split 70 / 30 by a shuffle seeded with (`seed`, data file name)
+(`split_rows`); the run records the resulting row numbers.
+
+This module parses and checks the file and the data (pure host code, no model is loaded): every mistake is a
+`SpecError` naming the file, key or row. `hm3_jax.tasks.spec_zoo` loads the checkpoints and builds the objectives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+METRICS = ("exact_match", "chrf", "multiple_choice")
+TOP_KEYS = ("base", "experts", "tasks", "tokenizer_source", "dtype", "eval_batch_size")
+TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop")
+DTYPES = ("float32", "bfloat16")
+SPLITS = ("search", "heldout")
+SEARCH_FRACTION = 0.7
+
+
+class SpecError(ValueError):
+    """A spec file, a path it names or a data row is not usable; the message names which."""
+
+
+class TaskSpec(NamedTuple):
+    """One evaluation task of a spec.
+
+    Attributes: name; data: absolute JSONL path; metric: one of METRICS; objective: the objective (expert) it
+    counts towards; max_new_tokens: generation budget or None (default: longest target + 8 tokens); stop: stop
+    strings of generation.
+    """
+
+    name: str
+    data: str
+    metric: str
+    objective: str
+    max_new_tokens: int | None
+    stop: tuple[str, ...]
+
+
+class Spec(NamedTuple):
+    """A parsed, checked spec (paths absolute).
+
+    Attributes: path: the spec file; base: base checkpoint directory; experts: {objective: directory} in the
+    file's order (the objective order of every score vector); tasks: {name: TaskSpec} in the file's order;
+    tokenizer_source: None or "base"; dtype: "float32" | "bfloat16"; eval_batch_size: rows per forward pass.
+    """
+
+    path: str
+    base: str
+    experts: dict
+    tasks: dict
+    tokenizer_source: str | None
+    dtype: str
+    eval_batch_size: int
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return tuple(self.experts)
+
+    def tasks_of(self, objective: str) -> list[str]:
+        return [t for t, s in self.tasks.items() if s.objective == objective]
+
+
+def _fail(where: str, message: str):
+    raise SpecError(f"{where}: {message}")
+
+
+def _directory(spec_dir: str, value, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        _fail(where, f"expected a directory path (a string), got {value!r}")
+    path = os.path.normpath(os.path.join(spec_dir, os.path.expanduser(value)))
+    if not os.path.isdir(path):
+        _fail(where, f"directory {path} does not exist")
+    return path
+
+
+def load_spec(path: str) -> Spec:
+    """Parses and checks a spec file (keys, types, paths that must exist). Raises SpecError naming the key."""
+    import yaml
+
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise SpecError(f"spec file {path} does not exist")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{path}: a spec must be a YAML mapping with keys base, experts, tasks")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        _fail(path, f"unknown key(s) {unknown}; known keys: {list(TOP_KEYS)}")
+    for key in ("base", "experts", "tasks"):
+        if key not in raw:
+            _fail(path, f"missing key {key!r}")
+    spec_dir = os.path.dirname(path)
+    base = _directory(spec_dir, raw["base"], f"{path}: base")
+    if not isinstance(raw["experts"], Mapping) or not raw["experts"]:
+        _fail(path, "experts must be a mapping {objective: checkpoint directory} with at least one entry")
+    experts = {str(k): _directory(spec_dir, v, f"{path}: experts.{k}") for k, v in raw["experts"].items()}
+    if not isinstance(raw["tasks"], Mapping) or not raw["tasks"]:
+        _fail(path, "tasks must be a mapping {task name: {data, metric, ...}} with at least one entry")
+    tasks = {
+        str(n): _task(spec_dir, str(n), t, f"{path}: tasks.{n}", experts) for n, t in raw["tasks"].items()
+    }
+    without = [o for o in experts if not any(t.objective == o for t in tasks.values())]
+    if without:
+        _fail(
+            path,
+            f"expert(s) {without} have no task: give each objective at least one task (tasks.X.objective)",
+        )
+    source = raw.get("tokenizer_source")
+    if source not in (None, "base"):
+        _fail(path, f"tokenizer_source must be 'base' (or absent), got {source!r}")
+    dtype = raw.get("dtype", "float32")
+    if dtype not in DTYPES:
+        _fail(path, f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    batch = raw.get("eval_batch_size", 16)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        _fail(path, f"eval_batch_size must be a positive integer, got {batch!r}")
+    return Spec(path, base, experts, tasks, source, dtype, batch)
+
+
+def _task(spec_dir: str, name: str, raw, where: str, experts: Mapping) -> TaskSpec:
+    if not isinstance(raw, Mapping):
+        _fail(where, f"expected a mapping with keys {list(TASK_KEYS)}, got {raw!r}")
+    unknown = sorted(set(raw) - set(TASK_KEYS))
+    if unknown:
+        _fail(where, f"unknown key(s) {unknown}; known keys: {list(TASK_KEYS)}")
+    for key in ("data", "metric"):
+        if key not in raw:
+            _fail(where, f"missing key {key!r}")
+    metric = raw["metric"]
+    if metric not in METRICS:
+        _fail(where, f"unknown metric {metric!r}; known metrics: {list(METRICS)}")
+    data = os.path.normpath(os.path.join(spec_dir, os.path.expanduser(str(raw["data"]))))
+    if not os.path.isfile(data):
+        _fail(f"{where}.data", f"file {data} does not exist")
+    objective = str(raw.get("objective", name))
+    if objective not in experts:
+        _fail(
+            f"{where}.objective",
+            f"objective {objective!r} has no expert; experts are {list(experts)} (add `{objective}: DIR` under "
+            "experts, or set the task's objective to one of them)",
+        )
+    max_new = raw.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+        _fail(f"{where}.max_new_tokens", f"must be a positive integer, got {max_new!r}")
+    stop = raw.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        _fail(f"{where}.stop", f"must be a list of non-empty strings, got {raw.get('stop')!r}")
+    if metric == "multiple_choice" and (max_new is not None or stop):
+        _fail(where, "max_new_tokens and stop apply to generation metrics, not to multiple_choice")
+    return TaskSpec(name, data, metric, objective, max_new, tuple(stop))
+
+
+def read_rows(task: TaskSpec) -> list[dict]:
+    """The task's JSONL rows, checked for the fields its metric needs; each gets its 1-based line as "row"."""
+    rows = []
+    with open(task.data, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{task.data}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SpecError(f"{where}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                _fail(where, f"expected a JSON object, got {type(row).__name__}")
+            rows.append(_check_row(row, task.metric, where) | {"row": line_no})
+    if not rows:
+        _fail(task.data, f"no rows (task {task.name!r})")
+    return rows
+
+
+def _check_row(row: dict, metric: str, where: str) -> dict:
+    def text(key):
+        if key not in row:
+            _fail(where, f"missing field {key!r} (a {metric} row needs {needs})")
+        if not isinstance(row[key], str):
+            _fail(where, f"field {key!r} must be a string, got {type(row[key]).__name__}")
+        return row[key]
+
+    needs = "prompt, choices, answer" if metric == "multiple_choice" else "prompt, target"
+    out = {"prompt": text("prompt")}
+    if not out["prompt"]:
+        _fail(where, "empty prompt")
+    if metric == "multiple_choice":
+        choices = row.get("choices")
+        if not isinstance(choices, list) or not choices:
+            _fail(where, f"field 'choices' must be a non-empty list of strings, got {choices!r}")
+        if not all(isinstance(c, str) and c for c in choices):
+            _fail(where, "every choice must be a non-empty string")
+        answer = row.get("answer")
+        if not isinstance(answer, int) or isinstance(answer, bool):
+            _fail(where, f"field 'answer' must be an integer index into choices, got {answer!r}")
+        if not 0 <= answer < len(choices):
+            _fail(where, f"answer index {answer} is out of range for {len(choices)} choices")
+        out |= {"choices": list(choices), "answer": answer}
+    else:
+        out["target"] = text("target")
+    split = row.get("split")
+    if split is not None and split not in SPLITS:
+        _fail(where, f"field 'split' must be one of {list(SPLITS)}, got {split!r}")
+    if split is not None:
+        out["split"] = split
+    return out
+
+
+def split_rows(task: TaskSpec, rows: list[dict], seed: int) -> dict[str, list[int]]:
+    """{split: indices into `rows`}: a row's own "split" is honoured; the others are shuffled with
+    `np.random.default_rng([seed, crc32(data file name)])` and the first round(0.7 n) go to "search" (tasks that
+    read one file split it alike: an example is never searched in one task and held out in another).
+
+    Raises SpecError when a split ends up empty (name the task and how many rows it has).
+    """
+    out = {s: [i for i, r in enumerate(rows) if r.get("split") == s] for s in SPLITS}
+    free = np.asarray([i for i, r in enumerate(rows) if "split" not in r], np.int64)
+    if free.size:
+        rng = np.random.default_rng([int(seed), zlib.crc32(os.path.basename(task.data).encode())])
+        free = free[rng.permutation(free.size)]
+        n_search = int(round(SEARCH_FRACTION * free.size))
+        out["search"] = sorted(out["search"] + free[:n_search].tolist())
+        out["heldout"] = sorted(out["heldout"] + free[n_search:].tolist())
+    for s in SPLITS:
+        if not out[s]:
+            _fail(
+                task.data,
+                f"the {s!r} split of task {task.name!r} is empty ({len(rows)} rows); add rows or give some rows "
+                f'"split": "{s}"',
+            )
+    return out
+
+
+def file_hashes(spec: Spec) -> dict[str, str]:
+    """{absolute path: sha256 hex} of the spec file, every data file and every file of the checkpoints
+    (weights, configs, tokenizer files): what a run's cached stages depend on."""
+    paths = [spec.path] + [t.data for t in spec.tasks.values()]
+    for d in dict.fromkeys([spec.base, *spec.experts.values()]):
+        paths += sorted(os.path.join(d, n) for n in os.listdir(d) if os.path.isfile(os.path.join(d, n)))
+    return {p: _sha256(p) for p in dict.fromkeys(paths)}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def changed_files(recorded: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+    """Files whose content hash differs between a run's record and now (added or removed ones too)."""
+    return sorted(p for p in set(recorded) | set(current) if recorded.get(p) != current.get(p))
+
+
+def as_dict(spec: Spec) -> dict[str, Any]:
+    """JSON-able form of a spec (recorded in the run)."""
+    return {
+        **spec._asdict(),
+        "tasks": {n: t._asdict() | {"stop": list(t.stop)} for n, t in spec.tasks.items()},
+    }

@@ -1,0 +1,256 @@
+"""A spec's checkpoints, tokenizer, data and objectives, loaded as the zoo a run works on (`hm3_jax.tasks.spec`).
+
+`load(spec, seed)` returns a `SpecZoo`: the same fields a built-in zoo has (`hm3_jax.tasks.zoo.Zoo`: base,
+experts keyed by objective, tokenizer, data, objectives per split, manifest, workdir) plus `groups`, the
+objective of each task, so a run scores tasks and reports objectives (an objective's score is the mean of its
+tasks' scores).
+
+What a score means (HM3_SPEC "Decisions taken"; the same numbers transformers and lm-eval-harness give):
+prompt ids are ``tokenizer(prompt)["input_ids"]`` with the base's own HF tokenizer (its special-token rule:
+BOS for Llama, none for Qwen2 and GPT-2);
+
+* ``exact_match``: greedy generation of at most `max_new_tokens` (default: the longest target's token count
+  + 8), stopping at any EOS id of the base's generation_config.json (else config.json, else the tokenizer's)
+  or at a `stop` string; decoded without special tokens, stripped, compared with the stripped target;
+* ``chrf``: the same generation, sacrebleu corpus chrF of the stripped outputs against the stripped targets;
+* ``multiple_choice``: per choice the summed log-probability of its continuation tokens (the ids of
+  ``prompt + choice`` after the ids of ``prompt``, lm-eval's rule); the argmax is the prediction.
+
+Every expert must match the base's architecture, depth and width (else a SpecError naming the expert and the
+field), and its vocabulary, unless the spec sets ``tokenizer_source: base``: then each expert's embedding and
+LM-head rows are mapped onto the base tokenizer's ids (`hm3_jax.io.vocab`). Nothing in a checkpoint directory
+is ever run (no remote code) or unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+from hm3_jax.tasks import objectives as objectives_lib
+from hm3_jax.tasks import spec as spec_lib
+from hm3_jax.tasks.spec import SpecError
+
+# Fields of the model config every expert must share with the base (else the pool is ill-formed).
+SHARED_FIELDS = ("family", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                 "head_dim", "hidden_act", "attention_bias", "attention_out_bias", "mlp_bias",
+                 "tie_word_embeddings", "rope_theta", "rope_scaling", "norm_eps")  # fmt: skip
+GEN_METRIC = {"exact_match": "generated_exact_match", "chrf": "chrf"}
+EXTRA_NEW_TOKENS = 8  # default max_new_tokens = longest target + this
+
+
+class SpecZoo(NamedTuple):
+    """A loaded spec (see the module docstring); field meanings as `hm3_jax.tasks.zoo.Zoo`.
+
+    Attributes beyond Zoo's: spec: the `Spec`; groups: {task: objective}; splits: {task: {split: [row index]}}
+    (the seeded split, recorded by the run); eos_ids: generation stops at these.
+    """
+
+    base: Any
+    experts: dict
+    tokenizer: Any
+    data: dict
+    objectives: dict
+    manifest: dict
+    workdir: str
+    spec: Any
+    groups: dict
+    splits: dict
+    eos_ids: tuple
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The objectives (one per expert), in the spec's order."""
+        return tuple(self.experts)
+
+    def capped_search_objectives(self, search_examples: int) -> dict:
+        """{task: objective} of the first `search_examples` examples of each task's search split."""
+        data = {t: {"search": d["search"][:search_examples]} for t, d in self.data.items()}
+        return make_objectives(self.spec, data, self.tokenizer, self.base.config, self.eos_ids, ("search",),
+                               shapes_from=self.data)["search"]  # fmt: skip
+
+
+def load_tokenizer(path: str):
+    """The HF tokenizer of a checkpoint directory (fast, local files only, never remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            path, use_fast=True, trust_remote_code=False, local_files_only=True
+        )
+    except Exception as e:  # transformers raises many types for a missing or unreadable tokenizer
+        raise SpecError(
+            f"{path}: cannot load its tokenizer with transformers' AutoTokenizer ({type(e).__name__}: {e}); the "
+            "base directory needs the tokenizer files (tokenizer.json and tokenizer_config.json)"
+        ) from e
+    if not getattr(tok, "is_fast", False):
+        raise SpecError(f"{path}: only a fast (tokenizer.json) tokenizer is supported")
+    return tok
+
+
+def eos_ids_of(path: str, tokenizer) -> tuple[int, ...]:
+    """EOS ids generation stops at: generation_config.json's eos_token_id, else config.json's, else the
+    tokenizer's (an int or a list in the files)."""
+    for name in ("generation_config.json", "config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                value = json.load(f).get("eos_token_id")
+            if value is not None:
+                return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+    if tokenizer.eos_token_id is None:
+        raise SpecError(f"{path}: no eos_token_id in generation_config.json, config.json or the tokenizer")
+    return (int(tokenizer.eos_token_id),)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id padding rows use (never attended to or scored): pad, else eos, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def check_expert(base_config, expert_config, name: str, expert_dir: str, tokenizer_source) -> None:
+    """SpecError naming the expert and the field where it cannot share a pool with the base."""
+    for field in SHARED_FIELDS:
+        a, b = getattr(base_config, field), getattr(expert_config, field)
+        if a != b:
+            raise SpecError(
+                f"expert {name!r} ({expert_dir}): {field} is {b!r} but the base's is {a!r}; every expert must "
+                "be a fine-tune of the base with the same architecture"
+            )
+    if base_config.vocab_size != expert_config.vocab_size and tokenizer_source != "base":
+        raise SpecError(
+            f"expert {name!r} ({expert_dir}): vocabulary size {expert_config.vocab_size} differs from the "
+            f"base's {base_config.vocab_size}; set `tokenizer_source: base` in the spec to map every expert "
+            "onto the base tokenizer's ids"
+        )
+
+
+def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
+    """Loads a spec (a path or a `Spec`): models in the spec's dtype, tokenizer, split data, objectives."""
+    import jax.numpy as jnp
+
+    from hm3_jax.io import hf_config, vocab
+    from hm3_jax.model_io import Model, load_pretrained
+
+    if isinstance(spec, str):
+        spec = spec_lib.load_spec(spec)
+    dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+    base_config, _ = hf_config.read_hf_config(spec.base)
+    expert_configs = {}
+    for name, d in spec.experts.items():
+        expert_configs[name], _ = hf_config.read_hf_config(d)
+        check_expert(base_config, expert_configs[name], name, d, spec.tokenizer_source)
+        if spec.tokenizer_source != "base":
+            vocab.check_same_vocab(spec.base, d, name)
+    tokenizer = load_tokenizer(spec.base)
+    eos_ids = eos_ids_of(spec.base, tokenizer)
+    data, splits = {}, {}
+    for name, task in spec.tasks.items():
+        rows = spec_lib.read_rows(task)
+        splits[name] = spec_lib.split_rows(task, rows, seed)
+        data[name] = {s: [rows[i] for i in idx] for s, idx in splits[name].items()}
+    objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids)
+    base = load_pretrained(spec.base, dtype=dtype)
+    experts = {}
+    for name, d in spec.experts.items():
+        expert = load_pretrained(d, dtype=dtype)
+        if spec.tokenizer_source == "base":
+            params = vocab.align_to_base_vocab(
+                vocab.vocab_of(spec.base), vocab.vocab_of(d), expert.params, base.params, expert.config
+            )
+            expert = Model(base.config, params, expert.hf_config)
+        experts[name] = expert
+    manifest = {
+        "kind": "spec",
+        "spec": spec_lib.as_dict(spec),
+        "tasks": list(spec.experts),
+        "metrics": {t: s.metric for t, s in spec.tasks.items()},
+        "groups": {t: s.objective for t, s in spec.tasks.items()},
+        "paths": {"base": spec.base, "experts": dict(spec.experts), "tokenizer": spec.base},
+        "config": {"eval_batch_size": spec.eval_batch_size},
+        "sizes": {"examples": {t: {s: len(v) for s, v in d.items()} for t, d in data.items()}},
+    }
+    groups = {t: s.objective for t, s in spec.tasks.items()}
+    return SpecZoo(base, experts, tokenizer, data, objectives, manifest, os.path.dirname(spec.path), spec,
+                   groups, splits, eos_ids)  # fmt: skip
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def make_objectives(spec, data: dict, tokenizer, config, eos_ids, splits=spec_lib.SPLITS,
+                    shapes_from: dict | None = None) -> dict:  # fmt: skip
+    """{split: {task: Objective}} of the spec's tasks on `data` ({task: {split: rows}}).
+
+    Shapes (prompt length, new tokens, row length, batch size) are taken from `shapes_from` (default `data`)
+    over both splits, so the splits of a task share compilations. Raises SpecError for a prompt (plus its
+    generation budget) or a choice row longer than the model's context, naming the task and the row.
+    """
+    shapes_from = shapes_from or data
+    context = int(config.max_position_embeddings)
+    pad = pad_id_of(tokenizer)
+    out = {s: {} for s in splits}
+    for name, task in spec.tasks.items():
+        every = [r for s in spec_lib.SPLITS for r in shapes_from[name].get(s, [])]
+        batch = max(1, min(spec.eval_batch_size, max(len(v) for v in shapes_from[name].values())))
+        where = f"task {name!r} ({task.data})"
+        if task.metric == "multiple_choice":
+            enc = {id(r): _choice_rows(tokenizer, r, where) for r in every}
+            longest = max(len(p) + max(map(len, c)) for p, c in enc.values())
+            if longest > context:
+                raise SpecError(f"{where}: a prompt + choice has {longest} tokens, more than the model's context "
+                                f"of {context} positions")  # fmt: skip
+            seq_len = min(_round_up(longest, 8), context)
+            for s in splits:
+                rows = data[name][s]
+                out[s][name] = objectives_lib.make_multiple_choice_objective(
+                    f"{name}/{s}", [enc[id(r)][0] for r in rows], [enc[id(r)][1] for r in rows],
+                    [r["answer"] for r in rows], pad, batch, seq_len)  # fmt: skip
+            continue
+        prompts = {id(r): tokenizer(r["prompt"])["input_ids"] for r in every}
+        targets = [len(tokenizer(r["target"], add_special_tokens=False)["input_ids"]) for r in every]
+        new = task.max_new_tokens or max(targets) + EXTRA_NEW_TOKENS
+        worst = max(every, key=lambda r: len(prompts[id(r)]))
+        if len(prompts[id(worst)]) + new > context:
+            raise SpecError(
+                f"{where}, row {worst['row']}: the prompt has {len(prompts[id(worst)])} tokens; with "
+                f"max_new_tokens={new} that is more than the model's context of {context} positions"
+            )
+        prompt_len = min(_round_up(len(prompts[id(worst)]), 8), context - new)
+        for s in splits:
+            rows = data[name][s]
+            out[s][name] = objectives_lib.make_generation_objective(
+                f"{name}/{s}", [prompts[id(r)] for r in rows], [r["target"] for r in rows],
+                tokenizer, batch, GEN_METRIC[task.metric], new, eos_ids, task.stop, prompt_len)  # fmt: skip
+    return out
+
+
+def _choice_rows(tokenizer, row: dict, where: str) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [continuation ids per choice]): continuation = ids(prompt + choice)[len(ids(prompt)):]."""
+    prompt = tokenizer(row["prompt"])["input_ids"]
+    conts = []
+    for j, choice in enumerate(row["choices"]):
+        whole = tokenizer(row["prompt"] + choice)["input_ids"]
+        cont = whole[len(prompt) :]
+        if not cont:
+            raise SpecError(f"{where}, row {row['row']}: choice {j} ({choice!r}) adds no token to the prompt")
+        conts.append(cont)
+    return prompt, conts
+
+
+def describe(zoo: SpecZoo) -> dict:
+    """Sizes and the recorded split of a loaded spec (JSON-able; a run stores it)."""
+    return {
+        "examples": zoo.manifest["sizes"]["examples"],
+        "splits": {
+            t: {s: [zoo.data[t][s][i]["row"] for i in range(len(idx))] for s, idx in v.items()}
+            for t, v in zoo.splits.items()
+        },  # fmt: skip
+        "eos_ids": list(zoo.eos_ids),
+        "groups": zoo.groups,
+    }
