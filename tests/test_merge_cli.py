@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from experiments import merge as cli
 from hm3_jax.merging import merge
 from hm3_jax.merging.mergekit_config import gradient, parse_config
-from hm3_jax.merging.streaming import merge_checkpoints, passthrough_checkpoints
+from hm3_jax.merging.streaming import merge_checkpoints, passthrough_checkpoints, shell_end
 
 SHAPES = {
     "lm_head.weight": (10, 4),
@@ -147,8 +147,62 @@ def test_passthrough_slices(pool, tmp_path):
         merged["model.layers.1.self_attn.q_proj.weight"],
         pool["experts"][0]["model.layers.1.self_attn.q_proj.weight"],
     )
-    np.testing.assert_array_equal(merged["lm_head.weight"], pool["experts"][0]["lm_head.weight"])
+    # as mergekit: embeddings from the first slice's model, final norm and head from the last slice's
+    np.testing.assert_array_equal(
+        merged["model.embed_tokens.weight"], pool["experts"][0]["model.embed_tokens.weight"]
+    )
+    np.testing.assert_array_equal(merged["lm_head.weight"], pool["experts"][1]["lm_head.weight"])
+    np.testing.assert_array_equal(merged["model.norm.weight"], pool["experts"][1]["model.norm.weight"])
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_shell_end():
+    pre = ["model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight",
+           "vit.embeddings.patch_embeddings.projection.weight", "vit.embeddings.cls_token"]  # fmt: skip
+    post = ["model.norm.weight", "lm_head.weight", "transformer.ln_f.weight", "gpt_neox.embed_out.weight",
+            "vit.layernorm.weight", "classifier.weight"]  # fmt: skip
+    assert [shell_end(n) for n in pre] == ["pre"] * len(pre)
+    assert [shell_end(n) for n in post] == ["post"] * len(post)
+
+
+def test_cli_passthrough_yaml_takes_shell_from_first_and_last_slice(tmp_path):
+    """Tiny HF Llama checkpoints A, B (3 blocks each); slices A[0:2] + B[1:3]: embeddings are A's, final norm and
+    head B's (mergekit's `pre_weights` / `post_weights`), blocks A0 A1 B1 B2; an empty slice [0, 0] of C at the
+    end gives the head and norm of C without adding a block."""
+    from tests.hf_fixtures import make_checkpoint
+
+    dirs = {name: str(tmp_path / name) for name in "ABC"}
+    for seed, name in enumerate("ABC"):
+        make_checkpoint(dirs[name], "LlamaForCausalLM", seed=seed)
+    src = {name: _load(d) for name, d in dirs.items()}
+    for last in ("B", "C"):
+        slices = [
+            {"sources": [{"model": dirs["A"], "layer_range": [0, 2]}]},
+            {"sources": [{"model": dirs["B"], "layer_range": [1, 3]}]},
+        ]
+        if last == "C":
+            slices.append({"sources": [{"model": dirs["C"], "layer_range": [0, 0]}]})
+        path = tmp_path / f"pass_{last}.yml"
+        path.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": slices, "dtype": "float32"}))
+        out = tmp_path / f"out_{last}"
+        _run_cli([f"--config={path}", f"--out={out}", "--noprogress"])
+        merged = _load(out)
+        np.testing.assert_array_equal(
+            merged["model.embed_tokens.weight"], src["A"]["model.embed_tokens.weight"]
+        )
+        for name in ("model.norm.weight", "lm_head.weight"):
+            np.testing.assert_array_equal(merged[name], src[last][name])
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+        blocks = [("A", 0), ("A", 1), ("B", 1), ("B", 2)]
+        layer_names = [n for n in src["A"] if n.startswith("model.layers.0.")]
+        assert len(layer_names) == 9
+        for new, (model, old) in enumerate(blocks):
+            for name in layer_names:
+                suffix = name[len("model.layers.0.") :]
+                np.testing.assert_array_equal(
+                    merged[f"model.layers.{new}.{suffix}"], src[model][f"model.layers.{old}.{suffix}"]
+                )
+        assert not any(n.startswith("model.layers.4.") for n in merged)
 
 
 def test_yaml_parsing(pool):
@@ -169,8 +223,36 @@ def test_yaml_parsing(pool):
     assert plan.models == tuple(pool["dirs"][:2])
     assert plan.hparams["drop_rate"] == pytest.approx([0.2, 0.5])
     assert plan.hparams["normalize"] is True
-    np.testing.assert_allclose(plan.weights[1], [0.0, 1.0])
+    # a gradient as mergekit evaluates it: block l at t = l / (L - 1), embeddings at t = 0, norm and head at 1
+    w = plan.weights[1]
+    assert [w("model.layers.0.mlp.up_proj.weight"), w("model.layers.1.mlp.up_proj.weight")] == [0.0, 1.0]
+    assert [w("model.embed_tokens.weight"), w("model.norm.weight"), w("lm_head.weight")] == [0.0, 1.0, 1.0]
     np.testing.assert_allclose(gradient([0.0, 1.0, 0.0], 5), [0.0, 0.5, 1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="density must be a number"):
+        parse_config(
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": "a", "parameters": {"weight": 1.0, "density": [0.1, 0.5]}}],
+            }
+        )
+    with pytest.raises(ValueError, match=r"weight\[0\]: a condition is \{filter, value\}"):
+        parse_config(
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": "a", "parameters": {"weight": [{"filters": "mlp", "value": 1.0}]}}],
+            }
+        )
+    with pytest.raises(ValueError, match="filters are supported for 'weight' only"):
+        parse_config(
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": "a"}],
+                "parameters": {"normalize": [{"filter": "mlp", "value": 1.0}]},
+            }
+        )
     with pytest.raises(ValueError, match="unsupported key\\(s\\) in merge config: \\['chat_template'\\]"):
         parse_config({"merge_method": "ties", "base_model": base, "models": [], "chat_template": "x"})
     with pytest.raises(ValueError, match="unsupported merge_method 'model_stock'"):
@@ -287,3 +369,66 @@ def test_streaming_in_small_chunks_equals_in_memory(pool, tmp_path, method, hpar
     streamed = _load(out)
     for name in SHAPES:
         np.testing.assert_array_equal(streamed[name], np.asarray(in_memory[name]))
+
+
+def test_cli_yaml_filters_and_gradients_as_mergekit(pool, tmp_path):
+    """mergekit's `evaluate_setting`: the first matching `filter` wins, else the unfiltered value; a gradient is
+    taken at t = l / (L - 1) on block l, t = 0 on the embeddings, t = 1 on the final norm and head."""
+    base = str(pool["root"] / "base")
+    weight0 = [
+        {"filter": "mlp", "value": 0.3},
+        {"filter": "lm_head", "value": [5.0, 7.0]},
+        {"value": [0.2, 0.8]},
+    ]
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [
+            {"model": pool["dirs"][0], "parameters": {"weight": weight0}},
+            {"model": pool["dirs"][1]},  # the top-level weight
+        ],
+        "parameters": {"weight": [{"filter": "embed_tokens", "value": -1.0}, {"value": 0.5}]},
+        "dtype": "float32",
+    }
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config))
+    _run_cli([f"--config={path}", f"--out={tmp_path / 'out'}", "--noprogress"])
+    merged = _load(tmp_path / "out")
+    expected_weights = {
+        "lm_head.weight": (7.0, 0.5),
+        "model.embed_tokens.weight": (0.2, -1.0),
+        "model.layers.0.self_attn.q_proj.weight": (0.2, 0.5),
+        "model.layers.0.mlp.up_proj.weight": (0.3, 0.5),
+        "model.layers.1.self_attn.q_proj.weight": (0.8, 0.5),
+        "model.layers.1.mlp.up_proj.weight": (0.3, 0.5),
+        "model.norm.weight": (0.8, 0.5),
+    }
+    for name, weights in expected_weights.items():
+        one = merge(
+            "task_arithmetic",
+            {name: pool["base"][name]},
+            [{name: e[name]} for e in pool["experts"][:2]],
+            weights=list(weights),
+        )
+        # the in-memory merge keeps the base's bf16; the CLI wrote float32 of the same float32 arithmetic
+        np.testing.assert_array_equal(
+            merged[name].astype(ml_dtypes.bfloat16), np.asarray(one[name]), err_msg=name
+        )
+
+
+def test_cli_slerp_t_gradient_as_mergekit(pool, tmp_path):
+    """slerp's `t: [0, 1]`: the embeddings at t = 0 (the base), the final norm and head at t = 1 (the model)."""
+    config = {
+        "merge_method": "slerp",
+        "base_model": str(pool["root"] / "base"),
+        "models": [{"model": pool["dirs"][0]}],
+        "parameters": {"t": [0.0, 1.0]},
+        "dtype": "float32",
+    }
+    path = tmp_path / "slerp.yml"
+    path.write_text(yaml.safe_dump(config))
+    _run_cli([f"--config={path}", f"--out={tmp_path / 'out'}", "--noprogress"])
+    merged = _load(tmp_path / "out")
+    for name, source in [("model.embed_tokens.weight", pool["base"]), ("lm_head.weight", pool["experts"][0]),
+                         ("model.norm.weight", pool["experts"][0])]:  # fmt: skip
+        np.testing.assert_allclose(merged[name], source[name].astype(np.float32), atol=1e-5, err_msg=name)

@@ -4,13 +4,25 @@ Supported (anything else is an error naming the key):
 
 * top level: `merge_method`, `base_model`, `models`, `parameters`, `dtype`, `out_dtype`, `slices`,
   `tokenizer_source` (a checkpoint directory, or `base`);
-* `models: [{model: DIR, parameters: {weight, density, ...}}]`; a parameter value is a number, or a list
-  (a mergekit "gradient": interpolated linearly over the blocks, `np.interp` at `l / (L - 1)` of anchors
-  spread evenly on [0, 1], giving a per-block weight);
+* `models: [{model: DIR, parameters: {weight, density}}]`;
+* `weight` (per model, or under top-level `parameters` as every model's default) is, as mergekit's
+  `evaluate_setting`:
+  - a number;
+  - a list of numbers, a "gradient" `[v_0, ..., v_{n-1}]`, evaluated at `t` as
+    `s = t (n - 1), i = floor(s), f = s - i: (1 - f) v_i + f v_{min(i + 1, n - 1)}`, with `t = l / (L - 1)`
+    for block `l` of `L` (`t = 1` when `L = 1`), `t = 0` for the embeddings and `t = 1` for the final norm
+    and head (`streaming.shell_end`: mergekit evaluates `pre_weights` at 0 and `post_weights` at 1);
+  - a list of `{filter: SUBSTRING, value: NUMBER_OR_GRADIENT}` conditions: a tensor takes the first whose
+    `filter` is a substring of its name (no `filter`, or `*`, matches every tensor); when none matches, the
+    top-level `parameters` value, then 1;
+* `density` (per model or top level) is a number; slerp's `t` (top level) is a number, a gradient or a list
+  of conditions, as `weight` (a tensor no condition matches is an error);
 * `parameters`: method-level values (`normalize`, `rescale`, `int8_mask` (accepted, no effect: our masks are
   booleans), `t`, `lambda` (= our `scale`), and our own hyperparameter names such as `drop_rate`, `k`,
-  `tall_lambda`, `base_method`); `weight`/`density` here are defaults for every model;
-* `slices` only with `merge_method: passthrough`, each slice one source `{model, layer_range: [start, end]}`.
+  `tall_lambda`, `base_method`);
+* `slices` only with `merge_method: passthrough`, each slice one source `{model, layer_range: [start, end]}`
+  (`start == end` is an empty slice: no block, but the first slice gives the embeddings and the last the final
+  norm and head, as in mergekit).
 
 Name mapping: mergekit's `density` for `dare_linear`/`dare_ties` is DARE's keep fraction, so it becomes our
 `drop_rate = 1 - density`; for `ties`/`pcb`/`consensus` it is the magnitude-trim `density`. For `slerp`,
@@ -29,6 +41,8 @@ import numpy as np
 import yaml
 
 from hm3_jax.merging import api
+from hm3_jax.merging.groups import layer_index
+from hm3_jax.merging.streaming import shell_end
 
 TOP_LEVEL_KEYS = frozenset(
     {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "slices", "tokenizer_source"}
@@ -65,25 +79,126 @@ def _num_layers(model_dir: str) -> int | None:
     return None
 
 
+def evaluate_gradient(values, t: float) -> float:
+    """mergekit's gradient at `t` in [0, 1]: `s = t (n - 1)`, `(1 - f) v_i + f v_{i+1}` with `i = floor(s)`,
+    `f = s - i` (the last anchor at `t = 1`)."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return float((1 - frac) * values[i0] + frac * values[i1])
+
+
 def gradient(values: list[float], num_layers: int) -> np.ndarray:
-    """mergekit's gradient: anchors evenly on [0, 1], linearly interpolated at `l / (L - 1)` -> `[L]`."""
-    anchors = np.linspace(0.0, 1.0, len(values))
-    where = np.linspace(0.0, 1.0, num_layers) if num_layers > 1 else np.zeros(1)
-    return np.interp(where, anchors, np.asarray(values, dtype=np.float64)).astype(np.float32)
+    """A gradient evaluated on the blocks: `[L]`, block `l` at `t = l / (L - 1)` (`t = 1` when `L = 1`)."""
+    ts = [l / (num_layers - 1) for l in range(num_layers)] if num_layers > 1 else [1.0]
+    return np.asarray([evaluate_gradient(values, t) for t in ts], np.float32)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_setting(name: str, value: Any, where: str) -> Any:
+    """A `weight` setting as a hashable value: a float, a gradient tuple, or a tuple of (filter, value)."""
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+        return tuple(float(v) for v in value)
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        conditions = []
+        for j, cond in enumerate(value):
+            unknown = sorted(set(cond) - {"filter", "value"})
+            if unknown or "value" not in cond:
+                raise ValueError(
+                    f"{where}: {name}[{j}]: a condition is {{filter, value}}, got keys {sorted(cond)}"
+                )
+            flt = cond.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise ValueError(f"{where}: {name}[{j}].filter must be a string, got {flt!r}")
+            inner = cond["value"]
+            if not (_is_number(inner) or (isinstance(inner, list) and inner and all(map(_is_number, inner)))):
+                raise ValueError(
+                    f"{where}: {name}[{j}].value must be a number or a gradient list, got {inner!r}"
+                )
+            conditions.append((None if flt in (None, "*") else flt, _check_setting(name, inner, where)))
+        return tuple(conditions)
+    raise ValueError(f"{where}: unsupported value for {name!r}: {value!r}")
+
+
+def _evaluate(setting: Any, tensor_name: str, t: float) -> float | None:
+    if isinstance(setting, float):
+        return setting
+    if setting and isinstance(setting[0], float):
+        return evaluate_gradient(setting, t)
+    for flt, value in setting:
+        if flt is None or flt in tensor_name:
+            return _evaluate(value, tensor_name, t)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSetting:
+    """One model's mergekit `weight` as a function of the tensor name (mergekit's `evaluate_setting`).
+
+    `settings` are tried in order (the model's own, then the top-level `parameters` one); the first that
+    gives a value for the tensor wins, else `default`. The gradient position is `t = l / (L - 1)` for block
+    `l` (`L = num_layers`; `t = 1` when `L = 1`), 0 for the embeddings and 1 for the final norm and head.
+    """
+
+    settings: tuple[Any, ...]
+    num_layers: int | None
+    default: float | None = 1.0
+    where: str = ""
+    name: str = "weight"
+
+    def __call__(self, tensor_name: str) -> float:
+        index = layer_index(tensor_name)
+        if index is None:
+            t = 0.0 if shell_end(tensor_name) == "pre" else 1.0
+        elif self.num_layers is None:
+            raise ValueError(
+                f"{self.where}: {self.name} is a gradient but the layer count is unknown (no config.json)"
+            )
+        else:
+            t = index / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+        for setting in self.settings:
+            value = _evaluate(setting, tensor_name, t)
+            if value is not None:
+                return value
+        if self.default is None:
+            raise ValueError(
+                f"{self.where}: no {self.name} for tensor {tensor_name!r} (no filter matches it)"
+            )
+        return self.default
+
+
+def _weight(model_value: Any, global_value: Any, num_layers: int | None, where: str) -> Any:
+    """A model's weight: a float when it is one number for every tensor, else a `TensorSetting`."""
+    settings = tuple(_check_setting("weight", v, where) for v in (model_value, global_value) if v is not None)
+    if not settings:
+        return 1.0
+    if isinstance(settings[0], float):
+        return settings[0]
+    return TensorSetting(settings, num_layers, 1.0, where)
 
 
 def _value(name: str, value: Any, num_layers: int | None, where: str) -> Any:
     if isinstance(value, bool | str) or value is None:
         return value
-    if isinstance(value, int | float):
+    if _is_number(value):
         return float(value)
-    if isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+    if isinstance(value, list) and all(_is_number(v) for v in value):
         if num_layers is None:
             raise ValueError(
                 f"{where}: {name} is a gradient list but the layer count is unknown (no config.json)"
             )
         return gradient(value, num_layers)
-    raise ValueError(f"{where}: unsupported value for {name!r}: {value!r} (filters are not supported)")
+    raise ValueError(
+        f"{where}: unsupported value for {name!r}: {value!r} (filters are supported for 'weight' only)"
+    )
 
 
 def parse_config(config: dict[str, Any] | str) -> MergePlan:
@@ -147,16 +262,24 @@ def parse_config(config: dict[str, Any] | str) -> MergePlan:
             continue  # mergekit lets the base appear under models; it contributes no task vector
         where = f"models[{i}] ({entry['model']})"
         models.append(entry["model"])
-        weight = params.get("weight", global_params.get("weight", 1.0))
-        weights.append(_value("weight", weight, num_layers, where))
+        weights.append(_weight(params.get("weight"), global_params.get("weight"), num_layers, where))
         density = params.get("density", global_params.get("density"))
-        densities.append(None if density is None else _value("density", density, None, where))
+        if density is not None and not _is_number(density):
+            raise ValueError(
+                f"{where}: density must be a number, got {density!r} (gradients and filters: 'weight' only)"
+            )
+        densities.append(None if density is None else float(density))
 
     hparams: dict[str, Any] = {}
     for name, value in global_params.items():
         if name in PER_MODEL_PARAMS:
             continue
         if name == "int8_mask":
+            continue
+        if name == "t" and not _is_number(value):  # slerp's factor: gradients and filters as a weight
+            hparams["t"] = TensorSetting(
+                (_check_setting("t", value, "parameters"),), num_layers, None, "parameters", "t"
+            )
             continue
         hparams[RENAMED.get(name, name)] = _value(name, value, num_layers, "parameters")
     if any(d is not None for d in densities):
@@ -211,8 +334,14 @@ def _parse_passthrough(config, base, dtype, tokenizer_source) -> MergePlan:
         unknown = sorted(set(source) - {"model", "layer_range"})
         if unknown:
             raise ValueError(f"slices[{i}].sources[0]: unsupported key(s) {unknown}")
-        start, end = source["layer_range"]
-        slices.append((source["model"], int(start), int(end)))
+        if "model" not in source or "layer_range" not in source:
+            raise ValueError(f"slices[{i}].sources[0] needs 'model' and 'layer_range'")
+        start, end = (int(v) for v in source["layer_range"])
+        if not 0 <= start <= end:
+            raise ValueError(
+                f"slices[{i}].sources[0].layer_range: need 0 <= start <= end, got {[start, end]}"
+            )
+        slices.append((source["model"], start, end))
     if not slices:
         raise ValueError("passthrough needs slices (or one model)")
     return MergePlan("passthrough", base, (), None, {}, dtype, tuple(slices), tokenizer_source)

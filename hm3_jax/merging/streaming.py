@@ -14,7 +14,10 @@ directory that looks done.
 
 Tensor names are Hugging Face's (no conversion to the stacked layout). Per-block weights use the layer index
 in the name (`model.layers.3.`, `h.3.`, `encoder.layer.3.`, see `groups.layer_index`); tensors without one
-(embeddings, final norm, head) get the mean of a per-block vector. Tensor `i` in sorted-name order draws its
+(embeddings, final norm, head) get the mean of a per-block vector. A weight may also be a function of the
+tensor name (`name -> number or [L] vector`), which is how mergekit's filters and gradients arrive from a YAML
+config (`mergekit_config.TensorSetting`). Tensors outside the blocks sit at one end of the model
+(`shell_end`): "pre" (embeddings, before block 0) or "post" (final norm and head, after the last block). Tensor `i` in sorted-name order draws its
 DARE masks from `fold_in(key, i)`, exactly as `merge` does on the flat `{name: array}` dict, so the
 streaming and the in-memory merge give identical tensors."""
 
@@ -158,6 +161,29 @@ def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_
     return out.reshape(shape), bad_any
 
 
+_HEAD_PARTS = frozenset({"lm_head", "embed_out", "head", "classifier", "score", "pooler"})
+_PRE_MARKERS = ("embed", "wte", "wpe", "cls_token", "mask_token")
+_NAME_SPLIT = re.compile(r"[./]+")
+
+
+def shell_end(name: str) -> str:
+    """Which end of the model a tensor outside the blocks belongs to: `"pre"` or `"post"`.
+
+    mergekit's architectures list them as `pre_weights` (embeddings: `model.embed_tokens`, `wte`, `wpe`,
+    ViT's `embeddings.*`) and `post_weights` (final norm and head: `model.norm`, `ln_f`, `lm_head`,
+    `classifier`); a passthrough merge takes the pre weights from the first slice's model and the post weights
+    from the last slice's, and a gradient is evaluated at `t = 0` for pre and `t = 1` for post weights. Here:
+    a name with a head-like part (`lm_head`, `embed_out`, `head`, `classifier`, `score`, `pooler`) is post,
+    else a name with a part containing `embed`, `wte`, `wpe`, `cls_token` or `mask_token` is pre, else post.
+    """
+    parts = [p for p in _NAME_SPLIT.split(name.lower()) if p]
+    if any(p in _HEAD_PARTS for p in parts):
+        return "post"
+    if any(m in p for p in parts for m in _PRE_MARKERS):
+        return "pre"
+    return "post"
+
+
 def _is_float(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
 
@@ -249,7 +275,10 @@ def merge_checkpoints(
     """Merges Hugging Face checkpoint directories tensor by tensor into the directory `out`.
 
     Args:
-      method, key, weights, group_fn, **hparams: as for `api.merge` (same methods, hyperparameters, checks).
+      method, key, group_fn, **hparams: as for `api.merge` (same methods, hyperparameters, checks).
+      weights: as for `api.merge` (per model: a number, an `[L]` per-block vector or a per-group mapping),
+        or per model a function `tensor_name -> number or [L] vector` (e.g. `mergekit_config.TensorSetting`:
+        mergekit's gradients and filters), called once per tensor.
       base: base checkpoint directory (None only for `linear`; config and tokenizer then come from models[0]).
       models: K fine-tuned checkpoint directories with the base's tensor names and shapes.
       out: output directory; must not exist unless `overwrite`.
@@ -320,7 +349,7 @@ def merge_checkpoints(
                     merged = base_arr
                 else:
                     leaf_w = leaf_weights(
-                        per_leaf_weights,
+                        _weights_for(per_leaf_weights, name),
                         name,
                         shape,
                         len(models),
@@ -367,6 +396,13 @@ def merge_checkpoints(
     }
 
 
+def _weights_for(weights: Sequence[Any] | None, name: str) -> Sequence[Any] | None:
+    """Per-model weight specs of tensor `name`: functions of the name (mergekit settings) are evaluated."""
+    if weights is None:
+        return None
+    return [w(name) if callable(w) else w for w in weights]
+
+
 def passthrough_checkpoints(
     slices: Sequence[tuple[str, int, int]],
     out: str,
@@ -380,11 +416,20 @@ def passthrough_checkpoints(
 ) -> dict[str, Any]:
     """Plain layer stacking (mergekit's `passthrough` with `slices`): a "frankenmerge" without arithmetic.
 
+    As mergekit (`MergePlanner.plan`: `pre_weights` from `slices[0]`, `post_weights` from `slices[-1]`), the
+    output is
+
+        pre weights (embeddings)       <- the FIRST slice's model
+        block i, i = 0 .. sum(end - start) - 1  <- block `start + j` of the slice that covers it, in order
+        post weights (final norm, head) <- the LAST slice's model
+
+    (`shell_end` says which end a tensor outside the blocks belongs to). An empty slice (`start == end`)
+    adds no block; put one first or last to take the embeddings or the head from a model that gives no block.
+
     Args:
-      slices: `(checkpoint_dir, start, end)` triples; the output's blocks are the blocks `start..end-1`
-        of each slice, in order, renumbered from 0.
-      base: checkpoint for the tensors outside the blocks and for config/tokenizer (default the first
-        slice's).
+      slices: `(checkpoint_dir, start, end)` triples, `0 <= start <= end <= L` of that checkpoint.
+      base: checkpoint whose config.json and tokenizer are copied (default the first slice's); its tensors
+        are not used (as mergekit's passthrough ignores `base_model`).
       dtype: output dtype of floating tensors; default unchanged.
     Returns:
       `{"out", "num_tensors", "num_layers"}`. config.json's layer count is set to the new number of blocks.
@@ -401,10 +446,10 @@ def passthrough_checkpoints(
         return opened[path]
 
     plan = []  # (out_name, checkpoint, in_name)
-    shell = ckpt(shell_dir)
-    for name in shell.names:
-        if layer_index(name) is None:
-            plan.append((name, shell, name))
+    for end, source in (("pre", ckpt(slices[0][0])), ("post", ckpt(slices[-1][0]))):
+        for name in source.names:
+            if layer_index(name) is None and shell_end(name) == end:
+                plan.append((name, source, name))
     new_layer = 0
     for path, start, end in slices:
         source = ckpt(path)
@@ -413,7 +458,7 @@ def passthrough_checkpoints(
             idx = layer_index(name)
             if idx is not None:
                 by_layer.setdefault(idx, []).append(name)
-        if not 0 <= start < end or end - 1 not in by_layer:
+        if not 0 <= start <= end or (end > start and end - 1 not in by_layer):
             raise ValueError(
                 f"passthrough: layer_range [{start}, {end}) is outside the {len(by_layer)} layers of {path!r}"
             )
@@ -467,6 +512,8 @@ def passthrough_checkpoints(
         _finish(tmp, out, overwrite)
         tmp = None
     finally:
+        for source in opened.values():
+            source.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"out": os.path.abspath(out), "num_tensors": len(plan), "num_layers": new_layer}
