@@ -3,12 +3,16 @@
 Per preference i (`DIR/exports/pref_<i>/`):
 
 * `merged/`: Theta(lambda_i) as a Hugging Face directory (transformers loads it), with `merged.mergekit.yml`:
-  the same DARE-TIES merge in mergekit's schema, so a user can rebuild it on full-size models with mergekit
-  (mergekit draws its own DARE masks, so it is the same merge up to the random drop pattern).
+  the same merge in mergekit's schema (`mergekit_merge_yaml`: method from the sign election and the drop
+  rate, weight = scale * lambda_k * block weight, `normalize: false`), so a user can rebuild it on full-size
+  models with mergekit or `python -m experiments.merge --config=merged.mergekit.yml`; exact at drop rate 0
+  (DARE's random drop cannot match bit for bit across tools; the YAML's comments say what is not exact).
 * `path_model/`: the HM3 path model. Without junction scalings (alignment "none") it is an ordinary stacked
   model — `config.num_hidden_layers = T`, block t = pool block `path[t]`, embeddings and head from
   Theta(lambda_i) — saved as a Hugging Face directory, with `path.mergekit.yml`: a passthrough merge whose
-  `slices` list one layer range per path step (layer l of an expert, or of `merged/`). With junction
+  `slices` list one layer range per path step (layer l of an expert, or of `merged/`), between empty slices
+  of `merged/` so that the embeddings (first slice) and the final norm and head (last slice) are Theta's;
+  `experiments.merge` on it rebuilds `path_model/` exactly. With junction
   scalings it is hm3_jax's own format: `path.json` (path, sources, preference) and `junction.npz`
   (scale, shift [T, D]) beside `merged/`, loadable with `load_path_model`.
 """
@@ -25,6 +29,8 @@ import yaml
 
 from hm3_jax import models
 from hm3_jax.hm3.workdir import atomic_directory, atomic_write_text
+from hm3_jax.merging.groups import layer_index
+from hm3_jax.merging.safetensors_stream import Checkpoint
 from hm3_jax.model_io import Model, save_pretrained
 
 
@@ -36,44 +42,117 @@ def path_model_params(shell: dict, pool: dict, path) -> tuple[dict, int]:
     return {**shell, "blocks": blocks}, int(len(steps))
 
 
-def mergekit_dare_ties_yaml(base_dir: str, expert_dirs: list[str], preference, density: float,
-                            drop_rate: float) -> str:  # fmt: skip
-    """mergekit YAML of Theta(lambda) (mergekit's dare_ties density = 1 - DARE drop rate; TIES trim = our density)."""
-    if density < 1.0 and drop_rate > 0:
-        note = f"# hm3_jax trims to density={density} then drops with p={drop_rate}; mergekit's dare_ties only drops: density=1-p\n"
+def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hparams: dict,
+                        shell_names=()) -> str:  # fmt: skip
+    """mergekit YAML of the parameter-level merge Theta(lambda) with hyperparameters `hparams`.
+
+    The merge (`param_level.paper_merge`, `param_level.tuned_merge`), per tensor of block `l`:
+
+        Theta = base + s * sum_k [sign_k agrees] w_{k,l} M_k DARE_p(delta_k),  w_{k,l} = lambda_k * b_l
+
+    with `s` the global `scale` (default 1), `b` the per-block weights (`block_weights`, default 1; tensors
+    outside the blocks use `mean(b)`), `M_k` the magnitude trim to `density` and the sign election of TIES
+    only with `sign_election` (default True); no division by the weights. In mergekit's terms (its
+    generalized task arithmetic, `normalize: false`): the per-model `weight` is `s * lambda_k * b_l`, a
+    gradient over the blocks (its `L` anchors fall exactly on the blocks) after one `filter` condition per
+    tensor outside the blocks (`shell_names`) giving `s * lambda_k * mean(b)`, or one number when `b` is
+    constant; the method is
+
+        sign election, p = 0: ties (density d)        sign election, p > 0: dare_ties (density 1 - p)
+        no election,  p = 0, d = 1: task_arithmetic   no election,  p > 0: dare_linear (density 1 - p)
+
+    Not expressible (said in the YAML's comment): a magnitude trim (d < 1) together with DARE (p > 0), or
+    without sign election (mergekit has no magnitude-only method); and DARE's random drop itself (mergekit
+    and `experiments.merge` draw their own masks). At p = 0 `experiments.merge` on this YAML rebuilds
+    Theta to float rounding, except that `tuned_merge` trims at the (1 - d) quantile of |delta| (keeps
+    1 + floor((n - 1) d) of n entries) where mergekit keeps the floor(d n) largest: the same entries when
+    those counts agree (e.g. d = 0.5 on tensors of even size), else up to one entry per model, tensor and
+    block is trimmed differently (measured: 45 of 29472 entries at d = 0.4 on the tiny Llama of the tests).
+    """
+    density = float(hparams.get("density", 1.0))
+    drop = float(hparams.get("drop_rate", 0.0))
+    scale = float(hparams.get("scale", 1.0))
+    elect = bool(hparams.get("sign_election", True))
+    blocks = hparams.get("block_weights")
+    blocks = None if blocks is None else np.asarray(blocks, np.float64)
+    notes = []
+    if elect:
+        method = "dare_ties" if drop > 0 else "ties"
+    elif drop > 0:
+        method = "dare_linear"
     else:
-        note = ""
+        method = "task_arithmetic"
+        if density < 1.0:
+            notes.append(f"NOT EXACT: hm3_jax trims each task vector to density={density:.6g} without sign "
+                         "election; mergekit has no such method, so this task_arithmetic keeps every entry.")  # fmt: skip
+    mk_density = 1.0 - drop if drop > 0 else (density if method == "ties" else 1.0)
+    if drop > 0:
+        notes.append(f"DARE drops at random (p={drop:.6g}): mergekit and experiments.merge draw their own masks, "
+                     "so this is the same merge in distribution, not bit for bit.")  # fmt: skip
+        if density < 1.0:
+            notes.append(f"NOT EXACT: hm3_jax also trims to density={density:.6g} before the sign election; "
+                         f"mergekit's {method} only drops (its density = 1 - p).")  # fmt: skip
+    elif method == "ties" and density < 1.0 and blocks is not None:
+        notes.append("hm3_jax's tuned merge trims at the (1 - density) quantile of |delta| (1 + floor((n-1) d) "
+                     "of n entries); mergekit keeps the floor(d n) largest (one entry may differ).")  # fmt: skip
+
+    def weight(lam: float):
+        if blocks is None or np.all(blocks == blocks[0]):
+            return float(scale * lam * (1.0 if blocks is None else blocks[0]))
+        shell = float(scale * lam * blocks.mean())
+        return [{"filter": name, "value": shell} for name in shell_names] + [
+            {"value": [float(scale * lam * b) for b in blocks]}
+        ]
+
+    models_cfg = []
+    for d, lam in zip(expert_dirs, np.asarray(preference, np.float64), strict=True):
+        params = {"weight": weight(float(lam))}
+        if mk_density < 1.0:
+            params["density"] = float(mk_density)
+        models_cfg.append({"model": d, "parameters": params})
     cfg = {
-        "merge_method": "dare_ties",
+        "merge_method": method,
         "base_model": base_dir,
-        "models": [
-            {
-                "model": d,
-                "parameters": {
-                    "weight": float(w),
-                    "density": float(1.0 - drop_rate) if drop_rate > 0 else float(density),
-                },
-            }
-            for d, w in zip(expert_dirs, preference, strict=True)
-        ],
+        "models": models_cfg,
         "parameters": {"normalize": False},
         "dtype": "float32",
     }
-    return note + yaml.safe_dump(cfg, sort_keys=False)
+    header = (f"# HM3 parameter-level merge: density={density:.6g} drop_rate={drop:.6g} scale={scale:.6g} "
+              f"sign_election={str(elect).lower()}; weight = scale * lambda_k * block weight.\n")  # fmt: skip
+    return header + "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(cfg, sort_keys=False)
 
 
-def mergekit_passthrough_yaml(source_dirs: list[str], path, num_layers: int) -> str:
-    """mergekit passthrough YAML: one slice per path step (`layer_range: [l, l + 1]` of its source)."""
+def mergekit_passthrough_yaml(
+    source_dirs: list[str], path, num_layers: int, shell_dir: str | None = None
+) -> str:
+    """mergekit passthrough YAML: one slice per path step (`layer_range: [l, l + 1]` of its source).
+
+    mergekit takes the embeddings from the first slice's model and the final norm and head from the last
+    slice's. With `shell_dir` (the path model's shell, Theta's checkpoint), an empty slice `[0, 0]` of it is
+    put first and/or last when the path does not start / end with one of its blocks, so the rebuilt model
+    has the path model's shell; without it, the shell is whatever the first / last step's model has.
+    """
     slices = []
     for p in np.asarray(path):
         if p < 0:
             continue
         m, l = divmod(int(p), num_layers)
         slices.append({"sources": [{"model": source_dirs[m], "layer_range": [l, l + 1]}]})
-    note = (
-        "# Embeddings, final norm and head come from the first slice's model in mergekit's passthrough;\n"
-        "# hm3_jax takes them from the parameter-merged model (merged/). The exported path_model/ is exact.\n"
-    )
+    if shell_dir is None:
+        note = (
+            "# mergekit's passthrough takes the embeddings from the first slice's model and the final norm and\n"
+            "# head from the last slice's; hm3_jax's path model takes them from the parameter-merged model.\n"
+        )
+    else:
+        bookend = {"sources": [{"model": shell_dir, "layer_range": [0, 0]}]}
+        if not slices or slices[0]["sources"][0]["model"] != shell_dir:
+            slices.insert(0, bookend)
+        if slices[-1]["sources"][0]["model"] != shell_dir:
+            slices.append(bookend)
+        note = (
+            "# mergekit's passthrough takes the embeddings from the first slice's model and the final norm and\n"
+            f"# head from the last slice's: empty slices [0, 0] of {shell_dir} give the path model's shell.\n"
+        )
     return note + yaml.safe_dump(
         {"merge_method": "passthrough", "slices": slices, "dtype": "float32"}, sort_keys=False
     )
@@ -81,17 +160,22 @@ def mergekit_passthrough_yaml(source_dirs: list[str], path, num_layers: int) -> 
 
 def export_preference(out_dir: str, config, merged: dict, pool: dict, path, preference, zoo_dirs: dict,
                       merge_hparams: dict, junction: dict | None = None, tokenizer_dir: str | None = None) -> dict:  # fmt: skip
-    """Writes one preference's exports (module docstring); returns the written paths."""
+    """Writes one preference's exports (module docstring); returns the written paths.
+
+    `merge_hparams` are the parameter-level merge's that made `merged`: `density`, `drop_rate` (the paper
+    merge), plus `scale`, `block_weights` [L], `sign_election` (the tuned merge); see `mergekit_merge_yaml`.
+    """
     os.makedirs(out_dir, exist_ok=True)
     merged_dir = os.path.join(out_dir, "merged")
     save_pretrained(Model(config, merged), merged_dir)
     _copy_tokenizer(tokenizer_dir, merged_dir)
     written = {"merged": merged_dir}
+    with Checkpoint(merged_dir) as ckpt:
+        shell_names = [n for n in ckpt.names if layer_index(n) is None]
     atomic_write_text(
         os.path.join(out_dir, "merged.mergekit.yml"),
-        mergekit_dare_ties_yaml(zoo_dirs["base"], zoo_dirs["experts"], preference,
-                                merge_hparams.get("density", 1.0), merge_hparams.get("drop_rate", 0.0)),
-    )  # fmt: skip
+        mergekit_merge_yaml(zoo_dirs["base"], zoo_dirs["experts"], preference, merge_hparams, shell_names),
+    )
     sources = list(zoo_dirs["experts"]) + [merged_dir]
     if junction is None:
         params, T = path_model_params(models.shell_of(merged), pool, path)
@@ -100,7 +184,7 @@ def export_preference(out_dir: str, config, merged: dict, pool: dict, path, pref
         _copy_tokenizer(tokenizer_dir, pm_dir)
         atomic_write_text(
             os.path.join(out_dir, "path.mergekit.yml"),
-            mergekit_passthrough_yaml(sources, path, config.num_layers),
+            mergekit_passthrough_yaml(sources, path, config.num_layers, shell_dir=merged_dir),
         )
         written["path_model"] = pm_dir
     else:
