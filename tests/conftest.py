@@ -65,7 +65,7 @@ def smoke_zoo_dir():
 # that the last files handed out are short and both workers finish together; a file not listed goes last.
 FIRST_FILES = ("test_hm3_run.py", "test_hm3_distributed.py", "test_hm3_run_resume.py")
 FILE_SECONDS = {
-    "test_paths.py": 74, "test_merging.py": 68, "test_arch_train.py": 48, "test_merge_cli.py": 47,
+    "test_spec_run.py": 104, "test_hf_objectives.py": 48, "test_io_config_forms.py": 20, "test_paths.py": 74, "test_merging.py": 68, "test_arch_train.py": 48, "test_merge_cli.py": 47,
     "test_tiny8.py": 42, "test_tasks_objectives.py": 41, "test_hm3_units.py": 29, "test_models_decode.py": 28,
     "test_models_llama.py": 26, "test_distributed_loop.py": 25, "test_models_gpt2_vit.py": 24,
     "test_confirm.py": 22, "test_distributed.py": 22, "test_io_parity_gpt2_vit.py": 20, "test_models_path.py": 20,

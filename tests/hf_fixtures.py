@@ -21,6 +21,8 @@ Public helpers (usable by every test module):
   `pt_state_dict(params)`                      {pytorch_name: np.ndarray} of a Flax param tree
   `write_checkpoint(path, hf_config, state, ...)`  config.json + model.safetensors (or shards + index)
   `make_checkpoint(path, arch, seed=0, ...)`   all of the above; returns (flax_model, params, hf_config)
+  `tiny_tokenizer(corpus, add_bos)`            a byte-level BPE (300 tokens; <pad> 0, <s> 1, </s> 2) trained on
+                                               `corpus`; with `add_bos` it puts <s> before every text, as Llama's
 """
 
 from __future__ import annotations
@@ -184,3 +186,23 @@ def make_checkpoint(path: str | os.PathLike, arch: str, seed: int = 0, num_shard
         shards = [names[i::num_shards] for i in range(num_shards)]
     write_checkpoint(path, config, state, shards)
     return model, params, config
+
+
+def tiny_tokenizer(corpus, add_bos: bool):
+    """A `PreTrainedTokenizerFast`: byte-level BPE of 300 tokens trained on `corpus` (x10), specials <pad> (0),
+    <s> (1), </s> (2), no pad token set; `add_bos`: Llama's rule, "<s>" before every encoded text."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator(list(corpus) * 10, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")

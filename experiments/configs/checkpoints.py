@@ -6,7 +6,7 @@
 The spec (base, one expert per objective, tasks with data and metric) is documented in hm3_jax/tasks/spec.py and
 README ("HM3 on your own models"). Every other setting is the built-in benchmarks' (experiments/configs/
 hm3_common.py) and can be overridden with `--config.X=...`; `,smoke` gives the quick-check budget of tiny3's
-smoke variant. The path length limits come from the base's depth L (read from its config.json): t_max = 2 L
+smoke variant with two preferences and one baseline of each kind (task arithmetic, EA): every stage runs. The path length limits come from the base's depth L (read from its config.json): t_max = 2 L
 (blocks may repeat), t_min = ceil(3 L / 4); t_max < L is refused by the run (Theta(lambda)'s own path would
 be cut).
 """
@@ -38,4 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.engine.search_examples = 0  # searches score the whole search split (set N to cap it per task)
     config.arch.rl.t_max = 2 * num_layers
     config.arch.rl.t_min = -(-3 * num_layers // 4)
+    if smoke:  # a quick check that a spec runs end to end: every stage, one method of each kind
+        config.preferences.num = 2
+        config.baselines.param_methods = ("task_arithmetic",)
+        config.baselines.path_methods = ("ea",)
     return config

@@ -28,6 +28,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+from hm3_jax.tasks import multiple_choice
 from hm3_jax.tasks import objectives as objectives_lib
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks.spec import SpecError
@@ -36,7 +37,6 @@ from hm3_jax.tasks.spec import SpecError
 SHARED_FIELDS = ("family", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
                  "head_dim", "hidden_act", "attention_bias", "attention_out_bias", "mlp_bias",
                  "tie_word_embeddings", "rope_theta", "rope_scaling", "norm_eps")  # fmt: skip
-GEN_METRIC = {"exact_match": "generated_exact_match", "chrf": "chrf"}
 EXTRA_NEW_TOKENS = 8  # default max_new_tokens = longest target + this
 
 
@@ -208,7 +208,7 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, splits=spec_li
             seq_len = min(_round_up(longest, 8), context)
             for s in splits:
                 rows = data[name][s]
-                out[s][name] = objectives_lib.make_multiple_choice_objective(
+                out[s][name] = multiple_choice.make_multiple_choice_objective(
                     f"{name}/{s}", [enc[id(r)][0] for r in rows], [enc[id(r)][1] for r in rows],
                     [r["answer"] for r in rows], pad, batch, seq_len)  # fmt: skip
             continue
@@ -226,7 +226,7 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, splits=spec_li
             rows = data[name][s]
             out[s][name] = objectives_lib.make_generation_objective(
                 f"{name}/{s}", [prompts[id(r)] for r in rows], [r["target"] for r in rows],
-                tokenizer, batch, GEN_METRIC[task.metric], new, eos_ids, task.stop, prompt_len)  # fmt: skip
+                tokenizer, batch, task.metric, new, eos_ids, task.stop, prompt_len)  # fmt: skip
     return out
 
 
