@@ -63,7 +63,7 @@ def _spec(root, experts: dict, extra: str = "", gen_rows=None):
         f.writelines(json.dumps(r) + "\n" for r in rows)
     mc = [
         {"prompt": p, "choices": c, "answer": a, "split": s}
-        for (p, c, a), s in zip(MC, ("search", "heldout"))
+        for (p, c, a), s in zip(MC, ("search", "heldout"), strict=True)
     ]
     with open(root / "mc.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in mc)
