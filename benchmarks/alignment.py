@@ -45,6 +45,7 @@ import path_eval  # noqa: E402
 
 from hm3_jax import models  # noqa: E402
 from hm3_jax.paths import alignment, make_engine  # noqa: E402
+from hm3_jax.paths.engine import DECODE_METRICS  # noqa: E402
 
 MODES = ("none", "moment", "learned")
 
@@ -54,7 +55,7 @@ def calibration(setup, rows_per_task: int, pad_id: int) -> tuple[np.ndarray, np.
     pieces = []
     for o in setup.objectives["search"]:
         tree = o.arrays.tree
-        if o.metric in path_eval.DECODE_METRICS:
+        if o.metric in DECODE_METRICS:
             ids = np.asarray(tree["prompt_ids"]).reshape(-1, tree["prompt_ids"].shape[-1])
         else:
             ids = np.asarray(tree["input_ids"][0]).reshape(-1, tree["input_ids"][0].shape[-1])

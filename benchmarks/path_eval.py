@@ -84,9 +84,8 @@ import numpy as np  # noqa: E402
 import hm3_jax  # noqa: E402
 from hm3_jax import models  # noqa: E402
 from hm3_jax.paths import make_engine  # noqa: E402
+from hm3_jax.paths.engine import DECODE_METRICS  # noqa: E402
 from hm3_jax.tasks.objectives import make_exact_match_objective  # noqa: E402
-
-DECODE_METRICS = ("chrf",)
 
 
 class Setup(NamedTuple):
