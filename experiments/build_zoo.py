@@ -16,7 +16,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hm3_jax import distributed
+from hm3_jax import distributed, logs
 from hm3_jax.tasks import zoo as zoo_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/tiny3.py).")
@@ -34,6 +34,7 @@ distributed.define_flags()
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
+    logs.quiet_libraries(("hm3_jax", "experiments"))  # orbax/JAX INFO lines only with --verbosity=1
     distributed.runtime_from_flags()  # before any other JAX call
     if not distributed.is_main_process():  # host-side build: process 0 writes the zoo, the others wait
         distributed.barrier("build_zoo")

@@ -18,7 +18,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from hm3_jax import distributed
+from hm3_jax import distributed, logs
 from hm3_jax.merging import mergekit_config, streaming
 
 FLAGS = flags.FLAGS
@@ -111,6 +111,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.out:
         raise app.UsageError("--out is required")
+    logs.quiet_libraries(("hm3_jax", "experiments"))  # JAX INFO lines only with --verbosity=1
     distributed.runtime_from_flags()  # before any other JAX call
     if not distributed.is_main_process():  # a host-side streaming job: process 0 merges, the others wait
         distributed.barrier("merge")

@@ -14,7 +14,7 @@ Accepts the scale-out flags of hm3_jax.distributed; with several processes every
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hm3_jax import distributed
+from hm3_jax import distributed, logs
 from hm3_jax.arch import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
@@ -25,6 +25,7 @@ distributed.define_flags()  # --mesh is accepted; the planted problem's RL is re
 
 def main(argv):
     del argv
+    logs.quiet_libraries(("hm3_jax", "experiments"))  # orbax/JAX INFO lines only with --verbosity=1
     distributed.runtime_from_flags()  # before any other JAX call
     result = experiment.train_planted(_CONFIG.value, _WORKDIR.value)
     logging.info("found optimum for %d of %d preferences", result["num_optimal"], len(result["evaluations"]))
