@@ -3,7 +3,9 @@ r"""End-to-end HM3: the Pareto front of merged models on a benchmark, every base
     python -m experiments.run_hm3 --config=experiments/configs/tiny3.py --workdir=runs/tiny3
     python -m experiments.run_hm3 --config=experiments/configs/tiny3.py:smoke --workdir=/tmp/hm3_smoke
 
-Kill it at any point and re-run the same command: it resumes from its stages and checkpoints.
+Kill it at any point and re-run the same command: it resumes from its stages and checkpoints. The terminal shows
+the run's own progress (libraries' INFO lines with --verbosity=1) and, at the end, a summary: the hypervolume
+table, the balanced preference's scores and the files written (report.md / .html / .json, plots, exports).
 
 On a device mesh (paths over "paths", evaluation examples over "data"; same report as one device):
 
@@ -21,8 +23,9 @@ Scale-out flags: see hm3_jax/distributed (--mesh, --multihost, --coordinator_add
 from absl import app, flags
 from ml_collections import config_flags
 
-from hm3_jax import distributed
+from hm3_jax import distributed, logs
 from hm3_jax.hm3 import run as run_lib
+from hm3_jax.hm3 import summary
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Benchmark config file (e.g. experiments/configs/tiny3.py)."
@@ -35,11 +38,11 @@ distributed.define_flags()
 
 def main(argv):
     del argv
+    logs.quiet_libraries(("hm3_jax", "experiments"))  # orbax/JAX INFO lines only with --verbosity=1
     mesh = distributed.runtime_from_flags()  # before any other JAX call
     report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
-    claims = report.get("claims", {})
     if distributed.is_main_process():
-        print({k: claims[k] for k in sorted(claims)})
+        print(summary.format_summary(report, _WORKDIR.value))
 
 
 def run_hm3(config, workdir, zoo_dir=None, mesh=None):

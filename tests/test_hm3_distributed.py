@@ -207,12 +207,12 @@ def test_same_results_per_method(reports, reference, name, method):
         assert g["paths"] == m["paths"]
 
 
-def test_only_process_0_prints_the_claims(runs, reports):
+def test_only_process_0_prints_the_summary(runs, reports):
     _report(reports, "two")
     logs = [runs["two"][0].log_text(i) for i in range(2)]
-    # Only process 0 prints the claims (host-side output); both computed the same report.
-    assert any(line.startswith("{'") for line in logs[0].splitlines()), logs[0][-2000:]
-    assert not any(line.startswith("{'") for line in logs[1].splitlines()), logs[1][-2000:]
+    # Only process 0 prints the summary (host-side output); both computed the same report.
+    assert any(line.startswith("Held-out hypervolume") for line in logs[0].splitlines()), logs[0][-2000:]
+    assert not any(line.startswith("Held-out hypervolume") for line in logs[1].splitlines()), logs[1][-2000:]
 
 
 def test_no_temporary_stage_file_is_left(runs, reports):

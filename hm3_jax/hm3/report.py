@@ -20,12 +20,10 @@ import os
 import numpy as np
 
 from hm3_jax import moo
+from hm3_jax.hm3 import report_html
+from hm3_jax.hm3.report_tables import PREAMBLE, report_sections
 from hm3_jax.hm3.workdir import atomic_write_json, atomic_write_text
 from hm3_jax.moo import plots
-
-PARAM_METHODS = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb")
-PATH_METHODS = ("ea", "moea", "grid_search", "differential_evolution")
-ABLATIONS = ("hm3_no_param_level", "hm3_no_arch_level")
 
 
 def build_report(
@@ -113,101 +111,23 @@ def balanced_retention(tasks, hm3_point, expert_points) -> dict:
     }
 
 
-def _fmt(v, digits=1):
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _fmt_hv(v):
-    """Hypervolumes: 3 decimals, or 3 significant digits when small (8 objectives give values ~1e-6)."""
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.3g}"
-
-
 def write_markdown(report: dict, path: str, title: str = "HM3") -> str:
-    """report.md: the paper's Table 1 analogue, hypervolumes, ablations, budgets, dominance."""
-    tasks = report["tasks"]
-    methods = report["methods"]
-    lines = [
-        f"# {title}",
-        "",
-        "All scores are on the **held-out** split (30% of each task), in [0, 100].",
-        "",
-    ]
-    lines += [
-        "## Table 1 analogue: one model per method at the balanced preference",
-        "",
-        "For preference-driven methods the point is the one for the balanced preference (1/K each); a set "
-        "method (MOEA, grid search) shows its point closest to balanced; experts show their own model.",
-        "",
-        "| method | " + " | ".join(tasks) + " | mean | hypervolume | evaluations | seconds |",
-        "|---" * (len(tasks) + 5) + "|",
-    ]
-    for name, m in methods.items():
-        pts = np.asarray(m["points"], np.float64)
-        if not len(pts):
-            continue
-        row = pts[m.get("balanced_index", 0)]
-        lines.append(
-            f"| {name} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(row.mean())} | "
-            f"{_fmt_hv(m['hypervolume'])} | {m.get('evaluations', '-')} | {_fmt(m.get('wall_seconds'), 0)} |"
-        )
-    ref = report["reference_point"]
-    lines += ["", f"Hypervolume of each method's normalised held-out set, reference point {np.round(ref, 3).tolist()} "
-              "(shared by all methods).", ""]  # fmt: skip
-    if "bootstrap" in report:
-        bs = report["bootstrap"]
-        lines += [f"## Hypervolume with {100 * bs['level']:.0f}% bootstrap intervals", "",
-                  f"{bs['num_samples']} paired resamples of the held-out examples ({bs['examples_per_task']} per "
-                  "task; every method and the ideal point on the same resamples; `hm3_jax.moo.bootstrap`). "
-                  "P(HM3 > X) is the share of resamples where HM3's hypervolume is larger.", "",
-                  "| method | hypervolume | interval | P(HM3 > X) |", "|---|---|---|---|"]  # fmt: skip
-        for n, e in bs["methods"].items():
-            lo, hi = e["interval"]
-            p = e.get("p_hm3_greater")
-            lines.append(f"| {n} | {_fmt_hv(e['hypervolume'])} | [{_fmt_hv(lo)}, {_fmt_hv(hi)}] | "
-                         f"{'-' if p is None else f'{p:.2f}'} |")  # fmt: skip
-        lines.append("")
-    abl = [n for n in ("hm3", *ABLATIONS) if n in methods]
-    if abl:
-        lines += ["## Ablation", "", "| variant | hypervolume | non-dominated points |", "|---|---|---|"]
-        for n in abl:
-            lines.append(f"| {n} | {_fmt_hv(methods[n]['hypervolume'])} | {sum(methods[n]['pareto_mask'])} |")
-        lines.append("")
-    if "dominance" in report:
-        lines += ["## Dominance against HM3", "",
-                  "C(HM3, X) = fraction of X's points dominated by some HM3 point; C(X, HM3) the reverse.", "",
-                  "| method | C(HM3, X) | C(X, HM3) |", "|---|---|---|"]  # fmt: skip
-        for n, d in report["dominance"].items():
-            lines.append(f"| {n} | {_fmt(d['b_dominated_by_a'], 2)} | {_fmt(d['a_dominated_by_b'], 2)} |")
-        lines.append("")
-    if "balanced" in report:
-        b = report["balanced"]
-        lines += ["## Balanced preference: HM3 against each expert on its own task", "",
-                  "| task | HM3 | expert | retention |", "|---|---|---|---|"]  # fmt: skip
-        for t, h, e, r in zip(tasks, b["hm3_point"], b["expert_own_task"], b["retention"], strict=True):
-            lines.append(f"| {t} | {_fmt(h)} | {_fmt(e)} | {_fmt(100 * r)}% |")
-        lines.append("")
-    if "claims" in report:
-        lines += [
-            "## Claims checked",
-            "",
-            "```",
-            *[f"{k}: {v}" for k, v in report["claims"].items()],
-            "```",
-            "",
-        ]
-    for section in ("budget", "timings", "param_level_summary", "arch_level_summary"):
-        if section in report:
-            lines += [f"## {section.replace('_', ' ')}", "", "```", _pretty(report[section]), "```", ""]
+    """report.md: the paper's Table 1 analogue, hypervolumes, ablations, budgets, dominance (`report_sections`)."""
+    lines = [f"# {title}", "", PREAMBLE, ""]
+    for s in report_sections(report):
+        lines += [f"## {s.title}", ""]
+        for p in s.intro:
+            lines += [p, ""]
+        if s.header:
+            lines += ["| " + " | ".join(s.header) + " |", "|---" * len(s.header) + "|"]
+            lines += ["| " + " | ".join(r) + " |" for r in s.rows]
+            lines.append("")
+        for p in s.outro:
+            lines += [p, ""]
+        if s.code is not None:
+            lines += ["```", s.code, "```", ""]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
-
-
-def _pretty(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2)
 
 
 def write_plots(report: dict, out_dir: str, curves: dict | None = None) -> list[str]:
@@ -230,9 +150,10 @@ def write_plots(report: dict, out_dir: str, curves: dict | None = None) -> list[
 
 
 def write_report(report: dict, out_dir: str, curves: dict | None = None, title: str = "HM3") -> dict:
-    """Writes report.json, report.md and the plots into `out_dir`; returns their paths."""
-    paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
+    """Writes report.json, report.md, report.html and the plots into `out_dir`; returns their paths."""
+    paths = {name: os.path.join(out_dir, f"report.{name}") for name in ("json", "md", "html")}
     paths["plots"] = write_plots(report, out_dir, curves)
     write_markdown(report, paths["md"], title)
+    report_html.write_html(report, paths["html"], paths["plots"], title)
     atomic_write_json(paths["json"], report)  # last: its presence marks a finished report
     return paths
