@@ -15,10 +15,11 @@ layer, a step deleted or repeated, a block replaced by its neighbouring layer of
 whole search split ("search_full") and on the held-out split, per preference, under the RL reward
 `sum_k lambda_k f_k / z*_k - beta1 T / T_max` (`arch_level.reward`, config.arch.rl's beta1 and t_max; z* the
 split's ideal point). Scores come from per-example statistics computed with the engine's jitted kernels
-(`objectives.path_device_scores`; 0/1 exact match, chrF sentence statistics as `hm3_jax.moo.bootstrap`), so the
+(`objectives.path_device_scores`, then `Objective.example_fn`: 0/1 correctness or chrF sentence statistics), so the
 same evaluation also gives the noise: the standard error of a path's reward difference to Theta, from
 `--bootstrap` paired resamples of each split's examples (the same resampled examples for the path and Theta;
-z* fixed). For the exact-match tasks it is checked against the closed form `100 sd(x_path - x_theta) / sqrt(n)`.
+z* fixed). For the 0/1-mean tasks (`bootstrap.MEAN_METRICS`: exact match, generated exact match, multiple
+choice, accuracy) it is checked against the closed form `100 sd(x_path - x_theta) / sqrt(n)`.
 Checks: Theta's held-out scores equal report.json's hm3_no_arch_level points, and its whole-search-split
 scores equal those the run's confirmation step recorded (stages/hm3.json) where it recorded them.
 Writes `--plot` (gains on search_full vs held-out, with 2 SE) and prints one JSON object; the summary also gives
@@ -88,27 +89,21 @@ def _config(spec: str):
     return tiny3.get_config(variant or None)
 
 
-def _example_stats(problem, shell, pool, path, split: str, refs, tokenizer, junction=None):
-    """Per task the per-example statistics of one path on `split` ([N] bool, or [N, S] chrF statistics) and the
-    full-split scores [K] they give (the engine's kernels: `objectives.path_device_scores`); `junction` None or
-    {"scale", "shift": [T_max, D]} (`models.apply_path`)."""
+def _example_stats(problem, shell, pool, path, split: str, junction=None):
+    """Per task the per-example statistics of one path on `split` (`Objective.example_fn`: [N] bool, or [N, S]
+    chrF statistics) and the full-split scores [K] they give (the engine's kernels:
+    `objectives.path_device_scores`); `junction` None or {"scale", "shift": [T_max, D]} (`models.apply_path`)."""
     import jax.numpy as jnp
 
     from hm3_jax.moo import bootstrap
     from hm3_jax.tasks import objectives as obj_lib
 
     stats, scores = [], []
-    for obj, r in zip(problem.objectives[split], refs, strict=True):
+    for obj in problem.objectives[split]:
         raw = np.asarray(
             obj_lib.path_device_scores(problem.config, shell, pool, jnp.asarray(path), junction, obj)
         )
-        raw = raw[: obj.num_examples]
-        if obj.metric == "chrf":
-            st = bootstrap.chrf_sentence_stats(
-                obj_lib.decode_until_eos(tokenizer, raw, tokenizer.eos_token_id), r
-            )
-        else:
-            st = raw.astype(bool)
+        st = obj.example_fn(raw)
         stats.append(st)
         scores.append(bootstrap.full_score(st, obj.metric))
     return stats, np.asarray(scores, np.float64)
@@ -138,12 +133,9 @@ def neighbourhood(args) -> dict:
     cands = np.concatenate([theta[None], neigh])  # row 0 = Theta
     lengths = (cands >= 0).sum(-1)
     splits = ("search_full", "heldout")
-    refs, idx, metrics = {}, {}, {}
+    idx, metrics = {}, {}
     for s in splits:
-        part = "heldout" if s == "heldout" else "search"  # search_full = the zoo's whole search split
         objs = problem.objectives[s]
-        refs[s] = [[e["target"].strip() for e in zoo.data[t][part]] if o.metric == "chrf" else None
-                   for t, o in zip(problem.tasks, objs, strict=True)]  # fmt: skip
         idx[s] = bootstrap.resample_indices(args.seed, [o.num_examples for o in objs], args.bootstrap)
         metrics[s] = [o.metric for o in objs]
     chosen = [int(i) for i in args.preferences.split(",") if i.strip()] or list(range(len(prefs)))
@@ -174,9 +166,9 @@ def neighbourhood(args) -> dict:
             scores, res = [], []  # [P, K], [P, B, K]
             for c, path in enumerate(cands):
                 j = None if junc is None else {"scale": junc["scale"][c], "shift": junc["shift"][c]}
-                stats, sc = _example_stats(problem, shells[i], pools[i], path, s, refs[s], zoo.tokenizer, j)
+                stats, sc = _example_stats(problem, shells[i], pools[i], path, s, j)
                 if c == 0 and j is not None:  # the identity junction must not change Theta's outputs
-                    plain, _ = _example_stats(problem, shells[i], pools[i], path, s, refs[s], zoo.tokenizer)
+                    plain, _ = _example_stats(problem, shells[i], pools[i], path, s)
                     out.setdefault("theta_same_with_identity_junction", {})[s] = all(
                         np.array_equal(a, b) for a, b in zip(stats, plain, strict=True)
                     )
@@ -185,9 +177,9 @@ def neighbourhood(args) -> dict:
                                      for st, m, ix in zip(stats, metrics[s], idx[s], strict=True)], -1))  # fmt: skip
                 if c == 0:
                     theta_stats = stats
-                else:  # closed-form SE of the exact-match score differences, against the bootstrap's
+                else:  # closed-form SE of the 0/1-mean score differences, against the bootstrap's
                     for k, m in enumerate(metrics[s]):
-                        if m == "exact_match":
+                        if m in bootstrap.MEAN_METRICS:
                             d = stats[k].astype(np.float64) - theta_stats[k].astype(np.float64)
                             closed = 100 * d.std(ddof=1) / np.sqrt(len(d))
                             boot = float(np.std(res[-1][:, k] - res[0][:, k], ddof=1))
@@ -255,7 +247,7 @@ def neighbourhood(args) -> dict:
         "theta_path": theta.tolist(), "neighbours": neigh.tolist(), "bootstrap_samples": args.bootstrap,
         "examples_per_task": {s: [o.num_examples for o in problem.objectives[s]] for s in splits},
         "mean_over_preferences": summary,
-        "se_check_exact_match_bootstrap_over_closed_form": {
+        "se_check_mean_metrics_bootstrap_over_closed_form": {
             "n": len(se_check), "mean": float(np.mean(se_check)) if se_check else None,
             "min": float(np.min(se_check)) if se_check else None, "max": float(np.max(se_check)) if se_check else None},
         "checks": "Theta's held-out scores == report.json hm3_no_arch_level points (1e-3); Theta's search_full "

@@ -20,8 +20,8 @@ Evaluation is the run's: `hm3_jax.hm3.problem.score_params` on a held-out path e
 `report.json`'s points; the base's and the experts' re-scores are checked against `report.json`'s
 (`source_scores.heldout`, an error if they differ by more than 1e-3). Retention = score / the expert's own-task
 score. Uncertainty: 1000 paired bootstrap resamples of the 300 held-out examples per task (the same resampled
-examples for the model and the expert; per-example statistics as `hm3_jax.hm3.heldout_bootstrap` computes them),
-giving a 95% interval of each retention and P(min retention >= 0.9).
+examples for the model and the expert; per-example statistics from `Objective.example_fn`, as
+`hm3_jax.hm3.heldout_bootstrap`), giving a 95% interval of each retention and P(min retention >= 0.9).
 
 Trained params go to `--out` (default runs/multitask_bound, ignored by git) with a meta.json written last; a
 re-run with the same seed, steps and zoo loads them instead of training again. Prints one JSON object; writes
@@ -168,8 +168,6 @@ def main() -> None:
         mcfg, models.shell_of(zoo.base.params), pool_for(experts, zoo.base.params), heldout_objs, strategy=config.engine.strategy,
         chunk_size=config.engine.chunk_size, prefix_sharing=config.engine.prefix_sharing, pool_id="sources",
     )  # fmt: skip
-    refs = [[e["target"].strip() for e in zoo.data[t]["heldout"]] if o.metric == "chrf" else None
-            for t, o in zip(tasks, heldout_objs, strict=True)]  # fmt: skip
     idx = bootstrap.resample_indices(args.seed, [o.num_examples for o in heldout_objs], args.bootstrap)
 
     def evaluate(params):
@@ -177,15 +175,9 @@ def main() -> None:
         scores = np.asarray(score_params(engine, experts, params), np.float64)
         shell, path = models.shell_of(params), jnp.arange(mcfg.num_layers, dtype=jnp.int32)
         res = []
-        for k, (o, r) in enumerate(zip(heldout_objs, refs, strict=True)):
+        for k, o in enumerate(heldout_objs):
             raw = np.asarray(obj_lib.path_device_scores(mcfg, shell, params["blocks"], path, None, o))
-            raw = raw[: o.num_examples]
-            if o.metric == "chrf":
-                stats = bootstrap.chrf_sentence_stats(
-                    obj_lib.decode_until_eos(zoo.tokenizer, raw, zoo.tokenizer.eos_token_id), r
-                )
-            else:
-                stats = raw.astype(bool)
+            stats = o.example_fn(raw)  # [N] 0/1 correctness or [N, S] chrF sentence statistics
             full = bootstrap.full_score(stats, o.metric)
             if abs(full - scores[k]) > 1e-3:
                 raise RuntimeError(

@@ -18,6 +18,21 @@ def test_exact_match_resamples_by_hand():
     assert bootstrap.full_score(np.array([1, 0, 1, 1]), "exact_match") == 75.0
 
 
+@pytest.mark.parametrize("metric", bootstrap.MEAN_METRICS)
+def test_mean_metrics_paired_se_matches_the_closed_form(metric):
+    """Every 0/1-mean metric: the paired bootstrap SE of a score difference is ~ 100 sd(x_a - x_b) / sqrt(N)
+    (the check benchmarks/arch_headroom.py runs on real paths)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random(400) < 0.6, rng.random(400) < 0.4
+    idx = bootstrap.resample_indices(1, [400], 4000)[0]
+    boot = np.std(
+        bootstrap.resampled_scores(a, metric, idx) - bootstrap.resampled_scores(b, metric, idx), ddof=1
+    )
+    d = a.astype(np.float64) - b.astype(np.float64)
+    assert boot == pytest.approx(100 * d.std(ddof=1) / np.sqrt(len(d)), rel=0.05)
+    assert bootstrap.full_score(a, metric) == pytest.approx(100 * a.mean())
+
+
 def test_chrf_statistics_reproduce_sacrebleu_corpus_chrf_on_every_resample():
     stats = bootstrap.chrf_sentence_stats(HYPS, REFS)
     assert bootstrap.full_score(stats, "chrf") == pytest.approx(metrics.chrf(HYPS, REFS), abs=1e-9)

@@ -71,13 +71,14 @@ def _mean_full(stats):
     return 100.0 * float(stats.astype(np.float64).mean())
 
 
+# metrics whose per-example statistic is 0/1 correctness and whose score is 100 * its mean (so the standard
+# error of a score difference has the closed form 100 sd(x_a - x_b) / sqrt(N))
+MEAN_METRICS = ("exact_match", "generated_exact_match", "multiple_choice", "accuracy")
+
 # metric -> (resampled scores [B] of per-example statistics and indices [B, N], full-sample score): 0/1
 # correctness per example (score = 100 * mean), or chrF sentence statistics (score = chrF of their sum)
 AGGREGATES = {
-    "exact_match": (_mean_resampled, _mean_full),
-    "generated_exact_match": (_mean_resampled, _mean_full),
-    "multiple_choice": (_mean_resampled, _mean_full),
-    "accuracy": (_mean_resampled, _mean_full),
+    **{m: (_mean_resampled, _mean_full) for m in MEAN_METRICS},
     "chrf": (_chrf_resampled, chrf_from_stats),
 }
 
