@@ -27,9 +27,9 @@ td:first-child, th:first-child { text-align: left; font-family: ui-monospace, mo
 tr.hm3 td { background: #fff4dc; font-weight: 600; }
 pre { background: #f6f8fa; padding: .8em; overflow-x: auto; font-size: 12px; }
 code { background: #f2f2f2; padding: 0 3px; }
-.figures { display: flex; flex-wrap: wrap; gap: 12px; }
-.figures figure { margin: 0; flex: 1 1 320px; max-width: 100%; }
-.figures figure.wide { flex-basis: 100%; }
+.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 12px; }
+.figures figure { margin: 0; }
+.figures figure.wide { grid-column: span 2; }
 figure img { width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 12px; color: #666; text-align: center; }
 """
@@ -98,7 +98,7 @@ def render_html(report: dict, plot_paths: list[str], title: str = "HM3") -> str:
     fronts = [p for p in plot_paths if os.path.basename(p).startswith("front")]
     others = [p for p in plot_paths if p not in fronts]
     blocks = {"fronts": _figures_block("Fronts (normalised held-out scores)", fronts, True),
-              "curves": _figures_block("Reward curves", others, False)}  # fmt: skip
+              "curves": _figures_block("Reward curves", others, True)}  # fmt: skip
     sections = report_tables.report_sections(report)
     keys = [s.key for s in sections]
     after = {}  # section key -> figure blocks placed after it
