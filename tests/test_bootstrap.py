@@ -82,7 +82,7 @@ def test_run_bootstrap_reproduces_the_reported_points_on_the_smoke_zoo(smoke_zoo
     specs = {"hm3": lambda: sources[1:], "base": lambda: sources[:1]}
     points = {"hm3": held[1:], "base": held[:1]}
     ref = np.full(problem.num_tasks, -0.1)
-    out = heldout_bootstrap.run_bootstrap(problem, zoo, specs, points, ref, 30, 0, sources)
+    out = heldout_bootstrap.run_bootstrap(problem, specs, points, ref, 30, 0, sources)
     hm3 = out["methods"]["hm3"]
     assert out["num_samples"] == 30 and out["examples_per_task"] == [
         o.num_examples for o in problem.objectives["heldout"]
@@ -94,4 +94,4 @@ def test_run_bootstrap_reproduces_the_reported_points_on_the_smoke_zoo(smoke_zoo
     assert 0.0 <= out["methods"]["base"]["p_hm3_greater"] <= 1.0
     wrong = {"hm3": held[1:] + 5.0, "base": held[:1]}
     with pytest.raises(RuntimeError, match="re-running hm3 point 0"):
-        heldout_bootstrap.run_bootstrap(problem, zoo, specs, wrong, ref, 5, 0, sources)
+        heldout_bootstrap.run_bootstrap(problem, specs, wrong, ref, 5, 0, sources)

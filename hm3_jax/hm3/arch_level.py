@@ -396,9 +396,7 @@ def significant_gain(problem: Problem, split: str, spec_a, spec_b, pref, acfg, n
 
     stats, scores = [], []
     for spec in (spec_a, spec_b):
-        st, sc = heldout_bootstrap.example_stats(
-            problem, problem.references[split], problem.tokenizer, spec, split
-        )
+        st, sc = heldout_bootstrap.example_stats(problem, spec, split)
         stats.append(st)
         scores.append(problem.normalise(problem.objective_scores(sc), split))
     ideal = np.asarray(problem.ideal[split], np.float64)

@@ -13,7 +13,7 @@ treated alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,16 +32,13 @@ def params_spec(params: dict, num_layers: int) -> ModelSpec:
     return models.shell_of(params), params["blocks"], np.arange(num_layers, dtype=np.int32), None
 
 
-def example_stats(problem: Problem, references: Sequence | None, tokenizer, spec: ModelSpec,
-                  split: str = "heldout"):  # fmt: skip
+def example_stats(problem: Problem, spec: ModelSpec, split: str = "heldout"):
     """Per task the per-example statistics of one model on `split` (see `moo.bootstrap`): each objective's
-    `example_fn` of its kernel output (0/1 correctness, or chrF sentence statistics of the stripped decodes).
+    `example_fn` of its kernel output (0/1 correctness, or chrF sentence statistics of the stripped decodes;
+    the objectives hold their references and tokenizer).
 
-    Args: references, tokenizer: unused (the objectives hold their references and tokenizer; kept for the
-      callers).
     Returns: ([stats per task], [full-sample score per task]).
     """
-    del references, tokenizer
     shell, pool, path, junction = spec
     out, scores = [], []
     for obj in problem.objectives[split]:
@@ -55,7 +52,7 @@ def example_stats(problem: Problem, references: Sequence | None, tokenizer, spec
     return out, scores
 
 
-def run_bootstrap(problem: Problem, zoo, method_specs: dict[str, Callable[[], list[ModelSpec]]], method_points: dict,
+def run_bootstrap(problem: Problem, method_specs: dict[str, Callable[[], list[ModelSpec]]], method_points: dict,
                   reference, num_samples: int, seed: int, source_specs: list[ModelSpec], tol: float = 1e-3) -> dict:  # fmt: skip
     """Hypervolume intervals of every method, paired over held-out example resamples.
 
@@ -68,18 +65,14 @@ def run_bootstrap(problem: Problem, zoo, method_specs: dict[str, Callable[[], li
     Returns: {"num_samples", "seed", "level", "methods": {name: {hypervolume, interval, p_hm3_greater}},
       "ideal_interval": [[lo, hi] per task]}.
     """
-    tasks = problem.task_names or problem.tasks
-    refs = [
-        [e["target"].strip() for e in zoo.data[t]["heldout"]] if o.metric == "chrf" else None
-        for t, o in zip(tasks, problem.objectives["heldout"], strict=True)
-    ]
     sizes = [o.num_examples for o in problem.objectives["heldout"]]
     idx = bootstrap.resample_indices(seed, sizes, num_samples)
     metrics = [o.metric for o in problem.objectives["heldout"]]
 
     def resampled(spec, expected=None, what=""):
-        stats, full = example_stats(problem, refs, zoo.tokenizer, spec)
-        full = problem.objective_scores(full)  # per task -> per objective (a spec's objective: its tasks' mean)
+        stats, full = example_stats(problem, spec)
+        # per task -> per objective (a spec's objective: its tasks' mean)
+        full = problem.objective_scores(full)
         if expected is not None and np.max(np.abs(full - np.asarray(expected))) > tol:
             raise RuntimeError(f"bootstrap: re-running {what} gives {full}, the report has {list(expected)}")
         return problem.objective_scores(np.stack(

@@ -43,9 +43,6 @@ class Problem(NamedTuple):
       source_scores: {split: [K + 1, K]} raw scores of the base (row 0) and experts (rows 1..K).
       ideal: {split: [K]} best source score per task (the normalisation constants).
       engines: {split: PathEngine} (shared compiled code and caches).
-      references: {split: [per task the reference strings (chrF tasks) or None]}, in the examples' order
-        (per-example statistics for paired tests: `heldout_bootstrap.example_stats`); None when unknown.
-      tokenizer: the zoo's tokenizer (decodes greedy outputs for those statistics), or None.
       task_names: the T task names of `objectives` (None: the same as `tasks`).
       groups: per task the index of its objective in `tasks` (None: task k is objective k); the engines
         return objective scores (means over each objective's tasks).
@@ -59,8 +56,6 @@ class Problem(NamedTuple):
     source_scores: dict
     ideal: dict
     engines: dict
-    references: dict | None = None
-    tokenizer: Any = None
     task_names: tuple | None = None
     groups: tuple | None = None
 
@@ -192,18 +187,9 @@ def make_problem(
                 MIN_IDEAL, bad, split, MIN_IDEAL,
             )  # fmt: skip
         ideal[split] = np.maximum(best, MIN_IDEAL)
-    rows = {"search": slice(search_examples or None), "search_full": slice(None)}  # of the zoo's search split
-
-    def refs(split: str, task: str, metric: str):
-        if metric != "chrf":
-            return None
-        examples = zoo.data[task]["heldout" if split == "heldout" else "search"][rows.get(split, slice(None))]
-        return [e["target"].strip() for e in examples]
-
-    references = {split: [refs(split, t, o.metric) for t, o in zip(task_names, objectives[split], strict=True)]
-                  for split in objectives}  # fmt: skip
-    return Problem(config, tasks, base, experts, objectives, source_scores, ideal, engines, references,
-                   getattr(zoo, "tokenizer", None), task_names, groups)  # fmt: skip
+    return Problem(
+        config, tasks, base, experts, objectives, source_scores, ideal, engines, task_names, groups
+    )
 
 
 def capped_search_objectives(zoo, tasks, search_examples: int) -> list:

@@ -291,7 +291,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         specs = _method_specs(problem, config, methods, param_keys, merged, shells, pools, np_shell, np_pool, hm3,
                               no_param)  # fmt: skip
         bs = wd.stage("bootstrap", lambda: heldout_bootstrap.run_bootstrap(
-            problem, zoo, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
+            problem, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
             config.report.bootstrap_samples, config.seed,
             [heldout_bootstrap.params_spec(p, L) for p in [problem.base, *problem.experts]]))  # fmt: skip
         rep = report_lib.add_bootstrap(rep, bs)
