@@ -156,6 +156,22 @@ def test_passthrough_slices(pool, tmp_path):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
 
 
+def test_merged_config_drops_remote_code_keys(pool, tmp_path):
+    """A source config.json with `auto_map` / `custom_pipelines` (remote code) is written without them, by the
+    arithmetic merge and by passthrough; every other key is kept."""
+    remote = tmp_path / "remote"
+    _save(remote, pool["base"])
+    config = json.loads((remote / "config.json").read_text())
+    config.update(auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"}, custom_pipelines={"x": {}})
+    (remote / "config.json").write_text(json.dumps(config))
+    merge_checkpoints("task_arithmetic", str(remote), pool["dirs"][:1], str(tmp_path / "out"), progress=False)
+    passthrough_checkpoints([(str(remote), 0, 2)], str(tmp_path / "frank"), progress=False)
+    for out in ("out", "frank"):
+        written = json.loads((tmp_path / out / "config.json").read_text())
+        assert not set(written) & {"auto_map", "custom_pipelines"}
+        assert written["model_type"] == "llama" and written["torch_dtype"] == "bfloat16"
+
+
 def test_shell_end():
     pre = ["model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight",
            "vit.embeddings.patch_embeddings.projection.weight", "vit.embeddings.cls_token"]  # fmt: skip

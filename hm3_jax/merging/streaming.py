@@ -35,7 +35,9 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+from absl import logging
 
+from hm3_jax.io import hf_config
 from hm3_jax.merging import api, kernels
 from hm3_jax.merging.groups import GroupFn, default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.safetensors_stream import (
@@ -213,21 +215,31 @@ def _finish(tmp: str, out: str, overwrite: bool) -> None:
 def _copy_side_files(
     tmp: str, config_source: str, tokenizer_source: str, dtype_name: str | None, updates=None
 ):
-    """config.json (with `torch_dtype` and `updates` applied) and tokenizer files."""
+    """config.json (with `torch_dtype` and `updates` applied, remote-code keys dropped) and tokenizer files.
+
+    `hf_config.REMOTE_CODE_KEYS` (`auto_map`, ...) would make transformers import code shipped with the source
+    checkpoint, which the merged weights do not come with; hm3_jax refuses such configs, so a merge never
+    writes one."""
     for name in CONFIG_FILES:
         src = os.path.join(config_source, name)
         if not os.path.isfile(src):
             continue
-        if name == "config.json" and (dtype_name or updates):
+        config = {}
+        if name == "config.json":
             with open(src) as f:
                 config = json.load(f)
-            if dtype_name:
-                config["torch_dtype"] = dtype_name
-            config.update(updates or {})
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(config, f, indent=2)
-        else:
+        remote = [k for k in hf_config.REMOTE_CODE_KEYS if k in config]
+        if name != "config.json" or not (dtype_name or updates or remote):
             shutil.copy2(src, os.path.join(tmp, name))
+            continue
+        if remote:
+            logging.warning("%s: %s dropped from the merged config.json (remote code)", src, remote)
+        config = {k: v for k, v in config.items() if k not in remote}
+        if dtype_name:
+            config["torch_dtype"] = dtype_name
+        config.update(updates or {})
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(config, f, indent=2)
     for name in TOKENIZER_FILES:
         src = os.path.join(tokenizer_source, name)
         if os.path.isfile(src):
