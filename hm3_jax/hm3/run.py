@@ -24,6 +24,7 @@ from absl import logging
 
 from hm3_jax import distributed, models, moo
 from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, param_level
+from hm3_jax.hm3 import progress as progress_lib
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3.problem import Problem, make_problem, pool_for
 from hm3_jax.hm3.workdir import Workdir, WorkdirError
@@ -169,11 +170,11 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     )
     N = len(prefs)
     logging.info("HM3: %d tasks %s, %d preferences, L=%d", K, problem.tasks, N, L)
+    progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, _ablations(config)), start=t0)
 
     # Parameter level.
-    param = wd.stage(
-        "param_level", lambda: param_level.run_param_level(problem, prefs, k_param, config.param_level)
-    )
+    param = progress.stage(wd, "param_level", lambda: param_level.run_param_level(
+        problem, prefs, k_param, config.param_level))  # fmt: skip
     variant = config.param_level.pool_model if config.param_level.cmaes.enabled else "paper"
     merged = merged_models(problem, param, variant)
     shells = [models.shell_of(m) for m in merged]
@@ -188,14 +189,14 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         )
         aligners["heldout"] = aligners["search"]  # junctions are fitted on search data and then fixed
 
-    hm3 = wd.stage("hm3", lambda: arch_level.run_arch_level(
+    hm3 = progress.stage(wd, "hm3", lambda: arch_level.run_arch_level(
         problem, prefs, shells, pools, base_blocks, k_arch, config.arch, wd.subdir("arch", "hm3"), "hm3",
         K + 1, aligners["search"], aligners["heldout"]))  # fmt: skip
 
     np_shell, np_pool = arch_level.no_param_level_model(problem)
     no_param = None
     if "no_param_level" in _ablations(config):
-        no_param = wd.stage("hm3_no_param_level", lambda: arch_level.run_arch_level(
+        no_param = progress.stage(wd, "hm3_no_param_level", lambda: arch_level.run_arch_level(
             problem, prefs, [np_shell] * N, [np_pool] * N, base_blocks, k_abl, config.arch,
             wd.subdir("arch", "no_param"), "no_param", K))  # fmt: skip
 
@@ -204,6 +205,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     from hm3_jax.hm3 import baselines_runner
 
     budget = int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
+    for m in config.baselines.path_methods:
+        progress.set_count(f"baseline_{m}", budget)
     methods: dict[str, dict] = {}
     for k, t in enumerate(problem.tasks):
         methods[f"expert:{t}"] = {"points": [problem.source_scores["heldout"][k + 1].tolist()], "evaluations": 0,
@@ -215,11 +218,11 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     }
     param_keys = {m: jax.random.fold_in(k_base, i) for i, m in enumerate(config.baselines.param_methods)}
     for m in config.baselines.param_methods:
-        methods[m] = wd.stage(f"baseline_{m}", lambda m=m: baselines_runner.run_param_baseline(
+        methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m: baselines_runner.run_param_baseline(
             problem, m, prefs, param_keys[m], tune=config.baselines.tune))  # fmt: skip
     evaluator = baselines_runner.ExpertPathEvaluator(problem, np_shell, np_pool)
     for i, m in enumerate(config.baselines.path_methods):
-        methods[m] = wd.stage(f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_path_baseline(
+        methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_path_baseline(
             problem, m, prefs, jax.random.fold_in(k_base, 100 + i), evaluator, config.arch.rl.t_max, budget,
             confirm_top=config.arch.get("confirm_top", 0)))  # fmt: skip
 
@@ -290,7 +293,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     if config.report.get("bootstrap_samples", 0) > 0 and "hm3" in rep["methods"]:
         specs = _method_specs(problem, config, methods, param_keys, merged, shells, pools, np_shell, np_pool, hm3,
                               no_param)  # fmt: skip
-        bs = wd.stage("bootstrap", lambda: heldout_bootstrap.run_bootstrap(
+        bs = progress.stage(wd, "bootstrap", lambda: heldout_bootstrap.run_bootstrap(
             problem, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
             config.report.bootstrap_samples, config.seed,
             [heldout_bootstrap.params_spec(p, L) for p in [problem.base, *problem.experts]]))  # fmt: skip
@@ -306,8 +309,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     distributed.barrier("hm3:report")
 
     if config.export:  # host-side only (no collectives): process 0 writes, the others read its stage
-        wd.stage("exports", lambda: _export_all(wd, zoo, problem, param, variant, merged, pools, hm3),
-                 main_only=True)  # fmt: skip
+        progress.stage(wd, "exports", lambda: _export_all(wd, zoo, problem, param, variant, merged, pools, hm3),
+                       main_only=True)  # fmt: skip
     logging.info("HM3 run done in %.1f s", time.perf_counter() - t0)
     return rep
 
