@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -448,3 +449,98 @@ def test_cli_slerp_t_gradient_as_mergekit(pool, tmp_path):
     for name, source in [("model.embed_tokens.weight", pool["base"]), ("lm_head.weight", pool["experts"][0]),
                          ("model.norm.weight", pool["experts"][0])]:  # fmt: skip
         np.testing.assert_allclose(merged[name], source[name].astype(np.float32), atol=1e-5, err_msg=name)
+
+
+VOCAB_CORPUS = ["the quick brown fox jumps over the lazy dog", "two plus two is four", "merge the models"]
+TOKEN_TABLES = {  # architecture: its token-indexed tensors (GPT-2's head is tied to wte)
+    "LlamaForCausalLM": ("model.embed_tokens.weight", "lm_head.weight"),
+    "GPT2LMHeadModel": ("transformer.wte.weight",),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TOKEN_TABLES))
+def vocab_pool(request, tmp_path_factory):
+    """Tiny transformers-written checkpoints with tokenizers: "base" has the trained vocabulary T plus an added
+    token `<base_only>`; expert "chat" has T plus two added tokens `<x1>`, `<x2>` (so `<x1>` has
+    `<base_only>`'s id); expert "same" has the base's tokenizer. Embedding rows = tokens."""
+    from tests import hf_fixtures
+
+    arch = request.param
+    root = tmp_path_factory.mktemp("vocab_pool")
+    dirs = {}
+    for name, added, seed in (
+        ("base", ["<base_only>"], 0),
+        ("chat", ["<x1>", "<x2>"], 1),
+        ("same", ["<base_only>"], 2),
+    ):
+        tok = hf_fixtures.tiny_tokenizer(VOCAB_CORPUS, add_bos=arch.startswith("Llama"))
+        tok.add_tokens(added)
+        hf_fixtures.make_checkpoint(root / name, arch, seed=seed, vocab_size=len(tok))
+        tok.save_pretrained(str(root / name))
+        dirs[name] = str(root / name)
+    return arch, dirs
+
+
+def test_cli_tokenizer_source_base_maps_expert_token_rows_onto_base_ids(vocab_pool, tmp_path):
+    """An expert with 2 added tokens: refused without `tokenizer_source` (naming it and the option, nothing
+    written); with `tokenizer_source: base` its embedding / LM-head rows follow the token strings onto the
+    base's ids (`<base_only>`: the base's row; `<x1>`, `<x2>` dropped), and the merge equals the merge of an
+    expert whose rows were aligned by hand; output vocab_size and tokenizer are the base's."""
+    from hm3_jax.io.vocab import vocab_of
+
+    arch, dirs = vocab_pool
+    base, chat, same = dirs["base"], dirs["chat"], dirs["same"]
+    vb, vc = vocab_of(base), vocab_of(chat)
+    n = (
+        len(vb) - 1
+    )  # shared tokens have ids 0..n-1 in both; id n is `<base_only>` in the base, `<x1>` in chat
+    assert vb["<base_only>"] == vc["<x1>"] == n and vc["<x2>"] == n + 1 and len(vc) == n + 2
+
+    with pytest.raises(ValueError, match=r"(?s)'chat'.*2 tokens only the expert has.*tokenizer_source: base"):
+        merge_checkpoints("task_arithmetic", base, [chat, same], str(tmp_path / "lib"), progress=False)
+    assert not (tmp_path / "lib").exists()
+    config = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": [
+            {"model": m, "parameters": {"weight": w, "density": 0.7}} for m, w in ((chat, 0.6), (same, 0.4))
+        ],
+        "dtype": "float32",
+    }
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        _run_cli([f"--config={path}", f"--out={tmp_path / 'refused'}", "--noprogress"])
+    assert exit_info.value.code == 1 and not (tmp_path / "refused").exists()
+
+    # the expert aligned by hand: shared rows its own, `<base_only>`'s row the base's, a checkpoint of the base's
+    # shapes, config and tokenizer
+    b, c = _load(base), _load(chat)
+    aligned = dict(c)
+    for name in TOKEN_TABLES[arch]:
+        rows = c[name][: n + 1].copy()
+        rows[n] = b[name][n]
+        aligned[name] = rows
+    hand = tmp_path / "chat_aligned"
+    hand.mkdir()
+    save_file(aligned, str(hand / "model.safetensors"))
+    for f in os.listdir(base):
+        if not f.endswith(".safetensors"):
+            shutil.copy2(os.path.join(base, f), hand / f)
+
+    path.write_text(yaml.safe_dump({**config, "tokenizer_source": "base"}))
+    _run_cli([f"--config={path}", f"--out={tmp_path / 'out'}", "--noprogress"])
+    by_hand = {**config, "models": [{**config["models"][0], "model": str(hand)}, config["models"][1]]}
+    path.write_text(yaml.safe_dump(by_hand))
+    _run_cli([f"--config={path}", f"--out={tmp_path / 'out_hand'}", "--noprogress"])
+    flags.FLAGS.unparse_flags()
+    merged, expected = _load(tmp_path / "out"), _load(tmp_path / "out_hand")
+    assert sorted(merged) == sorted(b)
+    for name in b:
+        assert merged[name].shape == b[name].shape
+        np.testing.assert_array_equal(merged[name], expected[name], err_msg=name)
+    # the token rows really moved: aligning by id (chat's first n + 1 rows as they are) differs at `<base_only>`
+    table = TOKEN_TABLES[arch][0]
+    assert not np.array_equal(aligned[table][n], c[table][n])
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["vocab_size"] == len(vb) and vocab_of(tmp_path / "out") == vb

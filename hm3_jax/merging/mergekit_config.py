@@ -3,7 +3,8 @@
 Supported (anything else is an error naming the key):
 
 * top level: `merge_method`, `base_model`, `models`, `parameters`, `dtype`, `out_dtype`, `slices`,
-  `tokenizer_source` (a checkpoint directory, or `base`);
+  `tokenizer_source` (a checkpoint directory, or `base`: the base's directory, with which the streaming merge
+  maps models with other vocabularies onto the base's token ids);
 * `models: [{model: DIR, parameters: {weight, density}}]`;
 * `weight` (per model, or under top-level `parameters` as every model's default) is, as mergekit's
   `evaluate_setting`:

@@ -19,10 +19,20 @@ tensor name (`name -> number or [L] vector`), which is how mergekit's filters an
 config (`mergekit_config.TensorSetting`). Tensors outside the blocks sit at one end of the model
 (`shell_end`): "pre" (embeddings, before block 0) or "post" (final norm and head, after the last block). Tensor `i` in sorted-name order draws its
 DARE masks from `fold_in(key, i)`, exactly as `merge` does on the flat `{name: array}` dict, so the
-streaming and the in-memory merge give identical tensors."""
+streaming and the in-memory merge give identical tensors.
+
+Vocabularies: a model whose tokenizer differs from the base's (added tokens, other ids) is refused, naming it and
+`tokenizer_source: base`. With `tokenizer_source` the base's own directory (the YAML's `tokenizer_source: base`),
+its token tables (`is_token_table`: input embeddings and LM heads, `[V, D]` rows indexed by token id) are
+re-indexed onto the base's ids before merging, as `hm3_jax.io.vocab.align_to_base_vocab` does on params:
+
+    row_b = model_row[model_id(token(b))]  if the model has token(b),  else  base_row[b]
+
+(`vocab.source_rows`), so every input has the base's row count and the output the base's `vocab_size`."""
 
 from __future__ import annotations
 
+import filecmp
 import functools
 import json
 import os
@@ -37,7 +47,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from hm3_jax.io import hf_config
+from hm3_jax.io import hf_config, vocab
 from hm3_jax.merging import api, kernels
 from hm3_jax.merging.groups import GroupFn, default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.safetensors_stream import (
@@ -163,6 +173,10 @@ def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_
     return out.reshape(shape), bad_any
 
 
+# HF names of tables indexed by token id (`<...>.<part>.weight`, [V, D]): input embeddings and LM heads
+_TOKEN_TABLE_PARTS = frozenset(
+    {"embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings", "tok_embeddings"}
+)
 _HEAD_PARTS = frozenset({"lm_head", "embed_out", "head", "classifier", "score", "pooler"})
 _PRE_MARKERS = ("embed", "wte", "wpe", "cls_token", "mask_token")
 _NAME_SPLIT = re.compile(r"[./]+")
@@ -184,6 +198,86 @@ def shell_end(name: str) -> str:
     if any(m in p for p in parts for m in _PRE_MARKERS):
         return "pre"
     return "post"
+
+
+def is_token_table(name: str) -> bool:
+    """Whether HF tensor `name` has one row per token id (`model.embed_tokens.weight`, `lm_head.weight`,
+    GPT-2's `transformer.wte.weight`, ...): a `.weight` outside the blocks whose module is a token table."""
+    parts = name.split(".")
+    return (
+        layer_index(name) is None
+        and len(parts) >= 2
+        and parts[-1] == "weight"
+        and parts[-2] in _TOKEN_TABLE_PARTS
+    )
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES)
+
+
+def _same_tokenizer_files(a: str, b: str) -> bool:
+    """Both directories hold the same tokenizer files with the same bytes (then the vocabularies are equal)."""
+    for name in TOKENIZER_FILES:
+        fa, fb = os.path.join(a, name), os.path.join(b, name)
+        if os.path.isfile(fa) != os.path.isfile(fb):
+            return False
+        if os.path.isfile(fa) and not filecmp.cmp(fa, fb, shallow=False):
+            return False
+    return True
+
+
+def _vocab_maps(reference: Checkpoint, inputs: Sequence[Checkpoint], align: bool) -> list:
+    """Per input, None when its token rows already line up with the reference's token ids, else
+    `(reference vocab, its vocab)` (`vocab.vocab_of`) for `_rows_onto`.
+
+    Vocabularies are compared only when both directories hold tokenizer files (else the shape check speaks);
+    equal tokenizer files and row counts are the same vocabulary without loading them. A different vocabulary
+    without `align` is a ValueError naming the model and `tokenizer_source: base` (`vocab.check_same_vocab`).
+    """
+    tables = [n for n in reference.names if is_token_table(n)]
+    ref_vocab, out = None, []
+    for ckpt in inputs:
+        rows_differ = any(n in ckpt.names and ckpt.shape(n)[0] != reference.shape(n)[0] for n in tables)
+        if (
+            not tables
+            or not (_has_tokenizer(reference.path) and _has_tokenizer(ckpt.path))
+            or (not rows_differ and _same_tokenizer_files(reference.path, ckpt.path))
+        ):
+            out.append(None)
+            continue
+        if not align:
+            name = os.path.basename(os.path.normpath(ckpt.path))
+            try:
+                vocab.check_same_vocab(reference.path, ckpt.path, name)
+            except ValueError as err:
+                raise ValueError(
+                    f"{err} (streaming.merge_checkpoints: tokenizer_source=<the base directory>; "
+                    "experiments.merge: `tokenizer_source: base` in the YAML or --tokenizer_source=<base dir>)"
+                ) from None
+            out.append(None)
+            continue
+        if ref_vocab is None:
+            ref_vocab = vocab.vocab_of(reference.path)
+        model_vocab = vocab.vocab_of(ckpt.path)
+        out.append(None if model_vocab == ref_vocab and not rows_differ else (ref_vocab, model_vocab))
+        if out[-1] is not None:
+            logging.info(
+                "tokenizer_source base: %s's token rows mapped onto %s's ids (%d tokens only it has, dropped)",
+                ckpt.path, reference.path, len(set(model_vocab) - set(ref_vocab)),
+            )  # fmt: skip
+    return out
+
+
+def _rows_onto(rows: np.ndarray, vocabs: tuple, reference_rows: np.ndarray) -> np.ndarray:
+    """A model's token table `rows` [V_m, D] re-indexed onto the reference's ids: [V_b, D] whose row b is
+    `rows[src[b]]`, or `reference_rows[b]` where `src[b] = -1` (`src = vocab.source_rows`)."""
+    ref_vocab, model_vocab = vocabs
+    src = vocab.source_rows(ref_vocab, model_vocab, reference_rows.shape[0], rows.shape[0])  # [V_b]
+    out = np.asarray(rows)[np.maximum(src, 0)]
+    missing = src < 0
+    out[missing] = np.asarray(reference_rows)[missing].astype(out.dtype)
+    return out
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -246,8 +340,11 @@ def _copy_side_files(
             shutil.copy2(src, os.path.join(tmp, name))
 
 
-def _check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint]) -> None:
-    for ckpt in others:
+def _check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint], vocab_maps=None) -> None:
+    """Same tensor names and shapes; token tables of inputs mapped onto the reference's ids (`vocab_maps[k]`
+    not None) need only the same row width."""
+    for k, ckpt in enumerate(others):
+        mapped = vocab_maps is not None and vocab_maps[k] is not None
         ref_names, names = set(reference.names), set(ckpt.names)
         if ref_names != names:
             missing = sorted(ref_names - names)
@@ -260,7 +357,8 @@ def _check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint]
                 f"checkpoint {ckpt.path!r} has a different architecture than {reference.path!r}: {what}"
             )
         for name in reference.names:
-            if reference.shape(name) != ckpt.shape(name):
+            skip = 1 if mapped and is_token_table(name) else 0
+            if reference.shape(name)[skip:] != ckpt.shape(name)[skip:]:
                 raise ValueError(
                     f"checkpoint {ckpt.path!r} differs from {reference.path!r} at tensor {name!r}: shape "
                     f"{ckpt.shape(name)} vs {reference.shape(name)}"
@@ -296,7 +394,9 @@ def merge_checkpoints(
       out: output directory; must not exist unless `overwrite`.
       dtype: output dtype of floating tensors (`"bfloat16"`, `"float16"`, `"float32"`); default each
         tensor's base dtype. Arithmetic is float32 either way.
-      tokenizer_source: directory whose tokenizer files are copied (default the base).
+      tokenizer_source: directory whose tokenizer files are copied (default the base). The base's own
+        directory (YAML `tokenizer_source: base`) also maps models with other vocabularies onto the base's
+        token ids (module docstring); without it such a model is an error.
       max_shard_bytes: output shard size limit.
       progress: tqdm bar over tensors.
       chunk_elements: flat chunk length for the elementwise methods (linear, task_arithmetic, ties,
@@ -304,8 +404,9 @@ def merge_checkpoints(
     Returns:
       `{"out": path, "num_tensors", "bytes_read", "bytes_written"}`.
     Raises:
-      ValueError: as `api.merge`, plus a tensor that differs between checkpoints and NaN/Inf in an input
-        (naming tensor and checkpoint). Nothing is left at `out` on error.
+      ValueError: as `api.merge`, plus a tensor that differs between checkpoints, NaN/Inf in an input
+        (naming tensor and checkpoint) and a model whose vocabulary differs from the base's without
+        `tokenizer_source` the base. Nothing is left at `out` on error.
     """
     if method not in api.METHODS:
         raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(api.known_methods())}")
@@ -331,7 +432,11 @@ def merge_checkpoints(
     reference = Checkpoint(base) if base is not None else inputs[0]
     tmp = None
     try:
-        _check_same_architecture(reference, inputs)
+        align = tokenizer_source is not None and os.path.realpath(tokenizer_source) == os.path.realpath(
+            reference.path
+        )
+        vocab_maps = _vocab_maps(reference, inputs, align)
+        _check_same_architecture(reference, inputs, vocab_maps)
         names = reference.names
         entries = []
         for name in names:
@@ -357,6 +462,11 @@ def merge_checkpoints(
                 base_arr = reference.get(name)
                 arrays = [ckpt.get(name) for ckpt in inputs]
                 bytes_read += base_arr.nbytes * (base is not None) + sum(a.nbytes for a in arrays)
+                if is_token_table(name):  # onto the base's token ids (`tokenizer_source: base`)
+                    arrays = [
+                        a if m is None else _rows_onto(a, m, base_arr)
+                        for a, m in zip(arrays, vocab_maps, strict=True)
+                    ]
                 if not _is_float(base_arr.dtype):
                     merged = base_arr
                 else:
