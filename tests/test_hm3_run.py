@@ -35,7 +35,7 @@ def test_report_files_tasks_and_preferences(smoke_run):
     n = config.preferences.num
     assert len(report["methods"]["hm3"]["points"]) == n
     assert np.allclose(report["methods"]["hm3"]["preferences"][0], 1 / 3)
-    for fname in ("report.md", "front.png", "reward_curves.png"):
+    for fname in ("report.md", "report.html", "front.png", "reward_curves.png"):
         assert os.path.getsize(os.path.join(workdir, fname)) > 0
 
 
