@@ -102,6 +102,7 @@ def test_file_hashes_change_with_content(spec_dir):
         (GOOD + "tokenizer_source: union\n", "tokenizer_source must be 'base'"),
         (GOOD + "dtype: float16\n", "dtype must be one of"),
         (GOOD + "eval_batch_size: 0\n", "eval_batch_size must be a positive integer"),
+        (GOOD.replace("metric: multiple_choice}", "metric: multiple_choice, stop: [x]}"), r"tasks.code: max_new_tokens and stop apply to generation metrics"),
     ],
 )  # fmt: skip
 def test_bad_spec_names_the_key(spec_dir, text, match):

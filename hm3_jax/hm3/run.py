@@ -30,6 +30,7 @@ from hm3_jax.hm3.problem import Problem, make_problem, pool_for
 from hm3_jax.hm3.workdir import Workdir, WorkdirError
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
+from hm3_jax.tasks import zoo as zoo_lib
 
 REQUIRED_PARAM = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb")
 REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
@@ -89,19 +90,22 @@ def calibration_inputs(problem: Problem, zoo, rows: int = 32):
 def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     """Workdir, zoo and Problem of a run (shared by `run_hm3` and `suggest`); `mesh`: see the module docstring.
 
-    Multi-process: process 0 builds (or checks) the zoo first, the others load it after a barrier.
+    Every run reads a spec (`hm3_jax.tasks.spec`): the user's (`config.spec`), or the one a built-in text zoo
+    writes of itself (`config.zoo`: tiny3 is built or checked first, by process 0 in a multi-process run, the
+    others wait at a barrier). tiny8's image tasks have no spec kind yet and are read by their own loader.
     """
     _check_config(config)
-    if config.get("spec"):
+    wd, spec_path, zoo = None, config.get("spec"), None
+    if not spec_path:
+        wd, spec_path, zoo = _builtin_zoo(config, workdir, zoo_dir)
+    if zoo is None:
         # The spec, its data and its checkpoints are checked (and loaded) before anything is written.
-        spec = spec_lib.load_spec(config.spec)
+        spec = spec_lib.load_spec(spec_path)
         zoo = spec_zoo.load(spec, config.get("spec_split_seed", 0))
         hashes = spec_lib.file_hashes(spec)
-        wd = Workdir(workdir, config.to_dict())
+        wd = wd or Workdir(workdir, config.to_dict())
         _check_spec_files(wd, hashes)
         wd.stage("spec", lambda: {"spec": spec_lib.as_dict(spec), "files": hashes, **spec_zoo.describe(zoo)})
-    else:
-        wd, zoo = _builtin_zoo(config, workdir, zoo_dir)
     L = zoo.base.config.num_layers
     if config.arch.rl.t_max < L:
         raise ValueError(
@@ -120,20 +124,23 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
 
 
 def _builtin_zoo(config, workdir: str, zoo_dir: str | None):
-    """Workdir and zoo of a built-in benchmark (config.zoo: tiny3 / tiny8), built by process 0 if needed."""
-    from hm3_jax.tasks import zoo as zoo_lib
-
+    """(Workdir, spec path, None) of a built-in text zoo (tiny3: built by process 0 if needed, then made a spec
+    by `zoo.write_spec`), or (Workdir, None, Zoo) of tiny8 (loaded by its own loader)."""
     wd = Workdir(workdir, config.to_dict())
     zoo_dir = zoo_dir or os.path.join(wd.path, "zoo")
+    text = zoo_lib.zoo_kind(config.zoo) == "tiny3"
     if distributed.is_main_process():
-        zoo = zoo_lib.build_or_load(config.zoo, zoo_dir, on_mismatch="error")
+        zoo_lib.ensure_built(config.zoo, zoo_dir, on_mismatch="error")
+        if text:
+            zoo_lib.write_spec(zoo_dir)
     distributed.barrier("hm3:zoo")
-    if not distributed.is_main_process():
-        zoo = zoo_lib.build_or_load(config.zoo, zoo_dir, on_mismatch="error", progress=False)
+    if text:
+        return wd, os.path.join(zoo_dir, zoo_lib.SPEC), None
+    zoo = zoo_lib.build_or_load(config.zoo, zoo_dir, on_mismatch="error", progress=False)
     empty = [(t, s) for s in ("search", "heldout") for t in zoo.tasks if not zoo.data[t].get(s)]
     if empty:
         raise ValueError(f"empty task split(s) {empty} in zoo {zoo_dir}")
-    return wd, zoo
+    return wd, None, zoo
 
 
 def _check_spec_files(wd: Workdir, hashes: dict) -> None:
@@ -302,8 +309,9 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     if no_param is not None:
         curves["hm3_no_param_level"] = no_param["reward_curve"]
     if distributed.is_main_process():
-        kind = zoo.manifest.get("kind", "tiny3")
-        title = f"HM3 on {os.path.basename(config.spec) if kind == 'spec' else kind}"
+        title = (
+            f"HM3 on {os.path.basename(config.spec) if config.get('spec') else zoo_lib.zoo_kind(config.zoo)}"
+        )
         paths = report_lib.write_report(rep, wd.path, curves, title=title)
         logging.info("report written: %s", paths)
     distributed.barrier("hm3:report")

@@ -15,6 +15,11 @@ Every HM3 run on a user's own checkpoints reads one spec (HM3_SPEC "Decisions ta
     dtype: float32                  # or bfloat16: every checkpoint is loaded in it
     eval_batch_size: 16             # rows per forward pass of the evaluation
 
+Metrics (scored as transformers / lm-eval-harness would, `hm3_jax.tasks.spec_zoo`): `exact_match` and `chrf`
+on greedy generations, `multiple_choice` by summed continuation log-probability, and
+`exact_match_teacher_forced`, the built-in tiny3's fast metric (one forward pass: is the greedy output exactly
+the target's own tokens then EOS, token by token; not the same number as `exact_match` in general).
+
 Relative paths are relative to the spec file. An objective's score is the mean of its tasks' scores (the paper's
 seven benchmarks over three objectives); the preference has one weight per objective (= per expert), in the order
 of `experts`. A task's objective defaults to the task's own name.
@@ -39,7 +44,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-METRICS = ("exact_match", "chrf", "multiple_choice")
+METRICS = ("exact_match", "chrf", "multiple_choice", "exact_match_teacher_forced")
+GENERATION_METRICS = ("exact_match", "chrf")
 TOP_KEYS = ("base", "experts", "tasks", "tokenizer_source", "dtype", "eval_batch_size")
 TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop")
 DTYPES = ("float32", "bfloat16")
@@ -182,8 +188,11 @@ def _task(spec_dir: str, name: str, raw, where: str, experts: Mapping) -> TaskSp
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         _fail(f"{where}.stop", f"must be a list of non-empty strings, got {raw.get('stop')!r}")
-    if metric == "multiple_choice" and (max_new is not None or stop):
-        _fail(where, "max_new_tokens and stop apply to generation metrics, not to multiple_choice")
+    if metric not in GENERATION_METRICS and (max_new is not None or stop):
+        _fail(
+            where,
+            f"max_new_tokens and stop apply to generation metrics {list(GENERATION_METRICS)}, not to {metric}",
+        )
     return TaskSpec(name, data, metric, objective, max_new, tuple(stop))
 
 
@@ -215,7 +224,7 @@ def _check_row(row: dict, metric: str, where: str) -> dict:
             _fail(where, f"field {key!r} must be a string, got {type(row[key]).__name__}")
         return row[key]
 
-    needs = "prompt, choices, answer" if metric == "multiple_choice" else "prompt, target"
+    needs = "prompt, choices, answer" if metric == "multiple_choice" else "prompt, target"  # fmt: skip
     out = {"prompt": text("prompt")}
     if not out["prompt"]:
         _fail(where, "empty prompt")

@@ -65,9 +65,11 @@ class SpecZoo(NamedTuple):
         return tuple(self.experts)
 
     def capped_search_objectives(self, search_examples: int) -> dict:
-        """{task: objective} of the first `search_examples` examples of each task's search split."""
+        """{task: objective} of the first `search_examples` examples of each task's search split (batches of
+        min(eval_batch_size, search_examples) rows; generations as long as on the whole split)."""
         data = {t: {"search": d["search"][:search_examples]} for t, d in self.data.items()}
-        return make_objectives(self.spec, data, self.tokenizer, self.base.config, self.eos_ids, ("search",),
+        spec = self.spec._replace(eval_batch_size=min(self.spec.eval_batch_size, search_examples))
+        return make_objectives(spec, data, self.tokenizer, self.base.config, self.eos_ids, ("search",),
                                shapes_from=self.data)["search"]  # fmt: skip
 
 
@@ -187,35 +189,49 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, splits=spec_li
                     shapes_from: dict | None = None) -> dict:  # fmt: skip
     """{split: {task: Objective}} of the spec's tasks on `data` ({task: {split: rows}}).
 
-    Shapes (prompt length, new tokens, row length, batch size) are taken from `shapes_from` (default `data`)
-    over both splits, so the splits of a task share compilations. Raises SpecError for a prompt (plus its
-    generation budget) or a choice row longer than the model's context, naming the task and the row.
+    Batches hold `spec.eval_batch_size` rows. A generation's `max_new_tokens` (when the task does not set it) is
+    taken over every row of `shapes_from` (default `data`: both splits), so every split of a task generates
+    alike; padded lengths (prompt, row) over the rows of `data` being built. Raises SpecError for a prompt (plus
+    its generation budget) or a choice or target row longer than the model's context, naming task and row.
     """
     shapes_from = shapes_from or data
     context = int(config.max_position_embeddings)
     pad = pad_id_of(tokenizer)
+    batch = spec.eval_batch_size
     out = {s: {} for s in splits}
     for name, task in spec.tasks.items():
-        every = [r for s in spec_lib.SPLITS for r in shapes_from[name].get(s, [])]
-        batch = max(1, min(spec.eval_batch_size, max(len(v) for v in shapes_from[name].values())))
+        rows = {s: data[name][s] for s in splits}
+        built = [r for s in splits for r in rows[s]]
         where = f"task {name!r} ({task.data})"
         if task.metric == "multiple_choice":
-            enc = {id(r): _choice_rows(tokenizer, r, where) for r in every}
+            enc = {id(r): _choice_rows(tokenizer, r, where) for r in built}
             longest = max(len(p) + max(map(len, c)) for p, c in enc.values())
             if longest > context:
                 raise SpecError(f"{where}: a prompt + choice has {longest} tokens, more than the model's context "
                                 f"of {context} positions")  # fmt: skip
-            seq_len = min(_round_up(longest, 8), context)
             for s in splits:
-                rows = data[name][s]
                 out[s][name] = multiple_choice.make_multiple_choice_objective(
-                    f"{name}/{s}", [enc[id(r)][0] for r in rows], [enc[id(r)][1] for r in rows],
-                    [r["answer"] for r in rows], pad, batch, seq_len)  # fmt: skip
+                    f"{name}/{s}", [enc[id(r)][0] for r in rows[s]], [enc[id(r)][1] for r in rows[s]],
+                    [r["answer"] for r in rows[s]], pad, batch, min(_round_up(longest, 8), context))  # fmt: skip
             continue
-        prompts = {id(r): tokenizer(r["prompt"])["input_ids"] for r in every}
-        targets = [len(tokenizer(r["target"], add_special_tokens=False)["input_ids"]) for r in every]
-        new = task.max_new_tokens or max(targets) + EXTRA_NEW_TOKENS
-        worst = max(every, key=lambda r: len(prompts[id(r)]))
+        prompts = {id(r): tokenizer(r["prompt"])["input_ids"] for r in built}
+        if task.metric == "exact_match_teacher_forced":  # [prompt ids] ++ [target ids alone] ++ [eos]
+            pairs = {id(r): (prompts[id(r)], _encode(tokenizer, r["target"]) + [eos_ids[0]]) for r in built}
+            worst = max(built, key=lambda r: sum(map(len, pairs[id(r)])))
+            if sum(map(len, pairs[id(worst)])) > context:
+                raise SpecError(f"{where}, row {worst['row']}: prompt + target + EOS have "
+                                f"{sum(map(len, pairs[id(worst)]))} tokens, more than the model's context of "
+                                f"{context} positions")  # fmt: skip
+            for s in splits:
+                out[s][name] = objectives_lib.make_exact_match_objective(
+                    f"{name}/{s}", [pairs[id(r)] for r in rows[s]], pad, batch
+                )
+            continue
+        every = [r for s in spec_lib.SPLITS for r in shapes_from[name].get(s, [])]
+        new = (
+            task.max_new_tokens or max(len(_encode(tokenizer, r["target"])) for r in every) + EXTRA_NEW_TOKENS
+        )
+        worst = max(built, key=lambda r: len(prompts[id(r)]))
         if len(prompts[id(worst)]) + new > context:
             raise SpecError(
                 f"{where}, row {worst['row']}: the prompt has {len(prompts[id(worst)])} tokens; with "
@@ -223,11 +239,14 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, splits=spec_li
             )
         prompt_len = min(_round_up(len(prompts[id(worst)]), 8), context - new)
         for s in splits:
-            rows = data[name][s]
             out[s][name] = objectives_lib.make_generation_objective(
-                f"{name}/{s}", [prompts[id(r)] for r in rows], [r["target"] for r in rows],
+                f"{name}/{s}", [prompts[id(r)] for r in rows[s]], [r["target"] for r in rows[s]],
                 tokenizer, batch, task.metric, new, eos_ids, task.stop, prompt_len)  # fmt: skip
     return out
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _choice_rows(tokenizer, row: dict, where: str) -> tuple[list[int], list[list[int]]]:

@@ -286,12 +286,83 @@ def _build(zoo_config, out_dir: str, progress: bool) -> dict:
     }
 
 
-def _write_manifest(out_dir: str, manifest: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_", suffix=".json")
+SPEC = "spec.yaml"
+
+
+def write_spec(workdir: str) -> str:
+    """Makes a built tiny3 zoo a run spec (`hm3_jax.tasks.spec`): every run reads a spec, the built-in benchmarks
+    are producers of one. Returns the path of `workdir/spec.yaml` (written once; later calls return it).
+
+    Writes `eval/<task>.jsonl` (the search and held-out rows, each with its "split"), makes the tokenizer files
+    beside every checkpoint encode as the models were trained (`tokenizer(prompt)` = BOS + the prompt's tokens:
+    the zoo's tokenizer adds no special token by itself), then the spec: translation scored by `chrf` with
+    `max_new_tokens` = the longest target + EOS (the zoo's own decode length), math and code by
+    `exact_match_teacher_forced` (the zoo's own metric), `eval_batch_size` of the zoo config. So a run on the
+    spec scores exactly what the zoo's own objectives score (tests/test_spec_zoo_tiny3.py).
+    """
+    from filelock import FileLock
+
+    path = os.path.join(workdir, SPEC)
+    with FileLock(path + ".lock"):  # spec.yaml appears last: a reader that sees it sees every file it names
+        if not os.path.isfile(path):
+            _write_spec(workdir, path)
+    return path
+
+
+def _write_spec(workdir: str, path: str) -> None:
+    from tokenizers import processors
+
+    manifest = read_manifest(workdir)
+    if manifest is None or manifest.get("kind", "tiny3") != "tiny3":
+        raise ValueError(f"{workdir}: write_spec makes specs of built tiny3 zoos only")
+    tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, manifest["paths"]["tokenizer"]))
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    paths = manifest["paths"]
+    for rel in [paths["base"], *paths["experts"].values()]:
+        tokenizer.save_pretrained(os.path.join(workdir, rel))
+    tasks = {}
+    for task in manifest["tasks"]:
+        rows = [
+            {"prompt": e["prompt"], "target": e["target"], "split": e["split"]}
+            for e in data.read_jsonl(os.path.join(workdir, "data", f"{task}.jsonl"))
+            if e["split"] in ("search", "heldout")
+        ]
+        data.write_jsonl(os.path.join(workdir, "eval", f"{task}.jsonl"), rows)
+        entry = {"data": f"eval/{task}.jsonl"}
+        if data.task_metric(task) == "chrf":
+            longest = max(len(tok_lib.encode(tokenizer, r["target"])) for r in rows)
+            entry |= {"metric": "chrf", "max_new_tokens": longest + 1}
+        else:
+            entry["metric"] = "exact_match_teacher_forced"
+        tasks[task] = entry
+    spec = {
+        "base": paths["base"],
+        "experts": dict(paths["experts"]),
+        "tasks": tasks,
+        "eval_batch_size": int(manifest["config"]["eval_batch_size"]),
+    }
+    _atomic_text(path, "# Written by hm3_jax.tasks.zoo.write_spec from the zoo's manifest.\n" + _yaml(spec))
+
+
+def _yaml(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)
+
+
+def _atomic_text(path: str, text: str) -> None:
+    """Writes `text` to a temporary file beside `path`, then renames it into place."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
     with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_manifest(out_dir: str, manifest: dict) -> None:
+    _atomic_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(workdir: str) -> dict | None:
@@ -378,13 +449,20 @@ def build_or_load(zoo_config, workdir: str, on_mismatch: str = "rebuild", progre
         build) or "error" (raise ValueError).
       progress: show progress bars while building.
     """
+    ensure_built(zoo_config, workdir, on_mismatch, progress)
+    return load(workdir)
+
+
+def ensure_built(zoo_config, workdir: str, on_mismatch: str = "rebuild", progress: bool = True) -> None:
+    """Builds the zoo of `zoo_config` into `workdir` unless it already holds it (`build_or_load` without the
+    load; same arguments)."""
     if on_mismatch not in ("rebuild", "error"):
         raise ValueError(f"on_mismatch must be 'rebuild' or 'error', got {on_mismatch!r}")
     fingerprint = config_fingerprint(zoo_config)
     manifest = read_manifest(workdir)
     if manifest is not None and manifest.get("fingerprint") == fingerprint:
         log.info("zoo cache hit: %s (fingerprint %s)", workdir, fingerprint)
-        return load(workdir)
+        return
     if manifest is not None:
         message = (
             f"{workdir} holds a zoo built from another config (fingerprint {manifest.get('fingerprint')}, "
@@ -394,7 +472,6 @@ def build_or_load(zoo_config, workdir: str, on_mismatch: str = "rebuild", progre
             raise ValueError(message + "; use another workdir or on_mismatch='rebuild'")
         log.warning("%s; rebuilding it", message)
     build(zoo_config, workdir, progress=progress)
-    return load(workdir)
 
 
 def load_matching(zoo_config, workdir: str) -> Zoo:
