@@ -20,12 +20,16 @@ Scale-out flags: see hm3_jax/distributed (--mesh, --multihost, --coordinator_add
 --process_id, --distributed_timeout) and docs/scaling.md.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from hm3_jax import distributed, logs
 from hm3_jax.hm3 import run as run_lib
 from hm3_jax.hm3 import summary
+from hm3_jax.hm3.workdir import WorkdirError
+from hm3_jax.tasks.spec import SpecError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Benchmark config file (e.g. experiments/configs/tiny3.py)."
@@ -40,7 +44,10 @@ def main(argv):
     del argv
     logs.quiet_libraries(("hm3_jax", "experiments"))  # orbax/JAX INFO lines only with --verbosity=1
     mesh = distributed.runtime_from_flags()  # before any other JAX call
-    report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
+    try:
+        report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
+    except (SpecError, WorkdirError) as e:  # a mistake in the user's input: one line naming it, exit code 1
+        sys.exit(f"error: {e}")
     if distributed.is_main_process():
         print(summary.format_summary(report, _WORKDIR.value))
 

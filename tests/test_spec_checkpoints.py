@@ -180,3 +180,37 @@ def test_bfloat16_spec_loads_every_model_in_bfloat16(tmp_path, llama_tok):
     zoo = spec_zoo.load(_spec(tmp_path, {"a": "expert"}, "dtype: bfloat16\n"))
     for model in (zoo.base, zoo.experts["a"]):
         assert {x.dtype for x in __import__("jax").tree.leaves(model.params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_t_max_below_depth_is_refused_before_anything_is_written(tmp_path, llama_tok):
+    from experiments.configs import checkpoints
+    from hm3_jax.hm3 import run as run_lib
+
+    _checkpoint(tmp_path / "base", "llama", 0, llama_tok)
+    _checkpoint(tmp_path / "expert", "llama", 1, llama_tok)
+    config = checkpoints.get_config(_spec(tmp_path, {"a": "expert"}) + ",smoke")
+    assert (config.arch.rl.t_max, config.arch.rl.t_min) == (4, 2)  # from the base's 2 blocks
+    config.arch.rl.t_max = 1
+    with pytest.raises(SpecError, match=r"t_max=1 is smaller than the models' 2 blocks"):
+        run_lib.setup(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_cli_mistake_is_one_line_and_exit_code_1(tmp_path, llama_tok):
+    import subprocess
+    import sys
+
+    _checkpoint(tmp_path / "base", "llama", 0, llama_tok)
+    _checkpoint(tmp_path / "expert", "llama", 1, llama_tok)
+    spec = _spec(tmp_path, {"a": "expert"})
+    with open(tmp_path / "mc.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "p", "choices": ["x"], "answer": 3}) + "\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "experiments.run_hm3", f"--config={repo}/experiments/configs/checkpoints.py:{spec}",
+           f"--workdir={tmp_path / 'run'}"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'mc.jsonl'}:3: answer index 3 is out of range for 1 choices"
+    )
+    assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / "run")

@@ -226,3 +226,37 @@ def test_smoke_zoo_builds_loads_and_identity_paths_score_the_experts(tiny8_smoke
                                     strategy="map")  # fmt: skip
     got = engine.evaluate(np.array([[2 * L + l for l in range(L)]], np.int32)).scores[0]
     np.testing.assert_allclose(got, m["score_matrix"]["heldout"][3], atol=1e-3)
+
+
+def test_tiny8_spec_scores_what_the_zoo_scores(tiny8_smoke_zoo, tmp_path):
+    """tiny8 is a producer of the spec format: its spec (image tasks, accuracy with the experts' fixed heads,
+    preprocessed by transformers' image processor from the base's preprocessor_config.json) gives the zoo's own
+    objective arrays, so the same scores."""
+    import shutil
+
+    import jax
+    import yaml
+
+    from hm3_jax.tasks import spec_zoo
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    workdir = str(tmp_path / "zoo")  # write_spec adds files: work on a copy of the shared cached zoo
+    shutil.copytree(tiny8_smoke_zoo.workdir, workdir)
+    spec = yaml.safe_load(open(zoo_lib.write_spec(workdir)))
+    assert spec["tasks"]["counting"] == {
+        "data": "eval/counting.npz",
+        "metric": "accuracy",
+        "head": "heads/counting.npz",
+    }
+    new = spec_zoo.load(os.path.join(workdir, zoo_lib.SPEC))
+    old = tiny8_smoke_zoo
+    assert new.tasks == old.tasks and new.tokenizer is None
+    for split in ("search", "heldout"):
+        for task, o in old.objectives[split].items():
+            n = new.objectives[split][task]
+            same = jax.tree.map(
+                lambda a, b: a.shape == b.shape and bool(np.array_equal(a, b)), o.arrays.tree, n.arrays.tree
+            )
+            assert all(jax.tree.leaves(same)), (split, task)
+    capped = new.capped_search_objectives(5)
+    assert capped["counting"].num_examples == 5

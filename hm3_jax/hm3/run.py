@@ -15,6 +15,7 @@ path evaluation; path evaluation is one SPMD computation over the mesh), and onl
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -90,28 +91,28 @@ def calibration_inputs(problem: Problem, zoo, rows: int = 32):
 def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     """Workdir, zoo and Problem of a run (shared by `run_hm3` and `suggest`); `mesh`: see the module docstring.
 
-    Every run reads a spec (`hm3_jax.tasks.spec`): the user's (`config.spec`), or the one a built-in text zoo
-    writes of itself (`config.zoo`: tiny3 is built or checked first, by process 0 in a multi-process run, the
-    others wait at a barrier). tiny8's image tasks have no spec kind yet and are read by their own loader.
+    Every run reads a spec (`hm3_jax.tasks.spec`): the user's (`config.spec`), or the one a built-in zoo writes of
+    itself (`config.zoo`: tiny3 / tiny8 is built or checked first, by process 0 in a multi-process run, the others
+    wait at a barrier). A workdir that already holds a run reads the spec that run recorded (so `suggest` and
+    resumes never build anything), unless `zoo_dir` names another zoo.
     """
     _check_config(config)
-    wd, spec_path, zoo = None, config.get("spec"), None
+    wd, spec_path = None, config.get("spec") or (None if zoo_dir else _recorded_spec(workdir))
     if not spec_path:
-        wd, spec_path, zoo = _builtin_zoo(config, workdir, zoo_dir)
-    if zoo is None:
-        # The spec, its data and its checkpoints are checked (and loaded) before anything is written.
-        spec = spec_lib.load_spec(spec_path)
-        zoo = spec_zoo.load(spec, config.get("spec_split_seed", 0))
-        hashes = spec_lib.file_hashes(spec)
-        wd = wd or Workdir(workdir, config.to_dict())
-        _check_spec_files(wd, hashes)
-        wd.stage("spec", lambda: {"spec": spec_lib.as_dict(spec), "files": hashes, **spec_zoo.describe(zoo)})
+        wd, spec_path = _builtin_zoo(config, workdir, zoo_dir)
+    # The spec, its data and its checkpoints are checked (and loaded) before anything is written.
+    spec = spec_lib.load_spec(spec_path)
+    zoo = spec_zoo.load(spec, config.get("spec_split_seed", 0))
     L = zoo.base.config.num_layers
     if config.arch.rl.t_max < L:
-        raise ValueError(
+        raise spec_lib.SpecError(
             f"arch.rl.t_max={config.arch.rl.t_max} is smaller than the models' {L} blocks: Theta(lambda)'s own "
             f"path would be cut; set --config.arch.rl.t_max >= {L}"
         )
+    hashes = spec_lib.file_hashes(spec)
+    wd = wd or Workdir(workdir, config.to_dict())
+    _check_spec_files(wd, hashes)
+    wd.stage("spec", lambda: {"spec": spec_lib.as_dict(spec), "files": hashes, **spec_zoo.describe(zoo)})
     # The sources' scores on every split (the ideal point) are a stage: computed once per run (12 model
     # evaluations on tiny3, most of a suggestion's time), then read back by resumes and by `suggest`.
     stored = wd.load_stage("source_scores") if wd.has_stage("source_scores") else None
@@ -124,23 +125,24 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
 
 
 def _builtin_zoo(config, workdir: str, zoo_dir: str | None):
-    """(Workdir, spec path, None) of a built-in text zoo (tiny3: built by process 0 if needed, then made a spec
-    by `zoo.write_spec`), or (Workdir, None, Zoo) of tiny8 (loaded by its own loader)."""
+    """(Workdir, spec path) of a built-in zoo (config.zoo: tiny3 / tiny8), built by process 0 if needed and made
+    a spec by `zoo.write_spec`."""
     wd = Workdir(workdir, config.to_dict())
     zoo_dir = zoo_dir or os.path.join(wd.path, "zoo")
-    text = zoo_lib.zoo_kind(config.zoo) == "tiny3"
     if distributed.is_main_process():
         zoo_lib.ensure_built(config.zoo, zoo_dir, on_mismatch="error")
-        if text:
-            zoo_lib.write_spec(zoo_dir)
+        zoo_lib.write_spec(zoo_dir)
     distributed.barrier("hm3:zoo")
-    if text:
-        return wd, os.path.join(zoo_dir, zoo_lib.SPEC), None
-    zoo = zoo_lib.build_or_load(config.zoo, zoo_dir, on_mismatch="error", progress=False)
-    empty = [(t, s) for s in ("search", "heldout") for t in zoo.tasks if not zoo.data[t].get(s)]
-    if empty:
-        raise ValueError(f"empty task split(s) {empty} in zoo {zoo_dir}")
-    return wd, None, zoo
+    return wd, os.path.join(zoo_dir, zoo_lib.SPEC)
+
+
+def _recorded_spec(workdir: str) -> str | None:
+    """The spec file a run in `workdir` recorded (its "spec" stage), or None."""
+    path = os.path.join(workdir, "stages", "spec.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["spec"]["path"]
 
 
 def _check_spec_files(wd: Workdir, hashes: dict) -> None:

@@ -20,6 +20,13 @@ on greedy generations, `multiple_choice` by summed continuation log-probability,
 `exact_match_teacher_forced`, the built-in tiny3's fast metric (one forward pass: is the greedy output exactly
 the target's own tokens then EOS, token by token; not the same number as `exact_match` in general).
 
+Image classification (ViT bases, HM3's vision setting): ``{data: images.npz, metric: accuracy, head: head.npz}``.
+The data file holds uint8 images ``pixel_values [N, C, H, W]`` and int ``labels [N]`` (optionally per split:
+``search/pixel_values``, ``search/labels``, ``heldout/...``), preprocessed by the base's own
+`preprocessor_config.json` (transformers' image processor); the head file holds the task's fixed linear head
+``kernel [D, C_task]``, ``bias [C_task]`` read out on every merged encoder's CLS feature (task arithmetic's
+fixed heads). `.npz` files are read without pickle.
+
 Relative paths are relative to the spec file. An objective's score is the mean of its tasks' scores (the paper's
 seven benchmarks over three objectives); the preference has one weight per objective (= per expert), in the order
 of `experts`. A task's objective defaults to the task's own name.
@@ -44,10 +51,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-METRICS = ("exact_match", "chrf", "multiple_choice", "exact_match_teacher_forced")
+METRICS = ("exact_match", "chrf", "multiple_choice", "exact_match_teacher_forced", "accuracy")
 GENERATION_METRICS = ("exact_match", "chrf")
 TOP_KEYS = ("base", "experts", "tasks", "tokenizer_source", "dtype", "eval_batch_size")
-TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop")
+TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop", "head")
 DTYPES = ("float32", "bfloat16")
 SPLITS = ("search", "heldout")
 SEARCH_FRACTION = 0.7
@@ -62,7 +69,7 @@ class TaskSpec(NamedTuple):
 
     Attributes: name; data: absolute JSONL path; metric: one of METRICS; objective: the objective (expert) it
     counts towards; max_new_tokens: generation budget or None (default: longest target + 8 tokens); stop: stop
-    strings of generation.
+    strings of generation; head: absolute path of an accuracy task's head file, else None.
     """
 
     name: str
@@ -71,6 +78,7 @@ class TaskSpec(NamedTuple):
     objective: str
     max_new_tokens: int | None
     stop: tuple[str, ...]
+    head: str | None = None
 
 
 class Spec(NamedTuple):
@@ -193,7 +201,67 @@ def _task(spec_dir: str, name: str, raw, where: str, experts: Mapping) -> TaskSp
             where,
             f"max_new_tokens and stop apply to generation metrics {list(GENERATION_METRICS)}, not to {metric}",
         )
-    return TaskSpec(name, data, metric, objective, max_new, tuple(stop))
+    head = raw.get("head")
+    if (metric == "accuracy") != (head is not None):
+        _fail(
+            where, "an accuracy task needs a `head` file (kernel [D, C], bias [C]); other metrics take none"
+        )
+    if head is not None:
+        head = os.path.normpath(os.path.join(spec_dir, os.path.expanduser(str(head))))
+        if not os.path.isfile(head):
+            _fail(f"{where}.head", f"file {head} does not exist")
+    if metric == "accuracy" and not data.endswith(".npz"):
+        _fail(f"{where}.data", "an accuracy task reads images from a .npz file (pixel_values, labels)")
+    return TaskSpec(name, data, metric, objective, max_new, tuple(stop), head)
+
+
+def read_images(task: TaskSpec) -> tuple[dict, list[dict]]:
+    """An accuracy task's arrays ({"pixel_values": uint8 [N, C, H, W], "labels": int64 [N]}) and one row per image
+    ({"row": 1-based index, "split" when the file gives one}); the head ({"kernel", "bias"}) is `read_head`."""
+    try:
+        with np.load(task.data, allow_pickle=False) as f:
+            raw = {k: f[k] for k in f.files}
+    except Exception as e:  # a truncated or foreign file
+        raise SpecError(f"{task.data}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    parts = {s: (raw.get(f"{s}/pixel_values"), raw.get(f"{s}/labels")) for s in SPLITS}
+    if all(p is not None and y is not None for p, y in parts.values()):
+        pixels = np.concatenate([parts[s][0] for s in SPLITS])
+        labels = np.concatenate([parts[s][1] for s in SPLITS])
+        splits = [s for s in SPLITS for _ in range(len(parts[s][1]))]
+    elif "pixel_values" in raw and "labels" in raw:
+        pixels, labels, splits = raw["pixel_values"], raw["labels"], None
+    else:
+        _fail(
+            task.data,
+            f"needs arrays pixel_values and labels (or search/... and heldout/...), has {sorted(raw)}",
+        )
+    if pixels.dtype != np.uint8 or pixels.ndim != 4:
+        _fail(task.data, f"pixel_values must be uint8 images [N, C, H, W], got {pixels.dtype} {pixels.shape}")
+    if labels.ndim != 1 or len(labels) != len(pixels) or not np.issubdtype(labels.dtype, np.integer):
+        _fail(
+            task.data,
+            f"labels must be integers [N] for {len(pixels)} images, got {labels.dtype} {labels.shape}",
+        )
+    rows = [{"row": i + 1} | ({} if splits is None else {"split": splits[i]}) for i in range(len(labels))]
+    if not rows:
+        _fail(task.data, f"no images (task {task.name!r})")
+    return {"pixel_values": pixels, "labels": labels.astype(np.int64)}, rows
+
+
+def read_head(task: TaskSpec) -> dict:
+    """An accuracy task's head {"kernel": float32 [D, C], "bias": float32 [C]} (checked)."""
+    try:
+        with np.load(task.head, allow_pickle=False) as f:
+            head = {k: np.asarray(f[k], np.float32) for k in ("kernel", "bias") if k in f.files}
+    except Exception as e:
+        raise SpecError(f"{task.head}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    if (
+        set(head) != {"kernel", "bias"}
+        or head["kernel"].ndim != 2
+        or head["bias"].shape != head["kernel"].shape[1:]
+    ):
+        _fail(task.head, "a head file holds kernel [D, C] and bias [C]")
+    return head
 
 
 def read_rows(task: TaskSpec) -> list[dict]:
@@ -278,7 +346,7 @@ def split_rows(task: TaskSpec, rows: list[dict], seed: int) -> dict[str, list[in
 def file_hashes(spec: Spec) -> dict[str, str]:
     """{absolute path: sha256 hex} of the spec file, every data file and every file of the checkpoints
     (weights, configs, tokenizer files): what a run's cached stages depend on."""
-    paths = [spec.path] + [t.data for t in spec.tasks.values()]
+    paths = [spec.path] + [p for t in spec.tasks.values() for p in (t.data, t.head) if p]
     for d in dict.fromkeys([spec.base, *spec.experts.values()]):
         paths += sorted(os.path.join(d, n) for n in os.listdir(d) if os.path.isfile(os.path.join(d, n)))
     return {p: _sha256(p) for p in dict.fromkeys(paths)}
@@ -301,5 +369,5 @@ def as_dict(spec: Spec) -> dict[str, Any]:
     """JSON-able form of a spec (recorded in the run)."""
     return {
         **spec._asdict(),
-        "tasks": {n: t._asdict() | {"stop": list(t.stop)} for n, t in spec.tasks.items()},
+        "tasks": {n: t._asdict() | {"stop": list(t.stop)} for n, t in spec.tasks.items()},  # fmt: skip
     }

@@ -28,6 +28,8 @@ import json
 import os
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from hm3_jax.tasks import multiple_choice
 from hm3_jax.tasks import objectives as objectives_lib
 from hm3_jax.tasks import spec as spec_lib
@@ -44,7 +46,8 @@ class SpecZoo(NamedTuple):
     """A loaded spec (see the module docstring); field meanings as `hm3_jax.tasks.zoo.Zoo`.
 
     Attributes beyond Zoo's: spec: the `Spec`; groups: {task: objective}; splits: {task: {split: [row index]}}
-    (the seeded split, recorded by the run); eos_ids: generation stops at these.
+    (the seeded split, recorded by the run); eos_ids: generation stops at these (() for image tasks); images:
+    {accuracy task: {"pixel_values": float32 model inputs [N, C, H, W], "labels": [N], "head": {kernel, bias}}}.
     """
 
     base: Any
@@ -58,6 +61,7 @@ class SpecZoo(NamedTuple):
     groups: dict
     splits: dict
     eos_ids: tuple
+    images: dict
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -69,7 +73,7 @@ class SpecZoo(NamedTuple):
         min(eval_batch_size, search_examples) rows; generations as long as on the whole split)."""
         data = {t: {"search": d["search"][:search_examples]} for t, d in self.data.items()}
         spec = self.spec._replace(eval_batch_size=min(self.spec.eval_batch_size, search_examples))
-        return make_objectives(spec, data, self.tokenizer, self.base.config, self.eos_ids, ("search",),
+        return make_objectives(spec, data, self.tokenizer, self.base.config, self.eos_ids, self.images, ("search",),
                                shapes_from=self.data)["search"]  # fmt: skip
 
 
@@ -146,16 +150,24 @@ def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
     for name, d in spec.experts.items():
         expert_configs[name], _ = hf_config.read_hf_config(d)
         check_expert(base_config, expert_configs[name], name, d, spec.tokenizer_source)
-        if spec.tokenizer_source != "base":
+        if spec.tokenizer_source != "base" and base_config.family != "vit":
             vocab.check_same_vocab(spec.base, d, name)
-    tokenizer = load_tokenizer(spec.base)
-    eos_ids = eos_ids_of(spec.base, tokenizer)
-    data, splits = {}, {}
+    check_task_kinds(spec, base_config)
+    text = any(t.metric != "accuracy" for t in spec.tasks.values())
+    tokenizer = load_tokenizer(spec.base) if text else None
+    eos_ids = eos_ids_of(spec.base, tokenizer) if text else ()
+    data, splits, images = {}, {}, {}
     for name, task in spec.tasks.items():
-        rows = spec_lib.read_rows(task)
+        if task.metric == "accuracy":
+            arrays, rows = spec_lib.read_images(task)
+            images[name] = {"pixel_values": preprocess_images(spec.base, arrays["pixel_values"], base_config, task),
+                            "labels": arrays["labels"], "head": spec_lib.read_head(task)}  # fmt: skip
+            check_head(task, images[name], base_config)
+        else:
+            rows = spec_lib.read_rows(task)
         splits[name] = spec_lib.split_rows(task, rows, seed)
         data[name] = {s: [rows[i] for i in idx] for s, idx in splits[name].items()}
-    objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids)
+    objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids, images)
     base = load_pretrained(spec.base, dtype=dtype)
     experts = {}
     for name, d in spec.experts.items():
@@ -178,14 +190,58 @@ def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
     }
     groups = {t: s.objective for t, s in spec.tasks.items()}
     return SpecZoo(base, experts, tokenizer, data, objectives, manifest, os.path.dirname(spec.path), spec,
-                   groups, splits, eos_ids)  # fmt: skip
+                   groups, splits, eos_ids, images)  # fmt: skip
+
+
+def check_task_kinds(spec, config) -> None:
+    """Image tasks (accuracy) need a ViT encoder without classifier (ViTModel; the heads are the tasks'),
+    text tasks a language model."""
+    for name, task in spec.tasks.items():
+        vision = task.metric == "accuracy"
+        if vision and (config.family != "vit" or config.num_labels):
+            raise SpecError(f"task {name!r}: metric accuracy needs a ViTModel base (an encoder without classifier, "
+                            f"num_labels 0), got family {config.family!r} with {config.num_labels} labels")  # fmt: skip
+        if not vision and config.family == "vit":
+            raise SpecError(f"task {name!r}: metric {task.metric} needs a language model; the base is a ViT")
+
+
+def preprocess_images(base_dir: str, pixels, config, task):
+    """uint8 images [N, C, H, W] -> float32 model inputs through the base's own `preprocessor_config.json` with
+    transformers' image processor (as transformers would feed the model)."""
+    from transformers import AutoImageProcessor
+
+    if not os.path.isfile(os.path.join(base_dir, "preprocessor_config.json")):
+        raise SpecError(
+            f"{base_dir}: an image task ({task.name!r}) needs the base's preprocessor_config.json"
+        )
+    processor = AutoImageProcessor.from_pretrained(  # the numpy processor: the one the file describes
+        base_dir, local_files_only=True, trust_remote_code=False, use_fast=False
+    )
+    out = processor(images=list(pixels), input_data_format="channels_first", return_tensors="np")[
+        "pixel_values"
+    ]
+    want = (len(pixels), config.num_channels, config.image_size, config.image_size)
+    if out.shape != want:
+        raise SpecError(f"{task.data}: images preprocess to {out.shape[1:]}, the model takes {want[1:]} "
+                        f"(check the images' size and the base's preprocessor_config.json)")  # fmt: skip
+    return out.astype("float32")
+
+
+def check_head(task, image_task: dict, config) -> None:
+    head, labels = image_task["head"], image_task["labels"]
+    if head["kernel"].shape[0] != config.hidden_size:
+        raise SpecError(f"{task.head}: kernel has {head['kernel'].shape[0]} rows, the model's hidden size is "
+                        f"{config.hidden_size}")  # fmt: skip
+    if labels.min() < 0 or labels.max() >= head["kernel"].shape[1]:
+        raise SpecError(f"{task.data}: labels lie in [{labels.min()}, {labels.max()}], the head has "
+                        f"{head['kernel'].shape[1]} classes")  # fmt: skip
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def make_objectives(spec, data: dict, tokenizer, config, eos_ids, splits=spec_lib.SPLITS,
+def make_objectives(spec, data: dict, tokenizer, config, eos_ids, images=None, splits=spec_lib.SPLITS,
                     shapes_from: dict | None = None) -> dict:  # fmt: skip
     """{split: {task: Objective}} of the spec's tasks on `data` ({task: {split: rows}}).
 
@@ -196,13 +252,22 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, splits=spec_li
     """
     shapes_from = shapes_from or data
     context = int(config.max_position_embeddings)
-    pad = pad_id_of(tokenizer)
+    pad = pad_id_of(tokenizer) if tokenizer is not None else 0
     batch = spec.eval_batch_size
     out = {s: {} for s in splits}
+    classes = max((im["head"]["kernel"].shape[1] for im in (images or {}).values()), default=0)
     for name, task in spec.tasks.items():
         rows = {s: data[name][s] for s in splits}
         built = [r for s in splits for r in rows[s]]
         where = f"task {name!r} ({task.data})"
+        if task.metric == "accuracy":  # heads padded to the widest task's classes: one compilation for all
+            im = images[name]
+            for s in splits:
+                idx = np.asarray([r["row"] - 1 for r in rows[s]], np.int64)
+                out[s][name] = objectives_lib.make_accuracy_objective(
+                    f"{name}/{s}", im["pixel_values"][idx], im["labels"][idx], im["head"]["kernel"],
+                    im["head"]["bias"], batch, classes)  # fmt: skip
+            continue
         if task.metric == "multiple_choice":
             enc = {id(r): _choice_rows(tokenizer, r, where) for r in built}
             longest = max(len(p) + max(map(len, c)) for p, c in enc.values())

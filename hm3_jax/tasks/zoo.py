@@ -290,8 +290,9 @@ SPEC = "spec.yaml"
 
 
 def write_spec(workdir: str) -> str:
-    """Makes a built tiny3 zoo a run spec (`hm3_jax.tasks.spec`): every run reads a spec, the built-in benchmarks
-    are producers of one. Returns the path of `workdir/spec.yaml` (written once; later calls return it).
+    """Makes a built zoo a run spec (`hm3_jax.tasks.spec`): every run reads a spec, the built-in benchmarks are
+    producers of one. Returns the path of `workdir/spec.yaml` (written once; later calls return it). tiny8:
+    `tiny8.zoo.write_eval_files` (image tasks scored by accuracy with the experts' fixed heads). tiny3:
 
     Writes `eval/<task>.jsonl` (the search and held-out rows, each with its "split"), makes the tokenizer files
     beside every checkpoint encode as the models were trained (`tokenizer(prompt)` = BOS + the prompt's tokens:
@@ -303,6 +304,9 @@ def write_spec(workdir: str) -> str:
     from filelock import FileLock
 
     path = os.path.join(workdir, SPEC)
+    manifest = read_manifest(workdir)
+    if manifest is None:
+        raise ValueError(f"{workdir}: no {MANIFEST}, not a built zoo")
     with FileLock(path + ".lock"):  # spec.yaml appears last: a reader that sees it sees every file it names
         if not os.path.isfile(path):
             _write_spec(workdir, path)
@@ -313,8 +317,14 @@ def _write_spec(workdir: str, path: str) -> None:
     from tokenizers import processors
 
     manifest = read_manifest(workdir)
-    if manifest is None or manifest.get("kind", "tiny3") != "tiny3":
-        raise ValueError(f"{workdir}: write_spec makes specs of built tiny3 zoos only")
+    if manifest.get("kind", "tiny3") == "tiny8":
+        from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+
+        spec = tiny8_zoo.write_eval_files(workdir, manifest)
+        _atomic_text(
+            path, "# Written by hm3_jax.tasks.zoo.write_spec from the zoo's manifest.\n" + _yaml(spec)
+        )
+        return
     tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, manifest["paths"]["tokenizer"]))
     bos = tokenizer.bos_token
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(

@@ -224,6 +224,30 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     }
 
 
+def write_eval_files(workdir: str, manifest: Mapping) -> dict:
+    """The search and held-out images of every task as `eval/<task>.npz` (uint8 `search/pixel_values`,
+    `search/labels`, `heldout/...`); returns the zoo's spec (`hm3_jax.tasks.spec`): one accuracy task per expert
+    with the expert's head (`heads/<task>.npz`), preprocessed by the base's preprocessor_config.json (the same
+    inputs as `data.to_model_inputs`, tests/test_tiny8.py)."""
+    tasks = {}
+    for task in manifest["tasks"]:
+        parts = data.load_task(os.path.join(workdir, "data", f"{task}.npz"))
+        data.save_task(
+            os.path.join(workdir, "eval", f"{task}.npz"), {s: parts[s] for s in ("search", "heldout")}
+        )
+        tasks[task] = {
+            "data": f"eval/{task}.npz",
+            "metric": "accuracy",
+            "head": manifest["paths"]["heads"][task],
+        }
+    return {
+        "base": manifest["paths"]["base"],
+        "experts": dict(manifest["paths"]["experts"]),
+        "tasks": tasks,
+        "eval_batch_size": int(manifest["config"]["eval_batch_size"]),
+    }
+
+
 def load(workdir: str, manifest: Mapping, eval_batch_size: int | None = None):
     """Loads a built tiny8 zoo as a `hm3_jax.tasks.zoo.Zoo` (tokenizer None; data {task: {split: arrays}})."""
     from hm3_jax.model_io import load_pretrained
