@@ -641,7 +641,9 @@ def group_matrix(groups: Sequence[int] | None, num_objectives: int) -> np.ndarra
     num_groups = int(groups.max()) + 1
     counts = np.bincount(groups, minlength=num_groups)
     if np.any(counts == 0):
-        raise ValueError(f"groups {groups.tolist()} leave group(s) {np.nonzero(counts == 0)[0].tolist()} empty")
+        raise ValueError(
+            f"groups {groups.tolist()} leave group(s) {np.nonzero(counts == 0)[0].tolist()} empty"
+        )
     m = np.zeros((num_objectives, num_groups))
     m[np.arange(num_objectives), groups] = 1.0 / counts[groups]
     return m
