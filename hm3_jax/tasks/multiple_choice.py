@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax.tasks.objectives import ArrayBundle, Objective, accepts_positions, bucket_teacher_forced
+from hm3_jax.tasks.objectives import ArrayBundle, Objective, bucket_teacher_forced, map_targets
 
 
 def continuation_logprob_kernel(forward, arrays: dict) -> jax.Array:
@@ -40,33 +40,13 @@ def continuation_logprob_kernel(forward, arrays: dict) -> jax.Array:
       float32 [sum_g nb_g * B]: ``sum_t [target_mask_t] log_softmax(logits_t)[input_ids_{t+1}]`` per row, in
       bucketed order (padding rows give 0).
     """
-    gathered = "target_positions" in arrays and accepts_positions(forward)
 
     def summed(logits, labels, valid):
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
         return jnp.sum(jnp.where(valid, picked, 0.0), axis=-1)
 
-    def one_batch(batch):
-        ids, tmask = batch
-        return summed(forward(ids)[:, :-1], ids[:, 1:], tmask[:, :-1] > 0)
-
-    def one_batch_gathered(batch):
-        ids, positions, labels, valid = batch
-        return summed(forward(ids, positions=positions), labels, valid)
-
-    if gathered:
-        keys = ("input_ids", "target_positions", "target_labels", "target_valid")
-        outs = [
-            jax.lax.map(one_batch_gathered, g).reshape(-1)
-            for g in zip(*(arrays[k] for k in keys), strict=True)
-        ]
-    else:
-        outs = [
-            jax.lax.map(one_batch, (ids, tmask)).reshape(-1)
-            for ids, tmask in zip(arrays["input_ids"], arrays["target_mask"], strict=True)
-        ]
-    return jnp.concatenate(outs)
+    return map_targets(summed, forward, arrays)
 
 
 def pack_multiple_choice(

@@ -220,21 +220,6 @@ def argmax_equals(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return in_range & ~jnp.any(beats, axis=-1)
 
 
-def teacher_forced_correct(logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array) -> jax.Array:
-    """Greedy exact match from one forward pass.
-
-    Args:
-      logits: [B, S, V] logits of `input_ids`.
-      input_ids: int [B, S] right-padded ``prompt ++ target``.
-      target_mask: [B, S], 1 at t where the argmax at t must equal input_ids[t + 1].
-
-    Returns:
-      bool [B]: ``all_t (target_mask[t] == 0 or argmax logits[t] == input_ids[t + 1])`` (`argmax_equals`).
-    """
-    ok = argmax_equals(logits[:, :-1], input_ids[:, 1:]) | (target_mask[:, :-1] == 0)
-    return jnp.all(ok, axis=-1)
-
-
 def accepts_positions(forward) -> bool:
     """Whether a teacher-forced `forward` takes the optional keyword `positions` (see `exact_match_kernel`)."""
     try:
@@ -260,29 +245,36 @@ def exact_match_kernel(forward, arrays: dict) -> jax.Array:
     Returns:
       bool [sum_g nb_g * B] in bucketed order (padding rows included; the host function drops them).
     """
-    gathered = "target_positions" in arrays and accepts_positions(forward)
+    return map_targets(lambda logits, labels, valid: jnp.all(argmax_equals(logits, labels) | ~valid, -1),
+                       forward, arrays)  # fmt: skip
 
-    def one_batch(batch):
-        ids, tmask = batch
-        return teacher_forced_correct(forward(ids), ids, tmask)
 
-    def one_batch_gathered(batch):
-        ids, positions, labels, valid = batch
-        ok = argmax_equals(forward(ids, positions=positions), labels) | ~valid
-        return jnp.all(ok, axis=-1)
+def map_targets(reduce_fn, forward, arrays: dict) -> jax.Array:
+    """A teacher-forced per-row reduction over a length-bucketed split (`bucket_teacher_forced`), one `lax.map`
+    per length group: ``reduce_fn(logits [B, P, V], labels [B, P], valid bool [B, P]) -> [B]`` sees the logits
+    at the positions that predict a target token and those tokens. With a forward that takes `positions` only
+    those positions' logits are computed (the arrays' "target_positions", "target_labels", "target_valid");
+    otherwise the full logits ``[:, :-1]`` with labels ``input_ids[:, 1:]`` and valid ``target_mask[:, :-1] > 0``
+    (the same values: `target_positions` lists exactly those positions).
 
-    if gathered:
+    Returns: [sum_g nb_g * B] in bucketed order (padding rows included).
+    """
+    if "target_positions" in arrays and accepts_positions(forward):
+
+        def one_batch(batch):
+            ids, positions, labels, valid = batch
+            return reduce_fn(forward(ids, positions=positions), labels, valid)
+
         keys = ("input_ids", "target_positions", "target_labels", "target_valid")
-        outs = [
-            jax.lax.map(one_batch_gathered, g).reshape(-1)
-            for g in zip(*(arrays[k] for k in keys), strict=True)
-        ]
+        groups = zip(*(arrays[k] for k in keys), strict=True)
     else:
-        outs = [
-            jax.lax.map(one_batch, (ids, tmask)).reshape(-1)
-            for ids, tmask in zip(arrays["input_ids"], arrays["target_mask"], strict=True)
-        ]
-    return jnp.concatenate(outs)
+
+        def one_batch(batch):
+            ids, tmask = batch
+            return reduce_fn(forward(ids)[:, :-1], ids[:, 1:], tmask[:, :-1] > 0)
+
+        groups = zip(arrays["input_ids"], arrays["target_mask"], strict=True)
+    return jnp.concatenate([jax.lax.map(one_batch, g).reshape(-1) for g in groups])
 
 
 def target_positions(input_ids: np.ndarray, target_mask: np.ndarray, width: int | None = None):
