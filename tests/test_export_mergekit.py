@@ -175,3 +175,13 @@ def test_path_model_yaml_rebuilds_the_path_model(zoo, tmp_path, path):
     want = models.apply_path(zoo["config"], models.shell_of(merged), pool, jnp.asarray(path, jnp.int32), ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     _assert_same_tensors(_tensors(tmp_path / "rebuilt"), _tensors(written["path_model"]))
+
+
+def test_yaml_carries_tokenizer_source_and_dtype():
+    """A run that mapped experts onto the base's vocabulary (spec `tokenizer_source: base`) asks mergekit for the
+    same; the YAML's dtype is the merged model's."""
+    text = export.mergekit_merge_yaml("B", ["E1", "E2"], [0.5, 0.5], {"density": 1.0}, (), "base", "bfloat16")
+    cfg = yaml.safe_load(text)
+    assert cfg["tokenizer_source"] == "base" and cfg["dtype"] == "bfloat16"
+    plain = yaml.safe_load(export.mergekit_merge_yaml("B", ["E1", "E2"], [0.5, 0.5], {"density": 1.0}))
+    assert "tokenizer_source" not in plain and plain["dtype"] == "float32"

@@ -43,7 +43,7 @@ def path_model_params(shell: dict, pool: dict, path) -> tuple[dict, int]:
 
 
 def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hparams: dict,
-                        shell_names=()) -> str:  # fmt: skip
+                        shell_names=(), tokenizer_source: str | None = None, dtype: str = "float32") -> str:  # fmt: skip
     """mergekit YAML of the parameter-level merge Theta(lambda) with hyperparameters `hparams`.
 
     The merge (`param_level.paper_merge`, `param_level.tuned_merge`), per tensor of block `l`:
@@ -60,6 +60,9 @@ def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hpara
 
         sign election, p = 0: ties (density d)        sign election, p > 0: dare_ties (density 1 - p)
         no election,  p = 0, d = 1: task_arithmetic   no election,  p > 0: dare_linear (density 1 - p)
+
+    `tokenizer_source` ("base" when the run mapped experts with other vocabularies onto the base's ids, a spec's
+    `tokenizer_source: base`) is written as mergekit's key of the same name; `dtype` is the merged model's.
 
     Not expressible (said in the YAML's comment): a magnitude trim (d < 1) together with DARE (p > 0), or
     without sign election (mergekit has no magnitude-only method); and DARE's random drop itself (mergekit
@@ -115,8 +118,10 @@ def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hpara
         "base_model": base_dir,
         "models": models_cfg,
         "parameters": {"normalize": False},
-        "dtype": "float32",
+        "dtype": dtype,
     }
+    if tokenizer_source:
+        cfg["tokenizer_source"] = tokenizer_source
     header = (f"# HM3 parameter-level merge: density={density:.6g} drop_rate={drop:.6g} scale={scale:.6g} "
               f"sign_election={str(elect).lower()}; weight = scale * lambda_k * block weight.\n")  # fmt: skip
     return header + "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(cfg, sort_keys=False)
@@ -159,8 +164,12 @@ def mergekit_passthrough_yaml(
 
 
 def export_preference(out_dir: str, config, merged: dict, pool: dict, path, preference, zoo_dirs: dict,
-                      merge_hparams: dict, junction: dict | None = None, tokenizer_dir: str | None = None) -> dict:  # fmt: skip
+                      merge_hparams: dict, junction: dict | None = None, tokenizer_dir: str | None = None,
+                      tokenizer_source: str | None = None) -> dict:  # fmt: skip
     """Writes one preference's exports (module docstring); returns the written paths.
+
+    `tokenizer_source`: "base" when the experts were mapped onto the base tokenizer's ids (a spec's
+    `tokenizer_source`); merged.mergekit.yml then asks the same of the tool that rebuilds it.
 
     `merge_hparams` are the parameter-level merge's that made `merged`: `density`, `drop_rate` (the paper
     merge), plus `scale`, `block_weights` [L], `sign_election` (the tuned merge); see `mergekit_merge_yaml`.
@@ -174,7 +183,15 @@ def export_preference(out_dir: str, config, merged: dict, pool: dict, path, pref
         shell_names = [n for n in ckpt.names if layer_index(n) is None]
     atomic_write_text(
         os.path.join(out_dir, "merged.mergekit.yml"),
-        mergekit_merge_yaml(zoo_dirs["base"], zoo_dirs["experts"], preference, merge_hparams, shell_names),
+        mergekit_merge_yaml(
+            zoo_dirs["base"],
+            zoo_dirs["experts"],
+            preference,
+            merge_hparams,
+            shell_names,
+            tokenizer_source,
+            str(np.dtype(jax.tree.leaves(merged)[0].dtype)),
+        ),  # fmt: skip
     )
     sources = list(zoo_dirs["experts"]) + [merged_dir]
     if junction is None:

@@ -377,5 +377,6 @@ def _export_all(wd, zoo, problem, param, variant, merged, pools, hm3) -> dict:
         if "junction" in r:
             junction = {k: np.asarray(v) for k, v in r["junction"].items()}
         out[f"pref_{i}"] = export.export_preference(os.path.join(wd.path, "exports", f"pref_{i}"), problem.config, mg,
-                                                    pool, r["path"], e["preference"], zoo_dirs, hp, junction, tok)  # fmt: skip
+                                                    pool, r["path"], e["preference"], zoo_dirs, hp, junction, tok,
+                                                    zoo.spec.tokenizer_source)  # fmt: skip
     return out
