@@ -214,3 +214,19 @@ def test_cli_mistake_is_one_line_and_exit_code_1(tmp_path, llama_tok):
         f"error: {tmp_path / 'mc.jsonl'}:3: answer index 3 is out of range for 1 choices"
     )
     assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("how", ["truncated", "pickle"])
+def test_unreadable_weights_name_the_expert_and_the_file(tmp_path, llama_tok, how):
+    import pickle
+
+    _checkpoint(tmp_path / "base", "llama", 0, llama_tok)
+    path = _checkpoint(tmp_path / "bad", "llama", 1, llama_tok)
+    weights = os.path.join(path, "model.safetensors")
+    data = open(weights, "rb").read()
+    with open(weights, "wb") as f:
+        f.write(data[: len(data) // 2] if how == "truncated" else pickle.dumps({"a": 1}))  # never unpickled
+    with pytest.raises(
+        SpecError, match=r"expert 'a' \(.*bad\): .*bad/model.safetensors: not a readable safetensors"
+    ):
+        spec_zoo.load(_spec(tmp_path, {"a": "bad"}))

@@ -52,6 +52,15 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing files, or its files are inconsistent."""
 
 
+def open_safetensors(path: str):
+    """`safe_open(path, framework="numpy")`; a file safetensors cannot read (truncated, or not safetensors at all,
+    e.g. a renamed pickle: never unpickled) is a CheckpointError naming it."""
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # safetensors raises SafetensorError, OSError, ... for unreadable files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
 def parse_size(size: int | str) -> int:
     """Bytes in `size`: an int, or a string like `"2GB"`, `"500MB"`, `"10KiB"` (as HF: GB = 10**9)."""
     if isinstance(size, bool):
@@ -96,7 +105,7 @@ def find_weight_files(path: str | os.PathLike) -> dict[str, str]:
         names: dict[str, str] = {}
         for name in files:
             full = os.path.join(path, name)
-            with safe_open(full, framework="numpy") as f:
+            with open_safetensors(full) as f:
                 for key in f.keys():
                     names[key] = full
         absent = [k for k, v in weight_map.items() if names.get(k) != os.path.join(path, v)]
@@ -104,7 +113,7 @@ def find_weight_files(path: str | os.PathLike) -> dict[str, str]:
             raise CheckpointError(f"{index}: tensors not found in the shard the index names: {absent[:10]}")
         return {k: names[k] for k in weight_map}
     if os.path.isfile(single):
-        with safe_open(single, framework="numpy") as f:
+        with open_safetensors(single) as f:
             return {key: single for key in f.keys()}
     others = sorted(
         n for n in os.listdir(path) if n in _PICKLE_NAMES or re.fullmatch(r"pytorch_model-\d+-of-\d+\.bin", n)
@@ -143,7 +152,7 @@ class TensorReader(contextlib.AbstractContextManager):
             raise KeyError(name)
         file = self.weight_files[name]
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+            self._handles[file] = self._stack.enter_context(open_safetensors(file))
         return self._handles[file]
 
     def names(self) -> list[str]:

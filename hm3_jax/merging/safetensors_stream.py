@@ -14,7 +14,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+
+from hm3_jax.io.safetensors_io import open_safetensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -81,7 +82,7 @@ class Checkpoint:
         self._meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for file in files:
             full = os.path.join(self.path, file)
-            safe_open(full, framework="numpy")  # validates the file
+            open_safetensors(full)  # validates the file (CheckpointError naming it)
             self._handles[file] = open(full, "rb")  # noqa: SIM115 (closed by close())
             with open(full, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")

@@ -145,13 +145,13 @@ def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
     if isinstance(spec, str):
         spec = spec_lib.load_spec(spec)
     dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
-    base_config, _ = hf_config.read_hf_config(spec.base)
+    base_config, _ = _named("the base", spec.base, hf_config.read_hf_config, spec.base)
     expert_configs = {}
     for name, d in spec.experts.items():
-        expert_configs[name], _ = hf_config.read_hf_config(d)
+        expert_configs[name], _ = _named(f"expert {name!r}", d, hf_config.read_hf_config, d)
         check_expert(base_config, expert_configs[name], name, d, spec.tokenizer_source)
         if spec.tokenizer_source != "base" and base_config.family != "vit":
-            vocab.check_same_vocab(spec.base, d, name)
+            _named(f"expert {name!r}", d, vocab.check_same_vocab, spec.base, d, name)
     check_task_kinds(spec, base_config)
     text = any(t.metric != "accuracy" for t in spec.tasks.values())
     tokenizer = load_tokenizer(spec.base) if text else None
@@ -168,10 +168,10 @@ def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
         splits[name] = spec_lib.split_rows(task, rows, seed)
         data[name] = {s: [rows[i] for i in idx] for s, idx in splits[name].items()}
     objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids, images)
-    base = load_pretrained(spec.base, dtype=dtype)
+    base = _named("the base", spec.base, load_pretrained, spec.base, dtype=dtype)
     experts = {}
     for name, d in spec.experts.items():
-        expert = load_pretrained(d, dtype=dtype)
+        expert = _named(f"expert {name!r}", d, load_pretrained, d, dtype=dtype)
         if spec.tokenizer_source == "base":
             params = vocab.align_to_base_vocab(
                 vocab.vocab_of(spec.base), vocab.vocab_of(d), expert.params, base.params, expert.config
@@ -191,6 +191,17 @@ def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
     groups = {t: s.objective for t, s in spec.tasks.items()}
     return SpecZoo(base, experts, tokenizer, data, objectives, manifest, os.path.dirname(spec.path), spec,
                    groups, splits, eos_ids, images)  # fmt: skip
+
+
+def _named(who: str, path: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`; a checkpoint that cannot be read (bad config, missing or unreadable weights, other
+    vocabulary, remote code) is a SpecError saying which model of the spec it is (the message names the file)."""
+    try:
+        return fn(*args, **kwargs)
+    except SpecError:
+        raise
+    except (ValueError, OSError) as e:
+        raise SpecError(f"{who} ({path}): {e}") from e
 
 
 def check_task_kinds(spec, config) -> None:
