@@ -49,6 +49,17 @@ def test_preferences_start_balanced_and_lie_on_the_simplex():
     assert len(grid) == 1 + 6  # balanced + the 6 points of the 2-division grid (none of them balanced)
 
 
+def test_one_preference_is_the_balanced_one():
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"num": 1, "kind": "dirichlet", "divisions": 2})
+    prefs = run_lib.make_preferences(cfg, 3, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(prefs, np.full((1, 3), 1 / 3), rtol=1e-6)
+    cfg.num = 0
+    with pytest.raises(ValueError, match="preferences.num"):
+        run_lib.make_preferences(cfg, 3, jax.random.PRNGKey(0))
+
+
 def test_report_hypervolume_and_retention_by_hand():
     methods = {
         "hm3": {"points": [[80.0, 40.0], [40.0, 80.0]]},

@@ -46,10 +46,17 @@ def _ablations(config) -> tuple:
 
 
 def make_preferences(cfg, num_tasks: int, key: jax.Array) -> np.ndarray:
-    """[N, K] preferences: the balanced one first, then Dirichlet(1) samples or a Das-Dennis grid."""
+    """[N, K] preferences: the balanced one first, then Dirichlet(1) samples or a Das-Dennis grid.
+
+    `cfg.num` (dirichlet) counts the balanced preference: `num=1` is a run for the balanced preference alone.
+    """
     balanced = np.full((1, num_tasks), 1.0 / num_tasks)
     if cfg.kind == "dirichlet":
-        rest = np.asarray(moo.dirichlet(key, max(cfg.num - 1, 0), num_tasks), np.float64)
+        if int(cfg.num) < 1:
+            raise ValueError(f"preferences.num must be >= 1 (the balanced preference counts), got {cfg.num}")
+        rest = np.zeros((0, num_tasks))
+        if cfg.num > 1:
+            rest = np.asarray(moo.dirichlet(key, cfg.num - 1, num_tasks), np.float64)
     elif cfg.kind == "das_dennis":
         grid = moo.das_dennis(num_tasks, cfg.divisions)
         rest = grid[np.abs(grid - balanced).sum(1) > 1e-9]
