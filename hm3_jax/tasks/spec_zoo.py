@@ -118,8 +118,9 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def check_expert(base_config, expert_config, name: str, expert_dir: str, tokenizer_source) -> None:
-    """SpecError naming the expert and the field where it cannot share a pool with the base."""
+def check_expert(base_config, expert_config, name: str, expert_dir: str) -> None:
+    """SpecError naming the expert and the field where it cannot share a pool with the base (vocabularies:
+    `hm3_jax.io.vocab.check_same_vocab`, or mapped with `tokenizer_source: base`)."""
     for field in SHARED_FIELDS:
         a, b = getattr(base_config, field), getattr(expert_config, field)
         if a != b:
@@ -127,15 +128,9 @@ def check_expert(base_config, expert_config, name: str, expert_dir: str, tokeniz
                 f"expert {name!r} ({expert_dir}): {field} is {b!r} but the base's is {a!r}; every expert must "
                 "be a fine-tune of the base with the same architecture"
             )
-    if base_config.vocab_size != expert_config.vocab_size and tokenizer_source != "base":
-        raise SpecError(
-            f"expert {name!r} ({expert_dir}): vocabulary size {expert_config.vocab_size} differs from the "
-            f"base's {base_config.vocab_size}; set `tokenizer_source: base` in the spec to map every expert "
-            "onto the base tokenizer's ids"
-        )
 
 
-def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
+def load(spec, seed: int = 0) -> SpecZoo:
     """Loads a spec (a path or a `Spec`): models in the spec's dtype, tokenizer, split data, objectives."""
     import jax.numpy as jnp
 
@@ -149,7 +144,7 @@ def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
     expert_configs = {}
     for name, d in spec.experts.items():
         expert_configs[name], _ = _named(f"expert {name!r}", d, hf_config.read_hf_config, d)
-        check_expert(base_config, expert_configs[name], name, d, spec.tokenizer_source)
+        check_expert(base_config, expert_configs[name], name, d)
         if spec.tokenizer_source != "base" and base_config.family != "vit":
             _named(f"expert {name!r}", d, vocab.check_same_vocab, spec.base, d, name)
     check_task_kinds(spec, base_config)
@@ -170,25 +165,26 @@ def load(spec, seed: int = 0, progress: bool = True) -> SpecZoo:
     objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids, images)
     base = _named("the base", spec.base, load_pretrained, spec.base, dtype=dtype)
     experts = {}
+    base_vocab = vocab.vocab_of(spec.base) if spec.tokenizer_source == "base" else None
     for name, d in spec.experts.items():
         expert = _named(f"expert {name!r}", d, load_pretrained, d, dtype=dtype)
-        if spec.tokenizer_source == "base":
+        if base_vocab is not None:
             params = vocab.align_to_base_vocab(
-                vocab.vocab_of(spec.base), vocab.vocab_of(d), expert.params, base.params, expert.config
+                base_vocab, vocab.vocab_of(d), expert.params, base.params, expert.config
             )
             expert = Model(base.config, params, expert.hf_config)
         experts[name] = expert
+    groups = {t: s.objective for t, s in spec.tasks.items()}
     manifest = {
         "kind": "spec",
         "spec": spec_lib.as_dict(spec),
         "tasks": list(spec.experts),
         "metrics": {t: s.metric for t, s in spec.tasks.items()},
-        "groups": {t: s.objective for t, s in spec.tasks.items()},
+        "groups": groups,
         "paths": {"base": spec.base, "experts": dict(spec.experts), "tokenizer": spec.base},
         "config": {"eval_batch_size": spec.eval_batch_size},
         "sizes": {"examples": {t: {s: len(v) for s, v in d.items()} for t, d in data.items()}},
     }
-    groups = {t: s.objective for t, s in spec.tasks.items()}
     return SpecZoo(base, experts, tokenizer, data, objectives, manifest, os.path.dirname(spec.path), spec,
                    groups, splits, eos_ids, images)  # fmt: skip
 
