@@ -292,7 +292,7 @@ def _check_row(row: dict, metric: str, where: str) -> dict:
             _fail(where, f"field {key!r} must be a string, got {type(row[key]).__name__}")
         return row[key]
 
-    needs = "prompt, choices, answer" if metric == "multiple_choice" else "prompt, target"  # fmt: skip
+    needs = "prompt, choices, answer" if metric == "multiple_choice" else "prompt, target"
     out = {"prompt": text("prompt")}
     if not out["prompt"]:
         _fail(where, "empty prompt")
@@ -369,5 +369,5 @@ def as_dict(spec: Spec) -> dict[str, Any]:
     """JSON-able form of a spec (recorded in the run)."""
     return {
         **spec._asdict(),
-        "tasks": {n: t._asdict() | {"stop": list(t.stop)} for n, t in spec.tasks.items()},  # fmt: skip
+        "tasks": {n: t._asdict() | {"stop": list(t.stop)} for n, t in spec.tasks.items()},
     }
