@@ -1,5 +1,6 @@
 """The run spec (hm3_jax/tasks/spec.py): parsing, the seeded split, and one clear error per mistake."""
 
+import hashlib
 import json
 import os
 
@@ -79,8 +80,17 @@ def test_file_hashes_change_with_content(spec_dir):
     _write(spec_dir / "base/config.json", "{}")
     before = spec_lib.file_hashes(s)
     assert str(spec_dir / "base/config.json") in before and s.path in before
+    assert before[s.path]["sha256"] == hashlib.sha256(open(s.path, "rb").read()).hexdigest()
     _write(spec_dir / "base/config.json", '{"x": 1}')
     assert spec_lib.changed_files(before, spec_lib.file_hashes(s)) == [str(spec_dir / "base/config.json")]
+    # a recorded hash is reused while a file's size and mtime are unchanged; a changed stat re-reads the file
+    fake = {p: dict(e, sha256="recorded") for p, e in spec_lib.file_hashes(s).items()}
+    assert {e["sha256"] for e in spec_lib.file_hashes(s, fake).values()} == {"recorded"}
+    os.utime(s.path, ns=(1, 1))
+    again = spec_lib.file_hashes(s, fake)
+    assert again[s.path]["sha256"] == before[s.path]["sha256"] and spec_lib.changed_files(fake, again) == [
+        s.path
+    ]
 
 
 @pytest.mark.parametrize(

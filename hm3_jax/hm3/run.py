@@ -104,7 +104,8 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     resumes never build anything), unless `zoo_dir` names another zoo.
     """
     _check_config(config)
-    wd, spec_path = None, config.get("spec") or (None if zoo_dir else _recorded_spec(workdir))
+    recorded = _recorded_spec(workdir)  # a run already in the workdir: its spec and files, else {}
+    wd, spec_path = None, config.get("spec") or (None if zoo_dir else recorded.get("spec", {}).get("path"))
     if not spec_path:
         wd, spec_path = _builtin_zoo(config, workdir, zoo_dir)
     # The spec, its data and its checkpoints are checked (and loaded) before anything is written.
@@ -116,7 +117,7 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
             f"arch.rl.t_max={config.arch.rl.t_max} is smaller than the models' {L} blocks: Theta(lambda)'s own "
             f"path would be cut; set --config.arch.rl.t_max >= {L}"
         )
-    hashes = spec_lib.file_hashes(spec)
+    hashes = spec_lib.file_hashes(spec, recorded.get("files"))
     wd = wd or Workdir(workdir, config.to_dict())
     _check_spec_files(wd, hashes)
     wd.stage("spec", lambda: {"spec": spec_lib.as_dict(spec), "files": hashes, **spec_zoo.describe(zoo)})
@@ -143,13 +144,13 @@ def _builtin_zoo(config, workdir: str, zoo_dir: str | None):
     return wd, os.path.join(zoo_dir, zoo_lib.SPEC)
 
 
-def _recorded_spec(workdir: str) -> str | None:
-    """The spec file a run in `workdir` recorded (its "spec" stage), or None."""
+def _recorded_spec(workdir: str) -> dict:
+    """The "spec" stage a run in `workdir` recorded (its spec, file hashes, splits), or {}."""
     path = os.path.join(workdir, "stages", "spec.json")
     if not os.path.isfile(path):
-        return None
+        return {}
     with open(path) as f:
-        return json.load(f)["spec"]["path"]
+        return json.load(f)
 
 
 def _check_spec_files(wd: Workdir, hashes: dict) -> None:

@@ -343,13 +343,26 @@ def split_rows(task: TaskSpec, rows: list[dict], seed: int) -> dict[str, list[in
     return out
 
 
-def file_hashes(spec: Spec) -> dict[str, str]:
-    """{absolute path: sha256 hex} of the spec file, every data file and every file of the checkpoints
-    (weights, configs, tokenizer files): what a run's cached stages depend on."""
+def file_hashes(spec: Spec, known: Mapping | None = None) -> dict[str, dict]:
+    """{absolute path: {"sha256", "size", "mtime_ns"}} of the spec file, every data and head file and every file
+    of the checkpoints (weights, configs, tokenizer files): what a run's cached stages depend on.
+
+    `known`: an earlier result (a run's record); a file whose size and modification time are unchanged keeps its
+    recorded hash instead of being read again (as git's index does: a resumed 7B run or a suggestion does not
+    re-read tens of GB); any other file is hashed.
+    """
     paths = [spec.path] + [p for t in spec.tasks.values() for p in (t.data, t.head) if p]
     for d in dict.fromkeys([spec.base, *spec.experts.values()]):
         paths += sorted(os.path.join(d, n) for n in os.listdir(d) if os.path.isfile(os.path.join(d, n)))
-    return {p: _sha256(p) for p in dict.fromkeys(paths)}
+    known = known or {}
+    out = {}
+    for p in dict.fromkeys(paths):
+        st = os.stat(p)
+        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        old = known.get(p)
+        same = isinstance(old, Mapping) and all(old.get(k) == v for k, v in entry.items())
+        out[p] = {"sha256": old["sha256"] if same else _sha256(p), **entry}
+    return out
 
 
 def _sha256(path: str) -> str:
@@ -360,9 +373,13 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def changed_files(recorded: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+def changed_files(recorded: Mapping[str, dict], current: Mapping[str, dict]) -> list[str]:
     """Files whose content hash differs between a run's record and now (added or removed ones too)."""
-    return sorted(p for p in set(recorded) | set(current) if recorded.get(p) != current.get(p))
+
+    def sha(files, p):
+        return (files.get(p) or {}).get("sha256")
+
+    return sorted(p for p in set(recorded) | set(current) if sha(recorded, p) != sha(current, p))
 
 
 def as_dict(spec: Spec) -> dict[str, Any]:
