@@ -13,6 +13,8 @@ host-side job) while the others wait at a barrier.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 
 import jax
@@ -53,6 +55,9 @@ def plan_from_flags() -> mergekit_config.MergePlan:
         ]
         if conflicting:
             raise ValueError(f"--config cannot be combined with --{', --'.join(conflicting)}")
+        if not os.path.isfile(FLAGS.config):
+            what = "is a directory" if os.path.isdir(FLAGS.config) else "does not exist"
+            raise FileNotFoundError(f"--config={FLAGS.config}: the file {what}")
         plan = mergekit_config.parse_config(FLAGS.config)
         if FLAGS.dtype:
             plan = mergekit_config.MergePlan(**{**plan.__dict__, "dtype": FLAGS.dtype})
@@ -71,6 +76,8 @@ def plan_from_flags() -> mergekit_config.MergePlan:
             weights = tuple(float(w) for w in FLAGS.weights)
         except ValueError as err:
             raise ValueError(f"--weights must be numbers: {FLAGS.weights}") from err
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"--weights must be finite numbers: {FLAGS.weights}")
     return mergekit_config.MergePlan(
         FLAGS.method,
         FLAGS.base,

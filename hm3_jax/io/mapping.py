@@ -342,6 +342,65 @@ class _Resolver:
         return next((c for c in candidates if c in self.names), None)
 
 
+def check_tensors(config: ModelConfig, names: list[str], shape_fn: Callable[[str], tuple[int, ...]]) -> None:
+    """Checks a checkpoint's tensor names and shapes (headers only) against its config, as `load_params` does.
+
+    Args:
+      config: the model config (from `config.json`).
+      names: the checkpoint's tensor names; shape_fn: name -> its shape.
+    Raises:
+      CheckpointError naming the tensor and the config fields when a tensor is missing, unexpected, beyond
+      `num_layers`, or shaped otherwise than `config` implies (e.g. hidden_size 48 with 32-wide tensors).
+    """
+    mapping = family_mapping(config)
+    shapes = param_shapes(config, np.float32)
+    _check_covers(mapping, shapes, config)
+    _check_tensors(mapping, shapes, config, names, shape_fn)
+
+
+def _check_tensors(mapping, shapes, config, names, shape_fn) -> dict[tuple[int, int], str]:
+    """`check_tensors` on a resolved mapping; returns `{(entry index, block): stored name}`."""
+    resolve = _Resolver(names, mapping.base_prefix)
+    num_layers = config.num_layers
+    stored: dict[tuple[int, int], str] = {}
+    missing = []
+    for i, entry in enumerate(mapping.entries):
+        expected = _entry_hf_shape(entry, shapes, config)
+        for l, name in enumerate(_names(entry, num_layers)):
+            found = resolve(name)
+            if found is None:
+                missing.append(name)
+                continue
+            shape = shape_fn(found)
+            if tuple(shape) != expected:
+                raise CheckpointError(
+                    f"tensor {found!r} has shape {list(shape)}, but config.json implies {list(expected)} "
+                    f"(family {config.family}, hidden_size={config.hidden_size}, "
+                    f"intermediate_size={config.intermediate_size}, num_layers={config.num_layers})"
+                )
+            stored[(i, l)] = found
+    if missing:
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} tensor(s) that config.json requires, e.g. {missing[:5]}"
+        )
+    used = set(stored.values())
+    tied = {t for name in mapping.tied if (t := resolve(name)) is not None}
+    ignored = [n for n in names if any(re.fullmatch(p, n) for p in mapping.ignored)]
+    unexpected = sorted(set(names) - used - tied - set(ignored))
+    if any(k >= num_layers for k in _block_indices(names)):
+        raise CheckpointError(
+            f"checkpoint has blocks beyond num_layers={num_layers} (config.json): e.g. {unexpected[:5]}"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has {len(unexpected)} tensor(s) that a {config.family} model with this config "
+            f"does not use: {unexpected[:10]}"
+        )
+    if ignored:
+        log.info("ignoring %d tensors that hold no parameters we use: %s", len(ignored), ignored[:5])
+    return stored
+
+
 def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None) -> dict:
     """Reads every tensor our layout needs from `reader` into a params tree of `dtype`.
 
@@ -362,46 +421,9 @@ def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None)
     )
     shapes = param_shapes(config, np_dtype)
     _check_covers(mapping, shapes, config)
-    resolve = _Resolver(reader.names(), mapping.base_prefix)
+    # Names and shapes of everything first (headers only), so a bad checkpoint fails before any copy.
+    stored = _check_tensors(mapping, shapes, config, reader.names(), reader.shape)
     num_layers = config.num_layers
-
-    # Validate names and shapes of everything first (headers only), so a bad checkpoint fails before any copy.
-    stored: dict[tuple[int, int], str] = {}
-    missing = []
-    for i, entry in enumerate(mapping.entries):
-        expected = _entry_hf_shape(entry, shapes, config)
-        for l, name in enumerate(_names(entry, num_layers)):
-            found = resolve(name)
-            if found is None:
-                missing.append(name)
-                continue
-            shape = reader.shape(found)
-            if tuple(shape) != expected:
-                raise CheckpointError(
-                    f"tensor {found!r} has shape {list(shape)}, but config.json implies {list(expected)} "
-                    f"(family {config.family}, hidden_size={config.hidden_size}, "
-                    f"intermediate_size={config.intermediate_size}, num_layers={config.num_layers})"
-                )
-            stored[(i, l)] = found
-    if missing:
-        raise CheckpointError(
-            f"checkpoint is missing {len(missing)} tensor(s) that config.json requires, e.g. {missing[:5]}"
-        )
-    used = set(stored.values())
-    tied = {t for name in mapping.tied if (t := resolve(name)) is not None}
-    ignored = [n for n in reader.names() if any(re.fullmatch(p, n) for p in mapping.ignored)]
-    unexpected = sorted(set(reader.names()) - used - tied - set(ignored))
-    if any(k >= num_layers for k in _block_indices(reader.names())):
-        raise CheckpointError(
-            f"checkpoint has blocks beyond num_layers={num_layers} (config.json): e.g. {unexpected[:5]}"
-        )
-    if unexpected:
-        raise CheckpointError(
-            f"checkpoint has {len(unexpected)} tensor(s) that a {config.family} model with this config "
-            f"does not use: {unexpected[:10]}"
-        )
-    if ignored:
-        log.info("ignoring %d tensors that hold no parameters we use: %s", len(ignored), ignored[:5])
 
     params: dict = {}
     entries: Iterator = iter(enumerate(mapping.entries))

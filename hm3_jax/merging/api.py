@@ -34,7 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax.merging import kernels
-from hm3_jax.merging.groups import GroupFn, default_param_group, is_stacked, leaf_weights, path_name
+from hm3_jax.merging.groups import (
+    GroupFn,
+    check_leaf_weights,
+    default_param_group,
+    is_stacked,
+    leaf_weights,
+    path_name,
+)
 
 Kernel = Callable[..., jax.Array]
 
@@ -147,6 +154,14 @@ class BoundKernel:
 
     def __call__(self, key, base, thetas, weights, **extra):
         return METHODS[self.method][0](key, base, thetas, weights, **dict(self.hparams), **extra)
+
+    @property
+    def divides_by_weights(self) -> bool:
+        """Whether the merge divides by the sum of the weights (`normalize`; consensus: its base method's)."""
+        hp = dict(self.hparams)
+        if self.method == "consensus" and hp["normalize"] is None:
+            return hp["base_method"] == "ties"
+        return bool(hp.get("normalize"))
 
 
 def make_kernel(method: str, num_models: int, **hparams: Any) -> BoundKernel:
@@ -336,6 +351,7 @@ def merge(
             group_fn,
             "t" if method == "slerp" else "weights",
         )
+        check_leaf_weights(leaf_w, name, "t" if method == "slerp" else "weights", kernel.divides_by_weights)
         leaf_key = None if key is None else jax.random.fold_in(key, index)
         if leaf_key is None:
             leaf_key = jax.random.key(0)  # unused by the deterministic methods

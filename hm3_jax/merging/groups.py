@@ -170,3 +170,23 @@ def leaf_weights(
     if stacked:
         return jnp.stack([jnp.broadcast_to(w, (shape[0],)) for w in per_model], axis=1)
     return jnp.stack(per_model)
+
+
+def check_leaf_weights(leaf_w: Any, name: str, what: str = "weights", normalize: bool = False) -> None:
+    """Refuses the per-model weights of one leaf (`leaf_weights`' `[K]` or `[L, K]`) that cannot merge: a NaN or
+    Inf entry, or, when the merge divides by their sum (`normalize`), weights that sum to 0 (the kernels would
+    divide by 1 instead: a silently different merge). Traced weights (under jit) are not checked.
+
+    Raises:
+      ValueError naming `what`, the tensor `name` and the values.
+    """
+    if isinstance(leaf_w, jax.core.Tracer):
+        return
+    w = np.asarray(leaf_w, np.float64)  # [K] or [L, K]
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{what} of tensor {name!r} are not finite numbers: {w.tolist()}")
+    if normalize and np.any(np.abs(w.sum(-1)) < 1e-8):
+        raise ValueError(
+            f"{what} of tensor {name!r} sum to 0 ({w.tolist()}), and this merge divides by their sum "
+            "(normalize); change the weights or set normalize false"
+        )

@@ -207,14 +207,23 @@ def parse_config(config: dict[str, Any] | str) -> MergePlan:
 
     Raises ValueError naming an unsupported key or method, or a missing required entry.
     """
+    where = "merge config"
     if isinstance(config, str):
+        text = config
         if os.path.isfile(config):
+            where = config
             with open(config) as f:
-                config = yaml.safe_load(f)
-        else:
-            config = yaml.safe_load(config)
+                text = f.read()
+        elif "\n" not in config and (config.endswith((".yml", ".yaml")) or os.sep in config):
+            raise FileNotFoundError(f"merge config {config!r} does not exist")
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(config, dict):
-        raise ValueError("merge config must be a YAML mapping")
+        raise ValueError(f"{where} must be a YAML mapping (key: value lines), got {type(config).__name__}")
     unknown = sorted(set(config) - TOP_LEVEL_KEYS)
     if unknown:
         raise ValueError(

@@ -65,6 +65,9 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            what = "is not a directory" if os.path.exists(self.path) else "does not exist"
+            raise FileNotFoundError(f"checkpoint directory {self.path!r} {what}")
         index = os.path.join(self.path, INDEX_NAME)
         single = os.path.join(self.path, SINGLE_NAME)
         if os.path.isfile(index):

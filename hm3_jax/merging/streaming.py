@@ -47,9 +47,9 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from hm3_jax.io import hf_config, vocab
+from hm3_jax.io import hf_config, mapping, vocab
 from hm3_jax.merging import api, kernels
-from hm3_jax.merging.groups import GroupFn, default_param_group, layer_index, leaf_weights
+from hm3_jax.merging.groups import GroupFn, check_leaf_weights, default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.safetensors_stream import (
     Checkpoint,
     ShardWriter,
@@ -285,12 +285,33 @@ def _is_float(dtype: np.dtype) -> bool:
 
 
 def _atomic_output(out: str, overwrite: bool) -> str:
+    """The temporary sibling directory of `out` the merge writes into (`_finish` renames it to `out`).
+
+    Raises FileExistsError (`out` exists without `overwrite`) or ValueError naming `out` and why it cannot be
+    written (a read-only directory, a path below a file), before anything is written."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"output directory {out!r} exists (pass overwrite=True / --overwrite)")
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    except OSError as e:
+        raise ValueError(
+            f"output directory {out!r} cannot be written: {_why_unwritable(parent, e)}"
+        ) from None
+
+
+def _why_unwritable(directory: str, err: OSError) -> str:
+    """Why `directory` cannot hold a new directory, naming the path at fault (not a temp file's name)."""
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a directory"
+    if not os.access(existing, os.W_OK):
+        return f"no permission to write in {existing!r}"
+    return err.strerror or str(err)
 
 
 def _finish(tmp: str, out: str, overwrite: bool) -> None:
@@ -405,8 +426,11 @@ def merge_checkpoints(
       `{"out": path, "num_tensors", "bytes_read", "bytes_written"}`.
     Raises:
       ValueError: as `api.merge`, plus a tensor that differs between checkpoints, NaN/Inf in an input
-        (naming tensor and checkpoint) and a model whose vocabulary differs from the base's without
-        `tokenizer_source` the base. Nothing is left at `out` on error.
+        (naming tensor and checkpoint), a model whose vocabulary differs from the base's without
+        `tokenizer_source` the base, weights that are NaN/Inf or sum to 0 under `normalize`, a config.json
+        that disagrees with the weights (`_check_against_config`), and an output path that cannot be
+        written. Everything but a NaN/Inf in a tensor is found before anything is written; nothing is
+        left at `out` on error.
     """
     if method not in api.METHODS:
         raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(api.known_methods())}")
@@ -449,6 +473,17 @@ def merge_checkpoints(
                     reference.shape(name),
                 )
             )
+        what = "t" if method == "slerp" else "weights"
+        leaf_ws = {}  # every tensor's per-model weights, checked before anything is written
+        for name, _, shape in entries:
+            if _is_float(reference.dtype(name)):
+                w = leaf_weights(
+                    _weights_for(per_leaf_weights, name), name, shape, len(models), group_fn, what
+                )
+                check_leaf_weights(w, name, what, kernel.divides_by_weights)
+                leaf_ws[name] = w
+        source = base if base is not None else models[0]
+        _check_against_config(source, {}, entries)
         shards = plan_shards(entries, max_shard_bytes)
         files = shard_file_names(len(shards))
         tmp = _atomic_output(out, overwrite)
@@ -458,7 +493,7 @@ def merge_checkpoints(
         workspace: dict[str, np.ndarray] = {}
         for shard, file in zip(shards, files, strict=True):
             writer = ShardWriter(os.path.join(tmp, file), shard)
-            for name, dtype_out, shape in shard:
+            for name, dtype_out, _ in shard:
                 base_arr = reference.get(name)
                 arrays = [ckpt.get(name) for ckpt in inputs]
                 bytes_read += base_arr.nbytes * (base is not None) + sum(a.nbytes for a in arrays)
@@ -470,14 +505,7 @@ def merge_checkpoints(
                 if not _is_float(base_arr.dtype):
                     merged = base_arr
                 else:
-                    leaf_w = leaf_weights(
-                        _weights_for(per_leaf_weights, name),
-                        name,
-                        shape,
-                        len(models),
-                        group_fn,
-                        "t" if method == "slerp" else "weights",
-                    )
+                    leaf_w = leaf_ws[name]
                     leaf_key = jax.random.fold_in(key, index[name])
                     if method in api.CHUNKED_METHODS:
                         merged, bad = _merge_chunked(
@@ -501,7 +529,6 @@ def merge_checkpoints(
             writer.close()
         bar.close()
         write_index(tmp, shards, files, bytes_written)
-        source = base if base is not None else models[0]
         _copy_side_files(tmp, source, tokenizer_source or source, dtype)
         _finish(tmp, out, overwrite)
         tmp = None
@@ -602,6 +629,8 @@ def passthrough_checkpoints(
                     source.shape(in_name),
                 )
             )
+        updates = _layer_count_updates(shell_dir, new_layer)
+        _check_against_config(shell_dir, updates, entries)
         shards = plan_shards(entries, max_shard_bytes)
         files = shard_file_names(len(shards))
         tmp = _atomic_output(out, overwrite)
@@ -622,14 +651,6 @@ def passthrough_checkpoints(
             writer.close()
         bar.close()
         write_index(tmp, shards, files, total)
-        updates = {}
-        config_path = os.path.join(shell_dir, "config.json")
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
-            updates = {k: new_layer for k in _LAYER_COUNT_KEYS if k in config} or {
-                "num_hidden_layers": new_layer
-            }
         _copy_side_files(tmp, shell_dir, tokenizer_source or shell_dir, dtype, updates)
         _finish(tmp, out, overwrite)
         tmp = None
@@ -639,6 +660,47 @@ def passthrough_checkpoints(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"out": os.path.abspath(out), "num_tensors": len(plan), "num_layers": new_layer}
+
+
+def _layer_count_updates(shell_dir: str, num_layers: int) -> dict:
+    """The config.json entries a passthrough output changes: its layer count (under the key the config uses)."""
+    config_path = os.path.join(shell_dir, "config.json")
+    if not os.path.isfile(config_path):
+        return {}
+    with open(config_path) as f:
+        config = json.load(f)
+    return {k: num_layers for k in _LAYER_COUNT_KEYS if k in config} or {"num_hidden_layers": num_layers}
+
+
+def _check_against_config(config_source: str, updates: dict, entries: Sequence[tuple]) -> None:
+    """The output's tensors (`entries`: `(name, dtype, shape)`) agree with the config.json it will carry
+    (`config_source`'s, with `updates`), so the merged checkpoint loads (`load_pretrained` makes the same
+    check). A config of an architecture hm3_jax does not model is not checked (the merge itself needs none).
+
+    Raises:
+      ValueError naming the config.json, the tensor and the config fields (e.g. hidden_size 48, tensors 32).
+    """
+    config_path = os.path.join(config_source, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    with open(config_path) as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
+    hf = {k: v for k, v in hf.items() if k not in hf_config.REMOTE_CODE_KEYS}  # dropped from the output
+    try:
+        config = hf_config.config_from_hf_dict({**hf, **updates}, where=config_path)
+    except ValueError as e:  # an architecture or feature we do not model: nothing to check against
+        logging.info("%s: weights not checked against it (%s)", config_path, e)
+        return
+    shapes = {name: tuple(shape) for name, _, shape in entries}
+    try:
+        mapping.check_tensors(config, sorted(shapes), shapes.__getitem__)
+    except ValueError as e:
+        raise ValueError(f"{config_path} disagrees with the weights to be written: {e}") from None
 
 
 def _rename_layer(name: str, old: int, new: int) -> str:

@@ -1,0 +1,214 @@
+"""Issue 22: every mistake of a user gets one line naming the thing at fault, and leaves nothing behind.
+
+The table `MERGE_CASES` feeds bad inputs to `experiments.merge` (in process): each must exit with code 1, print
+`error: <message>` naming the offending file, key, tensor or flag, and leave the output's directory as it was.
+One case also runs as a subprocess, to check that no traceback reaches the terminal.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+import yaml
+from absl import flags
+
+from experiments import merge as merge_cli
+from hm3_jax import models
+from hm3_jax.model_io import Model, load_pretrained, save_pretrained
+from hm3_jax.models.config import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ModelConfig(family="llama", vocab_size=16, hidden_size=8, intermediate_size=12, num_layers=2,
+                     num_heads=2, max_position_embeddings=16)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """base, two experts (loadable llama checkpoints) and a base whose config.json says hidden_size 12."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    dirs = {}
+    for i, name in enumerate(("base", "a", "b")):
+        dirs[name] = str(root / name)
+        save_pretrained(Model(CONFIG, models.init(CONFIG, jax.random.key(i))), dirs[name])
+    dirs["wrong_config"] = str(root / "wrong_config")
+    save_pretrained(Model(CONFIG, models.init(CONFIG, jax.random.key(0))), dirs["wrong_config"])
+    cfg_path = os.path.join(dirs["wrong_config"], "config.json")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    with open(cfg_path, "w") as f:
+        json.dump({**hf, "hidden_size": 12}, f)
+    dirs["file"] = str(root / "a_file")
+    with open(dirs["file"], "w") as f:
+        f.write("not a directory\n")
+    dirs["readonly"] = str(root / "readonly")
+    os.makedirs(dirs["readonly"])
+    os.chmod(dirs["readonly"], 0o555)
+    yield dirs
+    os.chmod(dirs["readonly"], 0o755)
+
+
+def _yaml(tmp_path, config) -> str:
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config) if isinstance(config, dict) else config)
+    return str(path)
+
+
+def _ties(d, **over):
+    return {"merge_method": "ties", "base_model": d["base"],
+            "models": [{"model": d[m], "parameters": {"weight": 0.5, "density": 0.5}} for m in ("a", "b")],
+            **over}  # fmt: skip
+
+
+# (id, argv builder (pool, tmp_path, out) -> flags, words the message must contain[, pytest mark])
+MERGE_CASES = [
+    (
+        "config_disagrees_with_weights",
+        lambda d, t, o: [
+            "--method=task_arithmetic",
+            f"--base={d['wrong_config']}",
+            f"--models={d['a']}",
+            f"--out={o}",
+        ],
+        ["wrong_config/config.json", "model.embed_tokens.weight", "hidden_size=12"],
+    ),
+    (
+        "passthrough_config_disagrees_with_weights",
+        lambda d, t, o: [
+            f"--config={_yaml(t, {'merge_method': 'passthrough', 'slices': [{'sources': [{'model': d['wrong_config'], 'layer_range': [0, 2]}]}]})}",
+            f"--out={o}",
+        ],  # noqa: E501
+        ["wrong_config/config.json", "hidden_size=12"],
+    ),
+    (
+        "nan_weight_flag",
+        lambda d, t, o: [
+            "--method=task_arithmetic",
+            f"--base={d['base']}",
+            f"--models={d['a']}",
+            "--weights=nan",
+            f"--out={o}",
+        ],
+        ["--weights", "nan"],
+    ),
+    (
+        "nan_weight_yaml",
+        lambda d, t, o: [
+            f"--config={_yaml(t, _ties(d, models=[{'model': d['a'], 'parameters': {'weight': float('nan')}}]))}",
+            f"--out={o}",
+        ],  # noqa: E501
+        ["weights of tensor", "nan"],
+    ),
+    (
+        "weights_sum_to_zero_normalised",
+        lambda d, t, o: ["--method=linear", f"--models={d['a']},{d['b']}", "--weights=1,-1", f"--out={o}"],
+        ["sum to 0", "normalize", "tensor"],
+    ),
+    (
+        "weights_sum_to_zero_ties_yaml",
+        lambda d, t, o: [
+            f"--config={_yaml(t, _ties(d, models=[{'model': d['a'], 'parameters': {'weight': 0.5}}, {'model': d['b'], 'parameters': {'weight': -0.5}}]))}",
+            f"--out={o}",
+        ],  # noqa: E501
+        ["sum to 0", "normalize"],
+    ),
+    (
+        "yaml_missing",
+        lambda d, t, o: [f"--config={t / 'nope.yml'}", f"--out={o}"],
+        ["nope.yml", "does not exist"],
+    ),
+    ("yaml_is_a_directory", lambda d, t, o: [f"--config={t}", f"--out={o}"], ["is a directory"]),
+    (
+        "yaml_syntax_error",
+        lambda d, t, o: [f"--config={_yaml(t, 'merge_method: [ties')}", f"--out={o}"],
+        ["merge.yml", "not valid YAML", "line"],
+    ),
+    (
+        "yaml_not_a_mapping",
+        lambda d, t, o: [f"--config={_yaml(t, '- ties')}", f"--out={o}"],
+        ["merge.yml", "YAML mapping"],
+    ),
+    (
+        "out_in_readonly_dir",
+        lambda d, t, o: ["--method=linear", f"--models={d['a']},{d['b']}", f"--out={d['readonly']}/out"],
+        ["readonly/out", "permission"],
+        pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories"),
+    ),
+    (
+        "out_under_proc",
+        lambda d, t, o: ["--method=linear", f"--models={d['a']},{d['b']}", "--out=/proc/hm3_merge_out"],
+        ["/proc/hm3_merge_out", "cannot be written"],
+    ),
+    (
+        "out_below_a_file",
+        lambda d, t, o: ["--method=linear", f"--models={d['a']},{d['b']}", f"--out={d['file']}/out"],
+        ["a_file/out", "a_file' is a file"],
+    ),
+    (
+        "unknown_method_flag",
+        lambda d, t, o: ["--method=methodz", f"--base={d['base']}", f"--models={d['a']}", f"--out={o}"],
+        ["methodz", "known methods"],
+    ),
+    (
+        "unknown_method_yaml",
+        lambda d, t, o: [f"--config={_yaml(t, _ties(d, merge_method='methodz'))}", f"--out={o}"],
+        ["methodz", "supported"],
+    ),
+    (
+        "model_missing",
+        lambda d, t, o: ["--method=linear", f"--models={d['a']},{t / 'nowhere'}", f"--out={o}"],
+        ["nowhere", "does not exist"],
+    ),
+]
+
+
+def _case(c):
+    """(id, argv builder, words[, mark]) -> a pytest param."""
+    return pytest.param(c[1], c[2], id=c[0], marks=c[3:])
+
+
+@pytest.mark.parametrize("argv_fn,words", [_case(c) for c in MERGE_CASES])
+def test_merge_cli_bad_input_is_one_line_and_writes_nothing(pool, tmp_path, capsys, argv_fn, words):
+    out = tmp_path / "out"
+    argv = argv_fn(pool, tmp_path, out)
+    before = {p: sorted(os.listdir(p)) for p in (tmp_path, pool["readonly"], os.path.dirname(pool["base"]))}
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["merge", *argv, "--noprogress"])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            merge_cli.main(["merge"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for word in words:
+        assert word.lower() in err[0].lower(), (word, err[0])
+    assert {p: sorted(os.listdir(p)) for p in before} == before
+
+
+def test_merge_cli_subprocess_prints_no_traceback(pool, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.merge", "--method=task_arithmetic", f"--base={pool['wrong_config']}",
+         f"--models={pool['a']}", f"--out={out}"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "error: " in result.stderr and "hidden_size=12" in result.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_merged_checkpoint_of_a_good_pool_loads(pool, tmp_path):
+    """The check before writing accepts what `load_pretrained` accepts (and the merge then loads)."""
+    out = tmp_path / "out"
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["merge", f"--config={_yaml(tmp_path, _ties(pool))}", f"--out={out}", "--noprogress"])
+    try:
+        merge_cli.main(["merge"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert load_pretrained(str(out)).config.hidden_size == CONFIG.hidden_size
