@@ -46,8 +46,8 @@ def main(argv):
     mesh = distributed.runtime_from_flags()  # before any other JAX call
     try:
         report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
-    except (SpecError, WorkdirError) as e:  # a mistake in the user's input: one line naming it, exit code 1
-        sys.exit(f"error: {e}")
+    except (run_lib.ConfigError, SpecError, WorkdirError) as e:
+        sys.exit(f"error: {e}")  # a mistake in the user's input: one line naming it, exit code 1
     if distributed.is_main_process():
         print(summary.format_summary(report, _WORKDIR.value))
 

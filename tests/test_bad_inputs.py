@@ -212,3 +212,25 @@ def test_merged_checkpoint_of_a_good_pool_loads(pool, tmp_path):
     finally:
         flags.FLAGS.unparse_flags()
     assert load_pretrained(str(out)).config.hidden_size == CONFIG.hidden_size
+
+
+@pytest.mark.parametrize(
+    "flag,words",
+    [
+        ("--config.preferences.num=0", "preferences.num must be >= 1"),
+        ("--config.arch.rl.t_max=1", "arch.rl.t_max=1 is smaller than the models' 2 blocks"),
+        ("--config.baselines.path_methods=('ea','nsga3')", "unknown baseline method(s) ['nsga3']"),
+        ("--zoo_dir=/proc/hm3_zoo", "zoo directory /proc/hm3_zoo cannot be created"),
+    ],
+)
+def test_run_hm3_bad_config_is_one_line_before_anything_is_written(tmp_path, flag, words):
+    workdir = tmp_path / "w"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run_hm3", "--config=experiments/configs/tiny3.py:smoke", flag,
+         f"--workdir={workdir}"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"error: {words}" in result.stderr
+    assert os.listdir(tmp_path) == []

@@ -60,7 +60,7 @@ def test_workdir_of_another_config_is_refused(smoke_run):
     config, workdir, _ = smoke_run
     other = tiny3.get_config("smoke")
     other.seed = 123
-    with pytest.raises(WorkdirError, match="fingerprint"):
+    with pytest.raises(WorkdirError, match="config differs in seed: 0 -> 123"):
         Workdir(workdir, other.to_dict())
 
 

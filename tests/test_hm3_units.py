@@ -11,7 +11,7 @@ from hm3_jax import merging, models
 from hm3_jax.hm3 import param_level
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3 import run as run_lib
-from hm3_jax.hm3.workdir import Workdir, WorkdirError, atomic_write_json
+from hm3_jax.hm3.workdir import Workdir, WorkdirError, atomic_write_json, config_diff
 from hm3_jax.models.config import ModelConfig
 
 
@@ -21,9 +21,65 @@ def test_workdir_stage_is_computed_once_and_read_back(tmp_path):
     first = wd.stage("a", lambda: calls.append(1) or {"x": np.arange(3)})
     again = wd.stage("a", lambda: calls.append(1) or {"x": [9]})
     assert first == again == {"x": [0, 1, 2]} and len(calls) == 1
-    with pytest.raises(WorkdirError, match="fingerprint"):
+    with pytest.raises(WorkdirError, match="config differs in seed: 0 -> 1; use a new --workdir"):
         Workdir(str(tmp_path / "w"), {"seed": 1})
     Workdir(str(tmp_path / "w"), {"seed": 0})  # same config: reused
+
+
+def test_config_diff_names_the_keys_that_differ(tmp_path):
+    old = {"seed": 0, "arch": {"rl": {"t_max": 4, "lr": 1e-3}}, "methods": ("ea", "grid"), "gone": 1}
+    new = {"seed": 0, "arch": {"rl": {"t_max": 2, "lr": 1e-3}}, "methods": ["ea", "grid"], "added": "x"}
+    assert config_diff(old, new) == ['added: (absent) -> "x"', "arch.rl.t_max: 4 -> 2", "gone: 1 -> (absent)"]
+    assert config_diff(old, old) == []
+    many = config_diff({f"k{i}": i for i in range(10)}, {f"k{i}": -i for i in range(10)}, limit=3)
+    assert many[-1] == "... (6 more)" and len(many) == 4  # k0 is equal
+
+
+def _smoke_config():
+    from experiments.configs import tiny3
+
+    return tiny3.get_config("smoke")
+
+
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("preferences.num", 0, "preferences.num must be >= 1"),
+        ("preferences.kind", "sobol", "preferences.kind"),
+        ("arch.rl.t_max", 1, "arch.rl.t_max=1 is smaller than the models' 2 blocks"),
+        ("arch.alignment", "cca", "arch.alignment"),
+    ],
+)
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, key, value, words):
+    """Checked before the workdir is bound to the config (or a zoo is built): fixing the value and re-running into
+    the same --workdir is not refused as another run's."""
+    config = _smoke_config()
+    section, _, name = key.rpartition(".")
+    setattr(_section(config, section), name, value)
+    with pytest.raises(run_lib.ConfigError, match=words):
+        run_lib.setup(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def _section(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def test_zoo_of_another_config_says_what_to_do_from_the_cli(tmp_path):
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    config = _smoke_config()
+    built = config.zoo.to_dict()
+    built["seed"] = built.get("seed", 0) + 1
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / zoo_lib.MANIFEST).write_text(json.dumps({"fingerprint": "0" * 16, "config": built}))
+    with pytest.raises(
+        WorkdirError, match=r"zoo\.seed: \d+ -> \d+\); pass another --zoo_dir or --workdir, or delete"
+    ):
+        run_lib.setup(config, str(tmp_path / "w"), str(tmp_path / "zoo"))
+    assert not (tmp_path / "w").exists()
 
 
 def test_atomic_write_leaves_nothing_half_written(tmp_path):

@@ -28,7 +28,7 @@ from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, param_level
 from hm3_jax.hm3 import progress as progress_lib
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3.problem import Problem, make_problem, pool_for
-from hm3_jax.hm3.workdir import Workdir, WorkdirError
+from hm3_jax.hm3.workdir import Workdir, WorkdirError, config_diff
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
 from hm3_jax.tasks import zoo as zoo_lib
@@ -39,6 +39,10 @@ REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
 # "no_param_level" is a second architecture level (RL over the experts' pool); "no_arch_level" is the parameter
 # level's Theta(lambda) (no extra work). tiny3.py:smoke_mesh runs only the latter (fewer compilations).
 ABLATIONS = ("no_param_level", "no_arch_level")
+
+
+class ConfigError(ValueError):
+    """The run config cannot run (an unknown name, a value out of range); the message names the key."""
 
 
 def _ablations(config) -> tuple:
@@ -67,18 +71,37 @@ def make_preferences(cfg, num_tasks: int, key: jax.Array) -> np.ndarray:
 
 
 def _check_config(config) -> None:
+    """The whole run config is usable (ConfigError naming the key otherwise), before anything is written."""
     unknown = [m for m in config.baselines.param_methods if m not in REQUIRED_PARAM]
     unknown += [m for m in config.baselines.path_methods if m not in REQUIRED_PATH]
     if unknown:
-        raise ValueError(f"unknown baseline method(s) {unknown}; known: {REQUIRED_PARAM + REQUIRED_PATH}")
+        raise ConfigError(f"unknown baseline method(s) {unknown}; known: {REQUIRED_PARAM + REQUIRED_PATH}")
     bad = [a for a in _ablations(config) if a not in ABLATIONS]
     if bad:
-        raise ValueError(f"unknown ablation(s) {bad} in config.ablations; known: {ABLATIONS}")
+        raise ConfigError(f"unknown ablation(s) {bad} in config.ablations; known: {ABLATIONS}")
     if config.arch.alignment not in ("none", "moment"):
-        raise ValueError(f"arch.alignment must be 'none' or 'moment', got {config.arch.alignment!r}")
+        raise ConfigError(f"arch.alignment must be 'none' or 'moment', got {config.arch.alignment!r}")
     if config.param_level.pool_model not in ("paper", "tuned"):
-        raise ValueError(
+        raise ConfigError(
             f"param_level.pool_model must be 'paper' or 'tuned', got {config.param_level.pool_model!r}"
+        )
+    prefs = config.preferences
+    if prefs.kind not in ("dirichlet", "das_dennis"):
+        raise ConfigError(f"preferences.kind must be 'dirichlet' or 'das_dennis', got {prefs.kind!r}")
+    if prefs.kind == "dirichlet" and int(prefs.num) < 1:
+        raise ConfigError(f"preferences.num must be >= 1 (the balanced preference counts), got {prefs.num}")
+    if prefs.kind == "das_dennis" and int(prefs.divisions) < 1:
+        raise ConfigError(f"preferences.divisions must be >= 1, got {prefs.divisions}")
+    zoo_layers = config.get("zoo", {}).get("model", {}).get("num_layers") if not config.get("spec") else None
+    if zoo_layers is not None:  # a built-in zoo's depth is known before it is built
+        _check_t_max(config, zoo_layers)
+
+
+def _check_t_max(config, num_layers: int) -> None:
+    if config.arch.rl.t_max < num_layers:
+        raise ConfigError(
+            f"arch.rl.t_max={config.arch.rl.t_max} is smaller than the models' {num_layers} blocks: "
+            f"Theta(lambda)'s own path would be cut; set --config.arch.rl.t_max >= {num_layers}"
         )
 
 
@@ -103,22 +126,19 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     wait at a barrier). A workdir that already holds a run reads the spec that run recorded (so `suggest` and
     resumes never build anything), unless `zoo_dir` names another zoo.
     """
+    # The whole config, the spec, its data and its checkpoints are checked (and loaded) before the workdir is
+    # bound to the config (run.json): a mistake fixed and re-run into the same --workdir is not refused as
+    # another run. Only a built-in zoo is written first (into its own directory, under its own fingerprint).
     _check_config(config)
     recorded = _recorded_spec(workdir)  # a run already in the workdir: its spec and files, else {}
-    wd, spec_path = None, config.get("spec") or (None if zoo_dir else recorded.get("spec", {}).get("path"))
+    spec_path = config.get("spec") or (None if zoo_dir else recorded.get("spec", {}).get("path"))
     if not spec_path:
-        wd, spec_path = _builtin_zoo(config, workdir, zoo_dir)
-    # The spec, its data and its checkpoints are checked (and loaded) before anything is written.
+        spec_path = _builtin_zoo(config, workdir, zoo_dir)
     spec = spec_lib.load_spec(spec_path)
     zoo = spec_zoo.load(spec, config.get("spec_split_seed", 0))
-    L = zoo.base.config.num_layers
-    if config.arch.rl.t_max < L:
-        raise spec_lib.SpecError(
-            f"arch.rl.t_max={config.arch.rl.t_max} is smaller than the models' {L} blocks: Theta(lambda)'s own "
-            f"path would be cut; set --config.arch.rl.t_max >= {L}"
-        )
+    _check_t_max(config, zoo.base.config.num_layers)
     hashes = spec_lib.file_hashes(spec, recorded.get("files"))
-    wd = wd or Workdir(workdir, config.to_dict())
+    wd = Workdir(workdir, config.to_dict())
     _check_spec_files(wd, hashes)
     wd.stage("spec", lambda: {"spec": spec_lib.as_dict(spec), "files": hashes, **spec_zoo.describe(zoo)})
     # The sources' scores on every split (the ideal point) are a stage: computed once per run (12 model
@@ -132,16 +152,31 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     return wd, zoo, problem
 
 
-def _builtin_zoo(config, workdir: str, zoo_dir: str | None):
-    """(Workdir, spec path) of a built-in zoo (config.zoo: tiny3 / tiny8), built by process 0 if needed and made
-    a spec by `zoo.write_spec`."""
-    wd = Workdir(workdir, config.to_dict())
-    zoo_dir = zoo_dir or os.path.join(wd.path, "zoo")
+def _builtin_zoo(config, workdir: str, zoo_dir: str | None) -> str:
+    """The spec path of a built-in zoo (config.zoo: tiny3 / tiny8; default directory WORKDIR/zoo), built by
+    process 0 if needed and made a spec by `zoo.write_spec`."""
+    zoo_dir = zoo_dir or os.path.join(os.path.abspath(workdir), "zoo")
     if distributed.is_main_process():
-        zoo_lib.ensure_built(config.zoo, zoo_dir, on_mismatch="error")
+        if zoo_lib.read_manifest(zoo_dir) is None:  # to be built: a directory we cannot write is one line
+            try:
+                os.makedirs(zoo_dir, exist_ok=True)
+            except OSError as e:
+                raise WorkdirError(f"zoo directory {zoo_dir} cannot be created: {e.strerror}") from None
+            if not os.access(zoo_dir, os.W_OK):
+                raise WorkdirError(
+                    f"zoo directory {zoo_dir} is not writable; pass another --zoo_dir or --workdir"
+                )
+        try:
+            zoo_lib.ensure_built(config.zoo, zoo_dir, on_mismatch="error")
+        except zoo_lib.ZooMismatchError as e:
+            differ = config_diff({"zoo": e.built_config}, {"zoo": config.zoo.to_dict()})
+            raise WorkdirError(
+                f"{zoo_dir} holds a zoo built from another config.zoo ({'; '.join(differ) or 'format'}); pass "
+                f"another --zoo_dir or --workdir, or delete {zoo_dir} to have it rebuilt"
+            ) from None
         zoo_lib.write_spec(zoo_dir)
     distributed.barrier("hm3:zoo")
-    return wd, os.path.join(zoo_dir, zoo_lib.SPEC)
+    return os.path.join(zoo_dir, zoo_lib.SPEC)
 
 
 def _recorded_spec(workdir: str) -> dict:

@@ -4,7 +4,7 @@ Every stage of the end-to-end run (zoo, parameter level, architecture level, eac
 its result as one JSON file under ``workdir/stages/``; a re-run of the same command reads finished stages back
 instead of recomputing them, so a killed run resumes where it stopped and ends with the same report. The run's
 config fingerprint is written to ``workdir/run.json`` on first use; a workdir created by a different config is
-refused with an error that names both fingerprints.
+refused with an error that names the config keys that differ (run.json keeps the config).
 
 All writes go to a temporary file in the same directory and are moved into place with ``os.replace``, so an
 interruption never leaves a half-written stage that looks finished.
@@ -51,6 +51,26 @@ def fingerprint(obj: Any) -> str:
     """A stable 16-hex-digit digest of a JSON-able object (e.g. ``config.to_dict()``)."""
     blob = json.dumps(_to_jsonable(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: obj}
+
+
+def config_diff(old: dict, new: dict, limit: int = 8) -> list[str]:
+    """`key: old -> new` for each dotted key whose value differs between two configs (as JSON: a tuple equals
+    the list it is stored as); `(absent)` for a key only one has; at most `limit` entries, then `... (n more)`.
+    """
+    canon = [_flat(json.loads(json.dumps(_to_jsonable(c), default=str))) for c in (old, new)]
+    keys = sorted(k for k in set(canon[0]) | set(canon[1]) if canon[0].get(k, ()) != canon[1].get(k, ()))
+    show = [
+        f"{k}: {json.dumps(canon[0].get(k)) if k in canon[0] else '(absent)'} -> "
+        f"{json.dumps(canon[1].get(k)) if k in canon[1] else '(absent)'}"
+        for k in keys[:limit]
+    ]
+    return show + ([f"... ({len(keys) - limit} more)"] if len(keys) > limit else [])
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -124,10 +144,15 @@ class Workdir:
             with open(meta_path) as f:
                 meta = json.load(f)
             if meta.get("fingerprint") != self.fingerprint:
+                differ = config_diff(meta["config"], config_dict) if "config" in meta else []
+                what = (
+                    f"whose config differs in {'; '.join(differ)}"
+                    if differ
+                    else f"with config fingerprint {meta.get('fingerprint')}, not this config's {self.fingerprint}"
+                )
                 raise WorkdirError(
-                    f"workdir {self.path} belongs to a run with config fingerprint {meta.get('fingerprint')}, "
-                    f"but this config's fingerprint is {self.fingerprint}; use a new --workdir (or delete it) "
-                    "so two runs are never mixed"
+                    f"workdir {self.path} holds a run {what}; use a new --workdir (or delete it, or run with "
+                    "the recorded config: run.json) so two runs are never mixed"
                 )
         elif main:
             atomic_write_json(meta_path, {"fingerprint": self.fingerprint, "config": config_dict})

@@ -449,6 +449,14 @@ def load(workdir: str, eval_batch_size: int | None = None) -> Zoo:
     return Zoo(base, experts, tokenizer, task_data, objs, manifest, os.path.abspath(workdir))
 
 
+class ZooMismatchError(ValueError):
+    """A zoo directory holds a zoo of another config (`built_config`: the config it was built from)."""
+
+    def __init__(self, message: str, built_config: dict | None):
+        super().__init__(message)
+        self.built_config = built_config or {}
+
+
 def build_or_load(zoo_config, workdir: str, on_mismatch: str = "rebuild", progress: bool = True) -> Zoo:
     """Returns the zoo for `zoo_config` in `workdir`, building it when needed.
 
@@ -456,7 +464,7 @@ def build_or_load(zoo_config, workdir: str, on_mismatch: str = "rebuild", progre
       zoo_config: the `config.zoo` ConfigDict (see experiments/configs/tiny3.py).
       workdir: zoo directory.
       on_mismatch: what to do when `workdir` holds a zoo of another config: "rebuild" (replace it with a clean
-        build) or "error" (raise ValueError).
+        build) or "error" (raise `ZooMismatchError`, a ValueError).
       progress: show progress bars while building.
     """
     ensure_built(zoo_config, workdir, on_mismatch, progress)
@@ -479,7 +487,10 @@ def ensure_built(zoo_config, workdir: str, on_mismatch: str = "rebuild", progres
             f"wanted {fingerprint})"
         )
         if on_mismatch == "error":
-            raise ValueError(message + "; use another workdir or on_mismatch='rebuild'")
+            raise ZooMismatchError(
+                message + "; use another directory, delete it, or on_mismatch='rebuild'",
+                manifest.get("config"),
+            )
         log.warning("%s; rebuilding it", message)
     build(zoo_config, workdir, progress=progress)
 
