@@ -82,6 +82,21 @@ def test_zoo_of_another_config_says_what_to_do_from_the_cli(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_suggest_normalizes_on_request_and_names_a_directory_without_a_run(tmp_path):
+    from hm3_jax.hm3 import suggest as suggest_lib
+
+    with pytest.raises(WorkdirError, match="holds no HM3 run"):
+        suggest_lib.suggest(str(tmp_path), [1 / 3] * 3)
+    (tmp_path / "run.json").write_text(json.dumps({"fingerprint": "0", "config": {}}))
+    front = {"preferences": [[1 / 3] * 3, [0.6, 0.2, 0.2]], "paths": [[0, 1], [1, 0]], "points": [[1, 2, 3]] * 2,
+             "normalised_points": [[0.1, 0.2, 0.3]] * 2}  # fmt: skip
+    (tmp_path / "report.json").write_text(json.dumps({"tasks": ["a", "b", "c"], "methods": {"hm3": front}}))
+    with pytest.raises(ValueError, match="normalize=True"):
+        suggest_lib.suggest(str(tmp_path), [3, 1, 1])
+    answer = suggest_lib.suggest(str(tmp_path), [3, 1, 1], normalize=True)
+    assert answer["front_index"] == 1 and answer["preference"] == pytest.approx([0.6, 0.2, 0.2])
+
+
 def test_atomic_write_leaves_nothing_half_written(tmp_path):
     path = tmp_path / "r.json"
     atomic_write_json(str(path), {"a": 1})

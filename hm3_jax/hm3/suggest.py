@@ -28,10 +28,14 @@ from hm3_jax import models, moo
 from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
+from hm3_jax.hm3.workdir import WorkdirError
 
 
 def _load(run_dir: str):
-    with open(os.path.join(run_dir, "run.json")) as f:
+    meta_path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(meta_path):
+        raise WorkdirError(f"{run_dir} holds no HM3 run (no run.json); give the --workdir of a run_hm3 run")
+    with open(meta_path) as f:
         meta = json.load(f)
     report_path = os.path.join(run_dir, "report.json")
     if not os.path.exists(report_path):
@@ -44,16 +48,22 @@ def _load(run_dir: str):
 
 
 def suggest(
-    run_dir: str, preference, search: bool = False, refine_iterations: int = 0, seed: int = 0
+    run_dir: str,
+    preference,
+    search: bool = False,
+    refine_iterations: int = 0,
+    seed: int = 0,
+    normalize: bool = False,
 ) -> dict:
-    """The merged model for `preference` ([K] on the simplex).
+    """The merged model for `preference` ([K] on the simplex; with `normalize`, any non-negative [K] with a
+    positive sum, divided by its sum: `[3, 1, 1]` is `[0.6, 0.2, 0.2]`).
 
     Returns: dict with `preference`, `path`, `heldout` (raw scores in task order), `source` ("front" or
       "policy"), and for front answers `front_index`, `front_preference` and the export directory.
     """
     config, report = _load(run_dir)
     K = len(report["tasks"])
-    pref = moo.validate_preference(np.asarray(preference, np.float64), K)
+    pref = moo.validate_preference(np.asarray(preference, np.float64), K, normalize=normalize)
     hm3 = report["methods"]["hm3"]
     if not search:
         prefs = np.asarray(hm3["preferences"])
