@@ -16,6 +16,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli_errors
 from hm3_jax import distributed, logs
 from hm3_jax.tasks import zoo as zoo_lib
 
@@ -49,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_errors.make_flags_parser(_CONFIG))

@@ -25,6 +25,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli_errors
 from hm3_jax import distributed, logs
 from hm3_jax.hm3 import run as run_lib
 from hm3_jax.hm3 import summary
@@ -57,4 +58,4 @@ def run_hm3(config, workdir, zoo_dir=None, mesh=None):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_errors.make_flags_parser(_CONFIG))

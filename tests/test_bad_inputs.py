@@ -221,13 +221,18 @@ def test_merged_checkpoint_of_a_good_pool_loads(pool, tmp_path):
         ("--config.arch.rl.t_max=1", "arch.rl.t_max=1 is smaller than the models' 2 blocks"),
         ("--config.baselines.path_methods=('ea','nsga3')", "unknown baseline method(s) ['nsga3']"),
         ("--zoo_dir=/proc/hm3_zoo", "zoo directory /proc/hm3_zoo cannot be created"),
+        ("--config.baselines.methodz=1", "--config.baselines.methodz: the config has no key 'methodz'"),
+        (
+            "--config=experiments/configs/nope.py",
+            "--config: [Errno 2] No such file or directory: 'experiments/co",
+        ),
     ],
 )
 def test_run_hm3_bad_config_is_one_line_before_anything_is_written(tmp_path, flag, words):
     workdir = tmp_path / "w"
+    config = [] if flag.startswith("--config=") else ["--config=experiments/configs/tiny3.py:smoke"]
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.run_hm3", "--config=experiments/configs/tiny3.py:smoke", flag,
-         f"--workdir={workdir}"],
+        [sys.executable, "-m", "experiments.run_hm3", *config, flag, f"--workdir={workdir}"],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
