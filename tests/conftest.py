@@ -61,15 +61,20 @@ def smoke_zoo_dir():
 
 
 # The files handed out first (see the module docstring): the two long ones, then the one that needs the smoke
-# run. The rest follow longest first (seconds per file in a cold `make test` at load ~5, docs/testing.md), so
-# that the last files handed out are short and both workers finish together; a file not listed goes last.
+# run. The rest follow longest first (seconds per file in a cold `make test` on an idle machine, run r2 of
+# docs/testing.md), so that the last files handed out are short and both workers finish together; a file not
+# listed goes last (add new files here: unlisted long files at the end leave one worker idle).
 FIRST_FILES = ("test_hm3_run.py", "test_hm3_distributed.py", "test_hm3_run_resume.py")
 FILE_SECONDS = {
-    "test_spec_run.py": 104, "test_hf_objectives.py": 48, "test_io_config_forms.py": 20, "test_paths.py": 74, "test_merging.py": 68, "test_arch_train.py": 48, "test_merge_cli.py": 47,
-    "test_tiny8.py": 42, "test_tasks_objectives.py": 41, "test_hm3_units.py": 29, "test_models_decode.py": 28,
-    "test_models_llama.py": 26, "test_distributed_loop.py": 25, "test_models_gpt2_vit.py": 24,
-    "test_confirm.py": 22, "test_distributed.py": 22, "test_io_parity_gpt2_vit.py": 20, "test_models_path.py": 20,
-    "test_io_parity.py": 18, "test_baselines.py": 14, "test_arch_env.py": 9, "test_moo.py": 7,
+    "test_spec_run.py": 77, "test_hf_objectives.py": 45, "test_merging.py": 41, "test_arch_train.py": 40,
+    "test_tiny8.py": 38, "test_paths.py": 37, "test_merge_cli.py": 31, "test_export_mergekit.py": 28,
+    "test_tasks_objectives.py": 23, "test_io_parity_gpt2_vit.py": 22, "test_models_decode.py": 21,
+    "test_hm3_units.py": 21, "test_models_gpt2_vit.py": 20, "test_distributed.py": 19, "test_spec_checkpoints.py": 18,
+    "test_models_llama.py": 18, "test_confirm.py": 18, "test_distributed_loop.py": 16, "test_io_parity.py": 15,
+    "test_bad_inputs.py": 15, "test_models_path.py": 12, "test_baselines.py": 11, "test_arch_env.py": 7,
+    "test_io_vocab.py": 5, "test_zoo.py": 5, "test_train_lib.py": 4, "test_bootstrap.py": 3,
+    "test_io_config_forms.py": 3, "test_moo.py": 3, "test_models_flops.py": 2, "test_io_files.py": 2,
+    "test_report_html.py": 1,
 }  # fmt: skip
 
 
