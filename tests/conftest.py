@@ -61,7 +61,7 @@ def smoke_zoo_dir():
 
 
 # The files handed out first (see the module docstring): the two long ones, then the one that needs the smoke
-# run. The rest follow longest first (seconds per file in a cold `make test` on an idle machine, run r2 of
+# run. The rest follow longest first (seconds per file in a cold `make test` on an idle machine, run s6-r2 of
 # docs/testing.md), so that the last files handed out are short and both workers finish together; a file not
 # listed goes last (add new files here: unlisted long files at the end leave one worker idle).
 FIRST_FILES = ("test_hm3_run.py", "test_hm3_distributed.py", "test_hm3_run_resume.py")
