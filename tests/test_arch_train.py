@@ -106,9 +106,10 @@ def test_warm_start_decodes_the_demonstration_before_any_ppo():
         config = ppo.ArchConfig(**base, warm_start_source=2 if steps else -1, warm_start_steps=steps)
         trainer = ppo.make_trainer(config, planted.make_score_fn(problem), problem.descriptors, prefs[:2])
         params = trainer.init(jax.random.key(1)).params
+        decode = jax.jit(trainer.decode)  # as the architecture level decodes: one compilation per trainer
         decoded[steps] = []
         for w in prefs:
-            path, length = trainer.decode(params, w)
+            path, length = decode(params, w)
             decoded[steps].append(tuple(int(a) for a in np.asarray(path)[: int(length)]))
     assert decoded[300] == [demo] * 3
     assert decoded[0] != [demo] * 3
