@@ -191,7 +191,7 @@ def test_t_max_below_depth_is_refused_before_anything_is_written(tmp_path, llama
     config = checkpoints.get_config(_spec(tmp_path, {"a": "expert"}) + ",smoke")
     assert (config.arch.rl.t_max, config.arch.rl.t_min) == (4, 2)  # from the base's 2 blocks
     config.arch.rl.t_max = 1
-    with pytest.raises(SpecError, match=r"t_max=1 is smaller than the models' 2 blocks"):
+    with pytest.raises(run_lib.ConfigError, match=r"t_max=1 is smaller than the models' 2 blocks"):
         run_lib.setup(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 
