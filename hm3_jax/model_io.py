@@ -76,7 +76,8 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Model:
     Raises:
       FileNotFoundError (no directory or no config.json), UnsupportedArchitectureError (lists the supported
       ones), CheckpointError (no safetensors weights -- with conversion instructions for `.bin`-only
-      directories -- or a missing, unexpected or wrongly shaped tensor, named), ValueError (bad dtype).
+      directories -- or a missing, unexpected or wrongly shaped tensor, named, or a tensor holding NaN/Inf,
+      named with its file), ValueError (bad dtype).
     """
     dt = _check_dtype(dtype)
     config, hf = hf_config_lib.read_hf_config(path)

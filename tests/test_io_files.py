@@ -332,6 +332,28 @@ def test_missing_and_unexpected_tensors_named(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, back.params, model.params)
 
 
+def test_non_finite_tensor_names_the_file_and_tensor(tmp_path):
+    """A NaN or Inf weight (float32 or bfloat16, in any shard) is a CheckpointError naming file and tensor."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    model = _tiny_llama()
+    save_pretrained(model, tmp_path / "ck")
+    state = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    hf = json.loads((tmp_path / "ck" / "config.json").read_text())
+    name = "model.layers.1.mlp.up_proj.weight"
+    for value, dtype in ((np.nan, np.float32), (np.inf, ml_dtypes.bfloat16)):
+        bad = {k: v.astype(dtype) for k, v in state.items()}
+        bad[name] = bad[name].copy()
+        bad[name][3, 2] = value
+        path = _write(tmp_path / f"bad_{np.dtype(dtype).name}", hf, bad)
+        with pytest.raises(CheckpointError) as err:
+            load_pretrained(path)
+        message = str(err.value)
+        assert os.path.join(path, "model.safetensors") in message and name in message, message
+        assert "NaN or Inf" in message and "1 of" in message, message
+
+
 def test_failed_save_leaves_nothing_behind(tmp_path):
     model = _tiny_llama()
     bad = Model(model.config, jax.tree.map(lambda x: x, model.params))

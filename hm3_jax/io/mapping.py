@@ -412,8 +412,8 @@ def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None)
     Returns:
       params `{"embed", "blocks", "final", "head"}` of device arrays.
     Raises:
-      CheckpointError naming the tensor when one is missing or its shape disagrees with the config, and
-      listing tensors the checkpoint holds that the architecture does not use.
+      CheckpointError naming the tensor when one is missing, its shape disagrees with the config or it holds
+      NaN/Inf (with its file), and listing tensors the checkpoint holds that the architecture does not use.
     """
     mapping = family_mapping(config)
     np_dtype = (

@@ -167,8 +167,21 @@ class TensorReader(contextlib.AbstractContextManager):
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        """Tensor `name` as a numpy array in its stored dtype."""
-        return self._handle(name).get_tensor(name)
+        """Tensor `name` as a numpy array in its stored dtype.
+
+        Raises:
+          CheckpointError naming the file and the tensor when it holds NaN or Inf (checked as it is read: one
+          pass over data already in memory, so a corrupt checkpoint fails at load, not as NaN scores later).
+        """
+        x = self._handle(name).get_tensor(name)
+        finite = np.isfinite(x)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise CheckpointError(
+                f"{self.weight_files[name]}: tensor {name} {list(x.shape)} holds NaN or Inf "
+                f"({bad} of {finite.size} values); the checkpoint is corrupt or was saved after a diverged run"
+            )
+        return x
 
 
 def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
