@@ -12,6 +12,7 @@ host-side job) while the others wait at a barrier.
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,7 +41,10 @@ def main(argv):
     if not distributed.is_main_process():  # host-side build: process 0 writes the zoo, the others wait
         distributed.barrier("build_zoo")
         return
-    zoo = zoo_lib.build_or_load(_CONFIG.value.zoo, _WORKDIR.value, on_mismatch=_ON_MISMATCH.value)
+    try:
+        zoo = zoo_lib.build_or_load(_CONFIG.value.zoo, _WORKDIR.value, on_mismatch=_ON_MISMATCH.value)
+    except zoo_lib.ZooError as e:
+        sys.exit(f"error: {e}")  # a mistake in the user's input: one line naming it, exit code 1
     print(zoo_lib.format_summary(zoo.manifest))
     timing = zoo_lib.time_scoring(zoo) if _TIME_SCORING.value else None
     print(

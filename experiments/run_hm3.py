@@ -30,6 +30,7 @@ from hm3_jax import distributed, logs
 from hm3_jax.hm3 import run as run_lib
 from hm3_jax.hm3 import summary
 from hm3_jax.hm3.workdir import WorkdirError
+from hm3_jax.tasks import zoo as zoo_lib
 from hm3_jax.tasks.spec import SpecError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,7 +48,7 @@ def main(argv):
     mesh = distributed.runtime_from_flags()  # before any other JAX call
     try:
         report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
-    except (run_lib.ConfigError, SpecError, WorkdirError) as e:
+    except (run_lib.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError) as e:
         sys.exit(f"error: {e}")  # a mistake in the user's input: one line naming it, exit code 1
     if distributed.is_main_process():
         print(summary.format_summary(report, _WORKDIR.value))

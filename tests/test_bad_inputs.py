@@ -2,7 +2,9 @@
 
 The table `MERGE_CASES` feeds bad inputs to `experiments.merge` (in process): each must exit with code 1, print
 `error: <message>` naming the offending file, key, tensor or flag, and leave the output's directory as it was.
-One case also runs as a subprocess, to check that no traceback reaches the terminal.
+`ZOO_CASES` feeds bad zoo directories and configs to `zoo.build_or_load` (what `experiments.build_zoo` calls;
+its flags clash with merge's in one process): each must be a `ZooError` naming the thing, before anything is
+written. One case of each binary also runs as a subprocess, to check that no traceback reaches the terminal.
 """
 
 import json
@@ -16,6 +18,7 @@ import yaml
 from absl import flags
 
 from experiments import merge as merge_cli
+from experiments.configs import tiny3
 from hm3_jax import models
 from hm3_jax.model_io import Model, load_pretrained, save_pretrained
 from hm3_jax.models.config import ModelConfig
@@ -212,6 +215,87 @@ def test_merged_checkpoint_of_a_good_pool_loads(pool, tmp_path):
     finally:
         flags.FLAGS.unparse_flags()
     assert load_pretrained(str(out)).config.hidden_size == CONFIG.hidden_size
+
+
+def _zoo_with_manifest(d, t):
+    """A zoo directory whose manifest records another config (what a changed config.zoo finds)."""
+    (t / "other_zoo").mkdir()
+    (t / "other_zoo" / "manifest.json").write_text(
+        json.dumps({"fingerprint": "0" * 16, "config": {"seed": 9}})
+    )
+    return str(t / "other_zoo")
+
+
+def _not_a_zoo(d, t):
+    (t / "mine").mkdir()
+    (t / "mine" / "notes.txt").write_text("mine")
+    return str(t / "mine")
+
+
+# (id, workdir builder (pool, tmp_path) -> path, config.zoo overrides, on_mismatch, words[, pytest mark])
+ZOO_CASES = [
+    ("workdir_below_a_file", lambda d, t: f"{d['file']}/zoo", {}, "error", ["a_file/zoo", "a_file is a file"]),
+    ("workdir_is_a_file", lambda d, t: d["file"], {}, "error", ["a_file", "is a file"]),
+    (
+        "workdir_in_readonly_dir",
+        lambda d, t: f"{d['readonly']}/zoo",
+        {},
+        "error",
+        ["readonly/zoo", "readonly is not writable"],
+    ),
+    (
+        "workdir_below_readonly_dir",
+        lambda d, t: f"{d['readonly']}/a/b/zoo",
+        {},
+        "rebuild",
+        ["readonly/a/b/zoo", "readonly is not writable"],
+    ),
+    ("workdir_under_proc", lambda d, t: "/proc/hm3_zoo", {}, "rebuild", ["/proc/hm3_zoo", "cannot be created"]),
+    ("unknown_zoo_kind", lambda d, t: str(t / "zoo"), {"kind": "tiny9"}, "rebuild", ["config.zoo.kind", "tiny9", "tiny3"]),
+    ("not_a_zoo", _not_a_zoo, {}, "rebuild", ["mine", "holds no manifest.json"]),
+    ("another_configs_zoo", _zoo_with_manifest, {}, "error", ["other_zoo", "another config"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "workdir_fn,overrides,on_mismatch,words", [pytest.param(*c[1:5], id=c[0], marks=c[5:]) for c in ZOO_CASES]
+)
+def test_build_zoo_bad_input_is_a_zoo_error_before_anything_is_written(
+    pool, tmp_path, monkeypatch, workdir_fn, overrides, on_mismatch, words
+):
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    if os.geteuid() == 0:  # root may write anywhere: let os.access answer from the mode bits, as for a user
+        access = os.access
+        monkeypatch.setattr(
+            os, "access", lambda p, m: access(p, m) and not (m & os.W_OK and not os.stat(p).st_mode & 0o222)
+        )
+
+    workdir = workdir_fn(pool, tmp_path)
+    config = tiny3.get_config("smoke").zoo
+    with config.unlocked():
+        config.update(overrides)
+    before = {p: sorted(os.listdir(p)) for p in (tmp_path, pool["readonly"], os.path.dirname(pool["base"]))}
+    with pytest.raises(zoo_lib.ZooError) as err:
+        zoo_lib.build_or_load(config, workdir, on_mismatch=on_mismatch, progress=False)
+    message = str(err.value)
+    assert "\n" not in message, message
+    for word in words:
+        assert word.lower() in message.lower(), (word, message)
+    assert {p: sorted(os.listdir(p)) for p in before} == before
+
+
+def test_build_zoo_subprocess_is_one_line_without_traceback(pool, tmp_path):
+    workdir = f"{pool['file']}/zoo"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.build_zoo", "--config=experiments/configs/tiny3.py:smoke",
+         f"--workdir={workdir}"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"error: zoo directory {workdir} cannot be created: {pool['file']} is a file" in result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ def test_rebuild_replaces_the_directory_atomically(tmp_path, monkeypatch, smoke_
     stranger = tmp_path / "not_a_zoo"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="refusing"):
+    with pytest.raises(zoo_lib.ZooError, match="refusing"):
         zoo_lib.build(smoke_config, str(stranger))
     with pytest.raises(FileNotFoundError, match="not a zoo"):
         zoo_lib.load(str(stranger))

@@ -154,12 +154,42 @@ def _train_rows_for_task(examples, tokenizer, seq_len: int) -> tuple[np.ndarray,
 ZOO_KINDS = ("tiny3", "tiny8")
 
 
+class ZooError(ValueError):
+    """A zoo directory or `config.zoo` that cannot be used; the message names the directory or key (one line)."""
+
+
 def zoo_kind(zoo_config) -> str:
     """`zoo_config.kind` ("tiny3" when absent, so tiny3 fingerprints are unchanged); tiny8: hm3_jax/tasks/tiny8."""
     kind = _to_dict(zoo_config).get("kind", "tiny3")
     if kind not in ZOO_KINDS:
-        raise ValueError(f"zoo kind must be one of {ZOO_KINDS}, got {kind!r}")
+        raise ZooError(f"config.zoo.kind={kind!r} is not a zoo kind; known kinds: {', '.join(ZOO_KINDS)}")
     return kind
+
+
+def check_buildable(zoo_config, workdir: str) -> None:
+    """Raises ZooError unless a zoo of `zoo_config` can be built into `workdir`, before anything is written.
+
+    Checked: the zoo kind; `workdir` is not a file, nor a non-empty directory that holds no zoo; its parent (or
+    the nearest ancestor that exists, where the missing ones would be made) is a directory we can write, since
+    the build goes to a temporary sibling of `workdir`.
+    """
+    zoo_kind(zoo_config)
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ZooError(f"zoo directory {workdir} is a file")
+    if os.path.isdir(workdir) and os.listdir(workdir) and read_manifest(workdir) is None:
+        raise ZooError(
+            f"zoo directory {workdir} is not empty and holds no {MANIFEST}: refusing to overwrite it"
+        )
+    ancestor = os.path.dirname(workdir)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ZooError(f"zoo directory {workdir} cannot be created: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ZooError(
+            f"zoo directory {workdir} cannot be created: {ancestor} is not writable (permission denied)"
+        )
 
 
 def _build(zoo_config, out_dir: str, progress: bool) -> dict:
@@ -399,15 +429,19 @@ def build(zoo_config, workdir: str, progress: bool = True) -> None:
 
     The build goes to a temporary sibling directory; then an existing `workdir` (which must itself be a zoo,
     i.e. hold a manifest, or be empty) is moved aside and deleted, and the new one renamed into place.
+
+    Raises:
+      ZooError naming the directory or key when `check_buildable` refuses, or the temporary directory cannot be
+      made; nothing is written then.
     """
     workdir = os.path.abspath(workdir)
     parent = os.path.dirname(workdir)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.isdir(workdir) and os.listdir(workdir) and read_manifest(workdir) is None:
-        raise FileExistsError(
-            f"{workdir} exists, is not empty and holds no {MANIFEST}: refusing to overwrite it"
-        )
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(workdir)}.building-")
+    check_buildable(zoo_config, workdir)
+    try:  # what the checks cannot see (a filesystem that refuses new entries, as /proc): still one line
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(workdir)}.building-")
+    except OSError as e:
+        raise ZooError(f"zoo directory {workdir} cannot be created: {e.strerror}") from None
     try:
         manifest = _build(zoo_config, tmp, progress)
         _write_manifest(tmp, manifest)
@@ -449,7 +483,7 @@ def load(workdir: str, eval_batch_size: int | None = None) -> Zoo:
     return Zoo(base, experts, tokenizer, task_data, objs, manifest, os.path.abspath(workdir))
 
 
-class ZooMismatchError(ValueError):
+class ZooMismatchError(ZooError):
     """A zoo directory holds a zoo of another config (`built_config`: the config it was built from)."""
 
     def __init__(self, message: str, built_config: dict | None):
