@@ -388,6 +388,14 @@ def read_hf_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]
         raise FileNotFoundError(
             f"{path!r} has no {CONFIG_NAME}; a Hugging Face checkpoint directory needs one"
         )
+    hf = read_config_dict(cfg_file)
+    check_no_remote_code(hf, cfg_file)
+    return config_from_hf_dict(hf, where=cfg_file), hf
+
+
+def read_config_dict(cfg_file: str) -> dict[str, Any]:
+    """The JSON object in a config.json file (ValueError naming the file when it is not valid JSON or not an
+    object)."""
     with open(cfg_file, encoding="utf-8") as f:
         try:
             hf = json.load(f)
@@ -395,8 +403,7 @@ def read_hf_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]
             raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
     if not isinstance(hf, dict):
         raise ValueError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
-    check_no_remote_code(hf, cfg_file)
-    return config_from_hf_dict(hf, where=cfg_file), hf
+    return hf
 
 
 def check_no_remote_code(hf: dict[str, Any], where: str = "config.json") -> None:

@@ -683,13 +683,7 @@ def _check_against_config(config_source: str, updates: dict, entries: Sequence[t
     config_path = os.path.join(config_source, "config.json")
     if not os.path.isfile(config_path):
         return
-    with open(config_path) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
+    hf = hf_config.read_config_dict(config_path)
     hf = {k: v for k, v in hf.items() if k not in hf_config.REMOTE_CODE_KEYS}  # dropped from the output
     try:
         config = hf_config.config_from_hf_dict({**hf, **updates}, where=config_path)
