@@ -64,16 +64,11 @@ class Problem(NamedTuple):
         """K, the number of objectives (score columns)."""
         return len(self.tasks)
 
-    @property
-    def task_groups(self) -> np.ndarray:
-        """int [T]: the objective index of each task (the identity on the built-in zoos)."""
-        return np.arange(len(self.tasks)) if self.groups is None else np.asarray(self.groups)
-
     def task_weights(self, objective_weights) -> np.ndarray:
-        """[T] per-task weights w_t = v_g / |tasks of g| (g = the task's objective), so that
-        `sum_t w_t score_t = sum_g v_g * mean of g's task scores` (objective weights `v` [K])."""
-        g = self.task_groups
-        return np.asarray(objective_weights, np.float64)[g] / np.bincount(g)[g]
+        """[T] per-task weights w = G v (G the engines' averaging matrix `group_matrix`: w_t = v_g / |tasks of g|
+        for g the task's objective), so that `sum_t w_t score_t = sum_g v_g * mean of g's task scores`."""
+        v = np.asarray(objective_weights, np.float64)
+        return v if self.groups is None else engine_lib.group_matrix(self.groups, len(self.groups)) @ v
 
     @property
     def num_sources(self) -> int:

@@ -73,6 +73,12 @@ def config_diff(old: dict, new: dict, limit: int = 8) -> list[str]:
     return show + ([f"... ({len(keys) - limit} more)"] if len(keys) > limit else [])
 
 
+def stage_file(workdir: str, name: str) -> str:
+    """Where stage `name` of the run in `workdir` is stored (`Workdir.stage_path`, usable before a Workdir is
+    made, e.g. to read what an earlier run recorded without binding the directory to a config)."""
+    return os.path.join(workdir, "stages", name.replace(":", "_").replace("/", "_") + ".json")
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temp file in the same directory and ``os.replace``.
 
@@ -165,7 +171,7 @@ class Workdir:
         return p
 
     def stage_path(self, name: str) -> str:
-        return os.path.join(self.path, "stages", name.replace(":", "_").replace("/", "_") + ".json")
+        return stage_file(self.path, name)
 
     def has_stage(self, name: str) -> bool:
         return os.path.exists(self.stage_path(name))
