@@ -28,7 +28,7 @@ from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, param_level
 from hm3_jax.hm3 import progress as progress_lib
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3.problem import Problem, make_problem, pool_for
-from hm3_jax.hm3.workdir import Workdir, WorkdirError, config_diff
+from hm3_jax.hm3.workdir import Workdir, WorkdirError, config_diff, stage_file
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
 from hm3_jax.tasks import zoo as zoo_lib
@@ -55,17 +55,14 @@ def make_preferences(cfg, num_tasks: int, key: jax.Array) -> np.ndarray:
     `cfg.num` (dirichlet) counts the balanced preference: `num=1` is a run for the balanced preference alone.
     """
     balanced = np.full((1, num_tasks), 1.0 / num_tasks)
+    check_preferences(cfg)
     if cfg.kind == "dirichlet":
-        if int(cfg.num) < 1:
-            raise ValueError(f"preferences.num must be >= 1 (the balanced preference counts), got {cfg.num}")
         rest = np.zeros((0, num_tasks))
         if cfg.num > 1:
             rest = np.asarray(moo.dirichlet(key, cfg.num - 1, num_tasks), np.float64)
-    elif cfg.kind == "das_dennis":
+    else:  # das_dennis
         grid = moo.das_dennis(num_tasks, cfg.divisions)
         rest = grid[np.abs(grid - balanced).sum(1) > 1e-9]
-    else:
-        raise ValueError(f"preferences.kind must be 'dirichlet' or 'das_dennis', got {cfg.kind!r}")
     prefs = np.concatenate([balanced, rest]).astype(np.float32)
     return prefs / prefs.sum(1, keepdims=True)
 
@@ -85,16 +82,20 @@ def _check_config(config) -> None:
         raise ConfigError(
             f"param_level.pool_model must be 'paper' or 'tuned', got {config.param_level.pool_model!r}"
         )
-    prefs = config.preferences
+    check_preferences(config.preferences)
+    zoo_layers = config.get("zoo", {}).get("model", {}).get("num_layers") if not config.get("spec") else None
+    if zoo_layers is not None:  # a built-in zoo's depth is known before it is built
+        _check_t_max(config, zoo_layers)
+
+
+def check_preferences(prefs) -> None:
+    """ConfigError naming the key unless `config.preferences` can make preferences (`make_preferences`)."""
     if prefs.kind not in ("dirichlet", "das_dennis"):
         raise ConfigError(f"preferences.kind must be 'dirichlet' or 'das_dennis', got {prefs.kind!r}")
     if prefs.kind == "dirichlet" and int(prefs.num) < 1:
         raise ConfigError(f"preferences.num must be >= 1 (the balanced preference counts), got {prefs.num}")
     if prefs.kind == "das_dennis" and int(prefs.divisions) < 1:
         raise ConfigError(f"preferences.divisions must be >= 1, got {prefs.divisions}")
-    zoo_layers = config.get("zoo", {}).get("model", {}).get("num_layers") if not config.get("spec") else None
-    if zoo_layers is not None:  # a built-in zoo's depth is known before it is built
-        _check_t_max(config, zoo_layers)
 
 
 def _check_t_max(config, num_layers: int) -> None:
@@ -157,16 +158,7 @@ def _builtin_zoo(config, workdir: str, zoo_dir: str | None) -> str:
     process 0 if needed and made a spec by `zoo.write_spec`."""
     zoo_dir = zoo_dir or os.path.join(os.path.abspath(workdir), "zoo")
     if distributed.is_main_process():
-        if zoo_lib.read_manifest(zoo_dir) is None:  # to be built: a directory we cannot write is one line
-            try:
-                os.makedirs(zoo_dir, exist_ok=True)
-            except OSError as e:
-                raise WorkdirError(f"zoo directory {zoo_dir} cannot be created: {e.strerror}") from None
-            if not os.access(zoo_dir, os.W_OK):
-                raise WorkdirError(
-                    f"zoo directory {zoo_dir} is not writable; pass another --zoo_dir or --workdir"
-                )
-        try:
+        try:  # a directory that cannot hold a zoo is a ZooError from zoo.check_buildable, before anything is written
             zoo_lib.ensure_built(config.zoo, zoo_dir, on_mismatch="error")
         except zoo_lib.ZooMismatchError as e:
             differ = config_diff({"zoo": e.built_config}, {"zoo": config.zoo.to_dict()})
@@ -181,7 +173,7 @@ def _builtin_zoo(config, workdir: str, zoo_dir: str | None) -> str:
 
 def _recorded_spec(workdir: str) -> dict:
     """The "spec" stage a run in `workdir` recorded (its spec, file hashes, splits), or {}."""
-    path = os.path.join(workdir, "stages", "spec.json")
+    path = stage_file(workdir, "spec")
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
