@@ -339,22 +339,22 @@ def write_spec(workdir: str) -> str:
         raise ValueError(f"{workdir}: no {MANIFEST}, not a built zoo")
     with FileLock(path + ".lock"):  # spec.yaml appears last: a reader that sees it sees every file it names
         if not os.path.isfile(path):
-            _write_spec(workdir, path)
+            if manifest.get("kind", "tiny3") == "tiny8":
+                from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+
+                spec = tiny8_zoo.write_eval_files(workdir, manifest)
+            else:
+                spec = _write_text_eval_files(workdir, manifest)
+            _atomic_text(
+                path, "# Written by hm3_jax.tasks.zoo.write_spec from the zoo's manifest.\n" + _yaml(spec)
+            )
     return path
 
 
-def _write_spec(workdir: str, path: str) -> None:
+def _write_text_eval_files(workdir: str, manifest: dict) -> dict:
+    """tiny3's part of `write_spec`: eval JSONL, BOS-adding tokenizers beside the checkpoints; returns the spec."""
     from tokenizers import processors
 
-    manifest = read_manifest(workdir)
-    if manifest.get("kind", "tiny3") == "tiny8":
-        from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
-
-        spec = tiny8_zoo.write_eval_files(workdir, manifest)
-        _atomic_text(
-            path, "# Written by hm3_jax.tasks.zoo.write_spec from the zoo's manifest.\n" + _yaml(spec)
-        )
-        return
     tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, manifest["paths"]["tokenizer"]))
     bos = tokenizer.bos_token
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
@@ -378,13 +378,12 @@ def _write_spec(workdir: str, path: str) -> None:
         else:
             entry["metric"] = "exact_match_teacher_forced"
         tasks[task] = entry
-    spec = {
+    return {
         "base": paths["base"],
         "experts": dict(paths["experts"]),
         "tasks": tasks,
         "eval_batch_size": int(manifest["config"]["eval_batch_size"]),
     }
-    _atomic_text(path, "# Written by hm3_jax.tasks.zoo.write_spec from the zoo's manifest.\n" + _yaml(spec))
 
 
 def _yaml(obj) -> str:
