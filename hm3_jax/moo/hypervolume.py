@@ -4,7 +4,15 @@
 
 Only points that strictly dominate the reference (``p_k > r_k`` on every axis) span a box of positive
 volume; every other point contributes nothing and is dropped silently (this is documented behaviour, not an
-error). Algorithms, all exact:
+error).
+
+`hypervolume` computes it with moocore (López-Ibáñez et al., C): 2-D and 3-D sweeps in O(n log n), HV4D+
+for k = 4, inclusion-exclusion for small sets and Fonseca-Paquete-López-Ibáñez's recursion with 4-D base cases
+for k >= 5. On tiny8-sized fronts (k = 8, 15-60 points) it is 10-30x faster than our own exact implementation
+(`benchmarks/hypervolume.py`), and it is the function every caller uses.
+
+`hypervolume_reference` is our own, independent exact implementation, kept as the reference the tests compare
+moocore against (and the fallback above moocore's dimension limit):
 
 * k = 1: ``max_p (p - r)``.
 * k = 2: a vectorised sweep (sort by the first objective, running maximum of the second).
@@ -12,16 +20,20 @@ error). Algorithms, all exact:
 * k >= 4: WFG (While, Bradstreet & Barone, IEEE TEC 2012): ``HV(S) = sum_i exclusive(p_i)``, the points
   sorted worst-first on the last objective so that each "limited set" ``{min(p_i, q) : q after p_i}`` lies
   in one slab and its hypervolume is ``p_{i,k} * HV_{k-1}`` of its projection; dominated points are filtered
-  out of every limited set. Meant for fronts of a few hundred points up to k ~ 8.
+  out of every limited set.
 """
 
+import moocore
 import numpy as np
 
 from hm3_jax.moo._checks import as_points, as_vector
 
+# moocore's C code takes at most this many objectives (moocore._moocore.HV_DIMENSION_MAX, 31 in moocore 0.3)
+MOOCORE_MAX_OBJECTIVES = 31
+
 
 def hypervolume(points, reference) -> float:
-    """Hypervolume dominated by ``points`` (maximised) and bounded by ``reference``.
+    """Hypervolume dominated by ``points`` (maximised) and bounded by ``reference``, computed by moocore.
 
     Args:
       points: ``[n, k]`` objective values, higher is better, n >= 1.
@@ -33,13 +45,32 @@ def hypervolume(points, reference) -> float:
     Raises:
       ValueError: NaN/inf in points or reference, wrong shapes or an empty point set.
     """
-    p = as_points(points)
-    r = as_vector(reference, p.shape[1], "reference")
-    u = p - r  # boxes [0, u] anchored at the origin
-    u = u[np.all(u > 0, axis=1)]
+    u = _boxes(points, reference)
+    if u.shape[0] == 0:
+        return 0.0
+    if u.shape[1] > MOOCORE_MAX_OBJECTIVES:
+        return float(_hv(_nondominated(u)))
+    # boxes [0, u_i], minimised as -u against the origin: moocore's own convention, so it copies nothing
+    return float(moocore.hypervolume(-u, ref=np.zeros(u.shape[1])))
+
+
+def hypervolume_reference(points, reference) -> float:
+    """`hypervolume` by our own exact algorithms (module docstring), independent of moocore.
+
+    Same arguments, result (to rounding) and errors as `hypervolume`; slower from k = 4 on.
+    """
+    u = _boxes(points, reference)
     if u.shape[0] == 0:
         return 0.0
     return float(_hv(_nondominated(u)))
+
+
+def _boxes(points, reference) -> np.ndarray:
+    """``[m, k]`` positive corners ``p - r`` of the boxes of the points that strictly dominate ``reference``."""
+    p = as_points(points)
+    r = as_vector(reference, p.shape[1], "reference")
+    u = p - r  # boxes [0, u] anchored at the origin
+    return u[np.all(u > 0, axis=1)]
 
 
 def _nondominated(u: np.ndarray) -> np.ndarray:
