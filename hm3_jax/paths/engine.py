@@ -390,8 +390,46 @@ class PathEngine:
 
     def _replicated(self):
         if getattr(self, "_replicas", None) is None:
-            self._replicas = distributed.replicate((self.shell, self.pool), self.mesh)
+            self._replicas = jax.tree.map(distributed.place, (self.shell, self.pool), self.model_shardings())
         return self._replicas
+
+    # ---------------------------------------------------------------- memory plans (compile only)
+    def model_shardings(self):
+        """(shell, pool) pytrees of the shardings strategy "shard" places them with (replicated on every device
+        of the mesh); None for the other strategies (the default device)."""
+        if self.strategy != "shard":
+            return None
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda _: replicated, (self.shell, self.pool))
+
+    def lower_plain(self, t_max: int, with_junction: bool = False) -> jax.stages.Lowered:
+        """The program of one chunk of plain evaluation (every objective; `chunk_size` paths of `t_max` steps),
+        lowered with abstract inputs placed as `evaluate` places them (`jax.ShapeDtypeStruct`; the engine's
+        shell and pool may themselves be abstract). Nothing runs: `.compile().memory_analysis()` gives its
+        per-device bytes (hm3_jax/hm3/memory_plan.py)."""
+        split = NamedSharding(self.mesh, PartitionSpec("paths")) if self.strategy == "shard" else None
+        shardings = self.model_shardings()
+        model = jax.tree.map(_abstract, (self.shell, self.pool), *([] if shardings is None else [shardings]))
+        args = [jax.ShapeDtypeStruct((self.chunk_size, t_max), jnp.int32, sharding=split)]
+        if with_junction:
+            row = jax.ShapeDtypeStruct(
+                (self.chunk_size, t_max, self.config.hidden_size), jnp.float32, sharding=split
+            )
+            args.append({"scale": row, "shift": row})
+        return self._plain_fn(tuple(range(self.num_tasks)), with_junction).lower(*model, *args)
+
+    def lower_tree(self, t_max: int) -> jax.stages.Lowered | None:
+        """The prefix tree's program for one chunk of nodes (`_run_tree`: hidden-state buffers of every
+        teacher-forced batch at every depth), lowered with abstract inputs; None when this engine runs no tree."""
+        if not self.prefix_sharing or all(o.metric in DECODE_METRICS for o in self.objectives):
+            return None
+        tree = tree_lib.build_prefix_tree(np.zeros((1, t_max), np.int32), np.full(1, t_max), None)
+        nodes = next(tree_lib.chunk_nodes(tree, self.node_chunk_size, self.config.hidden_size))
+        h0s, ctxs = jax.eval_shape(self._shared["embed_fn"], jax.tree.map(_abstract, self.shell))
+        buffers = tuple(jax.ShapeDtypeStruct((t_max + 1,) + h.shape, h.dtype) for h in h0s)
+        shell, pool = jax.tree.map(_abstract, (self.shell, self.pool))
+        nodes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nodes)
+        return self._tree_fn(False).lower(shell, pool, buffers, ctxs, nodes)
 
     def _run_tree(self, paths, lengths, junction):
         """Teacher-forced device outputs of every row via the prefix tree."""
@@ -525,6 +563,11 @@ class PathEngine:
         fn = jax.jit(traced, donate_argnums=(2,))
         sh["compiled"][key] = fn
         return fn
+
+
+def _abstract(x, sharding=None) -> jax.ShapeDtypeStruct:
+    """The shape, dtype (and placement) of an array or of a ShapeDtypeStruct, as a ShapeDtypeStruct."""
+    return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=sharding)
 
 
 def _lax_map_paths(one_path, shell, pool, paths, junction):
