@@ -130,16 +130,28 @@ def check_expert(base_config, expert_config, name: str, expert_dir: str) -> None
             )
 
 
-def load(spec, seed: int = 0) -> SpecZoo:
-    """Loads a spec (a path or a `Spec`): models in the spec's dtype, tokenizer, split data, objectives."""
-    import jax.numpy as jnp
+class SpecTasks(NamedTuple):
+    """What a spec describes besides the weights (`load_tasks`): read from the config.json files, the base's
+    tokenizer and the data files; field meanings as `SpecZoo`'s (configs: {expert: ModelConfig})."""
 
+    spec: Any
+    base_config: Any
+    configs: dict
+    tokenizer: Any
+    eos_ids: tuple
+    data: dict
+    splits: dict
+    images: dict
+    objectives: dict
+
+
+def load_tasks(spec, seed: int = 0) -> SpecTasks:
+    """A spec's configs (every expert checked against the base), tokenizer, split data and objectives, without
+    reading any weights (a run's `load` and the memory plan, hm3_jax/hm3/memory_plan.py, share it)."""
     from hm3_jax.io import hf_config, vocab
-    from hm3_jax.model_io import Model, load_pretrained
 
     if isinstance(spec, str):
         spec = spec_lib.load_spec(spec)
-    dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
     base_config, _ = _named("the base", spec.base, hf_config.read_hf_config, spec.base)
     expert_configs = {}
     for name, d in spec.experts.items():
@@ -163,6 +175,20 @@ def load(spec, seed: int = 0) -> SpecZoo:
         splits[name] = spec_lib.split_rows(task, rows, seed)
         data[name] = {s: [rows[i] for i in idx] for s, idx in splits[name].items()}
     objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids, images)
+    return SpecTasks(spec, base_config, expert_configs, tokenizer, eos_ids, data, splits, images, objectives)
+
+
+def load(spec, seed: int = 0) -> SpecZoo:
+    """Loads a spec (a path or a `Spec`): models in the spec's dtype, tokenizer, split data, objectives."""
+    import jax.numpy as jnp
+
+    from hm3_jax.io import vocab
+    from hm3_jax.model_io import Model, load_pretrained
+
+    tasks = load_tasks(spec, seed)
+    spec, tokenizer, eos_ids, data = tasks.spec, tasks.tokenizer, tasks.eos_ids, tasks.data
+    splits, images, objectives = tasks.splits, tasks.images, tasks.objectives
+    dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
     base = _named("the base", spec.base, load_pretrained, spec.base, dtype=dtype)
     experts = {}
     base_vocab = vocab.vocab_of(spec.base) if spec.tokenizer_source == "base" else None
