@@ -143,21 +143,8 @@ def make_problem(
         objectives["search_full"] = [zoo.objectives["search"][t] for t in task_names]
     pool = pool_for(experts, base)  # experts then base: every source is one identity path over this pool
     shell = models.shell_of(base)
-    engines = {
-        split: engine_lib.make_engine(
-            config,
-            shell,
-            pool,
-            objectives[split],
-            strategy="shard" if mesh is not None else engine_strategy,
-            chunk_size=chunk_size,
-            prefix_sharing=prefix_sharing,
-            pool_id="sources",
-            mesh=mesh,
-            groups=groups,
-        )
-        for split in objectives
-    }
+    engines = make_engines(config, shell, pool, objectives, engine_strategy, chunk_size, prefix_sharing, mesh,
+                           groups)  # fmt: skip
     if source_scores is not None:
         given = {k: np.asarray(v, np.float64) for k, v in source_scores.items()}
         shape = (len(experts) + 1, len(tasks))
@@ -185,6 +172,28 @@ def make_problem(
     return Problem(
         config, tasks, base, experts, objectives, source_scores, ideal, engines, task_names, groups
     )
+
+
+def make_engines(config, shell, pool, objectives: dict, engine_strategy: str = "map", chunk_size: int = 8,
+                 prefix_sharing: bool = True, mesh=None, groups=None, pool_id: str = "sources") -> dict:  # fmt: skip
+    """{split: PathEngine} over one shell and pool for `objectives` ({split: [Objective]}): strategy "shard" on
+    `mesh` when one is given, else `engine_strategy` (see `make_problem`); `groups` as `Problem.groups`. The
+    shell and pool may be abstract (`jax.ShapeDtypeStruct`s) for a memory plan (`memory_plan`)."""
+    return {
+        split: engine_lib.make_engine(
+            config,
+            shell,
+            pool,
+            objs,
+            strategy="shard" if mesh is not None else engine_strategy,
+            chunk_size=chunk_size,
+            prefix_sharing=prefix_sharing,
+            pool_id=pool_id,
+            mesh=mesh,
+            groups=groups,
+        )
+        for split, objs in objectives.items()
+    }
 
 
 def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
