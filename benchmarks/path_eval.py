@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3_v5/zoo --run=runs/tiny3_v5   # the reported one
     .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3_v5/zoo --full_search        # whole search split
     .venv/bin/python benchmarks/path_eval.py                               # tiny3-sized random pool, synthetic
+    .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3/zoo --run=runs/tiny3  # after `make demo`
+    .venv/bin/python benchmarks/path_eval.py --smoke                       # seconds, numbers meaningless (tests)
 
 Workload. The pool is the K = 3 tiny3 experts plus the balanced preference's parameter-merged model
 Theta(1/3, 1/3, 1/3) (`--run`'s stages/param_level.json when it exists, else task arithmetic with scale 0.7);
@@ -172,23 +174,30 @@ def zoo_setup(workdir: str, run_dir: str | None, search_examples: int | None) ->
                  fresh)  # fmt: skip
 
 
-def random_setup(num_examples: int = 210, seq_len: int = 64, batch_size: int = 105) -> Setup:
-    """tiny3-sized Llama (D=128, F=336, L=4, V=1024), 3 random experts + their mean, 3 synthetic exact-match
-    tasks (no zoo needed; a smoke setting, not the reported one)."""
-    config = models.ModelConfig(family="llama", vocab_size=1024, hidden_size=128, intermediate_size=336,
-                                num_layers=4, num_heads=4)  # fmt: skip
+def random_setup(
+    num_examples: int = 210, seq_len: int = 64, batch_size: int = 105, smoke: bool = False
+) -> Setup:
+    """tiny3-sized Llama (D=128, F=336, L=4, V=1024; `smoke`: D=32, F=64, L=2, V=128), a random base, 3 random
+    experts + their mean, 3 synthetic exact-match tasks (no zoo needed; a smoke setting, not the reported one)."""
+    if smoke:
+        dims = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    else:
+        dims = dict(vocab_size=1024, hidden_size=128, intermediate_size=336, num_layers=4, num_heads=4)
+    config = models.ModelConfig(family="llama", **dims)
+    base = models.init(config, jax.random.PRNGKey(3))  # the RL policy's descriptors compare blocks with it
     experts = [models.init(config, jax.random.PRNGKey(i)) for i in range(3)]
     merged = jax.tree.map(lambda *xs: sum(xs) / len(xs), *experts)
     pool = models.make_pool([p["blocks"] for p in experts + [merged]])
     rng = np.random.default_rng(0)
+    vocab = config.vocab_size
     objectives = []
     for task in range(3):
         pairs = [
-            (list(rng.integers(3, 1024, seq_len // 2)), list(rng.integers(3, 1024, seq_len // 2 - 1)))
+            (list(rng.integers(3, vocab, seq_len // 2)), list(rng.integers(3, vocab, seq_len // 2 - 1)))
             for _ in range(num_examples)
         ]
         objectives.append(make_exact_match_objective(f"synthetic{task}/search", pairs, 0, batch_size))
-    return Setup(config, None, experts, merged, models.shell_of(merged), pool,
+    return Setup(config, base, experts, merged, models.shell_of(merged), pool,
                  {"search": objectives, "search_full": objectives, "heldout": objectives}, ["synthetic0", "synthetic1", "synthetic2"],
                  "random tiny3-sized pool, synthetic data", "mean of the random experts")  # fmt: skip
 
@@ -227,26 +236,30 @@ def find_archive(run_dir: str | None) -> str:
     return ""
 
 
-def rl_config(setup: Setup, run_dir: str | None):
-    """ArchConfig of the run (`config.arch.rl` in run_dir/run.json; the tiny3 defaults otherwise), warm-started
-    on the merged source K's identity path as `hm3_jax.hm3.arch_level.arch_config` builds it."""
-    from hm3_jax.arch import ppo
+def rl_config(setup: Setup, run_dir: str | None, smoke: bool = False):
+    """ArchConfig of the run's `config.arch` (run_dir/run.json; tiny3's config, or its smoke variant, without a
+    run), built as the run builds it (`arch_level.arch_config`: warm-started on the merged source K's identity
+    path, PPO at `warm_started_learning_rate` after the warm start)."""
+    import ml_collections
 
-    rl = {"t_max": 8, "t_min": 3, "num_envs": 32, "k_nearest": 1, "explore_eps": 0.1, "init_log_std": -0.5,
-          "warm_start_steps": 300, "hidden_size": 64, "embed_size": 16, "learning_rate": 0.003}  # fmt: skip
+    from hm3_jax.hm3 import arch_level
+
     run_json = os.path.join(run_dir or "", "run.json")
     if run_dir and os.path.exists(run_json):
         with open(run_json) as f:
-            rl.update(json.load(f)["config"]["arch"]["rl"])
+            arch = ml_collections.ConfigDict(json.load(f)["config"]["arch"])
+    else:
+        from experiments.configs import tiny3
+
+        arch = tiny3.get_config("smoke" if smoke else None).arch
     k, L = len(setup.experts), setup.config.num_layers
-    rl.update(num_sources=k + 1, num_layers=L, num_tasks=k)
-    rl["warm_start_source"] = k if rl.get("warm_start_steps", 0) > 0 else -1
-    return ppo.ArchConfig.from_mapping(rl)
+    return arch_level.arch_config(arch, k + 1, L, k)
 
 
-def policy_rollouts(key, setup: Setup, acfg, num_iterations: int) -> list[np.ndarray]:
-    """Final paths [num_envs, T_max] of `num_iterations` rollouts of the actor initialised with `key` and
-    warm-started on Theta's identity path, balanced preference (no PPO update: the scores are not needed)."""
+def make_policy_rollouts(setup: Setup, acfg):
+    """`rollouts(key, num_iterations)`: final paths [num_envs, T_max] of `num_iterations` rollouts of the actor
+    initialised with `key` and warm-started on Theta's identity path, balanced preference (no PPO update: the
+    scores are not needed). The trainer's init and rollout are jitted once for every call."""
     from hm3_jax.arch import descriptors, ppo
 
     k = len(setup.experts)
@@ -257,13 +270,16 @@ def policy_rollouts(key, setup: Setup, acfg, num_iterations: int) -> list[np.nda
         raise AssertionError("rollouts only: no scores are requested")
 
     trainer = ppo.make_trainer(acfg, unused_score, phi, pref)
-    runner = jax.jit(trainer.init)(key)
-    rollout = jax.jit(trainer.rollout)
-    out = []
-    for _ in range(num_iterations):
-        runner, batch = rollout(runner)
-        out.append(np.asarray(batch.final_path, np.int32))
-    return out
+    init, rollout = jax.jit(trainer.init), jax.jit(trainer.rollout)
+
+    def rollouts(key, num_iterations: int) -> list[np.ndarray]:
+        runner, out = init(key), []
+        for _ in range(num_iterations):
+            runner, batch = rollout(runner)
+            out.append(np.asarray(batch.final_path, np.int32))
+        return out
+
+    return rollouts
 
 
 # ------------------------------------------------------------------------------------------------ baselines
@@ -300,12 +316,12 @@ class PeakMeter:
     machine sustains when it is free, the honest denominator for fraction_of_peak (a mean of a slowed round
     and a free one flatters the engine: session 4 saw round medians of 219 and 400 GF/s in one run)."""
 
-    def __init__(self, rounds: int = 2):
-        self.rounds = rounds
+    def __init__(self, rounds: int = 2, n: int = 1024, reps: int = 20):
+        self.rounds, self.n, self.reps = rounds, n, reps
         self.samples: dict[str, list] = {}
 
     def sample(self, label: str) -> None:
-        self.samples[label] = [matmul_peak() for _ in range(self.rounds)]
+        self.samples[label] = [matmul_peak(self.n, self.reps) for _ in range(self.rounds)]
 
     def _all(self):
         return [r for rs in self.samples.values() for r in rs]
@@ -538,7 +554,8 @@ def _cost_dict(cost) -> dict:
     return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in cost._asdict().items()}
 
 
-def main():
+def main(argv=None) -> dict | None:
+    """Parses `argv` (default sys.argv), runs, prints one JSON object and returns it (None with --profile)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", default="", help="tiny3 zoo directory (default: random tiny3-sized pool)")
     parser.add_argument("--run", default="runs/tiny3_v5", help="HM3 run dir (param_level.json, run.json)")
@@ -559,16 +576,25 @@ def main():
         "--check_scores", action="store_true",
         help="only the engine's scores of the archive batch on the search and held-out splits (sha1 prefixes)",
     )  # fmt: skip
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="tests: a tiny random pool (no --zoo) or the zoo, 4 paths, one of everything, a small matmul peak",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_paths, args.rollout_iterations, args.num_rebuild, args.num_rebuild_cached = 4, 1, 1, 1
     load_start = os.getloadavg()[0]
     run_dir = args.run if os.path.isdir(args.run) else None
     search_examples = None if args.full_search else run_search_examples(run_dir)
-    setup = zoo_setup(args.zoo, run_dir, search_examples) if args.zoo else random_setup()
+    if args.zoo:
+        setup = zoo_setup(args.zoo, run_dir, search_examples)
+    else:
+        setup = random_setup(16, 16, 8, smoke=True) if args.smoke else random_setup()
     if args.profile:
         print(
             json.dumps({"data": setup.source, **profile_components(setup), "load_average_1min": load_start})
         )
-        return
+        return None
     objectives = setup.objectives["search"]
     pool_size = models.pool_size(setup.pool)
     archive = args.archive or find_archive(run_dir)
@@ -580,13 +606,14 @@ def main():
                 check_scores(setup, archive_paths(archive, pool_size)[: args.num_paths], args.strategy)
             )
         )
-        return
-    acfg = rl_config(setup, run_dir)
+        return None
+    acfg = rl_config(setup, run_dir, args.smoke)
+    policy_rollouts = make_policy_rollouts(setup, acfg)
 
     if archive:
         batch = archive_paths(archive, pool_size)[: args.num_paths]
     else:  # no run yet: distinct paths of policy rollouts stand in for the archive
-        batch = np.concatenate(policy_rollouts(jax.random.PRNGKey(args.seed + 1), setup, acfg, 4))
+        batch = np.concatenate(policy_rollouts(jax.random.PRNGKey(args.seed + 1), 4))
         batch = np.unique(batch, axis=0)[: args.num_paths]
 
     kwargs = dict(strategy=args.strategy, chunk_size=8, node_chunk_size=16)
@@ -605,7 +632,7 @@ def main():
     plain.evaluate(warm, use_cache=False)
     compile_s = time.perf_counter() - start
 
-    meter = PeakMeter()
+    meter = PeakMeter(rounds=1, n=128, reps=2) if args.smoke else PeakMeter()
     meter.sample("before")
     cpu = time.process_time()
     res_tree = tree.evaluate(batch, use_cache=False)
@@ -621,7 +648,7 @@ def main():
     engine_s = res_tree.cost.seconds
 
     # rollouts of the warm-started policy, evaluated in order with the cache on (a fresh cache namespace)
-    rollouts = policy_rollouts(jax.random.PRNGKey(args.seed), setup, acfg, args.rollout_iterations)
+    rollouts = policy_rollouts(jax.random.PRNGKey(args.seed), args.rollout_iterations)
     live = tree.with_model(setup.shell, setup.pool, pool_id="rollouts")
     per_batch = [_cost_dict(live.evaluate(paths).cost) for paths in rollouts]
     total = {k: sum(b[k] for b in per_batch) for k in per_batch[0]}
@@ -734,6 +761,7 @@ def main():
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":
