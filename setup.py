@@ -46,6 +46,10 @@ setuptools.setup(
             "ipykernel",
             "ruff",
             "filelock",
+            # tests/test_lm_eval.py; 0.4.13's core needs no torch (its `hf` backend does: then pin torch==2.13.0,
+            # the CPU wheel on the build machines, as an unpinned torch is a multi-GB CUDA build)
+            "lm-eval>=0.4.13,<0.4.14",
         ],
+        "lm_eval": ["lm-eval>=0.4.13,<0.4.14"],  # hm3_jax.evaluation.lm_eval_model, experiments.harness_eval
     },
 )

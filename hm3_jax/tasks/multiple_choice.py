@@ -41,12 +41,18 @@ def continuation_logprob_kernel(forward, arrays: dict) -> jax.Array:
       bucketed order (padding rows give 0).
     """
 
-    def summed(logits, labels, valid):
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        return jnp.sum(jnp.where(valid, picked, 0.0), axis=-1)
+    return map_targets(summed_logprob, forward, arrays)
 
-    return map_targets(summed, forward, arrays)
+
+def summed_logprob(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """``sum_p [valid_p] log_softmax(logits_p)[labels_p]`` in float32 (lm-eval's ``loglikelihood`` of a
+    continuation; also `hm3_jax.evaluation.token_requests`).
+
+    Args: logits [..., P, V]; labels int [..., P]; valid bool [..., P]. Returns: float32 [...].
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, picked, 0.0), axis=-1)
 
 
 def pack_multiple_choice(
