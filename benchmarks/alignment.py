@@ -1,6 +1,7 @@
 """Junction alignment on tiny3, measured: none vs moment vs learned on the same paths; prints one JSON object.
 
-    .venv/bin/python benchmarks/alignment.py --zoo=runs/tiny3/zoo
+    .venv/bin/python benchmarks/alignment.py --zoo=runs/tiny3/zoo    # after `make demo` (writes runs/tiny3)
+    .venv/bin/python benchmarks/alignment.py --zoo=ZOO --run=RUN --smoke   # seconds, for the tests
 
 Pool: the K = 3 tiny3 experts plus the balanced preference's parameter-merged model Theta (source K; a real
 run's stages/param_level.json when `--run` has one, else task arithmetic with scale 0.7, see
@@ -131,22 +132,31 @@ def summarise(scores: dict, ideal: np.ndarray, prefs: np.ndarray, groups: dict, 
     }
 
 
-def main():
+def main(argv=None) -> dict:
+    """Parses `argv` (default sys.argv), runs, prints one JSON object and returns it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", default="runs/tiny3/zoo")
     parser.add_argument("--run", default="runs/tiny3_v2", help="HM3 run dir (param_level.json, preferences)")
     parser.add_argument("--archive", default="", help="score_archive.npz (default: RUN's, else runs/tiny3's)")
     parser.add_argument("--num_policy_paths", type=int, default=24)
-    parser.add_argument("--t_max", type=int, default=8)
+    parser.add_argument("--t_max", type=int, default=0, help="the archive's paths' T_max (default: theirs)")
     parser.add_argument("--calib_rows_per_task", type=int, default=16)
     parser.add_argument("--learned_steps", type=int, default=150)
     parser.add_argument("--learned_random_paths", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tests: 4 paths of each kind, 2 fit steps")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_policy_paths, args.calib_rows_per_task, args.learned_steps, args.learned_random_paths = (
+            4,
+            4,
+            2,
+            4,
+        )
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
     run_dir = args.run if os.path.isdir(args.run) else None
-    setup = path_eval.zoo_setup(args.zoo, run_dir)
+    setup = path_eval.zoo_setup(args.zoo, run_dir, None)  # None: the whole search split
     config, K, L = setup.config, len(setup.experts), setup.config.num_layers
     pool_size = models.pool_size(setup.pool)
     key_pref, key_fit, key_rand = jax.random.split(jax.random.PRNGKey(args.seed), 3)
@@ -155,6 +165,7 @@ def main():
     if not archive:
         raise FileNotFoundError("no score archive found: pass --archive (a run's arch/hm3/score_archive.npz)")
     policy = path_eval.archive_paths(archive, pool_size)[: args.num_policy_paths]
+    args.t_max = args.t_max or policy.shape[1]
     if policy.shape[1] != args.t_max:
         raise ValueError(f"archive paths have T_max={policy.shape[1]}, --t_max={args.t_max}")
     cross, cross_names = cross_source_paths(K, L, args.t_max)
@@ -248,6 +259,7 @@ def main():
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ the best other archive path on the subset, on the whole search split and held-ou
 beats Theta on the whole search split AND held-out is headroom a better search could find; a gain on the subset
 only is the winner's curse.
 
-    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --top=10
+    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3 --top=10    # after `make demo` (runs/tiny3)
+    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --top=10 # the run docs/headroom.md reports
+
+The run's zoo is `--zoo` (default RUN/zoo, where `make demo` builds it), its sources' scores the run's own
+(stages/source_scores.json). A run that scores its searches on the whole search split (no
+`engine.search_examples`, e.g. the smoke config) has no separate capped subset: "search_full" is its "search".
 
 `--neighbourhood`: instead of the RL's archive, EVERY path one edit away from Theta(lambda)'s identity path
 (`arch_level.neighbours(theta, K + 1, L, t_min, t_max)`: a block swapped for another source's block at the same
@@ -25,7 +30,7 @@ scores equal those the run's confirmation step recorded (stages/hm3.json) where 
 Writes `--plot` (gains on search_full vs held-out, with 2 SE) and prints one JSON object; the summary also gives
 per edit type (source swap, deletion, repeat, neighbouring layer) the median gain and how many beat Theta.
 
-    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --neighbourhood
+    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3 --neighbourhood
 
 `--alignment=moment` (with `--neighbourhood`): every path is scored with HM3's moment junction alignment
 (`hm3_jax.paths.alignment`, closed-form per-dimension scale and shift before every junction between blocks that
@@ -61,15 +66,23 @@ def _setup(args):
     from hm3_jax import models
     from hm3_jax.hm3 import run as run_lib
     from hm3_jax.hm3.problem import make_problem, pool_for
+    from hm3_jax.hm3.workdir import stage_file
     from hm3_jax.tasks import zoo as zoo_lib
 
     config = _config(args.config)
-    zoo_dir = os.path.join(args.run, "zoo")
+    zoo_dir = args.zoo or os.path.join(args.run, "zoo")
     zoo = zoo_lib.load_matching(config.zoo, zoo_dir)
+    with open(stage_file(args.run, "source_scores")) as f:
+        source_scores = json.load(f)  # the run's, computed by the same engine: not re-scored here
     problem = make_problem(
         zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
-        search_examples=config.engine.get("search_examples") or None,
+        search_examples=config.engine.get("search_examples") or None, source_scores=source_scores,
     )  # fmt: skip
+    if "search_full" not in problem.objectives:  # the run scores the whole search split: "search" is it
+        problem = problem._replace(**{
+            f: {**getattr(problem, f), "search_full": getattr(problem, f)["search"]}
+            for f in ("objectives", "source_scores", "ideal", "engines")
+        })  # fmt: skip
     with open(os.path.join(args.run, "stages", "param_level.json")) as f:
         param = json.load(f)
     prefs = np.asarray([e["preference"] for e in param], np.float32)
@@ -355,10 +368,12 @@ def _plot_neighbourhood(rows: list, path: str, alignment: str = "none") -> None:
     os.replace(tmp, path)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Parses `argv` (default sys.argv), runs, prints one JSON object and returns it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/tiny3_v5")
     parser.add_argument("--config", default="experiments/configs/tiny3.py")
+    parser.add_argument("--zoo", default="", help="the run's zoo directory (default RUN/zoo)")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument(
         "--neighbourhood",
@@ -381,7 +396,7 @@ def main() -> None:
         default="",
         help="--neighbourhood plot (default runs/arch_headroom/neighbourhood.png, _moment.png for moment)",
     )
-    args = parser.parse_args()  # fmt: skip
+    args = parser.parse_args(argv)  # fmt: skip
     if args.alignment != "none" and not args.neighbourhood:
         parser.error(
             "--alignment applies to --neighbourhood only (the default mode re-scores the run's paths)"
@@ -394,8 +409,9 @@ def main() -> None:
 
     logging.set_verbosity(logging.WARNING)
     if args.neighbourhood:
-        print(json.dumps(neighbourhood(args)))
-        return
+        out = neighbourhood(args)
+        print(json.dumps(out))
+        return out
     from hm3_jax.hm3 import arch_level
 
     config, _, problem, prefs, shells, pools = _setup(args)
@@ -431,13 +447,15 @@ def main() -> None:
         })  # fmt: skip
     gains_full = [r["best_full_gain_full"] for r in rows]
     gains_held = [r["best_full_gain_heldout"] for r in rows]
-    print(json.dumps({
+    out = {
         "run": args.run, "top": args.top,
         "mean_gain_whole_search_of_best_over_theta": float(np.mean(gains_full)),
         "mean_gain_heldout_of_that_path": float(np.mean(gains_held)),
         "preferences_where_it_beats_theta_on_both": int(sum(g > 0 and h > 0 for g, h in zip(gains_full, gains_held, strict=True))),
         "per_preference": rows,
-    }))  # fmt: skip
+    }  # fmt: skip
+    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":
