@@ -27,7 +27,11 @@ Trained params go to `--out` (default runs/multitask_bound, ignored by git) with
 re-run with the same seed, steps and zoo loads them instead of training again. Prints one JSON object; writes
 `--out/retention.png`.
 
-    .venv/bin/python benchmarks/multitask_bound.py --run=runs/tiny3_v5 --seed=0
+    .venv/bin/python benchmarks/multitask_bound.py --run=runs/tiny3 --seed=0     # after `make demo`
+    .venv/bin/python benchmarks/multitask_bound.py --run=runs/tiny3_v5 --seed=0  # the run docs report
+
+The run's zoo is `--zoo` (default RUN/zoo, where `make demo` builds it). For the tests: a smoke run with
+`--config=smoke --multipliers=1 --bootstrap=10` (30 training steps on the smoke zoo).
 """
 
 from __future__ import annotations
@@ -109,9 +113,11 @@ def trained_or_cached(out_dir, meta_want, train_fn, config, special):
     return params, meta
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Parses `argv` (default sys.argv), runs, prints one JSON object and returns it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/tiny3_v5", help="finished run (report.json, zoo/)")
+    parser.add_argument("--zoo", default="", help="the run's zoo directory (default RUN/zoo)")
     parser.add_argument("--config", default="", help="tiny3 config variant (the run's: empty)")
     parser.add_argument("--out", default="runs/multitask_bound", help="trained params and the plot (not git)")
     parser.add_argument("--seed", type=int, default=0)
@@ -121,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="paired resamples of the held-out examples"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
@@ -145,7 +151,7 @@ def main() -> None:
     with open(report_path) as f:
         report = json.load(f)
     config = tiny3.get_config(args.config or None)
-    zoo_dir = os.path.join(args.run, "zoo")
+    zoo_dir = args.zoo or os.path.join(args.run, "zoo")
     zoo = zoo_lib.load_matching(config.zoo, zoo_dir)
     tasks = list(zoo.tasks)
     if tasks != report["tasks"]:
@@ -246,6 +252,7 @@ def main() -> None:
     _plot(models_out, tasks, plot_path)
     result["plot"] = plot_path
     print(json.dumps(result))
+    return result
 
 
 def _plot(models_out: dict, tasks, path: str) -> None:
