@@ -6,6 +6,7 @@ the jax import) over hm3_jax.distributed.demo: a pool of 3 tiny Llama models x 2
 share them: the ratios measure the sharding overhead (per-device dispatch, collectives), not a speedup.
 
   .venv/bin/python benchmarks/scaling.py [--num_paths=16] [--repeats=5] [--devices=1,2,4,8]
+  .venv/bin/python benchmarks/scaling.py --devices=1 --num_paths=2 --repeats=1   # one subprocess (tests)
 """
 
 import argparse
@@ -39,13 +40,14 @@ def measure(num_devices: int, num_paths: int, repeats: int, timeout: int) -> dic
             return json.load(f)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Parses `argv` (default sys.argv), runs, prints one JSON object and returns it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_paths", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", default="1,2,4,8")
     parser.add_argument("--timeout", type=int, default=600)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = {}
     for n in (int(d) for d in args.devices.split(",")):
         r = measure(n, args.num_paths, args.repeats, args.timeout)
@@ -55,22 +57,18 @@ def main() -> None:
             "first_call_seconds": round(r["first_call_seconds"], 2),
         }
     base = rows[min(rows)]["paths_per_second"]
-    print(
-        json.dumps(
-            {
-                "benchmark": "scaling",
-                "engine": "distributed.make_sharded_path_scores over models.apply_path (toy llama)",
-                "cpu_cores": os.cpu_count(),
-                "num_paths": args.num_paths,
-                "repeats": args.repeats,
-                "by_devices": rows,
-                # < 1 means the simulated devices cost more than they give (they share the same cores).
-                "throughput_ratio_vs_1_device": {
-                    n: round(r["paths_per_second"] / base, 3) for n, r in rows.items()
-                },
-            }
-        )
-    )
+    out = {
+        "benchmark": "scaling",
+        "engine": "distributed.make_sharded_path_scores over models.apply_path (toy llama)",
+        "cpu_cores": os.cpu_count(),
+        "num_paths": args.num_paths,
+        "repeats": args.repeats,
+        "by_devices": rows,
+        # < 1 means the simulated devices cost more than they give (they share the same cores).
+        "throughput_ratio_vs_1_device": {n: round(r["paths_per_second"] / base, 3) for n, r in rows.items()},
+    }
+    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

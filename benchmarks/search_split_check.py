@@ -1,6 +1,7 @@
 """HM3 vs a tuned parameter baseline on the SEARCH split, preference by preference; prints one JSON object.
 
-    .venv/bin/python benchmarks/search_split_check.py --run=runs/tiny3_v3 --zoo=runs/tiny3/zoo
+    .venv/bin/python benchmarks/search_split_check.py --run=runs/tiny3    # after `make demo` (zoo: RUN/zoo)
+    .venv/bin/python benchmarks/search_split_check.py --run=runs/tiny3_v3 --zoo=runs/tiny3/zoo   # reported
 
 The report compares methods on the held-out split only. This re-scores the models a parameter baseline chose
 (its stored hyperparameters, rebuilt with the run's keys) on the search split every method optimised on, and
@@ -24,12 +25,13 @@ from hm3_jax.hm3 import run as run_lib  # noqa: E402
 from hm3_jax.hm3.problem import score_params  # noqa: E402
 
 
-def main():
+def main(argv=None) -> dict:
+    """Parses `argv` (default sys.argv), runs, prints one JSON object and returns it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a finished run_hm3 directory")
     parser.add_argument("--zoo", default=None, help="its zoo directory (default RUN/zoo)")
     parser.add_argument("--method", default="task_arithmetic", choices=run_lib.REQUIRED_PARAM)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import ml_collections
 
     with open(os.path.join(args.run, "run.json")) as f:
@@ -63,6 +65,7 @@ def main():
         "per_preference": rows,
     }
     print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":
