@@ -11,33 +11,33 @@
   (`spec_zoo.make_objectives` + `score_model`) where the definitions coincide, and the other filter's score
   equals the one computed from transformers' generations;
 * `model_args`: ``pretrained=DIR``, ``run=DIR,preference=...`` (both export forms) and ``path_model=DIR``
-  give the same model; mistakes are one error naming the key or file.
+  give the same model; mistakes are one error naming the key or file;
+* the harness tasks as HM3 objectives (`hm3_jax.tasks.harness_task`: the harness's prompts, filters and
+  metric on the run's batched kernels): the whole document set scores what the harness scores, each seeded
+  split the mean of the harness's per-document values, through `score_model` and the path engine alike.
+
+Offline: conftest sets HF_HUB_OFFLINE, which `datasets` (the harness's loader of local JSONL files) obeys.
 """
 
 import json
-import os
 import re
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported (by lm_eval.tasks)
+import jax
+import jax.numpy as jnp
+import lm_eval
+import numpy as np
+import pytest
+from lm_eval import utils as lm_eval_utils
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import lm_eval  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from lm_eval import utils as lm_eval_utils  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from hm3_jax.evaluation import token_requests  # noqa: E402
-from hm3_jax.evaluation.lm_eval_model import HM3JaxLM  # noqa: E402
-from hm3_jax.evaluation.sources import ModelArgsError  # noqa: E402
-from hm3_jax.tasks import (
-    objectives,  # noqa: E402
-    spec_zoo,  # noqa: E402
-)
-from hm3_jax.tasks import spec as spec_lib  # noqa: E402
-from tests import hf_fixtures  # noqa: E402
+from hm3_jax.evaluation import token_requests
+from hm3_jax.evaluation.lm_eval_model import HM3JaxLM
+from hm3_jax.evaluation.sources import ModelArgsError
+from hm3_jax.paths.engine import make_engine
+from hm3_jax.tasks import harness_task, objectives, spec_zoo
+from hm3_jax.tasks import spec as spec_lib
+from tests import hf_fixtures
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -293,7 +293,7 @@ def test_harness_scores_equal_the_spec_path(env):
     # the spec-file path on the same files: one expert = the checkpoint itself
     spec_file = root / "spec.yaml"
     spec_file.write_text(
-        f"base: {env['ckpt']}\nexperts: {{a: {env['ckpt']}}}\ntasks:\n"
+        f"base: {env['ckpt']}\nexperts: {{a: {env['ckpt']}}}\neval_batch_size: 8\ntasks:\n"
         f"  gen: {{data: {gen_data}, metric: exact_match, objective: a, max_new_tokens: {MAX_GEN}, "
         f"stop: {json.dumps(until)}}}\n  mc: {{data: {mc_data}, metric: multiple_choice, objective: a}}\n"
     )
@@ -309,6 +309,35 @@ def test_harness_scores_equal_the_spec_path(env):
     assert spec_gen == pytest.approx(50.0) and 0 < spec_mc < 100
     assert 100 * results["tiny_gen"]["exact_match,strip"] == pytest.approx(spec_gen)
     assert 100 * results["tiny_mc"]["acc,none"] == pytest.approx(spec_mc)
+    # the harness tasks as HM3 objectives (their own prompts, filters, metric): the whole document set gives the
+    # harness's score, each split the mean of the harness's per-document values, also through the path engine
+    cases = [("gen.yaml", "tiny_gen", "exact_match", "strip"), ("gen.yaml", "tiny_gen", "exact_match", "number"),
+             ("mc.yaml", "tiny_mc", "acc", "none")]  # fmt: skip
+    for (
+        yaml,
+        task,
+        metric,
+        filt,
+    ) in cases:  # batches of 8: every split is one batch of one shape, one compilation
+        htask = harness_task.load_harness_task(str(tasks / yaml), filter_name=filt)
+        per_doc = {s["doc_id"]: s[metric] for s in out["samples"][task] if s["filter"] == filt}
+        splits = harness_task.split_docs(htask, seed=0)
+        assert sorted(splits["search"] + splits["heldout"]) == list(range(len(per_doc)))
+        assert len(splits["search"]) == round(0.7 * len(per_doc))
+        splits["all"] = list(range(len(per_doc)))
+        objs = [harness_task.make_harness_objective(f"{task}/{s}", htask, d, tok, lm.eos_ids, 8, CONTEXT)
+                for s, d in splits.items()]  # fmt: skip
+        want = [100 * np.mean([per_doc[d] for d in docs]) for docs in splits.values()]
+        assert want[-1] == pytest.approx(100 * results[task][f"{metric},{filt}"])
+        if filt == "number":  # the same generations as "strip": the host side only
+            tokens = objectives.path_device_scores(
+                config, lm.model.shell, lm.model.pool, lm.model.path, None, objs[-1]
+            )
+            assert objs[-1].host_fn(tokens) == pytest.approx(want[-1])
+            continue
+        engine = make_engine(config, lm.model.shell, lm.model.pool, objs, strategy="map", num_threads=1)
+        got = engine.evaluate(np.asarray(lm.model.path)[None]).scores[0]
+        np.testing.assert_allclose(got, want, atol=1e-9)
     numbers = [(re.findall(NUMBER, t) or ["[invalid]"])[0].strip() for t in texts]  # the second filter
     assert results["tiny_gen"]["exact_match,number"] == pytest.approx(
         np.mean([n == t for n, t in zip(numbers, targets, strict=True)])

@@ -36,31 +36,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 
 import numpy as np
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from hm3_jax.evaluation import token_requests
 from hm3_jax.evaluation.sources import ModelArgsError, load_model
+from hm3_jax.tasks import harness_task
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_MAX_GEN_TOKS = 256  # the harness's hf backend's
-
-
-def harness_text(tokenizer, tokens: Sequence[int], eos_ids: Sequence[int], until: Sequence[str]) -> str:
-    """The harness's text of generated `tokens`: up to and including the first EOS id (transformers'
-    ``generate`` emits it, then padding), decoded without special tokens, cut before the first occurrence of
-    each stop string in turn (`postprocess_generated_text`), not stripped."""
-    tokens = [int(t) for t in tokens]
-    end = next((j + 1 for j, t in enumerate(tokens) if t in set(eos_ids)), len(tokens))
-    text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
-    return postprocess_generated_text(text, list(until), None)
 
 
 def _batch_size(value) -> int:
@@ -110,12 +98,11 @@ class HM3JaxLM(TemplateLM):
     @property
     def prefix_token_id(self) -> int:
         """The token an empty context is replaced by: BOS, else EOS (as the hf backend)."""
-        bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.tokenizer.eos_token_id
+        return harness_task.prefix_token_id(self.tokenizer)
 
     @property
     def max_gen_toks(self) -> int:
-        return DEFAULT_MAX_GEN_TOKS
+        return harness_task.DEFAULT_MAX_GEN_TOKS
 
     @property
     def tokenizer_name(self) -> str:
@@ -123,14 +110,8 @@ class HM3JaxLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:  # fmt: skip
-        """The tokenizer's ids of `string` (its own special-token rule unless `add_special_tokens` says; none
-        added when `string` already starts with the BOS text), left-truncated to `left_truncate_len`."""
-        special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        bos_text = self.tokenizer.decode(self.prefix_token_id)
-        if add_special_tokens is None and bos_text and string.startswith(bos_text):
-            special = {"add_special_tokens": False}
-        ids = self.tokenizer.encode(string, **special)
-        return ids[-left_truncate_len:] if left_truncate_len else ids
+        """The harness's ids of `string` (`harness_task.encode`)."""
+        return harness_task.encode(self.tokenizer, string, add_special_tokens, left_truncate_len)
 
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
@@ -170,16 +151,12 @@ class HM3JaxLM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
-        eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
         out: list[str | None] = [None] * len(requests)
         for idx in groups.values():
-            gen_kwargs = requests[idx[0]].args[1]
-            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            if kwargs.get("do_sample"):
-                raise ValueError(f"task {requests[idx[0]].task_name!r} asks for sampling ({gen_kwargs}); "
-                                 "hm3_jax decodes greedily")  # fmt: skip
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-            max_gen_toks = int(kwargs.pop("max_gen_toks"))
+            first = requests[idx[0]]
+            until, max_gen_toks = harness_task.generation_settings(
+                first.args[1], self.tokenizer, f"task {first.task_name!r}"
+            )
             room = self.max_length - max_gen_toks
             if room < 1:
                 raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a context in the model's "
@@ -188,6 +165,6 @@ class HM3JaxLM(TemplateLM):
             tokens = token_requests.generate(self.model, prompts, max_gen_toks, self.batch_size, self.max_length,
                                              self.pad_id)  # fmt: skip
             for i, row in zip(idx, tokens, strict=True):
-                out[i] = harness_text(self.tokenizer, row, self.eos_ids, until)
+                out[i] = harness_task.continuation_text(self.tokenizer, row, self.eos_ids, until)
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
