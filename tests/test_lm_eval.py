@@ -35,7 +35,7 @@ from hm3_jax.evaluation import token_requests
 from hm3_jax.evaluation.lm_eval_model import HM3JaxLM
 from hm3_jax.evaluation.sources import ModelArgsError
 from hm3_jax.paths.engine import make_engine
-from hm3_jax.tasks import harness_task, objectives, spec_zoo
+from hm3_jax.tasks import objectives, spec_zoo
 from hm3_jax.tasks import spec as spec_lib
 from tests import hf_fixtures
 
@@ -290,54 +290,55 @@ def test_harness_scores_equal_the_spec_path(env):
     results = out["results"]
     assert [s["resps"][0][0] for s in out["samples"]["tiny_gen"] if s["filter"] == "strip"] == texts
 
-    # the spec-file path on the same files: one expert = the checkpoint itself
+    # the spec-file path on the same files (one expert = the checkpoint itself): the JSONL tasks, and the harness
+    # YAMLs as spec tasks (the harness's own prompts, filters and metric on the run's kernels)
     spec_file = root / "spec.yaml"
     spec_file.write_text(
         f"base: {env['ckpt']}\nexperts: {{a: {env['ckpt']}}}\neval_batch_size: 8\ntasks:\n"
         f"  gen: {{data: {gen_data}, metric: exact_match, objective: a, max_new_tokens: {MAX_GEN}, "
         f"stop: {json.dumps(until)}}}\n  mc: {{data: {mc_data}, metric: multiple_choice, objective: a}}\n"
+        "  h_gen: {lm_eval_yaml: tasks/gen.yaml, objective: a, lm_eval_filter: strip}\n"
+        "  h_number: {lm_eval_yaml: tasks/gen.yaml, objective: a, lm_eval_filter: number}\n"
+        "  h_mc: {lm_eval_yaml: tasks/mc.yaml, objective: a}\n"
     )
     spec = spec_lib.load_spec(str(spec_file))
-    data = {name: {"heldout": spec_lib.read_rows(task)} for name, task in spec.tasks.items()}
-    config = lm.model.config
-    objs = spec_zoo.make_objectives(
-        spec, data, tok, config, spec_zoo.eos_ids_of(env["ckpt"], tok), splits=("heldout",)
-    )
+    assert spec.tasks["h_gen"].metric == "lm_eval" and spec.tasks["h_gen"].data == str(tasks / "gen.yaml")
+    whole = {n: {"heldout": spec_lib.read_rows(t) if t.metric != "lm_eval" else [{"row": r} for r in range(1, 9)]}
+             for n, t in spec.tasks.items()}  # fmt: skip
+    whole["h_mc"]["heldout"] = whole["h_mc"]["heldout"][: len(MC)]
+    config, eos_ids = lm.model.config, spec_zoo.eos_ids_of(env["ckpt"], tok)
+    objs = spec_zoo.make_objectives(spec, whole, tok, config, eos_ids, splits=("heldout",))["heldout"]
     params = {**lm.model.shell, "blocks": lm.model.pool}
-    spec_gen = objectives.score_model(config, params, objs["heldout"]["gen"])
-    spec_mc = objectives.score_model(config, params, objs["heldout"]["mc"])
-    assert spec_gen == pytest.approx(50.0) and 0 < spec_mc < 100
-    assert 100 * results["tiny_gen"]["exact_match,strip"] == pytest.approx(spec_gen)
-    assert 100 * results["tiny_mc"]["acc,none"] == pytest.approx(spec_mc)
-    # the harness tasks as HM3 objectives (their own prompts, filters, metric): the whole document set gives the
-    # harness's score, each split the mean of the harness's per-document values, also through the path engine
-    cases = [("gen.yaml", "tiny_gen", "exact_match", "strip"), ("gen.yaml", "tiny_gen", "exact_match", "number"),
-             ("mc.yaml", "tiny_mc", "acc", "none")]  # fmt: skip
-    for (
-        yaml,
-        task,
-        metric,
-        filt,
-    ) in cases:  # batches of 8: every split is one batch of one shape, one compilation
-        htask = harness_task.load_harness_task(str(tasks / yaml), filter_name=filt)
-        per_doc = {s["doc_id"]: s[metric] for s in out["samples"][task] if s["filter"] == filt}
-        splits = harness_task.split_docs(htask, seed=0)
-        assert sorted(splits["search"] + splits["heldout"]) == list(range(len(per_doc)))
-        assert len(splits["search"]) == round(0.7 * len(per_doc))
-        splits["all"] = list(range(len(per_doc)))
-        objs = [harness_task.make_harness_objective(f"{task}/{s}", htask, d, tok, lm.eos_ids, 8, CONTEXT)
-                for s, d in splits.items()]  # fmt: skip
-        want = [100 * np.mean([per_doc[d] for d in docs]) for docs in splits.values()]
-        assert want[-1] == pytest.approx(100 * results[task][f"{metric},{filt}"])
-        if filt == "number":  # the same generations as "strip": the host side only
-            tokens = objectives.path_device_scores(
-                config, lm.model.shell, lm.model.pool, lm.model.path, None, objs[-1]
-            )
-            assert objs[-1].host_fn(tokens) == pytest.approx(want[-1])
-            continue
-        engine = make_engine(config, lm.model.shell, lm.model.pool, objs, strategy="map", num_threads=1)
-        got = engine.evaluate(np.asarray(lm.model.path)[None]).scores[0]
-        np.testing.assert_allclose(got, want, atol=1e-9)
+    score = {n: objectives.score_model(config, params, o) for n, o in objs.items()}
+    assert score["gen"] == pytest.approx(50.0) and 0 < score["mc"] < 100
+    for name, key in [("gen", "tiny_gen/exact_match,strip"), ("h_gen", "tiny_gen/exact_match,strip"),
+                      ("mc", "tiny_mc/acc,none"), ("h_mc", "tiny_mc/acc,none"),
+                      ("h_number", "tiny_gen/exact_match,number")]:  # fmt: skip
+        task, metric = key.split("/")
+        assert score[name] == pytest.approx(100 * results[task][metric]), name
+    # a run's seeded 70 / 30 split of the harness documents, scored by the path engine: the mean of the
+    # harness's per-document values over each split (batches of 8: one shape per kernel, one compilation)
+    loaded = spec_zoo.load_tasks(str(spec_file), seed=0)
+    per_doc = {name: {s["doc_id"]: s[m] for s in out["samples"][t] if s["filter"] == f}
+               for name, t, m, f in [("h_gen", "tiny_gen", "exact_match", "strip"), ("h_mc", "tiny_mc", "acc", "none")]}  # fmt: skip
+    cases = [(n, s) for n in per_doc for s in spec_lib.SPLITS]
+    assert [len(loaded.splits["h_gen"][s]) for s in spec_lib.SPLITS] == [6, 2]
+    engine = make_engine(config, lm.model.shell, lm.model.pool, [loaded.objectives[s][n] for n, s in cases],
+                         strategy="map", num_threads=1)  # fmt: skip
+    got = engine.evaluate(np.asarray(lm.model.path)[None]).scores[0]
+    want = [100 * np.mean([per_doc[n][d] for d in loaded.splits[n][s]]) for n, s in cases]
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    bad = [("{lm_eval_yaml: tasks/nope.yaml, objective: a}", "does not exist"),
+           ("{lm_eval_yaml: tasks/gen.yaml, objective: a, metric: exact_match}", "takes its data"),
+           ("{lm_eval_yaml: tasks/gen.yaml, objective: a, lm_eval_filter: nope}", "no filter 'nope'"),
+           ("{lm_eval_yaml: tasks/mc.yaml, objective: a, lm_eval_metric: bleu}", "no metric 'bleu'"),
+           ("{data: gen.jsonl, metric: exact_match, objective: a, lm_eval_metric: acc}", "go with lm_eval_yaml")]  # fmt: skip
+    for task_yaml, match in bad:
+        spec_file.write_text(
+            f"base: {env['ckpt']}\nexperts: {{a: {env['ckpt']}}}\ntasks:\n  t: {task_yaml}\n"
+        )
+        with pytest.raises(spec_lib.SpecError, match=match):
+            spec_zoo.load_tasks(str(spec_file))
     numbers = [(re.findall(NUMBER, t) or ["[invalid]"])[0].strip() for t in texts]  # the second filter
     assert results["tiny_gen"]["exact_match,number"] == pytest.approx(
         np.mean([n == t for n, t in zip(numbers, targets, strict=True)])

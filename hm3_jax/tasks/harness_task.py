@@ -1,10 +1,11 @@
 """lm-evaluation-harness tasks as HM3 objectives, and the harness's text rules both directions share.
 
 A task YAML of the harness (e.g. ``dataset_path: json`` with ``dataset_kwargs: {data_files: ...}``) is loaded
-with the harness's own `TaskManager`; its evaluation documents are split 70 / 30 with a seeded shuffle
-(`split_docs`, recorded by the caller), and each split becomes an `Objective` that the run's batched engine
-paths score like any other (`objectives.generation_kernel` for ``generate_until``,
-`multiple_choice.continuation_logprob_kernel` for ``multiple_choice``; no request is sent one at a time):
+with the harness's own `TaskManager`; a spec's ``{lm_eval_yaml: ...}`` task splits its evaluation documents
+70 / 30 as JSONL rows are split (`spec.split_rows`, recorded by the run), and each split becomes an `Objective`
+that the run's batched engine paths score like any other (`objectives.generation_kernel` for
+``generate_until``, `multiple_choice.continuation_logprob_kernel` for ``multiple_choice``; no request is sent
+one at a time):
 
 * prompts are the harness's own (`task.build_all_requests`: its description, few-shot examples and templates),
   tokenised by the harness's rules (`encode`, `encode_pair`);
@@ -22,7 +23,6 @@ These equal the harness's scores through `hm3_jax.evaluation.lm_eval_model` on t
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -37,7 +37,6 @@ from hm3_jax.tasks.multiple_choice import continuation_logprob_kernel, pack_mult
 from hm3_jax.tasks.objectives import ArrayBundle, Objective, generation_kernel, pack_prompts
 
 OUTPUT_TYPES = ("generate_until", "multiple_choice")
-SEARCH_FRACTION = 0.7
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's hf backend's
 
 
@@ -115,6 +114,13 @@ class HarnessTask(NamedTuple):
     def output_type(self) -> str:
         return self.task.OUTPUT_TYPE
 
+    def objective(self, name: str, doc_ids: Sequence[int], tokenizer, eos_ids, batch_size: int, context_len: int,
+                  pad_id: int = 0) -> Objective:  # fmt: skip
+        """`make_harness_objective` of this task."""
+        return make_harness_objective(
+            name, self, doc_ids, tokenizer, eos_ids, batch_size, context_len, pad_id
+        )
+
 
 def load_harness_task(
     yaml_path: str, filter_name: str | None = None, metric: str | None = None
@@ -156,22 +162,6 @@ def load_harness_task(
         raise HarnessTaskError(f"{yaml_path}: metric {metric!r} is not aggregated by its mean; HM3 objectives "
                                "need per-document values whose mean is the score")  # fmt: skip
     return HarnessTask(yaml_path, names[0], task, requests, filter_name, metric)
-
-
-def split_docs(htask: HarnessTask, seed: int) -> dict[str, list[int]]:
-    """{"search", "heldout"}: document indices, shuffled with `np.random.default_rng([seed, crc32(YAML file
-    name)])` and cut 70 / 30 (as `spec.split_rows` splits JSONL rows)."""
-    n = len(htask.requests)
-    rng = np.random.default_rng([int(seed), zlib.crc32(os.path.basename(htask.yaml).encode())])
-    order = rng.permutation(n)
-    n_search = int(round(SEARCH_FRACTION * n))
-    out = {"search": sorted(order[:n_search].tolist()), "heldout": sorted(order[n_search:].tolist())}
-    for split, docs in out.items():
-        if not docs:
-            raise HarnessTaskError(
-                f"{htask.yaml}: the {split!r} split of task {htask.name!r} is empty ({n} documents)"
-            )
-    return out
 
 
 def _document_values(htask: HarnessTask, doc_ids: Sequence[int], responses: Sequence[list]) -> np.ndarray:

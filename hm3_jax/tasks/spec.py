@@ -27,6 +27,12 @@ The data file holds uint8 images ``pixel_values [N, C, H, W]`` and int ``labels 
 ``kernel [D, C_task]``, ``bias [C_task]`` read out on every merged encoder's CLS feature (task arithmetic's
 fixed heads). `.npz` files are read without pickle.
 
+lm-evaluation-harness tasks: ``{lm_eval_yaml: tasks/my_task.yaml, objective: math}`` (optional
+``lm_eval_filter``, ``lm_eval_metric``: which of the YAML's filter pipelines and metrics is scored, default the
+first of each). The task's evaluation documents are split 70 / 30 like JSONL rows (seeded with the YAML's file
+name) and scored with the harness's own prompts, filters and metric (`hm3_jax.tasks.harness_task`; needs the
+`lm-eval` package). Only the YAML file itself is content-hashed by a run, not the data files it names.
+
 Relative paths are relative to the spec file. An objective's score is the mean of its tasks' scores (the paper's
 seven benchmarks over three objectives); the preference has one weight per objective (= per expert), in the order
 of `experts`. A task's objective defaults to the task's own name.
@@ -51,10 +57,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-METRICS = ("exact_match", "chrf", "multiple_choice", "exact_match_teacher_forced", "accuracy")
+METRICS = ("exact_match", "chrf", "multiple_choice", "exact_match_teacher_forced", "accuracy", "lm_eval")
 GENERATION_METRICS = ("exact_match", "chrf")
 TOP_KEYS = ("base", "experts", "tasks", "tokenizer_source", "dtype", "eval_batch_size")
-TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop", "head")
+TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop", "head", "lm_eval_yaml", "lm_eval_filter",
+             "lm_eval_metric")  # fmt: skip
+HARNESS_KEYS = ("lm_eval_yaml", "objective", "lm_eval_filter", "lm_eval_metric")
 DTYPES = ("float32", "bfloat16")
 SPLITS = ("search", "heldout")
 SEARCH_FRACTION = 0.7
@@ -69,7 +77,10 @@ class TaskSpec(NamedTuple):
 
     Attributes: name; data: absolute JSONL path; metric: one of METRICS; objective: the objective (expert) it
     counts towards; max_new_tokens: generation budget or None (default: longest target + 8 tokens); stop: stop
-    strings of generation; head: absolute path of an accuracy task's head file, else None.
+    strings of generation; head: absolute path of an accuracy task's head file, else None. A harness task
+    (``{lm_eval_yaml: my_task.yaml, objective: math}``, metric "lm_eval", `hm3_jax.tasks.harness_task`): data is
+    the absolute YAML path; lm_eval_filter / lm_eval_metric name the task's filter and metric scored (None:
+    the YAML's first of each).
     """
 
     name: str
@@ -79,6 +90,8 @@ class TaskSpec(NamedTuple):
     max_new_tokens: int | None
     stop: tuple[str, ...]
     head: str | None = None
+    lm_eval_filter: str | None = None
+    lm_eval_metric: str | None = None
 
 
 class Spec(NamedTuple):
@@ -172,22 +185,20 @@ def _task(spec_dir: str, name: str, raw, where: str, experts: Mapping) -> TaskSp
     unknown = sorted(set(raw) - set(TASK_KEYS))
     if unknown:
         _fail(where, f"unknown key(s) {unknown}; known keys: {list(TASK_KEYS)}")
+    if "lm_eval_yaml" in raw or raw.get("metric") == "lm_eval":
+        return _harness_task(spec_dir, name, raw, where, experts)
     for key in ("data", "metric"):
         if key not in raw:
             _fail(where, f"missing key {key!r}")
+    if "lm_eval_filter" in raw or "lm_eval_metric" in raw:
+        _fail(where, "lm_eval_filter and lm_eval_metric go with lm_eval_yaml (a harness task)")
     metric = raw["metric"]
     if metric not in METRICS:
         _fail(where, f"unknown metric {metric!r}; known metrics: {list(METRICS)}")
     data = os.path.normpath(os.path.join(spec_dir, os.path.expanduser(str(raw["data"]))))
     if not os.path.isfile(data):
         _fail(f"{where}.data", f"file {data} does not exist")
-    objective = str(raw.get("objective", name))
-    if objective not in experts:
-        _fail(
-            f"{where}.objective",
-            f"objective {objective!r} has no expert; experts are {list(experts)} (add `{objective}: DIR` under "
-            "experts, or set the task's objective to one of them)",
-        )
+    objective = _objective(name, raw, where, experts)
     max_new = raw.get("max_new_tokens")
     if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
         _fail(f"{where}.max_new_tokens", f"must be a positive integer, got {max_new!r}")
@@ -213,6 +224,38 @@ def _task(spec_dir: str, name: str, raw, where: str, experts: Mapping) -> TaskSp
     if metric == "accuracy" and not data.endswith(".npz"):
         _fail(f"{where}.data", "an accuracy task reads images from a .npz file (pixel_values, labels)")
     return TaskSpec(name, data, metric, objective, max_new, tuple(stop), head)
+
+
+def _objective(name: str, raw: Mapping, where: str, experts: Mapping) -> str:
+    objective = str(raw.get("objective", name))
+    if objective not in experts:
+        _fail(
+            f"{where}.objective",
+            f"objective {objective!r} has no expert; experts are {list(experts)} (add `{objective}: DIR` under "
+            "experts, or set the task's objective to one of them)",
+        )
+    return objective
+
+
+def _harness_task(spec_dir: str, name: str, raw: Mapping, where: str, experts: Mapping) -> TaskSpec:
+    """A task read from an lm-evaluation-harness task YAML: its documents, prompts, generation settings,
+    filters and metric are the YAML's (only the file is checked here; `harness_task` loads it)."""
+    other = sorted(set(raw) - set(HARNESS_KEYS))
+    if other:
+        _fail(where, f"a harness task (lm_eval_yaml) takes its data, prompts, generation settings and metric from "
+                     f"its YAML; remove {other} (its keys: {list(HARNESS_KEYS)})")  # fmt: skip
+    if "lm_eval_yaml" not in raw:
+        _fail(where, "metric lm_eval needs lm_eval_yaml: the harness task's YAML file")
+    yaml_file = os.path.normpath(os.path.join(spec_dir, os.path.expanduser(str(raw["lm_eval_yaml"]))))
+    if not os.path.isfile(yaml_file):
+        _fail(f"{where}.lm_eval_yaml", f"file {yaml_file} does not exist")
+    names = {k: raw.get(k) for k in ("lm_eval_filter", "lm_eval_metric")}
+    for k, v in names.items():
+        if v is not None and (not isinstance(v, str) or not v):
+            _fail(f"{where}.{k}", f"must be a non-empty string, got {v!r}")
+    objective = _objective(name, raw, where, experts)
+    return TaskSpec(name, yaml_file, "lm_eval", objective, None, (), None, names["lm_eval_filter"],
+                    names["lm_eval_metric"])  # fmt: skip
 
 
 def read_images(task: TaskSpec) -> tuple[dict, list[dict]]:

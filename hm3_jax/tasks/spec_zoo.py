@@ -14,7 +14,9 @@ BOS for Llama, none for Qwen2 and GPT-2);
   or at a `stop` string; decoded without special tokens, stripped, compared with the stripped target;
 * ``chrf``: the same generation, sacrebleu corpus chrF of the stripped outputs against the stripped targets;
 * ``multiple_choice``: per choice the summed log-probability of its continuation tokens (the ids of
-  ``prompt + choice`` after the ids of ``prompt``, lm-eval's rule); the argmax is the prediction.
+  ``prompt + choice`` after the ids of ``prompt``, lm-eval's rule); the argmax is the prediction;
+* ``lm_eval`` (``{lm_eval_yaml: ...}``): an lm-evaluation-harness task with its own documents (split as rows
+  are), prompts, filters and metric (`hm3_jax.tasks.harness_task`; needs lm-eval).
 
 Every expert must match the base's architecture, depth and width (else a SpecError naming the expert and the
 field), and its vocabulary, unless the spec sets ``tokenizer_source: base``: then each expert's embedding and
@@ -47,7 +49,8 @@ class SpecZoo(NamedTuple):
 
     Attributes beyond Zoo's: spec: the `Spec`; groups: {task: objective}; splits: {task: {split: [row index]}}
     (the seeded split, recorded by the run); eos_ids: generation stops at these (() for image tasks); images:
-    {accuracy task: {"pixel_values": float32 model inputs [N, C, H, W], "labels": [N], "head": {kernel, bias}}}.
+    {accuracy task: {"pixel_values": float32 model inputs [N, C, H, W], "labels": [N], "head": {kernel, bias}}};
+    harness: {lm_eval task: `harness_task.HarnessTask`} (rows of such a task are its documents, {"row": i + 1}).
     """
 
     base: Any
@@ -62,6 +65,7 @@ class SpecZoo(NamedTuple):
     splits: dict
     eos_ids: tuple
     images: dict
+    harness: dict = {}
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -74,7 +78,7 @@ class SpecZoo(NamedTuple):
         data = {t: {"search": d["search"][:search_examples]} for t, d in self.data.items()}
         spec = self.spec._replace(eval_batch_size=min(self.spec.eval_batch_size, search_examples))
         return make_objectives(spec, data, self.tokenizer, self.base.config, self.eos_ids, self.images, ("search",),
-                               shapes_from=self.data)["search"]  # fmt: skip
+                               shapes_from=self.data, harness=self.harness)["search"]  # fmt: skip
 
 
 def load_tokenizer(path: str):
@@ -143,6 +147,7 @@ class SpecTasks(NamedTuple):
     splits: dict
     images: dict
     objectives: dict
+    harness: dict = {}
 
 
 def load_tasks(spec, seed: int = 0) -> SpecTasks:
@@ -163,9 +168,12 @@ def load_tasks(spec, seed: int = 0) -> SpecTasks:
     text = any(t.metric != "accuracy" for t in spec.tasks.values())
     tokenizer = load_tokenizer(spec.base) if text else None
     eos_ids = eos_ids_of(spec.base, tokenizer) if text else ()
-    data, splits, images = {}, {}, {}
+    data, splits, images, harness = {}, {}, {}, {}
     for name, task in spec.tasks.items():
-        if task.metric == "accuracy":
+        if task.metric == "lm_eval":
+            harness[name] = load_harness_task(task)
+            rows = [{"row": i + 1} for i in range(len(harness[name].requests))]  # the task's documents
+        elif task.metric == "accuracy":
             arrays, rows = spec_lib.read_images(task)
             images[name] = {"pixel_values": preprocess_images(spec.base, arrays["pixel_values"], base_config, task),
                             "labels": arrays["labels"], "head": spec_lib.read_head(task)}  # fmt: skip
@@ -174,8 +182,9 @@ def load_tasks(spec, seed: int = 0) -> SpecTasks:
             rows = spec_lib.read_rows(task)
         splits[name] = spec_lib.split_rows(task, rows, seed)
         data[name] = {s: [rows[i] for i in idx] for s, idx in splits[name].items()}
-    objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids, images)
-    return SpecTasks(spec, base_config, expert_configs, tokenizer, eos_ids, data, splits, images, objectives)
+    objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids, images, harness=harness)
+    return SpecTasks(spec, base_config, expert_configs, tokenizer, eos_ids, data, splits, images, objectives,
+                     harness)  # fmt: skip
 
 
 def load(spec, seed: int = 0) -> SpecZoo:
@@ -212,7 +221,7 @@ def load(spec, seed: int = 0) -> SpecZoo:
         "sizes": {"examples": {t: {s: len(v) for s, v in d.items()} for t, d in data.items()}},
     }
     return SpecZoo(base, experts, tokenizer, data, objectives, manifest, os.path.dirname(spec.path), spec,
-                   groups, splits, eos_ids, images)  # fmt: skip
+                   groups, splits, eos_ids, images, tasks.harness)  # fmt: skip
 
 
 def _named(who: str, path: str, fn, *args, **kwargs):
@@ -274,14 +283,29 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def load_harness_task(task):
+    """The `harness_task.HarnessTask` of a spec's lm_eval task (imported here: lm-eval is an optional package;
+    a harness YAML that cannot be used is a SpecError naming it)."""
+    try:
+        from hm3_jax.tasks import harness_task
+    except ImportError as e:
+        raise SpecError(f"task {task.name!r} ({task.data}) is an lm-evaluation-harness task: install lm-eval "
+                        f"(pip install -e '.[lm_eval]'); {e}") from e  # fmt: skip
+    try:
+        return harness_task.load_harness_task(task.data, task.lm_eval_filter, task.lm_eval_metric)
+    except (ValueError, OSError, KeyError) as e:
+        raise SpecError(f"task {task.name!r} ({task.data}): {e}") from e
+
+
 def make_objectives(spec, data: dict, tokenizer, config, eos_ids, images=None, splits=spec_lib.SPLITS,
-                    shapes_from: dict | None = None) -> dict:  # fmt: skip
+                    shapes_from: dict | None = None, harness: dict | None = None) -> dict:  # fmt: skip
     """{split: {task: Objective}} of the spec's tasks on `data` ({task: {split: rows}}).
 
     Batches hold `spec.eval_batch_size` rows. A generation's `max_new_tokens` (when the task does not set it) is
     taken over every row of `shapes_from` (default `data`: both splits), so every split of a task generates
     alike; padded lengths (prompt, row) over the rows of `data` being built. Raises SpecError for a prompt (plus
     its generation budget) or a choice or target row longer than the model's context, naming task and row.
+    `harness`: {lm_eval task: HarnessTask} already loaded (else each is loaded here).
     """
     shapes_from = shapes_from or data
     context = int(config.max_position_embeddings)
@@ -293,6 +317,15 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, images=None, s
         rows = {s: data[name][s] for s in splits}
         built = [r for s in splits for r in rows[s]]
         where = f"task {name!r} ({task.data})"
+        if task.metric == "lm_eval":  # the harness's documents, prompts, filters and metric (harness_task)
+            htask = (harness or {}).get(name) or load_harness_task(task)
+            for s in splits:
+                try:
+                    out[s][name] = htask.objective(f"{name}/{s}", [r["row"] - 1 for r in rows[s]], tokenizer,
+                                                   eos_ids, batch, context, pad)  # fmt: skip
+                except ValueError as e:
+                    raise SpecError(f"{where}: {e}") from e
+            continue
         if task.metric == "accuracy":  # heads padded to the widest task's classes: one compilation for all
             im = images[name]
             for s in splits:
