@@ -1,11 +1,12 @@
 """The held-out bootstrap (hm3_jax.moo.bootstrap, hm3_jax.hm3.heldout_bootstrap) against independent values."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hm3_jax import moo
+from hm3_jax import models, moo
 from hm3_jax.moo import bootstrap
-from hm3_jax.tasks import metrics
+from hm3_jax.tasks import metrics, objectives
 
 HYPS = ["the cat sat on the mat", "a dog", "hello world", "", "bonjour le monde"]
 REFS = ["the cat sat on a mat", "the dog", "hello, world", "nothing", "bonjour tout le monde"]
@@ -76,8 +77,18 @@ def test_run_bootstrap_reproduces_the_reported_points_on_the_smoke_zoo(smoke_zoo
 
     zoo = zoo_lib.load(smoke_zoo_dir)
     problem = make_problem(zoo)
-    L = problem.config.num_layers
-    sources = [heldout_bootstrap.params_spec(p, L) for p in [problem.base, *problem.experts]]
+    sources = [heldout_bootstrap.params_spec(problem, p) for p in [problem.base, *problem.experts]]
+    # The held-out engine kept the sources' per-example statistics when make_problem scored them: read back
+    # without a new evaluation, and equal to an independent re-run (one model's kernels, `path_device_scores`).
+    engine = problem.engines["heldout"]
+    evaluated = engine.total_cost.num_evaluations
+    for p, spec in zip([problem.base, *problem.experts], sources, strict=True):
+        stats, _ = heldout_bootstrap.example_stats(problem, spec)
+        for st, obj in zip(stats, problem.objectives["heldout"], strict=True):
+            raw = objectives.path_device_scores(problem.config, models.shell_of(p), p["blocks"],
+                                                jnp.arange(problem.config.num_layers), None, obj)  # fmt: skip
+            np.testing.assert_allclose(st, obj.example_fn(np.asarray(raw)), rtol=1e-6, atol=1e-6)
+    assert engine.total_cost.num_evaluations == evaluated
     held = problem.source_scores["heldout"]
     specs = {"hm3": lambda: sources[1:], "base": lambda: sources[:1]}
     points = {"hm3": held[1:], "base": held[:1]}

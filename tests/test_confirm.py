@@ -81,13 +81,13 @@ def test_significant_gain_is_paired_and_checks_the_engine_scores(problem):
 
     L, K = problem.config.num_layers, problem.num_tasks
     acfg = types.SimpleNamespace(beta1=0.0, t_max=L)
-    base = heldout_bootstrap.params_spec(problem.base, L)
+    base = heldout_bootstrap.params_spec(problem, problem.base)
     full = problem.normalise(problem.source_scores["search_full"], "search_full")
     # a model against itself: the paired difference is 0 on every resample
     assert arch_level.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 50, 0) == 0.0
     # each expert against the base, for a preference on its own task (scores checked against the engine's)
     for k in range(K):
-        expert = heldout_bootstrap.params_spec(problem.experts[k], L)
+        expert = heldout_bootstrap.params_spec(problem, problem.experts[k])
         p = arch_level.significant_gain(problem, "search_full", expert, base, np.eye(K)[k], acfg, 200, 1,
                                         expected=(full[1 + k], full[0]))  # fmt: skip
         if full[1 + k, k] > full[0, k] + 0.2:  # clearly better on the whole split: (almost) every resample

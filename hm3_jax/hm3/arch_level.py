@@ -69,7 +69,7 @@ class PathScorer:
         self.split = split
         self.preferences = np.asarray(preferences, np.float32)
         self.engines = [
-            problem.engines[split].with_model(s, p, pool_id=f"{tag}/{split}/pref{i}")
+            problem.engines[split].with_model(s, p, pool_id=scorer_pool_id(tag, i))
             for i, (s, p) in enumerate(zip(shells, pools, strict=True))
         ]
         self.aligners = aligners
@@ -125,6 +125,12 @@ class PathScorer:
             z = np.load(path)
             for i, p, s in zip(z["index"], z["paths"], z["scores"], strict=True):
                 self.archive[(int(i), np.asarray(p, np.int32).tobytes())] = s
+
+
+def scorer_pool_id(tag: str, index: int) -> str:
+    """The engine cache identity of a PathScorer's model for preference `index` (the same on every split: each
+    split's engine keeps its own cache); a `model_spec` with this id reads the statistics kept when it scored."""
+    return f"{tag}/pref{index}"
 
 
 def reward(normalised_scores, preference, length, beta1: float, t_max: int) -> np.ndarray:
@@ -281,7 +287,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
             confirm = confirm_candidates(
                 problem, full_scorer, i, pref, scorer, num_sources, L, acfg, int(cfg.confirm_top),
                 significance=float(cfg.get("confirm_significance", 0.0)),
-                spec_fn=lambda path, i=i, a=aligner: model_spec(shells[i], pools[i], path, a),
+                spec_fn=lambda path, i=i, a=aligner: model_spec(shells[i], pools[i], path, a, scorer_pool_id(tag, i)),
                 num_samples=int(cfg.get("confirm_bootstrap_samples", 1000)), seed=int(cfg.get("confirm_seed", 0)) + i,
             )  # fmt: skip
             best_path = np.asarray(confirm["paths"][confirm["chosen"]], np.int32)
@@ -331,10 +337,10 @@ def path_junction(aligner, path) -> dict | None:
     return {k: v[0] for k, v in aligner.junctions(np.asarray(path, np.int32)[None]).items()}
 
 
-def model_spec(shell, pool, path, aligner=None) -> tuple:
-    """One path model as a `heldout_bootstrap` ModelSpec `(shell, pool, path, junction)`."""
+def model_spec(shell, pool, path, aligner=None, model_id: str | None = None) -> tuple:
+    """One path model as a `heldout_bootstrap` ModelSpec `(shell, pool, path, junction, model_id)`."""
     path = np.asarray(path, np.int32)
-    return shell, pool, path, path_junction(aligner, path)
+    return shell, pool, path, path_junction(aligner, path), model_id
 
 
 def confirm_candidates(problem: Problem, full_scorer, index: int, pref, scorer, num_sources: int, num_layers: int, acfg,
@@ -408,7 +414,7 @@ def significant_gain(problem: Problem, split: str, spec_a, spec_b, pref, acfg, n
     idx = bootstrap.resample_indices(seed, [o.num_examples for o in objs], num_samples)
     weights = problem.task_weights(np.asarray(pref, np.float64) / ideal)  # per task: lambda_g / (z*_g |g|)
     diff = bootstrap.paired_difference_samples(stats[0], stats[1], [o.metric for o in objs], weights, idx)
-    t_a, t_b = (int((np.asarray(s[2]) >= 0).sum()) for s in (spec_a, spec_b))
+    t_a, t_b = (int((np.asarray(heldout_bootstrap.ModelSpec(*s).path) >= 0).sum()) for s in (spec_a, spec_b))
     diff = diff - acfg.beta1 * (t_a - t_b) / acfg.t_max
     return float(np.mean(diff > 0))
 

@@ -113,11 +113,12 @@ class ExpertPathEvaluator:
 
     def __init__(self, problem: Problem, shell, pool, tag: str = "expert_paths"):
         self.problem = problem
-        self.search = problem.engines["search"].with_model(shell, pool, pool_id=f"{tag}/search")
-        self.heldout = problem.engines["heldout"].with_model(shell, pool, pool_id=f"{tag}/heldout")
+        self.pool_id = tag  # the engines' cache identity of (shell, pool) on every split (`model_spec`)
+        self.search = problem.engines["search"].with_model(shell, pool, pool_id=tag)
+        self.heldout = problem.engines["heldout"].with_model(shell, pool, pool_id=tag)
         self.full = None
         if "search_full" in problem.engines:
-            self.full = problem.engines["search_full"].with_model(shell, pool, pool_id=f"{tag}/search_full")
+            self.full = problem.engines["search_full"].with_model(shell, pool, pool_id=tag)
         self.records: dict = {}
 
     def __call__(self, paths, junction_scales=None):

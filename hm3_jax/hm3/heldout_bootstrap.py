@@ -1,55 +1,63 @@
 """Bootstrap intervals of every method's held-out hypervolume (`hm3_jax.moo.bootstrap`), from per-example outputs.
 
-Each reported point is re-run once on the held-out split through the same jitted kernels the engine uses
-(`objectives.path_device_scores`) to get per-example statistics (0/1 correctness, or chrF sentence statistics
-of the greedy decodes); their full-sample score must reproduce the reported point (checked: a mismatch is an
-error, never a silent interval of something else). Then `num_samples` paired resamples of the held-out
-examples give each method's hypervolume distribution against the report's fixed reference point.
+The held-out engine keeps, for every model it scores, each objective's per-example statistics (0/1
+correctness, or chrF sentence statistics of the greedy decodes; `PathEngine.keep_example_stats`), so a reported
+point's statistics are read back, not recomputed; a point scored in an earlier process (a resumed run) is
+re-run once through the same engine. Their full-sample score must reproduce the reported point (checked: a
+mismatch is an error, never a silent interval of something else). Then `num_samples` paired resamples of the
+held-out examples give each method's hypervolume distribution against the report's fixed reference point.
 
-A model is given as `(shell, pool, path, junction)` (`hm3_jax.models.apply_path` semantics), so parameter
-merges (identity path over their own blocks), HM3's paths over its pool and the path baselines' paths are all
-treated alike.
+A model is given as a `ModelSpec` (`hm3_jax.models.apply_path` semantics, plus the engine cache identity it
+was scored under), so parameter merges (their identity path over the pool `experts + [merge]`, as
+`problem.score_params` scores them), HM3's paths over its pool and the path baselines' paths are all treated
+alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from hm3_jax import models
-from hm3_jax.hm3.problem import MIN_IDEAL, Problem
+from hm3_jax.hm3.problem import MIN_IDEAL, Problem, pool_for
 from hm3_jax.moo import bootstrap, hypervolume, normalize_by_ideal
-from hm3_jax.tasks import objectives as objectives_lib
-
-ModelSpec = tuple  # (shell, pool, path [T], junction or None)
 
 
-def params_spec(params: dict, num_layers: int) -> ModelSpec:
-    """A plain model as a path model: its shell, its blocks, the identity path."""
-    return models.shell_of(params), params["blocks"], np.arange(num_layers, dtype=np.int32), None
+class ModelSpec(NamedTuple):
+    """One model as a path: `shell`, `pool` (of the engines' pool shape), `path` [T], `junction` (None or
+    {"scale", "shift": [T, D]}) and `model_id`, the engine cache identity it was scored under (None: a hash of
+    the shell and pool bytes, what `PathEngine.with_model` uses by default). A 4-tuple is a spec without id."""
+
+    shell: Any
+    pool: Any
+    path: Any
+    junction: Any = None
+    model_id: str | None = None
 
 
-def example_stats(problem: Problem, spec: ModelSpec, split: str = "heldout"):
+def params_spec(problem: Problem, params: dict) -> ModelSpec:
+    """A plain model as `problem.score_params` scores it: the identity path of source K over the pool
+    `experts + [params]`, with the model's own shell."""
+    K, L = len(problem.experts), problem.config.num_layers
+    path = (K * L + np.arange(L)).astype(np.int32)
+    return ModelSpec(models.shell_of(params), pool_for(problem.experts, params), path)
+
+
+def example_stats(problem: Problem, spec, split: str = "heldout"):
     """Per task the per-example statistics of one model on `split` (see `moo.bootstrap`): each objective's
-    `example_fn` of its kernel output (0/1 correctness, or chrF sentence statistics of the stripped decodes;
-    the objectives hold their references and tokenizer).
+    `example_fn` of its device output, kept by the split's engine when it scored the model (else computed now).
 
     Returns: ([stats per task], [full-sample score per task]).
     """
-    shell, pool, path, junction = spec
-    out, scores = [], []
-    for obj in problem.objectives[split]:
-        if getattr(obj, "example_fn", None) is None:
-            raise ValueError(f"objective {obj.name!r} has no example_fn: no per-example statistics")
-        raw = np.asarray(objectives_lib.path_device_scores(
-            problem.config, shell, pool, jnp.asarray(path, jnp.int32), junction, obj))  # fmt: skip
-        stats = obj.example_fn(raw)
-        out.append(stats)
-        scores.append(bootstrap.full_score(stats, obj.metric))
-    return out, scores
+    spec = ModelSpec(*spec)
+    engine = problem.engines[split].with_model(spec.shell, spec.pool, pool_id=spec.model_id)
+    junction = None if spec.junction is None else {k: np.asarray(v)[None] for k, v in spec.junction.items()}
+    stats = engine.example_stats(np.asarray(spec.path, np.int32)[None], junction)[0]
+    scores = [bootstrap.full_score(s, o.metric) for s, o in zip(stats, engine.objectives, strict=True)]
+    return list(stats), scores
 
 
 def run_bootstrap(problem: Problem, method_specs: dict[str, Callable[[], list[ModelSpec]]], method_points: dict,

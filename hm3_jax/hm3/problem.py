@@ -26,6 +26,9 @@ from hm3_jax import models
 from hm3_jax.paths import engine as engine_lib
 
 SPLITS = ("search", "heldout")
+# Splits whose engines keep per-example statistics of every model they score (`PathEngine.keep_example_stats`):
+# the held-out bootstrap and the confirmation's significance test on the whole search split resample them.
+KEEP_EXAMPLE_STATS = ("heldout", "search_full")
 # Floor of the ideal point (scores are in [0, 100]): a task no source solves at all is normalised by this.
 MIN_IDEAL = 1.0
 
@@ -145,6 +148,9 @@ def make_problem(
     shell = models.shell_of(base)
     engines = make_engines(config, shell, pool, objectives, engine_strategy, chunk_size, prefix_sharing, mesh,
                            groups)  # fmt: skip
+    for split in KEEP_EXAMPLE_STATS:  # what paired bootstraps resample, kept when scored (never re-run)
+        if split in engines:
+            engines[split].keep_example_stats()
     if source_scores is not None:
         given = {k: np.asarray(v, np.float64) for k, v in source_scores.items()}
         shape = (len(experts) + 1, len(tasks))

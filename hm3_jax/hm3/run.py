@@ -336,11 +336,11 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     )
     if config.report.get("bootstrap_samples", 0) > 0 and "hm3" in rep["methods"]:
         specs = _method_specs(problem, config, methods, param_keys, merged, shells, pools, np_shell, np_pool, hm3,
-                              no_param)  # fmt: skip
+                              no_param, evaluator)  # fmt: skip
         bs = progress.stage(wd, "bootstrap", lambda: heldout_bootstrap.run_bootstrap(
             problem, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
             config.report.bootstrap_samples, config.seed,
-            [heldout_bootstrap.params_spec(p, L) for p in [problem.base, *problem.experts]]))  # fmt: skip
+            [heldout_bootstrap.params_spec(problem, p) for p in [problem.base, *problem.experts]]))  # fmt: skip
         rep = report_lib.add_bootstrap(rep, bs)
     curves = {"hm3": hm3["reward_curve"]}
     if no_param is not None:
@@ -361,42 +361,58 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
 
 
 def _method_specs(problem, config, methods, param_keys, merged, shells, pools, np_shell, np_pool, hm3,
-                  no_param) -> dict:  # fmt: skip
+                  no_param, evaluator) -> dict:  # fmt: skip
     """{method: () -> [ModelSpec]}: every reported point of the run rebuilt as a path model (for the bootstrap).
 
     Mirrors how each point was made: parameter baselines re-merge with their chosen hyperparameters and the
     same keys (`baselines_runner.param_baseline_models`), path methods re-use their paths (and junction scales)
     over the experts' pool, HM3 its path over its preference's pool, the no-architecture-level ablation its
-    Theta(lambda).
+    Theta(lambda); each under the engine cache identity it was scored with, so the held-out engine's kept
+    per-example statistics are read back instead of re-running the model.
     """
     from hm3_jax.hm3 import baselines_runner
 
-    L, D = problem.config.num_layers, problem.config.hidden_size
-    spec = heldout_bootstrap.params_spec
-    out = {f"expert:{t}": (lambda k=k: [spec(problem.experts[k], L)]) for k, t in enumerate(problem.tasks)}
-    out["base"] = lambda: [spec(problem.base, L)]
+    D = problem.config.hidden_size
+    ModelSpec = heldout_bootstrap.ModelSpec
+
+    def spec(params):
+        return heldout_bootstrap.params_spec(problem, params)
+
+    out = {f"expert:{t}": (lambda k=k: [spec(problem.experts[k])]) for k, t in enumerate(problem.tasks)}
+    out["base"] = lambda: [spec(problem.base)]
     for m in config.baselines.param_methods:
         out[m] = lambda m=m: [
-            spec(mg, L)
-            for mg in baselines_runner.param_baseline_models(problem, m, methods[m], param_keys[m])
+            spec(mg) for mg in baselines_runner.param_baseline_models(problem, m, methods[m], param_keys[m])
         ]
     for m in config.baselines.path_methods:
         out[m] = lambda m=m: [
-            (np_shell, np_pool, np.asarray(p, np.int32), baselines_runner._junction_from_scales(sc, D))
+            ModelSpec(
+                np_shell,
+                np_pool,
+                np.asarray(p, np.int32),
+                baselines_runner._junction_from_scales(sc, D),
+                evaluator.pool_id,
+            )
             for p, sc in zip(methods[m]["paths"], methods[m]["junction_scales"], strict=True)
         ]
 
     def hm3_specs():
         res = []
-        for sh, pl, r in zip(shells, pools, hm3["per_preference"], strict=True):
+        for i, (sh, pl, r) in enumerate(zip(shells, pools, hm3["per_preference"], strict=True)):
             j = {k: np.asarray(v, np.float32) for k, v in r["junction"].items()} if "junction" in r else None
-            res.append((sh, pl, np.asarray(r["path"], np.int32), j))
+            res.append(
+                ModelSpec(sh, pl, np.asarray(r["path"], np.int32), j, arch_level.scorer_pool_id("hm3", i))
+            )
         return res
 
     out["hm3"] = hm3_specs
-    out["hm3_no_param_level"] = lambda: [(np_shell, np_pool, np.asarray(r["path"], np.int32), None)
-                                         for r in no_param["per_preference"]]  # fmt: skip
-    out["hm3_no_arch_level"] = lambda: [spec(mg, L) for mg in merged]
+    out["hm3_no_param_level"] = lambda: [
+        ModelSpec(
+            np_shell, np_pool, np.asarray(r["path"], np.int32), None, arch_level.scorer_pool_id("no_param", i)
+        )
+        for i, r in enumerate(no_param["per_preference"])
+    ]
+    out["hm3_no_arch_level"] = lambda: [spec(mg) for mg in merged]
     return {n: f for n, f in out.items() if n in methods}
 
 

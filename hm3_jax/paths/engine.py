@@ -181,6 +181,35 @@ class PathEngine:
         """{cache key: scores [num_tasks]} of every model scored here and by `with_model` copies."""
         return self._shared["cache"]
 
+    def keep_example_stats(self) -> PathEngine:
+        """From now on keep, per scored row, every objective's per-example statistics (`Objective.example_fn`
+        of the row's device output: 0/1 correctness, chrF sentence statistics) next to its scores, for this
+        engine and its `with_model` copies; `example_stats` reads them (a paired bootstrap then resamples
+        them instead of re-running the model). Returns self."""
+        if self._shared.get("examples") is None:
+            self._shared["examples"] = {}
+        return self
+
+    def example_stats(self, paths, junction: dict | None = None) -> list[list]:
+        """Per row of `paths` (as `evaluate` takes them), per objective its per-example statistics.
+
+        Rows scored since `keep_example_stats` are read back; the others are evaluated now (their scores
+        overwrite the cache's with the same values). Raises ValueError for an objective without `example_fn`.
+        """
+        missing = [o.name for o in self.objectives if getattr(o, "example_fn", None) is None]
+        if missing:
+            raise ValueError(f"objective(s) {missing} have no example_fn: no per-example statistics")
+        self.keep_example_stats()
+        store = self._shared["examples"]
+        paths_c, junction_c, lengths = canonicalize(paths, junction, self.pool_size)
+        keys = path_keys(self.model_id, paths_c, lengths, junction_c)
+        todo = sorted({i for i, k in enumerate(keys) if k not in store})
+        if todo:
+            idx = np.asarray(todo)
+            self.evaluate(paths_c[idx], None if junction_c is None else {n: a[idx] for n, a in junction_c.items()},
+                          use_cache=False)  # fmt: skip
+        return [store[k] for k in keys]
+
     @property
     def num_traces(self) -> dict:
         """How many times each compiled function was traced (a new trace = a recompilation)."""
@@ -231,9 +260,11 @@ class PathEngine:
         if todo:
             idx = np.asarray(todo)
             sub_j = None if junction_c is None else {n: a[idx] for n, a in junction_c.items()}
-            scores, eval_cost = self._evaluate_rows(paths_c[idx], lengths[idx], sub_j)
+            scores, eval_cost, stats = self._evaluate_rows(paths_c[idx], lengths[idx], sub_j)
             for row, i in enumerate(todo):
                 cache[keys[i]] = scores[row]
+                if stats is not None:
+                    self._shared["examples"][keys[i]] = stats[row]
             cost = cost._replace(**eval_cost)
         out = np.stack([cache[k] for k in keys]) if keys else np.zeros((0, self.num_tasks))
         if self._shared["group_matrix"] is not None:
@@ -273,9 +304,14 @@ class PathEngine:
             if dec_idx and not tf_idx:
                 block_steps += int(lengths.sum())
         scores = np.zeros((n, self.num_tasks))
+        keep = self._shared.get("examples") is not None
+        stats = [[None] * self.num_tasks for _ in range(n)] if keep else None
         for k, obj in enumerate(self.objectives):
             for i in range(n):
-                value = float(obj.host_fn(jax.tree.map(lambda a, i=i: np.asarray(a[i]), raw[k])))
+                row = jax.tree.map(lambda a, i=i: np.asarray(a[i]), raw[k])
+                if keep and getattr(obj, "example_fn", None) is not None:
+                    stats[i][k] = obj.example_fn(row)
+                value = float(obj.host_fn(row))
                 if not np.isfinite(value) or value < -1e-6 or value > 100 + 1e-6:
                     raise ValueError(
                         f"objective {obj.name!r} returned score {value}, expected within [0, 100]"
@@ -284,7 +320,7 @@ class PathEngine:
         return scores, dict(
             num_evaluations=n, block_steps=block_steps, block_steps_plain=block_steps_plain,
             flops=float(flops), flops_plain=float(flops_plain),
-        )  # fmt: skip
+        ), stats  # fmt: skip
 
     def path_flops(self, length: int) -> float:
         """Analytic forward FLOPs of one path of `length` real blocks on every objective, evaluated alone (no
