@@ -259,14 +259,16 @@ def _write_jsonl(path, rows):
     return str(path)
 
 
-def test_harness_scores_equal_the_spec_path(env):
+@pytest.fixture(scope="module")
+def harness(env):
+    """Local JSONL data and task YAMLs (targets half the model's own outputs, answers half its best choice), and
+    the harness's evaluation of the adapter on them."""
     lm, tok, ref, root = env["lm"], env["tok"], env["ref"], env["root"]
     greedy, until = _generation_case(env)
     texts = [_text(tok, g, until) for g in greedy]
     targets = [t.strip() if i % 2 == 0 else t.strip() + " x" for i, t in enumerate(texts)]  # half right
-    gen_data = _write_jsonl(
-        root / "gen.jsonl", [{"prompt": p, "target": t} for p, t in zip(PROMPTS, targets, strict=True)]
-    )
+    gen_data = _write_jsonl(root / "gen.jsonl", [{"prompt": p, "target": t}
+                                                for p, t in zip(PROMPTS, targets, strict=True)])  # fmt: skip
     answers = []
     for (
         prompt,
@@ -287,6 +289,14 @@ def test_harness_scores_equal_the_spec_path(env):
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_gen", "tiny_mc"], task_manager=manager,
                                   bootstrap_iters=0, log_samples=True)  # fmt: skip
+    return {"tasks": tasks, "texts": texts, "targets": targets, "until": until, "gen_data": gen_data,
+            "mc_data": mc_data, "out": out}  # fmt: skip
+
+
+def test_harness_scores_equal_the_spec_path(env, harness):
+    lm, tok, root, tasks, out = env["lm"], env["tok"], env["root"], harness["tasks"], harness["out"]
+    texts, targets, until = harness["texts"], harness["targets"], harness["until"]
+    gen_data, mc_data = harness["gen_data"], harness["mc_data"]
     results = out["results"]
     assert [s["resps"][0][0] for s in out["samples"]["tiny_gen"] if s["filter"] == "strip"] == texts
 
@@ -394,3 +404,25 @@ def test_model_args_sources_and_errors(env):
         with pytest.raises(ModelArgsError, match=match):
             HM3JaxLM.create_from_arg_string(args)
     assert jnp.asarray(lm.model.path).tolist() == [0, 1]
+
+
+def test_registered_model_and_command_line(env, harness, monkeypatch):
+    """`model="hm3_jax"` with a model_args string goes through the harness's registry; `experiments.harness_eval`
+    (the harness's CLI with the model registered; its run indexes the harness's ~thousands of default YAMLs, 7 s
+    here, so it is not run) turns a bad model_args into one line naming the key."""
+    from experiments import harness_eval
+
+    manager = TaskManager(include_path=str(harness["tasks"]), include_defaults=False)
+    out = lm_eval.simple_evaluate(model="hm3_jax", model_args=f"pretrained={env['ckpt']}", tasks=["tiny_mc"],
+                                  batch_size=4, task_manager=manager, bootstrap_iters=0)  # fmt: skip
+    assert out["results"]["tiny_mc"]["acc,none"] == harness["out"]["results"]["tiny_mc"]["acc,none"]
+    assert out["config"]["model"] == "hm3_jax"
+
+    def cli_evaluate():  # what the harness's CLI does with --model hm3_jax --model_args ...
+        lm_eval.api.registry.get_model("hm3_jax").create_from_arg_string(
+            f"pretrained={env['ckpt']},prefrence=1"
+        )
+
+    monkeypatch.setattr(harness_eval, "cli_evaluate", cli_evaluate)
+    with pytest.raises(SystemExit, match=r"error: unknown model_args \['prefrence'\]"):
+        harness_eval.main()
