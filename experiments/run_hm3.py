@@ -29,6 +29,7 @@ from experiments import cli_errors
 from hm3_jax import distributed, logs
 from hm3_jax.hm3 import run as run_lib
 from hm3_jax.hm3 import summary
+from hm3_jax.hm3 import workdir as workdir_lib
 from hm3_jax.hm3.workdir import WorkdirError
 from hm3_jax.tasks import zoo as zoo_lib
 from hm3_jax.tasks.spec import SpecError
@@ -46,6 +47,9 @@ def main(argv):
     del argv
     logs.quiet_libraries(("hm3_jax", "experiments"))  # orbax/JAX INFO lines only with --verbosity=1
     mesh = distributed.runtime_from_flags()  # before any other JAX call
+    workdir_lib.use_compilation_cache(
+        _WORKDIR.value
+    )  # a resume and `suggest` load the run's compiled programs
     try:
         report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
     except (run_lib.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError) as e:

@@ -86,6 +86,13 @@ def test_suggest_from_the_front_and_from_the_policy(smoke_run):
     assert new["path"] == (new["decoded_path"] if r[0] > r[1] else theta)
     assert new["theta"]["variant"] == "tuned" and new["theta"]["from_preference"] == report["methods"]["hm3"][
         "preferences"][int(np.abs(np.asarray(report["methods"]["hm3"]["preferences"]) - [0.7, 0.2, 0.1]).sum(1).argmin())]  # fmt: skip
+    # A second suggestion reuses the loaded run (its engines outlive the call): its answer is the one a fresh
+    # load gives (no score cached for the first Theta(lambda) is read for the second).
+    warm = suggest_lib.suggest(workdir, [0.1, 0.3, 0.6], search=True)
+    suggest_lib.clear_sessions()
+    cold = suggest_lib.suggest(workdir, [0.1, 0.3, 0.6], search=True)
+    for k in ("path", "decoded_path", "heldout", "search", "decision", "theta"):
+        assert warm[k] == cold[k], k
 
 
 def test_demo_notebook_runs_end_to_end(smoke_run, smoke_zoo_dir, tmp_path):

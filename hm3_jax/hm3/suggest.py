@@ -28,6 +28,7 @@ from hm3_jax import models, moo
 from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
+from hm3_jax.hm3 import workdir as workdir_lib
 from hm3_jax.hm3.workdir import WorkdirError
 
 
@@ -82,13 +83,50 @@ def suggest(
     return _search(run_dir, config, report, pref, refine_iterations, seed)
 
 
+# run directory -> (run.json's stat, (zoo, problem)): a process that asks several suggestions of one run loads
+# its models and builds its engines (compiled programs, score caches) once. `clear_sessions()` frees them.
+_SESSIONS: dict[str, tuple] = {}
+
+
+def clear_sessions() -> None:
+    """Forgets the runs `suggest` has loaded in this process (their models, engines and caches)."""
+    _SESSIONS.clear()
+
+
+def _session(run_dir: str, config):
+    """(zoo, problem) of the run in `run_dir`, loaded once per process (again when its run.json changes)."""
+    from hm3_jax.hm3 import run as run_lib
+
+    st = os.stat(os.path.join(run_dir, "run.json"))
+    stamp, where = (st.st_mtime_ns, st.st_size), os.path.realpath(run_dir)
+    if where in _SESSIONS and _SESSIONS[where][0] == stamp:
+        return _SESSIONS[where][1]
+    workdir_lib.use_compilation_cache(run_dir)  # a fresh process loads the run's compiled programs
+    _, zoo, problem = run_lib.setup(config, run_dir)
+    session = {"zoo": zoo, "problem": problem, "policy": None}
+    _SESSIONS[where] = (stamp, session)
+    return session
+
+
+def _policy(session: dict, run_dir: str, trainer, key):
+    """(the run's trained policy parameters, its jitted greedy decode), restored once per session."""
+    if session["policy"] is None:
+        manager = loop_lib.make_checkpoint_manager(os.path.join(run_dir, "arch", "hm3", "ckpt"))
+        runner = loop_lib.restore_latest(manager, lambda: trainer.init(key))  # shapes only: no warm start run
+        if runner is None:
+            raise FileNotFoundError(f"no policy checkpoint under {run_dir}/arch/hm3/ckpt")
+        session["policy"] = (runner.params, jax.jit(trainer.decode))  # decode(params, preference, phi)
+    return session["policy"]
+
+
 def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     from hm3_jax.hm3 import arch_level
     from hm3_jax.hm3 import run as run_lib
     from hm3_jax.hm3.problem import pool_for
 
     start = time.perf_counter()
-    _, zoo, problem = run_lib.setup(config, run_dir)
+    session = _session(run_dir, config)
+    zoo, problem = session["zoo"], session["problem"]
     K, L = problem.num_tasks, problem.config.num_layers
     key = jax.random.PRNGKey(seed)
     merged, theta_from = _theta(run_dir, config, problem, pref)
@@ -98,22 +136,22 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     if config.arch.alignment == "moment":
         ids, mask = run_lib.calibration_inputs(problem, zoo)
         aligners = arch_level.make_aligners(problem, "moment", [shell], [pool], ids, mask, shell_source=K)
+    # The engines' cache identity of this Theta(lambda) (the engines outlive the call): what determines it.
+    tag = "suggest/" + workdir_lib.fingerprint(
+        {"theta": theta_from, "preference": np.asarray(pref32).tolist()}
+    )
 
     def path_scorer(split):
-        return arch_level.PathScorer(problem, split, pref32[None], [shell], [pool], "suggest", aligners)
+        return arch_level.PathScorer(problem, split, pref32[None], [shell], [pool], tag, aligners)
 
     acfg = arch_level.arch_config(config.arch, K + 1, L, K)
     phi = descriptors_lib.block_descriptors(pool, problem.base["blocks"], K + 1)
     scorer = path_scorer("search")
     trainer = ppo.make_trainer(acfg, ppo.host_score_fn(scorer, K), phi, pref32[None])
-    manager = loop_lib.make_checkpoint_manager(os.path.join(run_dir, "arch", "hm3", "ckpt"))
-    runner = loop_lib.restore_latest(manager, lambda: trainer.init(key))  # shapes only: no warm start run
-    if runner is None:
-        raise FileNotFoundError(f"no policy checkpoint under {run_dir}/arch/hm3/ckpt")
-    params = runner.params
+    params, decode = _policy(session, run_dir, trainer, key)
     if refine_iterations:
         params = trainer.refine(key, params, pref32, phi, refine_iterations)
-    decoded, _ = jax.jit(trainer.decode)(params, pref32, phi)
+    decoded, _ = decode(params, pref32, phi)
     decoded = np.asarray(decoded, np.int32)
     theta = arch_level.identity_paths(K + 1, L, acfg.t_max)[K]
     cands = np.stack([decoded, theta])
