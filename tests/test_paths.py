@@ -211,16 +211,33 @@ def test_threads_give_the_same_scores_and_pass_errors_on(setup, monkeypatch):
 
     original = type(three)._plain_chunk
 
-    def failing(self, obj_idx, rows, junction, start):
+    def failing(self, obj_idx, rows, junction, start, size):
         if start == 8:
             raise RuntimeError("chunk 8 failed")
-        return original(self, obj_idx, rows, junction, start)
+        return original(self, obj_idx, rows, junction, start, size)
 
     monkeypatch.setattr(type(three), "_plain_chunk", failing)
     with pytest.raises(RuntimeError, match="chunk 8 failed"):
         three.evaluate(paths, use_cache=False)
     with pytest.raises(ValueError, match="num_threads"):
         make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], num_threads=0, **kwargs)
+
+
+def test_a_small_remainder_runs_as_single_paths_with_the_same_scores(setup):
+    """Chunks of `chunk_size`, then a remainder of at most a quarter chunk as chunks of one path (a lone path
+    padded with 7 empty ones costs about twice as much): the scores are those of whole padded chunks."""
+    kwargs = dict(strategy="map", prefix_sharing=False, num_threads=2)
+    eng = make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], chunk_size=8, **kwargs)
+    assert eng._chunk_plan(17) == [(0, 8), (8, 8), (16, 1)]
+    assert eng._chunk_plan(13) == [(0, 8), (8, 8)]  # a remainder of 5: one padded chunk
+    assert eng._chunk_plan(2) == [(0, 1), (1, 1)] and eng._chunk_plan(8) == [(0, 8)]
+    padded = make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], chunk_size=6, **kwargs)
+    assert padded._chunk_plan(17) == [(0, 6), (6, 6), (12, 6)]
+    paths = policy_like_paths(9, 17)
+    np.testing.assert_array_equal(eng.evaluate(paths).scores, padded.evaluate(paths).scores)
+    np.testing.assert_array_equal(
+        eng.evaluate(paths[:1], use_cache=False).scores, padded.evaluate(paths[:1]).scores
+    )
 
 
 def test_bad_inputs_raise_clear_errors(setup):

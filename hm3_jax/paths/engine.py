@@ -345,12 +345,11 @@ class PathEngine:
         values whichever thread runs it. Strategy "shard" keeps one thread: every process of a multi-process
         mesh must enter the chunks' collectives in the same order.
         """
-        n, c = paths.shape[0], self.chunk_size
-        starts = list(range(0, n, c))
-        results: list[Any] = [None] * len(starts)
+        chunks = self._chunk_plan(paths.shape[0])  # [(start, size)]
+        results: list[Any] = [None] * len(chunks)
         errors: list[BaseException] = []
         lock = threading.Lock()
-        todo = list(range(len(starts)))
+        todo = list(range(len(chunks)))
 
         def work():
             while True:
@@ -359,7 +358,7 @@ class PathEngine:
                         return
                     i = todo.pop(0)
                 try:
-                    m, out = self._plain_chunk(obj_idx, paths, junction, starts[i])
+                    m, out = self._plain_chunk(obj_idx, paths, junction, *chunks[i])
                     results[i] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
                 except BaseException as err:  # noqa: BLE001 (re-raised on the calling thread)
                     with lock:
@@ -367,13 +366,16 @@ class PathEngine:
 
         workers = self.num_threads - 1 if self.strategy != "shard" else 0
         warmed = self._shared.setdefault("warmed", set())
-        key = (obj_idx, junction is not None)
-        if workers and key not in warmed and todo:  # trace + compile once, on this thread, before any worker
-            todo.pop(0)
-            m, out = self._plain_chunk(obj_idx, paths, junction, starts[0])
-            results[0] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
-        warmed.add(key)
-        threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(starts)))]
+        for i in (
+            list(todo) if workers else []
+        ):  # trace + compile each chunk shape once, on this thread, first
+            key = (obj_idx, junction is not None, chunks[i][1])
+            if key not in warmed:
+                todo.remove(i)
+                m, out = self._plain_chunk(obj_idx, paths, junction, *chunks[i])
+                results[i] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
+                warmed.add(key)
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(todo)))]
         for t in threads:
             t.start()
 
@@ -387,10 +389,26 @@ class PathEngine:
 
         return finish
 
-    def _plain_chunk(self, obj_idx: tuple, paths, junction, start: int):
-        """(real rows m, device outputs) of the chunk of rows `start : start + chunk_size` (padded)."""
+    def _chunk_plan(self, n: int) -> list[tuple[int, int]]:
+        """[(start, size)] of plain evaluation's chunks for `n` rows: `chunk_size` rows each (the last padded with
+        empty paths), except that a remainder of at most a quarter chunk runs as chunks of one path. Empty
+        paths still pay embedding and head (per generated token when decoding): a lone path in a chunk of 8
+        cost about twice a chunk of one (single models: the parameter level, every held-out score). Each path's
+        computation is the same in either shape (`lax.map` over paths; scores identical, tested), so the plan
+        changes time only; strategy "shard" keeps whole chunks (a multiple of the mesh's "paths" axis)."""
+        c = self.chunk_size
+        plan = [(s, c) for s in range(0, n - n % c, c)]
+        rest = n % c
+        if rest and (self.strategy == "shard" or rest > max(1, c // 4)):
+            plan.append((n - rest, c))
+        elif rest:
+            plan += [(s, 1) for s in range(n - rest, n)]
+        return plan
+
+    def _plain_chunk(self, obj_idx: tuple, paths, junction, start: int, c: int):
+        """(real rows m, device outputs) of the chunk of rows `start : start + c` (padded to `c` rows)."""
         fn = self._plain_fn(obj_idx, junction is not None)
-        n, c = paths.shape[0], self.chunk_size
+        n = paths.shape[0]
         rows = np.arange(start, min(start + c, n))
         pad = c - rows.size
         # pad with empty paths (all -1, identity junction rows): no block runs for them (apply_path's
