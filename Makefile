@@ -1,10 +1,12 @@
-# Quickstart: `make demo` (install, then HM3 on the built-in tiny3 benchmark) and `make test`.
+# Quickstart: `make demo` (install, then HM3 on the built-in tiny3 benchmark at the demo budget) and `make test`.
+# `make demo-full` is the README results config (15 preferences, full budgets) into runs/tiny3; both share the zoo.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny3
+DEMO_WORKDIR ?= runs/demo
 PYTEST_ARGS ?= -q -n 2 --dist loadfile --durations=20
 
-.PHONY: install test demo lint format clean
+.PHONY: install test demo demo-full lint format clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +20,10 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 demo: install
+	$(PY) -m experiments.run_hm3 --config=experiments/configs/tiny3.py:demo --workdir=$(DEMO_WORKDIR) \
+		--zoo_dir=$(WORKDIR)/zoo
+
+demo-full: install
 	$(PY) -m experiments.run_hm3 --config=experiments/configs/tiny3.py --workdir=$(WORKDIR)
 
 lint: install

@@ -98,7 +98,7 @@ def run_bootstrap(problem: Problem, method_specs: dict[str, Callable[[], list[Mo
         samples[name] = np.stack(
             [resampled(s, p, f"{name} point {j}") for j, (s, p) in enumerate(zip(specs, pts, strict=True))], 1
         )  # [B, P, K]
-        logging.info("bootstrap: %s re-run (%d points)", name, len(specs))
+        logging.info("bootstrap: %s per-example statistics (%d points)", name, len(specs))
     ref = np.asarray(reference, np.float64)
     hv = bootstrap.hypervolume_samples(samples, ideal, ref)
     ideal_full = np.asarray(problem.ideal["heldout"], np.float64)
