@@ -1,0 +1,151 @@
+"""Every script in benchmarks/ runs to its JSON in a tiny mode (issue 18: benchmarks must not rot).
+
+Each script's `main(argv)` is called in-process with the tiny flags its docstring gives (a subprocess would pay
+~5 s of jax import; scaling.py spawns its one subprocess itself). Benchmarks that need a zoo or a finished run
+get the session's smoke zoo and smoke HM3 run (tests/conftest.py), which they only read. The numbers are
+meaningless at these sizes; what is checked is that the script runs and returns what it promises.
+
+`make test` runs all but two: 31 s once the smoke run exists (a session that made it, as the suite does; load
+1.5): path_eval.py 16 s, most of it compiling the PPO policy for its random pool; the run-based ones reuse the
+smoke run's programs and stored scores (arch_headroom.py 4 + 4 s, search_split_check.py 1 s); scaling.py's
+subprocess 4 s. Two compile more than their tiny mode can avoid and run with `HM3_SLOW_BENCHMARK_SMOKE=1`
+only (measured at load 3-6): alignment.py (~23 s: a learned junction fit, engines with junctions on both splits)
+and multitask_bound.py (~19 s: multi-task training, per-example re-scoring).
+"""
+
+import importlib.util
+import math
+import os
+import types
+
+import numpy as np
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+SMOKE_CONFIG = "--config=experiments/configs/tiny3.py:smoke"
+slow = pytest.mark.skipif(
+    not os.environ.get("HM3_SLOW_BENCHMARK_SMOKE"),
+    reason="slow smoke (module docstring): HM3_SLOW_BENCHMARK_SMOKE=1",
+)
+
+
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (the directory is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Relative paths a benchmark falls back to (runs/tiny3's archive, runs/... outputs) resolve in a temp dir."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_every_benchmark_has_a_smoke_test():
+    """Each script is run here (a test named test_<script>[__<variant>]) or by another test file that names it
+    (`benchmarks/<script>.py` or `benchmarks.<script>`), so a new benchmark cannot arrive untested."""
+    scripts = {f[: -len(".py")] for f in os.listdir(BENCHMARKS) if f.endswith(".py")}
+    here = {name[len("test_") :].split("__")[0] for name in globals() if name.startswith("test_")}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    elsewhere = set()
+    for f in os.listdir(tests_dir):
+        if f.endswith(".py") and f != os.path.basename(__file__):
+            with open(os.path.join(tests_dir, f)) as fh:
+                text = fh.read()
+            elsewhere |= {s for s in scripts if f"benchmarks/{s}.py" in text or f"benchmarks.{s}" in text}
+    assert scripts <= here | elsewhere, (
+        f"benchmarks without a smoke test: {sorted(scripts - here - elsewhere)}"
+    )
+
+
+def test_hypervolume():
+    out = _benchmark("hypervolume").main(["--smoke"])
+    for size in out["sizes"].values():
+        assert size["max_relative_difference"] <= 1e-9 and size["speedup"] > 0
+    assert out["bootstrap"]["moocore_seconds_per_resample"] > 0
+
+
+def test_forward_efficiency():
+    out = _benchmark("forward_efficiency").main(["--smoke"])
+    assert out["fraction_of_matmul_per_cpu_s"]["D=32"] > 0
+
+
+def test_merge_throughput(tmp_path):
+    out = _benchmark("merge_throughput").main(["--smoke", f"--workdir={tmp_path}"])
+    assert out["ties_gbps"] > 0 and out["dare_ties_gbps"] > 0 and out["num_layers"] == 1
+    assert os.listdir(tmp_path) == []  # the synthetic pool is deleted
+
+
+def test_scaling():
+    out = _benchmark("scaling").main(["--devices=1", "--num_paths=2", "--repeats=1"])
+    assert out["throughput_ratio_vs_1_device"] == {1: 1.0}
+
+
+def test_path_eval():
+    """No --zoo: the random pool (no run either: the policy is tiny3's smoke config)."""
+    out = _benchmark("path_eval").main(["--smoke"])
+    assert out["zoo"] is False and out["policy_batch"] == "policy rollouts"
+    assert out["rebuild_max_abs_score_diff_vs_engine"] < 1e-6 and out["engine_paths_per_s"] > 0
+
+
+def test_path_eval__config_and_archive_of_a_run(smoke_run):
+    """A run made by the current code: the policy's ArchConfig is built as the run builds it (its config.arch has
+    keys such as warm_started_learning_rate that ArchConfig does not take), its score archive is read. The zoo
+    mode's setup runs end to end in test_alignment (opt-in); the rest is test_path_eval's."""
+    config, workdir, _ = smoke_run
+    path_eval = _benchmark("path_eval")
+    num_layers = config.zoo.model.num_layers
+    setup = types.SimpleNamespace(experts=[None] * 3, config=types.SimpleNamespace(num_layers=num_layers))
+    acfg = path_eval.rl_config(setup, workdir)
+    rl = config.arch.rl
+    assert (acfg.num_sources, acfg.warm_start_source, acfg.t_max) == (4, 3, rl.t_max)
+    assert (acfg.learning_rate, acfg.warm_start_learning_rate) == (
+        rl.warm_started_learning_rate,
+        rl.learning_rate,
+    )
+    paths = path_eval.archive_paths(path_eval.find_archive(workdir), 4 * num_layers)
+    assert paths.shape[1] == rl.t_max and len(np.unique(paths, axis=0)) == len(paths)
+
+
+@slow
+def test_alignment(smoke_zoo_dir, smoke_run):
+    _, workdir, _ = smoke_run
+    out = _benchmark("alignment").main(["--smoke", f"--zoo={smoke_zoo_dir}", f"--run={workdir}"])
+    assert out["winner_heldout"] in ("none", "moment", "learned")
+    assert out["num_paths"]["policy"] == 4
+
+
+def test_arch_headroom(smoke_zoo_dir, smoke_run):
+    _, workdir, _ = smoke_run
+    out = _benchmark("arch_headroom").main(
+        [f"--run={workdir}", f"--zoo={smoke_zoo_dir}", SMOKE_CONFIG, "--top=2"]
+    )
+    assert len(out["per_preference"]) == 3 and math.isfinite(out["mean_gain_heldout_of_that_path"])
+
+
+def test_arch_headroom__neighbourhood(smoke_zoo_dir, smoke_run, tmp_path):
+    _, workdir, _ = smoke_run
+    plot = tmp_path / "neighbourhood.png"
+    out = _benchmark("arch_headroom").main([
+        f"--run={workdir}", f"--zoo={smoke_zoo_dir}", SMOKE_CONFIG, "--neighbourhood", "--preferences=0",
+        "--bootstrap=10", f"--plot={plot}",
+    ])  # fmt: skip
+    assert out["per_preference"][0]["check_heldout_vs_report"] == "ok" and plot.exists()
+
+
+@slow
+def test_multitask_bound(smoke_zoo_dir, smoke_run, tmp_path):
+    _, workdir, _ = smoke_run
+    out = _benchmark("multitask_bound").main([
+        f"--run={workdir}", f"--zoo={smoke_zoo_dir}", "--config=smoke", f"--out={tmp_path}", "--multipliers=1",
+        "--bootstrap=10",
+    ])  # fmt: skip
+    assert "multitask_1x" in out["models"] and os.path.exists(out["plot"])
+
+
+def test_search_split_check(smoke_run):
+    _, workdir, _ = smoke_run
+    out = _benchmark("search_split_check").main([f"--run={workdir}"])
+    assert out["num_preferences"] == 3 and set(out["mean_weighted"]) == {"task_arithmetic", "hm3"}
