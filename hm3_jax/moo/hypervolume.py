@@ -8,8 +8,10 @@ error).
 
 `hypervolume` computes it with moocore (López-Ibáñez et al., C): 2-D and 3-D sweeps in O(n log n), HV4D+
 for k = 4, inclusion-exclusion for small sets and Fonseca-Paquete-López-Ibáñez's recursion with 4-D base cases
-for k >= 5. On tiny8-sized fronts (k = 8, 15-60 points) it is 10-30x faster than our own exact implementation
-(`benchmarks/hypervolume.py`), and it is the function every caller uses.
+for k >= 5. On tiny8-sized fronts (k = 8, 15-60 points) it is 11-66x faster than our own exact implementation
+(`benchmarks/hypervolume.py`), and it is the function every caller uses. The ratio shrinks as fronts grow
+(4x at 100, 1.4x at 150 points; past ~200 points in 8-D our WFG is the faster one, docs/moo.md); every front
+HM3 reports has one point per preference.
 
 `hypervolume_reference` is our own, independent exact implementation, kept as the reference the tests compare
 moocore against (and the fallback above moocore's dimension limit):
