@@ -10,18 +10,24 @@ meaningless at these sizes; what is checked is that the script runs and returns 
 smoke run's programs and stored scores (arch_headroom.py 4 + 4 s, search_split_check.py 1 s); scaling.py's
 subprocess 4 s. Two compile more than their tiny mode can avoid and run with `HM3_SLOW_BENCHMARK_SMOKE=1`
 only (measured at load 3-6): alignment.py (~23 s: a learned junction fit, engines with junctions on both splits)
-and multitask_bound.py (~19 s: multi-task training, per-example re-scoring).
+and multitask_bound.py (~19 s: multi-task training, per-example re-scoring); so does time_to_front.py, whose
+tiny mode is a whole smoke run of its own (zoo reused; 167 s), in a subprocess because it points jax's compilation
+cache at its run directory.
 """
 
 import importlib.util
+import json
 import math
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
 SMOKE_CONFIG = "--config=experiments/configs/tiny3.py:smoke"
 slow = pytest.mark.skipif(
     not os.environ.get("HM3_SLOW_BENCHMARK_SMOKE"),
@@ -149,3 +155,14 @@ def test_search_split_check(smoke_run):
     _, workdir, _ = smoke_run
     out = _benchmark("search_split_check").main([f"--run={workdir}"])
     assert out["num_preferences"] == 3 and set(out["mean_weighted"]) == {"task_arithmetic", "hm3"}
+
+
+@slow
+def test_time_to_front(smoke_zoo_dir, tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.time_to_front", "--smoke", f"--zoo_dir={smoke_zoo_dir}",
+           f"--workdir={tmp_path / 'run'}", "--no_fresh_process"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    out = json.loads(text[text.rfind("\n{") + 1 :] if "\n{" in text else text)
+    assert out["run_seconds"] > 0 and len(out["warm_suggest_seconds"]) == 2
