@@ -1,6 +1,6 @@
 """Junction alignment on tiny3, measured: none vs moment vs learned on the same paths; prints one JSON object.
 
-    .venv/bin/python benchmarks/alignment.py --zoo=runs/tiny3/zoo    # after `make demo` (writes runs/tiny3)
+    .venv/bin/python benchmarks/alignment.py --zoo=runs/tiny3/zoo    # after `make demo-full` (runs/tiny3)
     .venv/bin/python benchmarks/alignment.py --zoo=ZOO --run=RUN --smoke   # seconds, for the tests
 
 Pool: the K = 3 tiny3 experts plus the balanced preference's parameter-merged model Theta (source K; a real

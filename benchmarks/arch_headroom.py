@@ -7,11 +7,11 @@ the best other archive path on the subset, on the whole search split and held-ou
 beats Theta on the whole search split AND held-out is headroom a better search could find; a gain on the subset
 only is the winner's curse.
 
-    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3 --top=10    # after `make demo` (runs/tiny3)
-    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --top=10 # the run docs/headroom.md reports
+    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3 --top=10     # after `make demo-full`
+    .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --top=10  # the run docs/headroom.md reports
 
-The run's zoo is `--zoo` (default RUN/zoo, where `make demo` builds it), its sources' scores the run's own
-(stages/source_scores.json). A run that scores its searches on the whole search split (no
+The run's zoo is `--zoo` (default RUN/zoo, where `make demo-full` builds it), its sources' scores the run's
+own (stages/source_scores.json). A run that scores its searches on the whole search split (no
 `engine.search_examples`, e.g. the smoke config) has no separate capped subset: "search_full" is its "search".
 
 `--neighbourhood`: instead of the RL's archive, EVERY path one edit away from Theta(lambda)'s identity path

@@ -27,10 +27,10 @@ Trained params go to `--out` (default runs/multitask_bound, ignored by git) with
 re-run with the same seed, steps and zoo loads them instead of training again. Prints one JSON object; writes
 `--out/retention.png`.
 
-    .venv/bin/python benchmarks/multitask_bound.py --run=runs/tiny3 --seed=0     # after `make demo`
+    .venv/bin/python benchmarks/multitask_bound.py --run=runs/tiny3 --seed=0     # after `make demo-full`
     .venv/bin/python benchmarks/multitask_bound.py --run=runs/tiny3_v5 --seed=0  # the run docs report
 
-The run's zoo is `--zoo` (default RUN/zoo, where `make demo` builds it). For the tests: a smoke run with
+The run's zoo is `--zoo` (default RUN/zoo, where `make demo-full` builds it). For the tests: a smoke run with
 `--config=smoke --multipliers=1 --bootstrap=10` (30 training steps on the smoke zoo).
 """
 

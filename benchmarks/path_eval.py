@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3_v5/zoo --run=runs/tiny3_v5   # the reported one
     .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3_v5/zoo --full_search        # whole search split
     .venv/bin/python benchmarks/path_eval.py                               # tiny3-sized random pool, synthetic
-    .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3/zoo --run=runs/tiny3  # after `make demo`
+    .venv/bin/python benchmarks/path_eval.py --zoo=runs/tiny3/zoo --run=runs/tiny3  # after `make demo-full`
     .venv/bin/python benchmarks/path_eval.py --smoke                       # seconds, numbers meaningless (tests)
 
 Workload. The pool is the K = 3 tiny3 experts plus the balanced preference's parameter-merged model

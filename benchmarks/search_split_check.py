@@ -1,6 +1,6 @@
 """HM3 vs a tuned parameter baseline on the SEARCH split, preference by preference; prints one JSON object.
 
-    .venv/bin/python benchmarks/search_split_check.py --run=runs/tiny3    # after `make demo` (zoo: RUN/zoo)
+    .venv/bin/python benchmarks/search_split_check.py --run=runs/tiny3    # after `make demo-full` (zoo: RUN/zoo)
     .venv/bin/python benchmarks/search_split_check.py --run=runs/tiny3_v3 --zoo=runs/tiny3/zoo   # reported
 
 The report compares methods on the held-out split only. This re-scores the models a parameter baseline chose
