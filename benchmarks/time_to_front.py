@@ -32,7 +32,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _stage_seconds(workdir: str, start: float) -> dict:
     """{stage: seconds} from the stage records' modification times (each written when its stage ended)."""
     stages = os.path.join(workdir, "stages")
-    ends = sorted((os.path.getmtime(os.path.join(stages, f)), f[: -len(".json")]) for f in os.listdir(stages))
+    ends = sorted(
+        (os.path.getmtime(os.path.join(stages, f)), f[: -len(".json")])
+        for f in os.listdir(stages)
+        if f.endswith(".json")  # not the stages' lock files
+    )
     out, prev = {}, start
     for t, name in ends:
         out[name] = round(max(0.0, t - prev), 1)
