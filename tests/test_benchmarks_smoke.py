@@ -8,8 +8,10 @@ meaningless at these sizes; what is checked is that the script runs and returns 
 `make test` runs all but two: 31 s once the smoke run exists (a session that made it, as the suite does; load
 1.5): path_eval.py 16 s, most of it compiling the PPO policy for its random pool; the run-based ones reuse the
 smoke run's programs and stored scores (arch_headroom.py 4 + 4 s, search_split_check.py 1 s); scaling.py's
-subprocess 4 s. Two compile more than their tiny mode can avoid and run with `HM3_SLOW_BENCHMARK_SMOKE=1`
-only (measured at load 3-6): alignment.py (~23 s: a learned junction fit, engines with junctions on both splits)
+subprocess 4 s; lm_eval_speed.py ~5 s (11 s alone at load 6: transformers' tokenizer import, the path engine's
+eager recording of its objectives), its hf side only with `HM3_SLOW_BENCHMARK_SMOKE=1` and torch + lm-eval[hf] in
+this venv or in `HM3_HF_PYTHON`'s. Two compile more than their tiny mode can avoid and run with
+`HM3_SLOW_BENCHMARK_SMOKE=1` only (measured at load 3-6): alignment.py (~23 s: a learned junction fit, engines with junctions on both splits)
 and multitask_bound.py (~19 s: multi-task training, per-example re-scoring); so does time_to_front.py, whose
 tiny mode is a whole smoke run of its own (zoo reused; 167 s), in a subprocess because it points jax's compilation
 cache at its run directory.
@@ -82,6 +84,28 @@ def test_merge_throughput(tmp_path):
     out = _benchmark("merge_throughput").main(["--smoke", f"--workdir={tmp_path}"])
     assert out["ties_gbps"] > 0 and out["dare_ties_gbps"] > 0 and out["num_layers"] == 1
     assert os.listdir(tmp_path) == []  # the synthetic pool is deleted
+
+
+def test_lm_eval_speed():
+    """The adapter, the token engine and the path engine on the same 6 requests (no hf side: torch is no
+    dependency; `test_lm_eval_speed__hf_side` runs it)."""
+    out = _benchmark("lm_eval_speed").main(["--smoke"])
+    assert out["requests"]["all"] == 6
+    assert set(out["requests_per_s"]) == {"adapter", "token_engine", "path_engine"}
+    assert all(r > 0 for rates in out["requests_per_s"].values() for r in rates.values())
+    assert out["adapter_vs_path_engine"]["all"] > 0 and "hf_vs_adapter" not in out
+
+
+@slow
+def test_lm_eval_speed__hf_side():
+    """The hf side (`HF_SIDE`) in $HM3_HF_PYTHON (a venv with torch and lm-eval[hf], the benchmark's docstring),
+    else in this interpreter if it has them: the same answers as the adapter's."""
+    python = os.environ.get("HM3_HF_PYTHON", sys.executable)
+    if python == sys.executable and not all(importlib.util.find_spec(m) for m in ("torch", "accelerate")):
+        pytest.skip("lm-eval's hf backend needs torch and accelerate: set HM3_HF_PYTHON")
+    out = _benchmark("lm_eval_speed").main(["--smoke", f"--hf_python={python}"])
+    assert out["hf_vs_adapter"]["all"] > 0 and out["agreement_vs_hf"]["generations_equal"] == 1.0
+    assert out["agreement_vs_hf"]["max_abs_loglikelihood_diff"] < 1e-4
 
 
 def test_scaling():
