@@ -1,6 +1,6 @@
-"""launch/: every script runs dry (prints its commands, exits 0), rejects bad usage, and the config builds."""
+"""launch/: every script runs dry (prints its commands, exits 0) and rejects bad usage (the paper configs the
+scripts run are built by tests/test_memory_plan.py)."""
 
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -158,17 +158,3 @@ def test_help_exits_zero():
     for script in ("create_tpu_vm.sh", "setup_tpu_vm.sh", "run_tpu.sh", "run_gpu_multihost.sh"):
         result = _run(script, "--help")
         assert result.returncode == 0 and "--dry_run" in result.stdout, script
-
-
-def test_llama2_7b_config_builds():
-    spec = importlib.util.spec_from_file_location(
-        "llama2_7b", os.path.join(LAUNCH, "configs", "llama2_7b.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    assert config.zoo.kind == "hf" and len(config.zoo.experts) == 3
-    assert "model:" in config.mesh
-    assert module.get_config("smoke").zoo.kind == "tiny"
-    with pytest.raises(ValueError, match="unknown config variant"):
-        module.get_config("huge")
