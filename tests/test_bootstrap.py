@@ -76,7 +76,7 @@ def test_run_bootstrap_reproduces_the_reported_points_on_the_smoke_zoo(smoke_zoo
     from hm3_jax.tasks import zoo as zoo_lib
 
     zoo = zoo_lib.load(smoke_zoo_dir)
-    problem = make_problem(zoo)
+    problem = make_problem(zoo, single_path_chunks=False)
     sources = [heldout_bootstrap.params_spec(problem, p) for p in [problem.base, *problem.experts]]
     # The held-out engine kept the sources' per-example statistics when make_problem scored them: read back
     # without a new evaluation, and equal to an independent re-run (one model's kernels, `path_device_scores`).

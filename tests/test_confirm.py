@@ -11,7 +11,7 @@ def problem(smoke_zoo_dir):
     from hm3_jax.hm3.problem import make_problem
     from hm3_jax.tasks import zoo as zoo_lib
 
-    return make_problem(zoo_lib.load(smoke_zoo_dir), search_examples=10)
+    return make_problem(zoo_lib.load(smoke_zoo_dir), search_examples=10, single_path_chunks=False)
 
 
 def test_capped_search_split_keeps_the_whole_split_as_search_full(problem):

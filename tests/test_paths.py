@@ -231,6 +231,10 @@ def test_a_small_remainder_runs_as_single_paths_with_the_same_scores(setup):
     assert eng._chunk_plan(17) == [(0, 8), (8, 8), (16, 1)]
     assert eng._chunk_plan(13) == [(0, 8), (8, 8)]  # a remainder of 5: one padded chunk
     assert eng._chunk_plan(2) == [(0, 1), (1, 1)] and eng._chunk_plan(8) == [(0, 8)]
+    assert eng.with_model(setup["shell"], setup["pool"]).use_single_path_chunks(False)._chunk_plan(17)[
+        -1
+    ] == (16, 8)
+    eng.use_single_path_chunks(True)  # the switch is shared with `with_model` copies
     padded = make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], chunk_size=6, **kwargs)
     assert padded._chunk_plan(17) == [(0, 6), (6, 6), (12, 6)]
     paths = policy_like_paths(9, 17)

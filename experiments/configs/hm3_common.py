@@ -102,6 +102,9 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     if smoke:
         c.preferences.num = 3
         c.engine.search_examples = 0  # the whole (tiny) search split
+        # Batches' small remainders as padded chunks (the same scores): on tiny models compiling the one-path
+        # programs costs more than the padding (PathEngine.use_single_path_chunks; default on).
+        c.engine.single_path_chunks = False
         c.param_level.scale_grid = (1.5,)
         c.param_level.cmaes.population_size = 4
         c.param_level.cmaes.num_generations = 1

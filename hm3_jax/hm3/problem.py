@@ -113,6 +113,7 @@ def make_problem(
     search_examples: int | None = None,
     mesh=None,
     source_scores: dict | None = None,
+    single_path_chunks: bool = True,
 ) -> Problem:
     """Builds the Problem of a loaded zoo (`hm3_jax.tasks.zoo.Zoo`).
 
@@ -130,6 +131,8 @@ def make_problem(
 
     `source_scores`: {split: [K + 1, K]} the sources' scores computed earlier for this zoo and these settings
     (a run stores them as a stage), used instead of re-scoring the sources; every split must be given.
+
+    `single_path_chunks`: `PathEngine.use_single_path_chunks` of every engine (the same scores either way).
     """
     config = zoo.base.config
     tasks = tuple(zoo.tasks)
@@ -151,6 +154,8 @@ def make_problem(
     for split in KEEP_EXAMPLE_STATS:  # what paired bootstraps resample, kept when scored (never re-run)
         if split in engines:
             engines[split].keep_example_stats()
+    for engine in engines.values():
+        engine.use_single_path_chunks(single_path_chunks)
     if source_scores is not None:
         given = {k: np.asarray(v, np.float64) for k, v in source_scores.items()}
         shape = (len(experts) + 1, len(tasks))

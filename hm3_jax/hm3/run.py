@@ -148,6 +148,7 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     problem = make_problem(
         zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
         search_examples=config.engine.get("search_examples") or None, mesh=mesh, source_scores=stored,
+        single_path_chunks=config.engine.get("single_path_chunks", True),
     )  # fmt: skip
     wd.stage("source_scores", lambda: {k: v.tolist() for k, v in problem.source_scores.items()})
     return wd, zoo, problem

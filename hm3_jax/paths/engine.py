@@ -190,6 +190,14 @@ class PathEngine:
             self._shared["examples"] = {}
         return self
 
+    def use_single_path_chunks(self, enabled: bool) -> PathEngine:
+        """Whether a small remainder of a batch runs as chunks of one path (`_chunk_plan`; default on), for this
+        engine and its `with_model` copies. Scores are the same either way; off saves compiling a second,
+        one-path version of every plain program (what short runs on tiny models, e.g. the smoke configs, spend
+        more on than the padding costs). Returns self."""
+        self._shared["single_path_chunks"] = bool(enabled)
+        return self
+
     def example_stats(self, paths, junction: dict | None = None) -> list[list]:
         """Per row of `paths` (as `evaluate` takes them), per objective its per-example statistics.
 
@@ -399,7 +407,8 @@ class PathEngine:
         c = self.chunk_size
         plan = [(s, c) for s in range(0, n - n % c, c)]
         rest = n % c
-        if rest and (self.strategy == "shard" or rest > max(1, c // 4)):
+        singles = self._shared.get("single_path_chunks", True) and self.strategy != "shard"
+        if rest and (not singles or rest > max(1, c // 4)):
             plan.append((n - rest, c))
         elif rest:
             plan += [(s, 1) for s in range(n - rest, n)]
