@@ -2,7 +2,8 @@
 # Runs `python -m MODULE ARGS...` as one process per GPU host, joined by jax.distributed.
 #
 #   launch/run_gpu_multihost.sh --hosts=gpu0,gpu1 [--port=12355] [--remote_dir=hm3_jax] [--dry_run] \
-#       -- experiments.run_hm3 --config=... --workdir=/shared/hm3 --mesh=paths:2,model:8
+#       -- experiments.run_hm3 --config=experiments/configs/qwen25_1p5b.py:/shared/qwen25/spec.yaml \
+#          --workdir=/shared/hm3 --mesh=paths:16
 #   launch/run_gpu_multihost.sh --slurm --nodes=2 [--dry_run] -- experiments.run_hm3 ...
 #
 # ssh mode: process i runs on host i with --coordinator_address=HOST0:PORT --num_processes=N --process_id=i

@@ -2,8 +2,13 @@
 # Runs `python -m MODULE ARGS...` on every worker of a TPU VM (one process per host; jax.distributed joins them).
 #
 #   launch/run_tpu.sh --name=hm3 --zone=us-central2-b [--project=P] [--remote_dir=hm3_jax] [--dry_run] \
-#       -- experiments.run_hm3 --config=experiments/configs/llama2_7b.py --workdir=gs://BUCKET/hm3 --mesh=paths:2,model:8
+#       -- experiments.run_hm3 --config=experiments/configs/llama2_7b.py:/data/llama2_7b/spec.yaml \
+#          --workdir=gs://BUCKET/hm3 --mesh=paths:16
+#   launch/run_tpu.sh --name=hm3 --zone=us-central2-b -- experiments.plan \
+#       --config=experiments/configs/llama2_7b.py:/data/llama2_7b/spec.yaml --mesh=paths:16 --simulate=false
 #
+# The paper's settings: experiments/configs/llama2_7b.py, qwen25_1p5b.py (their docstrings: spec, data, meshes;
+# plan first, docs/scaling.md).
 # --multihost=on is added so every worker calls jax.distributed.initialize() (TPU VMs need no other flag).
 # The workdir must be shared storage (a GCS bucket) on multi-host slices: orbax writes from every host.
 set -euo pipefail

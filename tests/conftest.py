@@ -68,7 +68,7 @@ FIRST_FILES = ("test_hm3_run.py", "test_hm3_distributed.py", "test_hm3_run_resum
 FILE_SECONDS = {
     "test_spec_run.py": 77, "test_hf_objectives.py": 45, "test_merging.py": 41, "test_arch_train.py": 40,
     "test_tiny8.py": 38, "test_paths.py": 37, "test_merge_cli.py": 31, "test_export_mergekit.py": 28, "test_benchmarks_smoke.py": 31,
-    "test_lm_eval.py": 32, "test_tasks_objectives.py": 23, "test_io_parity_gpt2_vit.py": 22, "test_models_decode.py": 21,
+    "test_lm_eval.py": 32, "test_memory_plan.py": 34, "test_tasks_objectives.py": 23, "test_io_parity_gpt2_vit.py": 22, "test_models_decode.py": 21,
     "test_hm3_units.py": 21, "test_models_gpt2_vit.py": 20, "test_distributed.py": 19, "test_spec_checkpoints.py": 18,
     "test_models_llama.py": 18, "test_confirm.py": 18, "test_distributed_loop.py": 16, "test_io_parity.py": 15,
     "test_bad_inputs.py": 15, "test_models_path.py": 12, "test_baselines.py": 11, "test_arch_env.py": 7,
