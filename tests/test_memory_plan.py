@@ -133,6 +133,8 @@ def test_paper_configs_build():
         config = module.get_config("shapes")
         assert config.preferences.num == 15 and config.arch.rl.t_max == 2 * num_layers
         assert config.arch.rl.num_envs * config.arch.rl.num_iterations >= 15 * 1000
+        with pytest.raises(ValueError, match=f"{module.__name__.rsplit('.', 1)[1]}.py needs the spec file"):
+            module.get_config()
         assert os.path.isfile(config.spec) and not any(f.endswith(".safetensors") for f in os.listdir(
             os.path.join(os.path.dirname(config.spec), "base")))  # fmt: skip
 

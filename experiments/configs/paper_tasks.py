@@ -105,6 +105,11 @@ def get_paper_config(
     """A paper setting's config: `checkpoints.get_config(arg)` plus `add_paper_budget` (not for ",smoke"). `arg`
     "shapes" first writes the setting's shape-only spec (`write_shape_spec` of `hf_configs` and TASKS, with
     `shape_kwargs`) to $TMPDIR/hm3_jax_shapes/`setting` and uses it."""
+    if not (arg or "").split(",")[0].strip():
+        raise ValueError(
+            f"{setting}.py needs the spec file: --config=experiments/configs/{setting}.py:SPEC.yaml[,smoke] "
+            "(or :shapes, to plan the setting without its checkpoints)"
+        )
     if arg == "shapes":
         directory = os.path.join(tempfile.gettempdir(), "hm3_jax_shapes", setting)
         arg = write_shape_spec(directory, hf_configs, TASKS, **shape_kwargs)
