@@ -337,10 +337,12 @@ def path_junction(aligner, path) -> dict | None:
     return {k: v[0] for k, v in aligner.junctions(np.asarray(path, np.int32)[None]).items()}
 
 
-def model_spec(shell, pool, path, aligner=None, model_id: str | None = None) -> tuple:
-    """One path model as a `heldout_bootstrap` ModelSpec `(shell, pool, path, junction, model_id)`."""
+def model_spec(shell, pool, path, aligner=None, model_id: str | None = None):
+    """One path model as a `heldout_bootstrap.ModelSpec` `(shell, pool, path, junction, model_id)`."""
+    from hm3_jax.hm3.heldout_bootstrap import ModelSpec
+
     path = np.asarray(path, np.int32)
-    return shell, pool, path, path_junction(aligner, path), model_id
+    return ModelSpec(shell, pool, path, path_junction(aligner, path), model_id)
 
 
 def confirm_candidates(problem: Problem, full_scorer, index: int, pref, scorer, num_sources: int, num_layers: int, acfg,

@@ -83,8 +83,9 @@ def suggest(
     return _search(run_dir, config, report, pref, refine_iterations, seed)
 
 
-# run directory -> (run.json's stat, (zoo, problem)): a process that asks several suggestions of one run loads
-# its models and builds its engines (compiled programs, score caches) once. `clear_sessions()` frees them.
+# run directory -> (run.json's stat, session {"zoo", "problem", "policy"}): a process that asks several
+# suggestions of one run loads its models, builds its engines (compiled programs, score caches) and restores its
+# policy once. `clear_sessions()` frees them.
 _SESSIONS: dict[str, tuple] = {}
 
 
@@ -94,7 +95,7 @@ def clear_sessions() -> None:
 
 
 def _session(run_dir: str, config):
-    """(zoo, problem) of the run in `run_dir`, loaded once per process (again when its run.json changes)."""
+    """The session of the run in `run_dir`, loaded once per process (again when its run.json changes)."""
     from hm3_jax.hm3 import run as run_lib
 
     st = os.stat(os.path.join(run_dir, "run.json"))

@@ -359,6 +359,10 @@ class PathEngine:
         lock = threading.Lock()
         todo = list(range(len(chunks)))
 
+        def run_chunk(i):
+            m, out = self._plain_chunk(obj_idx, paths, junction, *chunks[i])
+            results[i] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
+
         def work():
             while True:
                 with lock:
@@ -366,23 +370,20 @@ class PathEngine:
                         return
                     i = todo.pop(0)
                 try:
-                    m, out = self._plain_chunk(obj_idx, paths, junction, *chunks[i])
-                    results[i] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
+                    run_chunk(i)
                 except BaseException as err:  # noqa: BLE001 (re-raised on the calling thread)
                     with lock:
                         errors.append(err)
 
         workers = self.num_threads - 1 if self.strategy != "shard" else 0
         warmed = self._shared.setdefault("warmed", set())
-        for i in (
-            list(todo) if workers else []
-        ):  # trace + compile each chunk shape once, on this thread, first
-            key = (obj_idx, junction is not None, chunks[i][1])
-            if key not in warmed:
-                todo.remove(i)
-                m, out = self._plain_chunk(obj_idx, paths, junction, *chunks[i])
-                results[i] = jax.tree.map(lambda a, m=m: distributed.to_host(a)[:m], out)
-                warmed.add(key)
+        if workers:  # trace + compile each chunk shape once, on this thread, before any worker
+            for i in list(todo):
+                key = (obj_idx, junction is not None, chunks[i][1])
+                if key not in warmed:
+                    todo.remove(i)
+                    run_chunk(i)
+                    warmed.add(key)
         threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(todo)))]
         for t in threads:
             t.start()
