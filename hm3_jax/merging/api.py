@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax.merging import kernels
+from hm3_jax.merging import kernels, tsv
 from hm3_jax.merging.groups import (
     GroupFn,
     check_leaf_weights,
@@ -79,6 +79,7 @@ METHODS: dict[str, tuple[Kernel, dict[str, Any]]] = {
         },
     ),
     "pcb": (kernels.pcb, {"density": 0.2, "scale": 1.0}),
+    "tsv": (tsv.tsv_kernel, {"scale": 1.0, "rank_fraction": None}),
 }
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
 COMMON_HPARAMS = ("weights", "group_fn", "check_finite")
@@ -131,6 +132,12 @@ def resolve_hparams(method: str, num_models: int, hparams: Mapping[str, Any]) ->
             raise ValueError(
                 "slerp needs the interpolation factor t (a number, per-block vector or per-group map)"
             )
+    if (
+        method == "tsv"
+        and resolved["rank_fraction"] is not None
+        and not 0.0 < resolved["rank_fraction"] <= 1.0
+    ):
+        raise ValueError(f"tsv: rank_fraction must be in (0, 1], got {resolved['rank_fraction']}")
     if method == "consensus" and not 1 <= int(resolved["k"]) <= num_models:
         raise ValueError(f"consensus: k must be in [1, {num_models}] (number of models), got {resolved['k']}")
     return resolved
@@ -294,7 +301,7 @@ def merge(
 
     Args:
       method: one of `known_methods()`: linear, task_arithmetic, ties, dare_linear, dare_ties, slerp,
-        consensus, pcb (see `kernels.py` for each one's equation and hyperparameters).
+        consensus, pcb (see `kernels.py` for each one's equation and hyperparameters), tsv (`tsv.py`).
       base: pytree of arrays (ignored by `linear`, which may get None).
       models: non-empty sequence of K pytrees with the base's structure and shapes.
       key: PRNG key, required by the DARE methods.
