@@ -12,9 +12,8 @@ host-side job) while the others wait at a barrier.
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli_errors
@@ -30,6 +29,7 @@ _TIME_SCORING = flags.DEFINE_bool(
     "time_scoring", False, "Also time scoring one model on the three search splits (after compilation)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("workdir", lambda v: v is None or bool(v.strip()), "--workdir must name a directory")
 distributed.define_flags()
 
 
@@ -41,10 +41,8 @@ def main(argv):
     if not distributed.is_main_process():  # host-side build: process 0 writes the zoo, the others wait
         distributed.barrier("build_zoo")
         return
-    try:
+    with cli_errors.user_errors(zoo_lib.ZooError):  # one line naming the directory or key, exit code 2
         zoo = zoo_lib.build_or_load(_CONFIG.value.zoo, _WORKDIR.value, on_mismatch=_ON_MISMATCH.value)
-    except zoo_lib.ZooError as e:
-        sys.exit(f"error: {e}")  # a mistake in the user's input: one line naming it, exit code 1
     print(zoo_lib.format_summary(zoo.manifest))
     timing = zoo_lib.time_scoring(zoo) if _TIME_SCORING.value else None
     print(
@@ -54,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli_errors.make_flags_parser(_CONFIG))
+    cli_errors.run(main, _CONFIG)

@@ -5,24 +5,21 @@ r"""lm-evaluation-harness's own command line with hm3_jax registered as `--model
       --tasks my_task --include_path my_tasks/ --batch_size 16 --output_path results/
 
 Every flag is the harness's (`lm_eval --help`); `model_args` are `hm3_jax.evaluation.lm_eval_model`'s. A bad
-`model_args` is one line `error: ...` naming the key or file, exit code 1.
+`model_args` is one line `error: ...` naming the key or file, exit code 2 (as the harness's own usage errors).
 """
 
 from __future__ import annotations
 
-import sys
-
 from lm_eval.__main__ import cli_evaluate
 
+from experiments import cli_errors
 from hm3_jax.evaluation import lm_eval_model  # noqa: F401  (registers --model hm3_jax)
 from hm3_jax.evaluation.sources import ModelArgsError
 
 
 def main() -> None:
-    try:
+    with cli_errors.user_errors(ModelArgsError):
         cli_evaluate()
-    except ModelArgsError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ r"""Merge Hugging Face checkpoints: a mergekit-compatible YAML config, or plain 
   python -m experiments.merge --method=ties --base=BASE --models=A,B --weights=0.5,0.5 --density=0.5 --out=DIR
 
 The merge streams tensor by tensor (bounded memory) into a temporary directory that becomes `--out` only when it
-is complete. Any unsupported key, method or bad value is an error naming it, with a non-zero exit status and no
-output directory. See docs/merging.md for the supported YAML subset.
+is complete. Any unsupported key, method or bad value is one line `error: ...` naming it, exit code 2, and no
+output directory (experiments/cli_errors.py); a SIGTERM removes the temporary directory (exit code 143), and a
+SIGKILL's is removed by the next merge into the same `--out`. See docs/merging.md for the supported YAML subset.
 
 Accepts the scale-out flags of hm3_jax.distributed; with several processes process 0 merges (a streaming
 host-side job) while the others wait at a barrier.
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
+from experiments import cli_errors
 from hm3_jax import distributed, logs
 from hm3_jax.merging import mergekit_config, streaming
 
@@ -40,7 +41,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string("dtype", None, "Output dtype: bfloat16, float16 or float32 (default: the base's).")
 flags.DEFINE_string("tokenizer_source", None, "Directory to copy tokenizer files from (default: the base).")
-flags.DEFINE_integer("max_shard_mb", 5 * 1024, "Output shard size limit in MiB.")
+flags.DEFINE_integer("max_shard_mb", 5 * 1024, "Output shard size limit in MiB.", lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
 flags.DEFINE_bool("progress", True, "Show a progress bar over tensors.")
 distributed.define_flags()
@@ -115,25 +116,21 @@ def run(plan: mergekit_config.MergePlan, out: str, seed: int) -> dict:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli_errors.fail(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.out:
-        raise app.UsageError("--out is required")
+        cli_errors.fail("--out is required")
     logs.quiet_libraries(("hm3_jax", "experiments"))  # JAX INFO lines only with --verbosity=1
     distributed.runtime_from_flags()  # before any other JAX call
     if not distributed.is_main_process():  # a host-side streaming job: process 0 merges, the others wait
         distributed.barrier("merge")
         return
-    try:
+    with cli_errors.user_errors(ValueError, FileNotFoundError, FileExistsError):
         plan = plan_from_flags()
         summary = run(plan, FLAGS.out, FLAGS.seed)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        logging.error("merge failed: %s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
     logging.info("merged %d tensors into %s", summary["num_tensors"], summary["out"])
     print(f"wrote {summary['out']} ({summary['num_tensors']} tensors)")
     distributed.barrier("merge")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run(main)

@@ -6,7 +6,8 @@ r"""Will an HM3 run fit? Per program and per device bytes of the run's compiled 
 
 Reads the spec's config.json files, tokenizer and data (never the weights), compiles the run's programs with
 abstract inputs and prints their bytes per device (hm3_jax/hm3/memory_plan.py), the sources' host bytes and
-the largest evaluation batch that fits; exits 1 naming the program and the device when the run would not fit.
+the largest evaluation batch that fits; exits 1 naming the program and the device when the run would not fit
+(a mistake in the config, spec or flags: one line, exit code 2, experiments/cli_errors.py).
 By default (`--simulate`) the mesh is made of simulated CPU devices, so a laptop plans a TPU slice; on the
 accelerator itself pass --simulate=false (then --device_memory_gb defaults to the device's own limit).
 """
@@ -14,7 +15,7 @@ accelerator itself pass --simulate=false (then --device_memory_gb defaults to th
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli_errors
@@ -50,12 +51,10 @@ def main(argv):
         os.environ["XLA_FLAGS"] += memory_plan.CPU_PLAN_XLA_FLAGS
     mesh = distributed.make_mesh(_MESH.value) if _MESH.value else None
     memory = None if _MEMORY.value is None else int(_MEMORY.value * memory_plan.GIB)
-    try:
+    with cli_errors.user_errors(SpecError, ValueError):
         plan = memory_plan.plan_run(_CONFIG.value, mesh, memory, _FRACTION.value, spec_path=_SPEC.value,
                                     search_batch=_LARGEST.value, programs=tuple(_PROGRAMS.value),
                                     splits=tuple(_SPLITS.value))  # fmt: skip
-    except (SpecError, ValueError) as e:
-        sys.exit(f"error: {e}")
     print(memory_plan.format_plan(plan))
     if not plan.fits:
         sys.exit(f"error: {plan.error_message()}")
@@ -69,10 +68,10 @@ def _mesh_size(spec: str | None) -> int:
     for part in spec.split(","):
         _, _, n = part.partition(":")
         if not n.strip().isdigit():
-            sys.exit(f"error: --mesh={spec}: with simulated devices every axis needs a size (no -1)")
+            cli_errors.fail(f"--mesh={spec}: with simulated devices every axis needs a size (no -1)")
         size *= int(n)
     return size
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli_errors.make_flags_parser(_CONFIG))
+    cli_errors.run(main, _CONFIG)

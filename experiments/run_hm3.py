@@ -3,8 +3,10 @@ r"""End-to-end HM3: the Pareto front of merged models on a benchmark, every base
     python -m experiments.run_hm3 --config=experiments/configs/tiny3.py --workdir=runs/tiny3
     python -m experiments.run_hm3 --config=experiments/configs/tiny3.py:smoke --workdir=/tmp/hm3_smoke
 
-Kill it at any point and re-run the same command: it resumes from its stages and checkpoints. The terminal shows
-the run's own progress (libraries' INFO lines with --verbosity=1) and, at the end, a summary: the hypervolume
+Kill it at any point and re-run the same command: it resumes from its stages and checkpoints (a SIGTERM also
+removes the temporary files; a SIGKILL's are removed as the rerun writes those files again). A mistake in the
+config, spec or flags is one line `error: ...` naming it, exit code 2, before anything is written. The terminal
+shows the run's own progress (libraries' INFO lines with --verbosity=1) and, at the end, a summary: the hypervolume
 table, the balanced preference's scores and the files written (report.md / .html / .json, plots, exports).
 
 On a device mesh (paths over "paths", evaluation examples over "data"; same report as one device):
@@ -20,9 +22,7 @@ Scale-out flags: see hm3_jax/distributed (--mesh, --multihost, --coordinator_add
 --process_id, --distributed_timeout) and docs/scaling.md.
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli_errors
@@ -31,6 +31,7 @@ from hm3_jax.hm3 import run as run_lib
 from hm3_jax.hm3 import summary
 from hm3_jax.hm3 import workdir as workdir_lib
 from hm3_jax.hm3.workdir import WorkdirError
+from hm3_jax.io.safetensors_io import CheckpointError
 from hm3_jax.tasks import zoo as zoo_lib
 from hm3_jax.tasks.spec import SpecError
 
@@ -40,6 +41,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds the same run).")
 _ZOO_DIR = flags.DEFINE_string("zoo_dir", None, "Zoo directory (default WORKDIR/zoo); built if missing.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("workdir", lambda v: v is None or bool(v.strip()), "--workdir must name a directory")
 distributed.define_flags()
 
 
@@ -50,10 +52,10 @@ def main(argv):
     workdir_lib.use_compilation_cache(
         _WORKDIR.value
     )  # a resume and `suggest` load the run's compiled programs
-    try:
+    with cli_errors.user_errors(
+        run_lib.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError, CheckpointError
+    ):
         report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
-    except (run_lib.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError) as e:
-        sys.exit(f"error: {e}")  # a mistake in the user's input: one line naming it, exit code 1
     if distributed.is_main_process():
         print(summary.format_summary(report, _WORKDIR.value))
 
@@ -63,4 +65,4 @@ def run_hm3(config, workdir, zoo_dir=None, mesh=None):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli_errors.make_flags_parser(_CONFIG))
+    cli_errors.run(main, _CONFIG)

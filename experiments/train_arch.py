@@ -11,15 +11,17 @@ Accepts the scale-out flags of hm3_jax.distributed; with several processes every
 (replicated) policy and takes part in orbax's checkpoint saves (process 0 writes the checkpoints).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from experiments import cli_errors
 from hm3_jax import distributed, logs
 from hm3_jax.arch import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (metrics, checkpoints, result.json)")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("workdir", lambda v: v is None or bool(v.strip()), "--workdir must name a directory")
 distributed.define_flags()  # --mesh is accepted; the planted problem's RL is replicated on every process
 
 
@@ -32,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run(main, _CONFIG)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from hm3_jax.io import atomic, mapping, safetensors_io
 from hm3_jax.io import hf_config as hf_config_lib
-from hm3_jax.io import mapping, safetensors_io
 from hm3_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Model:
     config, hf = hf_config_lib.read_hf_config(path)
     weight_files = safetensors_io.find_weight_files(path)
     with safetensors_io.TensorReader(weight_files) as reader:
+        try:  # headers only, before any data is read; names the checkpoint (load_params checks the same)
+            mapping.check_tensors(config, reader.names(), reader.shape)
+        except safetensors_io.CheckpointError as e:
+            config_path = os.path.join(os.fspath(path), hf_config_lib.CONFIG_NAME)
+            raise safetensors_io.CheckpointError(f"{config_path} disagrees with the weights: {e}") from None
         num_entries = len(mapping.family_mapping(config).entries)
         params = mapping.load_params(config, reader, dt, progress=_progress("loading tensors", num_entries))
     log.info(
@@ -125,7 +130,7 @@ def save_pretrained(model: Model, path: str | os.PathLike, max_shard_size: int |
         )
     )
     path = os.path.abspath(os.fspath(path))
-    with safetensors_io.atomic_directory(path) as tmp:
+    with atomic.atomic_directory(path) as tmp:
         with open(os.path.join(tmp, hf_config_lib.CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(hf, f, indent=2, sort_keys=True)
             f.write("\n")

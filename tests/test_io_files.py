@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from hm3_jax import models
-from hm3_jax.io import hf_config, safetensors_io
+from hm3_jax.io import atomic, hf_config, safetensors_io
 from hm3_jax.io.hf_config import UnsupportedArchitectureError, config_from_hf_dict, hf_dict_from_config
 from hm3_jax.io.safetensors_io import CheckpointError
 from hm3_jax.model_io import Model, load_pretrained, save_pretrained
@@ -368,7 +368,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
 
     specs = [("a", (4,), np.float32), ("b", (4,), np.float32)]
     with pytest.raises(RuntimeError, match="disk full"):
-        with safetensors_io.atomic_directory(tmp_path / "out") as tmp:
+        with atomic.atomic_directory(tmp_path / "out") as tmp:
             safetensors_io.write_safetensors(tmp, specs, boom, 8)
     assert os.listdir(tmp_path) == []
 

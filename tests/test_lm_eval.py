@@ -406,7 +406,7 @@ def test_model_args_sources_and_errors(env):
     assert jnp.asarray(lm.model.path).tolist() == [0, 1]
 
 
-def test_registered_model_and_command_line(env, harness, monkeypatch):
+def test_registered_model_and_command_line(env, harness, monkeypatch, capsys):
     """`model="hm3_jax"` with a model_args string goes through the harness's registry; `experiments.harness_eval`
     (the harness's CLI with the model registered; its run indexes the harness's ~thousands of default YAMLs, 7 s
     here, so it is not run) turns a bad model_args into one line naming the key."""
@@ -424,5 +424,7 @@ def test_registered_model_and_command_line(env, harness, monkeypatch):
         )
 
     monkeypatch.setattr(harness_eval, "cli_evaluate", cli_evaluate)
-    with pytest.raises(SystemExit, match=r"error: unknown model_args \['prefrence'\]"):
+    with pytest.raises(SystemExit) as exit_info:
         harness_eval.main()
+    assert exit_info.value.code == 2
+    assert "error: unknown model_args ['prefrence']" in capsys.readouterr().err

@@ -334,7 +334,7 @@ def test_cli_yaml_in_process(pool, tmp_path):
     out3 = tmp_path / "out3"
     with pytest.raises(SystemExit) as exit_info:
         _run_cli([f"--config={path}", f"--out={out3}", "--noprogress"])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     assert not out3.exists()
     flags.FLAGS.unparse_flags()
 
@@ -353,7 +353,7 @@ def test_cli_subprocess_unsupported_key(pool, tmp_path):
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
         timeout=120,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "unsupported key(s) in merge config: ['tokenizer']" in result.stderr
     assert not out.exists()
 
@@ -511,7 +511,7 @@ def test_cli_tokenizer_source_base_maps_expert_token_rows_onto_base_ids(vocab_po
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as exit_info:
         _run_cli([f"--config={path}", f"--out={tmp_path / 'refused'}", "--noprogress"])
-    assert exit_info.value.code == 1 and not (tmp_path / "refused").exists()
+    assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()
 
     # the expert aligned by hand: shared rows its own, `<base_only>`'s row the base's, a checkpoint of the base's
     # shapes, config and tokenizer

@@ -196,7 +196,7 @@ def test_t_max_below_depth_is_refused_before_anything_is_written(tmp_path, llama
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_cli_mistake_is_one_line_and_exit_code_1(tmp_path, llama_tok):
+def test_cli_mistake_is_one_line_and_exit_code_2(tmp_path, llama_tok):
     import subprocess
     import sys
 
@@ -209,7 +209,7 @@ def test_cli_mistake_is_one_line_and_exit_code_1(tmp_path, llama_tok):
     cmd = [sys.executable, "-m", "experiments.run_hm3", f"--config={repo}/experiments/configs/checkpoints.py:{spec}",
            f"--workdir={tmp_path / 'run'}"]  # fmt: skip
     out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'mc.jsonl'}:3: answer index 3 is out of range for 1 choices"
     )

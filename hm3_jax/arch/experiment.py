@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax.arch import loop, planted, ppo
+from hm3_jax.io import atomic
 
 
 class MetricsWriter:
@@ -36,7 +36,7 @@ class MetricsWriter:
                 rows = [
                     line for line in f if line.strip() and json.loads(line)["iteration"] <= resume_iteration
                 ]
-            _atomic_write(self.path, "".join(rows))
+            atomic.write_text(self.path, "".join(rows))
         self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
@@ -52,13 +52,6 @@ class MetricsWriter:
             return
         self.file.close()
         self.tb.close()
-
-
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _latest_checkpoint_iteration(directory: str) -> int:
@@ -139,5 +132,5 @@ def train_planted(config: Any, workdir: str) -> dict[str, Any]:
         )
     result = {"evaluations": evaluations, "num_optimal": sum(e["optimal"] for e in evaluations)}
     if jax.process_index() == 0:  # one writer; every process returns the same result
-        _atomic_write(os.path.join(workdir, "result.json"), json.dumps(result, indent=1))
+        atomic.write_text(os.path.join(workdir, "result.json"), json.dumps(result, indent=1))
     return result

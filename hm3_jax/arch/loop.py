@@ -55,8 +55,11 @@ def _from_saveable(runner: RunnerState) -> RunnerState:
 
 
 def make_checkpoint_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """An orbax ``CheckpointManager`` over ``directory`` (created if missing), keeping the last ``max_to_keep``."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    """An orbax ``CheckpointManager`` over ``directory`` (created if missing), keeping the last ``max_to_keep``.
+
+    A checkpoint that a killed run left half-written (orbax's temporary directory) is removed when the manager
+    is made, i.e. when the run resumes."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
 
 from hm3_jax import distributed
+from hm3_jax.io import atomic
 
 _OUT = flags.DEFINE_string("out_json", None, "JSON file for the sums and timings (written by process 0).")
 _NUM_PATHS = flags.DEFINE_integer("num_paths", 6, "Number of random paths to score.")
@@ -94,16 +93,7 @@ def make_score_sums_fn(config):
 
 
 def _atomic_write_json(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic.write_text(path, json.dumps(obj, indent=1))
 
 
 def _bytes_per_device(tree) -> int:

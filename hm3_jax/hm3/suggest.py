@@ -33,19 +33,28 @@ from hm3_jax.hm3.workdir import WorkdirError
 
 
 def _load(run_dir: str):
+    """(config, report) of the finished run in `run_dir`; a WorkdirError naming the directory or file when it
+    holds no run, an unfinished one, or a run.json / report.json that is not what run_hm3 writes."""
     meta_path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(meta_path):
         raise WorkdirError(f"{run_dir} holds no HM3 run (no run.json); give the --workdir of a run_hm3 run")
-    with open(meta_path) as f:
-        meta = json.load(f)
     report_path = os.path.join(run_dir, "report.json")
     if not os.path.exists(report_path):
-        raise FileNotFoundError(
-            f"{run_dir} has no report.json: the run has not finished (re-run it to resume)"
-        )
-    with open(report_path) as f:
-        report = json.load(f)
+        raise WorkdirError(f"{run_dir} has no report.json: the run has not finished (re-run it to resume)")
+    meta, report = _read_json(meta_path, "config"), _read_json(report_path, "methods")
     return ml_collections.ConfigDict(meta["config"]), report
+
+
+def _read_json(path: str, key: str) -> dict:
+    """The JSON object in `path`, which must hold `key` (WorkdirError naming the file otherwise)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(obj, dict) or key not in obj:
+        raise WorkdirError(f"{path}: not written by run_hm3 (no {key!r})")
+    return obj
 
 
 def suggest(

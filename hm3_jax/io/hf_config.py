@@ -37,6 +37,9 @@ CONFIG_NAME = "config.json"
 
 # Keys that make transformers import Python code shipped with a checkpoint (`trust_remote_code`).
 REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+# What no config hm3_jax writes carries: those pointers, and the flag that asks to trust them. A saved or merged
+# model does not come with that code, and nobody reviewed it.
+NEVER_WRITTEN_KEYS = (*REMOTE_CODE_KEYS, "trust_remote_code")
 # Nested `rope_parameters` (transformers 5, per layer type) use these keys.
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -423,6 +426,12 @@ def check_no_remote_code(hf: dict[str, Any], where: str = "config.json") -> None
         )
 
 
+def without_remote_code(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`hf` (a config.json or tokenizer_config.json dict) without `NEVER_WRITTEN_KEYS`, and the keys dropped."""
+    dropped = [key for key in NEVER_WRITTEN_KEYS if key in hf]
+    return {k: v for k, v in hf.items() if k not in NEVER_WRITTEN_KEYS}, dropped
+
+
 def default_architecture(config: ModelConfig) -> str:
     """The HF architecture that represents `config` exactly."""
     if config.family == "gpt2":
@@ -447,12 +456,12 @@ def hf_dict_from_config(config: ModelConfig, base: dict[str, Any] | None = None)
         `default_architecture(config)` is written.
     Returns:
       a JSON-serialisable dict; `config_from_hf_dict(result)` is checked to have `config`'s signature
-      (`config_signature`) before returning. Remote-code keys of `base` (`REMOTE_CODE_KEYS`, e.g. `auto_map`)
-      are never copied.
+      (`config_signature`) before returning. `NEVER_WRITTEN_KEYS` of `base` (`auto_map`,
+      `trust_remote_code`, ...) are never copied.
     """
     arch = default_architecture(config)
     if base is not None:
-        base = {k: v for k, v in base.items() if k not in REMOTE_CODE_KEYS}  # never written back
+        base, _ = without_remote_code(base)  # never written back
         try:
             if config_signature(config_from_hf_dict(base)) == config_signature(config):
                 return dict(base)

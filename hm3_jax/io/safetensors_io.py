@@ -9,8 +9,8 @@ Reading goes through `safetensors.safe_open(framework="numpy")`: one tensor is m
 shapes/dtypes can be inspected without reading data. bfloat16 tensors come back as `ml_dtypes.bfloat16`.
 
 Writing plans the shards from tensor sizes first (so the `-of-0000n` names are known), writes every file
-into a temporary sibling directory and then renames it into place, so a failed or interrupted save never
-leaves a half-written checkpoint under the target name.
+into a directory; `hm3_jax.io.atomic.atomic_directory` makes that a temporary sibling renamed into place, so a
+failed or interrupted save never leaves a half-written checkpoint under the target name.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -260,39 +258,3 @@ def write_safetensors(
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
     return files + ([SAFE_WEIGHTS_INDEX_NAME] if len(files) > 1 else [])
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
-    """Yields a temporary directory next to `path`; on success it replaces `path`, on error it is removed.
-
-    The temporary directory is a sibling (same filesystem), so the final `os.replace` is a rename. An existing
-    `path` is moved aside first and deleted only after the new directory is in place.
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"{path!r} exists and is not a directory")
-    if os.path.isdir(path) and not overwrite:
-        raise FileExistsError(f"{path!r} already exists (pass overwrite=True to replace it)")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.isdir(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rmdir(old)
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,7 +46,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from hm3_jax.io import hf_config, mapping, vocab
+from hm3_jax.io import atomic, hf_config, mapping, vocab
 from hm3_jax.merging import api, kernels
 from hm3_jax.merging.groups import GroupFn, check_leaf_weights, default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.safetensors_stream import (
@@ -295,7 +294,7 @@ def _atomic_output(out: str, overwrite: bool) -> str:
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+        return atomic.make_temp_dir(out)
     except OSError as e:
         raise ValueError(
             f"output directory {out!r} cannot be written: {_why_unwritable(parent, e)}"
@@ -315,50 +314,49 @@ def _why_unwritable(directory: str, err: OSError) -> str:
 
 
 def _finish(tmp: str, out: str, overwrite: bool) -> None:
-    out = os.path.abspath(out)
-    if os.path.exists(out):
-        if not overwrite:
-            raise FileExistsError(f"output directory {out!r} appeared during the merge")
-        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.replace(out, os.path.join(trash, "old"))
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"output directory {os.path.abspath(out)!r} appeared during the merge")
+    atomic.commit_directory(tmp, out, overwrite)
 
 
 def _copy_side_files(
     tmp: str, config_source: str, tokenizer_source: str, dtype_name: str | None, updates=None
 ):
-    """config.json (with `torch_dtype` and `updates` applied, remote-code keys dropped) and tokenizer files.
+    """config.json (with `torch_dtype` and `updates` applied) and tokenizer files, without remote-code keys.
 
-    `hf_config.REMOTE_CODE_KEYS` (`auto_map`, ...) would make transformers import code shipped with the source
-    checkpoint, which the merged weights do not come with; hm3_jax refuses such configs, so a merge never
-    writes one."""
+    `hf_config.NEVER_WRITTEN_KEYS` (`auto_map`, `trust_remote_code`, ...) would make transformers import code
+    shipped with the source checkpoint, which the merged weights do not come with and nobody reviewed, so a
+    merge never writes them (from config.json or tokenizer_config.json)."""
+    changes = {**({"torch_dtype": dtype_name} if dtype_name else {}), **(updates or {})}
     for name in CONFIG_FILES:
         src = os.path.join(config_source, name)
-        if not os.path.isfile(src):
-            continue
-        config = {}
-        if name == "config.json":
-            with open(src) as f:
-                config = json.load(f)
-        remote = [k for k in hf_config.REMOTE_CODE_KEYS if k in config]
-        if name != "config.json" or not (dtype_name or updates or remote):
-            shutil.copy2(src, os.path.join(tmp, name))
-            continue
-        if remote:
-            logging.warning("%s: %s dropped from the merged config.json (remote code)", src, remote)
-        config = {k: v for k, v in config.items() if k not in remote}
-        if dtype_name:
-            config["torch_dtype"] = dtype_name
-        config.update(updates or {})
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(config, f, indent=2)
+        if os.path.isfile(src):
+            _copy_side_file(src, os.path.join(tmp, name), changes if name == "config.json" else {})
     for name in TOKENIZER_FILES:
         src = os.path.join(tokenizer_source, name)
         if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(tmp, name))
+            _copy_side_file(src, os.path.join(tmp, name), {})
+
+
+def _copy_side_file(src: str, dst: str, changes: dict) -> None:
+    """Copies `src` to `dst`; a JSON config (`*config.json`) is rewritten with `changes` and without
+    `hf_config.NEVER_WRITTEN_KEYS` when either applies (a tokenizer config that is not JSON is copied as is)."""
+    config, dropped = None, []
+    if src.endswith("config.json"):
+        try:
+            with open(src) as f:
+                config, dropped = hf_config.without_remote_code(json.load(f))
+        except (ValueError, AttributeError):  # not JSON, or not an object
+            config = None
+    if config is None or not (dropped or changes):
+        shutil.copy2(src, dst)
+        return
+    if dropped:
+        logging.warning(
+            "%s: %s dropped from the merged %s (remote code)", src, dropped, os.path.basename(src)
+        )
+    with open(dst, "w") as f:
+        json.dump({**config, **changes}, f, indent=2)
 
 
 def _check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint], vocab_maps=None) -> None:
@@ -445,6 +443,7 @@ def merge_checkpoints(
         raise ValueError("slerp takes its interpolation factor as t=..., not weights")
     if weights is not None and len(weights) != len(models):
         raise ValueError(f"weights: got {len(weights)} values for {len(models)} models")
+    _check_output_options(tokenizer_source, max_shard_bytes)
     t = hparams.get("t")
     kernel = api.make_kernel(method, len(models), **hparams)
     per_leaf_weights = [t] if method == "slerp" else weights
@@ -536,13 +535,22 @@ def merge_checkpoints(
         for ckpt in [reference, *inputs]:
             ckpt.close()
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            atomic.discard(tmp)
     return {
         "out": os.path.abspath(out),
         "num_tensors": len(names),
         "bytes_read": bytes_read,
         "bytes_written": bytes_written,
     }
+
+
+def _check_output_options(tokenizer_source: str | None, max_shard_bytes: int) -> None:
+    """A `tokenizer_source` that is not a directory, or a shard size below one byte, is a ValueError naming it
+    (before anything is written; a missing tokenizer directory would otherwise give a merge without one)."""
+    if tokenizer_source is not None and not os.path.isdir(tokenizer_source):
+        raise ValueError(f"tokenizer_source {tokenizer_source!r} is not a directory")
+    if max_shard_bytes < 1:
+        raise ValueError(f"the shard size limit must be positive, got {max_shard_bytes} bytes")
 
 
 def _weights_for(weights: Sequence[Any] | None, name: str) -> Sequence[Any] | None:
@@ -585,6 +593,7 @@ def passthrough_checkpoints(
     """
     if not slices:
         raise ValueError("passthrough: the list of slices is empty")
+    _check_output_options(tokenizer_source, max_shard_bytes)
     out_dtype = dtype_from_name(dtype) if dtype else None
     shell_dir = base or slices[0][0]
     opened: dict[str, Checkpoint] = {}
@@ -658,7 +667,7 @@ def passthrough_checkpoints(
         for source in opened.values():
             source.close()
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            atomic.discard(tmp)
     return {"out": os.path.abspath(out), "num_tensors": len(plan), "num_layers": new_layer}
 
 
@@ -684,7 +693,7 @@ def _check_against_config(config_source: str, updates: dict, entries: Sequence[t
     if not os.path.isfile(config_path):
         return
     hf = hf_config.read_config_dict(config_path)
-    hf = {k: v for k, v in hf.items() if k not in hf_config.REMOTE_CODE_KEYS}  # dropped from the output
+    hf, _ = hf_config.without_remote_code(hf)  # dropped from the output
     try:
         config = hf_config.config_from_hf_dict({**hf, **updates}, where=config_path)
     except ValueError as e:  # an architecture or feature we do not model: nothing to check against

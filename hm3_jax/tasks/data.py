@@ -13,12 +13,11 @@ appears in two parts. An example is a dict ``{"task", "split", "prompt", "target
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from hm3_jax.io import atomic
 from hm3_jax.tasks import arithmetic, code_output, translation
 
 TASK_MODULES = {m.NAME: m for m in (translation, arithmetic, code_output)}
@@ -98,18 +97,9 @@ def generate_all(seed: int, num_eval: int, num_train: int, tasks: Sequence[str] 
 
 def write_jsonl(path: str, examples: Sequence[dict]) -> None:
     """Writes examples as JSON lines atomically (temp file in the same directory, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for example in examples:
-                f.write(json.dumps(example, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic.atomic_file(path) as f:
+        for example in examples:
+            f.write(json.dumps(example, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict]:

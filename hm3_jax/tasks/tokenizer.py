@@ -9,9 +9,9 @@ saved directory (tokenizer.json, tokenizer_config.json, special_tokens_map.json)
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
+
+from hm3_jax.io import atomic
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
@@ -51,17 +51,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 def save_tokenizer(tokenizer, path: str) -> None:
     """Saves in HF format atomically: written to a temp directory beside `path`, then renamed into place."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_tokenizer_")
-    try:
+    with atomic.atomic_directory(path) as tmp:
         tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_tokenizer(path: str):

@@ -23,8 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3_jax.io import atomic
 from hm3_jax.tasks import corpus, data, objectives
 from hm3_jax.tasks import tokenizer as tok_lib
 
@@ -345,7 +344,7 @@ def write_spec(workdir: str) -> str:
                 spec = tiny8_zoo.write_eval_files(workdir, manifest)
             else:
                 spec = _write_text_eval_files(workdir, manifest)
-            _atomic_text(
+            atomic.write_text(
                 path, "# Written by hm3_jax.tasks.zoo.write_spec from the zoo's manifest.\n" + _yaml(spec)
             )
     return path
@@ -392,16 +391,8 @@ def _yaml(obj) -> str:
     return yaml.safe_dump(obj, sort_keys=False)
 
 
-def _atomic_text(path: str, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, then renames it into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_manifest(out_dir: str, manifest: dict) -> None:
-    _atomic_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    atomic.write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(workdir: str) -> dict | None:
@@ -411,16 +402,6 @@ def read_manifest(workdir: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _normalise_permissions(root: str) -> None:
-    """Temp dirs/files are created private (0700/0600); give the finished zoo the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for dirpath, _, filenames in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~umask)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
 
 
 def build(zoo_config, workdir: str, progress: bool = True) -> None:
@@ -438,23 +419,15 @@ def build(zoo_config, workdir: str, progress: bool = True) -> None:
     check_buildable(zoo_config, workdir)
     try:  # what the checks cannot see (a filesystem that refuses new entries, as /proc): still one line
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(workdir)}.building-")
+        tmp = atomic.make_temp_dir(workdir)  # also removes a killed build's temporaries
     except OSError as e:
         raise ZooError(f"zoo directory {workdir} cannot be created: {e.strerror}") from None
     try:
         manifest = _build(zoo_config, tmp, progress)
         _write_manifest(tmp, manifest)
-        _normalise_permissions(tmp)
-        old = None
-        if os.path.exists(workdir):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(workdir)}.old-")
-            os.rmdir(old)
-            os.replace(workdir, old)
-        os.replace(tmp, workdir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.commit_directory(tmp, workdir)  # an existing zoo is replaced; modes as the umask gives
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.discard(tmp)
         raise
     log.info("built zoo %s in %.1f s", workdir, manifest["build_time_s"])
 
@@ -510,6 +483,7 @@ def ensure_built(zoo_config, workdir: str, on_mismatch: str = "rebuild", progres
     if on_mismatch not in ("rebuild", "error"):
         raise ValueError(f"on_mismatch must be 'rebuild' or 'error', got {on_mismatch!r}")
     fingerprint = config_fingerprint(zoo_config)
+    atomic.remove_stale(workdir)  # what a killed build left beside it, also when the zoo itself is complete
     manifest = read_manifest(workdir)
     if manifest is not None and manifest.get("fingerprint") == fingerprint:
         log.info("zoo cache hit: %s (fingerprint %s)", workdir, fingerprint)

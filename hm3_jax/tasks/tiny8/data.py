@@ -32,10 +32,11 @@ float inputs the ViT reads, `(x / 255 - 0.5) / 0.5` (HF ViTImageProcessor's defa
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from hm3_jax.io import atomic
 
 SPLITS = ("train", "search", "heldout")
 SEARCH_FRACTION = 0.7
@@ -408,16 +409,8 @@ def to_model_inputs(pixel_values: np.ndarray) -> np.ndarray:
 
 def save_task(path: str, parts: dict) -> None:
     """Writes one task's splits to `path` (.npz: `<split>/pixel_values`, `<split>/labels`) atomically."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **{f"{s}/{k}": v for s, arrays in parts.items() for k, v in arrays.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic.atomic_file(path, "wb") as f:
+        np.savez_compressed(f, **{f"{s}/{k}": v for s, arrays in parts.items() for k, v in arrays.items()})
 
 
 def load_task(path: str) -> dict:

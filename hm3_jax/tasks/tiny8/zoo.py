@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
+from hm3_jax.io import atomic
 from hm3_jax.tasks import objectives
 from hm3_jax.tasks.tiny8 import data
 from hm3_jax.tasks.tiny8 import train as train_lib
@@ -106,10 +106,7 @@ def load_heads(workdir: str, manifest: Mapping | None = None) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=2))
 
 
 def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
