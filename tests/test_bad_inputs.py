@@ -397,7 +397,7 @@ ZOO_CASES = [
     ("workdir_under_proc", lambda d, t: "/proc/hm3_zoo", {}, "rebuild", ["/proc/hm3_zoo", "cannot be created"]),
     ("unknown_zoo_kind", lambda d, t: str(t / "zoo"), {"kind": "tiny9"}, "rebuild", ["config.zoo.kind", "tiny9", "tiny3"]),
     ("not_a_zoo", _not_a_zoo, {}, "rebuild", ["mine", "holds no manifest.json"]),
-    ("another_configs_zoo", _zoo_with_manifest, {}, "error", ["other_zoo", "another config"]),
+    ("another_configs_zoo", _zoo_with_manifest, {}, "error", ["other_zoo", "another config", "--on_mismatch=rebuild"]),
 ]  # fmt: skip
 
 

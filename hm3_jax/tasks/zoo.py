@@ -495,7 +495,8 @@ def ensure_built(zoo_config, workdir: str, on_mismatch: str = "rebuild", progres
         )
         if on_mismatch == "error":
             raise ZooMismatchError(
-                message + "; use another directory, delete it, or on_mismatch='rebuild'",
+                message
+                + "; use another directory, delete it, or rebuild it (build_zoo --on_mismatch=rebuild)",
                 manifest.get("config"),
             )
         log.warning("%s; rebuilding it", message)
