@@ -63,9 +63,8 @@ def _setup(args):
     run.json: this script only reads the run, so later config additions outside the zoo (e.g. new `arch.*`
     settings) must not lock it out. Nothing is written into the run directory.
     """
-    from hm3_jax import models
     from hm3_jax.hm3 import run as run_lib
-    from hm3_jax.hm3.problem import make_problem, pool_for
+    from hm3_jax.hm3.problem import make_problem
     from hm3_jax.hm3.workdir import stage_file
     from hm3_jax.tasks import zoo as zoo_lib
 
@@ -86,9 +85,8 @@ def _setup(args):
     with open(os.path.join(args.run, "stages", "param_level.json")) as f:
         param = json.load(f)
     prefs = np.asarray([e["preference"] for e in param], np.float32)
-    merged = run_lib.merged_models(problem, param, config.param_level.pool_model)
-    shells = [models.shell_of(m) for m in merged]
-    pools = [pool_for(problem, m) for m in merged]
+    bank = run_lib.preference_models(problem, param, config.param_level.pool_model)
+    shells, pools = bank.shells, bank.pools
     return config, zoo, problem, prefs, shells, pools
 
 

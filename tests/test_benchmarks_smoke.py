@@ -14,7 +14,7 @@ this venv or in `HM3_HF_PYTHON`'s. Two compile more than their tiny mode can avo
 `HM3_SLOW_BENCHMARK_SMOKE=1` only (measured at load 3-6): alignment.py (~23 s: a learned junction fit, engines with junctions on both splits)
 and multitask_bound.py (~19 s: multi-task training, per-example re-scoring); so does time_to_front.py, whose
 tiny mode is a whole smoke run of its own (zoo reused; 167 s), in a subprocess because it points jax's compilation
-cache at its run directory.
+cache at its run directory, and memory.py (two small HM3 runs in child processes, ~3 min).
 """
 
 import importlib.util
@@ -190,3 +190,12 @@ def test_time_to_front(smoke_zoo_dir, tmp_path):
     text = proc.stdout
     out = json.loads(text[text.rfind("\n{") + 1 :] if "\n{" in text else text)
     assert out["run_seconds"] > 0 and len(out["warm_suggest_seconds"]) == 2
+
+
+@slow
+def test_memory():
+    """Two whole HM3 runs in child processes (N = 1 and 2 preferences, one held at a time); ~3 min here."""
+    out = _benchmark("memory").main(["--smoke"])
+    assert [r["preferences"] for r in out["runs"]] == [1, 2]
+    assert all(r["resident_preferences"] == 1 and r["peak_rss_gib"] > 0.1 for r in out["runs"])
+    assert out["sources_bytes"] > 0 and set(out["peak_growth_gib_by_resident"]) == {"1"}

@@ -128,3 +128,41 @@ def test_confirmation_keeps_theta_unless_the_gain_is_significant(problem):
     usual = arch_level.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=0.95,
                                 spec_fn=spec_fn, num_samples=200)  # fmt: skip
     assert usual["significance"]["p_gain_over_theta"] > 0.95 and usual["chosen"] == plain["chosen"]
+
+
+def test_preference_models_rebuild_bit_for_bit_and_hold_at_most_resident(problem):
+    """`PreferenceModels(resident=1)` (issue 16: memory flat in the preferences) holds one preference's shell,
+    pool and engines at a time, rebuilds a dropped one bit for bit from its recipe, and scores like plain lists
+    of eagerly built models (an independent scorer under another cache namespace)."""
+    import jax
+
+    from hm3_jax import models
+    from hm3_jax.hm3 import arch_level, param_level
+    from hm3_jax.hm3.preference_models import PreferenceModels
+    from hm3_jax.hm3.problem import pool_for
+
+    K = problem.num_tasks
+    prefs = np.array([[1 / 3, 1 / 3, 1 / 3], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]], np.float32)
+    entries = [{"preference": p.tolist(), "merge_key": np.asarray(jax.random.PRNGKey(i)).tolist(),
+                "paper": {"hparams": {"density": 0.7, "drop_rate": 0.3}}} for i, p in enumerate(prefs)]  # fmt: skip
+    eager = [param_level.merged_for(problem, e, "paper") for e in entries]
+    shells, pools = [models.shell_of(m) for m in eager], [pool_for(problem, m) for m in eager]
+    bank = PreferenceModels(problem, entries, "paper", resident=1)
+    for i in (0, 1, 2, 0):
+        for a, b in zip(jax.tree.leaves((bank.shells[i], bank.pools[i])), jax.tree.leaves((shells[i], pools[i])),
+                        strict=True):  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert list(bank._held) == [i]
+    assert bank.builds == 4  # 0, 1, 2, then 0 again after it was dropped
+    L = problem.config.num_layers
+    paths = np.array(
+        [[0, K * L + 1, (K + 1) * L - 1], [K * L, 2, -1], [1, K * L + 1, 0]], np.int32
+    )  # P = (K + 1) L
+    paths = np.concatenate([paths, arch_level.identity_paths(K + 1, L, 3)])
+    rows = np.repeat(prefs, len(paths), 0)
+    lazy = arch_level.PathScorer(problem, "search", prefs, bank.shells, bank.pools, "bank_lazy")
+    plain = arch_level.PathScorer(problem, "search", prefs, shells, pools, "bank_plain")
+    np.testing.assert_array_equal(lazy(np.tile(paths, (3, 1)), rows), plain(np.tile(paths, (3, 1)), rows))
+    assert len(bank._held) == 1 and sum(len(h["engines"]) for h in bank._held.values()) == 1
+    with pytest.raises(ValueError, match="resident_preferences"):
+        PreferenceModels(problem, entries, "paper", resident=-1)

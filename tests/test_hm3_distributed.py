@@ -6,7 +6,9 @@ subprocess (XLA_FLAGS must be set before jax is imported) bounded by a timeout:
 * the reference: one CPU device, no mesh (the default engine: strategy "map", prefix tree);
 * two `jax.distributed` processes on 127.0.0.1 (gloo CPU collectives, a free port, 4 devices each, the
   `paths:4,data:2` mesh spanning both: candidate paths over "paths", the examples of each evaluation batch over
-  "data"; no prefix tree; the split PPO loop; one shared workdir as on a shared filesystem).
+  "data"; no prefix tree; the split PPO loop; one shared workdir as on a shared filesystem), holding one
+  preference's merged model at a time (`memory.resident_preferences=1`: every other one is rebuilt from its
+  recipe when needed again, hm3_jax/hm3/preference_models.py), where the reference holds all of them.
 
 A third run, one process with 8 simulated devices and the same mesh, was dropped in session 6 to keep the suite
 near 8 minutes (about 50 CPU-s): it runs the same mesh code as the two processes, minus the collectives across
@@ -131,7 +133,8 @@ def runs(smoke_zoo_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("hm3_mesh")
     port = free_port()
     multi = [(MESH, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-              "--distributed_timeout=120") for i in range(2)]  # fmt: skip
+              "--distributed_timeout=120", "--config.memory.resident_preferences=1")
+             for i in range(2)]  # fmt: skip
     started = []
     try:
         started.append(_Run("reference", base, smoke_zoo_dir, 1, [()]))

@@ -285,3 +285,13 @@ def test_neighbourhood_search_climbs_to_a_planted_optimum_within_budget():
     out = arch_level.neighbourhood_search(score_fn, start, np.array([0.5, 0.5]), num_sources=3, num_layers=4,
                                           t_min=4, t_max=4, beta1=0.0, budget=3, known=known)  # fmt: skip
     assert sum(calls) == out["evaluations"] == 3
+
+
+def test_memory_settings_are_not_part_of_the_run_fingerprint(tmp_path):
+    """`config.memory` chooses how much is held, not what is computed: a run resumes under another value, while
+    any other key still refuses the workdir (naming the key)."""
+    a = Workdir(str(tmp_path), {"seed": 0, "memory": {"resident_preferences": 0}})
+    b = Workdir(str(tmp_path), {"seed": 0, "memory": {"resident_preferences": 1}})
+    assert a.fingerprint == b.fingerprint
+    with pytest.raises(WorkdirError, match="seed"):
+        Workdir(str(tmp_path), {"seed": 1, "memory": {"resident_preferences": 1}})

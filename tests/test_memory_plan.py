@@ -160,9 +160,11 @@ def test_plan_bytes_agree_with_the_arrays(settings, child):
     p = planned["path_scores/search"]
     assert p["argument_bytes"] == nbytes((shell, pool)) + chunk * t_max * 4  # + a chunk of int32 paths
     assert one["model_bytes"] == nbytes(zoo.base.params)
-    assert (
-        p["resident_bytes"] == 4 * one["model_bytes"]
-    )  # the sources; the pool is the program's own argument
+    # the sources, the sources' pool (the split engine's: during the search the argument is a preference's pool)
+    # and the other preferences' merged models (shell + pool each; all N held: memory.resident_preferences = 0)
+    held = config.preferences.num - 1
+    assert config.memory.resident_preferences == 0
+    assert p["resident_bytes"] == 4 * one["model_bytes"] + nbytes(pool) + held * nbytes((shell, pool))
     # Temporaries hold at least greedy decoding's (k, v) cache of every path step, [B, KV, prompt + new, hd]
     # float32 each; the stated factor bounds the rest (logits, activations; 7-9x here).
     cfg = zoo.base.config

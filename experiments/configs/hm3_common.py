@@ -92,6 +92,13 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.baselines.path_methods = ("ea", "moea", "grid_search", "differential_evolution")
     c.baselines.budget = -1  # path evaluations per path baseline; -1 = HM3's architecture-level count
 
+    # Where and how much is held, never what is computed (not part of the run's fingerprint: a run resumes under
+    # other values). resident_preferences: how many preferences' merged model (shell + pool of the K + 1 sources'
+    # blocks) are held at once, rebuilt from their recipe when needed again (hm3_jax/hm3/preference_models.py);
+    # 0 = all N (fastest; memory grows with N), 1 = memory flat in the preferences (large models).
+    c.memory = ml_collections.ConfigDict()
+    c.memory.resident_preferences = 0
+
     c.report = ml_collections.ConfigDict()
     c.report.fixed_reference = None  # a [K] reference point in normalised units, or None for the 1.1 rule
     # Paired bootstrap over held-out examples: hypervolume intervals and P(HM3 > X) (hm3_jax.moo.bootstrap);

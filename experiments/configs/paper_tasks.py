@@ -90,12 +90,16 @@ TASKS = {
 def add_paper_budget(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The paper's budget on a spec config (`checkpoints.get_config`'s, not its smoke variant): 15 preferences
     and EPISODES_PER_PREFERENCE episodes per preference for the one preference-conditioned policy
-    (num_iterations = ceil(15 * 1000 / NUM_ENVS) PPO iterations of NUM_ENVS episodes); t_max = 2 L stays
-    `checkpoints.py`'s. Searches score SEARCH_EXAMPLES examples per task."""
+    (num_iterations = ceil(15 * 1000 / NUM_ENVS) PPO iterations of NUM_ENVS episodes), one preference's merged
+    model held at a time; t_max = 2 L stays `checkpoints.py`'s. Searches score SEARCH_EXAMPLES examples per task."""
     config.preferences.num = NUM_PREFERENCES
     config.arch.rl.num_envs = NUM_ENVS
     config.arch.rl.num_iterations = -(-NUM_PREFERENCES * EPISODES_PER_PREFERENCE // NUM_ENVS)
     config.engine.search_examples = SEARCH_EXAMPLES
+    # One preference's merged model (shell + pool of the K + 1 sources' blocks) held at a time, the others rebuilt
+    # from their recipes when the search returns to them: memory flat in the 15 preferences
+    # (hm3_jax/hm3/preference_models.py); not part of the run's fingerprint.
+    config.memory.resident_preferences = 1
     return config
 
 

@@ -68,15 +68,29 @@ class PathScorer:
         self.problem = problem
         self.split = split
         self.preferences = np.asarray(preferences, np.float32)
-        self.engines = [
-            problem.engines[split].with_model(s, p, pool_id=scorer_pool_id(tag, i))
-            for i, (s, p) in enumerate(zip(shells, pools, strict=True))
-        ]
+        if len(shells) != len(pools) or len(pools) != len(self.preferences):
+            raise ValueError(
+                f"PathScorer: {len(self.preferences)} preferences, {len(shells)} shells, {len(pools)} pools"
+            )
+        self.shells, self.pools, self.tag = shells, pools, tag
+        # Engines are made on first use: a `PreferenceModels` bank holds them with its preference's pool (and
+        # drops both together); plain lists of shells and pools keep one engine per preference here.
+        self._engines: dict[int, object] = {}
         self.aligners = aligners
         self.evaluations = 0
         self.flops = 0.0
         self.seconds = 0.0
         self.archive: dict[tuple[int, bytes], np.ndarray] = {}
+
+    def engine(self, index: int):
+        """The split's engine over preference `index`'s shell and pool (cache identity `scorer_pool_id`)."""
+        base, pool_id = self.problem.engines[self.split], scorer_pool_id(self.tag, index)
+        bank = getattr(self.pools, "bank", None)
+        if bank is not None:
+            return bank.engine(base, index, pool_id)
+        if index not in self._engines:
+            self._engines[index] = base.with_model(self.shells[index], self.pools[index], pool_id=pool_id)
+        return self._engines[index]
 
     def preference_index(self, prefs: np.ndarray) -> np.ndarray:
         d = np.abs(np.asarray(prefs, np.float32)[:, None, :] - self.preferences[None]).sum(-1)
@@ -88,7 +102,7 @@ class PathScorer:
     def raw(self, index: int, paths: np.ndarray) -> np.ndarray:
         """Raw scores [N, K] of paths under preference `index`'s pool (cached by the engine)."""
         junction = None if self.aligners is None else self.aligners[index].junctions(paths)
-        res = self.engines[index].evaluate(paths, junction)
+        res = self.engine(index).evaluate(paths, junction)
         self.evaluations += res.cost.num_evaluations
         self.flops += res.cost.flops
         self.seconds += res.cost.seconds

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import baselines, merging
+from hm3_jax.hm3.preference_models import LazySequence
 from hm3_jax.hm3.problem import Problem, full_search_cost, score_params
 
 # Papers' defaults: TA scaling 0.4 (Ilharco et al. 2023 use 0.3-0.5), TIES density 0.2 with disjoint mean
@@ -84,14 +85,17 @@ def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bo
     }
 
 
-def param_baseline_models(problem: Problem, method: str, result: dict, key) -> list[dict]:
+def param_baseline_models(problem: Problem, method: str, result: dict, key) -> LazySequence:
     """The merged models behind `run_param_baseline(problem, method, prefs, key)`'s reported points, rebuilt
-    from its stored preferences and chosen hyperparameters with the same per-preference keys."""
+    from its stored preferences and chosen hyperparameters with the same per-preference keys; a lazy sequence
+    (item i is merged when read, so the N models are never held at once)."""
     prefs = np.asarray(result["preferences"], np.float32)  # as run: float32 preference rows
-    return [
-        param_merge(problem, method, pref, jax.random.fold_in(key, i), hp)
-        for i, (pref, hp) in enumerate(zip(prefs, result["hparams"], strict=True))
-    ]
+    hparams = list(result["hparams"])
+    if len(hparams) != len(prefs):
+        raise ValueError(f"{method}: {len(prefs)} preferences but {len(hparams)} hyperparameter sets")
+    return LazySequence(
+        len(prefs), lambda i: param_merge(problem, method, prefs[i], jax.random.fold_in(key, i), hparams[i])
+    )
 
 
 def _junction_from_scales(scales, hidden_size: int):

@@ -184,8 +184,8 @@ def resident_bytes(program: str, sources_bytes: int, pool_bytes: int, sharded: b
     """Bytes the run keeps on device 0 outside `program`'s arguments (hm3_jax/hm3/run.py and problem.py today):
     the sources as `load_pretrained` placed them (`sources_bytes`: the K + 1 models, or for "model_scores" the K
     that are not its argument) and the sources' pool (`problem.make_problem`, `pool_bytes`; on one device it is
-    the engine's own argument, on a mesh the engine places copies). Not counted: the merged model and pool of
-    every preference that run.py builds at once (issue 16 makes that flat; add them here if a run keeps them).
+    the engine's own argument, on a mesh the engine places copies). The preferences' merged models are added by
+    `held_preference_bytes` (`memory.resident_preferences` of them, or all N).
 
     program: "merge" (its arguments are the sources), "path_scores" or "model_scores".
     """
@@ -194,6 +194,42 @@ def resident_bytes(program: str, sources_bytes: int, pool_bytes: int, sharded: b
     if program == "path_scores":
         return sources_bytes + (pool_bytes if sharded else 0)
     return sources_bytes + pool_bytes
+
+
+def held_preferences(run_config) -> int:
+    """How many preferences' merged models a run holds at once: `memory.resident_preferences`, 0 = all
+    (`preferences.num`); hm3_jax/hm3/preference_models.py."""
+    num = int(run_config.preferences.num)
+    memory = run_config.get("memory")
+    resident = int(memory.get("resident_preferences", 0)) if memory is not None else 0
+    return min(resident, num) if resident > 0 else num
+
+
+def held_preference_bytes(program: str, run_config, config, num_experts: int, dtype, mesh=None) -> int:
+    """Device-0 bytes of the preferences' merged models (`preference_models.PreferenceModels`: per held preference
+    a shell and a pool of the K + 1 sources' blocks) that `program` does not take as its argument.
+
+    During the architecture level a path program's argument is one preference's shell and pool: the other held
+    ones (`held_preferences - 1`) and, on one device, the sources' own pool (the split engine's, which the
+    program then does not read; on a mesh `resident_bytes` counts it already) are resident beside it. The
+    held-out bootstrap's model programs and the merges run while all held preferences are kept.
+    """
+    params = abstract_params(config, dtype)
+    pool = (num_experts + 1) * tree_bytes(params["blocks"])
+    one = pool + tree_bytes(models.shell_of(params))
+    held = held_preferences(run_config)
+    if program.startswith("path_scores"):
+        return (held - 1) * one + (0 if mesh is not None else pool)
+    return held * one
+
+
+def _add_held(programs, run_config, config, num_experts: int, dtype, mesh) -> list[ProgramMemory]:
+    """`programs` with the preferences' merged models added to their resident bytes (`held_preference_bytes`)."""
+    return [
+        p._replace(resident_bytes=p.resident_bytes
+                   + held_preference_bytes(p.name, run_config, config, num_experts, dtype, mesh))
+        for p in programs
+    ]  # fmt: skip
 
 
 def _memory(name, lowered_fn, devices: int, mesh: str, resident: int) -> ProgramMemory:
@@ -353,6 +389,7 @@ def plan_run(run_config, mesh=None, device_memory_bytes: int | None = None,
     if "model_scores" in programs:
         planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"])
     model_bytes = tree_bytes(abstract_params(config, dtype))
+    planned = _add_held(planned, run_config, config, num_experts, dtype, mesh)
     largest = (None, None)
     if search_batch and usable is not None and "path_scores" in programs and "search" in splits:
         largest = largest_batch(tasks, run_config, mesh, groups, dtype, usable, planned)
@@ -379,9 +416,10 @@ def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs)
 
     def plan_at(batch, cap):
         objs = _split_objectives(tasks, batch, cap)
-        return engine_programs(
+        progs = engine_programs(
             tasks.base_config, num_experts, dtype, objs, run_config, mesh, groups, ("search",)
         )
+        return _add_held(progs, run_config, tasks.base_config, num_experts, dtype, mesh)
 
     if capped and min(2 * b0, capped) == min(b0, capped):
         capped, at_b0 = 0, search_bytes(plan_at(b0, 0))

@@ -23,11 +23,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from hm3_jax import distributed, models, moo
+from hm3_jax import distributed, moo
 from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, param_level
 from hm3_jax.hm3 import progress as progress_lib
 from hm3_jax.hm3 import report as report_lib
-from hm3_jax.hm3.problem import Problem, make_problem, pool_for
+from hm3_jax.hm3.preference_models import LazySequence, PreferenceModels
+from hm3_jax.hm3.problem import Problem, make_problem
 from hm3_jax.hm3.workdir import Workdir, WorkdirError, config_diff, stage_file
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
@@ -194,8 +195,16 @@ def _check_spec_files(wd: Workdir, hashes: dict) -> None:
         )
 
 
-def merged_models(problem: Problem, param: list[dict], variant: str) -> list[dict]:
-    return [param_level.merged_for(problem, e, variant) for e in param]
+def preference_models(problem: Problem, param: list[dict], variant: str, config=None) -> PreferenceModels:
+    """Theta(lambda) per preference as a `PreferenceModels` bank (`config.memory.resident_preferences` of them
+    held at once; 0 or no config: all)."""
+    return PreferenceModels(problem, param, variant, resident=resident_preferences(config))
+
+
+def resident_preferences(config) -> int:
+    """`config.memory.resident_preferences` (0 = every preference's model held; the default)."""
+    memory = None if config is None else config.get("memory")
+    return int(memory.get("resident_preferences", 0)) if memory is not None else 0
 
 
 def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict:
@@ -221,9 +230,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     param = progress.stage(wd, "param_level", lambda: param_level.run_param_level(
         problem, prefs, k_param, config.param_level))  # fmt: skip
     variant = config.param_level.pool_model if config.param_level.cmaes.enabled else "paper"
-    merged = merged_models(problem, param, variant)
-    shells = [models.shell_of(m) for m in merged]
-    pools = [pool_for(problem, m) for m in merged]
+    bank = preference_models(problem, param, variant, config)  # Theta(lambda_i) built when needed
+    shells, pools = bank.shells, bank.pools
     base_blocks = problem.base["blocks"]
 
     aligners = {"search": None, "heldout": None}
@@ -336,8 +344,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         problem.tasks, problem.ideal["heldout"], methods, config.report.fixed_reference, extra
     )
     if config.report.get("bootstrap_samples", 0) > 0 and "hm3" in rep["methods"]:
-        specs = _method_specs(problem, config, methods, param_keys, merged, shells, pools, np_shell, np_pool, hm3,
-                              no_param, evaluator)  # fmt: skip
+        specs = _method_specs(problem, config, methods, param_keys, bank, np_shell, np_pool, hm3, no_param,
+                              evaluator)  # fmt: skip
         bs = progress.stage(wd, "bootstrap", lambda: heldout_bootstrap.run_bootstrap(
             problem, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
             config.report.bootstrap_samples, config.seed,
@@ -355,14 +363,14 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     distributed.barrier("hm3:report")
 
     if config.export:  # host-side only (no collectives): process 0 writes, the others read its stage
-        progress.stage(wd, "exports", lambda: _export_all(wd, zoo, problem, param, variant, merged, pools, hm3),
+        progress.stage(wd, "exports", lambda: _export_all(wd, zoo, problem, param, variant, bank, hm3),
                        main_only=True)  # fmt: skip
     logging.info("HM3 run done in %.1f s", time.perf_counter() - t0)
     return rep
 
 
-def _method_specs(problem, config, methods, param_keys, merged, shells, pools, np_shell, np_pool, hm3,
-                  no_param, evaluator) -> dict:  # fmt: skip
+def _method_specs(problem, config, methods, param_keys, bank, np_shell, np_pool, hm3, no_param,
+                  evaluator) -> dict:  # fmt: skip
     """{method: () -> [ModelSpec]}: every reported point of the run rebuilt as a path model (for the bootstrap).
 
     Mirrors how each point was made: parameter baselines re-merge with their chosen hyperparameters and the
@@ -382,9 +390,9 @@ def _method_specs(problem, config, methods, param_keys, merged, shells, pools, n
     out = {f"expert:{t}": (lambda k=k: [spec(problem.experts[k])]) for k, t in enumerate(problem.tasks)}
     out["base"] = lambda: [spec(problem.base)]
     for m in config.baselines.param_methods:
-        out[m] = lambda m=m: [
-            spec(mg) for mg in baselines_runner.param_baseline_models(problem, m, methods[m], param_keys[m])
-        ]
+        out[m] = lambda m=m: _mapped(
+            spec, baselines_runner.param_baseline_models(problem, m, methods[m], param_keys[m])
+        )
     for m in config.baselines.path_methods:
         out[m] = lambda m=m: [
             ModelSpec(
@@ -397,33 +405,42 @@ def _method_specs(problem, config, methods, param_keys, merged, shells, pools, n
             for p, sc in zip(methods[m]["paths"], methods[m]["junction_scales"], strict=True)
         ]
 
-    def hm3_specs():
-        res = []
-        for i, (sh, pl, r) in enumerate(zip(shells, pools, hm3["per_preference"], strict=True)):
-            j = {k: np.asarray(v, np.float32) for k, v in r["junction"].items()} if "junction" in r else None
-            res.append(
-                ModelSpec(sh, pl, np.asarray(r["path"], np.int32), j, arch_level.scorer_pool_id("hm3", i))
-            )
-        return res
+    def hm3_spec(i):
+        r = hm3["per_preference"][i]
+        j = {k: np.asarray(v, np.float32) for k, v in r["junction"].items()} if "junction" in r else None
+        return ModelSpec(bank.shells[i], bank.pools[i], np.asarray(r["path"], np.int32), j,
+                         arch_level.scorer_pool_id("hm3", i))  # fmt: skip
 
-    out["hm3"] = hm3_specs
+    out["hm3"] = lambda: LazySequence(len(hm3["per_preference"]), hm3_spec)
     out["hm3_no_param_level"] = lambda: [
         ModelSpec(
             np_shell, np_pool, np.asarray(r["path"], np.int32), None, arch_level.scorer_pool_id("no_param", i)
         )
         for i, r in enumerate(no_param["per_preference"])
     ]
-    out["hm3_no_arch_level"] = lambda: [spec(mg) for mg in merged]
+    K, L = len(problem.experts), problem.config.num_layers
+    theta_path = (K * L + np.arange(L)).astype(
+        np.int32
+    )  # `params_spec` of Theta(lambda_i), on the bank's pool
+    out["hm3_no_arch_level"] = lambda: LazySequence(
+        len(bank), lambda i: ModelSpec(bank.shells[i], bank.pools[i], theta_path)
+    )
     return {n: f for n, f in out.items() if n in methods}
 
 
-def _export_all(wd, zoo, problem, param, variant, merged, pools, hm3) -> dict:
+def _mapped(fn, seq) -> LazySequence:
+    """`[fn(x) for x in seq]` computed item by item when read."""
+    return LazySequence(len(seq), lambda i: fn(seq[i]))
+
+
+def _export_all(wd, zoo, problem, param, variant, bank, hm3) -> dict:
     m = zoo.manifest["paths"]
     zoo_dirs = {"base": os.path.join(zoo.workdir, m["base"]),
                 "experts": [os.path.join(zoo.workdir, m["experts"][t]) for t in problem.tasks]}  # fmt: skip
     tok = os.path.join(zoo.workdir, m["tokenizer"])
     out = {}
-    for i, (e, mg, pool, r) in enumerate(zip(param, merged, pools, hm3["per_preference"], strict=True)):
+    for i, (e, r) in enumerate(zip(param, hm3["per_preference"], strict=True)):
+        mg, pool = bank.merged(i), bank.pools[i]
         hp = e.get(variant, e["paper"])["hparams"] if variant in e else e["paper"]["hparams"]
         junction = None
         if "junction" in r:

@@ -140,6 +140,16 @@ def atomic_directory(path: str):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Config sections that choose where and how much is held, never a result: left out of the fingerprint, so a run
+# resumes under other values (e.g. `memory.resident_preferences` lowered after running out of memory).
+NOT_FINGERPRINTED = ("memory",)
+
+
+def run_identity(config_dict: dict) -> dict:
+    """The part of a config that identifies a run's results (`config_dict` without `NOT_FINGERPRINTED`)."""
+    return {k: v for k, v in config_dict.items() if k not in NOT_FINGERPRINTED}
+
+
 class Workdir:
     """A run directory bound to one config fingerprint.
 
@@ -150,7 +160,7 @@ class Workdir:
 
     def __init__(self, path: str, config_dict: dict):
         self.path = os.path.abspath(path)
-        self.fingerprint = fingerprint(config_dict)
+        self.fingerprint = fingerprint(run_identity(config_dict))
         try:
             os.makedirs(os.path.join(self.path, "stages"), exist_ok=True)
         except OSError as e:
@@ -168,7 +178,11 @@ class Workdir:
             with open(meta_path) as f:
                 meta = json.load(f)
             if meta.get("fingerprint") != self.fingerprint:
-                differ = config_diff(meta["config"], config_dict) if "config" in meta else []
+                differ = (
+                    config_diff(run_identity(meta["config"]), run_identity(config_dict))
+                    if "config" in meta
+                    else []
+                )
                 what = (
                     f"whose config differs in {'; '.join(differ)}"
                     if differ
