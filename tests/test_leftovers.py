@@ -122,7 +122,7 @@ def test_sigterm_removes_the_temporaries_and_leaves_a_whole_output(pool, tmp_pat
         _sigterm_at(monkeypatch, streaming, "_copy_side_files")
     else:  # the first rename moves the old output aside: the signal waits until the new one is in place
         _sigterm_at(monkeypatch, atomic.os, "replace", lambda src, dst: os.fspath(src) == str(out))
-    previous = atomic.install_signal_cleanup()
+    previous = atomic.install_signal_cleanup(grace=None)  # no watchdog thread in the test process
     try:
         with pytest.raises(atomic.Terminated) as stopped:
             _merge(pool, out, overwrite=True, weights=[0.25, 0.75])
@@ -179,3 +179,30 @@ def test_killed_merge_processes_leave_nothing_after_the_next_merge(pool, tmp_pat
     _merge(pool, tmp_path / "SIGKILL" / "out")
     assert os.listdir(tmp_path / "SIGKILL") == ["out"]  # ... the next merge removes
     assert json.loads((tmp_path / "SIGKILL" / "out" / "config.json").read_text())["hidden_size"] == 8
+
+
+# A main thread that cannot run Python's handler (stuck in a C call; here SIGTERM is blocked in it, so only the
+# watchdog thread sees the signal) while a temporary directory exists.
+_STUCK = r"""
+import os, signal, sys, time
+from hm3_jax.io import atomic
+
+atomic.install_signal_cleanup(grace=0.5)
+tmp = atomic.make_temp_dir(sys.argv[1])
+open(os.path.join(tmp, "part"), "w").close()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigterm_stops_a_main_thread_stuck_in_a_c_call(tmp_path):
+    """The watchdog removes the temporaries and exits 143 when the main thread does not get to the handler."""
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK, str(tmp_path / "out")], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+    assert len(os.listdir(tmp_path)) == 1
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)  # long before the 60 s sleep ends
+    assert proc.returncode == 128 + signal.SIGTERM and "SIGTERM: stopped" in err, err[-2000:]
+    assert os.listdir(tmp_path) == []

@@ -10,8 +10,11 @@ sees half of it. Three things come with that, in this one module:
 * SIGTERM. `install_signal_cleanup` (the binaries call it first thing) makes SIGTERM remove this process's
   temporaries and raise `Terminated` (a SystemExit, exit code 143) in the main thread. Python runs the handler
   between two bytecodes of the main thread, so no write of ours is in flight while it deletes; the renames that
-  put a result in place run with the signal deferred (`deferred_signals`), so a result is either wholly there
-  or not at all. A handler waits for a running C call (an XLA compilation, a device computation) to return.
+  put a result in place are a critical section (`deferred_signals`) the signal waits for, so a result is either
+  wholly there or not at all. Python's handler also waits for a C call of the main thread (an XLA compilation,
+  a device computation, a collective that hangs) to return: if the main thread has not stopped `grace` seconds
+  after the signal, a watchdog thread removes the temporaries (outside a critical section) and exits the
+  process with the same code, as the default action of the signal would have done at once.
 * SIGKILL. Temporary names say who made them: `.NAME.tmp-PID@HOST-XXXXXXXX` while NAME is written,
   `.NAME.old-PID@HOST-XXXXXXXX` for the version of NAME being replaced. Before NAME is written again (the rerun
   of a killed command writes what the kill interrupted), its temporaries whose process is gone (made on this
@@ -29,6 +32,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 from absl import logging
@@ -125,9 +129,11 @@ def remove_stale(path: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ SIGTERM and the registry
-_LOCK = threading.RLock()
+_LOCK = threading.RLock()  # held by critical sections; the watchdog takes it before it removes and exits
 _LIVE: set[str] = set()  # this process's temporaries, removed by the signal handler
-_SIGNALS = {"deferring": 0, "pending": None, "terminating": False}
+# deferring: critical sections the main thread is in; pending: a signal they hold back; handled: our signals;
+# seen: how many of them the main thread's handler has run for (the watchdog counts what arrived)
+_SIGNALS = {"deferring": 0, "pending": None, "terminating": False, "handled": (), "seen": 0}
 
 
 def _register(path: str) -> None:
@@ -155,6 +161,7 @@ def remove_live_temporaries() -> None:
 
 def _on_signal(signum, frame) -> None:
     del frame
+    _SIGNALS["seen"] += 1
     if _SIGNALS["terminating"]:  # a second signal while the first one's cleanup runs
         return
     if _SIGNALS["deferring"]:
@@ -170,26 +177,62 @@ def _terminate(signum: int) -> None:
     raise Terminated(128 + signum)
 
 
-def install_signal_cleanup(signums: tuple[int, ...] = (signal.SIGTERM,)) -> dict:
-    """Makes `signums` remove this process's temporaries and raise `Terminated` (exit code 128 + signal).
+def install_signal_cleanup(signums: tuple[int, ...] = (signal.SIGTERM,), grace: float | None = 10.0) -> dict:
+    """Makes `signums` remove this process's temporaries and raise `Terminated` (exit code 128 + signal); a
+    main thread that does not get to the handler within `grace` seconds is stopped by a watchdog thread
+    (module docstring; None: no watchdog).
 
     Call from the main thread of a binary, before anything is written. Returns the previous handlers
     (`signal.signal(s, h)` for each restores them).
     """
-    _SIGNALS.update(deferring=0, pending=None, terminating=False)
-    return {s: signal.signal(s, _on_signal) for s in signums}
+    _SIGNALS.update(deferring=0, pending=None, terminating=False, handled=tuple(signums))
+    previous = {s: signal.signal(s, _on_signal) for s in signums}
+    if grace is not None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd)  # the C-level handler writes the signal's number here, in any thread
+        watchdog = threading.Thread(
+            target=_watchdog, args=(read_fd, grace), name="signal-watchdog", daemon=True
+        )
+        watchdog.start()
+    return previous
+
+
+def _watchdog(read_fd: int, grace: float) -> None:
+    """Waits for one of our signals; when the main thread has not run its handler for it `grace` seconds
+    later, removes the temporaries between two critical sections and exits."""
+    received = _SIGNALS["seen"]
+    while True:
+        data = os.read(read_fd, 1)
+        if not data:
+            return
+        if data[0] not in _SIGNALS["handled"]:
+            continue
+        received += 1
+        time.sleep(grace)
+        if _SIGNALS["seen"] >= received:  # the main thread has it in hand (stopping, or after a rename)
+            continue
+        with _LOCK:  # not while a result is being renamed into place; never released: the process ends here
+            remove_live_temporaries()
+            os.write(2, f"{signal.Signals(data[0]).name}: stopped; temporary files removed\n".encode())
+            os._exit(128 + data[0])
 
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Holds a handled signal back until the block ends (the renames that put a result in place)."""
-    _SIGNALS["deferring"] += 1
+    """A critical section (the renames that put a result in place, registering a new temporary): a handled
+    signal waits until it ends, and the watchdog does not remove temporaries while it runs."""
+    main = threading.current_thread() is threading.main_thread()  # only the main thread runs handlers
     try:
-        yield
+        with _LOCK:
+            _SIGNALS["deferring"] += main
+            try:
+                yield
+            finally:
+                _SIGNALS["deferring"] -= main
     finally:
-        _SIGNALS["deferring"] -= 1
         pending = _SIGNALS["pending"]
-        if not _SIGNALS["deferring"] and pending is not None:
+        if main and not _SIGNALS["deferring"] and pending is not None:
             _SIGNALS["pending"] = None
             _terminate(pending)
 
