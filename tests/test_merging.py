@@ -327,7 +327,17 @@ def test_host_topk_threshold_matches_radix_select_with_ties():
     for density in (0.1, 0.37, 0.5, 0.99):
         k = int(density * x.size)
         host = kernels.host_topk_threshold(bits, density)
-        np.testing.assert_array_equal(host, np.asarray(kernels.topk_threshold(jnp.asarray(x), density)))
+        np.testing.assert_array_equal(
+            host, np.asarray(kernels.topk_threshold(jnp.asarray(x), density, on_host=False))
+        )
+        # the callback path (the default on CPU) under jit and vmap gives the radix select's pairs
+        fn = jax.jit(jax.vmap(lambda v, d=density: kernels.topk_threshold(v, d, on_host=True)))
+        np.testing.assert_array_equal(
+            np.asarray(fn(jnp.stack([jnp.asarray(x), -jnp.asarray(x)[::-1]]))),
+            np.stack(
+                [host, kernels.host_topk_threshold(np.abs(-x[::-1]).view(np.uint32).reshape(-1), density)]
+            ),
+        )
         expected = np.zeros(x.size, bool)
         expected[np.argsort(-np.abs(x).reshape(-1), kind="stable")[:k]] = True
         mask = np.asarray(kernels.mask_from_threshold(jnp.asarray(x), host)).reshape(-1)

@@ -72,7 +72,17 @@ def _kth_largest(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
     return (bin_high.astype(jnp.uint32) << 16) | bin_low.astype(jnp.uint32)
 
 
-def topk_threshold(x: jax.Array, density: float) -> jax.Array:
+def host_select() -> bool:
+    """Whether `topk_threshold` selects on the host (`host_topk_threshold` through `jax.pure_callback`): on the
+    CPU backend, where numpy's partition is exact, needs no compilation, and is faster than the radix select
+    (whose XLA:CPU program takes ~9 s to compile per tensor shape and density, measured on 2 cores); on
+    accelerators the radix select keeps the data on the device. `HM3_DEVICE_TOPK=1` forces the radix select."""
+    import os
+
+    return jax.default_backend() == "cpu" and os.environ.get("HM3_DEVICE_TOPK", "") in ("", "0")
+
+
+def topk_threshold(x: jax.Array, density: float, on_host: bool | None = None) -> jax.Array:
     """The exact cut of `topk_magnitude_mask(x, density)` as uint32 `[2]` = `(t, cut)`: an entry with
     magnitude bits `b` (the float32 bit pattern of `|x|`) at flat index `i` is kept iff
     `b > t or (b == t and i < cut)` (`mask_from_threshold`). Requires `0 < floor(density * n) < n`.
@@ -80,11 +90,19 @@ def topk_threshold(x: jax.Array, density: float) -> jax.Array:
     `t` is the k-th largest magnitude, found by a two-pass radix select on the bit pattern (for non-negative
     floats the uint32 order is the value order), O(n) instead of a sort; the ties at `t` go to the lower flat
     indices, found by a second radix select on the (reversed) flat index of the tied entries.
-    `host_topk_threshold` computes the same pair with numpy (the streaming merge uses it).
+    `host_topk_threshold` computes the same pair with numpy (the streaming merge uses it); `on_host` (default
+    `host_select()`) computes it that way here too, through a host callback (the same pair, tested).
     """
     n = x.size
     k = int(density * n)
     bits = lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.uint32).reshape(-1)
+    if host_select() if on_host is None else on_host:
+        return jax.pure_callback(
+            lambda b: np.asarray(host_topk_threshold(np.asarray(b), density), np.uint32),
+            jax.ShapeDtypeStruct((2,), jnp.uint32),
+            bits,
+            vmap_method="sequential",
+        )
     everything = jnp.ones(bits.shape, bool)
     threshold = _kth_largest(bits, everything, jnp.int32(k))
     equal = bits == threshold
