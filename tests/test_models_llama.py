@@ -269,6 +269,24 @@ def test_bf16_params_close_to_float32():
     assert float(jnp.max(jnp.abs(out - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
 
 
+def test_bf16_head_major_attention_runs_on_cpu_and_matches_float32():
+    """The KV-cache layout's attention with bfloat16 inputs (the decode of a bf16 spec): XLA:CPU rejects this
+    bf16 x bf16 -> f32 dot ("Unsupported element type for DotThunk::Execute"), so `layers.einsum_f32` widens
+    bf16 operands on CPU; the result is the float32 attention's up to bf16 rounding of q, k, v."""
+    q, k, v = (
+        jax.random.normal(jax.random.key(i), s)
+        for i, s in enumerate([(2, 4, 4, 8), (2, 2, 4, 8), (2, 2, 4, 8)])
+    )
+    mask = jnp.tril(jnp.ones((4, 4), bool))[None, None].repeat(2, 0)
+    ref = layers.attention_head_major(q, k, v, mask)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out = jax.jit(layers.attention_head_major)(*bf, mask)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.05)
+    exact = layers.attention_head_major(*[x.astype(jnp.float32) for x in bf], mask)  # the same bf16 values
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(exact), atol=0.02)
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="family"):
         models.ModelConfig(family="bert", vocab_size=3)

@@ -93,7 +93,7 @@ def head(config: ModelConfig, shell: dict, h: jax.Array) -> jax.Array:
     """Final LayerNorm and tied LM head: h [B, S, D] -> logits [B, S, V] float32."""
     x = layers.layer_norm(shell["final"]["norm"], h, config.norm_eps)
     wte = shell["embed"]["embedding"]
-    return jnp.einsum("bsd,vd->bsv", x.astype(wte.dtype), wte, preferred_element_type=jnp.float32)
+    return layers.einsum_f32("bsd,vd->bsv", x.astype(wte.dtype), wte)
 
 
 def apply(config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None):

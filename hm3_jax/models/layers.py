@@ -17,13 +17,26 @@ from hm3_jax.models.config import ModelConfig
 MASK_VALUE = -1e30  # finite, so a fully masked row (a left-pad query) gives a uniform, not NaN, softmax
 
 
+def einsum_f32(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum(subscripts, a, b)` accumulated in float32 (`preferred_element_type`), float32 out.
+
+    On the CPU backend bfloat16 operands are widened to float32 first: XLA:CPU has no bf16 x bf16 -> f32 dot
+    for operands that its runtime executes as a separate dot (`UNIMPLEMENTED: Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32`, e.g. Qwen2.5-0.5B's shapes; small dots are fused and work). The
+    product of two bfloat16 numbers is exact in float32, so only the summation order can differ.
+    """
+    if jnp.bfloat16 in (a.dtype, b.dtype) and jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
 def dense(p: dict, x: jax.Array) -> jax.Array:
     """`y = x @ p["kernel"] + p.get("bias")`; kernel [in, out], x [..., in] -> [..., out] in x's dtype.
 
     The product accumulates in float32 and is cast back to the kernel's dtype.
     """
     kernel = p["kernel"]
-    y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    y = einsum_f32("...i,io->...o", x.astype(kernel.dtype), kernel)
     if "bias" in p:
         y = y + p["bias"].astype(jnp.float32)
     return y.astype(kernel.dtype)
@@ -138,10 +151,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     kv = k.shape[2]
     groups = h // kv
     qg = q.reshape(b, sq, kv, groups, hd)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    logits = einsum_f32("bqkgd,bskd->bkgqs", qg, k) / math.sqrt(hd)
     logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # mask [B,1,1,Sq,Sk]
     weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = einsum_f32("bkgqs,bskd->bqkgd", weights.astype(v.dtype), v)
     return out.reshape(b, sq, h, hd).astype(q.dtype)
 
 
@@ -157,10 +170,10 @@ def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     kv = k.shape[1]
     groups = h // kv
     qg = q.reshape(b, sq, kv, groups, hd)
-    logits = jnp.einsum("bqkgd,bksd->bkgqs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    logits = einsum_f32("bqkgd,bksd->bkgqs", qg, k) / math.sqrt(hd)
     logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # mask [B,1,1,Sq,Sk]
     weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgqs,bksd->bqkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = einsum_f32("bkgqs,bksd->bqkgd", weights.astype(v.dtype), v)
     return out.reshape(b, sq, h, hd).astype(q.dtype)
 
 

@@ -148,7 +148,7 @@ def head(config: ModelConfig, shell: dict, h: jax.Array) -> jax.Array:
         kernel = shell["embed"]["embedding"].T
     else:
         kernel = shell["head"]["kernel"]
-    return jnp.einsum("bsd,dv->bsv", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    return layers.einsum_f32("bsd,dv->bsv", x.astype(kernel.dtype), kernel)
 
 
 def apply(config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None):
