@@ -166,3 +166,24 @@ def test_preference_models_rebuild_bit_for_bit_and_hold_at_most_resident(problem
     assert len(bank._held) == 1 and sum(len(h["engines"]) for h in bank._held.values()) == 1
     with pytest.raises(ValueError, match="resident_preferences"):
         PreferenceModels(problem, entries, "paper", resident=-1)
+
+
+def test_archive_restores_scores_and_cost_after_a_resume(problem, tmp_path):
+    """A scorer that loads another's archive (a resumed run: its engine's cache is empty) answers the archived
+    paths (padding anywhere) without the engine and continues the cost accounting: same scores, same FLOPs."""
+    from hm3_jax.hm3 import arch_level
+
+    shell, pool = arch_level.no_param_level_model(problem)
+    pref = np.full((1, problem.num_tasks), 1 / problem.num_tasks, np.float32)
+    first = np.array([[0, 1, -1], [2, 3, -1]], np.int32)
+    second = np.array([[0, -1, 1], [4, 5, -1], [2, 3, -1], [0, 5, -1]], np.int32)  # [0, -1, 1] is [0, 1, -1]
+    before = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "archive_before")
+    before(first, np.repeat(pref, 2, 0))
+    before.save_archive(str(tmp_path / "archive.npz"), wall_seconds=5.0)
+    resumed = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "archive_resumed")
+    assert resumed.load_archive(str(tmp_path / "archive.npz")) == 5.0
+    assert resumed.flops == before.flops > 0 and resumed.seconds == before.seconds
+    want = before(second, np.repeat(pref, 4, 0))
+    np.testing.assert_array_equal(resumed(second, np.repeat(pref, 4, 0)), want)
+    assert resumed.flops == before.flops and resumed.evaluations == 2  # [4, 5] and [0, 5] only
+    assert list(resumed.archive) == list(before.archive)

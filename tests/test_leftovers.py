@@ -19,6 +19,7 @@ import jax
 import pytest
 
 from hm3_jax import models
+from hm3_jax.hm3 import workdir as workdir_lib
 from hm3_jax.io import atomic
 from hm3_jax.merging import safetensors_stream, streaming
 from hm3_jax.model_io import Model, load_pretrained, save_pretrained
@@ -62,11 +63,14 @@ def test_finished_files_have_the_umasks_modes(pool, tmp_path, umask_027):
     save_pretrained(load_pretrained(pool["a"]), tmp_path / "saved")
     _merge(pool, tmp_path / "merged")
     atomic.write_text(tmp_path / "report.md", "x\n")
+    workdir_lib.atomic_write_json(
+        str(tmp_path / "run" / "run.json"), {"a": 1}
+    )  # run.json, report.json, stages
     for d in ("saved", "merged"):
         assert os.stat(tmp_path / d).st_mode & 0o777 == 0o750, d
         for name in os.listdir(tmp_path / d):
             assert os.stat(tmp_path / d / name).st_mode & 0o777 == 0o640, (d, name)
-    for f in ("report.md",):
+    for f in ("report.md", "run/run.json"):
         assert os.stat(tmp_path / f).st_mode & 0o777 == 0o640, f
 
 

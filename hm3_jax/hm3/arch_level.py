@@ -51,6 +51,8 @@ from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
 from hm3_jax.hm3.problem import Problem, full_search_cost, pool_for
 from hm3_jax.hm3.workdir import atomic_write_text
+from hm3_jax.io import atomic
+from hm3_jax.paths.cache import canonicalize
 
 
 class PathScorer:
@@ -80,7 +82,8 @@ class PathScorer:
         self.evaluations = 0
         self.flops = 0.0
         self.seconds = 0.0
-        self.archive: dict[tuple[int, bytes], np.ndarray] = {}
+        self.archive: dict[tuple[int, bytes], np.ndarray] = {}  # (preference, path bytes) -> scores [K]
+        self.scored: dict[tuple[int, bytes], np.ndarray] = {}  # the same by canonical path (`__call__`)
 
     def engine(self, index: int):
         """The split's engine over preference `index`'s shell and pool (cache identity `scorer_pool_id`)."""
@@ -109,19 +112,34 @@ class PathScorer:
         return res.scores
 
     def __call__(self, paths: np.ndarray, prefs: np.ndarray) -> np.ndarray:
+        """Normalised scores [N, K] of `paths` [N, T_max] under `prefs` [N, K] (each one of the preferences).
+
+        A path scored before under the same preference (padding placed anywhere: the engine's cache key) is
+        answered from `scored` without the engine, as the engine's cache would answer it; `scored` is restored
+        from the archive after a resume (`load_archive`), where the engine's cache is empty, so a resumed run
+        spends (and counts) the FLOPs of the uninterrupted one.
+        """
         paths = np.asarray(paths, np.int32)
+        canonical = canonicalize(paths)[0]  # [N, T_max]
         idx = self.preference_index(prefs)
         out = np.zeros((len(paths), self.problem.num_tasks), np.float32)
         for i in np.unique(idx):
             rows = np.nonzero(idx == i)[0]
-            norm = self.problem.normalise(self.raw(int(i), paths[rows]), self.split)
-            out[rows] = norm
-            for r, s in zip(rows, norm, strict=True):
+            new = [r for r in rows if (int(i), canonical[r].tobytes()) not in self.scored]
+            if new:
+                norm = self.problem.normalise(self.raw(int(i), paths[new]), self.split)
+                for r, s in zip(new, norm, strict=True):
+                    self.scored[(int(i), canonical[r].tobytes())] = s
+            for r in rows:
+                s = self.scored[(int(i), canonical[r].tobytes())]
+                out[r] = s
                 self.archive[(int(i), paths[r].tobytes())] = s
         return out
 
     # Archive persistence (saved beside the RL checkpoints).
-    def save_archive(self, path: str) -> None:
+    def save_archive(self, path: str, wall_seconds: float = 0.0) -> None:
+        """Writes the archive with the cost so far (FLOPs, engine seconds, and `wall_seconds` of the caller), so
+        that a resumed run's cost accounting includes the work before the kill."""
         if (
             not self.archive or jax.process_index() != 0
         ):  # multi-process: every process holds the same archive
@@ -130,15 +148,22 @@ class PathScorer:
         idx = np.array([k[0] for k in keys], np.int32)
         paths = np.stack([np.frombuffer(k[1], np.int32) for k in keys])
         scores = np.stack([self.archive[k] for k in keys])
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, index=idx, paths=paths, scores=scores)
-        os.replace(tmp, path)
+        cost = np.array([self.flops, self.seconds, wall_seconds], np.float64)  # [3]
+        with atomic.atomic_file(path, "wb") as f:
+            np.savez(f, index=idx, paths=paths, scores=scores, cost=cost)
 
-    def load_archive(self, path: str) -> None:
-        if os.path.exists(path):
-            z = np.load(path)
+    def load_archive(self, path: str) -> float:
+        """Restores the archive and the cost of `save_archive`; returns the wall seconds it recorded (0 when
+        there is no archive: a fresh run)."""
+        if not os.path.exists(path):
+            return 0.0
+        with np.load(path) as z:
             for i, p, s in zip(z["index"], z["paths"], z["scores"], strict=True):
                 self.archive[(int(i), np.asarray(p, np.int32).tobytes())] = s
+                self.scored[(int(i), canonicalize(np.asarray(p, np.int32)[None])[0][0].tobytes())] = s
+            flops, seconds, wall_seconds = z["cost"] if "cost" in z else (0.0, 0.0, 0.0)
+        self.flops, self.seconds = float(flops), float(seconds)
+        return float(wall_seconds)
 
 
 def scorer_pool_id(tag: str, index: int) -> str:
@@ -233,7 +258,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
     acfg = arch_config(cfg, num_sources, L, K)
     scorer = PathScorer(problem, "search", preferences, shells, pools, tag, aligners_search)
     archive_path = os.path.join(workdir, "score_archive.npz")
-    scorer.load_archive(archive_path)
+    wall_before = scorer.load_archive(archive_path)  # the cost spent before a resume (0 on a fresh run)
     phi = jnp.stack([
         descriptors_lib.block_descriptors(jax.tree.map(lambda x: x[: num_sources * L], p), base_blocks, num_sources)
         for p in pools
@@ -245,13 +270,13 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
     def on_metrics(iteration: int, row: dict) -> None:
         curve.append(row.get("episode_return", float("nan")))
         if iteration % cfg.checkpoint_every == 0 or iteration == acfg.num_iterations:
-            scorer.save_archive(archive_path)
+            scorer.save_archive(archive_path, wall_before + time.perf_counter() - start)
 
     mode = score_mode_for(problem.engines["search"], cfg.get("score_mode", "auto"))
     runner = loop_lib.run_training(trainer, key, acfg.num_iterations, checkpoint_dir=os.path.join(workdir, "ckpt"),
                                    checkpoint_every=cfg.checkpoint_every, metrics_fn=on_metrics, score_mode=mode,
                                    host_fn=scorer if mode == "split" else None)  # fmt: skip
-    scorer.save_archive(archive_path)
+    scorer.save_archive(archive_path, wall_before + time.perf_counter() - start)
     # The reward curve of the whole run (also the iterations before a resume) is rebuilt from metrics.jsonl.
     _append_curve(metrics_path, curve, start_iteration=acfg.num_iterations - len(curve))
     decode = jax.jit(trainer.decode)
@@ -339,7 +364,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         "engine_evaluations_this_process": scorer.evaluations,
         "flops": scorer.flops,
         "engine_seconds": scorer.seconds,
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": wall_before + time.perf_counter() - start,
         "arch_config": {k: getattr(acfg, k) for k in acfg.__dataclass_fields__},
     }
 

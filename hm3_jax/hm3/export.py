@@ -28,7 +28,8 @@ import numpy as np
 import yaml
 
 from hm3_jax import models
-from hm3_jax.hm3.workdir import atomic_directory, atomic_write_text
+from hm3_jax.hm3.workdir import atomic_write_text
+from hm3_jax.io.atomic import atomic_directory
 from hm3_jax.merging.groups import layer_index
 from hm3_jax.merging.safetensors_stream import Checkpoint
 from hm3_jax.model_io import Model, save_pretrained

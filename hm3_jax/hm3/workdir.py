@@ -19,16 +19,16 @@ the same stages. The directory must be shared storage (NFS, a GCS fuse mount) on
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from hm3_jax.io import atomic
 
 
 class WorkdirError(RuntimeError):
@@ -98,46 +98,23 @@ def use_compilation_cache(workdir: str) -> str:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temp file in the same directory and ``os.replace``.
+    """Writes ``text`` to ``path`` through a temp file in the same directory and ``os.replace``
+    (`hm3_jax.io.atomic.write_text`: the umask's mode, no temporary left by a SIGTERM or, once ``path`` is
+    written again, a SIGKILL).
 
     In a multi-process JAX run only process 0 writes (every process computed the same text; two writers of
     one path would race); the others return at once.
     """
     if not _is_main_process():
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic.write_text(path, text)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise WorkdirError(f"could not write {path}: {e}") from e
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=False) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str):
-    """Yields a temp directory beside ``path``; on success it replaces ``path`` as a whole."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
-    try:
-        yield tmp
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # Config sections that choose where and how much is held, never a result: left out of the fingerprint, so a run
