@@ -8,13 +8,16 @@ order matters for time only: the in-process tests after the resume reuse the pro
 """
 
 import os
+import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 
 from hm3_jax.hm3 import run as run_lib
 from hm3_jax.hm3 import suggest as suggest_lib
+from hm3_jax.io import atomic
 
 
 def test_exported_path_model_loads_in_transformers_and_matches(smoke_run):
@@ -38,10 +41,14 @@ def test_exported_path_model_loads_in_transformers_and_matches(smoke_run):
 
 
 def test_resume_after_kill_gives_the_same_report(smoke_run, smoke_zoo_dir, tmp_path):
+    """A SIGKILL in the middle of PPO: the resumed run ends with the same report (points, paths and the FLOPs of
+    the architecture level's cost accounting) and removes the half-written files the kill left."""
     config, workdir, report = smoke_run
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
     # Simulate a kill during the architecture level: later stages, the report and the last RL checkpoint gone.
+    removed = [n for n in os.listdir(os.path.join(resumed, "stages")) if n.endswith(".json")]
+    removed = [n for n in removed if n not in ("preferences.json", "param_level.json")]
     for name in os.listdir(os.path.join(resumed, "stages")):
         if name not in ("preferences.json", "param_level.json"):
             os.remove(os.path.join(resumed, "stages", name))
@@ -50,10 +57,23 @@ def test_resume_after_kill_gives_the_same_report(smoke_run, smoke_zoo_dir, tmp_p
     steps = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit())
     shutil.rmtree(os.path.join(ckpt, str(steps[-1])))
     shutil.rmtree(os.path.join(resumed, "exports"), ignore_errors=True)
+    # ... and what the kill left half-written: a stage and the report (hm3_jax.io.atomic's names, a dead
+    # process of this host), and the RL checkpoint orbax was saving.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tag = f"tmp-{dead.pid}@{atomic._host()}-abc123"
+    leftovers = [os.path.join(resumed, "stages", f".{removed[0]}.{tag}"), os.path.join(resumed, f".report.json.{tag}"),
+                 os.path.join(ckpt, f"{steps[-1]}.orbax-checkpoint-tmp-1234")]  # fmt: skip
+    for path in leftovers:
+        os.makedirs(path)
     again = run_lib.run_hm3(config, resumed, zoo_dir=smoke_zoo_dir)
     for name, m in report["methods"].items():
         np.testing.assert_allclose(again["methods"][name]["points"], m["points"], err_msg=name)
     assert again["methods"]["hm3"]["paths"] == report["methods"]["hm3"]["paths"]
+    assert again["arch_level_summary"]["flops"] == report["arch_level_summary"]["flops"] > 0
+    left = [os.path.join(d, n) for d, dirs, files in os.walk(resumed) for n in dirs + files
+            if re.search(r"\.tmp-\d+@|orbax-checkpoint-tmp", n)]  # fmt: skip
+    assert left == []
 
 
 def test_suggest_rebuilds_the_runs_theta_at_a_front_preference(smoke_run):

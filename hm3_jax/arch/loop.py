@@ -27,6 +27,7 @@ Two ways to score a chunk with a HOST score function (``score_mode``):
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -57,9 +58,14 @@ def _from_saveable(runner: RunnerState) -> RunnerState:
 def make_checkpoint_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` over ``directory`` (created if missing), keeping the last ``max_to_keep``.
 
-    A checkpoint that a killed run left half-written (orbax's temporary directory) is removed when the manager
-    is made, i.e. when the run resumes."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
+    A checkpoint that a killed run left half-written (orbax's temporary directory `<step>.orbax-checkpoint-tmp-*`,
+    renamed to `<step>` only when complete) is removed first, by process 0, before any process saves (orbax's
+    own `cleanup_tmp_directories` runs in a future that only a save waits for)."""
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
