@@ -249,6 +249,15 @@ def _case(c):
     return pytest.param(c[1], c[2], id=c[0], marks=c[3:])
 
 
+def _assert_one_error_line(exit_info, capsys, words):
+    """Exit code 2, and stderr is one line `error: ...` holding every one of `words` (any case)."""
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for word in words:
+        assert word.lower() in err[0].lower(), (word, err[0])
+
+
 @pytest.mark.parametrize("argv_fn,words", [_case(c) for c in MERGE_CASES])
 def test_merge_cli_bad_input_is_one_line_and_writes_nothing(pool, tmp_path, capsys, argv_fn, words):
     out = tmp_path / "out"
@@ -261,11 +270,7 @@ def test_merge_cli_bad_input_is_one_line_and_writes_nothing(pool, tmp_path, caps
             merge_cli.main(["merge"])
     finally:
         flags.FLAGS.unparse_flags()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for word in words:
-        assert word.lower() in err[0].lower(), (word, err[0])
+    _assert_one_error_line(exit_info, capsys, words)
     assert {p: sorted(os.listdir(p)) for p in before} == before
 
 
@@ -286,11 +291,7 @@ def test_merge_flag_mistake_is_one_line_exit_2(tmp_path, capsys, argv, words):
             cli_errors.make_flags_parser()(["merge", "--method=linear", f"--out={tmp_path / 'out'}", *argv])
     finally:
         flags.FLAGS.unparse_flags()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for word in words:
-        assert word.lower() in err[0].lower(), (word, err[0])
+    _assert_one_error_line(exit_info, capsys, words)
     assert os.listdir(tmp_path) == []
 
 
