@@ -61,8 +61,8 @@ def test_resume_after_kill_gives_the_same_report(smoke_run, smoke_zoo_dir, tmp_p
     # process of this host), and the RL checkpoint orbax was saving.
     dead = subprocess.Popen(["true"])
     dead.wait()
-    tag = f"tmp-{dead.pid}@{atomic._host()}-abc123"
-    leftovers = [os.path.join(resumed, "stages", f".{removed[0]}.{tag}"), os.path.join(resumed, f".report.json.{tag}"),
+    leftovers = [os.path.join(resumed, "stages", atomic.temp_prefix(removed[0], pid=dead.pid) + "abc123"),
+                 os.path.join(resumed, atomic.temp_prefix("report.json", pid=dead.pid) + "abc123"),
                  os.path.join(ckpt, f"{steps[-1]}.orbax-checkpoint-tmp-1234")]  # fmt: skip
     for path in leftovers:
         os.makedirs(path)

@@ -75,15 +75,16 @@ def test_finished_files_have_the_umasks_modes(pool, tmp_path, umask_027):
 
 
 def test_a_merge_removes_what_killed_merges_of_its_output_left(pool, tmp_path, monkeypatch):
-    host = atomic._host()
-    dead, live = _dead_pid(), os.getppid()
+    dead, live, out = _dead_pid(), os.getppid(), tmp_path / "out"
     left = {
-        f".out.tmp-{dead}@{host}-abc123": True,  # a killed merge's half-written output: removed
-        f".out.old-{dead}@{host}-def456": True,  # a killed replacement's previous version: removed
-        f".out.tmp-{live}@{host}-ghi789": False,  # a running process's: kept
+        atomic.temp_prefix(out, pid=dead) + "abc123": True,  # a killed merge's half-written output: removed
+        atomic.temp_prefix(out, "old", pid=dead)
+        + "def456": True,  # a killed replacement's old version: removed
+        atomic.temp_prefix(out, pid=live) + "ghi789": False,  # a running process's: kept
         f".out.tmp-{dead}@other-host-jkl012": False,  # another host's (shared storage): kept
         ".out.tmp-mnopqr": False,  # not of this module's naming: kept
-        f".other.tmp-{dead}@{host}-stu345": False,  # another output's: kept until that one is written
+        atomic.temp_prefix(tmp_path / "other", pid=dead)
+        + "stu345": False,  # another output's: kept until then
     }
     for name in left:
         (tmp_path / name).mkdir()
@@ -95,7 +96,7 @@ def test_a_merge_removes_what_killed_merges_of_its_output_left(pool, tmp_path, m
 
 def test_zoo_start_removes_a_killed_builds_temporaries(tmp_path, monkeypatch):
     """`ensure_built` (build_zoo, run_hm3) removes `.zoo.tmp-*` of a dead process even when the zoo is built."""
-    stale = tmp_path / f".zoo.tmp-{_dead_pid()}@{atomic._host()}-abc123"
+    stale = tmp_path / (atomic.temp_prefix(tmp_path / "zoo", pid=_dead_pid()) + "abc123")
     stale.mkdir()
     monkeypatch.setattr(zoo_lib, "read_manifest", lambda workdir: {"fingerprint": "f"})
     monkeypatch.setattr(zoo_lib, "config_fingerprint", lambda config: "f")

@@ -77,9 +77,12 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
 
 
-def _prefix(path: str, kind: str) -> str:
-    """`.NAME.KIND-PID@HOST-`: the start of a temporary name of `path` (mkstemp/mkdtemp add the random rest)."""
-    return f".{os.path.basename(path)}.{kind}-{os.getpid()}@{_host()}-"
+def temp_prefix(path: str | os.PathLike, kind: str = "tmp", pid: int | None = None) -> str:
+    """`.NAME.KIND-PID@HOST-`: the start of the temporary names of `path` made by process `pid` (default this
+    one) of this host (mkstemp/mkdtemp add the random rest); `remove_stale` recognises them by it."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return f".{os.path.basename(os.fspath(path))}.{kind}-{os.getpid() if pid is None else pid}@{_host()}-"
 
 
 def _owner(path: str, name: str) -> tuple[int, str] | None:
@@ -102,7 +105,7 @@ def _running(pid: int) -> bool:
 def remove_stale(path: str) -> list[str]:
     """Removes the temporaries of `path` left by a killed process of this host; returns the paths removed.
 
-    A temporary is stale when its name (`_prefix`) names this host and a pid that is not running. Another
+    A temporary is stale when its name (`temp_prefix`) names this host and a pid that is not running. Another
     host's temporaries (shared storage) and a running process's are kept.
     """
     path = os.path.abspath(path)
@@ -252,7 +255,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale(path)
     with deferred_signals():  # registered before the signal handler can run
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=_prefix(path, "tmp"))
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=temp_prefix(path, "tmp"))
         _register(tmp)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else (encoding or "utf-8")) as f:
@@ -283,7 +286,7 @@ def make_temp_dir(path: str | os.PathLike) -> str:
     path = os.path.abspath(os.fspath(path))
     remove_stale(path)
     with deferred_signals():  # registered before the signal handler can run
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=_prefix(path, "tmp"))
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=temp_prefix(path, "tmp"))
         _register(tmp)
     return tmp
 
@@ -307,7 +310,7 @@ def commit_directory(tmp: str, path: str | os.PathLike, overwrite: bool = True) 
         if os.path.lexists(path):
             if not overwrite:
                 raise FileExistsError(f"{path!r} appeared while it was being written (pass overwrite=True)")
-            old = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=_prefix(path, "old"))
+            old = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=temp_prefix(path, "old"))
             os.rmdir(old)
             os.replace(path, old)
             _register(old)
