@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from hm3_jax.tasks.shape_spec import TaskShape
@@ -108,6 +109,17 @@ outputs = compiled(shell_d, pool_d, paths_d)
 dev0 = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device.id == 0)
 out["measured"] = {"arguments": dev0((shell_d, pool_d, paths_d)), "outputs": dev0(outputs),
                    "num_outputs": len(jax.tree.leaves(outputs)), "chunk": engine.chunk_size}
+# The same scores on one device, on paths:4,data:2 and with the model split over "model" (paths:2,model:4)
+test_paths = np.array([[0, 1, -1, -1], [6, 7, -1, -1], [0, 5, 2, 7], [3, 3, 4, -1], [1, -1, -1, -1],
+                       [7, 6, 5, 4]], np.int32)[:, :t_max]
+objs = {"search": list(zoo.objectives["search"].values())}
+tp = make_engines(zoo.base.config, shell, pool, objs, chunk_size=4, mesh=distributed.make_mesh("paths:2,model:4"),
+                  pool_id="tp")["search"]
+one = make_engines(zoo.base.config, shell, pool, objs, chunk_size=4, mesh=None, pool_id="one")["search"]
+out["scores"] = {"one": one.evaluate(test_paths).scores.tolist(), "paths4_data2": engine.evaluate(test_paths).scores.tolist(),
+                 "paths2_model4": tp.evaluate(test_paths).scores.tolist()}
+out["tp_pool_bytes_device0"] = dev0(tp._placed()[1])
+out["tp_embedding_shard"] = list(tp._placed()[0]["embed"]["embedding"].addressable_shards[0].data.shape)
 print("RESULT " + json.dumps(out))
 """
 
@@ -176,6 +188,20 @@ def test_plan_bytes_agree_with_the_arrays(settings, child):
     assert caches <= p["temp_bytes"] <= 20 * caches, (caches, p["temp_bytes"])
     tree = planned["path_scores/search/tree"]  # donates its hidden-state buffers [T_max + 1, n, B, S, D]
     assert tree["alias_bytes"] > 0 and tree["alias_bytes"] % ((t_max + 1) * cfg.hidden_size * 4) == 0
+
+
+def test_tensor_parallel_engine_scores_equal_one_device(child):
+    """Issue 16: on `paths:2,model:4` the engine holds the pool's matrices split over "model" (Megatron: each
+    device a quarter of every kernel, the embedding split over the vocabulary) and scores like one device and
+    like `paths:4,data:2` (generation with exact match, chrF, multiple choice)."""
+    out, _ = child
+    scores = {k: np.asarray(v) for k, v in out["scores"].items()}
+    assert scores["one"].shape == (6, 3) and np.ptp(scores["one"]) > 0  # paths score differently
+    np.testing.assert_allclose(scores["paths4_data2"], scores["one"], atol=1e-6)
+    np.testing.assert_allclose(scores["paths2_model4"], scores["one"], atol=1e-6)
+    pool_bytes = out["measured"]["arguments"]  # replicated shell + pool + paths on paths:4,data:2
+    assert out["tp_pool_bytes_device0"] < 0.4 * pool_bytes  # about 1/4 of the matrices, norms replicated
+    assert out["tp_embedding_shard"] == [64 // 4, 32]
 
 
 def test_a_run_that_does_not_fit_exits_1_naming_program_and_device(child):

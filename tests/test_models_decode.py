@@ -144,3 +144,19 @@ def test_first_argmax_and_canonical_steps_match_numpy_definitions():
         np.testing.assert_array_equal(np.asarray(sc), np.asarray(junction["scale"])[order])
         np.testing.assert_array_equal(np.asarray(sh), np.asarray(junction["shift"])[order])
         assert int(n) == int((path >= 0).sum())
+
+
+def test_uniform_steps_give_the_same_values(setup):
+    """`uniform=True` (model-parallel meshes: padding steps computed and discarded instead of skipped by
+    `lax.cond`) gives the same logits and tokens as the default, for a path with padding in the middle."""
+    a, b, ids, mask = setup
+    shell, pool = models.shell_of(b), models.make_pool([a["blocks"], b["blocks"]])
+    path = jnp.array([2, -1, 0, -1, 3], jnp.int32)
+    plain = models.apply_path(CONFIG, shell, pool, path, ids, attention_mask=mask)
+    uniform = models.apply_path(CONFIG, shell, pool, path, ids, attention_mask=mask, uniform=True)
+    np.testing.assert_array_equal(np.asarray(uniform), np.asarray(plain))
+    uniform_decode = jax.jit(models.greedy_decode, static_argnames=("config", "max_new_tokens", "uniform"))
+    np.testing.assert_array_equal(
+        uniform_decode(CONFIG, shell, pool, path, ids, mask, NEW, None, NO_EOS, uniform=True),
+        decode(CONFIG, shell, pool, path, ids, mask, NEW, None, NO_EOS),
+    )

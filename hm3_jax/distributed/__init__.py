@@ -439,7 +439,7 @@ def pool_partition_specs(pool: Any, mesh: Mesh, row_parallel: tuple[str, ...] = 
     num_model = mesh.shape.get("model", 1)
 
     def spec(path, x):
-        shape = np.shape(x)
+        shape = tuple(x.shape)  # arrays or jax.ShapeDtypeStruct (memory plans)
         if num_model == 1 or len(shape) < 3:
             return P()
         names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
@@ -458,6 +458,34 @@ def pool_partition_specs(pool: Any, mesh: Mesh, row_parallel: tuple[str, ...] = 
         return P(*axes)
 
     return jax.tree_util.tree_map_with_path(spec, pool)
+
+
+def shell_partition_specs(shell: Any, mesh: Mesh) -> Any:
+    """PartitionSpecs of a shell (embeddings, final norm, head) for the "model" axis: the token embedding
+    `embed/embedding [V, D]` split over the vocabulary (rows) and an untied LM head `head/kernel [D, V]` over
+    its output columns, when V is divisible by the axis; everything else replicated (positions, norms, a
+    classifier head). With "model" of size 1 every leaf is replicated."""
+    num_model = mesh.shape.get("model", 1)
+
+    def spec(path, x):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        shape = tuple(x.shape)
+        if num_model == 1 or len(shape) != 2:
+            return P()
+        if names[-2:] == ["embed", "embedding"] and shape[0] % num_model == 0:
+            return P("model", None)
+        if names[-2:] == ["head", "kernel"] and shape[1] % num_model == 0:
+            return P(None, "model")
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, shell)
+
+
+def model_sharding(shell: Any, pool: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """(shell, pool) `NamedSharding` pytrees of a path model on `mesh`: tensor parallel over "model"
+    (`shell_partition_specs`, `pool_partition_specs`), replicated over "paths" and "data"."""
+    named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs)  # noqa: E731
+    return named(shell_partition_specs(shell, mesh)), named(pool_partition_specs(pool, mesh))
 
 
 def pool_sharding(pool: Any, mesh: Mesh, row_parallel: tuple[str, ...] = ROW_PARALLEL) -> Any:

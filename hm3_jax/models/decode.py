@@ -63,12 +63,12 @@ def first_argmax(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, iota, logits.shape[-1]), axis=-1)
 
 
-def _path_with_caches(config, module, blocks, steps, h, ctx, caches):
+def _path_with_caches(config, module, blocks, steps, h, ctx, caches, uniform=False):
     """Runs h [B, s, D] through the real steps of a canonical path, unrolled over the T_max static steps:
     step t applies `blocks[t]` (the path's t-th pool block, gathered once per decode call) under a
     `lax.cond(t < num_real)`, reading and writing its own cache `caches[t] = (k, v)` [B, KV, S_total, hd].
-
-    Returns (h, caches)."""
+    `uniform`: every step runs its block and `jnp.where` keeps the old values on padding steps (see
+    `path.run_path`). Returns (h, caches)."""
     _, scales, shifts, num_real = steps
     caches = list(caches)
     for t, p in enumerate(blocks):
@@ -78,7 +78,11 @@ def _path_with_caches(config, module, blocks, steps, h, ctx, caches):
             x = h if scales is None else (h * scales[t] + shifts[t]).astype(h.dtype)  # as `run_path`
             return module.block_with_cache(config, p, x, ctx, cache)
 
-        h, caches[t] = jax.lax.cond(t < num_real, run, lambda operands: operands, (h, caches[t]))
+        if uniform:
+            new = run((h, caches[t]))
+            h, caches[t] = jax.tree.map(lambda a, b, t=t: jnp.where(t < num_real, a, b), new, (h, caches[t]))
+        else:
+            h, caches[t] = jax.lax.cond(t < num_real, run, lambda operands: operands, (h, caches[t]))
     return h, tuple(caches)
 
 
@@ -93,6 +97,7 @@ def greedy_decode(
     junction: dict | None = None,
     eos_id: int | None = None,
     pad_id: int = 0,
+    uniform: bool = False,
 ) -> jax.Array:
     """Greedy (argmax) generation along a layer path with a per-step KV cache.
 
@@ -106,6 +111,7 @@ def greedy_decode(
       max_new_tokens: number of tokens to generate (static).
       junction: None or {"scale", "shift"}: [T_max, D], applied before each step as in `apply_path`.
       eos_id: if set, once a row emits `eos_id` every later token of that row is `pad_id`.
+      uniform: no data-dependent branches (padding steps computed and discarded; `path.run_path`).
     Returns: tokens int32 [B, max_new_tokens].
     """
     if config.family not in LM_FAMILIES:
@@ -149,7 +155,7 @@ def greedy_decode(
     mask = layers.causal_mask(slots[:s_prompt], slots, key_mask, config.sliding_window)
     ctx = module.make_ctx(config, positions, mask, cache_index=0)
     h = module.embed_tokens(config, shell, prompt_ids, positions)
-    h, caches = _path_with_caches(config, module, blocks, steps, h, ctx, caches)
+    h, caches = _path_with_caches(config, module, blocks, steps, h, ctx, caches, uniform)
     first = first_argmax(module.head(config, shell, h[:, -1:])[:, 0])  # [B]
     num_real = jnp.sum(prompt_mask, axis=1)  # [B]
 
@@ -160,7 +166,7 @@ def greedy_decode(
         mask = layers.causal_mask(slot[None], slots, key_mask, config.sliding_window)
         ctx = module.make_ctx(config, pos, mask, cache_index=slot)
         h = module.embed_tokens(config, shell, token[:, None], pos)
-        h, caches = _path_with_caches(config, module, blocks, steps, h, ctx, caches)
+        h, caches = _path_with_caches(config, module, blocks, steps, h, ctx, caches, uniform)
         nxt = first_argmax(module.head(config, shell, h)[:, 0])
         if eos_id is not None:
             done = done | (token == eos_id)

@@ -98,12 +98,18 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def run_path(config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx, junction=None) -> jax.Array:
+def run_path(config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx, junction=None,
+             uniform: bool = False) -> jax.Array:  # fmt: skip
     """Runs the hidden state through the path's blocks (no embed/head). h [B, S, D] -> [B, S, D].
 
     Without a junction the blocks see h as it is; the identity junction (scale 1, shift 0) gives the same
     values except that a -0.0 entry would enter as +0.0 (`-0.0 * 1 + 0 = +0`), so the path engine, decoding and
-    this function all skip the affine map when there is no junction (it cost ~2% of the engine's CPU time)."""
+    this function all skip the affine map when there is no junction (it cost ~2% of the engine's CPU time).
+
+    `uniform`: no data-dependent branch. A padding step (-1) then runs block 0 and `jnp.where` keeps h, instead
+    of `lax.cond` skipping it: the same values, more work. For model-parallel meshes, where the devices of
+    different path groups would otherwise take different branches around the partitioner's collectives (the
+    CPU runtime's rendezvous then waits for all devices and aborts; paths/engine.py)."""
     module = _family(config)
     affine = None if junction is None else (junction["scale"], junction["shift"])
 
@@ -116,6 +122,8 @@ def run_path(config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx
                 h = (h * rows[0] + rows[1]).astype(h.dtype)
             return module.block(config, p, h, ctx)
 
+        if uniform:
+            return jnp.where(idx >= 0, run(h), h), None
         return jax.lax.cond(idx >= 0, run, lambda h: h, h), None
 
     h, _ = jax.lax.scan(step, h, (path.astype(jnp.int32), affine))
@@ -144,6 +152,7 @@ def apply_path(
     junction: dict | None = None,
     attention_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
+    uniform: bool = False,
 ) -> jax.Array:
     """Forward of a layer path: embed from `shell`, blocks gathered from `pool` by `path`, head from `shell`.
 
@@ -162,6 +171,7 @@ def apply_path(
       positions: None, or int [B, P] (LMs only): the head runs only on these positions of each row, and the
         logits [B, P, V] are `full_logits[b, positions[b, p]]` (teacher-forced objectives that read a few
         positions; `hm3_jax.tasks.objectives.exact_match_kernel`).
+      uniform: no data-dependent branch over padding steps (`run_path`).
     Returns: the family's `head` outputs (logits [B, S, V] for LMs, [B, P, V] with `positions`).
     """
     module = _family(config)
@@ -170,7 +180,7 @@ def apply_path(
     path = jnp.asarray(path)
     check_junction(junction, path.shape[0], config.hidden_size)
     h, ctx = module.embed(config, shell, inputs, attention_mask)
-    h = run_path(config, pool, path, h, ctx, junction)
+    h = run_path(config, pool, path, h, ctx, junction, uniform)
     if positions is not None:
         h = gather_positions(config, h, positions)
     return module.head(config, shell, h)

@@ -42,8 +42,10 @@ On a device mesh (`make_engine(..., mesh=mesh)` with the ("paths", "data", "mode
      partitioner runs every block on B / data examples per device (the KV cache of greedy decoding follows).
      A batch whose B is not divisible by the axis stays replicated (logged once). Nothing is summed across
      devices by hand: per-example outputs (correct flags, tokens) are gathered by the partitioner.
-   - "model": left to XLA (the pool is replicated here; `hm3_jax.distributed.place_pool` is the tensor-parallel
-     layout for models that do not fit one device).
+   - "model": tensor parallelism. The shell and pool are placed with `distributed.model_sharding` (Megatron's
+     split: q/k/v/gate/up kernels by output columns, o/down by input rows, the embedding and an untied head by
+     vocabulary; norms and biases replicated) and XLA's partitioner (auto over "data" and "model" inside the
+     `shard_map`) inserts the all-reduces, so each device holds 1/model of the pool's matrices.
    - the prefix tree is a sequential scan over nodes (nothing to split over "paths"), so on a mesh of more
      than one device teacher-forced objectives are evaluated path-parallel by the plain engine instead
      (`prefix_sharing` is turned off and logged); scores are the same (the tree is exact), FLOP and
@@ -430,10 +432,10 @@ class PathEngine:
                 .astype(np.float32) for k, v in junction.items()
             })  # fmt: skip
         shell, pool = self.shell, self.pool
-        if self.strategy == "shard":  # paths split over the mesh, the model replicated on every device
+        if self.strategy == "shard":  # paths split over "paths", the model's matrices over "model"
             split = NamedSharding(self.mesh, PartitionSpec("paths"))
             args = jax.tree.map(lambda a, s=split: distributed.place(a, s), args)  # global on multi-host
-            shell, pool = self._replicated()
+            shell, pool = self._placed()
             if jax.process_count() > 1:
                 self._compile_then_align(fn, (obj_idx, junction is not None), shell, pool, args)
         else:
@@ -452,19 +454,23 @@ class PathEngine:
             seen.add(sig)
         distributed.align_processes("engine")
 
-    def _replicated(self):
-        if getattr(self, "_replicas", None) is None:
-            self._replicas = jax.tree.map(distributed.place, (self.shell, self.pool), self.model_shardings())
-        return self._replicas
+    def _placed(self):
+        if getattr(self, "_placed_model", None) is None:
+            self._placed_model = jax.tree.map(
+                distributed.place, (self.shell, self.pool), self.model_shardings()
+            )
+        return self._placed_model
 
     # ---------------------------------------------------------------- memory plans (compile only)
     def model_shardings(self):
-        """(shell, pool) pytrees of the shardings strategy "shard" places them with (replicated on every device
-        of the mesh); None for the other strategies (the default device)."""
+        """(shell, pool) pytrees of the shardings strategy "shard" places them with: tensor parallel over the
+        mesh's "model" axis (`distributed.model_sharding`: the pool's matrices split Megatron-style, column
+        parallel q/k/v/gate/up, row parallel o/down; the embedding over the vocabulary), replicated over "paths"
+        and "data" (every leaf replicated when "model" has size 1); None for the other strategies (the default
+        device)."""
         if self.strategy != "shard":
             return None
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        return jax.tree.map(lambda _: replicated, (self.shell, self.pool))
+        return distributed.model_sharding(self.shell, self.pool, self.mesh)
 
     def lower_plain(self, t_max: int, with_junction: bool = False) -> jax.stages.Lowered:
         """The program of one chunk of plain evaluation (every objective; `chunk_size` paths of `t_max` steps),
@@ -521,19 +527,37 @@ class PathEngine:
         traces = self._shared["traces"]
         traces[name] = traces.get(name, 0) + 1
 
+    def _uniform_steps(self) -> bool:
+        """Model-parallel mesh: no data-dependent branches over padding steps (`models.run_path`'s `uniform`).
+        The devices of two path groups run different paths; around a `lax.cond` holding the partitioner's
+        "model" collectives they would branch differently, and XLA:CPU's collectives wait for every device of
+        the program (a deadlock, then an abort). Padding steps then cost a block each."""
+        return self.strategy == "shard" and dict(self.mesh.shape).get("model", 1) > 1
+
     def _forward_for(self, obj, shell, pool, path, junction):
         config = self.config
         split = self._split_examples
+        uniform = self._uniform_steps()
         if obj.metric in DECODE_METRICS:
             decode = _greedy_decode_fn()
             return lambda ids, mask, new: decode(
-                config, shell, pool, path, split(ids), split(mask), int(new), junction=junction
+                config,
+                shell,
+                pool,
+                path,
+                split(ids),
+                split(mask),
+                int(new),
+                junction=junction,
+                uniform=uniform,
             )
         if self.config.family == "vit":
-            return lambda ids: models.apply_path(config, shell, pool, path, split(ids), junction)
+            return lambda ids: models.apply_path(
+                config, shell, pool, path, split(ids), junction, uniform=uniform
+            )
         return lambda ids, positions=None: models.apply_path(
             config, shell, pool, path, split(ids), junction,
-            positions=None if positions is None else split(positions),
+            positions=None if positions is None else split(positions), uniform=uniform,
         )  # fmt: skip
 
     def _split_examples(self, x):
