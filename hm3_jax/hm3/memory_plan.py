@@ -14,8 +14,8 @@ the mesh is made of simulated devices). Per program and per device, `compiled.me
 and the device the run also keeps other arrays on (device 0, where `load_pretrained` puts every tensor) adds
 the run's resident arrays that are not the program's arguments (`resident_bytes`). The programs:
 
-* ``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`: base and K experts in, one
-  merged model out) on device 0, when the run tunes (`param_level.cmaes.enabled`; the paper's merge,
+* ``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`, leaf by leaf: the largest
+  leaf's program, base and K experts' leaves in, the merged leaf out) on device 0, when the run tunes (`param_level.cmaes.enabled`; the paper's merge,
   `merging.hm3_merge`, runs eagerly leaf by leaf and is not planned);
 * ``path_scores/<split>``: the path engine's program for one chunk of candidate paths over the pool of the
   K + 1 sources' blocks, for each engine the run makes ("search", capped to `engine.search_examples` rows per
@@ -305,18 +305,24 @@ def engine_programs(config, num_experts: int, dtype, objectives: dict, run_confi
 
 
 def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
-    """``merge``: `param_level.dare_ties_traced` (the tuned parameter level's merge) on device 0."""
+    """``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`) on device 0. It streams leaf
+    by leaf, one program per leaf (`param_level.dare_ties_leaf`): planned is the largest leaf's, with the rest
+    of the sources, the sources' pool and the merged model being assembled (at most one model) resident."""
+    from hm3_jax.merging.groups import is_stacked, path_name
+
     params = abstract_params(config, dtype)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    path, leaf = max(leaves, key=lambda pl: int(np.prod(pl[1].shape)) * pl[1].dtype.itemsize)
+    stacked = is_stacked(path_name(path))
     f32 = jax.ShapeDtypeStruct((), jnp.float32)
-    args = (
-        params, [params] * num_experts, jax.ShapeDtypeStruct((2,), jnp.uint32),
-        jax.ShapeDtypeStruct((num_experts, config.num_layers), jnp.float32),
-        jax.ShapeDtypeStruct((num_experts,), jnp.float32), f32, f32, f32, f32,
-    )  # fmt: skip
+    weights = (num_experts, config.num_layers) if stacked else (num_experts,)
+    args = (stacked, jax.ShapeDtypeStruct((2,), jnp.uint32), leaf, [leaf] * num_experts,
+            jax.ShapeDtypeStruct(weights, jnp.float32), f32, f32, f32, f32)  # fmt: skip
     model = tree_bytes(params)
+    leaf_args = (num_experts + 1) * tree_bytes(leaf)
     pool = (num_experts + 1) * tree_bytes(params["blocks"])
-    return _memory("merge", lambda: param_level.dare_ties_traced.lower(*args), 1, "device 0",
-                   resident_bytes("merge", (num_experts + 1) * model, pool, False))  # fmt: skip
+    resident = (num_experts + 1) * model - leaf_args + pool + model
+    return _memory("merge", lambda: param_level.dare_ties_leaf.lower(*args), 1, "device 0", resident)
 
 
 def _one_model_scores(config, objective, shell, blocks):

@@ -21,6 +21,7 @@ its default decodes to the paper's setting.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -30,6 +31,7 @@ from absl import logging
 
 from hm3_jax import merging
 from hm3_jax.hm3.problem import Problem, score_params
+from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.moo import scalarize
 
 
@@ -83,7 +85,6 @@ def tuned_merge(problem: Problem, preference, key: jax.Array, hparams: dict) -> 
     )  # fmt: skip
 
 
-@jax.jit
 def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, drop_rate, scale, elect=1.0):
     """DARE-TIES (HM3_SPEC Eq. 5) with traced hyperparameters, for the CMA-ES search.
 
@@ -95,39 +96,51 @@ def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, 
     elected (every entry is kept): at density 1 and drop rate 0 this is task arithmetic
     `Theta = base + scale * sum_k w_k delta_k` (Ilharco et al. 2023).
 
+    Streams leaf by leaf (issue 16): each leaf is one jitted program (`dare_ties_leaf`, compiled once per leaf
+    shape; the hyperparameters stay traced), so the float32 temporaries are those of one leaf's K copies, never
+    of the whole model (the whole-model program needed 16.7 GiB of temporaries for three Qwen2.5-0.5B-shaped
+    experts; `python -m experiments.plan`).
+
     Args: base / experts: params pytrees; key; block_weights [K, L]; shell_weights [K]; density, drop_rate,
       scale: scalars; elect: scalar, 1 (TIES sign election) or 0 (none). Returns: merged params with the
       base's dtypes.
     """
-    from hm3_jax.merging.groups import is_stacked, path_name
-
     leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
     expert_leaves = [jax.tree.leaves(e) for e in experts]
+    hp = [jnp.asarray(x, jnp.float32) for x in (density, drop_rate, scale, elect)]
     out = []
     for index, (path, leaf) in enumerate(leaves):
-        thetas = jnp.stack([el[index] for el in expert_leaves]).astype(jnp.float32)  # [K, ...]
-        leaf_key = jax.random.fold_in(key, index)
-
-        def one(k, b, th, w):
-            delta = th - b[None]
-            keep = jax.random.bernoulli(k, 1.0 - drop_rate, delta.shape)
-            delta = jnp.where(keep, delta / (1.0 - drop_rate), 0.0)
-            mag = jnp.abs(delta).reshape(delta.shape[0], -1)
-            thr = jnp.quantile(mag, 1.0 - density, axis=1)
-            delta = jnp.where(jnp.abs(delta) >= thr.reshape((-1,) + (1,) * (delta.ndim - 1)), delta, 0.0)
-            weighted = delta * w.reshape((-1,) + (1,) * (delta.ndim - 1))
-            sign = jnp.sign(weighted.sum(0))
-            agree = (jnp.sign(delta) == sign[None]) | (elect < 0.5)
-            return b + scale * jnp.where(agree, weighted, 0.0).sum(0)
-
-        b32 = leaf.astype(jnp.float32)
-        if is_stacked(path_name(path)):
-            keys = jax.vmap(lambda i, lk=leaf_key: jax.random.fold_in(lk, i))(jnp.arange(b32.shape[0]))
-            merged = jax.vmap(one, in_axes=(0, 0, 1, 1))(keys, b32, thetas, block_weights)
-        else:
-            merged = one(leaf_key, b32, thetas, shell_weights)
-        out.append(merged.astype(leaf.dtype))
+        stacked = is_stacked(path_name(path))
+        out.append(dare_ties_leaf(stacked, jax.random.fold_in(key, index), leaf, [el[index] for el in expert_leaves],
+                                  block_weights if stacked else shell_weights, *hp))  # fmt: skip
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnames=("stacked",))
+def dare_ties_leaf(stacked, leaf_key, leaf, thetas, weights, density, drop_rate, scale, elect):
+    """One leaf of `dare_ties_traced`: base `leaf` [...] (a stacked `blocks/...` leaf [L, ...], block l with
+    key `fold_in(leaf_key, l)` and weights `weights[:, l]`), the K experts' `thetas`, `weights` [K] or [K, L]."""
+    thetas = jnp.stack(thetas).astype(jnp.float32)  # [K, ...]
+
+    def one(k, b, th, w):
+        delta = th - b[None]
+        keep = jax.random.bernoulli(k, 1.0 - drop_rate, delta.shape)
+        delta = jnp.where(keep, delta / (1.0 - drop_rate), 0.0)
+        mag = jnp.abs(delta).reshape(delta.shape[0], -1)
+        thr = jnp.quantile(mag, 1.0 - density, axis=1)
+        delta = jnp.where(jnp.abs(delta) >= thr.reshape((-1,) + (1,) * (delta.ndim - 1)), delta, 0.0)
+        weighted = delta * w.reshape((-1,) + (1,) * (delta.ndim - 1))
+        sign = jnp.sign(weighted.sum(0))
+        agree = (jnp.sign(delta) == sign[None]) | (elect < 0.5)
+        return b + scale * jnp.where(agree, weighted, 0.0).sum(0)
+
+    b32 = leaf.astype(jnp.float32)
+    if stacked:
+        keys = jax.vmap(lambda i: jax.random.fold_in(leaf_key, i))(jnp.arange(b32.shape[0]))
+        merged = jax.vmap(one, in_axes=(0, 0, 1, 1))(keys, b32, thetas, weights)
+    else:
+        merged = one(leaf_key, b32, thetas, weights)
+    return merged.astype(leaf.dtype)
 
 
 def tchebycheff_normalised(problem: Problem, scores: np.ndarray, preference) -> float:
