@@ -5,7 +5,9 @@ r"""End-to-end HM3: the Pareto front of merged models on a benchmark, every base
 
 Kill it at any point and re-run the same command: it resumes from its stages and checkpoints (a SIGTERM also
 removes the temporary files; a SIGKILL's are removed as the rerun writes those files again). A mistake in the
-config, spec or flags is one line `error: ...` naming it, exit code 2, before anything is written. The terminal
+config, spec or flags is one line `error: ...` naming it, exit code 2, before anything is written; so is a run
+that would not fit its devices' memory (the memory plan's check, `python -m experiments.plan`, on accelerators or
+with --config.memory.device_memory_gb=GB). The terminal
 shows the run's own progress (libraries' INFO lines with --verbosity=1) and, at the end, a summary: the hypervolume
 table, the balanced preference's scores and the files written (report.md / .html / .json, plots, exports).
 
@@ -30,6 +32,7 @@ from hm3_jax import distributed, logs
 from hm3_jax.hm3 import run as run_lib
 from hm3_jax.hm3 import summary
 from hm3_jax.hm3 import workdir as workdir_lib
+from hm3_jax.hm3.memory_plan import PlanError
 from hm3_jax.hm3.workdir import WorkdirError
 from hm3_jax.io.safetensors_io import CheckpointError
 from hm3_jax.tasks import zoo as zoo_lib
@@ -53,7 +56,7 @@ def main(argv):
         _WORKDIR.value
     )  # a resume and `suggest` load the run's compiled programs
     with cli_errors.user_errors(
-        run_lib.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError, CheckpointError
+        run_lib.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError, CheckpointError, PlanError
     ):
         report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
     if distributed.is_main_process():

@@ -204,6 +204,21 @@ def test_tensor_parallel_engine_scores_equal_one_device(child):
     assert out["tp_embedding_shard"] == [64 // 4, 32]
 
 
+def test_run_refuses_a_run_that_does_not_fit_before_loading(settings):
+    """`run.setup`'s memory check (config.memory): with a device memory given, a run that does not fit is a
+    PlanError naming the program and the device, before any checkpoint is loaded; check_fits=False skips it."""
+    from experiments.configs import qwen25_1p5b
+    from hm3_jax.hm3 import memory_plan
+    from hm3_jax.hm3 import run as run_lib
+
+    config = qwen25_1p5b.get_config(settings["qwen"] + ",smoke")
+    config.memory.device_memory_gb = 1e-4
+    with pytest.raises(memory_plan.PlanError, match=r"program \S+ needs .* on device 0"):
+        run_lib.check_memory(config, None, config.spec)
+    config.memory.check_fits = False
+    assert run_lib.check_memory(config, None, config.spec) is None
+
+
 def test_a_run_that_does_not_fit_exits_1_naming_program_and_device(child):
     out, stdout = child
     code = out["llama_exit"]  # sys.exit's message: Python prints it to stderr and exits 1

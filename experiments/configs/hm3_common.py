@@ -98,6 +98,10 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # 0 = all N (fastest; memory grows with N), 1 = memory flat in the preferences (large models).
     c.memory = ml_collections.ConfigDict()
     c.memory.resident_preferences = 0
+    # Before loading anything, the memory plan's check (python -m experiments.plan) refuses a run that would not
+    # fit: where the backend reports its memory (accelerators) or device_memory_gb (per device) is set.
+    c.memory.check_fits = True
+    c.memory.device_memory_gb = ml_collections.config_dict.placeholder(float)
 
     c.report = ml_collections.ConfigDict()
     c.report.fixed_reference = None  # a [K] reference point in normalised units, or None for the 1.1 rule

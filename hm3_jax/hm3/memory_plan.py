@@ -448,7 +448,13 @@ def check_fits(run_config, mesh=None, device_memory_bytes: int | None = None,
     if usable_memory(device_memory_bytes, memory_fraction) is None:
         return None
     plan = plan_run(
-        run_config, mesh, device_memory_bytes, memory_fraction, spec_path=spec_path, search_batch=False
+        run_config,
+        mesh,
+        device_memory_bytes,
+        memory_fraction,
+        spec_path=spec_path,
+        search_batch=False,
+        splits=splits,
     )
     if not plan.fits:
         raise PlanError(plan.error_message())

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import distributed, moo
-from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, param_level
+from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, memory_plan, param_level
 from hm3_jax.hm3 import progress as progress_lib
 from hm3_jax.hm3 import report as report_lib
 from hm3_jax.hm3.preference_models import LazySequence, PreferenceModels
@@ -136,6 +136,7 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     spec_path = config.get("spec") or (None if zoo_dir else recorded.get("spec", {}).get("path"))
     if not spec_path:
         spec_path = _builtin_zoo(config, workdir, zoo_dir)
+    check_memory(config, mesh, spec_path)  # before any checkpoint is loaded
     spec = spec_lib.load_spec(spec_path)
     zoo = spec_zoo.load(spec, config.get("spec_split_seed", 0))
     _check_t_max(config, zoo.base.config.num_layers)
@@ -153,6 +154,21 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     )  # fmt: skip
     wd.stage("source_scores", lambda: {k: v.tolist() for k, v in problem.source_scores.items()})
     return wd, zoo, problem
+
+
+def check_memory(config, mesh, spec_path: str) -> None:
+    """The memory plan's check (`memory_plan.check_fits`) before anything is loaded: a run that would not fit
+    its devices is refused with `memory_plan.PlanError`, naming the program and the device. Runs where the
+    backend reports a memory limit (accelerators) or `config.memory.device_memory_gb` is set; skipped with
+    `config.memory.check_fits = False` (it compiles the run's programs once with abstract inputs; of the path
+    engines only the search split's, as the other splits' programs differ only in how many batches they map)."""
+    memory = config.get("memory")
+    if memory is None or not memory.get("check_fits", True):
+        return
+    gb = memory.get("device_memory_gb")
+    memory_plan.check_fits(
+        config, mesh, None if gb is None else int(float(gb) * 2**30), spec_path=spec_path, splits=("search",)
+    )
 
 
 def _builtin_zoo(config, workdir: str, zoo_dir: str | None) -> str:
