@@ -36,6 +36,7 @@ import time
 SHAPES = {
     # name: (num_layers, hidden, intermediate, heads, kv_heads, vocab)
     "qwen25_0p5b": (24, 896, 4864, 14, 2, 151936),
+    "medium": (12, 512, 1408, 8, 2, 32000),  # ~54M parameters: runs here in minutes, models visible in RSS
     "small": (8, 256, 704, 4, 2, 32000),
     "smoke": (2, 32, 64, 2, 1, 512),
 }
