@@ -98,7 +98,9 @@ def param_baseline_models(problem: Problem, method: str, result: dict, key) -> L
     )
 
 
-def _junction_from_scales(scales, hidden_size: int):
+def junction_from_scales(scales, hidden_size: int):
+    """A path baseline's per-step junction scales [..., T] as a junction {"scale": [..., T, D] (each step's scale
+    on every hidden unit), "shift": zeros}; None stays None (no junction)."""
     if scales is None:
         return None
     s = np.asarray(scales, np.float32)
@@ -127,7 +129,7 @@ class ExpertPathEvaluator:
 
     def __call__(self, paths, junction_scales=None):
         paths = np.asarray(paths, np.int32)
-        j = _junction_from_scales(junction_scales, self.problem.config.hidden_size)
+        j = junction_from_scales(junction_scales, self.problem.config.hidden_size)
         scores = self.problem.normalise(self.search.evaluate(paths, j).scores, "search")
         sc = None if junction_scales is None else np.asarray(junction_scales, np.float32)
         for r, p in enumerate(paths):
@@ -151,7 +153,7 @@ class ExpertPathEvaluator:
         has_scales = any(x is not None for x in scales)
         full = np.zeros((len(order), self.problem.num_tasks))
         for r, (p, x) in enumerate(zip(paths, scales, strict=True)):  # one row each: scales may be None
-            j = _junction_from_scales(None if x is None else x[None], self.problem.config.hidden_size)
+            j = junction_from_scales(None if x is None else x[None], self.problem.config.hidden_size)
             full[r] = self.full.evaluate(p[None], j).scores[0]
         full_fit = self.problem.normalise(full, "search_full") @ pref
         best = int(np.argmax(full_fit))
@@ -170,7 +172,7 @@ class ExpertPathEvaluator:
         return int(top * full_search_cost(self.problem))
 
     def heldout_raw(self, paths, junction_scales=None):
-        j = _junction_from_scales(junction_scales, self.problem.config.hidden_size)
+        j = junction_from_scales(junction_scales, self.problem.config.hidden_size)
         return self.heldout.evaluate(np.asarray(paths, np.int32), j).scores
 
 

@@ -415,7 +415,7 @@ def _method_specs(problem, config, methods, param_keys, bank, np_shell, np_pool,
                 np_shell,
                 np_pool,
                 np.asarray(p, np.int32),
-                baselines_runner._junction_from_scales(sc, D),
+                baselines_runner.junction_from_scales(sc, D),
                 evaluator.pool_id,
             )
             for p, sc in zip(methods[m]["paths"], methods[m]["junction_scales"], strict=True)
