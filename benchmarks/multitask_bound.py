@@ -7,13 +7,13 @@ upper bound: if it cannot keep 90% of every expert, no merge of these experts ca
 
 Recipe (the experts', `hm3_jax/tasks/zoo.py` step 4): full fine-tuning from the zoo's base, loss on the target
 tokens of each task's training examples (`objectives.tokenize_examples` + `pack_teacher_forced`, the zoo's
-`seq_len`), AdamW with global-norm clipping 1.0 (`experiments.train_lib.make_optimizer`), linear warmup then
-cosine decay to 10% (`train_lib.make_schedule`), the expert learning rate, warmup, weight decay and batch size.
+`seq_len`), AdamW with global-norm clipping 1.0 (`hm3_jax.tasks.optim.make_optimizer`), linear warmup then
+cosine decay to 10% (`optim.make_schedule`), the expert learning rate, warmup, weight decay and batch size.
 Two budgets: `same` = the sum of the experts' steps (3 x 150 = 450 steps of 32 rows: the compute of building the
 three experts) and `3x` = three times that. Tasks are mixed uniformly per batch, stratified: every batch holds
 floor(B/3) or ceil(B/3) rows of each task (B = 32: 11/11/10, the short task rotating per step), rows drawn
-uniformly with replacement within a task. The only departure from `train_lib.train_lm` is this per-task
-stratification of the batch (train_lm draws rows uniformly from one array); the jitted step is train_lib's.
+uniformly with replacement within a task. The only departure from `lm_train.train_lm` is this per-task
+stratification of the batch (train_lm draws rows uniformly from one array); the jitted step is lm_train's.
 
 Evaluation is the run's: `hm3_jax.hm3.problem.score_params` on a held-out path engine built like
 `make_problem`'s (same objectives, strategy, chunking, prefix sharing), so the numbers are comparable with
@@ -71,15 +71,15 @@ def stratified_rows(key, num_steps: int, batch_size: int, rows_per_task: list[in
 def train_multitask(key, config, base_params, task_rows, num_steps: int, cfg_expert, desc: str):
     """Fine-tunes `base_params` on the union of `task_rows` ([(ids [N_k, S], mask [N_k, S])] per task).
 
-    Same optimiser, schedule and jitted step as `experiments.train_lib.train_lm`; batches stratified by task.
+    Same optimiser, schedule and jitted step as `hm3_jax.tasks.lm_train.train_lm`; batches stratified by task.
     Returns (params, losses float32 [num_steps]).
     """
-    from experiments import train_lib
+    from hm3_jax.tasks import lm_train
 
     plan = stratified_rows(key, num_steps, cfg_expert.batch_size, [len(ids) for ids, _ in task_rows])
     offsets = np.cumsum([0] + [len(ids) for ids, _ in task_rows])[:-1]
     rows = offsets[plan // 2**20] + plan % 2**20  # (task, row) -> row of the tasks' concatenated rows
-    return train_lib.train_lm(
+    return lm_train.train_lm(
         key, config, base_params,
         np.concatenate([np.asarray(i, np.int32) for i, _ in task_rows]),
         np.concatenate([np.asarray(m, np.float32) for _, m in task_rows]),

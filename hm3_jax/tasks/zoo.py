@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax.io import atomic
-from hm3_jax.tasks import corpus, data, objectives
+from hm3_jax.tasks import corpus, data, lm_train, objectives
 from hm3_jax.tasks import tokenizer as tok_lib
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,6 @@ def _build(zoo_config, out_dir: str, progress: bool) -> dict:
         from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
 
         return tiny8_zoo.build_into(zoo_config, out_dir, progress)
-    from experiments import train_lib
     from hm3_jax import models
     from hm3_jax.model_io import Model, save_pretrained
 
@@ -226,9 +225,9 @@ def _build(zoo_config, out_dir: str, progress: bool) -> dict:
     config = model_config(cfg, len(tokenizer))
     key_init, key_base, key_experts = jax.random.split(jax.random.key(cfg.seed), 3)
     token_docs = [tok_lib.encode(tokenizer, d) for d in docs]
-    stream = train_lib.pack_stream(token_docs, cfg.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    stream = lm_train.pack_stream(token_docs, cfg.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
     t0 = time.time()
-    base_params, base_losses = train_lib.train_lm(
+    base_params, base_losses = lm_train.train_lm(
         key_base,
         config,
         models.init(config, key_init),
@@ -248,7 +247,7 @@ def _build(zoo_config, out_dir: str, progress: bool) -> dict:
     t0 = time.time()
     for task, key in zip(task_data, jax.random.split(key_experts, len(task_data)), strict=True):
         ids, mask = _train_rows_for_task(task_data[task]["train"], tokenizer, cfg.seq_len)
-        expert_params[task], expert_losses[task] = train_lib.train_lm(
+        expert_params[task], expert_losses[task] = lm_train.train_lm(
             key,
             config,
             base_params,

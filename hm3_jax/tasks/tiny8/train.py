@@ -11,6 +11,8 @@
   and head are fine-tuned together on task k's train part. Expert k = (fine-tuned encoder, head k); merging
   acts on encoders only and head k reads out task k for every encoder.
 
+Every trainer here uses `hm3_jax.tasks.optim` (AdamW, global-norm clipping 1, linear warmup then cosine decay).
+
 The CLS feature is row 0 of the final LayerNorm's output (`hm3_jax.models.apply` of a ViT config with
 `num_labels=0`). Heads are padded to `num_classes_padded` columns with a logit mask, so one compiled step
 serves every task.
@@ -27,6 +29,7 @@ import numpy as np
 import optax
 
 from hm3_jax import models
+from hm3_jax.tasks import optim
 
 log = logging.getLogger(__name__)
 
@@ -42,34 +45,13 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.A
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _optimizer():
-    return optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0),
-    )
-
-
-def _schedule(learning_rate: float, num_steps: int, warmup_steps: int):
-    return optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(1, warmup_steps), max(num_steps, warmup_steps + 1), 0.1 * learning_rate
-    )
-
-
-def _with_hyperparams(opt_state, learning_rate, weight_decay):
-    clip_state, adamw_state = opt_state
-    hyper = dict(adamw_state.hyperparams)
-    hyper["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
-    hyper["weight_decay"] = jnp.asarray(weight_decay, jnp.float32)
-    return (clip_state, adamw_state._replace(hyperparams=hyper))
-
-
 @functools.cache
 def _classifier_step(config, train_encoder: bool):
     """jit(step(trainable, frozen, opt_state, pixels, labels, class_mask) -> (trainable, opt_state, loss)).
 
     trainable is {"encoder", "head"} when `train_encoder` else {"head"} (the encoder then sits in `frozen`).
     """
-    optimizer = _optimizer()
+    optimizer = optim.make_optimizer()
 
     def loss_fn(trainable, frozen, pixels, labels, class_mask):
         both = {**frozen, **trainable}
@@ -129,13 +111,13 @@ def train_classifier(
     encoder, head = jax.tree.map(jnp.array, encoder), jax.tree.map(jnp.array, head)  # own copies (donated)
     trainable = {"encoder": encoder, "head": head} if train_encoder else {"head": head}
     frozen = {} if train_encoder else {"encoder": encoder}
-    opt_state = _optimizer().init(trainable)
-    schedule = _schedule(learning_rate, num_steps, warmup_steps)
+    opt_state = optim.make_optimizer().init(trainable)
+    schedule = optim.make_schedule(learning_rate, num_steps, warmup_steps)
     mask = jnp.asarray(class_mask, bool)
     losses = []
     bar = tqdm(range(num_steps), desc=desc, disable=not progress, mininterval=1.0)
     for i in bar:
-        opt_state = _with_hyperparams(opt_state, schedule(i), weight_decay)
+        opt_state = optim.set_hyperparams(opt_state, schedule(i), weight_decay)
         trainable, opt_state, loss = step(
             trainable, frozen, opt_state, pixel_values[rows[i]], targets[i], mask
         )
@@ -205,7 +187,7 @@ def _multitask_step(config):
     params = {"encoder", "heads": {"kernel": [T, D, C], "bias": [T, C]}}: one head per task on the shared CLS
     feature; the loss is the mean over tasks of each task's masked cross-entropy.
     """
-    optimizer = _optimizer()
+    optimizer = optim.make_optimizer()
 
     def loss_fn(params, pixels, labels, class_masks):
         t, b = labels.shape
@@ -260,13 +242,13 @@ def pretrain_multitask(
         "heads": {"kernel": jnp.zeros((num_tasks, d, c)), "bias": jnp.zeros((num_tasks, c))},
     }
     step = _multitask_step(config)
-    opt_state = _optimizer().init(params)
-    schedule = _schedule(learning_rate, num_steps, warmup_steps)
+    opt_state = optim.make_optimizer().init(params)
+    schedule = optim.make_schedule(learning_rate, num_steps, warmup_steps)
     masks = jnp.asarray(class_masks, bool)
     losses = []
     bar = tqdm(range(num_steps), desc=desc, disable=not progress, mininterval=1.0)
     for i in bar:
-        opt_state = _with_hyperparams(opt_state, schedule(i), weight_decay)
+        opt_state = optim.set_hyperparams(opt_state, schedule(i), weight_decay)
         pixels = np.concatenate([x[r[i]] for x, r in zip(pixel_values, rows, strict=True)])
         targets = np.stack([np.asarray(y, np.int32)[r[i]] for y, r in zip(labels, rows, strict=True)])
         params, opt_state, loss = step(params, opt_state, pixels, targets, masks)

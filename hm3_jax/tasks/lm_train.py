@@ -1,7 +1,8 @@
 """Language-model training as a library: token streams, masked cross-entropy, a jitted AdamW step, the loop.
 
 Used by the zoo builder (`hm3_jax.tasks.zoo`) for the base model (next-token loss on every token of a packed
-corpus) and for the experts (loss on the target tokens of a task's training examples only).
+corpus) and for the experts (loss on the target tokens of a task's training examples only). The optimiser and
+its schedule are `hm3_jax.tasks.optim`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 
 from hm3_jax import models
+from hm3_jax.tasks import optim
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +56,6 @@ def masked_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_schedule(learning_rate: float, num_steps: int, warmup_steps: int):
-    """Linear warmup to `learning_rate`, then cosine decay to 10% of it at `num_steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=learning_rate,
-        warmup_steps=max(1, warmup_steps),
-        decay_steps=max(num_steps, warmup_steps + 1),
-        end_value=0.1 * learning_rate,
-    )
-
-
-def make_optimizer(clip: float = 1.0):
-    """Global-norm clipping then AdamW whose learning rate and weight decay live in the state.
-
-    `optax.inject_hyperparams` keeps them as arrays in `opt_state.hyperparams`, so one compiled step serves
-    every schedule (the loop writes the scheduled rate before each step).
-    """
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0)
-    return optax.chain(optax.clip_by_global_norm(clip), adamw)
-
-
 def make_train_step(config, optimizer, batch_size: int):
     """Returns ``step(params, opt_state, input_ids, loss_mask) -> (params, opt_state, loss)``.
 
@@ -96,15 +77,7 @@ def make_train_step(config, optimizer, batch_size: int):
 @functools.cache
 def _jitted_step(config, batch_size: int):
     """One compiled step per (config, batch_size): base and expert training reuse it."""
-    return jax.jit(make_train_step(config, make_optimizer(), batch_size), donate_argnums=(0, 1))
-
-
-def _set_hyperparams(opt_state, learning_rate, weight_decay):
-    clip_state, adamw_state = opt_state
-    hyper = dict(adamw_state.hyperparams)
-    hyper["learning_rate"] = jnp.asarray(learning_rate, hyper["learning_rate"].dtype)
-    hyper["weight_decay"] = jnp.asarray(weight_decay, hyper["weight_decay"].dtype)
-    return (clip_state, adamw_state._replace(hyperparams=hyper))
+    return jax.jit(make_train_step(config, optim.make_optimizer(), batch_size), donate_argnums=(0, 1))
 
 
 def train_lm(
@@ -145,10 +118,10 @@ def train_lm(
             f"num_steps, batch_size and learning_rate must be positive, got {num_steps}, {batch_size}, "
             f"{learning_rate}"
         )
-    schedule = make_schedule(learning_rate, num_steps, warmup_steps)
+    schedule = optim.make_schedule(learning_rate, num_steps, warmup_steps)
     step = _jitted_step(config, batch_size)
     params = jax.tree.map(jnp.array, params)  # own copy: the step donates its buffers
-    opt_state = make_optimizer().init(params)
+    opt_state = optim.make_optimizer().init(params)
     ids, mask = np.asarray(input_ids, np.int32), np.asarray(loss_mask, np.float32)
     if rows is None:  # rows drawn uniformly with replacement; the run is a function of `key`
         rows = np.asarray(jax.random.randint(key, (num_steps, batch_size), 0, ids.shape[0]))
@@ -161,7 +134,7 @@ def train_lm(
     losses = []
     bar = tqdm(range(num_steps), desc=desc, disable=not progress, mininterval=1.0)
     for i in bar:
-        opt_state = _set_hyperparams(opt_state, schedule(i), weight_decay)
+        opt_state = optim.set_hyperparams(opt_state, schedule(i), weight_decay)
         params, opt_state, loss = step(params, opt_state, ids[rows[i]], mask[rows[i]])
         losses.append(loss)
         if (i + 1) % 25 == 0 or i + 1 == num_steps:
