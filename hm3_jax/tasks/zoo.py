@@ -13,70 +13,39 @@ different fingerprint is rebuilt into a clean directory (``on_mismatch="rebuild"
 (``on_mismatch="error"``); contents are never mixed.
 
 Score matrices are ``[1 + K, K]`` (rows: base then experts in TASK_NAMES order; columns: tasks), one per
-split.
+split. What every zoo kind shares (`Zoo`, the manifest's format and fingerprint, score matrices, task-vector
+sizes) is `hm3_jax.tasks.zoo_format`'s, imported here; tiny8 builds, writes its spec and loads in
+`hm3_jax.tasks.tiny8.zoo`, to which this module dispatches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax.io import atomic
 from hm3_jax.tasks import corpus, data, lm_train, objectives
 from hm3_jax.tasks import tokenizer as tok_lib
+from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+from hm3_jax.tasks.zoo_format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    Zoo,
+    config_dict,
+    config_fingerprint,
+    read_manifest,
+    score_matrix,
+    task_vector_ratios,
+)
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-
-
-class Zoo(NamedTuple):
-    """A loaded zoo.
-
-    Attributes:
-      base: `hm3_jax.Model` of the base model.
-      experts: {task: Model} in TASK_NAMES order (expert k is fine-tuned on task k).
-      tokenizer: the zoo's `PreTrainedTokenizerFast`.
-      data: {task: {split: [example dict, ...]}} for splits train/search/heldout.
-      objectives: {split: {task: Objective}} for "search" and "heldout".
-      manifest: the parsed manifest.json.
-      workdir: the zoo directory.
-    """
-
-    base: Any
-    experts: dict
-    tokenizer: Any
-    data: dict
-    objectives: dict
-    manifest: dict
-    workdir: str
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return tuple(self.experts)
-
-
-def _to_dict(config) -> dict:
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return dict(config)
-
-
-def config_fingerprint(zoo_config) -> str:
-    """SHA-256 (16 hex chars) of the canonical JSON of the zoo config plus the format version."""
-    payload = json.dumps({"format": FORMAT_VERSION, "config": _to_dict(zoo_config)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def model_config(zoo_config, vocab_size: int):
@@ -123,27 +92,6 @@ def make_objectives(
     return out
 
 
-def score_matrix(models_list, split_objectives: Mapping[str, objectives.Objective]) -> np.ndarray:
-    """Scores [len(models_list), num_tasks] of `Model`s on one split's objectives (task order kept)."""
-    return np.array(
-        [
-            [objectives.score_model(m.config, m.params, o) for o in split_objectives.values()]
-            for m in models_list
-        ]
-    )
-
-
-def tree_norm(tree) -> float:
-    """Global L2 norm of a pytree."""
-    return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))))
-
-
-def task_vector_ratios(base_params, expert_params_list) -> list[float]:
-    """||tau_k|| / ||theta_base|| with tau_k = theta_k - theta_base (size of each expert's task vector)."""
-    base_norm = tree_norm(base_params)
-    return [tree_norm(jax.tree.map(jnp.subtract, p, base_params)) / base_norm for p in expert_params_list]
-
-
 def _train_rows_for_task(examples, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     pairs = objectives.tokenize_examples(tokenizer, examples)
     packed = objectives.pack_teacher_forced(pairs, tokenizer.pad_token_id, 1, seq_len, name="train")
@@ -159,7 +107,7 @@ class ZooError(ValueError):
 
 def zoo_kind(zoo_config) -> str:
     """`zoo_config.kind` ("tiny3" when absent, so tiny3 fingerprints are unchanged); tiny8: hm3_jax/tasks/tiny8."""
-    kind = _to_dict(zoo_config).get("kind", "tiny3")
+    kind = config_dict(zoo_config).get("kind", "tiny3")
     if kind not in ZOO_KINDS:
         raise ZooError(f"config.zoo.kind={kind!r} is not a zoo kind; known kinds: {', '.join(ZOO_KINDS)}")
     return kind
@@ -194,8 +142,6 @@ def check_buildable(zoo_config, workdir: str) -> None:
 def _build(zoo_config, out_dir: str, progress: bool) -> dict:
     """Builds every artefact into `out_dir` (an empty temporary directory); returns the manifest."""
     if zoo_kind(zoo_config) == "tiny8":
-        from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
-
         return tiny8_zoo.build_into(zoo_config, out_dir, progress)
     from hm3_jax import models
     from hm3_jax.model_io import Model, save_pretrained
@@ -284,7 +230,7 @@ def _build(zoo_config, out_dir: str, progress: bool) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "fingerprint": config_fingerprint(zoo_config),
-        "config": _to_dict(zoo_config),
+        "config": config_dict(zoo_config),
         "seed": int(cfg.seed),
         "tasks": list(task_data),
         "metrics": {t: data.task_metric(t) for t in task_data},
@@ -338,8 +284,6 @@ def write_spec(workdir: str) -> str:
     with FileLock(path + ".lock"):  # spec.yaml appears last: a reader that sees it sees every file it names
         if not os.path.isfile(path):
             if manifest.get("kind", "tiny3") == "tiny8":
-                from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
-
                 spec = tiny8_zoo.write_eval_files(workdir, manifest)
             else:
                 spec = _write_text_eval_files(workdir, manifest)
@@ -394,15 +338,6 @@ def _write_manifest(out_dir: str, manifest: dict) -> None:
     atomic.write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
 
 
-def read_manifest(workdir: str) -> dict | None:
-    """The parsed manifest of a zoo directory, or None when there is none."""
-    path = os.path.join(workdir, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def build(zoo_config, workdir: str, progress: bool = True) -> None:
     """Builds the zoo into `workdir`, replacing it only once the new build is complete.
 
@@ -439,8 +374,6 @@ def load(workdir: str, eval_batch_size: int | None = None) -> Zoo:
     if manifest is None:
         raise FileNotFoundError(f"no {MANIFEST} in {workdir}: not a zoo directory (build it first)")
     if manifest.get("kind", "tiny3") == "tiny8":
-        from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
-
         return tiny8_zoo.load(workdir, manifest, eval_batch_size)
     tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, manifest["paths"]["tokenizer"]))
     base = load_pretrained(os.path.join(workdir, manifest["paths"]["base"]))

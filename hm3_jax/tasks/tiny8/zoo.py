@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from hm3_jax.io import atomic
-from hm3_jax.tasks import objectives
+from hm3_jax.tasks import objectives, zoo_format
 from hm3_jax.tasks.tiny8 import data
 from hm3_jax.tasks.tiny8 import train as train_lib
 
@@ -95,9 +95,7 @@ def _save_head(path: str, head: Mapping) -> None:
 
 def load_heads(workdir: str, manifest: Mapping | None = None) -> dict:
     """{task: {"kernel": [D, C_task], "bias": [C_task]}} of a built tiny8 zoo."""
-    from hm3_jax.tasks import zoo as zoo_lib
-
-    manifest = manifest or zoo_lib.read_manifest(workdir)
+    manifest = manifest or zoo_format.read_manifest(workdir)
     out = {}
     for task, rel in manifest["paths"]["heads"].items():
         with np.load(os.path.join(workdir, rel)) as f:
@@ -112,7 +110,6 @@ def _write_json(path: str, obj) -> None:
 def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     """Builds every artefact of a tiny8 zoo into `out_dir` (an empty temporary directory); returns the manifest."""
     from hm3_jax.model_io import Model, save_pretrained
-    from hm3_jax.tasks import zoo as zoo_lib
 
     start, cpu_start = time.time(), time.process_time()
     cfg = zoo_config
@@ -180,17 +177,17 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     t0 = time.time()
     objs = make_objectives(task_data, heads, cfg.eval_batch_size)
     rows = [Model(config, base)] + [Model(config, p) for p in experts.values()]
-    matrices = {split: zoo_lib.score_matrix(rows, objs[split]).round(4).tolist() for split in objs}
+    matrices = {split: zoo_format.score_matrix(rows, objs[split]).round(4).tolist() for split in objs}
     probe_objs = make_objectives(task_data, probe_heads, cfg.eval_batch_size, splits=("heldout",))
-    probe_row = zoo_lib.score_matrix([Model(config, base)], probe_objs["heldout"])[0].round(4).tolist()
+    probe_row = zoo_format.score_matrix([Model(config, base)], probe_objs["heldout"])[0].round(4).tolist()
     timings["scoring_s"] = time.time() - t0
-    ratios = zoo_lib.task_vector_ratios(base, list(experts.values()))
+    ratios = zoo_format.task_vector_ratios(base, list(experts.values()))
     timings["total_s"] = time.time() - start
     return {
-        "format_version": zoo_lib.FORMAT_VERSION,
+        "format_version": zoo_format.FORMAT_VERSION,
         "kind": "tiny8",
-        "fingerprint": zoo_lib.config_fingerprint(zoo_config),
-        "config": zoo_lib._to_dict(zoo_config),
+        "fingerprint": zoo_format.config_fingerprint(zoo_config),
+        "config": zoo_format.config_dict(zoo_config),
         "seed": int(cfg.seed),
         "tasks": list(tasks),
         "metrics": {t: "accuracy" for t in tasks},
@@ -246,9 +243,8 @@ def write_eval_files(workdir: str, manifest: Mapping) -> dict:
 
 
 def load(workdir: str, manifest: Mapping, eval_batch_size: int | None = None):
-    """Loads a built tiny8 zoo as a `hm3_jax.tasks.zoo.Zoo` (tokenizer None; data {task: {split: arrays}})."""
+    """Loads a built tiny8 zoo as a `hm3_jax.tasks.zoo_format.Zoo` (tokenizer None; data {task: {split: arrays}})."""
     from hm3_jax.model_io import load_pretrained
-    from hm3_jax.tasks import zoo as zoo_lib
 
     base = load_pretrained(os.path.join(workdir, manifest["paths"]["base"]))
     experts = {t: load_pretrained(os.path.join(workdir, p)) for t, p in manifest["paths"]["experts"].items()}
@@ -256,4 +252,4 @@ def load(workdir: str, manifest: Mapping, eval_batch_size: int | None = None):
     heads = load_heads(workdir, manifest)
     batch_size = eval_batch_size or manifest["config"]["eval_batch_size"]
     objs = make_objectives(task_data, heads, batch_size)
-    return zoo_lib.Zoo(base, experts, None, task_data, objs, dict(manifest), os.path.abspath(workdir))
+    return zoo_format.Zoo(base, experts, None, task_data, objs, dict(manifest), os.path.abspath(workdir))
