@@ -243,7 +243,7 @@ def trim_magnitude_bits(kernel, base, thetas, keep):
     deltas = stacked_thetas - base32
     if kernel.method == "dare_ties":
         hp = dict(kernel.hparams)
-        deltas = kernels._dare_deltas(None, deltas, hp["drop_rate"], hp["rescale"], keep)
+        deltas = kernels.dare_deltas(None, deltas, hp["drop_rate"], hp["rescale"], keep)
         deltas = deltas - jnp.zeros_like(base32)  # as `dare_ties` calls `ties` with a zero base
     return jax.lax.bitcast_convert_type(jnp.abs(deltas), jnp.uint32), bad
 

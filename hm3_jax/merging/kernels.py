@@ -40,7 +40,9 @@ def _sum_models(x: jax.Array) -> jax.Array:
     return total
 
 
-def _per_model(value: float | Sequence[float], num_models: int) -> tuple[float, ...]:
+def per_model(value: float | Sequence[float], num_models: int) -> tuple[float, ...]:
+    """A hyperparameter given once or per model as one float per model: `(value,) * num_models` for a scalar,
+    else `value` as floats (kernels, the streaming merger and its host thresholds share this reading)."""
     if isinstance(value, int | float):
         return (float(value),) * num_models
     return tuple(float(v) for v in value)
@@ -280,7 +282,7 @@ def ties(
     del key
     deltas = thetas - base
     if trim is None:
-        densities = _per_model(density, deltas.shape[0])
+        densities = per_model(density, deltas.shape[0])
         masks = [topk_magnitude_mask(d, dens) for d, dens in zip(deltas, densities, strict=True)]
     else:
         masks = [mask_from_threshold(d, trim[i], offset) for i, d in enumerate(deltas)]
@@ -290,8 +292,12 @@ def ties(
     return base + scale * _disjoint_merge(weighted, weights, mask, normalize)
 
 
-def _dare_deltas(key, deltas, drop_rate, rescale, keep=None):
-    rates = _per_model(drop_rate, deltas.shape[0])
+def dare_deltas(key, deltas, drop_rate, rescale, keep=None):
+    """`DARE_{p_k}(delta_k)` for every model k of `deltas` `[K, ...]`: model k's drop mask is drawn with
+    `fold_in(key, k)`, or read from `keep[k]` when `keep` `[K, ...]` is given (key then unused); `drop_rate` is
+    one rate or one per model (`per_model`). Shared by `dare_linear`, `dare_ties` and the streaming merger's
+    TIES thresholds (`api.trim_magnitude_bits`)."""
+    rates = per_model(drop_rate, deltas.shape[0])
     return jnp.stack(
         [
             dare(
@@ -322,7 +328,7 @@ def dare_linear(
 
     The k-th model's drop mask is drawn with `fold_in(key, k)` (`keep` `[K, ...]`: already drawn).
     """
-    deltas = _dare_deltas(key, thetas - base, drop_rate, rescale, keep)
+    deltas = dare_deltas(key, thetas - base, drop_rate, rescale, keep)
     return base + scale * _weighted_sum(deltas * _bcast(weights, deltas.ndim), weights, normalize)
 
 
@@ -351,7 +357,7 @@ def dare_ties(
     The k-th model's drop mask is drawn with `fold_in(key, k)` (`keep`, `trim`, `offset`: as in `dare_linear`
     and `ties`, for the streaming merge's chunks).
     """
-    deltas = _dare_deltas(key, thetas - base, drop_rate, rescale, keep)
+    deltas = dare_deltas(key, thetas - base, drop_rate, rescale, keep)
     return (
         ties(
             None,
@@ -421,7 +427,7 @@ def consensus(
     num_models = deltas.shape[0]
     weighted = deltas * _bcast(weights, deltas.ndim)
     tau_mtl = _sum_models(weighted)
-    lambdas = jnp.asarray(_per_model(tall_lambda, num_models), jnp.float32)
+    lambdas = jnp.asarray(per_model(tall_lambda, num_models), jnp.float32)
     tall = jnp.abs(weighted) >= _bcast(lambdas, deltas.ndim) * jnp.abs(tau_mtl - weighted)
     keep = _sum_models(tall.astype(jnp.int32)) >= k
     zeros = jnp.zeros_like(base)

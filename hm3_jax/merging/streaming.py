@@ -123,7 +123,7 @@ def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_
 
     keep = None
     if kernel.method in ("dare_linear", "dare_ties"):
-        rates = kernels._per_model(hp["drop_rate"], num_models)
+        rates = kernels.per_model(hp["drop_rate"], num_models)
         if any(p > 0.0 for p in rates):
             keep = _workspace_buffer(workspace, "keep", bool, (num_models, n))
             keep.fill(True)
@@ -145,7 +145,7 @@ def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_
     bad_any = np.zeros(num_models + 1, bool)
     trim = None
     if kernel.method in ("ties", "dare_ties"):
-        densities = kernels._per_model(hp["density"], num_models)
+        densities = kernels.per_model(hp["density"], num_models)
         if any(int(d * n) < n for d in densities):
             bits = _workspace_buffer(workspace, "bits", np.uint32, (num_models, n))
             for start in starts:
