@@ -18,7 +18,7 @@ own (stages/source_scores.json). A run that scores its searches on the whole sea
 (`arch_level.neighbours(theta, K + 1, L, t_min, t_max)`: a block swapped for another source's block at the same
 layer, a step deleted or repeated, a block replaced by its neighbouring layer of the same source) is scored on the
 whole search split ("search_full") and on the held-out split, per preference, under the RL reward
-`sum_k lambda_k f_k / z*_k - beta1 T / T_max` (`arch_level.reward`, config.arch.rl's beta1 and t_max; z* the
+`sum_k lambda_k f_k / z*_k - beta1 T / T_max` (`hm3_jax.arch.env.host_reward`, config.arch.rl's beta1 and t_max; z* the
 split's ideal point). Scores come from per-example statistics computed with the engine's jitted kernels
 (`objectives.path_device_scores`, then `Objective.example_fn`: 0/1 correctness or chrF sentence statistics), so the
 same evaluation also gives the noise: the standard error of a path's reward difference to Theta, from
@@ -124,6 +124,7 @@ def neighbourhood(args) -> dict:
     """`--neighbourhood` (see the module docstring): the one-edit neighbourhood of Theta(lambda) per preference."""
     from tqdm.auto import tqdm
 
+    from hm3_jax.arch import env as env_lib
     from hm3_jax.hm3 import arch_level
     from hm3_jax.hm3 import run as run_lib
     from hm3_jax.moo import bootstrap
@@ -198,7 +199,7 @@ def neighbourhood(args) -> dict:
                                 se_check.append(boot / closed)
                 bar.update()
             scores, res = np.stack(scores), np.stack(res)
-            reward = arch_level.reward(scores / z, pref, lengths, rl.beta1, rl.t_max)  # [P]
+            reward = env_lib.host_reward(scores / z, pref, lengths, rl.beta1, rl.t_max)  # [P]
             gain = reward[1:] - reward[0]
             # paired resampled reward differences [M, B]; the length term is deterministic
             diff = ((res[1:] - res[:1]) / z) @ np.asarray(pref, np.float64)
@@ -410,6 +411,7 @@ def main(argv=None) -> dict:
         out = neighbourhood(args)
         print(json.dumps(out))
         return out
+    from hm3_jax.arch import env as env_lib
     from hm3_jax.hm3 import arch_level
 
     config, _, problem, prefs, shells, pools = _setup(args)
@@ -427,13 +429,13 @@ def main(argv=None) -> dict:
             archive["paths"] == theta[None], axis=1
         )  # Theta itself is the comparison, not a candidate
         paths, sub = archive["paths"][sel], archive["scores"][sel]
-        r_sub = arch_level.reward(sub, pref, (paths >= 0).sum(-1), rl.beta1, rl.t_max)
+        r_sub = env_lib.host_reward(sub, pref, (paths >= 0).sum(-1), rl.beta1, rl.t_max)
         order = np.argsort(-r_sub, kind="stable")[: args.top]
         cands = np.concatenate([theta[None], paths[order]])
         out = {"preference": pref.tolist()}
         for s, sc in scorer.items():
             norm = problem.normalise(sc.raw(i, cands), s)
-            out[s] = arch_level.reward(norm, pref, (cands >= 0).sum(-1), rl.beta1, rl.t_max).tolist()
+            out[s] = env_lib.host_reward(norm, pref, (cands >= 0).sum(-1), rl.beta1, rl.t_max).tolist()
         best_full = 1 + int(np.argmax(out["search_full"][1:]))
         rows.append({
             **out,

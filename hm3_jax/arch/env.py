@@ -28,7 +28,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+
+from hm3_jax.moo.scalarize import weighted_sum
 
 
 @struct.dataclass
@@ -174,15 +177,36 @@ def step(
 
 
 def episode_return(scores: jax.Array, length: jax.Array, params: EnvParams) -> jax.Array:
-    """``R = sum_k lambda_k f_k(path) - beta1 * T / T_max`` (the paper's reward).
+    """``R = sum_k lambda_k f_k(path) - beta1 * T / T_max`` (the paper's reward), jittable, float32.
+
+    The weighted sum is `hm3_jax.moo.weighted_sum`; `host_reward` is the same equation on the host in float64.
 
     Args:
       scores: ``[..., K]`` normalised task scores of the finished path(s).
       length: ``[...]`` path lengths T.
       params: the env params (preference ``[..., K]`` broadcast against ``scores``).
     """
-    weighted = jnp.sum(params.preference * scores, axis=-1)
+    weighted = weighted_sum(scores, params.preference)
     return weighted - params.beta1 * length.astype(jnp.float32) / params.t_max
+
+
+def host_reward(normalised_scores, preference, length, beta1: float, t_max: int) -> np.ndarray:
+    """The reward ``R = sum_k lambda_k f_k - beta1 * T / T_max`` of finished paths, on the host in float64.
+
+    `episode_return`'s equation (HM3_SPEC "Reward"), for ranking and confirming paths outside the trainer
+    (local search, brute-force optima, benchmarks).
+
+    Args:
+      normalised_scores: ``[..., K]`` task scores of the paths, normalised by the ideal point.
+      preference: ``[K]`` lambda.
+      length: ``[...]`` path lengths T.
+      beta1, t_max: the length penalty's weight and the maximum path length.
+
+    Returns:
+      ``[...]`` float64 rewards.
+    """
+    s = np.asarray(normalised_scores, np.float64)
+    return s @ np.asarray(preference, np.float64) - beta1 * np.asarray(length) / t_max
 
 
 def credit_rewards(episode_returns: jax.Array, decision_mask: jax.Array) -> jax.Array:

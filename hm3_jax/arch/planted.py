@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax.arch import descriptors as descriptors_lib
+from hm3_jax.arch import env
 
 
 class PlantedProblem(NamedTuple):
@@ -103,13 +104,15 @@ def numpy_scores(problem: PlantedProblem, path: tuple[int, ...]) -> np.ndarray:
 def brute_force_optimum(
     problem: PlantedProblem, preference: np.ndarray, beta1: float, t_min: int = 1
 ) -> tuple[tuple[int, ...], float]:
-    """Enumerates every path of length ``t_min..t_max``; returns the one maximising
-    ``sum_k lambda_k f_k - beta1 T / t_max`` and that value."""
+    """Enumerates every path of length ``t_min..t_max``; returns the one maximising the reward
+    ``sum_k lambda_k f_k - beta1 T / t_max`` (`env.host_reward`) and that value."""
     preference = np.asarray(preference, np.float64)
     best, best_value = None, -np.inf
     for length in range(t_min, problem.t_max + 1):
         for path in itertools.product(range(problem.pool_size), repeat=length):
-            value = float(preference @ numpy_scores(problem, path)) - beta1 * length / problem.t_max
+            value = float(
+                env.host_reward(numpy_scores(problem, path), preference, length, beta1, problem.t_max)
+            )
             if value > best_value:
                 best, best_value = path, value
     return best, best_value
