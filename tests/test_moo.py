@@ -66,8 +66,8 @@ def test_scalarizations_hand_values_and_batching():
     pref = np.array([0.25, 0.75])
     np.testing.assert_allclose(moo.weighted_sum(pts, pref), [0.05 + 0.6, 0.25], rtol=1e-6)
     ideal = np.array([1.0, 1.0])
-    # max(0.25*0.8, 0.75*0.2) = 0.2 ; max(0.25*0, 0.75*1) = 0.75
-    np.testing.assert_allclose(moo.tchebycheff(pts, pref, ideal), [0.2, 0.75], rtol=1e-6)
+    # maximised: -max(0.25*0.8, 0.75*0.2) = -0.2 ; -max(0.25*0, 0.75*1) = -0.75
+    np.testing.assert_allclose(moo.tchebycheff(pts, pref, ideal), [-0.2, -0.75], rtol=1e-6)
     prefs = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
     table = moo.weighted_sum(pts[None], prefs[:, None])
     assert table.shape == (3, 2)

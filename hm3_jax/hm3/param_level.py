@@ -144,9 +144,10 @@ def dare_ties_leaf(stacked, leaf_key, leaf, thetas, weights, density, drop_rate,
 
 
 def tchebycheff_normalised(problem: Problem, scores: np.ndarray, preference) -> float:
-    """max_k lambda_k |f_k / z*_k - 1| on the search split (to minimise)."""
+    """max_k lambda_k |f_k / z*_k - 1| on the search split (to minimise: CMA-ES minimises, so this fitness is
+    the negated `moo.tchebycheff`)."""
     f = problem.normalise(scores, "search")
-    return float(
+    return -float(
         scalarize.tchebycheff(jnp.asarray(f), jnp.asarray(preference), jnp.ones_like(jnp.asarray(f)))
     )
 

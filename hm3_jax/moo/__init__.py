@@ -2,9 +2,9 @@
 
 Sign convention (stated once for the whole package): **every objective is maximised**. A point is a row of
 task scores, ``points: [n, k]``, higher is better on every axis. Preferences are rows on the probability
-simplex, ``[n, k]`` or ``[k]``. The Tchebycheff scalarisation is the one quantity here that is *minimised*
-(it is a distance to the ideal point); evolutionary libraries that minimise (evosax) get a negated weighted
-sum at their boundary only, never inside this package.
+simplex, ``[n, k]`` or ``[k]``. Both scalarisations are maximised too (Tchebycheff is the *negated* distance
+to the ideal point); searches that minimise (evosax's CMA-ES, the parameter level's Tchebycheff fitness)
+negate at their boundary only, never inside this package.
 
 Host-side functions (Pareto masks, dominance, hypervolume, normalisation, plots) take and return numpy
 arrays and validate their inputs (NaN, shapes, empty sets) with ``ValueError`` messages that name the

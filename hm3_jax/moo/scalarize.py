@@ -1,4 +1,4 @@
-"""Scalarisations of a maximised objective vector for one preference (HM3_SPEC "Scalarisations").
+"""Scalarisations of a maximised objective vector for one preference (HM3_SPEC "Scalarisations"), both maximised.
 
 Both are jittable and broadcast over leading axes: ``points [..., k]`` with ``pref [..., k]`` gives ``[...]``.
 For every point against every preference use ``points[None, :, :]`` and ``pref[:, None, :]``.
@@ -31,7 +31,8 @@ def weighted_sum(points, pref) -> jnp.ndarray:
 
 
 def tchebycheff(points, pref, ideal) -> jnp.ndarray:
-    """Tchebycheff scalarisation ``g(f; lambda, z*) = max_k lambda_k |f_k - z*_k|`` (to be MINIMISED).
+    """Tchebycheff scalarisation ``g(f; lambda, z*) = -max_k lambda_k |f_k - z*_k|`` (maximised, like every
+    objective here: the negated weighted Chebyshev distance to the ideal point; a minimiser negates it).
 
     Args:
       points: ``[..., k]`` objective values.
@@ -40,8 +41,8 @@ def tchebycheff(points, pref, ideal) -> jnp.ndarray:
         normalisation by the ideal point).
 
     Returns:
-      ``[...]`` weighted Chebyshev distances to the ideal point; lower is better.
+      ``[...]`` negated weighted Chebyshev distances to the ideal point; higher is better (0 at the ideal).
     """
     points, pref, ideal = jnp.asarray(points), jnp.asarray(pref), jnp.asarray(ideal)
     _check_last_axis(points, pref, ideal)
-    return jnp.max(pref * jnp.abs(points - ideal), axis=-1)
+    return -jnp.max(pref * jnp.abs(points - ideal), axis=-1)
