@@ -42,6 +42,7 @@ def test_path_baseline_confirmation_rescores_its_best_candidates(problem):
 
 def test_arch_level_confirmation_includes_the_merged_models_identity_path(problem):
     from hm3_jax import models
+    from hm3_jax.arch import env
     from hm3_jax.hm3 import arch_level
     from hm3_jax.hm3.problem import pool_for
 
@@ -59,8 +60,8 @@ def test_arch_level_confirmation_includes_the_merged_models_identity_path(proble
     assert any(np.array_equal(p, theta) for p in np.asarray(c["paths"]))
     assert len(c["paths"]) in (1, 2) and c["chosen"] == int(np.argmax(c["full_rewards"]))
     ps = np.asarray(c["paths"], np.int32)
-    expected = arch_level.reward(problem.normalise(np.asarray(c["full_search"]), "search_full"), pref[0],
-                                 (ps >= 0).sum(-1), 0.05, 3)  # fmt: skip
+    expected = env.host_reward(problem.normalise(np.asarray(c["full_search"]), "search_full"), pref[0],
+                               (ps >= 0).sum(-1), 0.05, 3)  # fmt: skip
     np.testing.assert_allclose(c["full_rewards"], expected, atol=1e-9)
 
 

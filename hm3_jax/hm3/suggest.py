@@ -26,6 +26,7 @@ import numpy as np
 
 from hm3_jax import models, moo
 from hm3_jax.arch import descriptors as descriptors_lib
+from hm3_jax.arch import env as env_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
 from hm3_jax.hm3 import workdir as workdir_lib
@@ -167,7 +168,7 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     cands = np.stack([decoded, theta])
     judge = path_scorer("search")  # its archive holds just these two candidates (not refine's paths)
     norm = judge(cands, np.repeat(pref32[None], 2, 0))  # normalised search scores
-    rewards = arch_level.reward(norm, pref, (cands >= 0).sum(-1), acfg.beta1, acfg.t_max)
+    rewards = env_lib.host_reward(norm, pref, (cands >= 0).sum(-1), acfg.beta1, acfg.t_max)
     decision = {"search_rewards": rewards.tolist()}
     chosen = 0 if rewards[0] > rewards[1] else 1
     confirm = chosen == 0 and not np.array_equal(decoded, theta) and "search_full" in problem.engines
