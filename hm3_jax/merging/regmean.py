@@ -167,6 +167,16 @@ def regmean(
     return merged
 
 
+def _solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a^-1 b` for `a` `[..., n, n]`, `b` `[..., n, m]`, one matrix per LAPACK call (`lax.map` over the leading
+    axes). A batched `jnp.linalg.solve` on CPU can hang the whole program when several run at once (jaxlib's
+    LAPACK kernel waits on XLA's intra-op pool from inside it; `tsv.py` has the details), which a RegMean of a
+    transformer (one batched solve per kernel leaf) does."""
+    if a.ndim == 2:
+        return jnp.linalg.solve(a, b)
+    return jax.lax.map(lambda ab: _solve(*ab), (a, b))
+
+
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _regmean_tree(base, models, grams, lam, alpha, ridge, nonlinear_scale):
     """The arithmetic of `regmean` for the models of positive weight (lam [K'] sums to 1): the merged tree and
@@ -193,7 +203,7 @@ def _regmean_tree(base, models, grams, lam, alpha, ridge, nonlinear_scale):
             mean_diag = jnp.mean(jnp.diagonal(system, axis1=-2, axis2=-1), axis=-1)
             system = system + ridge * mean_diag[..., None, None] * jnp.eye(system.shape[-1])
         systems[name] = system
-        out.append(jnp.linalg.solve(system, rhs).astype(b.dtype))
+        out.append(_solve(system, rhs).astype(b.dtype))
     return jax.tree_util.tree_unflatten(treedef, out), systems
 
 

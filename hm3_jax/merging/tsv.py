@@ -22,17 +22,50 @@ change the others' polar factor; the columns it gets back are multiplied by s = 
 models, weights=..., scale=..., rank_fraction=...)` (`api.py`), which applies it per leaf and per block of the
 leaves stacked under "blocks" (so every `[L, m, n]` leaf is L matrices), in float32 with the base's dtypes out;
 the streaming merge of checkpoints runs it on each Hugging Face tensor whole.
+
+On CPU every SVD runs in numpy through a host callback, one matrix at a time. jaxlib's CPU LAPACK kernels
+split a batch of matrices (here: the blocks, under `merge`'s vmap) over XLA's intra-op thread pool from a thread
+of that same pool and block until the parts finish; with several such calls in flight (two cores here) every
+pool thread ends up waiting and the program never finishes (seen with jaxlib 0.10.2: `LuDecomposition` in
+`jax::ParallelBatchMap`, all `tf_XLAEigen` threads parked; batched `jnp.linalg.solve`s hang the same way, see
+`regmean.py`). Other backends use `jnp.linalg.svd`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _svd_host(x: np.ndarray):
+    u, s, vt = np.linalg.svd(np.asarray(x, np.float32), full_matrices=False)
+    return u.astype(np.float32), s.astype(np.float32), vt.astype(np.float32)
+
+
+def _svd(x: jax.Array):
+    """Thin SVD `x = U diag(s) V^T` of one `[m, n]` matrix: (U `[m, q]`, s `[q]`, V^T `[q, n]`), q = min(m, n).
+    On CPU in numpy, one matrix at a time also under vmap (module docstring); elsewhere `jnp.linalg.svd`."""
+    m, n = x.shape
+    q = min(m, n)
+    shapes = (
+        jax.ShapeDtypeStruct((m, q), jnp.float32),
+        jax.ShapeDtypeStruct((q,), jnp.float32),
+        jax.ShapeDtypeStruct((q, n), jnp.float32),
+    )
+
+    def on_cpu(x):
+        return jax.pure_callback(_svd_host, shapes, x, vmap_method="sequential")
+
+    def elsewhere(x):
+        return tuple(jnp.linalg.svd(x, full_matrices=False))
+
+    return jax.lax.platform_dependent(x.astype(jnp.float32), cpu=on_cpu, default=elsewhere)
 
 
 def _polar(x: jax.Array) -> jax.Array:
     """`P Q^T` from the thin SVD `x = P S Q^T`: the matrix with orthonormal columns nearest to `x`."""
-    p, _, qt = jnp.linalg.svd(x, full_matrices=False)
+    p, _, qt = _svd(x)
     return p @ qt
 
 
@@ -54,7 +87,7 @@ def tsv_kernel(key, base, thetas, weights, *, scale: float = 1.0, rank_fraction:
     if base.ndim != 2:
         return base + scale * jnp.tensordot(w, deltas, axes=1) / num_models
     r = task_rank(base.shape, num_models, rank_fraction)
-    u, s, vt = jnp.linalg.svd(deltas, full_matrices=False)  # [K, m, q], [K, q], [K, q, n]
+    u, s, vt = (jnp.stack(parts) for parts in zip(*(_svd(d) for d in deltas), strict=True))  # [K, m, q] ...
     live = (w != 0).astype(jnp.float32)[:, None, None]
     u_cat = jnp.concatenate(list(u[:, :, :r] * live), axis=1)  # [m, K r]
     v_cat = jnp.concatenate(list(jnp.swapaxes(vt[:, :r, :], 1, 2) * live), axis=1)  # [n, K r]
