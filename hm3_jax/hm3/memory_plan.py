@@ -357,7 +357,7 @@ def usable_memory(
     """Bytes a plan may use per device: `memory_fraction` of `device_memory_bytes`, or of the first device's
     `memory_stats()["bytes_limit"]` when not given (None on a backend without memory stats, e.g. CPU). The first
     device of this process: another process's devices have no stats here (a multi-process run)."""
-    if device_memory_bytes is None:  # this process's: others' have no stats here
+    if device_memory_bytes is None:
         stats = jax.local_devices()[0].memory_stats() or {}
         device_memory_bytes = stats.get("bytes_limit")
     return None if device_memory_bytes is None else int(device_memory_bytes * memory_fraction)
