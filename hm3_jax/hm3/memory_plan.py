@@ -444,21 +444,18 @@ def check_fits(run_config, mesh=None, device_memory_bytes: int | None = None,
                memory_fraction: float = DEFAULT_MEMORY_FRACTION, *, spec_path: str | None = None,
                splits=SPLITS) -> Plan | None:  # fmt: skip
     """`plan_run` without the batch search, before a run loads anything: returns the plan, or raises PlanError
-    naming the program and the device when the run does not fit (`splits`: see `plan_run`). With no `device_memory_bytes` on a backend
+    naming the program and the device when the run does not fit (`splits`: see `plan_run`), at the first kind of
+    program (PROGRAMS, in order) that does not, without compiling the rest. With no `device_memory_bytes` on a backend
     that reports no memory limit (CPU) nothing is compiled and None is returned (nothing to check against)."""
     if usable_memory(device_memory_bytes, memory_fraction) is None:
         return None
-    plan = plan_run(
-        run_config,
-        mesh,
-        device_memory_bytes,
-        memory_fraction,
-        spec_path=spec_path,
-        search_batch=False,
-        splits=splits,
-    )
-    if not plan.fits:
-        raise PlanError(plan.error_message())
+    plan = None
+    for kind in PROGRAMS:  # one kind at a time: a run that does not fit is refused at its first such program
+        part = plan_run(run_config, mesh, device_memory_bytes, memory_fraction, spec_path=spec_path,
+                        search_batch=False, programs=(kind,), splits=splits)  # fmt: skip
+        if not part.fits:
+            raise PlanError(part.error_message())
+        plan = part if plan is None else plan._replace(programs=plan.programs + part.programs)
     return plan
 
 
