@@ -188,3 +188,27 @@ def test_archive_restores_scores_and_cost_after_a_resume(problem, tmp_path):
     np.testing.assert_array_equal(resumed(second, np.repeat(pref, 4, 0)), want)
     assert resumed.flops == before.flops and resumed.evaluations == 2  # [4, 5] and [0, 5] only
     assert list(resumed.archive) == list(before.archive)
+
+
+def test_tsv_parameter_baseline_tunes_its_scale_on_the_search_split(problem):
+    """TSV-M as a parameter baseline (`--config.baselines.param_methods=...,tsv`): per preference the grid's
+    best scale on the search split, its held-out point the held-out score of that merge."""
+    import jax
+
+    from hm3_jax.hm3 import baselines_runner
+    from hm3_jax.hm3.problem import score_params
+
+    prefs = np.array([[1 / 3, 1 / 3, 1 / 3], [0.6, 0.3, 0.1]], np.float32)
+    key = jax.random.PRNGKey(0)
+    out = baselines_runner.run_param_baseline(problem, "tsv", prefs, key)
+    grid = baselines_runner.PARAM_GRIDS["tsv"]
+    assert out["evaluations"] == len(prefs) * len(grid) and all(hp in grid for hp in out["hparams"])
+    for i, (pref, hp) in enumerate(zip(prefs, out["hparams"], strict=True)):
+        fits = [float(problem.normalise(score_params(problem.engines["search"], problem.experts,
+                baselines_runner.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), g)), "search") @ pref)
+                for g in grid]  # fmt: skip
+        assert hp == grid[int(np.argmax(fits))]
+        merged = baselines_runner.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), hp)
+        np.testing.assert_allclose(
+            out["points"][i], score_params(problem.engines["heldout"], problem.experts, merged)
+        )

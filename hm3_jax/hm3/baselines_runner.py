@@ -34,6 +34,7 @@ PARAM_DEFAULTS = {
     "dare_ties": {"density": 1.0, "drop_rate": 0.9, "scale": 1.0, "normalize": True},
     "consensus": {"scale": 0.4},
     "pcb": {"density": 0.2, "scale": 1.0},
+    "tsv": {"scale": 1.0},  # TSV-M (Gargiulo et al. 2025): rank 1/K of each task matrix, decorrelated
 }
 PARAM_GRIDS = {
     "task_arithmetic": [{"scale": s} for s in (0.3, 0.5, 0.7, 1.0)],
@@ -45,6 +46,7 @@ PARAM_GRIDS = {
     ],
     "consensus": [{"scale": s} for s in (0.3, 0.5, 0.7, 1.0)],
     "pcb": [{"density": d, "scale": s} for d in (0.2, 0.5) for s in (0.7, 1.0)],
+    "tsv": [{"scale": s} for s in (0.5, 0.8, 1.0, 1.3)],
 }
 
 

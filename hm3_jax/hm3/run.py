@@ -34,7 +34,7 @@ from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
 from hm3_jax.tasks import zoo as zoo_lib
 
-REQUIRED_PARAM = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb")
+REQUIRED_PARAM = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb", "tsv")
 REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
 # `config.ablations` (optional; a config without the key runs both): which ablations the run computes and reports.
 # "no_param_level" is a second architecture level (RL over the experts' pool); "no_arch_level" is the parameter
