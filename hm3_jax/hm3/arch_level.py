@@ -49,6 +49,7 @@ from hm3_jax import merging, models
 from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
+from hm3_jax.arch.env import host_reward
 from hm3_jax.hm3.problem import Problem, full_search_cost, pool_for
 from hm3_jax.hm3.workdir import atomic_write_text
 from hm3_jax.io import atomic
@@ -172,12 +173,6 @@ def scorer_pool_id(tag: str, index: int) -> str:
     return f"{tag}/pref{index}"
 
 
-def reward(normalised_scores, preference, length, beta1: float, t_max: int) -> np.ndarray:
-    """The RL reward `sum_k lambda_k f_k - beta1 T / T_max` (HM3_SPEC "Reward")."""
-    s = np.asarray(normalised_scores, np.float64)
-    return s @ np.asarray(preference, np.float64) - beta1 * np.asarray(length) / t_max
-
-
 def arch_config(cfg, num_sources: int, num_layers: int, num_tasks: int) -> ppo.ArchConfig:
     """`config.arch.rl` (ml_collections) -> the static ArchConfig of this pool.
 
@@ -294,7 +289,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
         scorer(np.concatenate([greedy[None], seeds]), np.repeat(pref[None], 1 + len(seeds), 0))
         cands = [(np.frombuffer(k[1], np.int32), s) for k, s in scorer.archive.items() if k[0] == i]
         lengths = np.array([(p >= 0).sum() for p, _ in cands])
-        rewards = reward(np.stack([s for _, s in cands]), pref, lengths, acfg.beta1, acfg.t_max)
+        rewards = host_reward(np.stack([s for _, s in cands]), pref, lengths, acfg.beta1, acfg.t_max)
         best = int(np.argmax(rewards))
         best_path = cands[best][0]
         g_key = greedy.tobytes()
@@ -332,7 +327,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
             best_path = np.asarray(confirm["paths"][confirm["chosen"]], np.int32)
             cands = [(best_path, scorer.archive[(i, best_path.tobytes())])]
             rewards, best = (
-                np.asarray([reward(cands[0][1], pref, (best_path >= 0).sum(), acfg.beta1, acfg.t_max)]),
+                np.asarray([host_reward(cands[0][1], pref, (best_path >= 0).sum(), acfg.beta1, acfg.t_max)]),
                 0,
             )
         results.append({
@@ -397,7 +392,7 @@ def confirm_candidates(problem: Problem, full_scorer, index: int, pref, scorer, 
     """
     cands = [(np.frombuffer(k[1], np.int32), s) for k, s in scorer.archive.items() if k[0] == index]
     paths = np.stack([p for p, _ in cands])
-    r_sub = reward(np.stack([s for _, s in cands]), pref, (paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
+    r_sub = host_reward(np.stack([s for _, s in cands]), pref, (paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
     order = list(np.argsort(-r_sub, kind="stable")[:top])
     j = []  # where Theta(lambda)'s identity path, the upper level's own answer, is among the candidates
     if num_sources > problem.num_tasks:
@@ -407,7 +402,7 @@ def confirm_candidates(problem: Problem, full_scorer, index: int, pref, scorer, 
             order.append(j[0])
     chosen_paths = paths[order]
     full = full_scorer(chosen_paths, np.repeat(np.asarray(pref)[None], len(order), 0))
-    r_full = reward(full, pref, (chosen_paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
+    r_full = host_reward(full, pref, (chosen_paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
     chosen = int(np.argmax(r_full))
     out = {
         "paths": chosen_paths.tolist(),
@@ -507,7 +502,7 @@ def neighbourhood_search(score_fn, path, preference, *, num_sources: int, num_la
     if cur.tobytes() not in known:
         known[cur.tobytes()] = np.asarray(score_fn(cur[None]))[0]
         evaluations += 1
-    cur_r = float(reward(known[cur.tobytes()], preference, lengths(cur), beta1, t_max))
+    cur_r = float(host_reward(known[cur.tobytes()], preference, lengths(cur), beta1, t_max))
     while evaluations < budget:
         nb = neighbours(cur, num_sources, num_layers, t_min, t_max)
         new = np.asarray([p for p in nb if p.tobytes() not in known], np.int32).reshape(-1, t_max)
@@ -519,7 +514,7 @@ def neighbourhood_search(score_fn, path, preference, *, num_sources: int, num_la
         nb = np.asarray([p for p in nb if p.tobytes() in known], np.int32).reshape(-1, t_max)
         if not len(nb):
             break
-        r = reward(np.stack([known[p.tobytes()] for p in nb]), preference, lengths(nb), beta1, t_max)
+        r = host_reward(np.stack([known[p.tobytes()] for p in nb]), preference, lengths(nb), beta1, t_max)
         j = int(np.argmax(r))
         if r[j] <= cur_r + 1e-9:
             break

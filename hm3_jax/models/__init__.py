@@ -12,8 +12,8 @@ from hm3_jax.models.config import ModelConfig, rope_scaling_from_dict
 from hm3_jax.models.decode import greedy_decode
 from hm3_jax.models.flops import decode_flops, flops_per_token, forward_flops
 from hm3_jax.models.path import (
-    _family,
     apply_path,
+    family_module,
     identity_path,
     make_pool,
     path_from_pairs,
@@ -25,28 +25,28 @@ from hm3_jax.models.path import (
 
 def init(config: ModelConfig, key: jax.Array, dtype=None) -> dict:
     """Random params `{"embed", "blocks", "final", "head"}` for `config` (blocks stacked on axis 0)."""
-    module = _family(config)
+    module = family_module(config)
     return module.init(config, key) if dtype is None else module.init(config, key, dtype=dtype)
 
 
 def embed(config: ModelConfig, shell: dict, inputs, attention_mask=None):
     """`(h [B, S, D], ctx)` from the family's embedding."""
-    return _family(config).embed(config, shell, inputs, attention_mask)
+    return family_module(config).embed(config, shell, inputs, attention_mask)
 
 
 def block(config: ModelConfig, block_params: dict, h, ctx):
     """One block of the family: h [B, S, D] -> [B, S, D]."""
-    return _family(config).block(config, block_params, h, ctx)
+    return family_module(config).block(config, block_params, h, ctx)
 
 
 def head(config: ModelConfig, shell: dict, h):
     """Final norm and output head of the family."""
-    return _family(config).head(config, shell, h)
+    return family_module(config).head(config, shell, h)
 
 
 def apply(config: ModelConfig, params: dict, inputs, attention_mask=None):
     """Full forward of the family (logits [B, S, V] for LMs; ViT hidden states or class logits)."""
-    return _family(config).apply(config, params, inputs, attention_mask)
+    return family_module(config).apply(config, params, inputs, attention_mask)
 
 
 def cast(params: dict, dtype) -> dict:

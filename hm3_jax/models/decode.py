@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from hm3_jax.models import layers
 from hm3_jax.models.config import ModelConfig
-from hm3_jax.models.path import _family, _is_concrete, check_junction, pool_size, validate_path
+from hm3_jax.models.path import check_junction, family_module, is_concrete, pool_size, validate_path
 
 LM_FAMILIES = ("llama", "gpt2")
 
@@ -122,8 +122,8 @@ def greedy_decode(
         raise ValueError(
             f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must both be [B, S_prompt]"
         )
-    module = _family(config)
-    if _is_concrete(path):
+    module = family_module(config)
+    if is_concrete(path):
         validate_path(path, pool_size(pool))
     path = jnp.asarray(path, jnp.int32)
     t_max = path.shape[0]

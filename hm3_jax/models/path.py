@@ -23,7 +23,8 @@ import numpy as np
 from hm3_jax.models.config import ModelConfig
 
 
-def _family(config: ModelConfig):
+def family_module(config: ModelConfig):
+    """The module (`llama`, `gpt2`, `vit`) implementing `config.family`'s embed, block and head."""
     if config.family == "llama":
         from hm3_jax.models import llama as module
     elif config.family == "gpt2":
@@ -94,7 +95,8 @@ def identity_path(num_layers: int, t_max: int | None = None, source: int = 0) ->
     return path_from_pairs([(source, l) for l in range(num_layers)], num_layers, t_max or num_layers)
 
 
-def _is_concrete(x) -> bool:
+def is_concrete(x) -> bool:
+    """Whether `x` is a concrete value (not a tracer under jit): host-side checks can read it."""
     return not isinstance(x, jax.core.Tracer)
 
 
@@ -110,7 +112,7 @@ def run_path(config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx
     of `lax.cond` skipping it: the same values, more work. For model-parallel meshes, where the devices of
     different path groups would otherwise take different branches around the partitioner's collectives (the
     CPU runtime's rendezvous then waits for all devices and aborts; paths/engine.py)."""
-    module = _family(config)
+    module = family_module(config)
     affine = None if junction is None else (junction["scale"], junction["shift"])
 
     def step(h, xs):
@@ -174,8 +176,8 @@ def apply_path(
       uniform: no data-dependent branch over padding steps (`run_path`).
     Returns: the family's `head` outputs (logits [B, S, V] for LMs, [B, P, V] with `positions`).
     """
-    module = _family(config)
-    if _is_concrete(path):
+    module = family_module(config)
+    if is_concrete(path):
         validate_path(path, pool_size(pool))
     path = jnp.asarray(path)
     check_junction(junction, path.shape[0], config.hidden_size)
