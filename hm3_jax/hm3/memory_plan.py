@@ -14,8 +14,8 @@ the mesh is made of simulated devices). Per program and per device, `compiled.me
 and the device the run also keeps other arrays on (device 0, where `load_pretrained` puts every tensor) adds
 the run's resident arrays that are not the program's arguments (`resident_bytes`). The programs:
 
-* ``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`, leaf by leaf: the largest
-  leaf's program, base and K experts' leaves in, the merged leaf out) on device 0, when the run tunes (`param_level.cmaes.enabled`; the paper's merge,
+* ``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`, tensor by tensor: the largest
+  tensor's program, base and K experts' tensors in, the merged tensor out) on device 0, when the run tunes (`param_level.cmaes.enabled`; the paper's merge,
   `merging.hm3_merge`, runs eagerly leaf by leaf and is not planned);
 * ``path_scores/<split>``: the path engine's program for one chunk of candidate paths over the pool of the
   K + 1 sources' blocks, for each engine the run makes ("search", capped to `engine.search_examples` rows per
@@ -305,19 +305,21 @@ def engine_programs(config, num_experts: int, dtype, objectives: dict, run_confi
 
 
 def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
-    """``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`) on device 0. It streams leaf
-    by leaf, one program per leaf (`param_level.dare_ties_leaf`): planned is the largest leaf's, with the rest
-    of the sources, the sources' pool and the merged model being assembled (at most one model) resident."""
+    """``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`) on device 0. It streams tensor
+    by tensor (shell leaves, and stacked leaves block by block; `param_level.dare_ties_leaf`): planned is the
+    largest tensor's program, with the rest of the sources, the sources' pool and the merged model being
+    assembled (at most one model) resident."""
     from hm3_jax.merging.groups import is_stacked, path_name
 
     params = abstract_params(config, dtype)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    path, leaf = max(leaves, key=lambda pl: int(np.prod(pl[1].shape)) * pl[1].dtype.itemsize)
-    stacked = is_stacked(path_name(path))
+    tensors = [  # what dare_ties_leaf is called on: shell leaves whole, stacked leaves one block at a time
+        jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if is_stacked(path_name(p)) else x
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
+    leaf = max(tensors, key=lambda x: int(np.prod(x.shape)) * x.dtype.itemsize)
     f32 = jax.ShapeDtypeStruct((), jnp.float32)
-    weights = (num_experts, config.num_layers) if stacked else (num_experts,)
-    args = (stacked, jax.ShapeDtypeStruct((2,), jnp.uint32), leaf, [leaf] * num_experts,
-            jax.ShapeDtypeStruct(weights, jnp.float32), f32, f32, f32, f32)  # fmt: skip
+    args = (False, jax.ShapeDtypeStruct((2,), jnp.uint32), leaf, [leaf] * num_experts,
+            jax.ShapeDtypeStruct((num_experts,), jnp.float32), f32, f32, f32, f32)  # fmt: skip
     model = tree_bytes(params)
     leaf_args = (num_experts + 1) * tree_bytes(leaf)
     pool = (num_experts + 1) * tree_bytes(params["blocks"])

@@ -96,10 +96,11 @@ def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, 
     elected (every entry is kept): at density 1 and drop rate 0 this is task arithmetic
     `Theta = base + scale * sum_k w_k delta_k` (Ilharco et al. 2023).
 
-    Streams leaf by leaf (issue 16): each leaf is one jitted program (`dare_ties_leaf`, compiled once per leaf
-    shape; the hyperparameters stay traced), so the float32 temporaries are those of one leaf's K copies, never
-    of the whole model (the whole-model program needed 16.7 GiB of temporaries for three Qwen2.5-0.5B-shaped
-    experts; `python -m experiments.plan`).
+    Streams tensor by tensor (issue 16): each shell leaf and each block of a stacked `blocks/...` leaf is one
+    call of a jitted program (`dare_ties_leaf`, compiled once per tensor shape; the hyperparameters stay traced),
+    so the float32 temporaries are those of one tensor's K copies, never of the whole model (the whole-model
+    program needed 16.7 GiB of temporaries for three Qwen2.5-0.5B-shaped experts, 262 GiB for Llama-2-7B's;
+    `python -m experiments.plan`).
 
     Args: base / experts: params pytrees; key; block_weights [K, L]; shell_weights [K]; density, drop_rate,
       scale: scalars; elect: scalar, 1 (TIES sign election) or 0 (none). Returns: merged params with the
@@ -110,9 +111,17 @@ def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, 
     hp = [jnp.asarray(x, jnp.float32) for x in (density, drop_rate, scale, elect)]
     out = []
     for index, (path, leaf) in enumerate(leaves):
-        stacked = is_stacked(path_name(path))
-        out.append(dare_ties_leaf(stacked, jax.random.fold_in(key, index), leaf, [el[index] for el in expert_leaves],
-                                  block_weights if stacked else shell_weights, *hp))  # fmt: skip
+        leaf_key, thetas = jax.random.fold_in(key, index), [el[index] for el in expert_leaves]
+        if is_stacked(
+            path_name(path)
+        ):  # block by block: block l with key fold_in(leaf_key, l), weights [:, l]
+            out.append(jnp.stack([
+                dare_ties_leaf(False, jax.random.fold_in(leaf_key, l), leaf[l], [t[l] for t in thetas],
+                               block_weights[:, l], *hp)
+                for l in range(leaf.shape[0])
+            ]))  # fmt: skip
+        else:
+            out.append(dare_ties_leaf(False, leaf_key, leaf, thetas, shell_weights, *hp))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
