@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hm3_jax.merging.api import first_mismatch
 from hm3_jax.merging.calibration import Calibration, broadcast_weights, check_calibration, row_weights
 from hm3_jax.merging.groups import is_stacked, path_name
-from hm3_jax.merging.regmean import check_preference
+from hm3_jax.merging.regmean import check_models, check_preference
 
 GRANULARITIES = ("task", "layer")
 
@@ -133,12 +132,7 @@ def adamerging(
       ValueError: no models, structure/shape mismatch, bad weights, missing/empty calibration data, a bad
         granularity, num_steps or batch_size < 1, or an init outside the bounds.
     """
-    models = list(models)
-    if not models:
-        raise ValueError("AdaMerging: the list of models to merge is empty")
-    mismatch = first_mismatch(base, models)
-    if mismatch:
-        raise ValueError(f"AdaMerging: {mismatch}")
+    models = check_models(base, models, "AdaMerging")
     lam = check_preference(weights, len(models), "AdaMerging")
     check_calibration(calibration, len(models), "AdaMerging")
     if int(num_steps) < 1 or int(batch_size) < 1:

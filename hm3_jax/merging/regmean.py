@@ -35,6 +35,18 @@ from hm3_jax.merging.groups import path_name
 from hm3_jax.merging.layer_inputs import layer_input_grams
 
 
+def check_models(base: Any, models: Sequence[Any], what: str) -> list:
+    """`models` as a list: not empty, each with `base`'s structure and shapes (ValueError naming the first
+    tensor that differs otherwise)."""
+    models = list(models)
+    if not models:
+        raise ValueError(f"{what}: the list of models to merge is empty")
+    mismatch = first_mismatch(base, models)
+    if mismatch:
+        raise ValueError(f"{what}: {mismatch}")
+    return models
+
+
 def check_preference(weights: Sequence[float] | None, num_models: int, what: str) -> np.ndarray:
     """K non-negative, finite weights not all 0 (default all 1) as float64 `[K]`; ValueError otherwise."""
     if weights is None:
@@ -120,12 +132,7 @@ def regmean(
         shape does not match its leaf (naming it), a singular system (naming the leaf and block), a model
         whose structure or shapes differ from the base.
     """
-    models = list(models)
-    if not models:
-        raise ValueError("RegMean: the list of models to merge is empty")
-    mismatch = first_mismatch(base, models)
-    if mismatch:
-        raise ValueError(f"RegMean: {mismatch}")
+    models = check_models(base, models, "RegMean")
     lam = check_preference(weights, len(models), "RegMean")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"RegMean: alpha must be in [0, 1], got {alpha}")
