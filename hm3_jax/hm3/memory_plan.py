@@ -15,8 +15,9 @@ and the device the run also keeps other arrays on (device 0, where `load_pretrai
 the run's resident arrays that are not the program's arguments (`resident_bytes`). The programs:
 
 * ``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`, tensor by tensor: the largest
-  tensor's program, base and K experts' tensors in, the merged tensor out) on device 0, when the run tunes (`param_level.cmaes.enabled`; the paper's merge,
-  `merging.hm3_merge`, runs eagerly leaf by leaf and is not planned);
+  tensor's program, base and K experts' tensors in, the merged tensor out) on device 0, when the run tunes
+  (`param_level.cmaes.enabled`; the paper's merge, `merging.hm3_merge`, runs eagerly leaf by leaf and is not
+  planned);
 * ``path_scores/<split>``: the path engine's program for one chunk of candidate paths over the pool of the
   K + 1 sources' blocks, for each engine the run makes ("search", capped to `engine.search_examples` rows per
   task when set, "search_full", the whole search split then, and "heldout"), on the run's mesh (strategy
@@ -54,7 +55,9 @@ import numpy as np
 
 from hm3_jax import models
 from hm3_jax.hm3 import param_level
+from hm3_jax.hm3.preference_models import resident_preferences
 from hm3_jax.hm3.problem import make_engines
+from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.paths.engine import DECODE_METRICS
 from hm3_jax.tasks import objectives as objectives_lib
 from hm3_jax.tasks import spec as spec_lib
@@ -199,9 +202,7 @@ def resident_bytes(program: str, sources_bytes: int, pool_bytes: int, sharded: b
 def held_preferences(run_config) -> int:
     """How many preferences' merged models a run holds at once: `memory.resident_preferences`, 0 = all
     (`preferences.num`); hm3_jax/hm3/preference_models.py."""
-    num = int(run_config.preferences.num)
-    memory = run_config.get("memory")
-    resident = int(memory.get("resident_preferences", 0)) if memory is not None else 0
+    num, resident = int(run_config.preferences.num), resident_preferences(run_config)
     return min(resident, num) if resident > 0 else num
 
 
@@ -309,8 +310,6 @@ def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
     by tensor (shell leaves, and stacked leaves block by block; `param_level.dare_ties_leaf`): planned is the
     largest tensor's program, with the rest of the sources, the sources' pool and the merged model being
     assembled (at most one model) resident."""
-    from hm3_jax.merging.groups import is_stacked, path_name
-
     params = abstract_params(config, dtype)
     tensors = [  # what dare_ties_leaf is called on: shell leaves whole, stacked leaves one block at a time
         jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if is_stacked(path_name(p)) else x

@@ -7,7 +7,7 @@ pool index m * L + l). Holding all N of them costs N shells and N (K + 1) L bloc
 entry: preference, merge key, hyperparameters; `param_level.merged_for`) and builds shell and pool on first use,
 holding at most `resident` of them at once (least recently used dropped first; 0 = hold every one once built,
 the default for small models). A merge is a pure function of its recipe, so a dropped model is rebuilt bit for
-bit and no result depends on `resident` (tests/test_preference_models.py). Peak memory with `resident = 1`: the
+bit and no result depends on `resident` (tests/test_confirm.py, tests/test_hm3_distributed.py). Peak memory with `resident = 1`: the
 sources (base and K experts), one pool ((K + 1) L blocks), one shell and one merge's temporaries, whatever N.
 
 The per-preference engines (`PathEngine.with_model`, which also hold the pool and, on a mesh, its placed copy)
@@ -27,6 +27,13 @@ from typing import Any
 from hm3_jax import models
 from hm3_jax.hm3 import param_level
 from hm3_jax.hm3.problem import Problem, pool_for
+
+
+def resident_preferences(config) -> int:
+    """`config.memory.resident_preferences` of a run config (0 = every preference's model held: the default,
+    also for a config without the key or no config)."""
+    memory = None if config is None else config.get("memory")
+    return int(memory.get("resident_preferences", 0)) if memory is not None else 0
 
 
 class LazySequence(Sequence):

@@ -27,7 +27,7 @@ from hm3_jax import distributed, moo
 from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, memory_plan, param_level
 from hm3_jax.hm3 import progress as progress_lib
 from hm3_jax.hm3 import report as report_lib
-from hm3_jax.hm3.preference_models import LazySequence, PreferenceModels
+from hm3_jax.hm3.preference_models import LazySequence, PreferenceModels, resident_preferences
 from hm3_jax.hm3.problem import Problem, make_problem
 from hm3_jax.hm3.workdir import Workdir, WorkdirError, config_diff, stage_file
 from hm3_jax.tasks import spec as spec_lib
@@ -215,12 +215,6 @@ def preference_models(problem: Problem, param: list[dict], variant: str, config=
     """Theta(lambda) per preference as a `PreferenceModels` bank (`config.memory.resident_preferences` of them
     held at once; 0 or no config: all)."""
     return PreferenceModels(problem, param, variant, resident=resident_preferences(config))
-
-
-def resident_preferences(config) -> int:
-    """`config.memory.resident_preferences` (0 = every preference's model held; the default)."""
-    memory = None if config is None else config.get("memory")
-    return int(memory.get("resident_preferences", 0)) if memory is not None else 0
 
 
 def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict:

@@ -18,6 +18,7 @@ Notation: task vector `delta_k = theta_k - base`; `w_k` the k-th weight.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -79,8 +80,6 @@ def host_select() -> bool:
     CPU backend, where numpy's partition is exact, needs no compilation, and is faster than the radix select
     (whose XLA:CPU program takes ~9 s to compile per tensor shape and density, measured on 2 cores); on
     accelerators the radix select keeps the data on the device. `HM3_DEVICE_TOPK=1` forces the radix select."""
-    import os
-
     return jax.default_backend() == "cpu" and os.environ.get("HM3_DEVICE_TOPK", "") in ("", "0")
 
 
