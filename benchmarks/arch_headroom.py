@@ -44,6 +44,23 @@ it. Theta's identity path has no junction between different sources, so its junc
 (checked, recorded as `theta_same_with_identity_junction`).
 
     .venv/bin/python benchmarks/arch_headroom.py --run=runs/tiny3_v5 --neighbourhood --alignment=moment
+
+`--insertions` adds the paths of L + 1 steps that depth up-scaling makes: Theta's identity path with expert m's
+block l inserted after Theta's block l (K L of them; edit type "insertion"). `--two_edit_sample=N` also scores,
+per preference, N two-edit paths: the one-edit neighbours of the `--two_edit_top` one-edit paths best on
+search_full (deduplicated, Theta and the one-edit set left out), N of them drawn uniformly (seed `--seed` +
+preference index); reported under "two_edit" with the same gains, SEs and counts.
+
+Without a run (`--run` a directory holding only `zoo/`, or `--zoo`): the preferences and Theta(lambda) are the
+run's first two stages, computed here as `run.run_hm3` computes them (same keys, `param_level.run_param_level`)
+and cached as RUN/headroom_param_level.json; the sources are scored by `make_problem`; the checks against
+report.json and stages/hm3.json are skipped (recorded in "checks"). The deep tiny3 zoo (issue 20,
+docs/headroom.md):
+
+    .venv/bin/python -m experiments.build_zoo --config=experiments/configs/tiny3.py:deep --workdir=/tmp/deep3/zoo
+    .venv/bin/python benchmarks/arch_headroom.py --run=/tmp/deep3 --config=experiments/configs/tiny3.py:deep \
+        --neighbourhood --insertions --two_edit_sample=40 --preferences=0,1,2,3,4 \
+        --plot=/tmp/deep3/headroom/neighbourhood.png --out=/tmp/deep3/headroom/neighbourhood.json
 """
 
 from __future__ import annotations
@@ -61,7 +78,11 @@ def _setup(args):
     Builds the Problem with `make_problem` from the run's zoo (its fingerprint checked against the config) rather
     than through `run.setup`, which would also check the whole run config's fingerprint against the run's
     run.json: this script only reads the run, so later config additions outside the zoo (e.g. new `arch.*`
-    settings) must not lock it out. Nothing is written into the run directory.
+    settings) must not lock it out. Nothing is written into a run directory.
+
+    A `--run` directory without a run (no stages/param_level.json: a zoo only, e.g. the deep tiny3 zoo) gets the
+    run's first two stages computed here, exactly as `run.run_hm3` computes them (`_parameter_level`), and cached
+    in the directory as headroom_param_level.json (reused when its zoo fingerprint and settings match).
     """
     from hm3_jax.hm3 import run as run_lib
     from hm3_jax.hm3.problem import make_problem
@@ -71,8 +92,11 @@ def _setup(args):
     config = _config(args.config)
     zoo_dir = args.zoo or os.path.join(args.run, "zoo")
     zoo = zoo_lib.load_matching(config.zoo, zoo_dir)
-    with open(stage_file(args.run, "source_scores")) as f:
-        source_scores = json.load(f)  # the run's, computed by the same engine: not re-scored here
+    has_run = os.path.isfile(os.path.join(args.run, "stages", "param_level.json"))
+    source_scores = None  # without a run: the sources scored by make_problem, with the run's engine
+    if has_run:
+        with open(stage_file(args.run, "source_scores")) as f:
+            source_scores = json.load(f)  # the run's, computed by the same engine: not re-scored here
     problem = make_problem(
         zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
         search_examples=config.engine.get("search_examples") or None, source_scores=source_scores,
@@ -82,12 +106,46 @@ def _setup(args):
             f: {**getattr(problem, f), "search_full": getattr(problem, f)["search"]}
             for f in ("objectives", "source_scores", "ideal", "engines")
         })  # fmt: skip
-    with open(os.path.join(args.run, "stages", "param_level.json")) as f:
-        param = json.load(f)
+    if has_run:
+        with open(os.path.join(args.run, "stages", "param_level.json")) as f:
+            param = json.load(f)
+    else:
+        param = _parameter_level(args.run, config, zoo, problem)
     prefs = np.asarray([e["preference"] for e in param], np.float32)
-    bank = run_lib.preference_models(problem, param, config.param_level.pool_model)
+    variant = config.param_level.pool_model if config.param_level.cmaes.enabled else "paper"
+    bank = run_lib.preference_models(problem, param, variant)
     shells, pools = bank.shells, bank.pools
-    return config, zoo, problem, prefs, shells, pools
+    return config, zoo, problem, prefs, shells, pools, has_run
+
+
+def _parameter_level(run_dir: str, config, zoo, problem) -> list[dict]:
+    """Without a run: the preferences and the parameter level's entries as `run.run_hm3` makes them (the same
+    keys: `PRNGKey(config.seed)` split in 5, the first for the preferences, the second for the parameter level),
+    cached as RUN/headroom_param_level.json keyed by the zoo fingerprint and the preference / parameter-level
+    settings."""
+    import jax
+
+    from hm3_jax.hm3 import param_level
+    from hm3_jax.hm3 import run as run_lib
+
+    want = {"zoo_fingerprint": zoo.manifest["fingerprint"], "seed": int(config.seed),
+            "preferences": config.preferences.to_dict(), "param_level": config.param_level.to_dict(),
+            "search_examples": config.engine.get("search_examples") or 0}  # fmt: skip
+    want = json.loads(json.dumps(want))  # tuples as lists, as read back
+    path = os.path.join(run_dir, "headroom_param_level.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["settings"] == want:
+            return cached["entries"]
+    k_pref, k_param, *_ = jax.random.split(jax.random.PRNGKey(config.seed), 5)
+    prefs = run_lib.make_preferences(config.preferences, problem.num_tasks, k_pref)
+    entries = param_level.run_param_level(problem, prefs, k_param, config.param_level)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"settings": want, "entries": entries}, f)
+    os.replace(path + ".tmp", path)
+    return entries
 
 
 def _config(spec: str):
@@ -120,30 +178,118 @@ def _example_stats(problem, shell, pool, path, split: str, junction=None):
     return stats, np.asarray(scores, np.float64)
 
 
+def insertions(theta, num_experts: int, num_layers: int, t_max: int) -> np.ndarray:
+    """[K L, T_max] Theta's identity path with one expert block inserted after Theta's block of the same layer
+    (`theta` = [K L, ..., K L + L - 1]; expert m's block l goes in after step l), as depth up-scaling inserts
+    blocks: paths of L + 1 steps that `arch_level.neighbours` (which only repeats Theta's own) does not make."""
+    steps = [int(a) for a in theta if a >= 0]
+    if len(steps) >= t_max:
+        return np.zeros((0, t_max), np.int32)
+    rows = [steps[: l + 1] + [m * num_layers + l] + steps[l + 1 :] for m in range(num_experts)
+            for l in range(num_layers)]  # fmt: skip
+    return np.asarray([r + [-1] * (t_max - len(r)) for r in rows], np.int32)
+
+
+def two_edits(one_edit: np.ndarray, gains: np.ndarray, top: int, sample: int, seed: int, num_sources: int,
+              num_layers: int, t_min: int, t_max: int, exclude: np.ndarray) -> np.ndarray:  # fmt: skip
+    """[<= sample, T_max] two-edit paths: the one-edit neighbours (`arch_level.neighbours`) of the `top`
+    one-edit paths with the highest `gains` (the two-edit paths a greedy search would see next), without the
+    paths in `exclude` (Theta and the one-edit set), deduplicated, then `sample` of them drawn uniformly
+    (numpy `default_rng(seed)`; all if fewer)."""
+    from hm3_jax.hm3 import arch_level
+
+    seen = {tuple(int(x) for x in r) for r in exclude}
+    rows = []
+    for j in np.argsort(-gains, kind="stable")[:top]:
+        for c in arch_level.neighbours(one_edit[j], num_sources, num_layers, t_min, t_max):
+            if tuple(int(x) for x in c) not in seen:
+                seen.add(tuple(int(x) for x in c))
+                rows.append(c)
+    rows = np.asarray(rows, np.int32).reshape(-1, exclude.shape[1])
+    if len(rows) > sample:
+        rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), sample, replace=False))]
+    return rows
+
+
+def _score_paths(
+    problem, shell, pool, cands, junc, pref, split: str, idx, metrics, rl, se_check, bar
+) -> dict:
+    """Rewards of `cands` [P, T_max] (row 0 = Theta) on `split`, and of rows 1: their gain over Theta with the
+    SE of that gain from paired bootstrap resamples `idx` (z* fixed); `junc` None or {"scale", "shift": [P,
+    T_max, D]}. Appends bootstrap / closed-form SE ratios of the 0/1-mean tasks to `se_check`."""
+    from hm3_jax.arch import env as env_lib
+    from hm3_jax.moo import bootstrap
+
+    z = np.asarray(problem.ideal[split], np.float64)
+    lengths = (cands >= 0).sum(-1)
+    scores, res, extra = [], [], {}  # [P, K], [P, B, K]
+    for c, path in enumerate(cands):
+        j = None if junc is None else {"scale": junc["scale"][c], "shift": junc["shift"][c]}
+        stats, sc = _example_stats(problem, shell, pool, path, split, j)
+        if c == 0 and j is not None:  # the identity junction must not change Theta's outputs
+            plain, _ = _example_stats(problem, shell, pool, path, split)
+            extra["theta_same_with_identity_junction"] = all(
+                np.array_equal(a, b) for a, b in zip(stats, plain, strict=True)
+            )
+        scores.append(sc)
+        res.append(np.stack([bootstrap.resampled_scores(st, m, ix)
+                             for st, m, ix in zip(stats, metrics, idx, strict=True)], -1))  # fmt: skip
+        if c == 0:
+            theta_stats = stats
+        else:  # closed-form SE of the 0/1-mean score differences, against the bootstrap's
+            for k, m in enumerate(metrics):
+                if m in bootstrap.MEAN_METRICS:
+                    d = stats[k].astype(np.float64) - theta_stats[k].astype(np.float64)
+                    closed = 100 * d.std(ddof=1) / np.sqrt(len(d))
+                    boot = float(np.std(res[-1][:, k] - res[0][:, k], ddof=1))
+                    if closed > 0:
+                        se_check.append(boot / closed)
+        bar.update()
+    scores, res = np.stack(scores), np.stack(res)
+    reward = env_lib.host_reward(scores / z, pref, lengths, rl.beta1, rl.t_max)  # [P]
+    gain = reward[1:] - reward[0]
+    # paired resampled reward differences [M, B]; the length term is deterministic
+    diff = ((res[1:] - res[:1]) / z) @ np.asarray(pref, np.float64)
+    diff -= rl.beta1 * (lengths[1:, None] - lengths[0]) / rl.t_max
+    se = diff.std(1, ddof=1)
+    return {"theta_scores": scores[0].tolist(), "theta_reward": float(reward[0]),
+            "gains": gain.tolist(), "se": se.tolist(),
+            "num_beat_theta": int((gain > 0).sum()),
+            "num_beat_by_2se": int((gain > 2 * se).sum()),
+            "best_gain": float(gain.max()) if len(gain) else None,
+            "best_path": cands[1 + int(gain.argmax())].tolist() if len(gain) else None,
+            "median_se": float(np.median(se)) if len(se) else None, **extra}  # fmt: skip
+
+
 def neighbourhood(args) -> dict:
-    """`--neighbourhood` (see the module docstring): the one-edit neighbourhood of Theta(lambda) per preference."""
+    """`--neighbourhood` (see the module docstring): the one-edit neighbourhood of Theta(lambda) per preference,
+    with `--insertions` and `--two_edit_sample` the longer paths and two-edit paths too."""
     from tqdm.auto import tqdm
 
-    from hm3_jax.arch import env as env_lib
     from hm3_jax.hm3 import arch_level
     from hm3_jax.hm3 import run as run_lib
     from hm3_jax.moo import bootstrap
 
-    config, zoo, problem, prefs, shells, pools = _setup(args)
+    config, zoo, problem, prefs, shells, pools, has_run = _setup(args)
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
     aligners = None  # as run.run_hm3 builds them; one per preference, for search_full and held-out alike
     if args.alignment == "moment":
         ids, mask = run_lib.calibration_inputs(problem, zoo)
         aligners = arch_level.make_aligners(problem, "moment", shells, pools, ids, mask, shell_source=K)
-    with open(os.path.join(args.run, "report.json")) as f:
-        report = json.load(f)
-    with open(os.path.join(args.run, "stages", "hm3.json")) as f:
-        hm3_stage = json.load(f)["per_preference"]
-    no_arch = report["methods"]["hm3_no_arch_level"]
+    no_arch = hm3_stage = None
+    if has_run:
+        with open(os.path.join(args.run, "report.json")) as f:
+            no_arch = json.load(f)["methods"]["hm3_no_arch_level"]
+        with open(os.path.join(args.run, "stages", "hm3.json")) as f:
+            hm3_stage = json.load(f)["per_preference"]
     theta = arch_level.identity_paths(K + 1, L, rl.t_max)[K]
     neigh = arch_level.neighbours(theta, K + 1, L, rl.t_min, rl.t_max)  # [M, T_max]
+    edit_types = [_edit_type(theta, n, L) for n in neigh]
+    if args.insertions:
+        ins = insertions(theta, K, L, rl.t_max)
+        neigh = np.concatenate([neigh, ins])
+        edit_types += ["insertion"] * len(ins)
     cands = np.concatenate([theta[None], neigh])  # row 0 = Theta
-    lengths = (cands >= 0).sum(-1)
     splits = ("search_full", "heldout")
     idx, metrics = {}, {}
     for s in splits:
@@ -154,8 +300,8 @@ def neighbourhood(args) -> dict:
     if any(not 0 <= i < len(prefs) for i in chosen):
         raise ValueError(f"--preferences {args.preferences!r}: the run has {len(prefs)} preferences")
     rows, se_check = [], []
-    edit_types = [_edit_type(theta, n, L) for n in neigh]
-    bar = tqdm(total=len(chosen) * len(cands) * len(splits), desc="neighbourhood paths", mininterval=5.0)
+    per_pref = len(cands) + (1 + args.two_edit_sample if args.two_edit_sample else 0)
+    bar = tqdm(total=len(chosen) * per_pref * len(splits), desc="neighbourhood paths", mininterval=5.0)
     for i in chosen:
         pref = prefs[i]
         out = {"index": i, "preference": pref.tolist(), "num_neighbours": int(len(neigh))}
@@ -173,54 +319,47 @@ def neighbourhood(args) -> dict:
                 )
             out["theta_junction_max_abs_dev"] = [float(np.abs(junc["scale"][0] - 1).max()),
                                                  float(np.abs(junc["shift"][0]).max())]  # fmt: skip
+        same = {}
         for s in splits:
-            z = np.asarray(problem.ideal[s], np.float64)
-            scores, res = [], []  # [P, K], [P, B, K]
-            for c, path in enumerate(cands):
-                j = None if junc is None else {"scale": junc["scale"][c], "shift": junc["shift"][c]}
-                stats, sc = _example_stats(problem, shells[i], pools[i], path, s, j)
-                if c == 0 and j is not None:  # the identity junction must not change Theta's outputs
-                    plain, _ = _example_stats(problem, shells[i], pools[i], path, s)
-                    out.setdefault("theta_same_with_identity_junction", {})[s] = all(
-                        np.array_equal(a, b) for a, b in zip(stats, plain, strict=True)
-                    )
-                scores.append(sc)
-                res.append(np.stack([bootstrap.resampled_scores(st, m, ix)
-                                     for st, m, ix in zip(stats, metrics[s], idx[s], strict=True)], -1))  # fmt: skip
-                if c == 0:
-                    theta_stats = stats
-                else:  # closed-form SE of the 0/1-mean score differences, against the bootstrap's
-                    for k, m in enumerate(metrics[s]):
-                        if m in bootstrap.MEAN_METRICS:
-                            d = stats[k].astype(np.float64) - theta_stats[k].astype(np.float64)
-                            closed = 100 * d.std(ddof=1) / np.sqrt(len(d))
-                            boot = float(np.std(res[-1][:, k] - res[0][:, k], ddof=1))
-                            if closed > 0:
-                                se_check.append(boot / closed)
-                bar.update()
-            scores, res = np.stack(scores), np.stack(res)
-            reward = env_lib.host_reward(scores / z, pref, lengths, rl.beta1, rl.t_max)  # [P]
-            gain = reward[1:] - reward[0]
-            # paired resampled reward differences [M, B]; the length term is deterministic
-            diff = ((res[1:] - res[:1]) / z) @ np.asarray(pref, np.float64)
-            diff -= rl.beta1 * (lengths[1:, None] - lengths[0]) / rl.t_max
-            se = diff.std(1, ddof=1)
-            out[s] = {"theta_scores": scores[0].tolist(), "theta_reward": float(reward[0]),
-                      "gains": gain.tolist(), "se": se.tolist(),
-                      "num_beat_theta": int((gain > 0).sum()),
-                      "num_beat_by_2se": int((gain > 2 * se).sum()),
-                      "best_gain": float(gain.max()), "best_path": cands[1 + int(gain.argmax())].tolist(),
-                      "median_se": float(np.median(se))}  # fmt: skip
-        _check_theta(out, i, pref, no_arch, hm3_stage[i], theta)
+            out[s] = _score_paths(problem, shells[i], pools[i], cands, junc, pref, s, idx[s], metrics[s], rl,
+                                  se_check, bar)  # fmt: skip
+            if "theta_same_with_identity_junction" in out[s]:
+                same[s] = out[s].pop("theta_same_with_identity_junction")
+        if same:
+            out["theta_same_with_identity_junction"] = same
+        if has_run:
+            _check_theta(out, i, pref, no_arch, hm3_stage[i], theta)
         gf, gh = np.asarray(out["search_full"]["gains"]), np.asarray(out["heldout"]["gains"])
         sf, sh = np.asarray(out["search_full"]["se"]), np.asarray(out["heldout"]["se"])
         b = int(gf.argmax())  # select on the whole search split, test on held-out
         out.update({
             "num_beat_theta_on_both": int(((gf > 0) & (gh > 0)).sum()),
+            "num_beat_by_2se_on_both": int(((gf > 2 * sf) & (gh > 2 * sh)).sum()),
             "selected_on_search_full": {"path": neigh[b].tolist(), "gain_search_full": float(gf[b]),
                                         "se_search_full": float(sf[b]), "gain_heldout": float(gh[b]),
                                         "se_heldout": float(sh[b]), "z_heldout": float(gh[b] / sh[b])},
         })  # fmt: skip
+        if args.two_edit_sample:
+            two = two_edits(neigh, gf, args.two_edit_top, args.two_edit_sample, args.seed + i, K + 1, L,
+                            rl.t_min, rl.t_max, cands)  # fmt: skip
+            tc = np.concatenate([theta[None], two])
+            tj = None if aligners is None else aligners[i].junctions(tc)
+            t_out = {"paths": two.tolist()}
+            for s in splits:
+                t_out[s] = _score_paths(problem, shells[i], pools[i], tc, tj, pref, s, idx[s], metrics[s], rl,
+                                        se_check, bar)  # fmt: skip
+                t_out[s].pop("theta_same_with_identity_junction", None)
+            bar.update((args.two_edit_sample - len(two)) * len(splits))
+            g2f, g2h = np.asarray(t_out["search_full"]["gains"]), np.asarray(t_out["heldout"]["gains"])
+            s2f, s2h = np.asarray(t_out["search_full"]["se"]), np.asarray(t_out["heldout"]["se"])
+            t_out["num_beat_theta_on_both"] = int(((g2f > 0) & (g2h > 0)).sum())
+            t_out["num_beat_by_2se_on_both"] = int(((g2f > 2 * s2f) & (g2h > 2 * s2h)).sum())
+            if len(two):
+                b2 = int(g2f.argmax())
+                t_out["selected_on_search_full"] = {
+                    "path": two[b2].tolist(), "gain_search_full": float(g2f[b2]), "se_search_full": float(s2f[b2]),
+                    "gain_heldout": float(g2h[b2]), "se_heldout": float(s2h[b2])}  # fmt: skip
+            out["two_edit"] = t_out
         rows.append(out)
     bar.close()
 
@@ -235,6 +374,7 @@ def neighbourhood(args) -> dict:
         "num_beat_theta_both": mean(lambda r: r["num_beat_theta_on_both"]),
         "num_beat_by_2se_search_full": mean(lambda r: r["search_full"]["num_beat_by_2se"]),
         "num_beat_by_2se_heldout": mean(lambda r: r["heldout"]["num_beat_by_2se"]),
+        "num_beat_by_2se_both": mean(lambda r: r["num_beat_by_2se_on_both"]),
         "best_gain_search_full": mean(lambda r: r["search_full"]["best_gain"]),
         "best_gain_heldout": mean(lambda r: r["heldout"]["best_gain"]),
         "selected_gain_search_full": float(np.mean([s["gain_search_full"] for s in sel])),
@@ -247,23 +387,42 @@ def neighbourhood(args) -> dict:
         "theta_reward_heldout": mean(lambda r: r["heldout"]["theta_reward"]),
         "by_edit_type": edit_type_summary(rows, edit_types),
     }
+    if args.two_edit_sample:
+        two_rows = [r["two_edit"] for r in rows if r["two_edit"]["paths"]]
+        summary["two_edit"] = {
+            "num_paths": float(np.mean([len(r["two_edit"]["paths"]) for r in rows])),
+            **{f"{k}_{s}": float(np.mean([t[s][k] for t in two_rows]))
+               for k in ("num_beat_theta", "num_beat_by_2se", "best_gain") for s in splits},
+            "num_beat_theta_both": float(np.mean([t["num_beat_theta_on_both"] for t in two_rows])),
+            "num_beat_by_2se_both": float(np.mean([t["num_beat_by_2se_on_both"] for t in two_rows])),
+            "median_gain_search_full": float(np.median([g for t in two_rows for g in t["search_full"]["gains"]])),
+            "median_gain_heldout": float(np.median([g for t in two_rows for g in t["heldout"]["gains"]])),
+            "selected_gain_search_full": float(np.mean([t["selected_on_search_full"]["gain_search_full"]
+                                                        for t in two_rows])),
+            "selected_gain_heldout": float(np.mean([t["selected_on_search_full"]["gain_heldout"]
+                                                    for t in two_rows])),
+        }  # fmt: skip
     if aligners is not None:
         summary["theta_same_with_identity_junction"] = all(
             all(r["theta_same_with_identity_junction"].values()) for r in rows
         )
     if args.plot:
-        _plot_neighbourhood(rows, args.plot, args.alignment)
+        _plot_neighbourhood(rows, args.plot, args.alignment, f"tiny3 (L={L})")
     return {
-        "run": args.run, "mode": "neighbourhood", "alignment": args.alignment,
-        "run_alignment": config.arch.alignment, "edit_types": edit_types, "beta1": rl.beta1, "t_max": rl.t_max, "t_min": rl.t_min,
+        "run": args.run, "config": args.config, "has_run": has_run, "mode": "neighbourhood",
+        "alignment": args.alignment, "run_alignment": config.arch.alignment, "edit_types": edit_types,
+        "beta1": rl.beta1, "t_max": rl.t_max, "t_min": rl.t_min, "num_layers": L,
         "theta_path": theta.tolist(), "neighbours": neigh.tolist(), "bootstrap_samples": args.bootstrap,
+        "two_edit_top": args.two_edit_top, "two_edit_sample": args.two_edit_sample,
         "examples_per_task": {s: [o.num_examples for o in problem.objectives[s]] for s in splits},
         "mean_over_preferences": summary,
         "se_check_mean_metrics_bootstrap_over_closed_form": {
             "n": len(se_check), "mean": float(np.mean(se_check)) if se_check else None,
             "min": float(np.min(se_check)) if se_check else None, "max": float(np.max(se_check)) if se_check else None},
         "checks": "Theta's held-out scores == report.json hm3_no_arch_level points (1e-3); Theta's search_full "
-                  "scores == stages/hm3.json confirm full_search where recorded (1e-3)",
+                  "scores == stages/hm3.json confirm full_search where recorded (1e-3)" if has_run else
+                  "no run: Theta(lambda) is the parameter level computed here (headroom_param_level.json); "
+                  "nothing to check it against",
         "plot": args.plot or None,
         "per_preference": rows,
     }  # fmt: skip
@@ -306,7 +465,9 @@ def edit_type_summary(rows: list, edit_types: list[str]) -> dict:
                   **{s: {"median_gain": float(np.median(g[s])), "min_gain": float(g[s].min()),
                          "max_gain": float(g[s].max()), "num_beat_theta": int((g[s] > 0).sum()),
                          "num_beat_by_2se": int((g[s] > 2 * se[s]).sum())} for s in g},
-                  "num_beat_theta_on_both": int(((g["search_full"] > 0) & (g["heldout"] > 0)).sum())}  # fmt: skip
+                  "num_beat_theta_on_both": int(((g["search_full"] > 0) & (g["heldout"] > 0)).sum()),
+                  "num_beat_by_2se_on_both": int(((g["search_full"] > 2 * se["search_full"])
+                                                  & (g["heldout"] > 2 * se["heldout"])).sum())}  # fmt: skip
     return out
 
 
@@ -333,7 +494,7 @@ def _check_theta(out: dict, i: int, pref, no_arch: dict, stage: dict, theta) -> 
             out["check_search_full_vs_confirm"] = "ok"
 
 
-def _plot_neighbourhood(rows: list, path: str, alignment: str = "none") -> None:
+def _plot_neighbourhood(rows: list, path: str, alignment: str = "none", title: str = "tiny3") -> None:
     """Every neighbour's reward gain over Theta on search_full (x) vs held-out (y); the search_full-selected one
     per preference with 2-SE bars. Written to a temp file, then moved."""
     import tempfile
@@ -355,7 +516,7 @@ def _plot_neighbourhood(rows: list, path: str, alignment: str = "none") -> None:
     ax.axvline(0, color="k", lw=0.6)
     ax.set_xlabel("reward gain over Theta, whole search split")
     ax.set_ylabel("reward gain over Theta, held-out")
-    ax.set_title(f"tiny3: one-edit neighbourhood of Theta(lambda), alignment {alignment}")
+    ax.set_title(f"{title}: one-edit neighbourhood of Theta(lambda), alignment {alignment}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -391,6 +552,24 @@ def main(argv=None) -> dict:
         help="--neighbourhood: junction alignment the paths are scored with (see the docstring)",
     )
     parser.add_argument(
+        "--insertions",
+        action="store_true",
+        help="--neighbourhood: also Theta's path with one expert block inserted after its layer (L + 1 steps)",
+    )
+    parser.add_argument(
+        "--two_edit_sample",
+        type=int,
+        default=0,
+        help="--neighbourhood: also score this many two-edit paths per preference (0 = none; see two_edits)",
+    )
+    parser.add_argument(
+        "--two_edit_top",
+        type=int,
+        default=3,
+        help="--neighbourhood: two-edit paths around the best N one-edit ones",
+    )
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    parser.add_argument(
         "--plot",
         default="",
         help="--neighbourhood plot (default runs/arch_headroom/neighbourhood.png, _moment.png for moment)",
@@ -410,11 +589,15 @@ def main(argv=None) -> dict:
     if args.neighbourhood:
         out = neighbourhood(args)
         print(json.dumps(out))
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(out, f)
         return out
     from hm3_jax.arch import env as env_lib
     from hm3_jax.hm3 import arch_level
 
-    config, _, problem, prefs, shells, pools = _setup(args)
+    config, _, problem, prefs, shells, pools, _ = _setup(args)
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
     scorer = {
         s: arch_level.PathScorer(problem, s, prefs, shells, pools, "headroom")

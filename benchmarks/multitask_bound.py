@@ -30,7 +30,15 @@ re-run with the same seed, steps and zoo loads them instead of training again. P
     .venv/bin/python benchmarks/multitask_bound.py --run=runs/tiny3 --seed=0     # after `make demo-full`
     .venv/bin/python benchmarks/multitask_bound.py --run=runs/tiny3_v5 --seed=0  # the run docs report
 
-The run's zoo is `--zoo` (default RUN/zoo, where `make demo-full` builds it). For the tests: a smoke run with
+The run's zoo is `--zoo` (default RUN/zoo, where `make demo-full` builds it). `--no_run`: RUN may be a
+directory with a zoo and no run (the deep tiny3 zoo of issue 20); the re-scores are then checked against the
+zoo manifest's held-out score matrix, and the merge rows are the balanced Theta(lambda) of
+RUN/headroom_param_level.json if `arch_headroom.py` wrote one there:
+
+    .venv/bin/python benchmarks/multitask_bound.py --run=/tmp/deep3 --config=deep --no_run --seed=0 \
+        --out=/tmp/deep3/multitask_bound
+
+For the tests: a smoke run with
 `--config=smoke --multipliers=1 --bootstrap=10` (30 training steps on the smoke zoo).
 """
 
@@ -127,6 +135,11 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="paired resamples of the held-out examples"
     )
+    parser.add_argument(
+        "--no_run",
+        action="store_true",
+        help="RUN may hold a zoo only (no report.json): check against the zoo's score matrix, no merge rows",
+    )
     args = parser.parse_args(argv)
 
     import jax
@@ -146,16 +159,25 @@ def main(argv=None) -> dict:
     if not multipliers or min(multipliers) < 1:
         raise ValueError(f"--multipliers must be positive integers, got {args.multipliers!r}")
     report_path = os.path.join(args.run, "report.json")
-    if not os.path.isfile(report_path):
-        raise FileNotFoundError(f"{report_path} not found: --run must be a finished HM3 run")
-    with open(report_path) as f:
-        report = json.load(f)
+    report = None  # without a run: the zoo's own score matrix is the check, and no merge rows
+    if os.path.isfile(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+    elif not args.no_run:
+        raise FileNotFoundError(
+            f"{report_path} not found: --run must be a finished HM3 run (or pass --no_run)"
+        )
     config = tiny3.get_config(args.config or None)
     zoo_dir = args.zoo or os.path.join(args.run, "zoo")
     zoo = zoo_lib.load_matching(config.zoo, zoo_dir)
     tasks = list(zoo.tasks)
-    if tasks != report["tasks"]:
+    if report is not None and tasks != report["tasks"]:
         raise ValueError(f"zoo tasks {tasks} != report tasks {report['tasks']}")
+    # The sources' held-out scores to check the re-scores against: the run's, else the zoo build's
+    reference = report["source_scores"]["heldout"] if report else zoo.manifest["score_matrix"]["heldout"]
+    reference_name = (
+        "report.json source_scores.heldout" if report else "the zoo manifest's heldout score_matrix"
+    )
     mcfg, zcfg = zoo.base.config, config.zoo
     experts = [zoo.experts[t].params for t in tasks]
     special = {k: getattr(zoo.tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -194,10 +216,11 @@ def main(argv=None) -> dict:
 
     rows = {"base": zoo.base.params, **{f"expert:{t}": p for t, p in zip(tasks, experts, strict=True)}}
     evaluated = {name: evaluate(p) for name, p in rows.items()}
-    for j, name in enumerate(rows):  # the run's own source scores: an independent check of this evaluation
-        want = np.asarray(report["source_scores"]["heldout"][j])
+    # the run's (or the zoo's) source scores: an independent check of this evaluation
+    for j, name in enumerate(rows):
+        want = np.asarray(reference[j])
         if np.max(np.abs(evaluated[name][0] - want)) > 1e-3:
-            raise RuntimeError(f"{name}: held-out re-score {evaluated[name][0]} != report.json's {want}")
+            raise RuntimeError(f"{name}: held-out re-score {evaluated[name][0]} != {reference_name}'s {want}")
     own = np.array([evaluated[f"expert:{t}"][0][k] for k, t in enumerate(tasks)])  # [K]
     own_b = np.stack([evaluated[f"expert:{t}"][1][:, k] for k, t in enumerate(tasks)], -1)  # [B, K]
 
@@ -231,9 +254,16 @@ def main(argv=None) -> dict:
         return out
 
     models_out = {name: entry(*evaluated[name]) for name in evaluated}
-    for method in ("task_arithmetic", "hm3", "hm3_no_arch_level"):
-        m = report["methods"][method]
-        models_out[f"{method}@balanced (report.json)"] = entry(m["points"][m["balanced_index"]])
+    if report is not None:
+        for method in ("task_arithmetic", "hm3", "hm3_no_arch_level"):
+            m = report["methods"][method]
+            models_out[f"{method}@balanced (report.json)"] = entry(m["points"][m["balanced_index"]])
+    param_cache = os.path.join(args.run, "headroom_param_level.json")  # arch_headroom.py's, without a run
+    if report is None and os.path.isfile(param_cache):
+        with open(param_cache) as f:
+            first = json.load(f)["entries"][0]  # row 0 is the balanced preference (run.make_preferences)
+        variant = "tuned" if "tuned" in first else "paper"
+        models_out[f"theta_{variant}@balanced (headroom_param_level.json)"] = entry(first[variant]["heldout"])
     for name, meta in trained_meta.items():
         models_out[name]["training"] = meta
     best = max(trained_meta, key=lambda n: models_out[n]["min_retention"])
@@ -244,7 +274,7 @@ def main(argv=None) -> dict:
         "models": models_out,
         "best_multitask": best,
         "multitask_keeps_90_each": models_out[best]["keeps_90_each"],
-        "checks": "base and expert held-out re-scores equal report.json source_scores.heldout within 1e-3; "
+        "checks": f"base and expert held-out re-scores equal {reference_name} within 1e-3; "
                   "per-example statistics reproduce every engine score within 1e-3",
     }  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
@@ -276,7 +306,7 @@ def _plot(models_out: dict, tasks, path: str) -> None:
     ax.axhline(0.9, color="k", ls="--", lw=1)
     ax.set_xticks(np.arange(len(tasks)), tasks)
     ax.set_ylabel("held-out score / expert's own")
-    ax.set_title("tiny3: retention of each expert's own-task score (95% paired bootstrap)")
+    ax.set_title("tiny3: retention of each expert's own-task score (95% paired bootstrap)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")

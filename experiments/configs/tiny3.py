@@ -18,11 +18,12 @@ import ml_collections
 from experiments.configs import hm3_common
 
 
-def zoo_config(smoke: bool = False, far: bool = False) -> ml_collections.ConfigDict:
+def zoo_config(smoke: bool = False, far: bool = False, deep: bool = False) -> ml_collections.ConfigDict:
     """The zoo section: data sizes, tokenizer, model size, base pretraining and expert fine-tuning.
 
     `far`: the first tiny3 design (experts far from a weak base); `smoke`: tiny shapes for tests (unchanged
-    since the first design, so its zoo fingerprint, and the tests' cached zoo, stay the same).
+    since the first design, so its zoo fingerprint, and the tests' cached zoo, stay the same); `deep`: the same
+    tasks, data and recipe with 16 blocks of width 64 (issue 20, docs/headroom.md).
     """
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -60,6 +61,15 @@ def zoo_config(smoke: bool = False, far: bool = False) -> ml_collections.ConfigD
     c.expert.warmup_steps = 20
     c.expert.weight_decay = 0.0
 
+    if deep:
+        # 16 blocks of width 64 (MLP 168, 2 heads of 32 as tiny3's 4 of 32): per token the same block FLOPs
+        # (2 x 4 x 194560 = 2 x 16 x 48640 multiply-adds), half the head and twice the attention scores; a
+        # forward pass of 64 tokens is 124.78 MFLOPs in both (`models.flops.forward_flops`), so the zoo's
+        # training and an L-block path's evaluation cost what tiny3's do.
+        c.model.hidden_size = 64
+        c.model.intermediate_size = 168
+        c.model.num_layers = 16
+        c.model.num_heads = 2
     if far:
         c.num_eval = 300  # 210 search + 90 heldout
         c.task_share = 0.05
@@ -117,14 +127,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py:smoke --workdir=/tmp/tiny3_smoke
     """
-    if arg not in (None, "", "demo", "smoke", "smoke_mesh", "far"):
+    if arg not in (None, "", "demo", "smoke", "smoke_mesh", "far", "deep"):
         raise ValueError(
-            f"unknown tiny3 variant {arg!r}; use no argument, 'demo', 'far', 'smoke' or 'smoke_mesh'"
+            f"unknown tiny3 variant {arg!r}; use no argument, 'demo', 'deep', 'far', 'smoke' or 'smoke_mesh'"
         )
     smoke = arg in ("smoke", "smoke_mesh")
     config = ml_collections.ConfigDict()
     config.zoo = zoo_config(
-        smoke=smoke, far=arg == "far"
+        smoke=smoke, far=arg == "far", deep=arg == "deep"
     )  # smoke_mesh shares the smoke zoo (same zoo fingerprint)
     config = hm3_common.add_hm3(config, smoke=smoke)
     if not smoke:
@@ -132,6 +142,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.engine.search_examples = 105 if arg == "far" else 100
     if arg == "demo":
         demo_budget(config)
+    if arg == "deep":
+        # paths of 3/4 L to 2 L blocks, as tiny3's 3 to 8 of L = 4
+        config.arch.rl.t_min = 12
+        config.arch.rl.t_max = 32
     if arg == "smoke_mesh":
         config.preferences.num = 2
         config.param_level.cmaes.enabled = False  # the paper's DARE-TIES model per preference
