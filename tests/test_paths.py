@@ -189,6 +189,26 @@ def test_cache_hits_and_no_recompiles(setup):
     assert all(v == 1 for v in engine.num_traces.values())
 
 
+def test_compiled_programs_do_not_keep_a_models_pool_alive(setup):
+    """`with_model` copies share the compiled programs; a copy's pool must be freed once the copy is gone (the
+    programs' closures captured the first copy that compiled them, with its whole pool: two extra pools per
+    split of a run, what ran Qwen2.5-0.5B's shapes out of memory)."""
+    import gc
+    import weakref
+
+    for prefix_sharing in (True, False):  # the prefix tree's program and the plain (map) program
+        engine = make_engine(CFG, setup["shell"], setup["pool"], setup["objectives"], strategy="map",
+                             chunk_size=4, prefix_sharing=prefix_sharing, pool_id=f"leak{prefix_sharing}")  # fmt: skip
+        pool = jax.tree.map(lambda x: x + 0, setup["pool"])  # a fresh copy of the pool's buffers
+        refs = [weakref.ref(x) for x in jax.tree.leaves(pool)]
+        copy = engine.with_model(setup["shell"], pool, pool_id="copy")
+        assert copy.evaluate(policy_like_paths(5, 3)).cost.num_evaluations == 3  # compiles its programs
+        del copy, pool
+        gc.collect()
+        assert all(r() is None for r in refs), f"prefix_sharing={prefix_sharing}: the copy's pool is alive"
+        assert engine.evaluate(policy_like_paths(5, 3)).scores.shape == (3, 3)  # programs still work
+
+
 def test_strategies_agree(setup):
     paths = policy_like_paths(4, 5)
     ref = setup["plain"].evaluate(paths).scores

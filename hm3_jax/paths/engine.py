@@ -70,6 +70,7 @@ split).
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 import time
@@ -527,6 +528,16 @@ class PathEngine:
         traces = self._shared["traces"]
         traces[name] = traces.get(name, 0) + 1
 
+    def _without_model(self) -> PathEngine:
+        """This engine without its shell and pool, for the closures of compiled functions: they live in the
+        shared `compiled` dict as long as every `with_model` copy, and capturing `self` kept the first copy's
+        shell and pool (a whole pool of K + 1 models per compiled function) alive with them (found measuring
+        Qwen2.5-0.5B's shapes: two extra pools per split, 21 GiB)."""
+        twin = copy.copy(self)
+        twin.shell = twin.pool = None
+        twin._placed_model = None
+        return twin
+
     def _uniform_steps(self) -> bool:
         """Model-parallel mesh: no data-dependent branches over padding steps (`models.run_path`'s `uniform`).
         The devices of two path groups run different paths; around a `lax.cond` holding the partitioner's
@@ -579,25 +590,26 @@ class PathEngine:
         if key in sh["compiled"]:
             return sh["compiled"][key]
         objectives = [self.objectives[k] for k in obj_idx]
+        eng = self._without_model()  # the compiled closure must not keep this engine's shell and pool alive
 
         def one_path(shell, pool, path, junction):
-            return tuple(o.device_fn(self._forward_for(o, shell, pool, path, junction)) for o in objectives)
+            return tuple(o.device_fn(eng._forward_for(o, shell, pool, path, junction)) for o in objectives)
 
         def traced(shell, pool, paths, junction=None):
-            self._count_trace(key)
+            eng._count_trace(key)
             js = junction if with_junction else None
-            if self.strategy == "vmap":
+            if eng.strategy == "vmap":
                 return jax.vmap(one_path, in_axes=(None, None, 0, 0 if with_junction else None))(
                     shell, pool, paths, js
                 )
-            if self.strategy == "map":
+            if eng.strategy == "map":
                 return _lax_map_paths(one_path, shell, pool, paths, js)
             spec = PartitionSpec("paths")
             in_specs = (PartitionSpec(), PartitionSpec(), spec) + ((spec,) if with_junction else ())
             body = functools.partial(_shard_body, one_path, with_junction)
             # manual over "paths" only: "data" (and "model") stay with XLA's partitioner (_split_examples)
             mapped = jax.shard_map(
-                body, mesh=self.mesh, in_specs=in_specs, out_specs=spec, axis_names={"paths"},
+                body, mesh=eng.mesh, in_specs=in_specs, out_specs=spec, axis_names={"paths"},
                 check_vma=False,
             )  # fmt: skip
             return mapped(shell, pool, paths, *((js,) if with_junction else ()))
@@ -644,8 +656,10 @@ class PathEngine:
 
         chunk_fn = tree_lib.make_tree_chunk_fn(block_fn, leaf_fn, with_junction=with_junction)
 
+        count_trace = self._without_model()._count_trace  # not `self`: it would keep the shell and pool alive
+
         def traced(shell, pool, buffers, ctxs, nodes):
-            self._count_trace(key)
+            count_trace(key)
             return chunk_fn(shell, pool, buffers, ctxs, nodes)
 
         fn = jax.jit(traced, donate_argnums=(2,))
