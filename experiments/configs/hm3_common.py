@@ -42,6 +42,23 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.param_level.cmaes.population_size = 6
     c.param_level.cmaes.num_generations = 2
     c.param_level.cmaes.sigma = 0.3  # initial step size in gene space, around the best grid point
+    # The tuned variant's menu also holds the data-aware merges and TSV-M (issue 19; param_level.py,
+    # data_aware_menu.py), fitted on prompts of the search split only and scored like every other candidate.
+    # Off by default: it holds K experts' input Grams (RegMean; [in, in] per linear layer, too much for 7B-scale
+    # models) and needs token prompts (not the ViT zoos); docs/merging.md has its measured effect on tiny3.
+    c.param_level.data_aware = ml_collections.ConfigDict()
+    c.param_level.data_aware.enabled = False
+    c.param_level.data_aware.methods = ("regmean", "fisher", "tsv", "adamerging")
+    c.param_level.data_aware.calibration_rows = 32  # search examples per task (prompts only)
+    c.param_level.data_aware.regmean_alphas = (0.5, 0.9)  # RegMean's off-diagonal scale
+    c.param_level.data_aware.tsv_scales = (1.0, 1.5)  # x the expert weights K * lambda_k
+    c.param_level.data_aware.fisher_seed = 0  # the Fishers' label draws (one Fisher per expert per run)
+    c.param_level.data_aware.fisher_num_samples = 1
+    c.param_level.data_aware.adamerging = ml_collections.ConfigDict()
+    c.param_level.data_aware.adamerging.num_steps = 20  # layer-wise, from init with Adam, projected to [0, 1]
+    c.param_level.data_aware.adamerging.learning_rate = 1e-2
+    c.param_level.data_aware.adamerging.init = 0.3
+    c.param_level.data_aware.adamerging.batch_size = 16
 
     c.arch = ml_collections.ConfigDict()
     c.arch.alignment = "none"  # "none" | "moment"
@@ -119,6 +136,12 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
         c.param_level.scale_grid = (1.5,)
         c.param_level.cmaes.population_size = 4
         c.param_level.cmaes.num_generations = 1
+        # With the menu switched on: one candidate per method, few rows and steps.
+        c.param_level.data_aware.calibration_rows = 8
+        c.param_level.data_aware.regmean_alphas = (0.9,)
+        c.param_level.data_aware.tsv_scales = (1.0,)
+        c.param_level.data_aware.adamerging.num_steps = 2
+        c.param_level.data_aware.adamerging.batch_size = 4
         c.arch.checkpoint_every = 1
         c.arch.neighbourhood_evaluations = 4
         c.report.bootstrap_samples = 20

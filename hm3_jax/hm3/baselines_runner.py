@@ -5,6 +5,10 @@ preference with task weights `K * lambda_k` (so the balanced preference is the m
 once at the papers' default hyperparameters ("default") and once with the hyperparameters tuned on the search
 split ("tuned": a small grid per preference, chosen by the weighted sum of normalised search scores; its model
 evaluations are counted). Reported points are the tuned ones; the defaults are kept in the entry.
+The data-aware merges (RegMean, Fisher merging, AdaMerging; issue 19) run the same way on the search split's
+prompts (`data_aware_menu`: the experts' Grams and Fishers computed once per run and shared with HM3's upper
+level); their entries also hold "calibration_passes" (the statistics' forward/backward rows, counted once per
+method as if it ran alone, plus every AdaMerging run's).
 
 Path-space methods (HM3_SPEC "Baselines") search over the experts' blocks (no parameter-level model, as in
 Sakana's data-flow-space merging) with the same shell as HM3's no-parameter-level ablation, on the search
@@ -22,12 +26,18 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import baselines, merging
+from hm3_jax.hm3 import data_aware_menu
 from hm3_jax.hm3.preference_models import LazySequence
 from hm3_jax.hm3.problem import Problem, full_search_cost, score_params
 
 # Papers' defaults: TA scaling 0.4 (Ilharco et al. 2023 use 0.3-0.5), TIES density 0.2 with disjoint mean
 # (Yadav et al. 2023), DARE drop 0.9 (Yu et al. 2024) with TIES density 1, Consensus TALL lambda 0.4 with
-# k = 2 (Wang et al. 2024), PCB density 0.2 (Du et al. 2024).
+# k = 2 (Wang et al. 2024), PCB density 0.2 (Du et al. 2024). The data-aware merges: RegMean alpha 0.9 (Jin et al.
+# 2023), Fisher floor 1e-6 with one label draw per row (Matena & Raffel 2022), layer-wise AdaMerging from 0.3 in
+# [0, 1] (Yang et al. 2024; 500 Adam steps at 1e-3 in the paper, here 20 at 1e-2 with 16 rows per task), each on
+# 32 search prompts per task.
+CALIBRATION = {"calibration_rows": 32, "fisher_seed": 0, "num_samples": 1}
+ADAMERGING = {"granularity": "layer", "num_steps": 20, "init": 0.3, "batch_size": 16, **CALIBRATION}
 PARAM_DEFAULTS = {
     "task_arithmetic": {"scale": 0.4},
     "ties": {"density": 0.2, "scale": 1.0},
@@ -35,6 +45,9 @@ PARAM_DEFAULTS = {
     "consensus": {"scale": 0.4},
     "pcb": {"density": 0.2, "scale": 1.0},
     "tsv": {"scale": 1.0},  # TSV-M (Gargiulo et al. 2025): rank 1/K of each task matrix, decorrelated
+    "regmean": {"alpha": 0.9, **CALIBRATION},
+    "fisher": {"floor": 1e-6, **CALIBRATION},
+    "adamerging": {"learning_rate": 1e-2, **ADAMERGING},
 }
 PARAM_GRIDS = {
     "task_arithmetic": [{"scale": s} for s in (0.3, 0.5, 0.7, 1.0)],
@@ -47,19 +60,41 @@ PARAM_GRIDS = {
     "consensus": [{"scale": s} for s in (0.3, 0.5, 0.7, 1.0)],
     "pcb": [{"density": d, "scale": s} for d in (0.2, 0.5) for s in (0.7, 1.0)],
     "tsv": [{"scale": s} for s in (0.5, 0.8, 1.0, 1.3)],
+    "regmean": [{"alpha": a, **CALIBRATION} for a in (0.3, 0.5, 0.7, 0.9)],
+    "fisher": [{"floor": f, **CALIBRATION} for f in (1e-8, 1e-6, 1e-4, 1e-2)],
+    "adamerging": [{"learning_rate": lr, **ADAMERGING} for lr in (3e-3, 1e-2, 3e-2)],
 }
+DATA_AWARE = data_aware_menu.DATA_AWARE
 
 
 def param_merge(problem: Problem, method: str, preference, key, hparams: dict) -> dict:
     """The merged params of parameter-space `method` at `preference` [K]: expert k weighted K * lambda_k (so the
     balanced preference gives every expert weight 1, the methods' default), `hparams` as the method takes them."""
+    if method in DATA_AWARE:  # the same weights K * lambda_k (float32), normalised by the methods
+        return data_aware_menu.merge_from_hparams(problem, preference, key, {"method": method, **hparams})
     K = problem.num_tasks
     weights = [float(K * lam) for lam in preference]
     return merging.merge(method, problem.base, problem.experts, key, weights=weights, **hparams)
 
 
+def calibration_cost(problem: Problem, method: str, preferences, grid) -> dict:
+    """Calibration passes of a data-aware baseline over `preferences` with `grid` per preference: the shared
+    statistics once (as if the method ran alone), plus each AdaMerging run's."""
+    parts = [data_aware_menu.NO_PASSES]
+    if method in DATA_AWARE:
+        hp = grid[0]
+        stats = data_aware_menu.statistics(
+            problem, hp["calibration_rows"], hp["fisher_seed"], hp["num_samples"]
+        )
+        parts.append(stats.cost((method,)))
+    if method == "adamerging":
+        parts += [data_aware_menu.adamerging_passes(problem, p, hp) for p in preferences for hp in grid]
+    return data_aware_menu.passes_dict(data_aware_menu.add_passes(*parts))
+
+
 def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bool = True) -> dict:
-    """Default and tuned merges of `method` for every preference, scored on both splits."""
+    """Default and tuned merges of `method` for every preference, scored on both splits (a data-aware method's
+    entry also has "calibration_passes": `calibration_cost`, the default merges' runs included)."""
     start = time.perf_counter()
     points, default_points, chosen, evaluations = [], [], [], 0
     for i, pref in enumerate(np.asarray(preferences)):
@@ -77,6 +112,12 @@ def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bo
                 best, best_fit, best_model = hp, fit, merged
         chosen.append(best)
         points.append(score_params(problem.engines["heldout"], problem.experts, best_model).tolist())
+    extra = {}
+    if method in DATA_AWARE:
+        grid = PARAM_GRIDS[method] if tune else [PARAM_DEFAULTS[method]]  # as run above, default first
+        extra["calibration_passes"] = calibration_cost(
+            problem, method, np.asarray(preferences), [PARAM_DEFAULTS[method], *grid]
+        )
     return {
         "points": points,
         "default_points": default_points,
@@ -84,6 +125,7 @@ def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bo
         "preferences": np.asarray(preferences).tolist(),
         "evaluations": evaluations,
         "wall_seconds": time.perf_counter() - start,
+        **extra,
     }
 
 

@@ -17,6 +17,14 @@ Gene decoding (a real vector `x`, unconstrained): density = 0.05 + 0.95 * sigmoi
 0.9 * sigmoid(x1), scale = SCALE_MID * exp(SCALE_SPAN * tanh(x2)) (in [0.5, 3.0]), block weight multipliers =
 exp(0.5 * tanh(x[3:3+L])). `_initial_genes` encodes any (density, drop rate, scale) with unit block weights;
 its default decodes to the paper's setting.
+
+With `data_aware.enabled` (issue 19) the tuned variant's menu also holds the data-aware merges and TSV-M
+(`data_aware_menu.py`): RegMean over an alpha grid, Fisher merging, TSV-M over a scale grid and layer-wise
+AdaMerging, fitted on prompts of the SEARCH split only. Each is scored like every other candidate (search
+scores, the same Tchebycheff fitness) after the grid and CMA-ES, and replaces their best only if strictly better.
+The experts' Grams and Fishers are computed once per run; their calibration passes are charged to the first
+preference, each AdaMerging run to its own (`entry["tuned"]["calibration_passes"]`, `calibration_cost`).
+Switched off (the default), nothing of it runs and the entries are what they were without it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import merging
+from hm3_jax.hm3 import data_aware_menu
 from hm3_jax.hm3.problem import Problem, score_params
 from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.moo import scalarize
@@ -238,14 +247,23 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
         population_size, num_generations, sigma}). The scale grid runs at the configured (density, drop rate),
         at (1, 0) and, with `task_arithmetic_grid` (default True), at (1, 0) without sign election, i.e. task
         arithmetic: the upper level chooses among existing merging methods, as HM3_SPEC's parameter space.
+      With `cfg.data_aware.enabled` the data-aware menu (module docstring; `data_aware_menu.candidates`) joins
+      the tuned variant's candidates.
     Returns: one JSON-able dict per preference with the merge keys and hyperparameters, search and heldout
       scores of each variant, and the number of model evaluations each spent. The tuned variant is the best
-      of the paper's setting, the scale grid and CMA-ES under the Tchebycheff fitness on the search split.
+      of the paper's setting, the scale grid, CMA-ES (and the data-aware menu) under the Tchebycheff fitness
+      on the search split; with the menu its entry also has "menu" ([[hparams without coefficients, fitness],
+      ...]) and "calibration_passes" ({"forward_rows", "backward_rows"}).
     """
     out = []
     keys = jax.random.split(key, len(preferences))
     L = problem.config.num_layers
     scales = tuple(cfg.get("scale_grid", ()) or ())
+    menu = cfg.get("data_aware")
+    menu = menu if menu is not None and menu.get("enabled", False) and cfg.cmaes.enabled else None
+    # The menu's keys (AdaMerging's minibatches) come from their own branch of `key`: the keys of everything
+    # else are those of a run without the menu.
+    menu_key = jax.random.fold_in(key, 0x6D656E75)
     for i, (pref, k) in enumerate(zip(preferences, keys, strict=True)):
         start = time.perf_counter()
         merge_key, cma_key = jax.random.split(k)
@@ -280,7 +298,12 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
                             merge_key=merge_key, sign_election=best["hparams"]["sign_election"])  # fmt: skip
             if res["fitness"] < best["fitness"]:
                 best = {k: res[k] for k in ("fitness", "hparams", "search")}
-            tuned = tuned_merge(problem, pref, merge_key, best["hparams"])
+            extra = {}
+            if menu is not None:
+                best, extra = _menu_step(
+                    problem, pref, jax.random.fold_in(menu_key, i), menu, best, first=i == 0
+                )
+            tuned = merged_from_hparams(problem, pref, merge_key, best["hparams"])
             entry["tuned"] = {
                 "hparams": best["hparams"],
                 "search": best["search"],
@@ -288,7 +311,8 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
                 "fitness": best["fitness"],
                 "history": res["history"],
                 "scale_grid": grid["grid"],
-                "evaluations": grid["evaluations"] + res["evaluations"],
+                "evaluations": grid["evaluations"] + res["evaluations"] + extra.get("evaluations", 0),
+                **{k: v for k, v in extra.items() if k != "evaluations"},
             }
         entry["wall_seconds"] = time.perf_counter() - start
         logging.info("param level %d/%d done in %.1f s", i + 1, len(preferences), entry["wall_seconds"])
@@ -296,11 +320,46 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
     return out
 
 
+def _menu_step(problem: Problem, pref, key: jax.Array, cfg, best: dict, first: bool) -> tuple[dict, dict]:
+    """Scores the data-aware menu of one preference against `best` (the grid's and CMA-ES's best).
+
+    Returns: (the new best, {"evaluations", "menu", "calibration_passes"}); the statistics' passes are charged
+    when `first` (the first preference), each candidate's own passes (AdaMerging) to its preference.
+    """
+    passes = [data_aware_menu.shared_cost(problem, cfg)] if first else []
+    scored = []
+    for cand in data_aware_menu.candidates(problem, pref, key, cfg):
+        scores = score_params(problem.engines["search"], problem.experts, cand.merged)
+        fit = tchebycheff_normalised(problem, scores, pref)
+        passes.append(cand.passes)
+        scored.append([{k: v for k, v in cand.hparams.items() if k != "coefficients"}, fit])
+        logging.info("param-level menu %s: Tchebycheff %.4f", cand.hparams["method"], fit)
+        if fit < best["fitness"]:
+            best = {"fitness": fit, "hparams": cand.hparams, "search": scores.tolist()}
+    total = data_aware_menu.add_passes(*passes)
+    return best, {"evaluations": len(scored), "menu": scored,
+                  "calibration_passes": data_aware_menu.passes_dict(total)}  # fmt: skip
+
+
+def calibration_cost(entries) -> dict:
+    """Calibration passes of a whole parameter level ({"forward_rows", "backward_rows"}; 0 without the menu)."""
+    parts = [e.get("tuned", {}).get("calibration_passes", {}) for e in entries]
+    return {n: int(sum(p.get(n, 0) for p in parts)) for n in ("forward_rows", "backward_rows")}
+
+
+def merged_from_hparams(problem: Problem, pref, key: jax.Array, hparams: dict) -> dict:
+    """The tuned variant's model from its hyperparameters: a menu method's (`hparams["method"]`,
+    `data_aware_menu.merge_from_hparams`) or else the DARE-TIES family's (`tuned_merge`)."""
+    if "method" in hparams:
+        return data_aware_menu.merge_from_hparams(problem, pref, key, hparams)
+    return tuned_merge(problem, pref, key, hparams)
+
+
 def merged_for(problem: Problem, entry: dict, variant: str) -> dict:
     """Rebuilds Theta(lambda) of a stored param-level entry (`variant` "paper" or "tuned")."""
     key = jnp.asarray(np.asarray(entry["merge_key"], np.uint32))
     pref = np.asarray(entry["preference"])
     if variant == "tuned" and "tuned" in entry:
-        return tuned_merge(problem, pref, key, entry["tuned"]["hparams"])
+        return merged_from_hparams(problem, pref, key, entry["tuned"]["hparams"])
     hp = entry["paper"]["hparams"]
     return paper_merge(problem, pref, key, hp["density"], hp["drop_rate"])

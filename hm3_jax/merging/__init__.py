@@ -38,10 +38,10 @@ from hm3_jax.merging.data_aware import (
     known_data_aware_methods,
     merge_with_data,
 )
-from hm3_jax.merging.fisher import diagonal_fisher, fisher_from_data, fisher_merge
+from hm3_jax.merging.fisher import diagonal_fisher, fisher_from_data, fisher_merge, model_fishers
 from hm3_jax.merging.groups import default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.layer_inputs import InputStats, layer_input_grams, linear_input_stats
-from hm3_jax.merging.regmean import regmean, regmean_from_data
+from hm3_jax.merging.regmean import model_grams, regmean, regmean_from_data
 from hm3_jax.merging.tsv import tsv_kernel
 
 __all__ = [
@@ -61,6 +61,8 @@ __all__ = [
     "linear_input_stats",
     "merge_with_coefficients",
     "merge_with_data",
+    "model_fishers",
+    "model_grams",
     "regmean",
     "regmean_from_data",
     "tsv_kernel",

@@ -22,6 +22,7 @@ step keys `split(key, num_steps)`), so a run is a pure function of its key.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -144,25 +145,35 @@ def adamerging(
         )
     coefficients = init_coefficients(base, len(models), granularity, init)
     lam = lam / lam.sum()
-    tasks = [
-        (
-            k,
-            float(lam[k]),
-            c.forward_fn,
-            jnp.asarray(c.inputs),
-            row_weights(c),
-            min(int(batch_size), c.num_rows),
-        )
-        for k, c in enumerate(calibration)
-        if lam[k] > 0
-    ]
+    live = tuple(k for k in range(len(models)) if lam[k] > 0)
+    coefficients, losses = _fit(
+        key, base, models, coefficients,
+        tuple(jnp.asarray(calibration[k].inputs) for k in live), tuple(row_weights(calibration[k]) for k in live),
+        jnp.asarray(lam[list(live)], jnp.float32),
+        forward_fns=tuple(calibration[k].forward_fn for k in live), live=live,
+        sizes=tuple(min(int(batch_size), calibration[k].num_rows) for k in live), num_steps=int(num_steps),
+        learning_rate=float(learning_rate), bounds=(lo, hi),
+    )  # fmt: skip
+    return AdaMergingResult(merge_with_coefficients(base, models, coefficients), coefficients, losses)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("forward_fns", "live", "sizes", "num_steps", "learning_rate", "bounds")
+)
+def _fit(key, base, models, coefficients, inputs, weights, lam, *, forward_fns, live, sizes, num_steps,
+         learning_rate, bounds):  # fmt: skip
+    """The Adam loop of `adamerging`, jitted once per forward, shapes and settings (the preference `lam` [K'],
+    the tasks of positive weight `live`, is traced): (coefficients, losses [num_steps])."""
+    lo, hi = bounds
 
     def objective(coeffs, step_key):
         merged = merge_with_coefficients(base, models, coeffs)
         total = jnp.zeros((), jnp.float32)
-        for k, lam_k, forward_fn, inputs, w, size in tasks:
-            rows = jax.random.permutation(jax.random.fold_in(step_key, k), inputs.shape[0])[:size]
-            total = total + lam_k * prediction_entropy(forward_fn(merged, inputs[rows]), w[rows])
+        for j, (k, forward_fn, x, w, size) in enumerate(
+            zip(live, forward_fns, inputs, weights, sizes, strict=True)
+        ):
+            rows = jax.random.permutation(jax.random.fold_in(step_key, k), x.shape[0])[:size]
+            total = total + lam[j] * prediction_entropy(forward_fn(merged, x[rows]), w[rows])
         return total
 
     optimiser = optax.adam(learning_rate)
@@ -175,6 +186,6 @@ def adamerging(
         return (coeffs, opt_state), loss
 
     (coefficients, _), losses = jax.lax.scan(
-        step, (coefficients, optimiser.init(coefficients)), jax.random.split(key, int(num_steps))
+        step, (coefficients, optimiser.init(coefficients)), jax.random.split(key, num_steps)
     )
-    return AdaMergingResult(merge_with_coefficients(base, models, coefficients), coefficients, losses)
+    return coefficients, losses

@@ -219,6 +219,31 @@ def _fisher_tree(reference, models, fishers, lam, floor):
     return jax.tree.unflatten(treedef, out)
 
 
+def model_fishers(
+    key: jax.Array,
+    models: Sequence[Any],
+    calibration: Sequence[Calibration],
+    *,
+    weights: Sequence[float] | None = None,
+    mode: str = "sample",
+    num_samples: int = 1,
+) -> list:
+    """Each model's diagonal Fisher on its own task's calibration rows: model k's `diagonal_fisher` on
+    `calibration[k]` with key `fold_in(key, k)` (jitted, one compilation per forward and shape). Models of
+    weight 0 are not run (their Fisher is zeros, never read by `fisher_merge`). Returns K float32 pytrees."""
+    models = list(models)
+    lam = check_preference(weights, len(models), "Fisher merging")
+    check_calibration(calibration, len(models), "Fisher merging")
+    fishers = []
+    for k, (model, calib) in enumerate(zip(models, calibration, strict=True)):
+        if lam[k] > 0:
+            fishers.append(_fisher_jit(jax.random.fold_in(key, k), calib.forward_fn, model, calib.inputs,
+                                       calib.token_weights, mode=mode, num_samples=num_samples))  # fmt: skip
+        else:
+            fishers.append(jax.tree.map(lambda x: jnp.zeros(np.shape(x), jnp.float32), model))
+    return fishers
+
+
 def fisher_from_data(
     key: jax.Array,
     base: Any,
@@ -230,18 +255,11 @@ def fisher_from_data(
     num_samples: int = 1,
     floor: float = 1e-6,
 ) -> Any:
-    """Fisher merging with the Fishers measured here: model k's `diagonal_fisher` on `calibration[k]` (task k's
-    search-split inputs), key `fold_in(key, k)`, then `fisher_merge`. Costs per model one forward and
+    """Fisher merging with the Fishers measured here (`model_fishers`: model k on `calibration[k]`, task k's
+    search-split inputs, key `fold_in(key, k)`), then `fisher_merge`. Costs per model one forward and
     `num_samples` ("sample") or positions x classes ("expected") backward passes per calibration row; models of
     weight 0 are not run."""
     models = list(models)
     lam = check_preference(weights, len(models), "Fisher merging")
-    check_calibration(calibration, len(models), "Fisher merging")
-    fishers = []
-    for k, (model, calib) in enumerate(zip(models, calibration, strict=True)):
-        if lam[k] > 0:
-            fishers.append(_fisher_jit(jax.random.fold_in(key, k), calib.forward_fn, model, calib.inputs,
-                                       calib.token_weights, mode=mode, num_samples=num_samples))  # fmt: skip
-        else:
-            fishers.append(jax.tree.map(lambda x: jnp.zeros(np.shape(x), jnp.float32), model))
+    fishers = model_fishers(key, models, calibration, weights=lam, mode=mode, num_samples=num_samples)
     return fisher_merge(models, fishers, weights=lam, floor=floor, base=base)

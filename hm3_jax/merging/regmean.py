@@ -214,20 +214,17 @@ def _regmean_tree(base, models, grams, lam, alpha, ridge, nonlinear_scale):
     return jax.tree_util.tree_unflatten(treedef, out), systems
 
 
-def regmean_from_data(
-    base: Any,
+def model_grams(
     models: Sequence[Any],
     calibration: Sequence[Calibration],
     *,
     weights: Sequence[float] | None = None,
-    alpha: float = 0.9,
-    ridge: float = 0.0,
-    nonlinear_scale: float = 1.0,
     batch_size: int | None = None,
-) -> Any:
-    """RegMean with the Grams measured here: model k's `layer_input_grams` on `calibration[k]` (task k's
-    search-split inputs through model k, as in the paper), then `regmean`. Costs one forward pass of each
-    model over its task's calibration rows. Models of weight 0 are not run."""
+) -> list:
+    """Each model's mean input Grams on its own task's calibration rows: model k's `layer_input_grams` on
+    `calibration[k]` (task k's search-split inputs through model k, as in the paper): one forward pass of each
+    model over its rows. Models of weight 0 are not run; their entry repeats another model's Grams (a
+    placeholder `regmean` never reads for a weight-0 model). Returns K {leaf name: G}."""
     models = list(models)
     lam = check_preference(weights, len(models), "RegMean")
     check_calibration(calibration, len(models), "RegMean")
@@ -240,7 +237,25 @@ def regmean_from_data(
         else:
             grams.append(None)
     ref = next(g for g in grams if g is not None)
-    grams = [ref if g is None else g for g in grams]  # placeholders for weight-0 models (never read)
+    return [ref if g is None else g for g in grams]
+
+
+def regmean_from_data(
+    base: Any,
+    models: Sequence[Any],
+    calibration: Sequence[Calibration],
+    *,
+    weights: Sequence[float] | None = None,
+    alpha: float = 0.9,
+    ridge: float = 0.0,
+    nonlinear_scale: float = 1.0,
+    batch_size: int | None = None,
+) -> Any:
+    """RegMean with the Grams measured here (`model_grams`: model k on `calibration[k]`), then `regmean`.
+    Costs one forward pass of each model of positive weight over its task's calibration rows."""
+    models = list(models)
+    lam = check_preference(weights, len(models), "RegMean")
+    grams = model_grams(models, calibration, weights=lam, batch_size=batch_size)
     return regmean(
         base, models, grams, weights=lam, alpha=alpha, ridge=ridge, nonlinear_scale=nonlinear_scale
     )

@@ -1,0 +1,285 @@
+"""The data-aware merges as candidates of HM3's upper level and as parameter baselines (issue 19).
+
+RegMean, Fisher merging and AdaMerging (`hm3_jax.merging`, `data_aware.py`) fit a merge on unlabelled inputs of
+each expert's task. Here those inputs come from the run's Problem, and only from its SEARCH split
+(`problem.objectives["search"]`; the held-out objectives are never read):
+
+* `search_calibration(problem, rows)`: per objective k one `Calibration` of the first `rows` real examples of
+  each of its tasks, PROMPT tokens only. A teacher-forced row `[bos] + prompt + target` keeps its prompt, its
+  target tokens are overwritten with id 0 and get token weight 0 (the model is causal: nothing at a prompt
+  position sees a later position, so the rows carry no label and the value written is irrelevant); a generation
+  row is its left-padded prompt with its mask. Inputs are `[N, 2, S]` int32 (ids, attention mask), token weights
+  `[N, S]` float32 (1 on prompt tokens), forward `models.apply(config, params, ids, mask)` -> logits `[N, S, V]`.
+* `SearchStatistics`: the calibration and, computed once on first use and then reused by every preference and
+  every method, each expert's input Grams (RegMean) and diagonal Fisher (Fisher merging; labels drawn from the
+  expert's own predictions with the key `PRNGKey(fisher_seed)`). `statistics(problem, rows, fisher_seed,
+  num_samples)` keeps the last Problem's statistics, so the parameter level, the baselines and every rebuild of a
+  merged model (`merge_from_hparams`) share one computation per run.
+* `merge_from_hparams(problem, preference, key, hparams)`: the merged model of one candidate from its JSON-able
+  hyperparameters (`hparams["method"]` in `MENU_METHODS`, plus everything needed to rebuild it: calibration
+  rows, Fisher seed, AdaMerging's learned coefficients), so a stored parameter-level entry rebuilds its model.
+* `candidates(problem, preference, key, cfg)`: the menu of one preference (`param_level.run_param_level`
+  scores each with `score_params` and the Tchebycheff fitness, as the tuned variant's other candidates).
+
+Weights: expert k gets `K * lambda_k` (float32), as the parameter baselines'; RegMean, Fisher merging and
+AdaMerging normalise them, TSV-M takes them as its task weights (balanced = the paper's TSV-M).
+
+Cost (`CalibrationPasses`, in calibration rows): the Grams one forward per row of every expert, the Fishers one
+forward and `num_samples` backwards per row; AdaMerging its own steps (`merging.calibration_passes`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3_jax import merging, models
+from hm3_jax.hm3.problem import Problem
+from hm3_jax.merging import Calibration, CalibrationPasses
+
+# Methods a parameter-level candidate (or a baseline) can name in its hyperparameters.
+MENU_METHODS = ("regmean", "fisher", "adamerging", "tsv")
+DATA_AWARE = ("regmean", "fisher", "adamerging")
+NO_PASSES = CalibrationPasses(0, 0)
+
+
+def add_passes(*parts: CalibrationPasses) -> CalibrationPasses:
+    """Elementwise sum of calibration costs."""
+    return CalibrationPasses(sum(p.forward_rows for p in parts), sum(p.backward_rows for p in parts))
+
+
+def passes_dict(p: CalibrationPasses) -> dict:
+    return {"forward_rows": int(p.forward_rows), "backward_rows": int(p.backward_rows)}
+
+
+def lm_forward(config, params, inputs):
+    """`inputs` `[B, 2, S]` (token ids, attention mask) -> logits `[B, S, V]` (`models.apply`)."""
+    return models.apply(config, params, inputs[:, 0], inputs[:, 1])
+
+
+def _task_rows(objective, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, weights) `[n, S]` of the first `rows` real examples of one search objective, prompts only."""
+    tree = objective.arrays.tree
+    n = min(int(rows), int(objective.num_examples))
+    if "prompt_ids" in tree:  # generation: left-padded prompts and their mask
+        ids = np.asarray(tree["prompt_ids"]).reshape(-1, np.shape(tree["prompt_ids"])[-1])[:n]
+        mask = np.asarray(tree["prompt_mask"]).reshape(-1, ids.shape[-1])[:n]
+        return ids.astype(np.int32), mask.astype(np.int32), mask.astype(np.float32)
+    if "input_ids" in tree and "target_mask" in tree:  # teacher forced: [bos] + prompt + target, right-padded
+        ids = np.asarray(tree["input_ids"]).reshape(-1, np.shape(tree["input_ids"])[-1])[:n]
+        target = np.asarray(tree["target_mask"]).reshape(-1, ids.shape[-1])[:n] > 0
+        if not np.all(target.any(1)):
+            raise ValueError(f"{objective.name}: a search example has no target tokens")
+        prompt_len = np.argmax(target, axis=1) + 1  # target_mask[t] = 1 when ids[t + 1] is a target token
+        weights = (np.arange(ids.shape[1])[None] < prompt_len[:, None]).astype(np.float32)
+        ids = np.where(weights > 0, ids, 0).astype(np.int32)  # no target token left in the rows
+        return ids, np.ones_like(ids), weights
+    raise ValueError(
+        f"data-aware merges need token prompts; search objective {objective.name!r} (metric "
+        f"{objective.metric!r}) has arrays {sorted(tree)}"
+    )
+
+
+def search_calibration(problem: Problem, rows: int) -> list[Calibration]:
+    """One `Calibration` per objective (expert) from the search split, prompt tokens only (module docstring).
+
+    An objective of several tasks (`problem.groups`) gets the first `rows` examples of each of its tasks, right-
+    padded to a common length with weight 0.
+    """
+    if int(rows) < 1:
+        raise ValueError(f"data-aware merges: calibration rows must be >= 1, got {rows}")
+    groups = problem.groups or tuple(range(problem.num_tasks))
+    forward = functools.partial(lm_forward, problem.config)
+    out = []
+    for k in range(problem.num_tasks):
+        parts = [
+            _task_rows(o, rows) for o, g in zip(problem.objectives["search"], groups, strict=True) if g == k
+        ]
+        if not parts:
+            raise ValueError(f"data-aware merges: objective {problem.tasks[k]!r} has no search task")
+        width = max(p[0].shape[1] for p in parts)
+        ids, mask, weights = (
+            np.concatenate([np.pad(p[i], ((0, 0), (0, width - p[i].shape[1]))) for p in parts])
+            for i in range(3)
+        )
+        out.append(Calibration(forward, np.stack([ids, mask], 1), weights))
+    return out
+
+
+class SearchStatistics:
+    """The search-split calibration of a Problem and its per-expert Grams and Fishers, each computed on first use.
+
+    `passes` is what has been computed (in calibration rows); `cost(methods)` what computing the statistics of
+    `methods` costs, whether or not they were cached.
+    """
+
+    def __init__(self, problem: Problem, rows: int, fisher_seed: int = 0, num_samples: int = 1):
+        self.problem, self.rows = problem, int(rows)
+        self.fisher_seed, self.num_samples = int(fisher_seed), int(num_samples)
+        self.calibration = search_calibration(problem, rows)
+        self._grams = self._fishers = None
+
+    def grams(self) -> list:
+        if self._grams is None:
+            self._grams = merging.model_grams(self.problem.experts, self.calibration)
+        return self._grams
+
+    def fishers(self) -> list:
+        if self._fishers is None:
+            key = jax.random.PRNGKey(self.fisher_seed)
+            self._fishers = merging.model_fishers(
+                key, self.problem.experts, self.calibration, num_samples=self.num_samples
+            )
+        return self._fishers
+
+    def cost(self, methods) -> CalibrationPasses:
+        """Calibration passes of the statistics `methods` need (Grams for regmean, Fishers for fisher)."""
+        parts = [NO_PASSES]
+        if "regmean" in methods:
+            parts.append(merging.calibration_passes("regmean", self.calibration))
+        if "fisher" in methods:
+            parts.append(merging.calibration_passes("fisher", self.calibration, num_samples=self.num_samples))
+        return add_passes(*parts)
+
+
+_LAST: list = []  # [(problem, SearchStatistics)]: the statistics of the last Problem (one run per process)
+
+
+def statistics(problem: Problem, rows: int, fisher_seed: int = 0, num_samples: int = 1) -> SearchStatistics:
+    """The `SearchStatistics` of `problem` with these settings, shared by every caller in the process while the
+    same Problem object is used (the Problem is held, so its identity is not reused)."""
+    for held, stats in _LAST:
+        if held is problem and (stats.rows, stats.fisher_seed, stats.num_samples) == (
+            int(rows),
+            int(fisher_seed),
+            int(num_samples),
+        ):
+            return stats
+    stats = SearchStatistics(problem, rows, fisher_seed, num_samples)
+    _LAST[:] = [(problem, stats)]
+    return stats
+
+
+def preference_weights(problem: Problem, preference) -> np.ndarray:
+    """Expert weights `K * lambda` (float32) [K]."""
+    return np.float32(problem.num_tasks) * np.asarray(preference, np.float32)
+
+
+def _stats_for(problem: Problem, hp: dict) -> SearchStatistics:
+    return statistics(problem, hp["calibration_rows"], hp.get("fisher_seed", 0), hp.get("num_samples", 1))
+
+
+def merge_from_hparams(problem: Problem, preference, key: jax.Array, hparams: dict) -> dict:
+    """The merged model of one menu candidate (or data-aware baseline) from its hyperparameters.
+
+    hparams: {"method": one of `MENU_METHODS`, ...}: tsv {"scale", "rank_fraction"?}; regmean {"alpha",
+    "calibration_rows"}; fisher {"floor", "calibration_rows", "fisher_seed", "num_samples"}; adamerging
+    {"calibration_rows", "num_steps", "learning_rate", "init", "batch_size", "granularity"} and, once learned,
+    "coefficients" (then no calibration is run: `merge_with_coefficients`). `key`: AdaMerging's minibatches.
+    """
+    method = hparams["method"]
+    w = preference_weights(problem, preference)
+    base, experts = problem.base, problem.experts
+    if method == "tsv":
+        extra = {"rank_fraction": hparams["rank_fraction"]} if "rank_fraction" in hparams else {}
+        return merging.merge("tsv", base, experts, weights=w.tolist(), scale=hparams["scale"], **extra)
+    if method == "regmean":
+        return merging.regmean(base, experts, _stats_for(problem, hparams).grams(), weights=w,
+                               alpha=hparams["alpha"])  # fmt: skip
+    if method == "fisher":
+        return merging.fisher_merge(experts, _stats_for(problem, hparams).fishers(), weights=w,
+                                    floor=hparams.get("floor", 1e-6), base=base)  # fmt: skip
+    if method == "adamerging":
+        if "coefficients" in hparams:
+            return merging.merge_with_coefficients(
+                base, experts, coefficients_from_json(hparams["coefficients"])
+            )
+        return run_adamerging(problem, preference, key, hparams).merged
+    raise ValueError(f"unknown parameter-level menu method {method!r}; known: {MENU_METHODS}")
+
+
+def _adamerging_args(hparams: dict) -> dict:
+    names = ("num_steps", "learning_rate", "init", "batch_size", "granularity")
+    return {n: hparams[n] for n in names if n in hparams}
+
+
+def run_adamerging(problem: Problem, preference, key: jax.Array, hparams: dict):
+    """`merging.adamerging` on the search calibration at `preference` (an `AdaMergingResult`)."""
+    stats = _stats_for(problem, hparams)
+    return merging.adamerging(key, problem.base, problem.experts, stats.calibration,
+                              weights=preference_weights(problem, preference), **_adamerging_args(hparams))  # fmt: skip
+
+
+def adamerging_passes(problem: Problem, preference, hparams: dict) -> CalibrationPasses:
+    stats = _stats_for(problem, hparams)
+    return merging.calibration_passes("adamerging", stats.calibration,
+                                      weights=preference_weights(problem, preference), **_adamerging_args(hparams))  # fmt: skip
+
+
+def coefficients_to_json(coefficients: Any) -> Any:
+    """AdaMerging coefficients (`[K]` or {leaf: `[K]` / `[K, L]`}) as nested lists."""
+    if isinstance(coefficients, dict):
+        return {k: np.asarray(v, np.float32).tolist() for k, v in coefficients.items()}
+    return np.asarray(coefficients, np.float32).tolist()
+
+
+def coefficients_from_json(coefficients: Any) -> Any:
+    if isinstance(coefficients, dict):
+        return {k: jnp.asarray(v, jnp.float32) for k, v in coefficients.items()}
+    return jnp.asarray(coefficients, jnp.float32)
+
+
+class Candidate(NamedTuple):
+    """One menu entry: its JSON-able hyperparameters (`merge_from_hparams` rebuilds `merged` from them), the
+    merged params, and the calibration passes it cost beyond the shared statistics."""
+
+    hparams: dict
+    merged: Any
+    passes: CalibrationPasses
+
+
+def candidates(problem: Problem, preference, key: jax.Array, cfg):
+    """The menu of one preference, lazily (one merged model held at a time).
+
+    cfg: `config.param_level.data_aware` (methods, calibration_rows, regmean_alphas, tsv_scales, fisher_seed,
+      fisher_num_samples, adamerging.{num_steps, learning_rate, init, batch_size}). Yields `Candidate`s.
+    """
+    methods = tuple(cfg.methods)
+    unknown = [m for m in methods if m not in MENU_METHODS]
+    if unknown:
+        raise ValueError(f"param_level.data_aware.methods: unknown {unknown}; known: {MENU_METHODS}")
+    rows = int(cfg.calibration_rows)
+    common = {"calibration_rows": rows}
+    fisher = {
+        "fisher_seed": int(cfg.get("fisher_seed", 0)),
+        "num_samples": int(cfg.get("fisher_num_samples", 1)),
+    }
+    if "regmean" in methods:
+        for alpha in cfg.regmean_alphas:
+            hp = {"method": "regmean", "alpha": float(alpha), **common, **fisher}
+            yield Candidate(hp, merge_from_hparams(problem, preference, key, hp), NO_PASSES)
+    if "fisher" in methods:
+        hp = {"method": "fisher", "floor": 1e-6, **common, **fisher}
+        yield Candidate(hp, merge_from_hparams(problem, preference, key, hp), NO_PASSES)
+    if "tsv" in methods:
+        for scale in cfg.tsv_scales:
+            hp = {"method": "tsv", "scale": float(scale)}
+            yield Candidate(hp, merge_from_hparams(problem, preference, key, hp), NO_PASSES)
+    if "adamerging" in methods:
+        ada = cfg.adamerging
+        hp = {"method": "adamerging", "granularity": "layer", "num_steps": int(ada.num_steps),
+              "learning_rate": float(ada.learning_rate), "init": float(ada.init),
+              "batch_size": int(ada.batch_size), **common, **fisher}  # fmt: skip
+        result = run_adamerging(problem, preference, key, hp)
+        hp = {**hp, "coefficients": coefficients_to_json(result.coefficients)}
+        yield Candidate(hp, result.merged, adamerging_passes(problem, preference, hp))
+
+
+def shared_cost(problem: Problem, cfg) -> CalibrationPasses:
+    """The calibration passes of the statistics the menu `cfg` uses (computed once per run)."""
+    fisher = (int(cfg.get("fisher_seed", 0)), int(cfg.get("fisher_num_samples", 1)))
+    return statistics(problem, int(cfg.calibration_rows), *fisher).cost(tuple(cfg.methods))
