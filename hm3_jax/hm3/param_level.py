@@ -253,7 +253,7 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
       scores of each variant, and the number of model evaluations each spent. The tuned variant is the best
       of the paper's setting, the scale grid, CMA-ES (and the data-aware menu) under the Tchebycheff fitness
       on the search split; with the menu its entry also has "menu" ([[hparams without coefficients, fitness],
-      ...]) and "calibration_passes" ({"forward_rows", "backward_rows"}).
+      ...]), "without_menu" and "calibration_passes" ({"forward_rows", "backward_rows"}).
     """
     out = []
     keys = jax.random.split(key, len(preferences))
@@ -323,11 +323,12 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
 def _menu_step(problem: Problem, pref, key: jax.Array, cfg, best: dict, first: bool) -> tuple[dict, dict]:
     """Scores the data-aware menu of one preference against `best` (the grid's and CMA-ES's best).
 
-    Returns: (the new best, {"evaluations", "menu", "calibration_passes"}); the statistics' passes are charged
+    Returns: (the new best, {"evaluations", "menu", "without_menu" (the best before the menu: hparams, fitness,
+    search scores), "calibration_passes"}); the statistics' passes are charged
     when `first` (the first preference), each candidate's own passes (AdaMerging) to its preference.
     """
     passes = [data_aware_menu.shared_cost(problem, cfg)] if first else []
-    scored = []
+    scored, without = [], {k: best[k] for k in ("hparams", "fitness", "search")}
     for cand in data_aware_menu.candidates(problem, pref, key, cfg):
         scores = score_params(problem.engines["search"], problem.experts, cand.merged)
         fit = tchebycheff_normalised(problem, scores, pref)
@@ -337,7 +338,7 @@ def _menu_step(problem: Problem, pref, key: jax.Array, cfg, best: dict, first: b
         if fit < best["fitness"]:
             best = {"fitness": fit, "hparams": cand.hparams, "search": scores.tolist()}
     total = data_aware_menu.add_passes(*passes)
-    return best, {"evaluations": len(scored), "menu": scored,
+    return best, {"evaluations": len(scored), "menu": scored, "without_menu": without,
                   "calibration_passes": data_aware_menu.passes_dict(total)}  # fmt: skip
 
 
