@@ -110,7 +110,8 @@ def _setup(args):
         with open(os.path.join(args.run, "stages", "param_level.json")) as f:
             param = json.load(f)
     else:
-        param = _parameter_level(args.run, config, zoo, problem)
+        chosen = [int(i) for i in getattr(args, "preferences", "").split(",") if i.strip()]
+        param = _parameter_level(args.run, config, zoo, problem, max(chosen) + 1 if chosen else None)
     prefs = np.asarray([e["preference"] for e in param], np.float32)
     variant = config.param_level.pool_model if config.param_level.cmaes.enabled else "paper"
     bank = run_lib.preference_models(problem, param, variant)
@@ -118,11 +119,13 @@ def _setup(args):
     return config, zoo, problem, prefs, shells, pools, has_run
 
 
-def _parameter_level(run_dir: str, config, zoo, problem) -> list[dict]:
+def _parameter_level(run_dir: str, config, zoo, problem, num: int | None = None) -> list[dict]:
     """Without a run: the preferences and the parameter level's entries as `run.run_hm3` makes them (the same
     keys: `PRNGKey(config.seed)` split in 5, the first for the preferences, the second for the parameter level),
     cached as RUN/headroom_param_level.json keyed by the zoo fingerprint and the preference / parameter-level
-    settings."""
+    settings. `num`: only the first `num` preferences (the parameter level costs about a minute per preference
+    on tiny3's full config); `run_param_level` then splits its key in `num`, not N, so their merges' DARE draws
+    differ from a run's with all N (same preferences, same settings)."""
     import jax
 
     from hm3_jax.hm3 import param_level
@@ -130,7 +133,7 @@ def _parameter_level(run_dir: str, config, zoo, problem) -> list[dict]:
 
     want = {"zoo_fingerprint": zoo.manifest["fingerprint"], "seed": int(config.seed),
             "preferences": config.preferences.to_dict(), "param_level": config.param_level.to_dict(),
-            "search_examples": config.engine.get("search_examples") or 0}  # fmt: skip
+            "search_examples": config.engine.get("search_examples") or 0, "num": num}  # fmt: skip
     want = json.loads(json.dumps(want))  # tuples as lists, as read back
     path = os.path.join(run_dir, "headroom_param_level.json")
     if os.path.isfile(path):
@@ -139,7 +142,7 @@ def _parameter_level(run_dir: str, config, zoo, problem) -> list[dict]:
         if cached["settings"] == want:
             return cached["entries"]
     k_pref, k_param, *_ = jax.random.split(jax.random.PRNGKey(config.seed), 5)
-    prefs = run_lib.make_preferences(config.preferences, problem.num_tasks, k_pref)
+    prefs = run_lib.make_preferences(config.preferences, problem.num_tasks, k_pref)[:num]
     entries = param_level.run_param_level(problem, prefs, k_param, config.param_level)
     os.makedirs(run_dir, exist_ok=True)
     with open(path + ".tmp", "w") as f:

@@ -79,3 +79,22 @@ def test_headroom_insertions_and_two_edits():
     around_best = {tuple(r) for r in arch_level.neighbours(one[0], K + 1, L, t_min, t_max).tolist()}
     assert all(tuple(r) in around_best for r in two.tolist())
     assert len(headroom.two_edits(one, gains, 2, 5, 0, K + 1, L, t_min, t_max, cands)) == 5
+
+
+def test_headroom_neighbourhood_without_a_run(smoke_zoo_dir, tmp_path):
+    """`arch_headroom.py --neighbourhood` on a zoo with no HM3 run (how the deep zoo is measured): the parameter
+    level is computed and cached, insertions and two-edit paths are scored, nothing is checked against a run."""
+    headroom = _load(os.path.join(REPO, "benchmarks/arch_headroom.py"))
+    argv = [f"--run={tmp_path}", f"--zoo={smoke_zoo_dir}", "--config=experiments/configs/tiny3.py:smoke",
+            "--neighbourhood", "--preferences=0", "--bootstrap=10", "--insertions", "--two_edit_sample=3",
+            "--two_edit_top=1", f"--plot={tmp_path / 'n.png'}", f"--out={tmp_path / 'out.json'}"]  # fmt: skip
+    out = headroom.main(argv)
+    assert not out["has_run"] and (tmp_path / "headroom_param_level.json").exists()
+    assert "insertion" in out["mean_over_preferences"]["by_edit_type"]
+    assert len(out["per_preference"][0]["two_edit"]["paths"]) == 3
+    assert (tmp_path / "out.json").exists()
+    again = headroom.main(argv)  # the cached parameter level: the same Theta, the same rewards
+    assert (
+        again["per_preference"][0]["search_full"]["theta_reward"]
+        == out["per_preference"][0]["search_full"]["theta_reward"]
+    )
