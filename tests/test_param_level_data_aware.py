@@ -1,0 +1,224 @@
+"""HM3's upper level with the data-aware menu, and the data-aware parameter baselines (issue 19).
+
+Most tests run on a hand-made Problem: a two-block Llama with two experts, one teacher-forced and one generation
+search objective, held-out objectives that fail the test when anything reads them, and a scorer (patched in for
+`score_params`) that scores a model by its distance to a chosen target merge, so which candidate wins is known.
+The last test runs the level with the menu on the smoke zoo's real engines.
+"""
+
+import json
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from hm3_jax import merging, models
+from hm3_jax.hm3 import baselines_runner, data_aware_menu, param_level
+from hm3_jax.hm3.problem import Problem
+from hm3_jax.merging import Calibration, layer_input_grams
+
+LLAMA = models.ModelConfig(
+    family="llama", vocab_size=13, hidden_size=8, intermediate_size=12, num_layers=2, num_heads=2
+)
+RNG = np.random.default_rng(0)
+# Teacher-forced rows [bos] + prompt + target (+ padding): prompt lengths 3, 4, 2 (then a padding row).
+TF_IDS = np.array(
+    [[1, 5, 6, 9, 9, 2, 0], [1, 7, 8, 5, 10, 2, 0], [1, 4, 11, 11, 2, 0, 0], [0, 0, 0, 0, 0, 0, 0]], np.int32
+)
+TF_TARGET = np.zeros((4, 7), np.float32)
+TF_TARGET[0, 2:5] = TF_TARGET[1, 3:5] = TF_TARGET[2, 1:4] = (
+    1  # target_mask[t] = 1 when ids[t + 1] is a target
+)
+GEN_IDS = np.array(
+    [[0, 0, 1, 5, 6], [0, 1, 7, 8, 9], [1, 4, 4, 5, 6], [0, 0, 0, 0, 0]], np.int32
+)  # left-padded
+GEN_MASK = (GEN_IDS > 0).astype(np.int32)
+
+
+class HeldOut:
+    """A held-out objective that fails the test when anything reads it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the held-out split was read ({name})")
+
+
+def _objective(name, metric, tree):
+    return SimpleNamespace(name=name, metric=metric, num_examples=3, arrays=SimpleNamespace(tree=tree))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    base = models.init(LLAMA, jax.random.key(0))
+    experts = [
+        jax.tree.map(lambda x, s=s: x + (0.05 * RNG.standard_normal(x.shape)).astype(np.float32), base)
+        for s in range(2)
+    ]
+    search = [
+        _objective("a/search", "exact_match", {"input_ids": TF_IDS[None, None], "target_mask": TF_TARGET[None, None]}),
+        _objective("b/search", "chrf", {"prompt_ids": GEN_IDS[None], "prompt_mask": GEN_MASK[None]}),
+    ]  # fmt: skip
+    ideal = {"search": np.full(2, 100.0), "heldout": np.full(2, 100.0)}
+    sources = {s: np.full((3, 2), 100.0) for s in ideal}
+    return Problem(LLAMA, ("a", "b"), base, experts, {"search": search, "heldout": [HeldOut(), HeldOut()]},
+                   sources, ideal, {"search": "search-engine", "heldout": "heldout-engine"})  # fmt: skip
+
+
+def _forward(params, x):
+    return models.apply(LLAMA, params, x[:, 0], x[:, 1])
+
+
+def _hand_calibration():
+    """The menu's calibration written out by hand: the 3 real rows of each task, prompts only."""
+    tf_weights = np.zeros((3, 7), np.float32)
+    for r, n in enumerate((3, 4, 2)):
+        tf_weights[r, :n] = 1
+    tf_ids = np.where(tf_weights > 0, TF_IDS[:3], 0)
+    tf = np.stack([tf_ids, np.ones_like(tf_ids)], 1)
+    gen = np.stack([GEN_IDS[:3], GEN_MASK[:3]], 1)
+    return [(tf, tf_weights), (gen, GEN_MASK[:3].astype(np.float32))]
+
+
+def _menu_cfg(**over):
+    c = ml_collections.ConfigDict()
+    c.density, c.drop_rate, c.scale_grid, c.task_arithmetic_grid = 0.7, 0.3, (1.0,), True
+    c.cmaes = ml_collections.ConfigDict(
+        {"enabled": True, "population_size": 4, "num_generations": 1, "sigma": 0.3}
+    )
+    c.data_aware = ml_collections.ConfigDict({
+        "enabled": True, "methods": ("regmean", "fisher", "tsv", "adamerging"), "calibration_rows": 8,
+        "regmean_alphas": (0.5, 0.9), "tsv_scales": (1.0,), "fisher_seed": 0, "fisher_num_samples": 1,
+        "adamerging": {"num_steps": 2, "learning_rate": 1e-2, "init": 0.3, "batch_size": 4},
+    })  # fmt: skip
+    for k, v in over.items():
+        c.data_aware[k] = v
+    return c
+
+
+def _distance_scorer(target):
+    """score_params stand-in: 100 * exp(-|params - target|^2) on both tasks, whichever engine."""
+
+    def score(engine, experts, params):
+        assert engine in ("search-engine", "heldout-engine")
+        d = sum(
+            float(jnp.sum((a - b) ** 2))
+            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(target), strict=True)
+        )
+        return np.full(2, 100.0 * np.exp(-d))
+
+    return score
+
+
+def test_calibration_is_the_search_prompts_only(problem):
+    """Calibration rows = the first real search rows, target tokens gone and weighted 0, generation prompts with
+    their mask; the held-out objectives are never read (they raise)."""
+    calib = data_aware_menu.search_calibration(problem, rows=8)
+    for c, (inputs, weights) in zip(calib, _hand_calibration(), strict=True):
+        np.testing.assert_array_equal(np.asarray(c.inputs), inputs)
+        np.testing.assert_array_equal(np.asarray(c.token_weights), weights)
+    for r in range(3):  # every target position of a teacher-forced row is overwritten and weighted 0
+        targets = np.flatnonzero(TF_TARGET[r]) + 1
+        assert np.all(calib[0].inputs[r, 0, targets] == 0) and np.all(calib[0].token_weights[r, targets] == 0)
+    assert calib[0].num_rows == 3 and data_aware_menu.search_calibration(problem, rows=2)[1].num_rows == 2
+
+
+def test_menu_picks_regmean_when_it_scores_best(problem, monkeypatch):
+    """The scorer rewards exactly RegMean at alpha 0.5 (computed here from hand-built calibration data): the
+    level picks it over the grid, CMA-ES and the other menu candidates, and merged_for rebuilds it from the
+    stored (JSON) entry. Held-out objectives are never read (the fixture's raise)."""
+    pref = np.array([[0.7, 0.3]], np.float32)
+    hand = [Calibration(_forward, x, w) for x, w in _hand_calibration()]
+    target = merging.merge_with_data("regmean", problem.base, problem.experts, None, hand, weights=[1.4, 0.6],
+                                     alpha=0.5)  # fmt: skip
+    monkeypatch.setattr(param_level, "score_params", _distance_scorer(target))
+    (entry,) = param_level.run_param_level(problem, pref, jax.random.PRNGKey(1), _menu_cfg())
+    tuned = entry["tuned"]
+    assert tuned["hparams"]["method"] == "regmean" and tuned["hparams"]["alpha"] == 0.5
+    assert tuned["fitness"] == pytest.approx(0.0, abs=1e-6)
+    assert tuned["without_menu"]["fitness"] > 1e-3  # the DARE-TIES family could not reach it
+    assert [m[0]["method"] for m in tuned["menu"]] == ["regmean", "regmean", "fisher", "tsv", "adamerging"]
+    assert tuned["evaluations"] == 3 + 4 + 5  # grid (3 settings x 1 scale), CMA-ES (4), menu (5)
+    rebuilt = param_level.merged_for(problem, json.loads(json.dumps(entry)), "tuned")
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(target), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_menu_statistics_equal_independent_grams(problem):
+    """The shared Grams are each expert's layer_input_grams on its own task's hand-built calibration."""
+    stats = data_aware_menu.statistics(problem, 8)
+    for k, (x, w) in enumerate(_hand_calibration()):
+        want = layer_input_grams(_forward, problem.experts[k], x, w)
+        got = stats.grams()[k]
+        assert sorted(got) == sorted(want)
+        for name in want:
+            np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5, atol=1e-6)
+    assert data_aware_menu.statistics(problem, 8) is stats  # computed once per run
+
+
+def test_switch_off_changes_nothing(problem, monkeypatch):
+    """With the menu off (or no data_aware section) the entries are identical and carry no menu keys."""
+    monkeypatch.setattr(param_level, "score_params", _distance_scorer(problem.experts[0]))
+    prefs = np.array([[0.5, 0.5], [0.2, 0.8]], np.float32)
+    off = _menu_cfg(enabled=False)
+    absent = _menu_cfg()
+    del absent["data_aware"]
+    a = param_level.run_param_level(problem, prefs, jax.random.PRNGKey(2), off)
+    b = param_level.run_param_level(problem, prefs, jax.random.PRNGKey(2), absent)
+    for x, y in zip(a, b, strict=True):
+        x.pop("wall_seconds"), y.pop("wall_seconds")
+        assert json.dumps(x) == json.dumps(y)
+        assert not {"menu", "calibration_passes", "without_menu"} & set(x["tuned"])
+        assert "method" not in x["tuned"]["hparams"]
+    assert param_level.calibration_cost(a) == {"forward_rows": 0, "backward_rows": 0}
+
+
+def test_calibration_passes_are_counted(problem, monkeypatch):
+    """Hand-counted rows (3 per task): statistics once (Grams 3 + 3 forwards; Fishers 6 forwards and 6
+    backwards, one label draw), AdaMerging per preference 2 steps x min(4, 3) rows x the tasks of positive
+    weight; the data-aware baselines charge their statistics once plus every AdaMerging run."""
+    monkeypatch.setattr(param_level, "score_params", _distance_scorer(problem.base))
+    monkeypatch.setattr(baselines_runner, "score_params", _distance_scorer(problem.base))
+    prefs = np.array([[0.5, 0.5], [1.0, 0.0]], np.float32)
+    entries = param_level.run_param_level(problem, prefs, jax.random.PRNGKey(3), _menu_cfg())
+    assert entries[0]["tuned"]["calibration_passes"] == {"forward_rows": 6 + 6 + 12, "backward_rows": 6 + 12}
+    assert entries[1]["tuned"]["calibration_passes"] == {"forward_rows": 6, "backward_rows": 6}
+    assert param_level.calibration_cost(entries) == {"forward_rows": 30, "backward_rows": 24}
+    costs = {m: baselines_runner.run_param_baseline(problem, m, prefs, jax.random.PRNGKey(4), tune=False)
+             for m in ("regmean", "fisher", "adamerging")}  # fmt: skip
+    assert costs["regmean"]["calibration_passes"] == {"forward_rows": 6, "backward_rows": 0}
+    assert costs["fisher"]["calibration_passes"] == {"forward_rows": 6, "backward_rows": 6}
+    # default + the one-point grid per preference, 20 steps x 3 rows x (2 tasks, then 1)
+    assert costs["adamerging"]["calibration_passes"] == {"forward_rows": 360, "backward_rows": 360}
+    ada = costs["adamerging"]
+    rebuilt = baselines_runner.param_baseline_models(problem, "adamerging", ada, jax.random.PRNGKey(4))[1]
+    direct = baselines_runner.param_merge(problem, "adamerging", prefs[1], jax.random.fold_in(jax.random.PRNGKey(4), 1),
+                                          ada["hparams"][1])  # fmt: skip
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(direct), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_smoke_level_with_menu_finishes(smoke_zoo_dir):
+    """The smoke zoo's parameter level with the menu on (the smoke config's sizes), on the real engines, for one
+    preference: the entry has the menu, its cost, and a tuned model that merged_for rebuilds to the same held-out
+    score."""
+    from experiments.configs import tiny3
+    from hm3_jax.hm3.problem import make_problem, score_params
+    from hm3_jax.tasks import zoo as zoo_lib
+
+    config = tiny3.get_config("smoke")
+    zoo = zoo_lib.load_matching(config.zoo, smoke_zoo_dir)
+    problem = make_problem(
+        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing
+    )
+    cfg = config.param_level
+    cfg.data_aware.enabled = True
+    prefs = np.array([[0.6, 0.3, 0.1]], np.float32)
+    entries = param_level.run_param_level(problem, prefs, jax.random.PRNGKey(0), cfg)
+    for e in entries:
+        assert len(e["tuned"]["menu"]) == 4 and e["tuned"]["evaluations"] == 3 + 4 + 4
+        rebuilt = param_level.merged_for(problem, json.loads(json.dumps(e)), "tuned")
+        heldout = score_params(problem.engines["heldout"], problem.experts, rebuilt)
+        np.testing.assert_allclose(heldout, e["tuned"]["heldout"])
+    assert param_level.calibration_cost(entries)["forward_rows"] > 0
