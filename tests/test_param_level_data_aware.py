@@ -222,3 +222,19 @@ def test_smoke_level_with_menu_finishes(smoke_zoo_dir):
         heldout = score_params(problem.engines["heldout"], problem.experts, rebuilt)
         np.testing.assert_allclose(heldout, e["tuned"]["heldout"])
     assert param_level.calibration_cost(entries)["forward_rows"] > 0
+
+
+def test_bad_settings_raise_clear_errors(problem):
+    """The menu without the tuned variant, a search objective without token prompts, zero calibration rows."""
+    cfg = _menu_cfg()
+    cfg.cmaes.enabled = False
+    with pytest.raises(ValueError, match="cmaes.enabled"):
+        param_level.run_param_level(problem, np.array([[0.5, 0.5]], np.float32), jax.random.PRNGKey(0), cfg)
+    vit = _objective("img/search", "accuracy", {"pixel_values": np.zeros((1, 4, 3, 8, 8), np.float32)})
+    no_prompts = problem._replace(
+        objectives={**problem.objectives, "search": [vit, problem.objectives["search"][1]]}
+    )
+    with pytest.raises(ValueError, match="need token prompts.*img/search"):
+        data_aware_menu.search_calibration(no_prompts, rows=8)
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        data_aware_menu.search_calibration(problem, rows=0)

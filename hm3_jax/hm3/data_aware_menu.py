@@ -146,21 +146,24 @@ class SearchStatistics:
         return add_passes(*parts)
 
 
-_LAST: list = []  # [(problem, SearchStatistics)]: the statistics of the last Problem (one run per process)
+_LAST: list = []  # [(sources, SearchStatistics)]: the last statistics computed (one run per process)
 
 
 def statistics(problem: Problem, rows: int, fisher_seed: int = 0, num_samples: int = 1) -> SearchStatistics:
     """The `SearchStatistics` of `problem` with these settings, shared by every caller in the process while the
-    same Problem object is used (the Problem is held, so its identity is not reused)."""
+    same base, experts and search objectives are used (`problem._replace(...)` copies keep sharing them; the
+    objects are held, so their identities are not reused)."""
+    sources = (problem.base, problem.experts, problem.objectives["search"])
+    settings = (int(rows), int(fisher_seed), int(num_samples))
     for held, stats in _LAST:
-        if held is problem and (stats.rows, stats.fisher_seed, stats.num_samples) == (
-            int(rows),
-            int(fisher_seed),
-            int(num_samples),
+        if all(a is b for a, b in zip(held, sources, strict=True)) and settings == (
+            stats.rows,
+            stats.fisher_seed,
+            stats.num_samples,
         ):
             return stats
     stats = SearchStatistics(problem, rows, fisher_seed, num_samples)
-    _LAST[:] = [(problem, stats)]
+    _LAST[:] = [(sources, stats)]
     return stats
 
 

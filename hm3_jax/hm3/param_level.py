@@ -260,7 +260,12 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
     L = problem.config.num_layers
     scales = tuple(cfg.get("scale_grid", ()) or ())
     menu = cfg.get("data_aware")
-    menu = menu if menu is not None and menu.get("enabled", False) and cfg.cmaes.enabled else None
+    menu = menu if menu is not None and menu.get("enabled", False) else None
+    if menu is not None and not cfg.cmaes.enabled:
+        raise ValueError(
+            "param_level.data_aware.enabled extends the tuned variant's menu: it needs "
+            "param_level.cmaes.enabled = True (or set data_aware.enabled = False)"
+        )
     # The menu's keys (AdaMerging's minibatches) come from their own branch of `key`: the keys of everything
     # else are those of a run without the menu.
     menu_key = jax.random.fold_in(key, 0x6D656E75)
