@@ -73,6 +73,12 @@ def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hpara
     those counts agree (e.g. d = 0.5 on tensors of even size), else up to one entry per model, tensor and
     block is trimmed differently (measured: 45 of 29472 entries at d = 0.4 on the tiny Llama of the tests).
     """
+    # A data-aware menu winner (param_level, issue 19): no mergekit method rebuilds it.
+    if "method" in hparams:
+        return (
+            f"# NOT EXPRESSIBLE: this Theta(lambda) is hm3_jax's {hparams['method']!r} merge (the parameter "
+            "level's data-aware menu), which mergekit has no method for; the merged weights are in merged/.\n"
+        )
     density = float(hparams.get("density", 1.0))
     drop = float(hparams.get("drop_rate", 0.0))
     scale = float(hparams.get("scale", 1.0))
