@@ -125,7 +125,7 @@ def _parameter_level(run_dir: str, config, zoo, problem, num: int | None = None)
     cached as RUN/headroom_param_level.json keyed by the zoo fingerprint and the preference / parameter-level
     settings. `num`: only the first `num` preferences (the parameter level costs about a minute per preference
     on tiny3's full config); `run_param_level` then splits its key in `num`, not N, so their merges' DARE draws
-    differ from a run's with all N (same preferences, same settings)."""
+    differ from a run's with all N (same preferences, same settings). A cache of more preferences is reused."""
     import jax
 
     from hm3_jax.hm3 import param_level
@@ -139,7 +139,10 @@ def _parameter_level(run_dir: str, config, zoo, problem, num: int | None = None)
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached["settings"] == want:
+        have = cached["settings"].pop("num")  # a cache of more preferences serves fewer (its first ones)
+        if {**want, "num": None} == {**cached["settings"], "num": None} and (
+            have is None or (num is not None and have >= num)
+        ):
             return cached["entries"]
     k_pref, k_param, *_ = jax.random.split(jax.random.PRNGKey(config.seed), 5)
     prefs = run_lib.make_preferences(config.preferences, problem.num_tasks, k_pref)[:num]
