@@ -113,8 +113,8 @@ def search_calibration(problem: Problem, rows: int) -> list[Calibration]:
 class SearchStatistics:
     """The search-split calibration of a Problem and its per-expert Grams and Fishers, each computed on first use.
 
-    `passes` is what has been computed (in calibration rows); `cost(methods)` what computing the statistics of
-    `methods` costs, whether or not they were cached.
+    `cost(methods)` is what computing the statistics of `methods` costs (in calibration rows), whether or not
+    they were already computed.
     """
 
     def __init__(self, problem: Problem, rows: int, fisher_seed: int = 0, num_samples: int = 1):
@@ -156,11 +156,8 @@ def statistics(problem: Problem, rows: int, fisher_seed: int = 0, num_samples: i
     sources = (problem.base, problem.experts, problem.objectives["search"])
     settings = (int(rows), int(fisher_seed), int(num_samples))
     for held, stats in _LAST:
-        if all(a is b for a, b in zip(held, sources, strict=True)) and settings == (
-            stats.rows,
-            stats.fisher_seed,
-            stats.num_samples,
-        ):
+        same_sources = all(a is b for a, b in zip(held, sources, strict=True))
+        if same_sources and settings == (stats.rows, stats.fisher_seed, stats.num_samples):
             return stats
     stats = SearchStatistics(problem, rows, fisher_seed, num_samples)
     _LAST[:] = [(sources, stats)]
