@@ -232,9 +232,11 @@ class PathEngine:
         return dict(self._shared["strategy_timings"])
 
     def with_model(self, shell: dict, pool: dict, pool_id: str | None = None) -> PathEngine:
-        """The same engine (compiled code, cache, objectives) for another shell/pool of identical shapes."""
+        """The same engine (compiled code, cache, objectives) for another shell and pool: the same shapes, except
+        that the pool may hold another number of blocks (its programs are then compiled once more for that
+        length; one model's own L blocks is what `hm3.problem.score_params` scores, no pool copy)."""
         _check_same_shapes(self.shell, shell, "shell")
-        _check_same_shapes(self.pool, pool, "pool")
+        _check_same_shapes(self.pool, pool, "pool", leading=False)
         return PathEngine(
             config=self.config, shell=shell, pool=pool, objectives=self.objectives, strategy=self.strategy,
             chunk_size=self.chunk_size, node_chunk_size=self.node_chunk_size,
@@ -686,11 +688,14 @@ def _data_axis_size(mesh) -> int:
     return int(dict(mesh.shape).get("data", 1)) if mesh is not None else 1
 
 
-def _check_same_shapes(a, b, name):
-    sa = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), a)
-    sb = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), b)
+def _check_same_shapes(a, b, name, leading: bool = True):
+    """Same structure, shapes and dtypes (`leading=False`: the leading axis, a pool's block count, may differ)."""
+    cut = 0 if leading else 1
+    sa = jax.tree.map(lambda x: (tuple(x.shape)[cut:], str(x.dtype)), a)
+    sb = jax.tree.map(lambda x: (tuple(x.shape)[cut:], str(x.dtype)), b)
     if jax.tree.structure(a) != jax.tree.structure(b) or sa != sb:
-        raise ValueError(f"with_model: the new {name} must have the same structure, shapes and dtypes")
+        what = "shapes" if leading else "per-block shapes"
+        raise ValueError(f"with_model: the new {name} must have the same structure, {what} and dtypes")
 
 
 def make_engine(
