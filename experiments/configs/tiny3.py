@@ -4,6 +4,10 @@ Build the zoo (about 8-15 minutes on 2 CPU cores):
 
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py --workdir=runs/tiny3/zoo
 
+Deep variant (issue 20, docs/headroom.md: 16 blocks of width 64 at tiny3's FLOPs; about 15 minutes here):
+
+    python -m experiments.build_zoo --config=experiments/configs/tiny3.py:deep --workdir=/tmp/deep3/zoo
+
 Smoke variant (tests; well under a minute):
 
     python -m experiments.build_zoo --config=experiments/configs/tiny3.py:smoke --workdir=/tmp/tiny3_smoke
