@@ -120,6 +120,17 @@ out["scores"] = {"one": one.evaluate(test_paths).scores.tolist(), "paths4_data2"
                  "paths2_model4": tp.evaluate(test_paths).scores.tolist()}
 out["tp_pool_bytes_device0"] = dev0(tp._placed()[1])
 out["tp_embedding_shard"] = list(tp._placed()[0]["embed"]["embedding"].addressable_shards[0].data.shape)
+# A Problem on that mesh places its pool once: every split's engine reads the same placed arrays
+from hm3_jax.hm3 import problem as problem_lib
+tp_mesh = distributed.make_mesh("paths:2,model:4")
+given = {s: np.zeros((len(zoo.tasks) + 1, len(zoo.tasks))) for s in problem_lib.SPLITS}  # no source scoring
+prob = problem_lib.make_problem(zoo, mesh=tp_mesh, source_scores=given)
+placed = [e._placed()[1] for e in prob.engines.values()]
+out["splits"] = len(placed)
+out["shared_placement"] = all(a is b for p in placed[1:] for a, b in zip(jax.tree.leaves(placed[0]), jax.tree.leaves(p)))
+out["problem_pool_device0"] = dev0(placed[0])
+out["problem_pool_planned"] = memory_plan.placed_bytes({}, placed[0], tp_mesh)
+out["problem_pool_whole"] = sum(x.nbytes for x in jax.tree.leaves(placed[0]))
 print("RESULT " + json.dumps(out))
 """
 
@@ -129,7 +140,7 @@ def child(settings):
     """The child's results (see _CHILD), and its stderr for failures."""
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, settings["llama"], settings["qwen"]], cwd=REPO, env=subprocess_env(8),
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,  # a hang bound (323 s seen at load ~5)
     )  # fmt: skip
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
@@ -202,6 +213,10 @@ def test_tensor_parallel_engine_scores_equal_one_device(child):
     pool_bytes = out["measured"]["arguments"]  # replicated shell + pool + paths on paths:4,data:2
     assert out["tp_pool_bytes_device0"] < 0.4 * pool_bytes  # about 1/4 of the matrices, norms replicated
     assert out["tp_embedding_shard"] == [64 // 4, 32]
+    # a Problem's engines (one per split) share one placement of its pool: a quarter of the matrices on device
+    # 0, what the plan counts (`placed_bytes`); each engine placed its own copy before
+    assert out["splits"] >= 2 and out["shared_placement"]
+    assert out["problem_pool_device0"] == out["problem_pool_planned"] < 0.4 * out["problem_pool_whole"]
 
 
 def test_run_refuses_a_run_that_does_not_fit_before_loading(settings):

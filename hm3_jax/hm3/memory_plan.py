@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax import models
+from hm3_jax import distributed, models
 from hm3_jax.hm3 import param_level
 from hm3_jax.hm3.preference_models import resident_preferences
 from hm3_jax.hm3.problem import make_engines
@@ -183,19 +183,20 @@ def tree_bytes(tree) -> int:
     )
 
 
-def resident_bytes(program: str, sources_bytes: int, pool_bytes: int, sharded: bool) -> int:
+def resident_bytes(program: str, sources_bytes: int, pool_bytes: int) -> int:
     """Bytes the run keeps on device 0 outside `program`'s arguments (hm3_jax/hm3/run.py and problem.py today):
     the sources as `load_pretrained` placed them (`sources_bytes`: the K + 1 models, or for "model_scores" the K
-    that are not its argument) and the sources' pool (`problem.make_problem`, `pool_bytes`; on one device it is
-    the engine's own argument, on a mesh the engine places copies). The preferences' merged models are added by
-    `held_preference_bytes` (`memory.resident_preferences` of them, or all N).
+    that are not its argument) and the sources' pool (`problem.make_problem`, `pool_bytes`; it is the path
+    programs' own argument: on a mesh `make_problem` places it once, sharded, for every split's engine, and
+    drops the unplaced copy). The preferences' merged models are added by `held_preference_bytes`
+    (`memory.resident_preferences` of them, or all N).
 
     program: "merge" (its arguments are the sources), "path_scores" or "model_scores".
     """
     if program == "merge":
         return pool_bytes
     if program == "path_scores":
-        return sources_bytes + (pool_bytes if sharded else 0)
+        return sources_bytes
     return sources_bytes + pool_bytes
 
 
@@ -211,17 +212,36 @@ def held_preference_bytes(program: str, run_config, config, num_experts: int, dt
     a shell and a pool of the K + 1 sources' blocks) that `program` does not take as its argument.
 
     During the architecture level a path program's argument is one preference's shell and pool: the other held
-    ones (`held_preferences - 1`) and, on one device, the sources' own pool (the split engine's, which the
-    program then does not read; on a mesh `resident_bytes` counts it already) are resident beside it. The
-    held-out bootstrap's model programs and the merges run while all held preferences are kept.
+    ones (`held_preferences - 1`) and the sources' own pool (the split engines', which the program then does
+    not read) are resident beside it. The held-out bootstrap's model programs and the merges run while all held
+    preferences are kept. On a mesh in one process each held preference's shell and pool are placed sharded
+    like the engine's (`preference_models`): per device its share of them (`placed_bytes`); on several
+    processes they stay whole on device 0.
     """
     params = abstract_params(config, dtype)
-    pool = (num_experts + 1) * tree_bytes(params["blocks"])
-    one = pool + tree_bytes(models.shell_of(params))
+    shell = models.shell_of(params)
+    pool = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(((num_experts + 1) * x.shape[0],) + x.shape[1:], x.dtype),
+        params["blocks"],
+    )
+    if mesh is not None and jax.process_count() == 1:
+        one, sources_pool = placed_bytes(shell, pool, mesh), placed_bytes({}, pool, mesh)
+    else:
+        one, sources_pool = tree_bytes(pool) + tree_bytes(shell), tree_bytes(pool)
     held = held_preferences(run_config)
     if program.startswith("path_scores"):
-        return (held - 1) * one + (0 if mesh is not None else pool)
+        return (held - 1) * one + sources_pool
     return held * one
+
+
+def placed_bytes(shell, pool, mesh) -> int:
+    """Bytes per device of (shell, pool) placed as strategy "shard" places them (`engine.place_model`: tensor
+    parallel over "model"): each leaf's shard shape under `distributed.model_sharding`."""
+    shardings = distributed.model_sharding(shell, pool, mesh)
+    return sum(
+        int(np.prod(sh.shard_shape(tuple(x.shape)))) * np.dtype(x.dtype).itemsize
+        for x, sh in zip(jax.tree.leaves((shell, pool)), jax.tree.leaves(shardings), strict=True)
+    )
 
 
 def _add_held(programs, run_config, config, num_experts: int, dtype, mesh) -> list[ProgramMemory]:
@@ -291,9 +311,7 @@ def engine_programs(config, num_experts: int, dtype, objectives: dict, run_confi
     t_max = int(run_config.arch.rl.t_max)
     junction = run_config.arch.alignment != "none"
     sharded = mesh is not None
-    resident = resident_bytes(
-        "path_scores", (num_experts + 1) * tree_bytes(params), tree_bytes(pool), sharded
-    )
+    resident = resident_bytes("path_scores", (num_experts + 1) * tree_bytes(params), tree_bytes(pool))
     devices = mesh.size if sharded else 1
     out = []
     for split, engine in engines.items():
@@ -336,8 +354,9 @@ def model_score_programs(config, num_experts: int, dtype, objectives: list) -> l
     objective shape, on device 0."""
     params = abstract_params(config, dtype)
     model = tree_bytes(params)
-    resident = resident_bytes("model_scores", num_experts * model, (num_experts + 1) * tree_bytes(params["blocks"]),
-                              False)  # fmt: skip
+    resident = resident_bytes(
+        "model_scores", num_experts * model, (num_experts + 1) * tree_bytes(params["blocks"])
+    )
     seen, out = set(), []
     for obj in objectives:
         kind = "decode" if obj.metric in DECODE_METRICS else obj.metric  # one program for every decode metric

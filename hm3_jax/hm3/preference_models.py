@@ -24,9 +24,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+
 from hm3_jax import models
 from hm3_jax.hm3 import param_level
 from hm3_jax.hm3.problem import Problem, pool_for
+from hm3_jax.paths import engine as engine_lib
 
 
 def resident_preferences(config) -> int:
@@ -91,8 +94,18 @@ class PreferenceModels:
         if self.resident and len(self._held) >= self.resident:
             self._held.popitem(last=False)  # before building the next one: never resident + 1 pools at once
         merged = self.merged(index)
-        held = {"shell": models.shell_of(merged), "pool": pool_for(self.problem, merged), "engines": {}}
+        shell, pool = models.shell_of(merged), pool_for(self.problem, merged)
         del merged  # its blocks are copied into the pool; the shell keeps the rest
+        mesh = (
+            self.problem.engines["search"].mesh
+            if self.problem.engines["search"].strategy == "shard"
+            else None
+        )
+        if mesh is not None and jax.process_count() == 1:
+            # placed once for every split's engine of this preference; the unplaced pool leaves device 0 (one
+            # process only: on several, the export and alignment code read the pool as a local array)
+            shell, pool = engine_lib.place_model(shell, pool, mesh)
+        held = {"shell": shell, "pool": pool, "engines": {}}
         self._held[index] = held
         return held
 

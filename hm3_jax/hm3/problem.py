@@ -149,6 +149,8 @@ def make_problem(
         objectives["search_full"] = [zoo.objectives["search"][t] for t in task_names]
     pool = pool_for(experts, base)  # experts then base: every source is one identity path over this pool
     shell = models.shell_of(base)
+    if mesh is not None:  # placed once, shared by every split's engine; the unplaced pool is dropped
+        shell, pool = engine_lib.place_model(shell, pool, mesh)
     engines = make_engines(config, shell, pool, objectives, engine_strategy, chunk_size, prefix_sharing, mesh,
                            groups)  # fmt: skip
     for split in KEEP_EXAMPLE_STATS:  # what paired bootstraps resample, kept when scored (never re-run)

@@ -459,9 +459,7 @@ class PathEngine:
 
     def _placed(self):
         if getattr(self, "_placed_model", None) is None:
-            self._placed_model = jax.tree.map(
-                distributed.place, (self.shell, self.pool), self.model_shardings()
-            )
+            self._placed_model = place_model(self.shell, self.pool, self.mesh)
         return self._placed_model
 
     # ---------------------------------------------------------------- memory plans (compile only)
@@ -667,6 +665,16 @@ class PathEngine:
         fn = jax.jit(traced, donate_argnums=(2,))
         sh["compiled"][key] = fn
         return fn
+
+
+def place_model(shell: dict, pool: dict, mesh) -> tuple[dict, dict]:
+    """(shell, pool) placed as strategy "shard" reads them on `mesh` (`distributed.model_sharding`: tensor
+    parallel over "model", replicated over "paths" and "data").
+
+    Engines built over arrays placed here share them: placing an array that already has its sharding returns
+    it (no copy). So a Problem places its pool once for the engines of all its splits (each engine placed a
+    copy of its own before, a pool per split on every device) and drops the unplaced one from device 0."""
+    return jax.tree.map(distributed.place, (shell, pool), distributed.model_sharding(shell, pool, mesh))
 
 
 def _abstract(x, sharding=None) -> jax.ShapeDtypeStruct:
