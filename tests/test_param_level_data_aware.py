@@ -238,3 +238,17 @@ def test_bad_settings_raise_clear_errors(problem):
         data_aware_menu.search_calibration(no_prompts, rows=8)
     with pytest.raises(ValueError, match="rows must be >= 1"):
         data_aware_menu.search_calibration(problem, rows=0)
+
+
+def test_a_switched_off_menu_leaves_the_run_fingerprint_unchanged():
+    """Runs made before `param_level.data_aware` existed resume under a config that has it switched off; with
+    it on, the fingerprint differs (the entries do)."""
+    from hm3_jax.hm3 import workdir
+
+    old = {"seed": 0, "param_level": {"density": 0.5}, "memory": {"resident_preferences": 1}}
+    off = {**old, "param_level": {"density": 0.5, "data_aware": {"enabled": False, "rows": 8}}}
+    on = {**old, "param_level": {"density": 0.5, "data_aware": {"enabled": True, "rows": 8}}}
+    assert (
+        workdir.run_identity(off) == workdir.run_identity(old) == {"seed": 0, "param_level": {"density": 0.5}}
+    )
+    assert workdir.run_identity(on) != workdir.run_identity(old)

@@ -34,7 +34,17 @@ from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
 from hm3_jax.tasks import zoo as zoo_lib
 
-REQUIRED_PARAM = ("task_arithmetic", "ties", "dare_ties", "consensus", "pcb", "tsv")
+REQUIRED_PARAM = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "consensus",
+    "pcb",
+    "tsv",
+    "regmean",
+    "fisher",
+    "adamerging",
+)
 REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
 # `config.ablations` (optional; a config without the key runs both): which ablations the run computes and reports.
 # "no_param_level" is a second architecture level (RL over the experts' pool); "no_arch_level" is the parameter
@@ -291,6 +301,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
 
     param_evals = sum(e["paper"]["evaluations"] + e.get("tuned", {}).get("evaluations", 0) for e in param)
     param_seconds = sum(e["wall_seconds"] for e in param)
+    calibration = param_level.calibration_cost(param)  # the data-aware menu's passes (0 without it)
     methods["hm3"] = {
         "points": [r["heldout"] for r in hm3["per_preference"]],
         "paths": [r["path"] for r in hm3["per_preference"]],
@@ -298,6 +309,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         "evaluations": hm3["evaluations"] + param_evals,
         "path_evaluations": hm3["evaluations"],
         "model_evaluations": param_evals,
+        "calibration_passes": calibration,
         "wall_seconds": hm3["wall_seconds"] + param_seconds,
     }
     if no_param is not None:
@@ -314,6 +326,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
             "paper_points": [e["paper"]["heldout"] for e in param],
             "preferences": prefs.tolist(),
             "evaluations": param_evals,
+            "calibration_passes": calibration,
             "wall_seconds": param_seconds,
         }
     for m in methods.values():
@@ -332,6 +345,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
             "path_evaluations_per_path_baseline": budget,
             "hm3_path_evaluations": hm3["evaluations"],
             "hm3_model_evaluations": param_evals,
+            "hm3_calibration_passes": calibration,
         },  # fmt: skip
         "param_level_summary": [
             {

@@ -123,8 +123,14 @@ NOT_FINGERPRINTED = ("memory",)
 
 
 def run_identity(config_dict: dict) -> dict:
-    """The part of a config that identifies a run's results (`config_dict` without `NOT_FINGERPRINTED`)."""
-    return {k: v for k, v in config_dict.items() if k not in NOT_FINGERPRINTED}
+    """The part of a config that identifies a run's results: `config_dict` without `NOT_FINGERPRINTED`, and
+    without `param_level.data_aware` while it is switched off (the parameter level's entries are then those of
+    a config without the section, so runs made before it existed resume)."""
+    out = {k: v for k, v in config_dict.items() if k not in NOT_FINGERPRINTED}
+    param = out.get("param_level")
+    if isinstance(param, dict) and not (param.get("data_aware") or {}).get("enabled", False):
+        out["param_level"] = {k: v for k, v in param.items() if k != "data_aware"}
+    return out
 
 
 class Workdir:
