@@ -199,3 +199,18 @@ def test_memory():
     assert [r["preferences"] for r in out["runs"]] == [1, 2]
     assert all(r["resident_preferences"] == 1 and r["peak_rss_gib"] > 0.1 for r in out["runs"])
     assert out["sources_bytes"] > 0 and set(out["peak_growth_gib_by_resident"]) == {"1"}
+
+
+@slow
+def test_data_aware_menu(smoke_zoo_dir, tmp_path):
+    """The parameter level with and without the data-aware menu, one preference of the smoke zoo (an absl main:
+    flags parsed here; slow: the menu's candidates are also rebuilt and scored held out)."""
+    out = tmp_path / "menu.json"
+    module = _benchmark("data_aware_menu")
+    module.FLAGS(
+        ["data_aware_menu", SMOKE_CONFIG, f"--zoo={smoke_zoo_dir}", "--preferences=1", f"--out={out}"]
+    )
+    module.main([])
+    result = json.loads(out.read_text())
+    assert {"with_menu", "without_menu", "regmean", "fisher", "tsv"} <= set(result["summary"])
+    assert len(result["winners"]) == 1 and result["calibration_passes"]["forward_rows"] > 0

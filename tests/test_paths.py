@@ -364,3 +364,19 @@ def test_decode_objective_matches_greedy_decode_per_path(setup):
             decode(CFG, setup["shell"], setup["pool"], path, i, m, 3) for i, m in zip(ids, mask, strict=True)
         ]
         assert score == host_fn(np.concatenate(tokens))
+
+
+def test_score_params_gives_the_same_scores_with_or_without_a_pool_copy(setup, monkeypatch):
+    """`hm3.problem.score_params` scores a model as source K of a pool copy (small models) or over a pool of its
+    own blocks (above SCORE_POOL_COPY_MAX_BYTES): the same scores as the expert's identity path in the sources'
+    pool."""
+    from hm3_jax.hm3 import problem as problem_lib
+
+    engine, experts = setup["engine"], setup["experts"]
+    reference = engine.with_model(models.shell_of(experts[1]), setup["pool"], pool_id="ref1")
+    expected = reference.evaluate((L + np.arange(L, dtype=np.int32))[None]).scores[0]
+    copied = problem_lib.score_params(engine, experts, experts[1])
+    monkeypatch.setattr(problem_lib, "SCORE_POOL_COPY_MAX_BYTES", 0)
+    own = problem_lib.score_params(engine, experts, experts[1])
+    np.testing.assert_array_equal(copied, expected)
+    np.testing.assert_array_equal(own, expected)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -231,16 +232,24 @@ def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
     return [objs["search"][t] for t in tasks]
 
 
-def score_params(engine, experts: list, params: dict) -> np.ndarray:
-    """Raw scores [K] of one parameter-space model through `engine`.
+# Above this many bytes of the experts' blocks, `score_params` scores a model over a pool of its own blocks
+# instead of copying the experts' blocks into a new pool per call (one more compilation per engine program).
+SCORE_POOL_COPY_MAX_BYTES = 2**28
 
-    The model runs as its identity path `arange(L)` over a pool of its own L blocks, with its own shell: the
-    same computation as source K of the pool `experts + [params]` (what this scored before), without copying
-    the experts' blocks into a new pool per model (a whole pool of K + 1 models per call; at Qwen2.5-0.5B's
-    shapes 2.7 GiB). The engine compiles its programs once more for that pool length and caches by a hash
-    of the shell and blocks' bytes. `experts` is kept for the callers' signature (it no longer matters).
+
+def score_params(engine, experts: list, params: dict) -> np.ndarray:
+    """Raw scores [K] of one parameter-space model through `engine`: its identity path with its own shell.
+
+    Small models: source K of the pool `experts + [params]`, path `K * L + arange(L)` (the programs the engine
+    has compiled for the sources' pool). When the experts' blocks take more than `SCORE_POOL_COPY_MAX_BYTES`,
+    path `arange(L)` over a pool of the model's own L blocks: the same computation (the path reads the same
+    blocks) without a K + 1-model copy per call (2.7 GiB at Qwen2.5-0.5B's shapes), for one more compilation of
+    the engine's programs (that pool length). The engine caches by a hash of the shell and pool bytes.
     """
-    del experts  # the identity path reads only the model's own blocks
     L = models.pool_size(params["blocks"])
+    block_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["blocks"]))
+    if len(experts) * block_bytes <= SCORE_POOL_COPY_MAX_BYTES:
+        eng = engine.with_model(models.shell_of(params), pool_for(experts, params))
+        return eng.evaluate((len(experts) * L + np.arange(L, dtype=np.int32))[None]).scores[0]
     eng = engine.with_model(models.shell_of(params), params["blocks"])
     return eng.evaluate(np.arange(L, dtype=np.int32)[None]).scores[0]
