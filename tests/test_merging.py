@@ -346,3 +346,27 @@ def test_host_topk_threshold_matches_radix_select_with_ties():
         chunk = np.asarray(kernels.mask_from_threshold(jnp.asarray(x.reshape(-1)[20:40]), host, 20))
         np.testing.assert_array_equal(chunk, expected[20:40])
     np.testing.assert_array_equal(kernels.host_topk_threshold(bits, 1.0), [0, 0xFFFFFFFF])
+
+
+def test_blockwise_merge_of_large_stacked_leaves_gives_the_same_values(monkeypatch):
+    """Stacked leaves above `BLOCKWISE_MERGE_BYTES` are merged one block at a time (memory: K + 1 float32 copies
+    of one block); the values equal the one-program merge over all blocks, DARE masks included."""
+    from hm3_jax import models
+    from hm3_jax.merging import api
+
+    config = models.ModelConfig(
+        family="llama", vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2
+    )
+    base = models.init(config, jax.random.PRNGKey(0))
+    experts = [
+        jax.tree.map(lambda x, i=i: x + 0.05 * jax.random.normal(jax.random.PRNGKey(10 + i), x.shape), base)
+        for i in range(3)
+    ]
+    key = jax.random.PRNGKey(3)
+    for method, hp in (("dare_ties", dict(density=0.5, drop_rate=0.3)), ("ties", dict(density=0.4))):
+        whole = api.merge(method, base, experts, key, weights=[0.5, 0.3, 0.2], **hp)
+        with monkeypatch.context() as m:
+            m.setattr(api, "BLOCKWISE_MERGE_BYTES", 0)
+            blockwise = api.merge(method, base, experts, key, weights=[0.5, 0.3, 0.2], **hp)
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(blockwise), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -286,6 +286,11 @@ def _check_finite(name: str, arrays: Sequence[Any], labels: Sequence[str]) -> No
             raise ValueError(f"{kind} in {label} at tensor {name!r}")
 
 
+# A stacked leaf whose K + 1 float32 copies exceed this is merged block by block (`merge`); smaller ones in one
+# program over all blocks (fewer dispatches: what small models' many merges spend their time on).
+BLOCKWISE_MERGE_BYTES = 2**28
+
+
 def merge(
     method: str,
     base: Any,
@@ -363,7 +368,8 @@ def merge(
         if leaf_key is None:
             leaf_key = jax.random.key(0)  # unused by the deterministic methods
         dtype = np.dtype(ref_leaf.dtype)
-        if is_stacked(name) and np.ndim(ref_leaf) >= 1:
+        stacked = is_stacked(name) and np.ndim(ref_leaf) >= 1
+        if stacked and (len(inputs) + 1) * 4 * np.size(ref_leaf) > BLOCKWISE_MERGE_BYTES:
             # block by block: K + 1 float32 copies of one block at a time, not of the whole stacked leaf (a
             # Llama-2-7B MLP leaf [32, 4096, 11008] is 5.8 GB per float32 copy); the values of merge_tensor's
             # vmap over the blocks (block l: fold_in(leaf key, l)) bit for bit, PCB's within a float32 ulp
@@ -373,7 +379,7 @@ def merge(
                 for l in range(np.shape(ref_leaf)[0])
             ])  # fmt: skip
         else:
-            merged, _ = merge_tensor(kernel, dtype, False, leaf_key, ref_leaf, inputs, leaf_w)
+            merged, _ = merge_tensor(kernel, dtype, stacked, leaf_key, ref_leaf, inputs, leaf_w)
         out.append(merged)
     return jax.tree_util.tree_unflatten(treedef, out)
 
