@@ -176,6 +176,15 @@ def abstract_params(config, dtype) -> dict:
     )
 
 
+def abstract_pool(params, num_experts: int) -> dict:
+    """The abstract pool of the K + 1 sources' blocks (`problem.pool_for`): `params["blocks"]` leaves
+    `[L, ...]` -> `[(K + 1) L, ...]` ShapeDtypeStructs."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(((num_experts + 1) * x.shape[0],) + x.shape[1:], x.dtype),
+        params["blocks"],
+    )
+
+
 def tree_bytes(tree) -> int:
     """Sum of the leaves' bytes (arrays or ShapeDtypeStructs)."""
     return int(
@@ -220,10 +229,7 @@ def held_preference_bytes(program: str, run_config, config, num_experts: int, dt
     """
     params = abstract_params(config, dtype)
     shell = models.shell_of(params)
-    pool = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(((num_experts + 1) * x.shape[0],) + x.shape[1:], x.dtype),
-        params["blocks"],
-    )
+    pool = abstract_pool(params, num_experts)
     if mesh is not None and jax.process_count() == 1:
         one, sources_pool = placed_bytes(shell, pool, mesh), placed_bytes({}, pool, mesh)
     else:
@@ -300,10 +306,7 @@ def engine_programs(config, num_experts: int, dtype, objectives: dict, run_confi
     sources' pool, compiled with abstract inputs."""
     params = abstract_params(config, dtype)
     shell = models.shell_of(params)
-    pool = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(((num_experts + 1) * x.shape[0],) + x.shape[1:], x.dtype),
-        params["blocks"],
-    )
+    pool = abstract_pool(params, num_experts)
     eng = run_config.engine
     planned = {s: objectives[s] for s in splits if s in objectives}  # "search_full" only with a capped search
     engines = make_engines(config, shell, pool, planned, eng.strategy, eng.chunk_size, eng.prefix_sharing, mesh,

@@ -247,7 +247,7 @@ def score_params(engine, experts: list, params: dict) -> np.ndarray:
     the engine's programs (that pool length). The engine caches by a hash of the shell and pool bytes.
     """
     L = models.pool_size(params["blocks"])
-    block_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["blocks"]))
+    block_bytes = sum(x.nbytes for x in jax.tree.leaves(params["blocks"]))
     if len(experts) * block_bytes <= SCORE_POOL_COPY_MAX_BYTES:
         eng = engine.with_model(models.shell_of(params), pool_for(experts, params))
         return eng.evaluate((len(experts) * L + np.arange(L, dtype=np.int32))[None]).scores[0]
