@@ -184,6 +184,11 @@ def _example_stats(problem, shell, pool, path, split: str, junction=None):
     return stats, np.asarray(scores, np.float64)
 
 
+# `arch_level.neighbours` arguments for the one-edit set measured here: the neighbourhood before issue 20 (source
+# swaps, deletions, repeats, neighbouring layers; `--insertions` adds `insertions`), kind by kind.
+ONE_EDIT = {"kinds": ("swap", "delete", "repeat", "layer"), "order": "by_kind"}
+
+
 def insertions(theta, num_experts: int, num_layers: int, t_max: int) -> np.ndarray:
     """[K L, T_max] Theta's identity path with one expert block inserted after Theta's block of the same layer
     (`theta` = [K L, ..., K L + L - 1]; expert m's block l goes in after step l), as depth up-scaling inserts
@@ -207,7 +212,7 @@ def two_edits(one_edit: np.ndarray, gains: np.ndarray, top: int, sample: int, se
     seen = {tuple(int(x) for x in r) for r in exclude}
     rows = []
     for j in np.argsort(-gains, kind="stable")[:top]:
-        for c in arch_level.neighbours(one_edit[j], num_sources, num_layers, t_min, t_max):
+        for c in arch_level.neighbours(one_edit[j], num_sources, num_layers, t_min, t_max, **ONE_EDIT):
             if tuple(int(x) for x in c) not in seen:
                 seen.add(tuple(int(x) for x in c))
                 rows.append(c)
@@ -289,7 +294,8 @@ def neighbourhood(args) -> dict:
         with open(os.path.join(args.run, "stages", "hm3.json")) as f:
             hm3_stage = json.load(f)["per_preference"]
     theta = arch_level.identity_paths(K + 1, L, rl.t_max)[K]
-    neigh = arch_level.neighbours(theta, K + 1, L, rl.t_min, rl.t_max)  # [M, T_max]
+    # the neighbourhood before issue 20 (HM3's own now also inserts): the tables in docs/headroom.md
+    neigh = arch_level.neighbours(theta, K + 1, L, rl.t_min, rl.t_max, **ONE_EDIT)  # [M, T_max]
     edit_types = [_edit_type(theta, n, L) for n in neigh]
     if args.insertions:
         ins = insertions(theta, K, L, rl.t_max)

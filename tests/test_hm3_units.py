@@ -247,7 +247,9 @@ def test_neighbours_by_hand():
     """Path (0,0) (1,1) over 3 sources x L=2 (pool index m * 2 + l), t_min 1, t_max 3."""
     from hm3_jax.hm3 import arch_level
 
-    nb = arch_level.neighbours(np.array([0, 3, -1], np.int32), 3, 2, t_min=1, t_max=3)
+    # the neighbourhood before issue 20, in its order (tests/test_neighbourhood.py: insertions, round robin)
+    legacy = {"kinds": arch_level.KINDS_WITHOUT_INSERTION, "order": "by_kind"}
+    nb = arch_level.neighbours(np.array([0, 3, -1], np.int32), 3, 2, t_min=1, t_max=3, **legacy)
     got = {tuple(int(a) for a in p if a >= 0) for p in nb}
     expected = {
         (2, 3), (4, 3), (0, 1), (0, 5),  # source swaps at each step

@@ -88,10 +88,15 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.arch.rl.ent_coef = 0.0
     c.arch.rl.hidden_size = 64
     c.arch.rl.embed_size = 16
-    # After PPO: best-improvement hill climbing from the best path over single-step edits (source swaps,
-    # deletions, repeats, neighbouring layers), at most this many new path evaluations per preference, counted
-    # in HM3's budget (and so in every path baseline's). 0 = off.
+    # After PPO: best-improvement hill climbing from the best path over single-step edits, at most this many new
+    # path evaluations per preference, counted in HM3's budget (and so in every path baseline's). 0 = off.
     c.arch.neighbourhood_evaluations = 16
+    # Its moves (arch_level.neighbour_moves): source swaps, deletions, repeats, insertions of another source's
+    # block (paths longer than L, as depth up-scaling makes), neighbouring layers; scored with the kinds taking
+    # turns, each kind spread over the depth ("round_robin"), or kind by kind, swaps first ("by_kind": before
+    # issue 20, where 16 evaluations at L = 16 never left the swaps; docs/headroom.md).
+    c.arch.neighbourhood_kinds = ("swap", "delete", "repeat", "insert", "layer")
+    c.arch.neighbourhood_order = "round_robin"
     # With a capped search split (engine.search_examples): the M best candidates per preference (plus
     # Theta(lambda)'s identity path) are re-scored on the whole search split and the best there is the answer
     # (against the winner's curse of picking the max of many noisy scores); charged to the budget, and the

@@ -93,6 +93,11 @@ def _check_config(config) -> None:
         raise ConfigError(
             f"param_level.pool_model must be 'paper' or 'tuned', got {config.param_level.pool_model!r}"
         )
+    try:  # before the parameter level runs, not when the neighbourhood refinement starts
+        arch_level.check_neighbourhood(config.arch.get("neighbourhood_kinds", arch_level.MOVE_KINDS),
+                                       config.arch.get("neighbourhood_order", "round_robin"))  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check_preferences(config.preferences)
     zoo_layers = config.get("zoo", {}).get("model", {}).get("num_layers") if not config.get("spec") else None
     if zoo_layers is not None:  # a built-in zoo's depth is known before it is built
