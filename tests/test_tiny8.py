@@ -1,4 +1,5 @@
-"""tiny8 (issue 8): data generators, the accuracy objective, the smoke zoo and ViT paths in the engine."""
+"""tiny8 (issues 8, 19): data generators, the accuracy objective, the smoke zoo with its frozen heads (Task
+Arithmetic's protocol) and ViT paths in the engine."""
 
 import hashlib
 import os
@@ -226,6 +227,111 @@ def test_smoke_zoo_builds_loads_and_identity_paths_score_the_experts(tiny8_smoke
                                     strategy="map")  # fmt: skip
     got = engine.evaluate(np.array([[2 * L + l for l in range(L)]], np.int32)).scores[0]
     np.testing.assert_allclose(got, m["score_matrix"]["heldout"][3], atol=1e-3)
+
+
+def test_smoke_zoo_heads_are_frozen_probes_fitted_on_the_base(tiny8_smoke_zoo):
+    """The paper's protocol (Task Arithmetic's): head k is a converged L2 logistic regression on the BASE's CLS
+    features of task k's train part (checked by its optimality conditions in float64 numpy, not by refitting
+    with the same code), and it is the head of every objective; the base's row of the score matrix is that
+    probe's accuracy computed directly."""
+    from experiments.configs import tiny8
+    from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+
+    zoo, m = tiny8_smoke_zoo, tiny8_smoke_zoo.manifest
+    l2 = tiny8.get_config("smoke").zoo.probe.l2
+    assert m["head_protocol"] == "frozen" and m["config"]["expert"]["head"] == "frozen"
+    heads = tiny8_zoo.load_heads(zoo.workdir)
+    config, base = zoo.base.config, zoo.base.params
+    for k, task in enumerate(zoo.tasks):
+        w, b = heads[task]["kernel"].astype(np.float64), heads[task]["bias"].astype(np.float64)
+        c = data.NUM_CLASSES[task]
+        assert w.shape == (config.hidden_size, c) and b.shape == (c,)
+        train = zoo.data[task]["train"]
+        h = np.asarray(models.apply(config, base, data.to_model_inputs(train["pixel_values"])))[:, 0]
+        h = h.astype(np.float64)
+        y = np.eye(c)[train["labels"]]
+        for kernel, bias, optimal in ((w, b, True), (0 * w, 0 * b, False)):  # the zero head is not optimal
+            z = h @ kernel + bias
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            grad_w = (h.T @ (p - y) + l2 * kernel) / len(y)  # of mean CE + l2 ||W||^2 / (2 N)
+            grad_b = (p - y).mean(0)
+            worst = max(np.abs(grad_w).max(), np.abs(grad_b).max())
+            assert (worst < 1e-4) == optimal, (task, worst)
+        for split in ("search", "heldout"):  # every objective reads task k by the frozen head k
+            tree = zoo.objectives[split][task].arrays.tree
+            np.testing.assert_array_equal(np.asarray(tree["head_kernel"])[:, :c], heads[task]["kernel"])
+            np.testing.assert_array_equal(np.asarray(tree["head_bias"])[:c], heads[task]["bias"])
+            assert np.all(np.asarray(tree["head_bias"])[c:] == -1e9)
+            part = zoo.data[task][split]
+            hs = np.asarray(models.apply(config, base, data.to_model_inputs(part["pixel_values"])))[:, 0]
+            direct = 100.0 * np.mean(np.argmax(hs @ w + b, 1) == part["labels"])
+            assert m["score_matrix"][split][0][k] == pytest.approx(direct, abs=1e-3), (split, task)
+        assert m["base_linear_probe_heldout"][task] == pytest.approx(m["score_matrix"]["heldout"][0][k])
+
+
+def test_data_aware_calibration_reads_search_images_through_the_frozen_heads(tiny8_smoke_zoo):
+    """The data-aware merges' calibration of an image objective (hm3_jax/hm3/data_aware_menu.py): task k's first
+    rows of the SEARCH split, no labels, and logits of the frozen head k on the merged model's CLS feature."""
+    import types
+
+    from hm3_jax.hm3 import data_aware_menu
+    from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+
+    zoo = tiny8_smoke_zoo
+    heads = tiny8_zoo.load_heads(zoo.workdir)
+    problem = types.SimpleNamespace(
+        groups=None, num_tasks=len(zoo.tasks), tasks=zoo.tasks, config=zoo.base.config,
+        objectives={"search": list(zoo.objectives["search"].values())},
+    )  # fmt: skip
+    calibration = data_aware_menu.search_calibration(problem, rows=5)
+    for k in (1, 6):
+        task, c = zoo.tasks[k], data.NUM_CLASSES[zoo.tasks[k]]
+        pixels = data.to_model_inputs(zoo.data[task]["search"]["pixel_values"][:5])
+        np.testing.assert_array_equal(calibration[k].inputs, pixels)
+        assert calibration[k].token_weights is None
+        logits = np.asarray(calibration[k].forward_fn(zoo.base.params, pixels))
+        h = np.asarray(models.apply(zoo.base.config, zoo.base.params, pixels))[:, 0]
+        np.testing.assert_allclose(
+            logits[:, :c], h @ heads[task]["kernel"] + heads[task]["bias"], rtol=1e-5, atol=1e-5
+        )
+        assert np.all(logits[:, c:] < -1e8)  # padded classes never predicted
+
+
+def test_fine_tuning_through_a_frozen_head_leaves_it_bit_for_bit(tmp_path):
+    """`train_classifier(trainable=("encoder",))` (tiny8's experts) returns the head it was given, bit for bit, and
+    a changed encoder; ("head",) the reverse; a bad `trainable` or head protocol is a clear error."""
+    from experiments.configs import tiny8
+    from hm3_jax.tasks.tiny8 import train as train_lib
+    from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
+
+    config = _vit()
+    encoder = train_lib.init_encoder(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 3, 16, 16)).astype(np.float32), rng.integers(0, 4, 32)
+    head = {
+        "kernel": rng.normal(size=(16, 6)).astype(np.float32),
+        "bias": rng.normal(size=6).astype(np.float32),
+    }
+    mask = np.arange(6) < 4
+    kw = dict(num_steps=3, batch_size=8, learning_rate=1e-2, warmup_steps=1, progress=False)
+    enc, out, _ = train_lib.train_classifier(jax.random.key(1), config, encoder, head, x, y, mask, trainable=("encoder",), **kw)  # fmt: skip
+    assert all(np.array_equal(np.asarray(out[n]), head[n]) for n in head)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), enc, encoder)
+    assert changed["blocks"]["q"]["kernel"] and changed["embed"]["patch"]["kernel"]
+    enc, out, _ = train_lib.train_classifier(jax.random.key(1), config, encoder, head, x, y, mask, trainable=("head",), **kw)  # fmt: skip
+    assert all(
+        jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), enc, encoder))
+    )
+    assert not np.array_equal(np.asarray(out["kernel"]), head["kernel"])
+    with pytest.raises(ValueError, match="trainable must be"):
+        train_lib.train_classifier(jax.random.key(1), config, encoder, head, x, y, mask, trainable=("decoder",), **kw)  # fmt: skip
+    with pytest.raises(ValueError, match="missing \\[5\\]"):
+        train_lib.fit_linear_probe(rng.normal(size=(10, 4)), np.arange(10) % 5, 6, l2=1.0)
+    cfg = tiny8.get_config("smoke").zoo
+    cfg.expert.head = "trained"
+    with pytest.raises(ValueError, match="zoo.expert.head must be one of"):
+        tiny8_zoo.build_into(cfg, str(tmp_path), progress=False)
 
 
 def test_tiny8_spec_scores_what_the_zoo_scores(tiny8_smoke_zoo, tmp_path):

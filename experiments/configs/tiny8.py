@@ -21,7 +21,7 @@ from hm3_jax.tasks.tiny8.data import TASKS
 
 
 def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
-    """The zoo section: data sizes, ViT size, multi-task pretraining, expert linear probe + fine-tuning."""
+    """The zoo section: data sizes, ViT size, multi-task pretraining, frozen heads, expert fine-tuning."""
     c = ml_collections.ConfigDict()
     c.kind = "tiny8"  # hm3_jax.tasks.zoo dispatches on it
     c.seed = 0
@@ -45,9 +45,11 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
     c.base.warmup_steps = 50
     c.base.weight_decay = 0.05
 
-    c.expert = ml_collections.ConfigDict()  # linear probe (encoder frozen), then encoder + head fine-tuning
-    c.expert.probe_steps = 100
-    c.expert.probe_learning_rate = 1e-2
+    c.probe = ml_collections.ConfigDict()  # task k's frozen head: logistic regression on the base's features
+    c.probe.l2 = 1e-2
+
+    c.expert = ml_collections.ConfigDict()  # the encoder fine-tuned through the frozen head (docs/tiny8.md)
+    c.expert.head = "frozen"  # or "lp_ft": encoder and head fine-tuned together (the zoo before issue 19)
     c.expert.num_steps = 500
     c.expert.batch_size = 64
     c.expert.learning_rate = 2e-3
@@ -65,7 +67,6 @@ def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:
         c.base.num_steps = 6
         c.base.batch_size = 16
         c.base.warmup_steps = 2
-        c.expert.probe_steps = 2
         c.expert.num_steps = 4
         c.expert.batch_size = 8
         c.expert.warmup_steps = 1
@@ -87,6 +88,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Search scores use the whole search split (210 per task): problem.make_problem's subsetting of the search
     # split reads token ids and does not apply to pixel inputs.
     config.engine.search_examples = 0
+    # The data-aware merges (issue 19) in HM3's upper level and as baselines: calibrated on each task's first
+    # `calibration_rows` search images read by its frozen head (hm3_jax/hm3/data_aware_menu.py), as AdaMerging's
+    # CLIP setting; FusionBench's ViT-B/32 table is the reference (docs/tiny8.md).
+    config.param_level.data_aware.enabled = True
+    config.baselines.param_methods = tuple(config.baselines.param_methods) + ("tsv", "regmean", "fisher", "adamerging")  # fmt: skip
     if arg != "smoke":
         _full_run_budget(config)
     return config

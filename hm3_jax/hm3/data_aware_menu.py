@@ -10,6 +10,9 @@ each expert's task. Here those inputs come from the run's Problem, and only from
   position sees a later position, so the rows carry no label and the value written is irrelevant); a generation
   row is its left-padded prompt with its mask. Inputs are `[N, 2, S]` int32 (ids, attention mask), token weights
   `[N, S]` float32 (1 on prompt tokens), forward `models.apply(config, params, ids, mask)` -> logits `[N, S, V]`.
+  An image objective (metric "accuracy", tiny8: a fixed linear head on the encoder's CLS feature) gives its first
+  `rows` images `[N, C, H, W]` (no labels), every row weight 1, and forward `head_forward`: the logits `[N, C]`
+  of the objective's own frozen head, as AdaMerging's and Fisher merging's CLIP setting.
 * `SearchStatistics`: the calibration and, computed once on first use and then reused by every preference and
   every method, each expert's input Grams (RegMean) and diagonal Fisher (Fisher merging; labels drawn from the
   expert's own predictions with the key `PRNGKey(fisher_seed)`). `statistics(problem, rows, fisher_seed,
@@ -61,6 +64,29 @@ def lm_forward(config, params, inputs):
     return models.apply(config, params, inputs[:, 0], inputs[:, 1])
 
 
+def head_forward(config, head_kernel, head_bias, params, pixel_values):
+    """`pixel_values` `[B, C, H, W]` -> logits `[B, C']` = h_cls @ head_kernel + head_bias (`head_kernel` `[D, C']`,
+    h_cls the CLS row of the encoder's final LayerNorm, as `objectives.make_accuracy_objective` reads it)."""
+    feats = models.apply(config, params, pixel_values)[:, 0].astype(jnp.float32)
+    return feats @ head_kernel + head_bias
+
+
+def _image_calibration(problem: Problem, objectives_k: list, rows: int) -> Calibration:
+    """The `Calibration` of one image objective: its first `rows` search images and its frozen head's logits."""
+    if len(objectives_k) != 1:
+        raise ValueError(
+            "data-aware merges: an objective of several image tasks has several heads; group image tasks one "
+            f"per objective (got {[o.name for o in objectives_k]})"
+        )
+    tree = objectives_k[0].arrays.tree
+    n = min(int(rows), int(objectives_k[0].num_examples))
+    pixels = np.asarray(tree["pixel_values"]).reshape((-1,) + np.shape(tree["pixel_values"])[-3:])[:n]
+    forward = functools.partial(
+        head_forward, problem.config, jnp.asarray(tree["head_kernel"]), jnp.asarray(tree["head_bias"])
+    )
+    return Calibration(forward, pixels.astype(np.float32))
+
+
 def _task_rows(objective, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, mask, weights) `[n, S]` of the first `rows` real examples of one search objective, prompts only."""
     tree = objective.arrays.tree
@@ -96,11 +122,13 @@ def search_calibration(problem: Problem, rows: int) -> list[Calibration]:
     forward = functools.partial(lm_forward, problem.config)
     out = []
     for k in range(problem.num_tasks):
-        parts = [
-            _task_rows(o, rows) for o, g in zip(problem.objectives["search"], groups, strict=True) if g == k
-        ]
-        if not parts:
+        objectives_k = [o for o, g in zip(problem.objectives["search"], groups, strict=True) if g == k]
+        if not objectives_k:
             raise ValueError(f"data-aware merges: objective {problem.tasks[k]!r} has no search task")
+        if any({"pixel_values", "head_kernel"} <= set(o.arrays.tree) for o in objectives_k):
+            out.append(_image_calibration(problem, objectives_k, rows))
+            continue
+        parts = [_task_rows(o, rows) for o in objectives_k]
         width = max(p[0].shape[1] for p in parts)
         ids, mask, weights = (
             np.concatenate([np.pad(p[i], ((0, 0), (0, width - p[i].shape[1]))) for p in parts])

@@ -1,4 +1,4 @@
-"""tiny8 training: brief multi-task pretraining of the ViT encoder, then per-task experts (LP-FT).
+"""tiny8 training: brief multi-task pretraining of the ViT encoder, frozen task heads, per-task experts.
 
 * **Base** (`pretrain_multitask`): one shared encoder and one linear head per task on the CLS feature,
   trained briefly on the eight tasks' train parts (each step: an equal share of every task); the heads are
@@ -6,10 +6,13 @@
   full config): with 1500 steps the base read every task almost as well as its expert (base 75-100% held-out
   accuracy, experts 3-8 points above), so experts were not specialised. (Self-supervised rotation
   prediction, RotNet, was tried first: at this size and step budget its loss never left ln 4.)
-* **Expert k** (the task-arithmetic setting, Ilharco et al. 2023, with LP-FT, Kumar et al. 2022): a linear
-  head on the base encoder's CLS feature is fitted first with the encoder frozen (linear probe), then encoder
-  and head are fine-tuned together on task k's train part. Expert k = (fine-tuned encoder, head k); merging
-  acts on encoders only and head k reads out task k for every encoder.
+* **Frozen head k** (`fit_linear_probe`): an L2-regularised multinomial logistic regression on the BASE
+  encoder's CLS features of task k's train part. It plays the role of CLIP's zero-shot head in the paper's
+  setting (Task Arithmetic's protocol, Ilharco et al. 2023): fixed before any fine-tuning, never trained
+  again, and the head every model (base, expert, merge, layer path) is read out by on task k.
+* **Expert k** (`train_classifier(..., trainable=("encoder",))`): the encoder fine-tuned on task k's train part
+  through the frozen head k. (`trainable=("encoder", "head")` is LP-FT, Kumar et al. 2022: the tiny8 zoo's
+  former protocol, where each expert also tuned its own head; kept as `zoo.expert.head = "lp_ft"`.)
 
 Every trainer here uses `hm3_jax.tasks.optim` (AdamW, global-norm clipping 1, linear warmup then cosine decay).
 
@@ -45,11 +48,14 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.A
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+TRAINABLE_PARTS = ("encoder", "head")
+
+
 @functools.cache
-def _classifier_step(config, train_encoder: bool):
+def _classifier_step(config, trainable_parts: tuple):
     """jit(step(trainable, frozen, opt_state, pixels, labels, class_mask) -> (trainable, opt_state, loss)).
 
-    trainable is {"encoder", "head"} when `train_encoder` else {"head"} (the encoder then sits in `frozen`).
+    trainable holds the parts named in `trainable_parts` ("encoder", "head"); frozen holds the others.
     """
     optimizer = optim.make_optimizer()
 
@@ -81,11 +87,11 @@ def train_classifier(
     learning_rate: float,
     warmup_steps: int = 10,
     weight_decay: float = 0.0,
-    train_encoder: bool = True,
+    trainable: tuple = TRAINABLE_PARTS,
     desc: str = "train",
     progress: bool = True,
 ) -> tuple[dict, dict, np.ndarray]:
-    """Trains a linear head on the CLS feature (and the encoder when `train_encoder`) with AdamW.
+    """Trains the encoder and/or a linear head on its CLS feature with AdamW (the other part stays fixed).
 
     Args:
       key: PRNG key of the batch rows.
@@ -94,23 +100,29 @@ def train_classifier(
       class_mask: bool [C], the classes of this task (others are masked out of the softmax).
       num_steps, batch_size, learning_rate, warmup_steps, weight_decay: AdamW with linear warmup and cosine
         decay to 10%, gradient clipping at global norm 1.
-      train_encoder: fine-tune the encoder too (False: linear probe).
+      trainable: the parts trained, a non-empty subset of ("encoder", "head"): ("encoder",) fine-tunes through
+        a frozen head (tiny8's experts), ("head",) is a linear probe, both is full fine-tuning.
       desc, progress: tqdm bar.
 
     Returns: (encoder, head, per-step losses float32 [num_steps]); inputs are not modified.
     """
     from tqdm.auto import tqdm
 
+    trainable_parts = tuple(p for p in TRAINABLE_PARTS if p in trainable)
+    if not trainable_parts or set(trainable) - set(TRAINABLE_PARTS):
+        raise ValueError(
+            f"{desc}: trainable must be a non-empty subset of {TRAINABLE_PARTS}, got {trainable}"
+        )
     if num_steps <= 0 or batch_size <= 0 or learning_rate <= 0:
         raise ValueError(f"{desc}: num_steps, batch_size and learning_rate must be positive")
     if pixel_values.ndim != 4 or len(pixel_values) == 0:
         raise ValueError(f"{desc}: pixel_values must be a non-empty [N, C, H, W], got {pixel_values.shape}")
     rows = np.asarray(jax.random.randint(key, (num_steps, batch_size), 0, len(pixel_values)))
     targets = np.asarray(labels, np.int32)[rows]
-    step = _classifier_step(config, bool(train_encoder))
-    encoder, head = jax.tree.map(jnp.array, encoder), jax.tree.map(jnp.array, head)  # own copies (donated)
-    trainable = {"encoder": encoder, "head": head} if train_encoder else {"head": head}
-    frozen = {} if train_encoder else {"encoder": encoder}
+    step = _classifier_step(config, trainable_parts)
+    parts = {"encoder": jax.tree.map(jnp.array, encoder), "head": jax.tree.map(jnp.array, head)}  # own copies
+    trainable = {p: v for p, v in parts.items() if p in trainable_parts}  # (donated to the step)
+    frozen = {p: v for p, v in parts.items() if p not in trainable_parts}
     opt_state = optim.make_optimizer().init(trainable)
     schedule = optim.make_schedule(learning_rate, num_steps, warmup_steps)
     mask = jnp.asarray(class_mask, bool)
@@ -130,9 +142,86 @@ def train_classifier(
     return out["encoder"], out["head"], losses
 
 
-def zero_head(hidden_size: int, num_classes: int) -> dict:
-    """A linear head of zeros: {"kernel": [D, C], "bias": [C]} (uniform predictions before training)."""
-    return {"kernel": jnp.zeros((hidden_size, num_classes)), "bias": jnp.zeros((num_classes,))}
+@functools.cache
+def _jit_cls_features(config):
+    return jax.jit(functools.partial(cls_features, config))
+
+
+def base_features(config, encoder: dict, pixel_values: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """CLS features float64 [N, D] of `pixel_values` float32 [N, C, H, W], computed in batches."""
+    apply = _jit_cls_features(config)
+    out = [np.asarray(apply(encoder, pixel_values[i : i + batch_size])) for i in range(0, len(pixel_values), batch_size)]  # fmt: skip
+    return np.concatenate(out).astype(np.float64)
+
+
+def _probe_objective(x1: np.ndarray, y: np.ndarray, theta: np.ndarray, l2: float):
+    """(loss, P [N, C]) of `fit_linear_probe`'s objective at theta [D + 1, C] (last row: the bias)."""
+    z = x1 @ theta
+    z -= z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return -(y * log_p).sum() + 0.5 * l2 * (theta[:-1] ** 2).sum(), np.exp(log_p)
+
+
+def fit_linear_probe(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, l2: float, max_iterations: int = 100
+) -> dict:
+    """The frozen head of one task: multinomial logistic regression on fixed features, solved to convergence.
+
+    Minimises ``J(W, b) = sum_i CE(softmax(W^T h_i + b), y_i) + l2 ||W||^2 / 2`` over W [D, C], b [C] (b is not
+    penalised) by Newton's method with a backtracking line search, in float64. At the optimum
+    ``H^T (P - Y) + l2 W = 0`` and ``1^T (P - Y) = 0`` (P the softmax rows, Y the one-hot labels), which
+    tests/test_tiny8.py checks in numpy. J is invariant to adding one constant to every bias, so the Hessian is
+    singular along that direction: the Newton step is the least-squares (minimum-norm) solution, which keeps the
+    biases' mean at its start, 0. As CLIP's linear probes (Radford et al. 2021), but the head then stays fixed:
+    every model is read out on this task by it.
+
+    Args:
+      features: float [N, D] (the base encoder's CLS features of the task's train part).
+      labels: int [N]; every class in [0, num_classes) must occur (a class without examples has no finite
+        optimum).
+      num_classes: the task's classes C; l2: the penalty (> 0); max_iterations: Newton steps before giving up.
+
+    Returns: {"kernel": float32 [D, C], "bias": float32 [C]}.
+
+    Raises: ValueError for bad shapes, missing classes or l2 <= 0; RuntimeError if the gradient's largest entry
+    per example is still above 1e-9 after `max_iterations` steps.
+    """
+    features, labels = np.asarray(features, np.float64), np.asarray(labels)
+    if features.ndim != 2 or labels.shape != (len(features),) or not len(labels):
+        raise ValueError(f"probe: need features [N, D] and labels [N], got {features.shape}, {labels.shape}")
+    missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+    if missing or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"probe: labels must cover exactly classes 0..{num_classes - 1}; missing {missing}")
+    if not l2 > 0:
+        raise ValueError(f"probe: l2 must be positive, got {l2}")
+    n, d = features.shape
+    x1 = np.concatenate([features, np.ones((n, 1))], 1)  # [N, D + 1]
+    y = np.eye(num_classes)[labels]  # [N, C]
+    ridge = np.full((d + 1, num_classes), l2)
+    ridge[-1] = 0.0  # the bias is not penalised
+    theta = np.zeros((d + 1, num_classes))
+    loss, p = _probe_objective(x1, y, theta, l2)
+    for _ in range(max_iterations):
+        grad = x1.T @ (p - y) + ridge * theta  # [D + 1, C]
+        if np.abs(grad).max() / n < 1e-9:
+            break
+        # Hessian [(D + 1) C, (D + 1) C] (theta's row-major order): block (c, k) = X^T diag(p_c (delta_ck - p_k)) X
+        outer = (x1[:, :, None] * p[:, None, :]).reshape(n, -1)  # [N, (D + 1) C]: x_i p_i^T
+        hess = -(outer.T @ outer)
+        for c in range(num_classes):
+            hess[c::num_classes, c::num_classes] += (x1 * p[:, c : c + 1]).T @ x1
+        hess += np.diag(ridge.ravel())
+        step = np.linalg.lstsq(hess, grad.ravel(), rcond=None)[0].reshape(theta.shape)
+        t = 1.0
+        while True:  # backtracking (Armijo) line search
+            new_loss, new_p = _probe_objective(x1, y, theta - t * step, l2)
+            if new_loss <= loss - 1e-4 * t * (grad * step).sum() or t < 1e-10:
+                break
+            t *= 0.5
+        theta, loss, p = theta - t * step, new_loss, new_p
+    else:
+        raise RuntimeError(f"probe: Newton's method did not converge in {max_iterations} steps")
+    return {"kernel": theta[:-1].astype(np.float32), "bias": theta[-1].astype(np.float32)}
 
 
 def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:

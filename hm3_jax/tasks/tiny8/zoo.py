@@ -7,13 +7,17 @@ Layout of a zoo directory (built into a temporary sibling and renamed into place
     DIR/data/<task>.npz          uint8 pixel_values [n, 3, S, S] and int32 labels per split (train/search/heldout)
     DIR/base/                    HF ViTModel directory (config.json + model.safetensors + preprocessor_config.json)
     DIR/experts/<task>/          same, one per task in `tasks` order (the fine-tuned encoder)
-    DIR/heads/<task>.npz         the expert's linear head: kernel [D, C_task], bias [C_task]
+    DIR/heads/<task>.npz         task k's frozen head (a linear probe on the BASE's features): kernel [D, C_task],
+                                 bias [C_task]; expert k was fine-tuned through it (`zoo.expert.head = "lp_ft"`:
+                                 the expert's own fine-tuned head instead, the former protocol)
     DIR/preprocessor/            preprocessor_config.json (the zoo has no tokenizer; `paths["tokenizer"]`
                                  names this directory so tokenizer-copying code finds nothing to copy)
 
 Merging acts on encoders (`Zoo.base`, `Zoo.experts`: ViT configs with `num_labels=0`); task k is always read
 out by head k, which the task's objectives carry (`make_objectives`). So the score matrix entry (model m,
-task k) is the accuracy of head k on model m's CLS feature, as in task arithmetic's fixed zero-shot heads.
+task k) is the accuracy of head k on model m's CLS feature. With the default frozen heads this is Task
+Arithmetic's protocol (the paper's ViT setting): head k is fitted on the base's features before any
+fine-tuning (CLIP's zero-shot head there), expert k's encoder is fine-tuned through it, and it never changes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ from hm3_jax.io import atomic
 from hm3_jax.tasks import objectives, zoo_format
 from hm3_jax.tasks.tiny8 import data
 from hm3_jax.tasks.tiny8 import train as train_lib
+
+# zoo.expert.head: "frozen" (the expert's encoder is fine-tuned through the base probe, which every model is read
+# out by) or "lp_ft" (encoder and head fine-tuned together from the probe; head k = expert k's own head).
+HEAD_PROTOCOLS = ("frozen", "lp_ft")
 
 PREPROCESSOR = {
     "do_normalize": True,
@@ -117,6 +125,8 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     unknown = [t for t in tasks if t not in data.TASKS]
     if unknown or not tasks:
         raise ValueError(f"tiny8: unknown or no tasks {unknown or tasks}; known: {data.TASKS}")
+    if cfg.expert.head not in HEAD_PROTOCOLS:
+        raise ValueError(f"tiny8: zoo.expert.head must be one of {HEAD_PROTOCOLS}, got {cfg.expert.head!r}")
     timings = {}
     # 1. data
     task_data = data.generate_all(cfg.seed, cfg.num_eval, cfg.num_train, tasks, cfg.image_size)
@@ -126,7 +136,6 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     # 2. base: brief multi-task pretraining on every task's train part (one throw-away head per task)
     config = model_config(cfg)
     key_init, key_base, key_experts = jax.random.split(jax.random.key(cfg.seed), 3)
-    d = config.hidden_size
     pad = num_classes_padded(tasks)
     class_masks = np.stack([np.arange(pad) < data.NUM_CLASSES[t] for t in tasks])
     t0 = time.time()
@@ -138,33 +147,39 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
         weight_decay=cfg.base.weight_decay, desc="base (multi-task)", progress=progress,
     )  # fmt: skip
     timings["base_train_s"] = time.time() - t0
-    # 3. experts: linear probe on the base encoder, then full fine-tuning of encoder + head
-    experts, heads, probe_heads, losses = {}, {}, {}, {}
+    # 3. frozen heads: a converged linear probe on the base's CLS features of each task's train part
+    e = cfg.expert
+    t0 = time.time()
+    probe_heads, probe_train_accuracy = {}, {}
+    for task in tasks:
+        feats = train_lib.base_features(
+            config, base, data.to_model_inputs(task_data[task]["train"]["pixel_values"])
+        )
+        y = task_data[task]["train"]["labels"]
+        probe_heads[task] = train_lib.fit_linear_probe(feats, y, data.NUM_CLASSES[task], cfg.probe.l2)
+        logits = feats @ probe_heads[task]["kernel"] + probe_heads[task]["bias"]
+        probe_train_accuracy[task] = round(100.0 * float(np.mean(np.argmax(logits, 1) == y)), 4)
+    timings["probe_s"] = time.time() - t0
+    # 4. experts: the encoder fine-tuned on task k through head k (frozen), or encoder + head (lp_ft)
+    trainable = {"frozen": ("encoder",), "lp_ft": ("encoder", "head")}[e.head]
+    experts, heads, losses = {}, {}, {}
     t0 = time.time()
     for task, key in zip(tasks, jax.random.split(key_experts, len(tasks)), strict=True):
-        key_lp, key_ft = jax.random.split(key)
         x = data.to_model_inputs(task_data[task]["train"]["pixel_values"])
         y = task_data[task]["train"]["labels"]
-        mask = np.arange(pad) < data.NUM_CLASSES[task]
-        e = cfg.expert
-        _, probe, _ = train_lib.train_classifier(
-            key_lp, config, base, train_lib.zero_head(d, pad), x, y, mask, num_steps=e.probe_steps,
-            batch_size=e.batch_size, learning_rate=e.probe_learning_rate, warmup_steps=1, train_encoder=False,
-            desc=f"probe/{task}", progress=progress,
-        )  # fmt: skip
-        experts[task], head, losses[task] = train_lib.train_classifier(
-            key_ft, config, base, probe, x, y, mask, num_steps=e.num_steps, batch_size=e.batch_size,
-            learning_rate=e.learning_rate, warmup_steps=e.warmup_steps, weight_decay=e.weight_decay,
-            desc=f"expert/{task}", progress=progress,
-        )  # fmt: skip
         c = data.NUM_CLASSES[task]
-        heads[task] = {"kernel": np.asarray(head["kernel"])[:, :c], "bias": np.asarray(head["bias"])[:c]}
-        probe_heads[task] = {
-            "kernel": np.asarray(probe["kernel"])[:, :c],
-            "bias": np.asarray(probe["bias"])[:c],
+        padded = {  # the mask drops the padded columns from the softmax; their zero weights get no gradient
+            "kernel": np.pad(probe_heads[task]["kernel"], ((0, 0), (0, pad - c))),
+            "bias": np.pad(probe_heads[task]["bias"], (0, pad - c)),
         }
+        experts[task], head, losses[task] = train_lib.train_classifier(
+            key, config, base, padded, x, y, np.arange(pad) < c, num_steps=e.num_steps,
+            batch_size=e.batch_size, learning_rate=e.learning_rate, warmup_steps=e.warmup_steps,
+            weight_decay=e.weight_decay, trainable=trainable, desc=f"expert/{task}", progress=progress,
+        )  # fmt: skip
+        heads[task] = {"kernel": np.asarray(head["kernel"])[:, :c], "bias": np.asarray(head["bias"])[:c]}
     timings["experts_train_s"] = time.time() - t0
-    # 4. save: HF ViTModel directories, heads, preprocessing
+    # 5. save: HF ViTModel directories, heads, preprocessing
     os.makedirs(os.path.join(out_dir, "preprocessor"))
     _write_json(os.path.join(out_dir, "preprocessor", "preprocessor_config.json"), PREPROCESSOR)
     named = [("base", base)] + [(os.path.join("experts", t), p) for t, p in experts.items()]
@@ -173,7 +188,7 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
         _write_json(os.path.join(out_dir, rel, "preprocessor_config.json"), PREPROCESSOR)
     for task, head in heads.items():
         _save_head(os.path.join(out_dir, "heads", f"{task}.npz"), head)
-    # 5. score matrices [1 + K, K] (rows: base then experts; columns: tasks, each read out by its own head)
+    # 6. score matrices [1 + K, K] (rows: base then experts; columns: tasks, each read out by head k)
     t0 = time.time()
     objs = make_objectives(task_data, heads, cfg.eval_batch_size)
     rows = [Model(config, base)] + [Model(config, p) for p in experts.values()]
@@ -194,7 +209,9 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
         "num_classes": {t: data.NUM_CLASSES[t] for t in tasks},
         "rows": ["base"] + list(tasks),
         "score_matrix": matrices,
+        "head_protocol": e.head,
         "base_linear_probe_heldout": dict(zip(tasks, probe_row, strict=True)),
+        "base_linear_probe_train": probe_train_accuracy,
         "task_vector_norm_ratio": dict(zip(tasks, [round(r, 6) for r in ratios], strict=True)),
         "sizes": {
             "examples": {t: {s: int(len(p[s]["labels"])) for s in data.SPLITS} for t, p in task_data.items()},
