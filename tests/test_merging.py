@@ -370,3 +370,39 @@ def test_blockwise_merge_of_large_stacked_leaves_gives_the_same_values(monkeypat
             blockwise = api.merge(method, base, experts, key, weights=[0.5, 0.3, 0.2], **hp)
         for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(blockwise), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_chunked_merge_of_large_flat_leaves_gives_the_same_values(monkeypatch):
+    """Non-stacked leaves above `CHUNKED_MERGE_BYTES` (embeddings, LM heads) are merged in flat chunks by the
+    elementwise methods (DARE survivors drawn for the whole leaf, TIES' top-k cut found on the host first); the
+    values equal the whole-leaf merge bit for bit, over several chunks and a padded last one (dare_ties has both
+    the survivors and the cut; the streaming merge's tests cover the other methods' chunks). Methods outside
+    `CHUNKED_METHODS` (PCB: whole-tensor statistics) still merge the leaf whole."""
+    from hm3_jax.merging import api
+
+    rng = np.random.default_rng(0)
+    base = {"embed": rng.normal(size=(97, 130)).astype(np.float32), "norm": np.ones(130, np.float32)}
+    experts = [jax.tree.map(lambda x, i=i: x + 0.05 * rng.normal(size=x.shape).astype(np.float32), base)
+               for i in range(3)]  # fmt: skip
+    key = jax.random.PRNGKey(3)
+    cases = (
+        ("dare_ties", dict(density=0.5, drop_rate=0.3)),
+        ("task_arithmetic", dict(scale=0.7)),
+        ("pcb", dict(density=0.4)),
+    )
+    calls = []
+    real = api._merge_leaf_in_chunks
+    for method, hp in cases:
+        whole = api.merge(method, base, experts, key, weights=[0.5, 0.3, 0.2], **hp)
+        with monkeypatch.context() as m:
+            m.setattr(api, "CHUNKED_MERGE_BYTES", 4 * 130 * 4)  # the [97, 130] leaf, not the [130] one
+            m.setattr(api, "CHUNK_ELEMENTS", 4096)  # 12610 elements: 4 chunks, the last one padded
+            m.setattr(
+                api,
+                "_merge_leaf_in_chunks",
+                lambda *a, method=method, **k: calls.append(method) or real(*a, **k),
+            )
+            chunked = api.merge(method, base, experts, key, weights=[0.5, 0.3, 0.2], **hp)
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=method)
+    assert calls == [method for method, _ in cases if method != "pcb"]  # the chunked path ran, once per leaf

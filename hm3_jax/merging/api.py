@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax.merging import kernels, tsv
+from hm3_jax.merging import chunked, kernels, tsv
 from hm3_jax.merging.groups import (
     GroupFn,
     check_leaf_weights,
@@ -204,50 +204,6 @@ def merge_tensor(kernel, out_dtype, stacked, key, base, thetas, weights):
     return out.astype(out_dtype), bad
 
 
-# Methods whose merge is elementwise once the DARE survivors and the exact top-k thresholds of a tensor are
-# known, so the streaming merge can run them on flat chunks (`merge_chunk`).
-CHUNKED_METHODS = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"})
-
-
-def _inputs32(base, thetas):
-    base32 = base.astype(jnp.float32)
-    stacked_thetas = jnp.stack([t.astype(jnp.float32) for t in thetas])  # [K, ...]
-    bad = jnp.stack([~jnp.all(jnp.isfinite(base32))] + [~jnp.all(jnp.isfinite(t)) for t in stacked_thetas])
-    return base32, stacked_thetas, bad
-
-
-@functools.partial(jax.jit, static_argnames=("kernel", "out_dtype"))
-def merge_chunk(kernel, out_dtype, base, thetas, weights, keep, trim, offset):
-    """A flat chunk `[C]` of one (non-stacked) tensor for a `CHUNKED_METHODS` kernel: as `merge_tensor`, with
-    the DARE survivors `keep` (bool `[K, C]` or None) and the top-k thresholds `trim` (uint32 `[K, 2]`, for
-    the whole tensor, or None) given; `offset` is the chunk's first flat index. Returns the merged chunk
-    and the non-finite flags `[1 + K]`."""
-    base32, stacked_thetas, bad = _inputs32(base, thetas)
-    extra = {}
-    if keep is not None:
-        extra["keep"] = keep
-    if trim is not None:
-        extra["trim"] = trim
-        extra["offset"] = offset
-    out = kernel(jax.random.key(0), base32, stacked_thetas, weights, **extra)
-    return out.astype(out_dtype), bad
-
-
-@functools.partial(jax.jit, static_argnames=("kernel",))
-def trim_magnitude_bits(kernel, base, thetas, keep):
-    """The uint32 bit patterns of `|delta_k|` (`[K, C]`) that the kernel's TIES trim ranks, for a flat chunk:
-    `delta_k = theta_k - base` (after DARE with the survivors `keep` for `dare_ties`), computed with the
-    kernel's own operations so that host thresholds (`kernels.host_topk_threshold`) match the in-memory
-    radix select exactly. Also returns the non-finite flags `[1 + K]`."""
-    base32, stacked_thetas, bad = _inputs32(base, thetas)
-    deltas = stacked_thetas - base32
-    if kernel.method == "dare_ties":
-        hp = dict(kernel.hparams)
-        deltas = kernels.dare_deltas(None, deltas, hp["drop_rate"], hp["rescale"], keep)
-        deltas = deltas - jnp.zeros_like(base32)  # as `dare_ties` calls `ties` with a zero base
-    return jax.lax.bitcast_convert_type(jnp.abs(deltas), jnp.uint32), bad
-
-
 def first_mismatch(base: Any, models: Sequence[Any]) -> str | None:
     """A message naming the first leaf where `models` differ from `base` in structure or shape, else None."""
     base_leaves = jax.tree_util.tree_flatten_with_path(base)[0]
@@ -289,6 +245,21 @@ def _check_finite(name: str, arrays: Sequence[Any], labels: Sequence[str]) -> No
 # A stacked leaf whose K + 1 float32 copies exceed this is merged block by block (`merge`); smaller ones in one
 # program over all blocks (fewer dispatches: what small models' many merges spend their time on).
 BLOCKWISE_MERGE_BYTES = 2**28
+# A non-stacked leaf (embeddings, LM head) whose K + 1 float32 copies exceed this is merged in flat chunks of
+# CHUNK_ELEMENTS (`chunked.merge_chunked`, bitwise the whole-leaf merge) by the elementwise methods
+# (`chunked.CHUNKED_METHODS`); the others merge it whole.
+CHUNKED_MERGE_BYTES = 2**28
+CHUNK_ELEMENTS = chunked.DEFAULT_CHUNK_ELEMENTS
+
+
+def _merge_leaf_in_chunks(kernel, dtype, leaf_key, ref_leaf, inputs, leaf_w):
+    """`merge_tensor`'s merged leaf (not stacked) through `chunked.merge_chunked`; None if an input is not finite
+    (the caller then merges it whole, as it would without the chunks)."""
+    merged, _ = chunked.merge_chunked(
+        kernel, dtype, leaf_key, np.asarray(ref_leaf), [np.asarray(x) for x in inputs], np.asarray(leaf_w),
+        CHUNK_ELEMENTS, {},
+    )  # fmt: skip
+    return None if merged is None else jnp.asarray(merged)
 
 
 def merge(
@@ -379,7 +350,16 @@ def merge(
                 for l in range(np.shape(ref_leaf)[0])
             ])  # fmt: skip
         else:
-            merged, _ = merge_tensor(kernel, dtype, stacked, leaf_key, ref_leaf, inputs, leaf_w)
+            merged = None
+            if (
+                not stacked
+                and kernel.method in chunked.CHUNKED_METHODS
+                and (len(inputs) + 1) * 4 * np.size(ref_leaf) > CHUNKED_MERGE_BYTES
+                and not any(isinstance(x, jax.core.Tracer) for x in [ref_leaf, *inputs, leaf_w])
+            ):
+                merged = _merge_leaf_in_chunks(kernel, dtype, leaf_key, ref_leaf, inputs, leaf_w)
+            if merged is None:
+                merged, _ = merge_tensor(kernel, dtype, stacked, leaf_key, ref_leaf, inputs, leaf_w)
         out.append(merged)
     return jax.tree_util.tree_unflatten(treedef, out)
 

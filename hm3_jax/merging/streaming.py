@@ -3,8 +3,8 @@
 `merge_checkpoints` reads one tensor of every input lazily (safetensors `safe_open`, numpy), merges it with
 the same kernels and per-leaf weight rules as the in-memory `merge` (`api.py`), and appends it to an output
 shard whose header was written up front (`safetensors_stream.ShardWriter`), so peak memory is a few tensors,
-never a model. The elementwise methods (`api.CHUNKED_METHODS`: linear, task_arithmetic, ties, dare_linear,
-dare_ties) run on flat chunks of `chunk_elements` (`_merge_chunked`): DARE's survivors are drawn for the whole
+never a model. The elementwise methods (`chunked.CHUNKED_METHODS`: linear, task_arithmetic, ties, dare_linear,
+dare_ties) run on flat chunks of `chunk_elements` (`chunked.merge_chunked`): DARE's survivors are drawn for the whole
 tensor with the in-memory kernel's key and shape, TIES' exact top-k cut (k-th largest magnitude and the tie
 index, `kernels.host_topk_threshold`, numpy) is computed on the host before the chunks, so the kept set is
 the in-memory radix select's and the output is bitwise the in-memory merge's. slerp, consensus and pcb
@@ -33,7 +33,6 @@ re-indexed onto the base's ids before merging, as `hm3_jax.io.vocab.align_to_bas
 from __future__ import annotations
 
 import filecmp
-import functools
 import json
 import os
 import re
@@ -47,7 +46,7 @@ import tqdm
 from absl import logging
 
 from hm3_jax.io import atomic, hf_config, mapping, vocab
-from hm3_jax.merging import api, kernels
+from hm3_jax.merging import api, chunked
 from hm3_jax.merging.groups import GroupFn, check_leaf_weights, default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.safetensors_stream import (
     Checkpoint,
@@ -71,105 +70,7 @@ TOKENIZER_FILES = (
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-DEFAULT_CHUNK_ELEMENTS = 1 << 21
-_MIN_BUCKET = 4096
-
-
-@functools.partial(jax.jit, static_argnames=("drop_rate", "shape"))
-def _keep_mask(key, drop_rate, shape):
-    return kernels.dare_keep_mask(key, drop_rate, shape)
-
-
-def _padded(flat: np.ndarray, start: int, stop: int, length: int, fill=0) -> np.ndarray:
-    """`flat[start:stop]` padded with `fill` to `length` entries (a view when no padding is needed)."""
-    piece = flat[start:stop]
-    if piece.size == length:
-        return piece
-    out = np.full(length, fill, flat.dtype)
-    out[: piece.size] = piece
-    return out
-
-
-def _workspace_buffer(workspace: dict, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A `shape` view of a buffer kept in `workspace` across tensors (grown when too small), so that large
-    tensors do not pay fresh page faults for every temporary."""
-    size = int(np.prod(shape))
-    buffer = workspace.get(name)
-    if buffer is None or buffer.dtype != np.dtype(dtype) or buffer.size < size:
-        buffer = workspace[name] = np.empty(size, dtype)
-    return buffer[:size].reshape(shape)
-
-
-def _merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements, workspace):
-    """One tensor of a `api.CHUNKED_METHODS` merge in flat chunks of `chunk_elements`: the DARE survivors
-    are drawn for the whole tensor exactly as the in-memory kernel draws them, the exact top-k thresholds
-    of the TIES trim are computed on the host (`kernels.host_topk_threshold`, the same kept set as the
-    in-memory radix select), and `api.merge_chunk` applies the now elementwise merge chunk by chunk.
-    Chunks are padded to a power-of-two length (at least `_MIN_BUCKET`) so that tensors share compiled code.
-
-    Returns `(merged [shape] dtype_out, bad [1 + K])`; `merged` is None when an input is not finite.
-    `merged` is a view of a `workspace` buffer: valid until the next call with the same workspace."""
-    hp = dict(kernel.hparams)
-    num_models, n, shape = len(arrays), base_arr.size, base_arr.shape
-    length = min(chunk_elements, max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
-    starts = range(0, n, length)
-    flat_base = base_arr.reshape(-1)
-    flats = [a.reshape(-1) for a in arrays]
-    weights = np.asarray(leaf_w, np.float32)
-
-    def inputs(start):
-        stop = min(start + length, n)
-        return _padded(flat_base, start, stop, length), [_padded(f, start, stop, length) for f in flats]
-
-    keep = None
-    if kernel.method in ("dare_linear", "dare_ties"):
-        rates = kernels.per_model(hp["drop_rate"], num_models)
-        if any(p > 0.0 for p in rates):
-            keep = _workspace_buffer(workspace, "keep", bool, (num_models, n))
-            keep.fill(True)
-            # dispatch every model's draw before waiting for any, so XLA can run them concurrently
-            drawn = {
-                i: _keep_mask(jax.random.fold_in(leaf_key, i), p, shape)
-                for i, p in enumerate(rates)
-                if p > 0.0
-            }
-            for i, mask in drawn.items():
-                keep[i] = np.asarray(mask).reshape(-1)
-
-    def keep_chunk(start):
-        if keep is None:
-            return None
-        stop = min(start + length, n)
-        return np.stack([_padded(k, start, stop, length, True) for k in keep])
-
-    bad_any = np.zeros(num_models + 1, bool)
-    trim = None
-    if kernel.method in ("ties", "dare_ties"):
-        densities = kernels.per_model(hp["density"], num_models)
-        if any(int(d * n) < n for d in densities):
-            bits = _workspace_buffer(workspace, "bits", np.uint32, (num_models, n))
-            for start in starts:
-                stop = min(start + length, n)
-                b, bad = api.trim_magnitude_bits(kernel, *inputs(start), keep_chunk(start))
-                bits[:, start:stop] = np.asarray(b)[:, : stop - start]
-                bad_any |= np.asarray(bad)
-            if bad_any.any():
-                return None, bad_any
-            scratch = _workspace_buffer(workspace, "scratch", np.uint32, (n,))
-            trim = np.stack(
-                [kernels.host_topk_threshold(bits[i], d, scratch) for i, d in enumerate(densities)]
-            )
-    out = _workspace_buffer(workspace, "out", dtype_out, (n,))
-    for start in starts:
-        stop = min(start + length, n)
-        merged, bad = api.merge_chunk(
-            kernel, np.dtype(dtype_out), *inputs(start), weights, keep_chunk(start), trim, np.uint32(start)
-        )
-        out[start:stop] = np.asarray(merged)[: stop - start]
-        bad_any |= np.asarray(bad)
-    if bad_any.any():
-        return None, bad_any
-    return out.reshape(shape), bad_any
+DEFAULT_CHUNK_ELEMENTS = chunked.DEFAULT_CHUNK_ELEMENTS
 
 
 # HF names of tables indexed by token id (`<...>.<part>.weight`, [V, D]): input embeddings and LM heads
@@ -506,8 +407,8 @@ def merge_checkpoints(
                 else:
                     leaf_w = leaf_ws[name]
                     leaf_key = jax.random.fold_in(key, index[name])
-                    if method in api.CHUNKED_METHODS:
-                        merged, bad = _merge_chunked(
+                    if method in chunked.CHUNKED_METHODS:
+                        merged, bad = chunked.merge_chunked(
                             kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements, workspace
                         )
                     else:
