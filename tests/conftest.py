@@ -4,7 +4,8 @@ shared smoke zoo and smoke HM3 run, and the order in which xdist hands out the t
 The suite is compile-bound (thousands of small programs; the HM3 smoke run alone compiles ~470), so a persistent
 compilation cache is shared by both xdist workers and their children (the resumed run, the notebook's kernel):
 a program compiled once is loaded, not compiled, by every later process (programs with host callbacks are never
-cached by jax). It is set through the environment before jax starts, so subprocesses inherit it. XLA's
+cached by jax). It is set through the environment before jax starts, so subprocesses inherit it, and it is kept
+per machine (`_compile_cache_root`), so later suite runs load what earlier ones compiled. XLA's
 fast-compile flags (used by the mesh subprocess runs, tests/_subprocess_util.py) are NOT used in-process: they
 change floating-point results in the last bits, and the planted-problem PPO test then decodes another path
 (measured); in-process tests check the numerics users get.
@@ -19,10 +20,34 @@ so that this order is the order in which files are handed out. docs/testing.md h
 import os
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TEST_CACHE = os.environ.get("HM3_TEST_CACHE", os.path.join(_REPO, ".pytest_cache", "hm3"))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_TEST_CACHE, "jax_cache_tests"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # > 0: locked for concurrent writers
+
+
+def _compile_cache_root() -> str:
+    """Where the tests' persistent compilation caches live (exported as HM3_TEST_COMPILE_CACHE for the children).
+
+    Per machine, not per clone: `${XDG_CACHE_HOME:-~/.cache}/hm3_jax/tests`, so a fresh clone on a machine that
+    has run the suite before loads the programs its code did not change instead of compiling them again (as pip
+    reuses its wheel cache for the install). jax keys every entry by the program, its compile options, the
+    jax/jaxlib versions and the devices, so an entry never serves another program; results do not depend on
+    whether a program was loaded or compiled. `HM3_TEST_COMPILE_CACHE` chooses another directory; with
+    `HM3_TEST_CACHE` set (a cold measurement: `HM3_TEST_CACHE=$(mktemp -d)`) the caches live under it.
+    """
+    if os.environ.get("HM3_TEST_COMPILE_CACHE"):
+        return os.environ["HM3_TEST_COMPILE_CACHE"]
+    if os.environ.get("HM3_TEST_CACHE"):
+        return os.environ["HM3_TEST_CACHE"]
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "hm3_jax", "tests")
+
+
+os.environ["HM3_TEST_COMPILE_CACHE"] = _compile_cache_root()
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["HM3_TEST_COMPILE_CACHE"], "jax_cache_tests")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30)
+)  # > 0: locked for concurrent writers, LRU
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -26,7 +26,7 @@ and on a fresh clone nothing is shared between the runs: jax's persistent cache 
 topology's fingerprint (1 or 4-of-8 devices differ), the two processes compute different keys for the same
 program, and jax writes the cache from process 0 only. So the three processes start together, at a lower
 CPU priority (`nice`: they fill the cores the other worker's smoke HM3 run, the suite's critical path, leaves
-free), and share one persistent compilation cache only for warm re-runs (.pytest_cache/hm3/jax_cache_mesh).
+free), and share one persistent compilation cache, kept per machine for later suite runs ($HM3_TEST_COMPILE_CACHE/jax_cache_mesh).
 smoke_mesh runs without the no-parameter-level ablation (`config.ablations`; a second architecture level, about
 a sixth of each run's CPU time); the smoke run of tests/test_hm3_run.py reports it. tests/conftest.py hands this
 file out second, right after tests/test_hm3_run.py. docs/testing.md has the measured times.
@@ -47,8 +47,8 @@ from tests._subprocess_util import REPO, free_port, subprocess_env
 TIMEOUT = 900  # per run, from the common start: a hang bound; a cold run at load 10 on 2 cores took ~8 min
 CONFIG = os.path.join(REPO, "experiments", "configs", "tiny3.py") + ":smoke_mesh"
 MESH = "--mesh=paths:4,data:2"
-CACHE = os.path.join(
-    os.environ.get("HM3_TEST_CACHE", os.path.join(REPO, ".pytest_cache", "hm3")), "jax_cache_mesh"
+CACHE = os.path.join(  # per machine (tests/conftest.py's _compile_cache_root)
+    os.environ.get("HM3_TEST_COMPILE_CACHE", os.path.join(REPO, ".pytest_cache", "hm3")), "jax_cache_mesh"
 )
 
 
