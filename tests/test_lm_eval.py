@@ -428,3 +428,57 @@ def test_registered_model_and_command_line(env, harness, monkeypatch, capsys):
         harness_eval.main()
     assert exit_info.value.code == 2
     assert "error: unknown model_args ['prefrence']" in capsys.readouterr().err
+
+
+def test_harness_task_by_name_split_key_and_file_hashes(env, harness, monkeypatch):
+    """``{lm_eval: NAME, lm_eval_include_path: DIR}`` finds the task a YAML of DIR registers as NAME (before the
+    harness's own registry, which is replaced by an empty directory here: indexing its ~15k YAMLs takes ~8 CPU-s);
+    a harness task over a JSONL file splits its documents as a JSONL task over that file splits its rows; a run's
+    file hashes cover the data files a task YAML names."""
+    from hm3_jax.tasks import harness_task
+
+    root = env["root"]
+    monkeypatch.setattr(harness_task, "REGISTRY_DIR", str(root / "empty_registry"))
+    (root / "empty_registry").mkdir()
+    named = root / "named"
+    named.mkdir()
+    data = named / "gen.jsonl"  # the same rows under the same file name as the JSONL task's: the same split
+    data.write_text(open(harness["gen_data"]).read())
+    yaml_text = (harness["tasks"] / "gen.yaml").read_text()
+    (named / "sums.yaml").write_text(
+        yaml_text.replace("task: tiny_gen", "task: my_sums").replace(harness["gen_data"], str(data))
+    )
+    spec_file = root / "spec_named.yaml"
+    head = f"base: {env['ckpt']}\nexperts: {{a: {env['ckpt']}}}\neval_batch_size: 8\ntasks:\n"
+    spec_file.write_text(
+        head + f"  gen: {{data: {harness['gen_data']}, metric: exact_match, objective: a, max_new_tokens: {MAX_GEN}}}\n"
+        "  h_yaml: {lm_eval_yaml: tasks/gen.yaml, objective: a}\n"
+        "  h_name: {lm_eval: my_sums, lm_eval_include_path: named, objective: a}\n"
+    )  # fmt: skip
+    loaded = spec_zoo.load_tasks(str(spec_file), seed=3)
+    task = loaded.spec.tasks["h_name"]
+    assert (task.data, task.lm_eval_task, task.lm_eval_include_path) == (
+        str(named / "sums.yaml"),
+        "my_sums",
+        str(named),
+    )
+    assert loaded.harness["h_name"].name == "my_sums" and loaded.harness["h_name"].split_key == "gen.jsonl"
+    assert loaded.splits["h_name"] == loaded.splits["h_yaml"] == loaded.splits["gen"]
+    assert [len(loaded.splits["gen"][s]) for s in spec_lib.SPLITS] == [6, 2]
+
+    # the data files a harness YAML names are hashed with it: an edit shows, an unchanged file does not
+    hashes = spec_lib.file_hashes(loaded.spec)
+    assert str(data) in hashes and harness["gen_data"] in hashes
+    again = spec_lib.file_hashes(loaded.spec)
+    assert again == hashes and spec_lib.changed_files(hashes, again) == []
+    data.write_text(open(harness["gen_data"]).read() + json.dumps({"prompt": "x", "target": "y"}) + "\n")
+    assert spec_lib.changed_files(hashes, spec_lib.file_hashes(loaded.spec, hashes)) == [str(data)]
+
+    bad = [("{lm_eval: my_sum, lm_eval_include_path: named, objective: a}", r"tasks.t.lm_eval: no harness task 'my_sum'.*close matches: my_sums"),
+           ("{lm_eval: my_sums, lm_eval_include_path: nowhere, objective: a}", "lm_eval_include_path: directory .* does not exist"),
+           ("{lm_eval: my_sums, lm_eval_yaml: tasks/gen.yaml, objective: a}", r"exactly one of lm_eval_yaml \(a task YAML file\) and lm_eval"),
+           ("{lm_eval_yaml: tasks/gen.yaml, lm_eval_include_path: named, objective: a}", "goes with lm_eval")]  # fmt: skip
+    for task_yaml, match in bad:
+        spec_file.write_text(head + f"  t: {task_yaml}\n")
+        with pytest.raises(spec_lib.SpecError, match=match):
+            spec_lib.load_spec(str(spec_file))

@@ -1,8 +1,10 @@
 """lm-evaluation-harness tasks as HM3 objectives, and the harness's text rules both directions share.
 
-A task YAML of the harness (e.g. ``dataset_path: json`` with ``dataset_kwargs: {data_files: ...}``) is loaded
-with the harness's own `TaskManager`; a spec's ``{lm_eval_yaml: ...}`` task splits its evaluation documents
-70 / 30 as JSONL rows are split (`spec.split_rows`, recorded by the run), and each split becomes an `Objective`
+A task YAML of the harness (e.g. ``dataset_path: json`` with ``dataset_kwargs: {data_files: ...}``), or a task
+the harness registers by name (``{lm_eval: gsm8k}``; `find_task`: an include path's YAMLs, then the harness's
+own), is loaded with the harness's own `TaskManager`; a spec's harness task splits its evaluation documents
+70 / 30 as JSONL rows are split, seeded with its data file's name (`HarnessTask.split_key`, `spec.split_rows`,
+recorded by the run), and each split becomes an `Objective`
 that the run's batched engine paths score like any other (`objectives.generation_kernel` for
 ``generate_until``, `multiple_choice.continuation_logprob_kernel` for ``multiple_choice``; no request is sent
 one at a time):
@@ -22,22 +24,28 @@ These equal the harness's scores through `hm3_jax.evaluation.lm_eval_model` on t
 
 from __future__ import annotations
 
+import difflib
+import functools
+import glob
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import lm_eval.tasks
 import numpy as np
 from lm_eval.api.metrics import mean as harness_mean
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.tasks import TaskManager, get_task_dict
+from lm_eval.tasks._yaml_loader import load_yaml
 
 from hm3_jax.tasks.multiple_choice import continuation_logprob_kernel, pack_multiple_choice
 from hm3_jax.tasks.objectives import ArrayBundle, Objective, generation_kernel, pack_prompts
 
 OUTPUT_TYPES = ("generate_until", "multiple_choice")
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's hf backend's
+REGISTRY_DIR = os.path.dirname(os.path.abspath(lm_eval.tasks.__file__))  # the harness's own task YAMLs
 
 
 class HarnessTaskError(ValueError):
@@ -114,6 +122,22 @@ class HarnessTask(NamedTuple):
     def output_type(self) -> str:
         return self.task.OUTPUT_TYPE
 
+    @property
+    def split_key(self) -> str:
+        """The name its documents' 70 / 30 split is seeded with (`spec.split_rows`): the file name of the one
+        local data file its evaluation split reads, as a JSONL task over that file is seeded, so the two split
+        the same rows alike (document i is row i when the task keeps every row in order: no filtering
+        ``process_docs``); else (remote data, several files) the task's name."""
+        config = self.task.config
+        split = config.test_split if self.task.has_test_docs() else config.validation_split
+        kwargs = config.dataset_kwargs or {}
+        files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+        files = files.get(split) if isinstance(files, dict) else files
+        files = [files] if isinstance(files, str) else list(files or [])
+        if len(files) == 1 and "://" not in str(files[0]) and not glob.has_magic(str(files[0])):
+            return os.path.basename(str(files[0]))
+        return self.name
+
     def objective(self, name: str, doc_ids: Sequence[int], tokenizer, eos_ids, batch_size: int, context_len: int,
                   pad_id: int = 0) -> Objective:  # fmt: skip
         """`make_harness_objective` of this task."""
@@ -122,23 +146,88 @@ class HarnessTask(NamedTuple):
         )
 
 
-def load_harness_task(
-    yaml_path: str, filter_name: str | None = None, metric: str | None = None
-) -> HarnessTask:
-    """The task of one harness YAML (the other YAMLs of its directory are indexed too: `include`s resolve),
-    with every evaluation document's requests built. `filter_name` / `metric`: which of the task's filter
-    pipelines and metrics is the objective (default: the first of each)."""
-    yaml_path = os.path.abspath(yaml_path)
-    if not os.path.isfile(yaml_path):
-        raise HarnessTaskError(f"harness task file {yaml_path} does not exist")
-    manager = TaskManager(include_path=os.path.dirname(yaml_path), include_defaults=False)
-    names = [
-        n for n, e in manager.task_index.items() if e.yaml_path and os.path.abspath(e.yaml_path) == yaml_path
+@functools.lru_cache(maxsize=4)
+def _task_manager(dirs: tuple[str, ...]) -> TaskManager:
+    """The harness's index of the task YAMLs under `dirs` (later directories override earlier ones); indexing
+    the harness's own ~15k tasks takes ~8 CPU-s, so a process builds each index once."""
+    return TaskManager(include_path=list(dirs), include_defaults=False)
+
+
+def find_task(name: str, include_path: str | None = None) -> tuple[TaskManager, str]:
+    """(manager, absolute YAML path) of the harness task registered as `name`: in `include_path`'s YAMLs
+    (a `task: name` key) first, as `lm_eval --include_path` gives them precedence, then in the harness's own
+    registry (`REGISTRY_DIR`, with `include_path` after it). Raises HarnessTaskError for an unknown name
+    (listing close matches), a group or tag (several tasks), or a task without a YAML."""
+    if not isinstance(name, str) or not name:
+        raise HarnessTaskError(f"expected a harness task name, got {name!r}")
+    if include_path is not None and not os.path.isdir(include_path):
+        raise HarnessTaskError(f"include path {include_path} is not a directory")
+    searches = ([(include_path,)] if include_path else []) + [
+        (REGISTRY_DIR, *([include_path] if include_path else []))
     ]
-    if len(names) != 1:
-        raise HarnessTaskError(
-            f"{yaml_path}: expected one harness task (a `task:` key), found {names or 'none'}"
-        )
+    for dirs in searches:
+        manager = _task_manager(dirs)
+        entry = manager.task_index.get(name)
+        if entry is not None:
+            break
+    where = f"the harness's registry{f' and {include_path}' if include_path else ''}"
+    if entry is None:
+        close = difflib.get_close_matches(name, manager.all_tasks, n=6, cutoff=0.6)
+        raise HarnessTaskError(f"no harness task {name!r} in {where}" +
+                               (f"; close matches: {', '.join(close)}" if close else ""))  # fmt: skip
+    if entry.kind.name not in ("TASK", "PY_TASK"):
+        members = sorted(n for n, e in manager.task_index.items() if name in getattr(e, "tags", ()))[:6]
+        raise HarnessTaskError(f"{name!r} is a harness {entry.kind.name.lower()} (several tasks), not one task; "
+                               f"name one of its tasks{f' (e.g. {members})' if members else ''}")  # fmt: skip
+    if entry.yaml_path is None:
+        raise HarnessTaskError(f"harness task {name!r} has no YAML file in {where}")
+    return manager, os.path.abspath(str(entry.yaml_path))
+
+
+def local_data_files(yaml_path: str) -> list[str]:
+    """Absolute paths of the local files a task YAML's ``dataset_kwargs.data_files`` names (every split; glob
+    patterns expanded; relative paths against ``dataset_kwargs.data_dir``, else the working directory, as
+    `datasets.load_dataset` resolves them; remote URLs and missing files left out): what its documents are
+    read from, besides the YAML (`spec.file_hashes` hashes them)."""
+    config = load_yaml(yaml_path, resolve_func=False)
+    kwargs = config.get("dataset_kwargs") or {}
+    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+    base = os.path.expanduser(str(kwargs.get("data_dir") or "")) if isinstance(kwargs, dict) else ""
+    patterns = []
+    for value in files.values() if isinstance(files, dict) else [files]:
+        patterns += [value] if isinstance(value, str) else list(value or [])
+    out = []
+    for pattern in map(str, patterns):
+        if "://" in pattern:
+            continue
+        path = os.path.abspath(os.path.join(base, os.path.expanduser(pattern)))
+        out += sorted(glob.glob(path)) if glob.has_magic(path) else [path] if os.path.isfile(path) else []
+    return list(dict.fromkeys(out))
+
+
+def load_harness_task(yaml_path: str | None, filter_name: str | None = None, metric: str | None = None,
+                      name: str | None = None, include_path: str | None = None) -> HarnessTask:  # fmt: skip
+    """The task of one harness YAML (the other YAMLs of its directory are indexed too: `include`s resolve),
+    or the task registered as `name` (`find_task`: `include_path`'s YAMLs, then the harness's registry), with
+    every evaluation document's requests built. `filter_name` / `metric`: which of the task's filter
+    pipelines and metrics is the objective (default: the first of each)."""
+    if name is not None:
+        manager, yaml_path = find_task(name, include_path)
+        names = [name]
+    else:
+        yaml_path = os.path.abspath(yaml_path)
+        if not os.path.isfile(yaml_path):
+            raise HarnessTaskError(f"harness task file {yaml_path} does not exist")
+        manager = TaskManager(include_path=os.path.dirname(yaml_path), include_defaults=False)
+        names = [
+            n
+            for n, e in manager.task_index.items()
+            if e.yaml_path and os.path.abspath(e.yaml_path) == yaml_path
+        ]
+        if len(names) != 1:
+            raise HarnessTaskError(
+                f"{yaml_path}: expected one harness task (a `task:` key), found {names or 'none'}"
+            )
     task = get_task_dict(names, manager)[names[0]]
     if task.OUTPUT_TYPE not in OUTPUT_TYPES:
         raise HarnessTaskError(f"{yaml_path}: output_type {task.OUTPUT_TYPE!r} is not supported as an objective "

@@ -27,11 +27,14 @@ The data file holds uint8 images ``pixel_values [N, C, H, W]`` and int ``labels 
 ``kernel [D, C_task]``, ``bias [C_task]`` read out on every merged encoder's CLS feature (task arithmetic's
 fixed heads). `.npz` files are read without pickle.
 
-lm-evaluation-harness tasks: ``{lm_eval_yaml: tasks/my_task.yaml, objective: math}`` (optional
-``lm_eval_filter``, ``lm_eval_metric``: which of the YAML's filter pipelines and metrics is scored, default the
-first of each). The task's evaluation documents are split 70 / 30 like JSONL rows (seeded with the YAML's file
-name) and scored with the harness's own prompts, filters and metric (`hm3_jax.tasks.harness_task`; needs the
-`lm-eval` package). Only the YAML file itself is content-hashed by a run, not the data files it names.
+lm-evaluation-harness tasks: ``{lm_eval_yaml: tasks/my_task.yaml, objective: math}``, or a task the harness
+registers by name, ``{lm_eval: gsm8k, objective: math}`` (optional ``lm_eval_include_path: DIR``: task YAMLs
+searched for the name before the harness's own, as ``lm_eval --include_path``); optional ``lm_eval_filter``,
+``lm_eval_metric``: which of the task's filter pipelines and metrics is scored, default the first of each. The
+task's evaluation documents are split 70 / 30 like JSONL rows, seeded with the name of the data file they are
+read from (a JSONL task over the same file splits its rows alike; remote data: the task's name), and scored with
+the harness's own prompts, filters and metric (`hm3_jax.tasks.harness_task`; needs the `lm-eval` package). A
+run content-hashes the task's YAML and the local data files it names.
 
 Relative paths are relative to the spec file. An objective's score is the mean of its tasks' scores (the paper's
 seven benchmarks over three objectives); the preference has one weight per objective (= per expert), in the order
@@ -60,9 +63,16 @@ import numpy as np
 METRICS = ("exact_match", "chrf", "multiple_choice", "exact_match_teacher_forced", "accuracy", "lm_eval")
 GENERATION_METRICS = ("exact_match", "chrf")
 TOP_KEYS = ("base", "experts", "tasks", "tokenizer_source", "dtype", "eval_batch_size")
-TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop", "head", "lm_eval_yaml", "lm_eval_filter",
-             "lm_eval_metric")  # fmt: skip
-HARNESS_KEYS = ("lm_eval_yaml", "objective", "lm_eval_filter", "lm_eval_metric")
+TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop", "head", "lm_eval_yaml", "lm_eval",
+             "lm_eval_include_path", "lm_eval_filter", "lm_eval_metric")  # fmt: skip
+HARNESS_KEYS = (
+    "lm_eval_yaml",
+    "lm_eval",
+    "lm_eval_include_path",
+    "objective",
+    "lm_eval_filter",
+    "lm_eval_metric",
+)
 DTYPES = ("float32", "bfloat16")
 SPLITS = ("search", "heldout")
 SEARCH_FRACTION = 0.7
@@ -78,9 +88,11 @@ class TaskSpec(NamedTuple):
     Attributes: name; data: absolute JSONL path; metric: one of METRICS; objective: the objective (expert) it
     counts towards; max_new_tokens: generation budget or None (default: longest target + 8 tokens); stop: stop
     strings of generation; head: absolute path of an accuracy task's head file, else None. A harness task
-    (``{lm_eval_yaml: my_task.yaml, objective: math}``, metric "lm_eval", `hm3_jax.tasks.harness_task`): data is
-    the absolute YAML path; lm_eval_filter / lm_eval_metric name the task's filter and metric scored (None:
-    the YAML's first of each).
+    (``{lm_eval_yaml: my_task.yaml, objective: math}`` or ``{lm_eval: gsm8k, objective: math}``, metric
+    "lm_eval", `hm3_jax.tasks.harness_task`): data is the absolute YAML path (of a named task: the YAML the
+    harness registers it from); lm_eval_task: the registered name (None: the YAML's one task);
+    lm_eval_include_path: absolute directory of task YAMLs searched before the harness's own, or None;
+    lm_eval_filter / lm_eval_metric name the task's filter and metric scored (None: the YAML's first of each).
     """
 
     name: str
@@ -92,6 +104,8 @@ class TaskSpec(NamedTuple):
     head: str | None = None
     lm_eval_filter: str | None = None
     lm_eval_metric: str | None = None
+    lm_eval_task: str | None = None
+    lm_eval_include_path: str | None = None
 
 
 class Spec(NamedTuple):
@@ -185,13 +199,13 @@ def _task(spec_dir: str, name: str, raw, where: str, experts: Mapping) -> TaskSp
     unknown = sorted(set(raw) - set(TASK_KEYS))
     if unknown:
         _fail(where, f"unknown key(s) {unknown}; known keys: {list(TASK_KEYS)}")
-    if "lm_eval_yaml" in raw or raw.get("metric") == "lm_eval":
+    if {"lm_eval_yaml", "lm_eval", "lm_eval_include_path"} & set(raw) or raw.get("metric") == "lm_eval":
         return _harness_task(spec_dir, name, raw, where, experts)
     for key in ("data", "metric"):
         if key not in raw:
             _fail(where, f"missing key {key!r}")
     if "lm_eval_filter" in raw or "lm_eval_metric" in raw:
-        _fail(where, "lm_eval_filter and lm_eval_metric go with lm_eval_yaml (a harness task)")
+        _fail(where, "lm_eval_filter and lm_eval_metric go with lm_eval_yaml or lm_eval (a harness task)")
     metric = raw["metric"]
     if metric not in METRICS:
         _fail(where, f"unknown metric {metric!r}; known metrics: {list(METRICS)}")
@@ -238,24 +252,51 @@ def _objective(name: str, raw: Mapping, where: str, experts: Mapping) -> str:
 
 
 def _harness_task(spec_dir: str, name: str, raw: Mapping, where: str, experts: Mapping) -> TaskSpec:
-    """A task read from an lm-evaluation-harness task YAML: its documents, prompts, generation settings,
-    filters and metric are the YAML's (only the file is checked here; `harness_task` loads it)."""
+    """A task read from an lm-evaluation-harness task YAML, or named by the harness's registry: its documents,
+    prompts, generation settings, filters and metric are the YAML's (a YAML file is only checked here, a name
+    is looked up (`harness_task.find_task`); `harness_task` loads the task)."""
     other = sorted(set(raw) - set(HARNESS_KEYS))
     if other:
-        _fail(where, f"a harness task (lm_eval_yaml) takes its data, prompts, generation settings and metric from "
-                     f"its YAML; remove {other} (its keys: {list(HARNESS_KEYS)})")  # fmt: skip
-    if "lm_eval_yaml" not in raw:
-        _fail(where, "metric lm_eval needs lm_eval_yaml: the harness task's YAML file")
-    yaml_file = os.path.normpath(os.path.join(spec_dir, os.path.expanduser(str(raw["lm_eval_yaml"]))))
-    if not os.path.isfile(yaml_file):
-        _fail(f"{where}.lm_eval_yaml", f"file {yaml_file} does not exist")
-    names = {k: raw.get(k) for k in ("lm_eval_filter", "lm_eval_metric")}
+        _fail(where, f"a harness task (lm_eval_yaml / lm_eval) takes its data, prompts, generation settings and "
+                     f"metric from its YAML; remove {other} (its keys: {list(HARNESS_KEYS)})")  # fmt: skip
+    if ("lm_eval_yaml" in raw) == ("lm_eval" in raw):
+        _fail(where, "a harness task needs exactly one of lm_eval_yaml (a task YAML file) and lm_eval (a task name "
+                     "the harness registers, e.g. gsm8k)")  # fmt: skip
+    if "lm_eval_include_path" in raw and "lm_eval" not in raw:
+        _fail(f"{where}.lm_eval_include_path", "goes with lm_eval (a task name): a directory of task YAMLs "
+                                               "searched for that name")  # fmt: skip
+    names = {k: raw.get(k) for k in ("lm_eval_filter", "lm_eval_metric", "lm_eval")}
     for k, v in names.items():
         if v is not None and (not isinstance(v, str) or not v):
             _fail(f"{where}.{k}", f"must be a non-empty string, got {v!r}")
     objective = _objective(name, raw, where, experts)
+    include_path = None
+    if "lm_eval" in raw:
+        if raw.get("lm_eval_include_path") is not None:
+            include_path = os.path.normpath(
+                os.path.join(spec_dir, os.path.expanduser(str(raw["lm_eval_include_path"])))
+            )
+            if not os.path.isdir(include_path):
+                _fail(f"{where}.lm_eval_include_path", f"directory {include_path} does not exist")
+        try:
+            _, yaml_file = _harness_module(where).find_task(names["lm_eval"], include_path)
+        except ValueError as e:
+            _fail(f"{where}.lm_eval", str(e))
+    else:
+        yaml_file = os.path.normpath(os.path.join(spec_dir, os.path.expanduser(str(raw["lm_eval_yaml"]))))
+        if not os.path.isfile(yaml_file):
+            _fail(f"{where}.lm_eval_yaml", f"file {yaml_file} does not exist")
     return TaskSpec(name, yaml_file, "lm_eval", objective, None, (), None, names["lm_eval_filter"],
-                    names["lm_eval_metric"])  # fmt: skip
+                    names["lm_eval_metric"], names["lm_eval"], include_path)  # fmt: skip
+
+
+def _harness_module(where: str):
+    """`hm3_jax.tasks.harness_task`, imported when a spec has harness tasks (lm-eval is an optional package)."""
+    try:
+        from hm3_jax.tasks import harness_task
+    except ImportError as e:
+        _fail(where, f"an lm-evaluation-harness task: install lm-eval (pip install -e '.[lm_eval]'); {e}")
+    return harness_task
 
 
 def read_images(task: TaskSpec) -> tuple[dict, list[dict]]:
@@ -361,17 +402,21 @@ def _check_row(row: dict, metric: str, where: str) -> dict:
     return out
 
 
-def split_rows(task: TaskSpec, rows: list[dict], seed: int) -> dict[str, list[int]]:
+def split_rows(task: TaskSpec, rows: list[dict], seed: int, key: str | None = None) -> dict[str, list[int]]:
     """{split: indices into `rows`}: a row's own "split" is honoured; the others are shuffled with
-    `np.random.default_rng([seed, crc32(data file name)])` and the first round(0.7 n) go to "search" (tasks that
-    read one file split it alike: an example is never searched in one task and held out in another).
+    `np.random.default_rng([seed, crc32(key)])` and the first round(0.7 n) go to "search" (tasks that read one
+    file split it alike: an example is never searched in one task and held out in another).
+
+    key: the name the shuffle is seeded with; default the data file's name (a harness task passes its
+    `HarnessTask.split_key`: the name of the JSONL file its documents are read from).
 
     Raises SpecError when a split ends up empty (name the task and how many rows it has).
     """
     out = {s: [i for i, r in enumerate(rows) if r.get("split") == s] for s in SPLITS}
     free = np.asarray([i for i, r in enumerate(rows) if "split" not in r], np.int64)
     if free.size:
-        rng = np.random.default_rng([int(seed), zlib.crc32(os.path.basename(task.data).encode())])
+        key = os.path.basename(task.data) if key is None else key
+        rng = np.random.default_rng([int(seed), zlib.crc32(key.encode())])
         free = free[rng.permutation(free.size)]
         n_search = int(round(SEARCH_FRACTION * free.size))
         out["search"] = sorted(out["search"] + free[:n_search].tolist())
@@ -387,14 +432,18 @@ def split_rows(task: TaskSpec, rows: list[dict], seed: int) -> dict[str, list[in
 
 
 def file_hashes(spec: Spec, known: Mapping | None = None) -> dict[str, dict]:
-    """{absolute path: {"sha256", "size", "mtime_ns"}} of the spec file, every data and head file and every file
-    of the checkpoints (weights, configs, tokenizer files): what a run's cached stages depend on.
+    """{absolute path: {"sha256", "size", "mtime_ns"}} of the spec file, every data and head file (a harness
+    task's YAML and the local data files it names, `harness_task.local_data_files`) and every file of the
+    checkpoints (weights, configs, tokenizer files): what a run's cached stages depend on.
 
     `known`: an earlier result (a run's record); a file whose size and modification time are unchanged keeps its
     recorded hash instead of being read again (as git's index does: a resumed 7B run or a suggestion does not
     re-read tens of GB); any other file is hashed.
     """
     paths = [spec.path] + [p for t in spec.tasks.values() for p in (t.data, t.head) if p]
+    for t in spec.tasks.values():
+        if t.metric == "lm_eval":
+            paths += _harness_module(f"task {t.name!r}").local_data_files(t.data)
     for d in dict.fromkeys([spec.base, *spec.experts.values()]):
         paths += sorted(os.path.join(d, n) for n in os.listdir(d) if os.path.isfile(os.path.join(d, n)))
     known = known or {}

@@ -180,7 +180,8 @@ def load_tasks(spec, seed: int = 0) -> SpecTasks:
             check_head(task, images[name], base_config)
         else:
             rows = spec_lib.read_rows(task)
-        splits[name] = spec_lib.split_rows(task, rows, seed)
+        key = harness[name].split_key if task.metric == "lm_eval" else None  # harness: its data file's name
+        splits[name] = spec_lib.split_rows(task, rows, seed, key)
         data[name] = {s: [rows[i] for i in idx] for s, idx in splits[name].items()}
     objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids, images, harness=harness)
     return SpecTasks(spec, base_config, expert_configs, tokenizer, eos_ids, data, splits, images, objectives,
@@ -292,7 +293,8 @@ def load_harness_task(task):
         raise SpecError(f"task {task.name!r} ({task.data}) is an lm-evaluation-harness task: install lm-eval "
                         f"(pip install -e '.[lm_eval]'); {e}") from e  # fmt: skip
     try:
-        return harness_task.load_harness_task(task.data, task.lm_eval_filter, task.lm_eval_metric)
+        return harness_task.load_harness_task(task.data, task.lm_eval_filter, task.lm_eval_metric,
+                                              task.lm_eval_task, task.lm_eval_include_path)  # fmt: skip
     except (ValueError, OSError, KeyError) as e:
         raise SpecError(f"task {task.name!r} ({task.data}): {e}") from e
 
