@@ -11,7 +11,11 @@
 
 `model_args` (`hm3_jax.evaluation.sources`): one of ``pretrained=DIR``, ``run=DIR,preference=a:b:c``,
 ``path_model=DIR``; optional ``dtype`` (float32 / bfloat16), ``batch_size`` (default 16; the harness's
-``--batch_size``), ``max_length`` (default: the model's max_position_embeddings, as the harness's hf backend).
+``--batch_size``), ``max_length`` (default: the model's max_position_embeddings, as the harness's hf backend),
+``mesh`` (e.g. ``mesh=data:2,model:4``, the axes of run_hm3's ``--mesh``, `distributed.make_mesh`, over all the
+process's devices; "paths" must be 1): the model placed as the path engine places it, tensor parallel over
+"model", each batch's rows split over "data" (`batch_size` a multiple of its size; one process only). On the
+harness's command line quote the spec's commas: ``--model_args "pretrained=DIR,mesh='data:2,model:4'"``.
 
 Every request is answered as lm-eval's ``hf`` backend (`lm_eval.models.huggingface.HFLM`) answers it on the
 same checkpoint, on hm3_jax's own forward and KV-cache decoder (`hm3_jax.evaluation.token_requests`):
@@ -36,12 +40,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
+import jax
 import numpy as np
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from hm3_jax import distributed
 from hm3_jax.evaluation import token_requests
 from hm3_jax.evaluation.sources import ModelArgsError, load_model
 from hm3_jax.tasks import harness_task
@@ -49,6 +56,7 @@ from hm3_jax.tasks import harness_task
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
+_MESH_AXIS = re.compile(r"\s*(paths|data|model)\s*:\s*-?\d+\s*")  # one "axis:size" of a mesh spec
 
 
 def _batch_size(value) -> int:
@@ -65,18 +73,38 @@ def _batch_size(value) -> int:
     return size
 
 
+def _mesh(spec, batch_size: int):
+    """The ("paths", "data", "model") mesh of a ``mesh=`` model_arg over this process's devices."""
+    if jax.process_count() > 1:
+        raise ModelArgsError(f"mesh={spec}: the hm3_jax lm-eval model runs in one process; this is one of "
+                             f"{jax.process_count()}")  # fmt: skip
+    try:
+        mesh = distributed.make_mesh(str(spec))
+    except ValueError as e:
+        raise ModelArgsError(f"mesh={spec}: {e}") from e
+    sizes = dict(mesh.shape)
+    if sizes["paths"] != 1:
+        raise ModelArgsError(f"mesh={spec}: the adapter evaluates one model; put the devices on 'data' and "
+                             f"'model' (got paths:{sizes['paths']})")  # fmt: skip
+    if batch_size % sizes["data"]:
+        raise ModelArgsError(f"mesh={spec}: batch_size={batch_size} is not a multiple of data:{sizes['data']} "
+                             "(each batch's rows are split over it)")  # fmt: skip
+    return mesh
+
+
 @register_model("hm3_jax")
 class HM3JaxLM(TemplateLM):
     """lm-eval's model interface on an hm3_jax model (module docstring)."""
 
     def __init__(self, pretrained: str | None = None, run: str | None = None, preference=None,
                  path_model: str | None = None, dtype: str = "float32", batch_size=None,
-                 max_length: int | None = None, max_batch_size=None, device=None, **unknown) -> None:  # fmt: skip
+                 max_length: int | None = None, mesh: str | None = None, max_batch_size=None, device=None,
+                 **unknown) -> None:  # fmt: skip
         """Args as the module docstring's `model_args`; `max_batch_size` and `device` (the harness's own
         arguments) are accepted and unused (JAX places the model). Raises ModelArgsError on unknown keys."""
         super().__init__()
         if unknown:
-            known = "pretrained, run, preference, path_model, dtype, batch_size, max_length"
+            known = "pretrained, run, preference, path_model, dtype, batch_size, max_length, mesh"
             raise ModelArgsError(f"unknown model_args {sorted(unknown)} for --model hm3_jax (known: {known})")
         loaded = load_model(pretrained=pretrained, run=run, preference=preference, path_model=path_model,
                             dtype=dtype)  # fmt: skip
@@ -88,8 +116,27 @@ class HM3JaxLM(TemplateLM):
         self.max_length = context if max_length is None else int(max_length)
         if not 1 <= self.max_length <= context:
             raise ModelArgsError(f"max_length={max_length}: must lie in [1, {context}] (the model's context)")
+        self.mesh = None if mesh is None else _mesh(mesh, self.batch_size)
+        if self.mesh is not None:
+            self.model = token_requests.place_on_mesh(self.model, self.mesh)
         self.pad_id = next((int(t) for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None),
                            0)  # fmt: skip
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> HM3JaxLM:
+        """The harness's ``key=value,...`` parsing (`simple_parse_args_string`), except that ``mesh=data:2,model:4``
+        keeps its comma-separated axes (an ``axis:size`` part after ``mesh=...`` continues the spec)."""
+        parts: list[str] = []
+        for part in (arg_string or "").split(","):
+            if parts and parts[-1].strip().startswith("mesh=") and _MESH_AXIS.fullmatch(part):
+                parts[-1] += "," + part
+            elif part.strip():
+                parts.append(part)
+        args = {}
+        for part in parts:
+            key, _, value = part.strip().partition("=")
+            args |= {"mesh": value.strip()} if key == "mesh" else lm_eval_utils.simple_parse_args_string(part)
+        return cls(**args, **{k: v for k, v in (additional_config or {}).items() if v is not None})
 
     @property
     def eot_token_id(self) -> int:

@@ -15,6 +15,12 @@ padded with dummy rows); every batch is padded to bucket shapes (`bucket`: power
 the context length), so the jitted programs are one per (row width, target width) or (prompt width, new
 tokens) bucket, reused across calls, requests and tasks: a handful per model, not one per request. The path,
 junction and params are traced, so another model of the same config and shapes reuses them too.
+
+On a device mesh (`place_on_mesh`, one process): the shell and pool are placed once as the path engine places
+them (`paths.engine.place_model`: tensor parallel over "model", replicated over "data"), path and junction
+replicated, and each batch's rows split over "data" (`batch_size` a multiple of its size); XLA's partitioner
+inserts the collectives. With "model" > 1 the path's padding steps run without data-dependent branches
+(`uniform`, as the engine). The answers equal one device's (tests/test_lm_eval_mesh.py).
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from hm3_jax import models
+from hm3_jax import distributed, models
+from hm3_jax.paths.engine import place_model
 from hm3_jax.tasks.multiple_choice import summed_logprob
 from hm3_jax.tasks.objectives import argmax_equals, pack_prompts
 
@@ -47,6 +55,36 @@ class PathModel(NamedTuple):
     pool: dict
     path: np.ndarray
     junction: dict | None = None
+    mesh: jax.sharding.Mesh | None = None
+
+
+def place_on_mesh(model: PathModel, mesh) -> PathModel:
+    """`model` placed on `mesh` (module docstring; single process): shell and pool by `place_model`, path and
+    junction replicated; its batches are then split over the mesh's "data" axis."""
+    if jax.process_count() > 1:
+        raise ValueError(f"a mesh over {jax.process_count()} processes: the lm-eval adapter runs in one process "
+                         "(its mesh spans that process's devices)")  # fmt: skip
+    shell, pool = place_model(model.shell, model.pool, mesh)
+    path = distributed.place(np.asarray(model.path, np.int32), NamedSharding(mesh, PartitionSpec()))
+    junction = None if model.junction is None else distributed.replicate(model.junction, mesh)
+    return PathModel(model.config, shell, pool, path, junction, mesh)
+
+
+def _data_size(model: PathModel) -> int:
+    return 1 if model.mesh is None else int(dict(model.mesh.shape).get("data", 1))
+
+
+def _uniform(model: PathModel) -> bool:
+    """No data-dependent branches when "model" shards the blocks (the engine's `_uniform_steps`)."""
+    return model.mesh is not None and int(dict(model.mesh.shape).get("model", 1)) > 1
+
+
+def _rows(model: PathModel, *arrays):
+    """The batch arrays, their rows (axis 0) split over the mesh's "data" axis (unchanged without a mesh)."""
+    if model.mesh is None:
+        return arrays
+    sharding = NamedSharding(model.mesh, PartitionSpec("data"))
+    return tuple(jax.device_put(a, sharding) for a in arrays)
 
 
 def bucket(n: int, cap: int) -> int:
@@ -54,20 +92,22 @@ def bucket(n: int, cap: int) -> int:
     return min(cap, max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length()))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _score_batch(config, shell, pool, path, junction, ids, positions, labels, valid):
+@functools.partial(jax.jit, static_argnames=("config", "uniform"))
+def _score_batch(config, shell, pool, path, junction, ids, positions, labels, valid, uniform=False):
     """ids int32 [B, W] (right-padded); positions, labels int32 [B, P]; valid bool [B, P] ->
     (summed log-probabilities float32 [B], greedy bool [B])."""
-    logits = models.apply_path(config, shell, pool, path, ids, junction=junction, positions=positions)
+    logits = models.apply_path(config, shell, pool, path, ids, junction=junction, positions=positions,
+                               uniform=uniform)  # fmt: skip
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # the harness takes argmax of these
     greedy = jnp.all(argmax_equals(logp, labels) | ~valid, axis=-1)
     return summed_logprob(logits, labels, valid), greedy
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def _generate_batch(config, shell, pool, path, junction, ids, mask, max_new_tokens):
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "uniform"))
+def _generate_batch(config, shell, pool, path, junction, ids, mask, max_new_tokens, uniform=False):
     """ids, mask int32 [B, W] (left-padded) -> greedy tokens int32 [B, max_new_tokens]."""
-    return models.greedy_decode(config, shell, pool, path, ids, mask, max_new_tokens, junction=junction)
+    return models.greedy_decode(config, shell, pool, path, ids, mask, max_new_tokens, junction=junction,
+                                uniform=uniform)  # fmt: skip
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
@@ -76,9 +116,12 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _check_batch_size(batch_size: int) -> None:
+def _check_batch_size(batch_size: int, model: PathModel) -> None:
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(batch_size) % _data_size(model):
+        raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh's data axis ({_data_size(model)}): "
+                         "each batch's rows are split over it")  # fmt: skip
 
 
 def loglikelihoods(
@@ -96,7 +139,7 @@ def loglikelihoods(
       pad_id: id of padding positions (never attended to by a real position: causal, right padding).
     Returns: (ll float64 [N], greedy bool [N]) in request order.
     """
-    _check_batch_size(batch_size)
+    _check_batch_size(batch_size, model)
     rows, conts = [], []
     for i, (context, continuation) in enumerate(requests):
         if len(context) == 0 or len(continuation) == 0:
@@ -110,7 +153,7 @@ def loglikelihoods(
         conts.append(list(continuation))
     ll = np.zeros(len(rows), np.float64)
     greedy = np.zeros(len(rows), bool)
-    path = jnp.asarray(model.path, jnp.int32)
+    path = jnp.asarray(model.path, jnp.int32) if model.mesh is None else model.path
     for idx in _batches([len(r) for r in rows], batch_size):
         width = bucket(max(len(rows[i]) for i in idx), max_length)
         num_targets = bucket(max(len(conts[i]) for i in idx), max_length)
@@ -124,8 +167,8 @@ def loglikelihoods(
             positions[b, : len(cont)] = np.arange(len(row) - len(cont), len(row))
             labels[b, : len(cont)] = cont
             valid[b, : len(cont)] = True
-        total, flags = _score_batch(model.config, model.shell, model.pool, path, model.junction, ids, positions,
-                                    labels, valid)  # fmt: skip
+        total, flags = _score_batch(model.config, model.shell, model.pool, path, model.junction,
+                                    *_rows(model, ids, positions, labels, valid), uniform=_uniform(model))  # fmt: skip
         ll[idx] = np.asarray(total, np.float64)[: len(idx)]
         greedy[idx] = np.asarray(flags)[: len(idx)]
     return ll, greedy
@@ -148,7 +191,7 @@ def generate(
         padding (masked out).
     Returns: int32 [N, max_new_tokens] in prompt order.
     """
-    _check_batch_size(batch_size)
+    _check_batch_size(batch_size, model)
     if max_new_tokens < 1 or max_new_tokens >= max_length:
         raise ValueError(
             f"max_new_tokens must lie in [1, {max_length}) (the context length), got {max_new_tokens}"
@@ -159,7 +202,7 @@ def generate(
             raise ValueError(f"prompt {i} has {len(p)} tokens; need 1 to {room} (context length {max_length} "
                              f"minus {max_new_tokens} new tokens)")  # fmt: skip
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
-    path = jnp.asarray(model.path, jnp.int32)
+    path = jnp.asarray(model.path, jnp.int32) if model.mesh is None else model.path
     for idx in _batches([len(p) for p in prompts], batch_size):
         width = bucket(max(len(prompts[i]) for i in idx), room)
         new = max(
@@ -167,6 +210,7 @@ def generate(
         )  # greedy: more tokens, same prefix
         packed = pack_prompts([prompts[i] for i in idx], pad_id, batch_size, width)
         tokens = _generate_batch(model.config, model.shell, model.pool, path, model.junction,
-                                 packed["prompt_ids"], packed["prompt_mask"], new)  # fmt: skip
+                                 *_rows(model, packed["prompt_ids"], packed["prompt_mask"]), new,
+                                 uniform=_uniform(model))  # fmt: skip
         out[idx] = np.asarray(tokens)[: len(idx), :max_new_tokens]
     return out
