@@ -238,8 +238,8 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
 def write_eval_files(workdir: str, manifest: Mapping) -> dict:
     """The search and held-out images of every task as `eval/<task>.npz` (uint8 `search/pixel_values`,
     `search/labels`, `heldout/...`); returns the zoo's spec (`hm3_jax.tasks.spec`): one accuracy task per expert
-    with the expert's head (`heads/<task>.npz`), preprocessed by the base's preprocessor_config.json (the same
-    inputs as `data.to_model_inputs`, tests/test_tiny8.py)."""
+    with task k's frozen head (`heads/<task>.npz`), preprocessed by the base's preprocessor_config.json (the
+    same inputs as `data.to_model_inputs`, tests/test_tiny8.py)."""
     tasks = {}
     for task in manifest["tasks"]:
         parts = data.load_task(os.path.join(workdir, "data", f"{task}.npz"))
