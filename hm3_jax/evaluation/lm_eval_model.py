@@ -56,7 +56,7 @@ from hm3_jax.tasks import harness_task
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
-_MESH_AXIS = re.compile(r"\s*(paths|data|model)\s*:\s*-?\d+\s*")  # one "axis:size" of a mesh spec
+_MESH_AXIS = re.compile(r"\s*(paths|data|model)\s*:\s*-?\d+\s*['\"]?\s*")  # one "axis:size" of a mesh spec
 
 
 def _batch_size(value) -> int:
@@ -135,7 +135,11 @@ class HM3JaxLM(TemplateLM):
         args = {}
         for part in parts:
             key, _, value = part.strip().partition("=")
-            args |= {"mesh": value.strip()} if key == "mesh" else lm_eval_utils.simple_parse_args_string(part)
+            args |= (
+                {"mesh": value.strip().strip("'\"")}
+                if key == "mesh"
+                else lm_eval_utils.simple_parse_args_string(part)
+            )
         return cls(**args, **{k: v for k, v in (additional_config or {}).items() if v is not None})
 
     @property

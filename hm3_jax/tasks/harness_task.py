@@ -176,7 +176,13 @@ def find_task(name: str, include_path: str | None = None) -> tuple[TaskManager, 
         raise HarnessTaskError(f"no harness task {name!r} in {where}" +
                                (f"; close matches: {', '.join(close)}" if close else ""))  # fmt: skip
     if entry.kind.name not in ("TASK", "PY_TASK"):
-        members = sorted(n for n, e in manager.task_index.items() if name in getattr(e, "tags", ()))[:6]
+        listed = (entry.cfg or {}).get(
+            "task"
+        )  # a group's own list (names or inline configs); a tag's: tagged
+        members = [m for m in (listed if isinstance(listed, list) else []) if isinstance(m, str)] or sorted(
+            n for n, e in manager.task_index.items() if name in getattr(e, "tags", ())
+        )
+        members = members[:6]
         raise HarnessTaskError(f"{name!r} is a harness {entry.kind.name.lower()} (several tasks), not one task; "
                                f"name one of its tasks{f' (e.g. {members})' if members else ''}")  # fmt: skip
     if entry.yaml_path is None:
