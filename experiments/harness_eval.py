@@ -3,6 +3,8 @@ r"""lm-evaluation-harness's own command line with hm3_jax registered as `--model
   python -m experiments.harness_eval --model hm3_jax --model_args pretrained=out/merged --tasks gsm8k
   python -m experiments.harness_eval --model hm3_jax --model_args run=runs/x,preference=0.6:0.3:0.1 \
       --tasks my_task --include_path my_tasks/ --batch_size 16 --output_path results/
+  python -m experiments.harness_eval --model hm3_jax --tasks my_task --include_path my_tasks/ \
+      --model_args "pretrained=out/merged,mesh='data:2,model:4'"     # 8 devices: quote the mesh's commas
 
 Every flag is the harness's (`lm_eval --help`); `model_args` are `hm3_jax.evaluation.lm_eval_model`'s. A bad
 `model_args` is one line `error: ...` naming the key or file, exit code 2 (as the harness's own usage errors).

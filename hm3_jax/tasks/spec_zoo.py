@@ -15,8 +15,9 @@ BOS for Llama, none for Qwen2 and GPT-2);
 * ``chrf``: the same generation, sacrebleu corpus chrF of the stripped outputs against the stripped targets;
 * ``multiple_choice``: per choice the summed log-probability of its continuation tokens (the ids of
   ``prompt + choice`` after the ids of ``prompt``, lm-eval's rule); the argmax is the prediction;
-* ``lm_eval`` (``{lm_eval_yaml: ...}``): an lm-evaluation-harness task with its own documents (split as rows
-  are), prompts, filters and metric (`hm3_jax.tasks.harness_task`; needs lm-eval).
+* ``lm_eval`` (``{lm_eval_yaml: ...}`` or ``{lm_eval: NAME}``): an lm-evaluation-harness task with its own
+  documents (split as rows are, seeded with their data file's name), prompts, filters and metric
+  (`hm3_jax.tasks.harness_task`; needs lm-eval).
 
 Every expert must match the base's architecture, depth and width (else a SpecError naming the expert and the
 field), and its vocabulary, unless the spec sets ``tokenizer_source: base``: then each expert's embedding and
