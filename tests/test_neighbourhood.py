@@ -35,7 +35,8 @@ def test_moves_by_hand_l3_k2():
     assert moves.step.tolist() == [0, 0, 1, 1, 2, 2] + [0, 1, 2] * 2 + [0, 0, 1, 1, 2, 2] + [0, 1, 1, 2]
     # -1 padding at the end only, lengths within t_min..t_max, no duplicates, not the path itself
     lengths = (moves.paths >= 0).sum(1)
-    assert np.all(moves.paths[np.arange(4)[None] >= lengths[:, None]] == -1)
+    steps = np.arange(4)[None] < lengths[:, None]  # [22, 4]
+    assert np.all(moves.paths[~steps] == -1) and np.all(moves.paths[steps] >= 0)
     assert lengths.min() >= 2 and lengths.max() <= 4
     keys = {tuple(r) for r in moves.paths.tolist()}
     assert len(keys) == 22 and tuple(THETA_L3.tolist()) not in keys
