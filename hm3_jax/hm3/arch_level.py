@@ -563,7 +563,8 @@ def order_moves(moves: Moves, order: str = "round_robin", key=None) -> np.ndarra
     "round_robin" (default): the kinds take turns (one swap, one deletion, one repeat, one insertion, one
     neighbouring layer, then the next of each; a kind that has run out is skipped), so the first B moves hold
     min(floor(B / kinds), M_kind) of every kind: no prior says which kind pays (on tiny3 none did; on the deep
-    tiny3 repeats and insertions did, swaps did not), so a small budget is shared evenly. Within a kind the
+    tiny3 the edits over 2 SE were repeats, insertions and a deletion, no swap), so a small budget is shared
+    evenly. Within a kind the
     steps are visited in `spread_order` rotated by an offset, and a step's moves (which source, which
     neighbouring layer) are taken one per step per pass, so a kind's first moves are spread over the whole
     depth instead of crowding its first layers; with a `key` the offset and each step's move order are drawn
