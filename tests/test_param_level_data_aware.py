@@ -252,3 +252,64 @@ def test_a_switched_off_menu_leaves_the_run_fingerprint_unchanged():
         workdir.run_identity(off) == workdir.run_identity(old) == {"seed": 0, "param_level": {"density": 0.5}}
     )
     assert workdir.run_identity(on) != workdir.run_identity(old)
+
+
+def _capped(problem):
+    """The hand-made problem with a capped search split: "search_full" holds 9 examples per task (3 in "search"),
+    so one whole-split score costs ceil(18 / 6) = 3 evaluations."""
+    full = [SimpleNamespace(**{**vars(o), "num_examples": 9}) for o in problem.objectives["search"]]
+    return problem._replace(
+        objectives={**problem.objectives, "search_full": full},
+        ideal={**problem.ideal, "search_full": np.full(2, 50.0)},
+        engines={**problem.engines, "search_full": "full-engine"},
+    )
+
+
+def _two_scorer(subset_target, full_target):
+    """score_params stand-in: the capped split rewards `subset_target`, the whole split `full_target`."""
+    near, far = _distance_scorer(subset_target), _distance_scorer(full_target)
+
+    def score(engine, experts, params):
+        if engine == "full-engine":
+            return far("search-engine", experts, params) / 2  # the whole split's ideal is 50
+        return near(engine, experts, params)
+
+    return score
+
+
+def test_confirmation_on_the_whole_search_split_picks_its_best(problem, monkeypatch):
+    """With a capped search split, `confirm_top` re-scores the M best candidates (by capped fitness) on the whole
+    split and answers the best there: here the whole split rewards exactly task arithmetic at scale 1, a grid
+    point the capped split ranks low; with M = every candidate it is chosen, and the confirmation is charged
+    M x 3 evaluations. Without a cap, or with M = 0, nothing changes. The parameter baselines confirm alike."""
+    capped = _capped(problem)
+    pref = np.array([[0.7, 0.3]], np.float32)
+    cfg = _menu_cfg(enabled=False)
+    cfg.scale_grid = (1.0, 2.0)
+    key = jax.random.PRNGKey(5)
+    merge_key = jax.random.split(jax.random.split(key, 1)[0])[0]
+    ta = {**param_level.decode_genes(param_level._initial_genes(1.0, 0.0, 2, 1.0), 2), "sign_election": False}
+    target = param_level.merged_from_hparams(capped, pref[0], merge_key, ta)
+    monkeypatch.setattr(param_level, "score_params", _two_scorer(problem.base, target))
+    (plain,) = param_level.run_param_level(capped, pref, key, cfg)
+    cfg.confirm_top = 100
+    (entry,) = param_level.run_param_level(capped, pref, key, cfg)
+    tuned = entry["tuned"]
+    assert plain["tuned"]["hparams"] != ta and "confirm" not in plain["tuned"]
+    assert tuned["hparams"] == ta
+    n = len(tuned["confirm"]["full_fitness"])
+    assert n == 10  # distinct: 6 grid points (the paper's setting is the (0.7, 0.3, scale 1) one), 4 CMA-ES
+    assert max(tuned["confirm"]["full_fitness"]) == pytest.approx(0.0, abs=1e-9)
+    assert tuned["evaluations"] == plain["tuned"]["evaluations"] + 3 * n
+    (uncapped,) = param_level.run_param_level(problem, pref, key, cfg)  # no "search_full": no confirmation
+    assert json.dumps(uncapped["tuned"]["hparams"]) == json.dumps(plain["tuned"]["hparams"])
+
+    grid = baselines_runner.PARAM_GRIDS["task_arithmetic"]
+    k = jax.random.fold_in(jax.random.PRNGKey(6), 0)
+    best_full = baselines_runner.param_merge(capped, "task_arithmetic", pref[0], k, grid[0])
+    monkeypatch.setattr(baselines_runner, "score_params", _two_scorer(problem.experts[0], best_full))
+    plain_b = baselines_runner.run_param_baseline(capped, "task_arithmetic", pref, jax.random.PRNGKey(6))
+    conf_b = baselines_runner.run_param_baseline(capped, "task_arithmetic", pref, jax.random.PRNGKey(6),
+                                                 confirm_top=len(grid))  # fmt: skip
+    assert plain_b["hparams"][0] != grid[0] and conf_b["hparams"] == [grid[0]]
+    assert conf_b["evaluations"] == plain_b["evaluations"] + 3 * len(grid)

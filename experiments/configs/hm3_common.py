@@ -37,6 +37,10 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # The grid also runs at (1, 0) without TIES sign election, i.e. task arithmetic: the upper level picks the
     # merging method too (the best tuned parameter baseline on tiny3 was task arithmetic).
     c.param_level.task_arithmetic_grid = True
+    # With a capped search split (engine.search_examples): the tuned variant's M best candidates are re-scored on
+    # the whole search split and the best there is Theta(lambda) (param_level.py; the winner's curse, as
+    # arch.confirm_top), charged to the budget; the parameter baselines confirm their grids the same way. 0 = off.
+    c.param_level.confirm_top = 3
     c.param_level.cmaes = ml_collections.ConfigDict()
     c.param_level.cmaes.enabled = True  # the tuned variant (grid + CMA-ES); False = the paper's merge only
     c.param_level.cmaes.population_size = 6

@@ -28,7 +28,7 @@ from absl import logging
 from hm3_jax import baselines, merging
 from hm3_jax.hm3 import data_aware_menu
 from hm3_jax.hm3.preference_models import LazySequence
-from hm3_jax.hm3.problem import Problem, full_search_cost, score_params
+from hm3_jax.hm3.problem import Problem, confirm_params, full_search_cost, score_params
 
 # Papers' defaults: TA scaling 0.4 (Ilharco et al. 2023 use 0.3-0.5), TIES density 0.2 with disjoint mean
 # (Yadav et al. 2023), DARE drop 0.9 (Yu et al. 2024) with TIES density 1, Consensus TALL lambda 0.4 with
@@ -92,24 +92,43 @@ def calibration_cost(problem: Problem, method: str, preferences, grid) -> dict:
     return data_aware_menu.passes_dict(data_aware_menu.add_passes(*parts))
 
 
-def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bool = True) -> dict:
+def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bool = True,
+                       confirm_top: int = 0) -> dict:  # fmt: skip
     """Default and tuned merges of `method` for every preference, scored on both splits (a data-aware method's
-    entry also has "calibration_passes": `calibration_cost`, the default merges' runs included)."""
+    entry also has "calibration_passes": `calibration_cost`, the default merges' runs included).
+
+    With `confirm_top = M > 0` and a capped search split, the M best grid points by search-subset fitness are
+    re-scored on the whole search split and the best there is chosen, as HM3's parameter level does
+    (`param_level.confirm_top`, `problem.confirm_params`); charged to `evaluations`, kept in "confirm".
+    """
     start = time.perf_counter()
-    points, default_points, chosen, evaluations = [], [], [], 0
+    points, default_points, chosen, evaluations, confirms = [], [], [], 0, []
     for i, pref in enumerate(np.asarray(preferences)):
         k = jax.random.fold_in(key, i)
         default = param_merge(problem, method, pref, k, PARAM_DEFAULTS[method])
         default_points.append(score_params(problem.engines["heldout"], problem.experts, default).tolist())
         best, best_fit = PARAM_DEFAULTS[method], -np.inf
         grid = PARAM_GRIDS[method] if tune else [PARAM_DEFAULTS[method]]
-        for hp in grid:
+        scored = []
+        for j, hp in enumerate(grid):
             merged = param_merge(problem, method, pref, k, hp)
             s = score_params(problem.engines["search"], problem.experts, merged)
             evaluations += 1
             fit = float(problem.normalise(s, "search") @ pref)
+            scored.append((fit, str(j), hp))
             if fit > best_fit:
                 best, best_fit, best_model = hp, fit, merged
+        confirm = confirm_params(
+            problem, scored, confirm_top,
+            rebuild=lambda hp, pref=pref, k=k: param_merge(problem, method, pref, k, hp),
+            score_full=lambda m: score_params(problem.engines["search_full"], problem.experts, m),
+            fitness=lambda f, pref=pref: float(f @ pref),
+        )  # fmt: skip
+        if confirm is not None:
+            best = confirm.pop("payload")
+            best_model = param_merge(problem, method, pref, k, best)
+            evaluations += confirm["charged_evaluations"]
+            confirms.append(confirm)
         chosen.append(best)
         points.append(score_params(problem.engines["heldout"], problem.experts, best_model).tolist())
     extra = {}
@@ -125,6 +144,7 @@ def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bo
         "preferences": np.asarray(preferences).tolist(),
         "evaluations": evaluations,
         "wall_seconds": time.perf_counter() - start,
+        **({"confirm": confirms} if confirms else {}),
         **extra,
     }
 

@@ -99,6 +99,43 @@ def full_search_cost(problem: Problem) -> int:
     return int(-(-n_full // n_sub))
 
 
+def confirm_params(problem: Problem, candidates, top: int, rebuild, score_full, fitness) -> dict | None:
+    """The `top` best distinct parameter-space candidates by their search-subset fitness, re-scored on the
+    WHOLE search split; the best there is the answer (as `arch.confirm_top` does for paths: choosing the
+    maximum of many noisy scores on a capped split is biased upward, the winner's curse).
+
+    Args:
+      candidates: [(subset_fitness, key, payload)]: higher fitness is better; `key` (a string) identifies a
+        candidate (its first, best-fitness occurrence is kept); `payload` is returned for the chosen one.
+      top: M, candidates re-scored; rebuild: payload -> params; score_full: params -> raw scores [K] on the
+        whole search split; fitness: normalised whole-split scores [K] -> fitness (higher is better).
+    Returns: None when the search split is not capped (no "search_full" engine), top < 1 or no candidates;
+      else {"payload", "chosen" (index into the re-scored ones), "subset_fitness", "full_fitness",
+      "full_scores" (raw), "charged_evaluations" (re-scored x `full_search_cost`)}.
+    """
+    if top < 1 or not candidates or "search_full" not in problem.engines:
+        return None
+    order = sorted(range(len(candidates)), key=lambda i: -float(candidates[i][0]))  # stable: earlier first
+    chosen_rows, seen = [], set()
+    for i in order:
+        if candidates[i][1] not in seen:
+            seen.add(candidates[i][1])
+            chosen_rows.append(i)
+        if len(chosen_rows) == top:
+            break
+    full = [np.asarray(score_full(rebuild(candidates[i][2])), np.float64) for i in chosen_rows]
+    full_fit = [float(fitness(problem.normalise(f, "search_full"))) for f in full]
+    best = int(np.argmax(full_fit))
+    return {
+        "payload": candidates[chosen_rows[best]][2],
+        "chosen": best,
+        "subset_fitness": [float(candidates[i][0]) for i in chosen_rows],
+        "full_fitness": full_fit,
+        "full_scores": [f.tolist() for f in full],
+        "charged_evaluations": int(len(chosen_rows) * full_search_cost(problem)),
+    }
+
+
 def pool_for(problem_or_experts, merged: dict | None) -> dict:
     """Stacked block pool of the experts, plus the merged model's blocks as source K when given."""
     experts = problem_or_experts.experts if isinstance(problem_or_experts, Problem) else problem_or_experts

@@ -297,7 +297,8 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     param_keys = {m: jax.random.fold_in(k_base, i) for i, m in enumerate(config.baselines.param_methods)}
     for m in config.baselines.param_methods:
         methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m: baselines_runner.run_param_baseline(
-            problem, m, prefs, param_keys[m], tune=config.baselines.tune))  # fmt: skip
+            problem, m, prefs, param_keys[m], tune=config.baselines.tune,
+            confirm_top=config.param_level.get("confirm_top", 0)))  # fmt: skip
     evaluator = baselines_runner.ExpertPathEvaluator(problem, np_shell, np_pool)
     for i, m in enumerate(config.baselines.path_methods):
         methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_path_baseline(
