@@ -214,3 +214,19 @@ def test_data_aware_menu(smoke_zoo_dir, tmp_path):
     result = json.loads(out.read_text())
     assert {"with_menu", "without_menu", "regmean", "fisher", "tsv"} <= set(result["summary"])
     assert len(result["winners"]) == 1 and result["calibration_passes"]["forward_rows"] > 0
+
+
+@slow
+def test_tiny8_expert_sweep(capsys):
+    """The tiny8 experts' learning-rate sweep on the smoke zoo's config: two tasks, one setting, a few steps."""
+    module = _benchmark("tiny8_expert_sweep")
+    module.FLAGS(["tiny8_expert_sweep", "--smoke", "--tasks=digits,letters", "--learning_rates=2e-3",
+                  "--num_steps=4", "--scales=0.5", "--probe_l2s=1e-2"])  # fmt: skip
+    module.main([])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert rows[0]["probe_l2"] == 1e-2 and set(rows[0]["base_search"]) >= {"digits", "letters"}
+    last = rows[-1]
+    assert (
+        last["learning_rate"] == 2e-3 and last["num_steps"] == 4 and set(last["own"]) == {"digits", "letters"}
+    )
+    assert 0 <= last["task_arithmetic"]["0.5"]["mean"] <= 100

@@ -12,7 +12,7 @@ l2 (`--probe_l2s`), the base's search accuracy through the probe fitted with it 
   accuracy and its mean over tasks of merged accuracy / expert accuracy (how well the experts merge; the best s
   is what a tuned baseline finds).
 
-    nice -n 10 .venv/bin/python -m hm3_jax.tasks.tiny8.expert_sweep --tasks=digits,letters,textures,counting \
+    nice -n 10 .venv/bin/python -m benchmarks.tiny8_expert_sweep --tasks=digits,letters,textures,counting \
         --learning_rates=5e-4,1e-3,2e-3,4e-3 --num_steps=500
 
 The numbers measured with it are in docs/tiny8.md ("Choosing the experts' learning rate").
@@ -33,6 +33,8 @@ from hm3_jax.tasks import objectives, zoo_format
 from hm3_jax.tasks.tiny8 import data
 from hm3_jax.tasks.tiny8 import train as train_lib
 from hm3_jax.tasks.tiny8 import zoo as zoo_lib
+
+FLAGS = flags.FLAGS
 
 _TASKS = flags.DEFINE_string("tasks", "digits,letters,textures,counting", "tasks whose experts are swept")
 _LRS = flags.DEFINE_string("learning_rates", "5e-4,1e-3,2e-3,4e-3", "expert learning rates")
