@@ -65,6 +65,36 @@ def test_arch_level_confirmation_includes_the_merged_models_identity_path(proble
     np.testing.assert_allclose(c["full_rewards"], expected, atol=1e-9)
 
 
+def test_arch_level_confirmation_can_shortlist_every_sources_own_model(problem):
+    """`sources=True`: every source's identity path (the experts' and Theta's) is scored on the capped split if
+    the search never scored it, joins the top-M shortlist, and is re-scored on the whole split; the answer is the
+    best there, as without it."""
+    from hm3_jax import models
+    from hm3_jax.hm3 import arch_level
+    from hm3_jax.hm3.problem import pool_for
+
+    L, K = problem.config.num_layers, problem.num_tasks
+    pool = pool_for(problem, problem.base)
+    shell = models.shell_of(problem.base)
+    pref = np.array([[0.6, 0.3, 0.1]], np.float32)
+    scorer = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "confirm_sources")
+    full = arch_level.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_sources")
+    assert L == 2  # the smoke zoo; none of these is a source's own path
+    others = np.array([[0, 3, -1], [2, 1, -1], [4, 5, 1]], np.int32)
+    scorer(others, np.repeat(pref, 3, 0))
+    before = scorer.evaluations
+    acfg = types.SimpleNamespace(beta1=0.05, t_max=3)
+    c = arch_level.confirm_candidates(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1, sources=True)
+    own = arch_level.identity_paths(K + 1, L, 3)
+    listed = np.asarray(c["paths"], np.int32)
+    assert all(any(np.array_equal(p, q) for q in listed) for p in own)  # every source's own model
+    assert len(listed) in (K + 1, K + 2) and scorer.evaluations - before == K + 1  # scored once each
+    assert c["chosen"] == int(np.argmax(c["full_rewards"]))
+    assert c["charged_evaluations"] == len(listed) * -(
+        -sum(o.num_examples for o in problem.objectives["search_full"]) // 30
+    )
+
+
 def test_paired_difference_samples_against_hand_values():
     from hm3_jax.moo import bootstrap
 

@@ -106,6 +106,10 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # (against the winner's curse of picking the max of many noisy scores); charged to the budget, and the
     # per-preference path baselines (EA, DE, grid search) confirm the same way. 0 = off.
     c.arch.confirm_top = 3
+    # ... and every source's own model (each expert's identity path and Theta(lambda)'s) joins HM3's shortlist
+    # (arch_level.confirm_candidates; scored and charged like the others, so the path baselines' equal budget grows
+    # with it; their own shortlists are their top M).
+    c.arch.confirm_sources = True
     # ... and a candidate replaces Theta(lambda)'s identity path only if it beats it on at least this fraction of
     # paired bootstrap resamples of the whole search split (arch_level.significant_gain). 0 = best on the split.
     c.arch.confirm_significance = 0.95

@@ -331,6 +331,7 @@ def run_arch_level(problem: Problem, preferences, shells, pools, base_blocks, ke
                 significance=float(cfg.get("confirm_significance", 0.0)),
                 spec_fn=lambda path, i=i, a=aligner: model_spec(shells[i], pools[i], path, a, scorer_pool_id(tag, i)),
                 num_samples=int(cfg.get("confirm_bootstrap_samples", 1000)), seed=int(cfg.get("confirm_seed", 0)) + i,
+                sources=bool(cfg.get("confirm_sources", False)),
             )  # fmt: skip
             best_path = np.asarray(confirm["paths"][confirm["chosen"]], np.int32)
             cands = [(best_path, scorer.archive[(i, best_path.tobytes())])]
@@ -389,9 +390,15 @@ def model_spec(shell, pool, path, aligner=None, model_id: str | None = None):
 
 
 def confirm_candidates(problem: Problem, full_scorer, index: int, pref, scorer, num_sources: int, num_layers: int, acfg,
-             top: int, significance: float = 0.0, spec_fn=None, num_samples: int = 1000, seed: int = 0) -> dict:  # fmt: skip
+             top: int, significance: float = 0.0, spec_fn=None, num_samples: int = 1000, seed: int = 0,
+             sources: bool = False) -> dict:  # fmt: skip
     """Re-scores the `top` best candidates of preference `index` (and Theta's identity path) on the whole
     search split; returns the candidates, both rewards and the chosen index (best on the whole split).
+
+    With `sources`, every source's own model (its identity path: each expert's, and Theta(lambda)'s) joins the
+    shortlist too, scored first on the capped split if the search never scored it (counted by `scorer`): the
+    shortlist of the best capped-split rewards can miss them although they are the pool's plainest candidates
+    (on the deep tiny3 the code expert alone beat HM3's answer held-out at two preferences, docs/headroom.md).
 
     With `significance` = c > 0 and `spec_fn(path) -> ModelSpec` (`heldout_bootstrap` semantics), a candidate
     that beats Theta(lambda)'s identity path on the whole split replaces it only when it does so on a
@@ -399,10 +406,18 @@ def confirm_candidates(problem: Problem, full_scorer, index: int, pref, scorer, 
     the upper level's answer stands unless the data say the architecture level improves on it. The
     per-example statistics come from one re-run of the two models (scores checked against the engine's).
     """
+    own = identity_paths(num_sources, num_layers, acfg.t_max)
+    if sources:  # archived under this preference (answered from the scorer's cache when scored before)
+        scorer(own, np.repeat(np.asarray(pref, np.float32)[None], num_sources, 0))
     cands = [(np.frombuffer(k[1], np.int32), s) for k, s in scorer.archive.items() if k[0] == index]
     paths = np.stack([p for p, _ in cands])
     r_sub = host_reward(np.stack([s for _, s in cands]), pref, (paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
     order = list(np.argsort(-r_sub, kind="stable")[:top])
+    if sources:
+        for m in range(num_sources):
+            k = next(k for k, p in enumerate(paths) if np.array_equal(p, own[m]))
+            if k not in order:
+                order.append(k)
     j = []  # where Theta(lambda)'s identity path, the upper level's own answer, is among the candidates
     if num_sources > problem.num_tasks:
         theta = identity_paths(num_sources, num_layers, acfg.t_max)[num_sources - 1]
