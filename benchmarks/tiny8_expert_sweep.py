@@ -62,14 +62,7 @@ def main(argv) -> None:
     task_data = data.generate_all(cfg.seed, cfg.num_eval, cfg.num_train, tasks, cfg.image_size)
     key_init, key_base, key_experts = jax.random.split(jax.random.key(cfg.seed), 3)
     pad = zoo_lib.num_classes_padded(tasks)
-    masks = np.stack([np.arange(pad) < data.NUM_CLASSES[t] for t in tasks])
-    base, _ = train_lib.pretrain_multitask(
-        key_base, config, train_lib.init_encoder(config, key_init),
-        [data.to_model_inputs(task_data[t]["train"]["pixel_values"]) for t in tasks],
-        [task_data[t]["train"]["labels"] for t in tasks], masks, num_steps=cfg.base.num_steps,
-        batch_size=cfg.base.batch_size, learning_rate=cfg.base.learning_rate, warmup_steps=cfg.base.warmup_steps,
-        weight_decay=cfg.base.weight_decay, desc="base", progress=False,
-    )  # fmt: skip
+    base, _ = zoo_lib.pretrain_base(cfg, config, task_data, key_init, key_base, "base", progress=False)
     heads, probe_search = {}, {}
     for t in tasks:  # the frozen head's penalty: the base's search accuracy through probes of each l2
         x = {s: data.to_model_inputs(task_data[t][s]["pixel_values"]) for s in ("train", "search")}

@@ -115,6 +115,23 @@ def _write_json(path: str, obj) -> None:
     atomic.write_text(path, json.dumps(obj, indent=2))
 
 
+def pretrain_base(
+    cfg, config, task_data: dict, key_init, key_base, desc: str = "base", progress: bool = True
+):
+    """The zoo's base (`build_into` step 2): `train_lib.pretrain_multitask` from `train_lib.init_encoder` on every
+    task's train part of `task_data` (`data.generate_all`), with `cfg.base`'s recipe. Returns (encoder, losses)."""
+    tasks = tuple(cfg.tasks)
+    pad = num_classes_padded(tasks)
+    class_masks = np.stack([np.arange(pad) < data.NUM_CLASSES[t] for t in tasks])
+    return train_lib.pretrain_multitask(
+        key_base, config, train_lib.init_encoder(config, key_init),
+        [data.to_model_inputs(task_data[t]["train"]["pixel_values"]) for t in tasks],
+        [task_data[t]["train"]["labels"] for t in tasks], class_masks, num_steps=cfg.base.num_steps,
+        batch_size=cfg.base.batch_size, learning_rate=cfg.base.learning_rate, warmup_steps=cfg.base.warmup_steps,
+        weight_decay=cfg.base.weight_decay, desc=desc, progress=progress,
+    )  # fmt: skip
+
+
 def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     """Builds every artefact of a tiny8 zoo into `out_dir` (an empty temporary directory); returns the manifest."""
     from hm3_jax.model_io import Model, save_pretrained
@@ -137,15 +154,10 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     config = model_config(cfg)
     key_init, key_base, key_experts = jax.random.split(jax.random.key(cfg.seed), 3)
     pad = num_classes_padded(tasks)
-    class_masks = np.stack([np.arange(pad) < data.NUM_CLASSES[t] for t in tasks])
     t0 = time.time()
-    base, base_losses = train_lib.pretrain_multitask(
-        key_base, config, train_lib.init_encoder(config, key_init),
-        [data.to_model_inputs(task_data[t]["train"]["pixel_values"]) for t in tasks],
-        [task_data[t]["train"]["labels"] for t in tasks], class_masks, num_steps=cfg.base.num_steps,
-        batch_size=cfg.base.batch_size, learning_rate=cfg.base.learning_rate, warmup_steps=cfg.base.warmup_steps,
-        weight_decay=cfg.base.weight_decay, desc="base (multi-task)", progress=progress,
-    )  # fmt: skip
+    base, base_losses = pretrain_base(
+        cfg, config, task_data, key_init, key_base, "base (multi-task)", progress
+    )
     timings["base_train_s"] = time.time() - t0
     # 3. frozen heads: a converged linear probe on the base's CLS features of each task's train part
     e = cfg.expert
