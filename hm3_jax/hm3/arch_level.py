@@ -420,8 +420,7 @@ def confirm_candidates(problem: Problem, full_scorer, index: int, pref, scorer, 
                 order.append(k)
     j = []  # where Theta(lambda)'s identity path, the upper level's own answer, is among the candidates
     if num_sources > problem.num_tasks:
-        theta = identity_paths(num_sources, num_layers, acfg.t_max)[num_sources - 1]
-        j = [k for k, p in enumerate(paths) if np.array_equal(p, theta)]
+        j = [k for k, p in enumerate(paths) if np.array_equal(p, own[num_sources - 1])]
         if j and j[0] not in order:
             order.append(j[0])
     chosen_paths = paths[order]

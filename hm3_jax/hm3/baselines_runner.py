@@ -125,8 +125,7 @@ def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bo
             fitness=lambda f, pref=pref: float(f @ pref),
         )  # fmt: skip
         if confirm is not None:
-            best = confirm.pop("payload")
-            best_model = param_merge(problem, method, pref, k, best)
+            best, best_model = confirm.pop("payload"), confirm.pop("params")
             evaluations += confirm["charged_evaluations"]
             confirms.append(confirm)
         chosen.append(best)

@@ -345,12 +345,14 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
                 score_full=lambda m: score_params(problem.engines["search_full"], problem.experts, m),
                 fitness=lambda f, pref=pref: -_tchebycheff(f, pref),  # f: whole-split scores, normalised
             )
+            tuned = None
             if confirm is not None:
                 fit, hp, search = confirm.pop("payload")
-                best = {"fitness": fit, "hparams": hp, "search": search}
+                best, tuned = {"fitness": fit, "hparams": hp, "search": search}, confirm.pop("params")
                 extra["evaluations"] = extra.get("evaluations", 0) + confirm["charged_evaluations"]
                 extra["confirm"] = confirm
-            tuned = merged_from_hparams(problem, pref, merge_key, best["hparams"])
+            if tuned is None:
+                tuned = merged_from_hparams(problem, pref, merge_key, best["hparams"])
             entry["tuned"] = {
                 "hparams": best["hparams"],
                 "search": best["search"],

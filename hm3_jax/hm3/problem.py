@@ -110,7 +110,8 @@ def confirm_params(problem: Problem, candidates, top: int, rebuild, score_full, 
       top: M, candidates re-scored; rebuild: payload -> params; score_full: params -> raw scores [K] on the
         whole search split; fitness: normalised whole-split scores [K] -> fitness (higher is better).
     Returns: None when the search split is not capped (no "search_full" engine), top < 1 or no candidates;
-      else {"payload", "chosen" (index into the re-scored ones), "subset_fitness", "full_fitness",
+      else {"payload", "params" (the chosen candidate's, as rebuilt: only the best so far is held while the
+      others are scored), "chosen" (index into the re-scored ones), "subset_fitness", "full_fitness",
       "full_scores" (raw), "charged_evaluations" (re-scored x `full_search_cost`)}.
     """
     if top < 1 or not candidates or "search_full" not in problem.engines:
@@ -123,11 +124,16 @@ def confirm_params(problem: Problem, candidates, top: int, rebuild, score_full, 
             chosen_rows.append(i)
         if len(chosen_rows) == top:
             break
-    full = [np.asarray(score_full(rebuild(candidates[i][2])), np.float64) for i in chosen_rows]
-    full_fit = [float(fitness(problem.normalise(f, "search_full"))) for f in full]
-    best = int(np.argmax(full_fit))
+    full, full_fit, best, best_params = [], [], 0, None
+    for r, i in enumerate(chosen_rows):
+        params = rebuild(candidates[i][2])
+        full.append(np.asarray(score_full(params), np.float64))
+        full_fit.append(float(fitness(problem.normalise(full[-1], "search_full"))))
+        if best_params is None or full_fit[-1] > full_fit[best]:  # the first of equal ones, as argmax
+            best, best_params = r, params
     return {
         "payload": candidates[chosen_rows[best]][2],
+        "params": best_params,
         "chosen": best,
         "subset_fitness": [float(candidates[i][0]) for i in chosen_rows],
         "full_fitness": full_fit,

@@ -340,7 +340,9 @@ def merge(
             leaf_key = jax.random.key(0)  # unused by the deterministic methods
         dtype = np.dtype(ref_leaf.dtype)
         stacked = is_stacked(name) and np.ndim(ref_leaf) >= 1
-        if stacked and (len(inputs) + 1) * 4 * np.size(ref_leaf) > BLOCKWISE_MERGE_BYTES:
+        copies_bytes = (len(inputs) + 1) * 4 * np.size(ref_leaf)  # K + 1 float32 copies of the leaf
+        merged = None
+        if stacked and copies_bytes > BLOCKWISE_MERGE_BYTES:
             # block by block: K + 1 float32 copies of one block at a time, not of the whole stacked leaf (a
             # Llama-2-7B MLP leaf [32, 4096, 11008] is 5.8 GB per float32 copy); the values of merge_tensor's
             # vmap over the blocks (block l: fold_in(leaf key, l)) bit for bit, PCB's within a float32 ulp
@@ -349,17 +351,15 @@ def merge(
                              [x[l] for x in inputs], jnp.asarray(leaf_w)[l])[0]
                 for l in range(np.shape(ref_leaf)[0])
             ])  # fmt: skip
-        else:
-            merged = None
-            if (
-                not stacked
-                and kernel.method in chunked.CHUNKED_METHODS
-                and (len(inputs) + 1) * 4 * np.size(ref_leaf) > CHUNKED_MERGE_BYTES
-                and not any(isinstance(x, jax.core.Tracer) for x in [ref_leaf, *inputs, leaf_w])
-            ):
-                merged = _merge_leaf_in_chunks(kernel, dtype, leaf_key, ref_leaf, inputs, leaf_w)
-            if merged is None:
-                merged, _ = merge_tensor(kernel, dtype, stacked, leaf_key, ref_leaf, inputs, leaf_w)
+        elif (
+            not stacked
+            and kernel.method in chunked.CHUNKED_METHODS
+            and copies_bytes > CHUNKED_MERGE_BYTES
+            and not any(isinstance(x, jax.core.Tracer) for x in [ref_leaf, *inputs, leaf_w])
+        ):
+            merged = _merge_leaf_in_chunks(kernel, dtype, leaf_key, ref_leaf, inputs, leaf_w)
+        if merged is None:  # one program over the leaf (all blocks of a stacked one)
+            merged, _ = merge_tensor(kernel, dtype, stacked, leaf_key, ref_leaf, inputs, leaf_w)
         out.append(merged)
     return jax.tree_util.tree_unflatten(treedef, out)
 
