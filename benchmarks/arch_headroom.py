@@ -34,7 +34,7 @@ per edit type (source swap, deletion, repeat, neighbouring layer) the median gai
 
 `--alignment=moment` (with `--neighbourhood`): every path is scored with HM3's moment junction alignment
 (`hm3_jax.paths.alignment`, closed-form per-dimension scale and shift before every junction between blocks that
-are not native neighbours), whatever the run itself used. The aligners are built exactly as `hm3.run.run_hm3`
+are not native neighbours), whatever the run itself used. The aligners are built exactly as `pipeline.run.run_hm3`
 builds them for `arch.alignment="moment"`: one per preference from `arch_level.make_aligners` over that
 preference's shell and pool, calibrated on `run.calibration_inputs` (32 rows of the capped search split), shell
 source K (Theta's embeddings), and the SAME aligner for search_full and held-out (junctions are fitted on search
@@ -84,9 +84,9 @@ def _setup(args):
     run's first two stages computed here, exactly as `run.run_hm3` computes them (`_parameter_level`), and cached
     in the directory as headroom_param_level.json (reused when its zoo fingerprint and settings match).
     """
-    from hm3_jax.hm3 import run as run_lib
-    from hm3_jax.hm3.problem import make_problem
-    from hm3_jax.hm3.workdir import stage_file
+    from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.pipeline.workdir import stage_file
+    from hm3_jax.search.problem import make_problem
     from hm3_jax.tasks import zoo as zoo_lib
 
     config = _config(args.config)
@@ -128,8 +128,8 @@ def _parameter_level(run_dir: str, config, zoo, problem, num: int | None = None)
     differ from a run's with all N (same preferences, same settings). A cache of more preferences is reused."""
     import jax
 
-    from hm3_jax.hm3 import param_level
-    from hm3_jax.hm3 import run as run_lib
+    from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.search import param_level
 
     want = {"zoo_fingerprint": zoo.manifest["fingerprint"], "seed": int(config.seed),
             "preferences": config.preferences.to_dict(), "param_level": config.param_level.to_dict(),
@@ -207,7 +207,7 @@ def two_edits(one_edit: np.ndarray, gains: np.ndarray, top: int, sample: int, se
     one-edit paths with the highest `gains` (the two-edit paths a greedy search would see next), without the
     paths in `exclude` (Theta and the one-edit set), deduplicated, then `sample` of them drawn uniformly
     (numpy `default_rng(seed)`; all if fewer)."""
-    from hm3_jax.hm3 import arch_level
+    from hm3_jax.search import arch_level
 
     seen = {tuple(int(x) for x in r) for r in exclude}
     rows = []
@@ -277,9 +277,9 @@ def neighbourhood(args) -> dict:
     with `--insertions` and `--two_edit_sample` the longer paths and two-edit paths too."""
     from tqdm.auto import tqdm
 
-    from hm3_jax.hm3 import arch_level
-    from hm3_jax.hm3 import run as run_lib
     from hm3_jax.moo import bootstrap
+    from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.search import arch_level
 
     config, zoo, problem, prefs, shells, pools, has_run = _setup(args)
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
@@ -607,7 +607,7 @@ def main(argv=None) -> dict:
                 json.dump(out, f)
         return out
     from hm3_jax.arch import env as env_lib
-    from hm3_jax.hm3 import arch_level
+    from hm3_jax.search import arch_level
 
     config, _, problem, prefs, shells, pools, _ = _setup(args)
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl

@@ -45,8 +45,9 @@ def _config(spec: str):
 def main(argv):
     del argv
     from hm3_jax import moo
-    from hm3_jax.hm3 import data_aware_menu, param_level, run
-    from hm3_jax.hm3.problem import make_problem, score_params
+    from hm3_jax.pipeline import run
+    from hm3_jax.search import data_aware_menu, param_level
+    from hm3_jax.search.problem import make_problem, score_params
     from hm3_jax.tasks import zoo as zoo_lib
 
     t0 = time.perf_counter()

@@ -46,7 +46,7 @@ _CHILD = r"""
 import json, sys, time
 import jax
 from experiments.configs import checkpoints
-from hm3_jax.hm3 import run as run_lib
+from hm3_jax.pipeline import run as run_lib
 
 spec, workdir, num_prefs, resident = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 config = checkpoints.get_config(spec + ",smoke")

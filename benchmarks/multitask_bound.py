@@ -15,13 +15,13 @@ floor(B/3) or ceil(B/3) rows of each task (B = 32: 11/11/10, the short task rota
 uniformly with replacement within a task. The only departure from `lm_train.train_lm` is this per-task
 stratification of the batch (train_lm draws rows uniformly from one array); the jitted step is lm_train's.
 
-Evaluation is the run's: `hm3_jax.hm3.problem.score_params` on a held-out path engine built like
+Evaluation is the run's: `hm3_jax.search.problem.score_params` on a held-out path engine built like
 `make_problem`'s (same objectives, strategy, chunking, prefix sharing), so the numbers are comparable with
 `report.json`'s points; the base's and the experts' re-scores are checked against `report.json`'s
 (`source_scores.heldout`, an error if they differ by more than 1e-3). Retention = score / the expert's own-task
 score. Uncertainty: 1000 paired bootstrap resamples of the 300 held-out examples per task (the same resampled
 examples for the model and the expert; per-example statistics from `Objective.example_fn`, as
-`hm3_jax.hm3.heldout_bootstrap`), giving a 95% interval of each retention and P(min retention >= 0.9).
+`hm3_jax.search.heldout_bootstrap`), giving a 95% interval of each retention and P(min retention >= 0.9).
 
 Trained params go to `--out` (default runs/multitask_bound, ignored by git) with a meta.json written last; a
 re-run with the same seed, steps and zoo loads them instead of training again. Prints one JSON object; writes
@@ -98,7 +98,7 @@ def train_multitask(key, config, base_params, task_rows, num_steps: int, cfg_exp
 
 def trained_or_cached(out_dir, meta_want, train_fn, config, special):
     """Loads `out_dir` when its meta.json equals `meta_want` (same seed, steps, zoo); else trains and saves."""
-    from hm3_jax.model_io import Model, load_pretrained, save_pretrained
+    from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
 
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -148,9 +148,9 @@ def main(argv=None) -> dict:
 
     from experiments.configs import tiny3
     from hm3_jax import models
-    from hm3_jax.hm3.problem import pool_for, score_params
     from hm3_jax.moo import bootstrap
     from hm3_jax.paths import engine as engine_lib
+    from hm3_jax.search.problem import pool_for, score_params
     from hm3_jax.tasks import objectives as obj_lib
     from hm3_jax.tasks import zoo as zoo_lib
 

@@ -10,7 +10,7 @@ Workload. The pool is the K = 3 tiny3 experts plus the balanced preference's par
 Theta(1/3, 1/3, 1/3) (`--run`'s stages/param_level.json when it exists, else task arithmetic with scale 0.7);
 the shell (embeddings, head) is Theta's. The objectives are what HM3's search scores: the first
 `engine.search_examples` examples per task of the zoo's search split (`--run`'s run.json; 100 on tiny3_v5),
-built as `hm3_jax.hm3.problem.make_problem` builds its capped "search" split (`--full_search`: the whole search
+built as `hm3_jax.search.problem.make_problem` builds its capped "search" split (`--full_search`: the whole search
 split, 700 per task on tiny3_v5, which HM3 scores only to confirm its final few candidates); translation =
 greedy decoding + chrF, math and code = teacher-forced exact match. The paths are ones a policy
 really produces: (1) `archive`: the first `--num_paths` distinct paths of a real run's score archive
@@ -109,7 +109,7 @@ def balanced_merged(base, experts, run_dir: str | None):
     """Theta of the balanced preference: a real run's param-level entry when available, else TA 0.7."""
     stage = os.path.join(run_dir or "", "stages", "param_level.json")
     if run_dir and os.path.exists(stage):
-        from hm3_jax.hm3 import param_level
+        from hm3_jax.search import param_level
 
         with open(stage) as f:
             entries = json.load(f)
@@ -143,10 +143,10 @@ def run_search_examples(run_dir: str | None) -> int | None:
 def search_objectives(zoo, tasks, search_examples: int | None) -> dict:
     """{"search": what a search scores, "search_full": the zoo's whole search split, "heldout"} (Objective
     lists in task order). With `search_examples` the "search" objectives are built exactly as
-    `hm3_jax.hm3.problem.make_problem` builds its capped split (`problem.capped_search_objectives`: the first
+    `hm3_jax.search.problem.make_problem` builds its capped split (`problem.capped_search_objectives`: the first
     `search_examples` examples of each task's shuffled search split),
     so the benchmark scores what HM3's search evaluates; without it "search" is the whole split."""
-    from hm3_jax.hm3.problem import capped_search_objectives
+    from hm3_jax.search.problem import capped_search_objectives
 
     out = {s: [zoo.objectives[s][t] for t in tasks] for s in ("search", "heldout")}
     out["search_full"] = out["search"]
@@ -242,7 +242,7 @@ def rl_config(setup: Setup, run_dir: str | None, smoke: bool = False):
     path, PPO at `warm_started_learning_rate` after the warm start)."""
     import ml_collections
 
-    from hm3_jax.hm3 import arch_level
+    from hm3_jax.search import arch_level
 
     run_json = os.path.join(run_dir or "", "run.json")
     if run_dir and os.path.exists(run_json):

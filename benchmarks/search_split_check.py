@@ -20,9 +20,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hm3_jax.hm3 import baselines_runner  # noqa: E402
-from hm3_jax.hm3 import run as run_lib  # noqa: E402
-from hm3_jax.hm3.problem import score_params  # noqa: E402
+from hm3_jax.pipeline import baseline_runs  # noqa: E402
+from hm3_jax.pipeline import run as run_lib  # noqa: E402
+from hm3_jax.search.problem import score_params  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     for i, (pref, hp, h) in enumerate(zip(base["preferences"], base["hparams"], hm3, strict=True)):
         pref = np.asarray(pref)
         key = jax.random.fold_in(jax.random.fold_in(k_base, i_method), i)
-        merged = baselines_runner.param_merge(problem, args.method, pref, key, hp)
+        merged = baseline_runs.param_merge(problem, args.method, pref, key, hp)
         f_base = problem.normalise(score_params(problem.engines["search"], problem.experts, merged), "search")
         f_hm3 = problem.normalise(h["search"], "search")
         rows.append({

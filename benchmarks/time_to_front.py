@@ -46,7 +46,7 @@ def _stage_seconds(workdir: str, start: float) -> dict:
 
 def _fresh_suggest(workdir: str, preference: list) -> float:
     code = (
-        "import sys, time, json; t = time.perf_counter(); from hm3_jax.hm3 import suggest; "
+        "import sys, time, json; t = time.perf_counter(); from hm3_jax.pipeline import suggest; "
         f"suggest.suggest({workdir!r}, {preference!r}, search=True); print(json.dumps(time.perf_counter() - t))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -64,9 +64,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from hm3_jax import logs
-    from hm3_jax.hm3 import run as run_lib
-    from hm3_jax.hm3 import suggest
-    from hm3_jax.hm3 import workdir as workdir_lib
+    from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.pipeline import suggest
+    from hm3_jax.pipeline import workdir as workdir_lib
     from hm3_jax.tasks import zoo as zoo_lib
 
     logs.quiet_libraries(("hm3_jax", "experiments"))

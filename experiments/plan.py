@@ -5,7 +5,7 @@ r"""Will an HM3 run fit? Per program and per device bytes of the run's compiled 
     python -m experiments.plan --config=experiments/configs/qwen25_1p5b.py:shapes --mesh=paths:8 --device_memory_gb=80
 
 Reads the spec's config.json files, tokenizer and data (never the weights), compiles the run's programs with
-abstract inputs and prints their bytes per device (hm3_jax/hm3/memory_plan.py), the sources' host bytes and
+abstract inputs and prints their bytes per device (hm3_jax/pipeline/memory_plan.py), the sources' host bytes and
 the largest evaluation batch that fits; exits 1 naming the program and the device when the run would not fit
 (a mistake in the config, spec or flags: one line, exit code 2, experiments/cli_errors.py).
 By default (`--simulate`) the mesh is made of simulated CPU devices, so a laptop plans a TPU slice; on the
@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from experiments import cli_errors
 from hm3_jax import distributed, logs
-from hm3_jax.hm3 import memory_plan
+from hm3_jax.pipeline import memory_plan
 from hm3_jax.tasks.spec import SpecError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (as for experiments.run_hm3).")

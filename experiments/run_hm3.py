@@ -29,12 +29,12 @@ from ml_collections import config_flags
 
 from experiments import cli_errors
 from hm3_jax import distributed, logs
-from hm3_jax.hm3 import run as run_lib
-from hm3_jax.hm3 import summary
-from hm3_jax.hm3 import workdir as workdir_lib
-from hm3_jax.hm3.memory_plan import PlanError
-from hm3_jax.hm3.workdir import WorkdirError
 from hm3_jax.io.safetensors_io import CheckpointError
+from hm3_jax.pipeline import run as run_lib
+from hm3_jax.pipeline import summary
+from hm3_jax.pipeline import workdir as workdir_lib
+from hm3_jax.pipeline.memory_plan import PlanError
+from hm3_jax.pipeline.workdir import WorkdirError
 from hm3_jax.tasks import zoo as zoo_lib
 from hm3_jax.tasks.spec import SpecError
 

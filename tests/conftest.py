@@ -147,7 +147,7 @@ def smoke_run(smoke_zoo_dir, tmp_path_factory):
     from filelock import FileLock
 
     from experiments.configs import tiny3
-    from hm3_jax.hm3 import run as run_lib
+    from hm3_jax.pipeline import run as run_lib
 
     root = _session_dir(tmp_path_factory) / "hm3_smoke_run"
     workdir, done, failed = root / "run", root / "report.pickle", root / "failed.txt"

@@ -27,12 +27,12 @@ from experiments import cli_errors
 from experiments import merge as merge_cli
 from experiments.configs import tiny3
 from hm3_jax import models
-from hm3_jax.hm3 import run as run_lib
-from hm3_jax.hm3 import suggest as suggest_lib
-from hm3_jax.hm3.workdir import WorkdirError
+from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
 from hm3_jax.io.safetensors_io import CheckpointError
-from hm3_jax.model_io import Model, load_pretrained, save_pretrained
 from hm3_jax.models.config import ModelConfig
+from hm3_jax.pipeline import run as run_lib
+from hm3_jax.pipeline import suggest as suggest_lib
+from hm3_jax.pipeline.workdir import WorkdirError
 from hm3_jax.tasks import zoo as zoo_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The held-out bootstrap (hm3_jax.moo.bootstrap, hm3_jax.hm3.heldout_bootstrap) against independent values."""
+"""The held-out bootstrap (hm3_jax.moo.bootstrap, hm3_jax.search.heldout_bootstrap) against independent values."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -71,8 +71,8 @@ def test_hypervolume_samples_and_summary_by_hand():
 
 def test_run_bootstrap_reproduces_the_reported_points_on_the_smoke_zoo(smoke_zoo_dir):
     """Re-running the sources gives the zoo's own held-out scores; a wrong reported point is an error."""
-    from hm3_jax.hm3 import heldout_bootstrap
-    from hm3_jax.hm3.problem import make_problem
+    from hm3_jax.search import heldout_bootstrap
+    from hm3_jax.search.problem import make_problem
     from hm3_jax.tasks import zoo as zoo_lib
 
     zoo = zoo_lib.load(smoke_zoo_dir)

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def problem(smoke_zoo_dir):
-    from hm3_jax.hm3.problem import make_problem
+    from hm3_jax.search.problem import make_problem
     from hm3_jax.tasks import zoo as zoo_lib
 
     return make_problem(zoo_lib.load(smoke_zoo_dir), search_examples=10, single_path_chunks=False)
@@ -22,10 +22,11 @@ def test_capped_search_split_keeps_the_whole_split_as_search_full(problem):
 
 
 def test_path_baseline_confirmation_rescores_its_best_candidates(problem):
-    from hm3_jax.hm3 import arch_level, baselines_runner
+    from hm3_jax.pipeline import baseline_runs
+    from hm3_jax.search import arch_level
 
     shell, pool = arch_level.no_param_level_model(problem)
-    ev = baselines_runner.ExpertPathEvaluator(problem, shell, pool, tag="confirm_test")
+    ev = baseline_runs.ExpertPathEvaluator(problem, shell, pool, tag="confirm_test")
     paths = np.array([[0, 1, -1], [2, 3, -1], [4, 5, -1], [0, 3, -1]], np.int32)
     sub = ev(paths)
     pref = np.array([0.2, 0.5, 0.3])
@@ -43,8 +44,8 @@ def test_path_baseline_confirmation_rescores_its_best_candidates(problem):
 def test_arch_level_confirmation_includes_the_merged_models_identity_path(problem):
     from hm3_jax import models
     from hm3_jax.arch import env
-    from hm3_jax.hm3 import arch_level
-    from hm3_jax.hm3.problem import pool_for
+    from hm3_jax.search import arch_level
+    from hm3_jax.search.problem import pool_for
 
     L, K = problem.config.num_layers, problem.num_tasks
     pool = pool_for(problem, problem.base)  # source K = the base, standing in for Theta(lambda)
@@ -70,8 +71,8 @@ def test_arch_level_confirmation_can_shortlist_every_sources_own_model(problem):
     the search never scored it, joins the top-M shortlist, and is re-scored on the whole split; the answer is the
     best there, as without it."""
     from hm3_jax import models
-    from hm3_jax.hm3 import arch_level
-    from hm3_jax.hm3.problem import pool_for
+    from hm3_jax.search import arch_level
+    from hm3_jax.search.problem import pool_for
 
     L, K = problem.config.num_layers, problem.num_tasks
     pool = pool_for(problem, problem.base)
@@ -108,7 +109,7 @@ def test_paired_difference_samples_against_hand_values():
 
 
 def test_significant_gain_is_paired_and_checks_the_engine_scores(problem):
-    from hm3_jax.hm3 import arch_level, heldout_bootstrap
+    from hm3_jax.search import arch_level, heldout_bootstrap
 
     L, K = problem.config.num_layers, problem.num_tasks
     acfg = types.SimpleNamespace(beta1=0.0, t_max=L)
@@ -132,8 +133,8 @@ def test_significant_gain_is_paired_and_checks_the_engine_scores(problem):
 
 def test_confirmation_keeps_theta_unless_the_gain_is_significant(problem):
     from hm3_jax import models
-    from hm3_jax.hm3 import arch_level
-    from hm3_jax.hm3.problem import pool_for
+    from hm3_jax.search import arch_level
+    from hm3_jax.search.problem import pool_for
 
     L, K = problem.config.num_layers, problem.num_tasks
     full = problem.normalise(problem.source_scores["search_full"], "search_full")
@@ -168,9 +169,9 @@ def test_preference_models_rebuild_bit_for_bit_and_hold_at_most_resident(problem
     import jax
 
     from hm3_jax import models
-    from hm3_jax.hm3 import arch_level, param_level
-    from hm3_jax.hm3.preference_models import PreferenceModels
-    from hm3_jax.hm3.problem import pool_for
+    from hm3_jax.pipeline.preference_models import PreferenceModels
+    from hm3_jax.search import arch_level, param_level
+    from hm3_jax.search.problem import pool_for
 
     K = problem.num_tasks
     prefs = np.array([[1 / 3, 1 / 3, 1 / 3], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]], np.float32)
@@ -202,7 +203,7 @@ def test_preference_models_rebuild_bit_for_bit_and_hold_at_most_resident(problem
 def test_archive_restores_scores_and_cost_after_a_resume(problem, tmp_path):
     """A scorer that loads another's archive (a resumed run: its engine's cache is empty) answers the archived
     paths (padding anywhere) without the engine and continues the cost accounting: same scores, same FLOPs."""
-    from hm3_jax.hm3 import arch_level
+    from hm3_jax.search import arch_level
 
     shell, pool = arch_level.no_param_level_model(problem)
     pref = np.full((1, problem.num_tasks), 1 / problem.num_tasks, np.float32)
@@ -225,20 +226,20 @@ def test_tsv_parameter_baseline_tunes_its_scale_on_the_search_split(problem):
     best scale on the search split, its held-out point the held-out score of that merge."""
     import jax
 
-    from hm3_jax.hm3 import baselines_runner
-    from hm3_jax.hm3.problem import score_params
+    from hm3_jax.pipeline import baseline_runs
+    from hm3_jax.search.problem import score_params
 
     prefs = np.array([[1 / 3, 1 / 3, 1 / 3], [0.6, 0.3, 0.1]], np.float32)
     key = jax.random.PRNGKey(0)
-    out = baselines_runner.run_param_baseline(problem, "tsv", prefs, key)
-    grid = baselines_runner.PARAM_GRIDS["tsv"]
+    out = baseline_runs.run_param_baseline(problem, "tsv", prefs, key)
+    grid = baseline_runs.PARAM_GRIDS["tsv"]
     assert out["evaluations"] == len(prefs) * len(grid) and all(hp in grid for hp in out["hparams"])
     for i, (pref, hp) in enumerate(zip(prefs, out["hparams"], strict=True)):
         fits = [float(problem.normalise(score_params(problem.engines["search"], problem.experts,
-                baselines_runner.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), g)), "search") @ pref)
+                baseline_runs.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), g)), "search") @ pref)
                 for g in grid]  # fmt: skip
         assert hp == grid[int(np.argmax(fits))]
-        merged = baselines_runner.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), hp)
+        merged = baseline_runs.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), hp)
         np.testing.assert_allclose(
             out["points"][i], score_params(problem.engines["heldout"], problem.experts, merged)
         )

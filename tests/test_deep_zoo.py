@@ -7,8 +7,8 @@ import os
 import numpy as np
 
 from experiments.configs import tiny3
-from hm3_jax.hm3 import arch_level
 from hm3_jax.models import flops
+from hm3_jax.search import arch_level
 from hm3_jax.tasks import zoo as zoo_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -104,7 +104,7 @@ def test_bad_score_mode_arguments_raise(setup):
 def test_arch_level_picks_the_split_loop_for_a_multi_device_engine():
     from types import SimpleNamespace
 
-    from hm3_jax.hm3 import arch_level
+    from hm3_jax.search import arch_level
 
     one = SimpleNamespace(strategy="map", mesh=None)
     mesh1 = SimpleNamespace(strategy="shard", mesh=SimpleNamespace(size=1))

@@ -13,8 +13,9 @@ from absl import flags
 
 from experiments import merge as cli
 from hm3_jax import load_pretrained, models
-from hm3_jax.hm3 import export, param_level
 from hm3_jax.merging.safetensors_stream import Checkpoint
+from hm3_jax.pipeline import export
+from hm3_jax.search import param_level
 from tests.hf_fixtures import make_checkpoint
 
 PREFERENCE = [0.3, 0.7]

@@ -8,7 +8,7 @@ subprocess (XLA_FLAGS must be set before jax is imported) bounded by a timeout:
   `paths:4,data:2` mesh spanning both: candidate paths over "paths", the examples of each evaluation batch over
   "data"; no prefix tree; the split PPO loop; one shared workdir as on a shared filesystem), holding one
   preference's merged model at a time (`memory.resident_preferences=1`: every other one is rebuilt from its
-  recipe when needed again, hm3_jax/hm3/preference_models.py), where the reference holds all of them.
+  recipe when needed again, hm3_jax/pipeline/preference_models.py), where the reference holds all of them.
 
 A third run, one process with 8 simulated devices and the same mesh, was dropped in session 6 to keep the suite
 near 8 minutes (about 50 CPU-s): it runs the same mesh code as the two processes, minus the collectives across
@@ -233,7 +233,7 @@ def test_importing_the_binary_leaves_the_xla_backend_uninitialised():
         "import sys\n"
         "import jax._src.xla_bridge as xb\n"
         "import experiments.run_hm3\n"
-        "import hm3_jax.baselines, hm3_jax.hm3.baselines_runner\n"
+        "import hm3_jax.baselines, hm3_jax.pipeline.baseline_runs\n"
         "assert not xb._backends, f'backend started at import: {list(xb._backends)}'\n"
         "assert 'evosax' not in sys.modules, 'evosax imported at module level'\n"
     )

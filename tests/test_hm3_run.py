@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import tiny3
-from hm3_jax.hm3 import run as run_lib
-from hm3_jax.hm3.workdir import Workdir, WorkdirError
+from hm3_jax.pipeline import run as run_lib
+from hm3_jax.pipeline.workdir import Workdir, WorkdirError
 
 METHODS = (
     "task_arithmetic", "ties", "dare_ties", "consensus", "pcb", "ea", "moea", "grid_search",

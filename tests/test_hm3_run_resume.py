@@ -15,9 +15,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from hm3_jax.hm3 import run as run_lib
-from hm3_jax.hm3 import suggest as suggest_lib
 from hm3_jax.io import atomic
+from hm3_jax.pipeline import run as run_lib
+from hm3_jax.pipeline import suggest as suggest_lib
 
 
 def test_exported_path_model_loads_in_transformers_and_matches(smoke_run):
@@ -79,7 +79,7 @@ def test_resume_after_kill_gives_the_same_report(smoke_run, smoke_zoo_dir, tmp_p
 def test_suggest_rebuilds_the_runs_theta_at_a_front_preference(smoke_run):
     """At a preference of the run, the Theta(lambda) suggest builds is the run's (its held-out scores are the
     report's hm3_no_arch_level point)."""
-    from hm3_jax.hm3.problem import score_params
+    from hm3_jax.search.problem import score_params
 
     config, workdir, report = smoke_run
     _, _, problem = run_lib.setup(config, workdir)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from hm3_jax import merging, models
-from hm3_jax.hm3 import param_level
-from hm3_jax.hm3 import report as report_lib
-from hm3_jax.hm3 import run as run_lib
-from hm3_jax.hm3.workdir import Workdir, WorkdirError, atomic_write_json, config_diff
 from hm3_jax.models.config import ModelConfig
+from hm3_jax.pipeline import report as report_lib
+from hm3_jax.pipeline import run as run_lib
+from hm3_jax.pipeline.workdir import Workdir, WorkdirError, atomic_write_json, config_diff
+from hm3_jax.search import param_level
 
 
 def test_workdir_stage_is_computed_once_and_read_back(tmp_path):
@@ -83,7 +83,7 @@ def test_zoo_of_another_config_says_what_to_do_from_the_cli(tmp_path):
 
 
 def test_suggest_normalizes_on_request_and_names_a_directory_without_a_run(tmp_path):
-    from hm3_jax.hm3 import suggest as suggest_lib
+    from hm3_jax.pipeline import suggest as suggest_lib
 
     with pytest.raises(WorkdirError, match="holds no HM3 run"):
         suggest_lib.suggest(str(tmp_path), [1 / 3] * 3)
@@ -223,7 +223,7 @@ def test_traced_dare_ties_trim_against_numpy():
 def test_export_yaml_lists_one_slice_per_step():
     import yaml
 
-    from hm3_jax.hm3 import export
+    from hm3_jax.pipeline import export
 
     text = export.mergekit_passthrough_yaml(["e0", "e1", "m"], [5, 0, -1, 9], num_layers=4)
     cfg = yaml.safe_load(text)
@@ -245,7 +245,7 @@ def test_initial_genes_encode_every_grid_scale(scale):
 
 def test_neighbours_by_hand():
     """Path (0,0) (1,1) over 3 sources x L=2 (pool index m * 2 + l), t_min 1, t_max 3."""
-    from hm3_jax.hm3 import arch_level
+    from hm3_jax.search import arch_level
 
     # the neighbourhood before issue 20, in its order (tests/test_neighbourhood.py: insertions, round robin)
     legacy = {"kinds": arch_level.KINDS_WITHOUT_INSERTION, "order": "by_kind"}
@@ -266,7 +266,7 @@ def test_neighbours_by_hand():
 
 def test_neighbourhood_search_climbs_to_a_planted_optimum_within_budget():
     """Score = 1 - (Hamming distance to a planted path) / 4: two source swaps away from the start."""
-    from hm3_jax.hm3 import arch_level
+    from hm3_jax.search import arch_level
 
     target = np.array([8, 1, 10, 3], np.int32)  # sources 2, 0, 2, 0 over L = 4 (3 sources)
     calls = []

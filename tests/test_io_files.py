@@ -11,9 +11,9 @@ from safetensors.numpy import save_file
 
 from hm3_jax import models
 from hm3_jax.io import atomic, hf_config, safetensors_io
+from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
 from hm3_jax.io.hf_config import UnsupportedArchitectureError, config_from_hf_dict, hf_dict_from_config
 from hm3_jax.io.safetensors_io import CheckpointError
-from hm3_jax.model_io import Model, load_pretrained, save_pretrained
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from hm3_jax import models
-from hm3_jax.model_io import load_pretrained, save_pretrained
+from hm3_jax.io.checkpoint import load_pretrained, save_pretrained
 from tests import hf_fixtures
 
 TOL = 1e-4

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from hm3_jax import models
-from hm3_jax.model_io import load_pretrained
+from hm3_jax.io.checkpoint import load_pretrained
 from tests import hf_fixtures
 from tests.test_io_parity import TOL, _ids, _maxdiff, _roundtrip_with_transformers
 

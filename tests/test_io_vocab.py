@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from hm3_jax import models
+from hm3_jax.io.checkpoint import load_pretrained
 from hm3_jax.io.vocab import align_to_base_vocab, check_same_vocab, source_rows, vocab_of
-from hm3_jax.model_io import load_pretrained
 from tests import hf_fixtures
 
 CORPUS = [

@@ -19,11 +19,11 @@ import jax
 import pytest
 
 from hm3_jax import models
-from hm3_jax.hm3 import workdir as workdir_lib
 from hm3_jax.io import atomic
+from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
 from hm3_jax.merging import safetensors_stream, streaming
-from hm3_jax.model_io import Model, load_pretrained, save_pretrained
 from hm3_jax.models.config import ModelConfig
+from hm3_jax.pipeline import workdir as workdir_lib
 from hm3_jax.tasks import zoo as zoo_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The memory plan (hm3_jax/hm3/memory_plan.py, experiments/plan.py) and the paper's real-scale configs
+"""The memory plan (hm3_jax/pipeline/memory_plan.py, experiments/plan.py) and the paper's real-scale configs
 (experiments/configs/llama2_7b.py, qwen25_1p5b.py).
 
 Tiny random checkpoints of both settings' families (Qwen2: q/k/v biases, tied embeddings, GQA; Llama-2: three
@@ -75,8 +75,8 @@ from absl import app
 from experiments import cli_errors, plan as plan_bin
 from experiments.configs import qwen25_1p5b
 from hm3_jax import distributed, models
-from hm3_jax.hm3 import memory_plan
-from hm3_jax.hm3.problem import make_engines
+from hm3_jax.pipeline import memory_plan
+from hm3_jax.search.problem import make_engines
 from hm3_jax.tasks import spec_zoo
 
 llama, qwen = sys.argv[1:3]
@@ -121,7 +121,7 @@ out["scores"] = {"one": one.evaluate(test_paths).scores.tolist(), "paths4_data2"
 out["tp_pool_bytes_device0"] = dev0(tp._placed()[1])
 out["tp_embedding_shard"] = list(tp._placed()[0]["embed"]["embedding"].addressable_shards[0].data.shape)
 # A Problem on that mesh places its pool once: every split's engine reads the same placed arrays
-from hm3_jax.hm3 import problem as problem_lib
+from hm3_jax.search import problem as problem_lib
 tp_mesh = distributed.make_mesh("paths:2,model:4")
 given = {s: np.zeros((len(zoo.tasks) + 1, len(zoo.tasks))) for s in problem_lib.SPLITS}  # no source scoring
 prob = problem_lib.make_problem(zoo, mesh=tp_mesh, source_scores=given)
@@ -223,8 +223,8 @@ def test_run_refuses_a_run_that_does_not_fit_before_loading(settings):
     """`run.setup`'s memory check (config.memory): with a device memory given, a run that does not fit is a
     PlanError naming the program and the device, before any checkpoint is loaded; check_fits=False skips it."""
     from experiments.configs import qwen25_1p5b
-    from hm3_jax.hm3 import memory_plan
-    from hm3_jax.hm3 import run as run_lib
+    from hm3_jax.pipeline import memory_plan
+    from hm3_jax.pipeline import run as run_lib
 
     config = qwen25_1p5b.get_config(settings["qwen"] + ",smoke")
     config.memory.device_memory_gb = 1e-4
@@ -258,7 +258,7 @@ def test_a_run_that_fits_reports_its_largest_batch_and_measured_bytes(child):
 
 
 def test_plan_error_names_the_program():
-    from hm3_jax.hm3 import memory_plan
+    from hm3_jax.pipeline import memory_plan
 
     program = memory_plan.ProgramMemory(
         "path_scores/search", 8, "paths:8,data:1,model:1", 100, 10, 50, 0, 40, 0.0

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from hm3_jax.hm3 import arch_level
+from hm3_jax.search import arch_level
 
 KINDS = arch_level.MOVE_KINDS  # swap, delete, repeat, insert, layer
 

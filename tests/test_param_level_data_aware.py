@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from hm3_jax import merging, models
-from hm3_jax.hm3 import baselines_runner, data_aware_menu, param_level
-from hm3_jax.hm3.problem import Problem
 from hm3_jax.merging import Calibration, layer_input_grams
+from hm3_jax.pipeline import baseline_runs
+from hm3_jax.search import data_aware_menu, param_level
+from hm3_jax.search.problem import Problem
 
 LLAMA = models.ModelConfig(
     family="llama", vocab_size=13, hidden_size=8, intermediate_size=12, num_layers=2, num_heads=2
@@ -179,21 +180,21 @@ def test_calibration_passes_are_counted(problem, monkeypatch):
     backwards, one label draw), AdaMerging per preference 2 steps x min(4, 3) rows x the tasks of positive
     weight; the data-aware baselines charge their statistics once plus every AdaMerging run."""
     monkeypatch.setattr(param_level, "score_params", _distance_scorer(problem.base))
-    monkeypatch.setattr(baselines_runner, "score_params", _distance_scorer(problem.base))
+    monkeypatch.setattr(baseline_runs, "score_params", _distance_scorer(problem.base))
     prefs = np.array([[0.5, 0.5], [1.0, 0.0]], np.float32)
     entries = param_level.run_param_level(problem, prefs, jax.random.PRNGKey(3), _menu_cfg())
     assert entries[0]["tuned"]["calibration_passes"] == {"forward_rows": 6 + 6 + 12, "backward_rows": 6 + 12}
     assert entries[1]["tuned"]["calibration_passes"] == {"forward_rows": 6, "backward_rows": 6}
     assert param_level.calibration_cost(entries) == {"forward_rows": 30, "backward_rows": 24}
-    costs = {m: baselines_runner.run_param_baseline(problem, m, prefs, jax.random.PRNGKey(4), tune=False)
+    costs = {m: baseline_runs.run_param_baseline(problem, m, prefs, jax.random.PRNGKey(4), tune=False)
              for m in ("regmean", "fisher", "adamerging")}  # fmt: skip
     assert costs["regmean"]["calibration_passes"] == {"forward_rows": 6, "backward_rows": 0}
     assert costs["fisher"]["calibration_passes"] == {"forward_rows": 6, "backward_rows": 6}
     # default + the one-point grid per preference, 20 steps x 3 rows x (2 tasks, then 1)
     assert costs["adamerging"]["calibration_passes"] == {"forward_rows": 360, "backward_rows": 360}
     ada = costs["adamerging"]
-    rebuilt = baselines_runner.param_baseline_models(problem, "adamerging", ada, jax.random.PRNGKey(4))[1]
-    direct = baselines_runner.param_merge(problem, "adamerging", prefs[1], jax.random.fold_in(jax.random.PRNGKey(4), 1),
+    rebuilt = baseline_runs.param_baseline_models(problem, "adamerging", ada, jax.random.PRNGKey(4))[1]
+    direct = baseline_runs.param_merge(problem, "adamerging", prefs[1], jax.random.fold_in(jax.random.PRNGKey(4), 1),
                                           ada["hparams"][1])  # fmt: skip
     for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(direct), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -204,7 +205,7 @@ def test_smoke_level_with_menu_finishes(smoke_zoo_dir):
     preference: the entry has the menu, its cost, and a tuned model that merged_for rebuilds to the same held-out
     score."""
     from experiments.configs import tiny3
-    from hm3_jax.hm3.problem import make_problem, score_params
+    from hm3_jax.search.problem import make_problem, score_params
     from hm3_jax.tasks import zoo as zoo_lib
 
     config = tiny3.get_config("smoke")
@@ -243,7 +244,7 @@ def test_bad_settings_raise_clear_errors(problem):
 def test_a_switched_off_menu_leaves_the_run_fingerprint_unchanged():
     """Runs made before `param_level.data_aware` existed resume under a config that has it switched off; with
     it on, the fingerprint differs (the entries do)."""
-    from hm3_jax.hm3 import workdir
+    from hm3_jax.pipeline import workdir
 
     old = {"seed": 0, "param_level": {"density": 0.5}, "memory": {"resident_preferences": 1}}
     off = {**old, "param_level": {"density": 0.5, "data_aware": {"enabled": False, "rows": 8}}}
@@ -304,12 +305,12 @@ def test_confirmation_on_the_whole_search_split_picks_its_best(problem, monkeypa
     (uncapped,) = param_level.run_param_level(problem, pref, key, cfg)  # no "search_full": no confirmation
     assert json.dumps(uncapped["tuned"]["hparams"]) == json.dumps(plain["tuned"]["hparams"])
 
-    grid = baselines_runner.PARAM_GRIDS["task_arithmetic"]
+    grid = baseline_runs.PARAM_GRIDS["task_arithmetic"]
     k = jax.random.fold_in(jax.random.PRNGKey(6), 0)
-    best_full = baselines_runner.param_merge(capped, "task_arithmetic", pref[0], k, grid[0])
-    monkeypatch.setattr(baselines_runner, "score_params", _two_scorer(problem.experts[0], best_full))
-    plain_b = baselines_runner.run_param_baseline(capped, "task_arithmetic", pref, jax.random.PRNGKey(6))
-    conf_b = baselines_runner.run_param_baseline(capped, "task_arithmetic", pref, jax.random.PRNGKey(6),
+    best_full = baseline_runs.param_merge(capped, "task_arithmetic", pref[0], k, grid[0])
+    monkeypatch.setattr(baseline_runs, "score_params", _two_scorer(problem.experts[0], best_full))
+    plain_b = baseline_runs.run_param_baseline(capped, "task_arithmetic", pref, jax.random.PRNGKey(6))
+    conf_b = baseline_runs.run_param_baseline(capped, "task_arithmetic", pref, jax.random.PRNGKey(6),
                                                  confirm_top=len(grid))  # fmt: skip
     assert plain_b["hparams"][0] != grid[0] and conf_b["hparams"] == [grid[0]]
     assert conf_b["evaluations"] == plain_b["evaluations"] + 3 * len(grid)

@@ -367,10 +367,10 @@ def test_decode_objective_matches_greedy_decode_per_path(setup):
 
 
 def test_score_params_gives_the_same_scores_with_or_without_a_pool_copy(setup, monkeypatch):
-    """`hm3.problem.score_params` scores a model as source K of a pool copy (small models) or over a pool of its
+    """`search.problem.score_params` scores a model as source K of a pool copy (small models) or over a pool of its
     own blocks (above SCORE_POOL_COPY_MAX_BYTES): the same scores as the expert's identity path in the sources'
     pool."""
-    from hm3_jax.hm3 import problem as problem_lib
+    from hm3_jax.search import problem as problem_lib
 
     engine, experts = setup["engine"], setup["experts"]
     reference = engine.with_model(models.shell_of(experts[1]), setup["pool"], pool_id="ref1")

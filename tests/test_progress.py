@@ -3,8 +3,8 @@
 import pytest
 
 from experiments.configs import tiny3
-from hm3_jax.hm3 import progress
-from hm3_jax.hm3.workdir import Workdir
+from hm3_jax.pipeline import progress
+from hm3_jax.pipeline.workdir import Workdir
 
 
 class _Clock:

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from hm3_jax.hm3 import report as report_lib
-from hm3_jax.hm3 import report_html, report_tables, summary
+from hm3_jax.pipeline import report as report_lib
+from hm3_jax.pipeline import report_html, report_tables, summary
 
 TASKS = ["translation", "math", "code"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -184,7 +184,7 @@ def test_bfloat16_spec_loads_every_model_in_bfloat16(tmp_path, llama_tok):
 
 def test_t_max_below_depth_is_refused_before_anything_is_written(tmp_path, llama_tok):
     from experiments.configs import checkpoints
-    from hm3_jax.hm3 import run as run_lib
+    from hm3_jax.pipeline import run as run_lib
 
     _checkpoint(tmp_path / "base", "llama", 0, llama_tok)
     _checkpoint(tmp_path / "expert", "llama", 1, llama_tok)

@@ -27,7 +27,7 @@ def _readme_example() -> str:
 @pytest.fixture(scope="module")
 def spec_run(tmp_path_factory):
     from experiments.configs import checkpoints
-    from hm3_jax.hm3 import run as run_lib
+    from hm3_jax.pipeline import run as run_lib
 
     root = tmp_path_factory.mktemp("spec_run")
     code, config_arg = _readme_example()
@@ -72,7 +72,7 @@ def test_readme_example_runs_end_to_end(spec_run):
 
 def test_objective_is_mean_of_its_tasks(spec_run):
     """The sources' objective scores are the means of their tasks' scores (math = mean of sums, sums_chrf)."""
-    from hm3_jax.hm3 import run as run_lib
+    from hm3_jax.pipeline import run as run_lib
     from hm3_jax.tasks import objectives as objectives_lib
 
     _, config, workdir, report = spec_run
@@ -88,8 +88,8 @@ def test_objective_is_mean_of_its_tasks(spec_run):
 
 
 def test_suggest_and_resume(spec_run):
-    from hm3_jax.hm3 import run as run_lib
-    from hm3_jax.hm3.suggest import suggest
+    from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.pipeline.suggest import suggest
 
     _, config, workdir, report = spec_run
     front = suggest(workdir, [0.3, 0.7])
@@ -101,8 +101,8 @@ def test_suggest_and_resume(spec_run):
 
 
 def test_changed_data_file_is_refused(spec_run, tmp_path):
-    from hm3_jax.hm3 import run as run_lib
-    from hm3_jax.hm3.workdir import WorkdirError
+    from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.pipeline.workdir import WorkdirError
 
     root, config, workdir, _ = spec_run
     data = root / "my_merge" / "data" / "bigger.jsonl"

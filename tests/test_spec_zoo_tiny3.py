@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import yaml
 
-from hm3_jax.hm3 import problem as problem_lib
+from hm3_jax.search import problem as problem_lib
 from hm3_jax.tasks import objectives as objectives_lib
 from hm3_jax.tasks import spec_zoo
 from hm3_jax.tasks import zoo as zoo_lib

@@ -271,11 +271,11 @@ def test_smoke_zoo_heads_are_frozen_probes_fitted_on_the_base(tiny8_smoke_zoo):
 
 
 def test_data_aware_calibration_reads_search_images_through_the_frozen_heads(tiny8_smoke_zoo):
-    """The data-aware merges' calibration of an image objective (hm3_jax/hm3/data_aware_menu.py): task k's first
+    """The data-aware merges' calibration of an image objective (hm3_jax/search/data_aware_menu.py): task k's first
     rows of the SEARCH split, no labels, and logits of the frozen head k on the merged model's CLS feature."""
     import types
 
-    from hm3_jax.hm3 import data_aware_menu
+    from hm3_jax.search import data_aware_menu
     from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
 
     zoo = tiny8_smoke_zoo

@@ -124,7 +124,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
 
     # Where and how much is held, never what is computed (not part of the run's fingerprint: a run resumes under
     # other values). resident_preferences: how many preferences' merged model (shell + pool of the K + 1 sources'
-    # blocks) are held at once, rebuilt from their recipe when needed again (hm3_jax/hm3/preference_models.py);
+    # blocks) are held at once, rebuilt from their recipe when needed again (hm3_jax/pipeline/preference_models.py);
     # 0 = all N (fastest; memory grows with N), 1 = memory flat in the preferences (large models).
     c.memory = ml_collections.ConfigDict()
     c.memory.resident_preferences = 0

@@ -98,7 +98,7 @@ def add_paper_budget(config: ml_collections.ConfigDict) -> ml_collections.Config
     config.engine.search_examples = SEARCH_EXAMPLES
     # One preference's merged model (shell + pool of the K + 1 sources' blocks) held at a time, the others rebuilt
     # from their recipes when the search returns to them: memory flat in the 15 preferences
-    # (hm3_jax/hm3/preference_models.py); not part of the run's fingerprint.
+    # (hm3_jax/pipeline/preference_models.py); not part of the run's fingerprint.
     config.memory.resident_preferences = 1
     return config
 

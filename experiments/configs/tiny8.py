@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # split reads token ids and does not apply to pixel inputs.
     config.engine.search_examples = 0
     # The data-aware merges (issue 19) in HM3's upper level and as baselines: calibrated on each task's first
-    # `calibration_rows` search images read by its frozen head (hm3_jax/hm3/data_aware_menu.py), as AdaMerging's
+    # `calibration_rows` search images read by its frozen head (hm3_jax/search/data_aware_menu.py), as AdaMerging's
     # CLIP setting; FusionBench's ViT-B/32 table is the reference (docs/tiny8.md).
     config.param_level.data_aware.enabled = True
     config.baselines.param_methods = tuple(config.baselines.param_methods) + ("tsv", "regmean", "fisher", "adamerging")  # fmt: skip

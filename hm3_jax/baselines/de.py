@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax.baselines._single import Tracker, ask_tell_generations, make_fitness_fn
 from hm3_jax.baselines.common import BudgetedEvaluator, check_budget, check_geometry, strong_types
 from hm3_jax.baselines.dfs import decode, make_representation
+from hm3_jax.baselines.single_preference import Tracker, ask_tell_generations, make_fitness_fn
 
 
 @functools.lru_cache(maxsize=32)

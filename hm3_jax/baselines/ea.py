@@ -16,9 +16,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from hm3_jax.baselines._single import Tracker, ask_tell_generations, make_fitness_fn
 from hm3_jax.baselines.common import BudgetedEvaluator, check_budget, check_geometry, strong_types
 from hm3_jax.baselines.dfs import make_representation
+from hm3_jax.baselines.single_preference import Tracker, ask_tell_generations, make_fitness_fn
 
 
 @functools.lru_cache(maxsize=32)

@@ -26,11 +26,11 @@ import numpy as np
 
 from hm3_jax import models
 from hm3_jax.evaluation.token_requests import PathModel
-from hm3_jax.hm3.export import load_path_model
-from hm3_jax.hm3.suggest import suggest
+from hm3_jax.io.checkpoint import load_pretrained
 from hm3_jax.io.tokenizer import load_tokenizer
-from hm3_jax.model_io import load_pretrained
 from hm3_jax.models.decode import LM_FAMILIES
+from hm3_jax.pipeline.export import load_path_model
+from hm3_jax.pipeline.suggest import suggest
 from hm3_jax.tasks.spec_zoo import eos_ids_of
 
 SOURCES = ("pretrained", "run", "path_model")

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint I/O: config.json <-> ModelConfig, safetensors <-> stacked params.
 
-Public entry points live in `hm3_jax.model_io` (`load_pretrained`, `save_pretrained`, `Model`); this package
+Public entry points live in `hm3_jax.io.checkpoint` (`load_pretrained`, `save_pretrained`, `Model`); this package
 holds the pieces: `hf_config` (config mapping), `safetensors_io` (files, shards, atomic writes), `mapping`
 (tensor names and layouts), `tokenizer` (`load_tokenizer`), `vocab` (`tokenizer_source: base`: align an expert's
 token rows to the base tokenizer; `check_same_vocab`).

@@ -13,7 +13,7 @@ on a few inputs of its task. `Calibration` is all it gets for one task:
   padding). Rows whose weights are all 0 are padding and count as no data.
 
 The caller passes inputs of the SEARCH split only (HM3_SPEC: every number reported comes from the held-out
-split, so nothing fitted may look at it); `hm3_jax.hm3` builds them from `Problem.objectives["search"]`.
+split, so nothing fitted may look at it); `hm3_jax.search.data_aware_menu` builds them from `Problem.objectives["search"]`.
 The merges never see labels: RegMean uses inputs, Fisher merging samples labels from the model's own
 predictive distribution (or takes its expectation), AdaMerging minimises the prediction entropy.
 """

@@ -234,7 +234,7 @@ class PathEngine:
     def with_model(self, shell: dict, pool: dict, pool_id: str | None = None) -> PathEngine:
         """The same engine (compiled code, cache, objectives) for another shell and pool: the same shapes, except
         that the pool may hold another number of blocks (its programs are then compiled once more for that
-        length; one model's own L blocks is what `hm3.problem.score_params` scores, no pool copy)."""
+        length; one model's own L blocks is what `search.problem.score_params` scores, no pool copy)."""
         _check_same_shapes(self.shell, shell, "shell")
         _check_same_shapes(self.pool, pool, "pool", leading=False)
         return PathEngine(
@@ -477,7 +477,7 @@ class PathEngine:
         """The program of one chunk of plain evaluation (every objective; `chunk_size` paths of `t_max` steps),
         lowered with abstract inputs placed as `evaluate` places them (`jax.ShapeDtypeStruct`; the engine's
         shell and pool may themselves be abstract). Nothing runs: `.compile().memory_analysis()` gives its
-        per-device bytes (hm3_jax/hm3/memory_plan.py)."""
+        per-device bytes (hm3_jax/pipeline/memory_plan.py)."""
         split = NamedSharding(self.mesh, PartitionSpec("paths")) if self.strategy == "shard" else None
         shardings = self.model_shardings()
         model = jax.tree.map(_abstract, (self.shell, self.pool), *([] if shardings is None else [shardings]))

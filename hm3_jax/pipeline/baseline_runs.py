@@ -26,9 +26,9 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import baselines, merging
-from hm3_jax.hm3 import data_aware_menu
-from hm3_jax.hm3.preference_models import LazySequence
-from hm3_jax.hm3.problem import Problem, confirm_params, full_search_cost, score_params
+from hm3_jax.pipeline.preference_models import LazySequence
+from hm3_jax.search import data_aware_menu
+from hm3_jax.search.problem import Problem, confirm_params, full_search_cost, score_params
 
 # Papers' defaults: TA scaling 0.4 (Ilharco et al. 2023 use 0.3-0.5), TIES density 0.2 with disjoint mean
 # (Yadav et al. 2023), DARE drop 0.9 (Yu et al. 2024) with TIES density 1, Consensus TALL lambda 0.4 with

@@ -28,11 +28,11 @@ import numpy as np
 import yaml
 
 from hm3_jax import models
-from hm3_jax.hm3.workdir import atomic_write_text
 from hm3_jax.io.atomic import atomic_directory
+from hm3_jax.io.checkpoint import Model, save_pretrained
 from hm3_jax.merging.groups import layer_index
 from hm3_jax.merging.safetensors_stream import Checkpoint
-from hm3_jax.model_io import Model, save_pretrained
+from hm3_jax.pipeline.workdir import atomic_write_text
 
 
 def path_model_params(shell: dict, pool: dict, path) -> tuple[dict, int]:
@@ -237,7 +237,7 @@ def _copy_tokenizer(tokenizer_dir: str | None, target: str) -> None:
 
 def load_path_model(directory: str, dtype=None):
     """Loads an hm3_jax path model export: returns (config, shell, pool, path, junction)."""
-    from hm3_jax.model_io import load_pretrained
+    from hm3_jax.io.checkpoint import load_pretrained
 
     with open(os.path.join(directory, "path.json")) as f:
         meta = json.load(f)

@@ -54,11 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax import distributed, models
-from hm3_jax.hm3 import param_level
-from hm3_jax.hm3.preference_models import resident_preferences
-from hm3_jax.hm3.problem import make_engines
 from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.paths.engine import DECODE_METRICS
+from hm3_jax.pipeline.preference_models import resident_preferences
+from hm3_jax.search import param_level
+from hm3_jax.search.problem import make_engines
 from hm3_jax.tasks import objectives as objectives_lib
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
@@ -193,7 +193,7 @@ def tree_bytes(tree) -> int:
 
 
 def resident_bytes(program: str, sources_bytes: int, pool_bytes: int) -> int:
-    """Bytes the run keeps on device 0 outside `program`'s arguments (hm3_jax/hm3/run.py and problem.py today):
+    """Bytes the run keeps on device 0 outside `program`'s arguments (hm3_jax/pipeline/run.py and problem.py today):
     the sources as `load_pretrained` placed them (`sources_bytes`: the K + 1 models, or for "model_scores" the K
     that are not its argument) and the sources' pool (`problem.make_problem`, `pool_bytes`; it is the path
     programs' own argument: on a mesh `make_problem` places it once, sharded, for every split's engine, and
@@ -211,7 +211,7 @@ def resident_bytes(program: str, sources_bytes: int, pool_bytes: int) -> int:
 
 def held_preferences(run_config) -> int:
     """How many preferences' merged models a run holds at once: `memory.resident_preferences`, 0 = all
-    (`preferences.num`); hm3_jax/hm3/preference_models.py."""
+    (`preferences.num`); hm3_jax/pipeline/preference_models.py."""
     num, resident = int(run_config.preferences.num), resident_preferences(run_config)
     return min(resident, num) if resident > 0 else num
 

@@ -27,9 +27,9 @@ from typing import Any
 import jax
 
 from hm3_jax import models
-from hm3_jax.hm3 import param_level
-from hm3_jax.hm3.problem import Problem, pool_for
 from hm3_jax.paths import engine as engine_lib
+from hm3_jax.search import param_level
+from hm3_jax.search.problem import Problem, pool_for
 
 
 def resident_preferences(config) -> int:

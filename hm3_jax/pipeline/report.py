@@ -20,10 +20,10 @@ import os
 import numpy as np
 
 from hm3_jax import moo
-from hm3_jax.hm3 import report_html
-from hm3_jax.hm3.report_tables import PREAMBLE, report_sections
-from hm3_jax.hm3.workdir import atomic_write_json, atomic_write_text
 from hm3_jax.moo import plots
+from hm3_jax.pipeline import report_html
+from hm3_jax.pipeline.report_tables import PREAMBLE, report_sections
+from hm3_jax.pipeline.workdir import atomic_write_json, atomic_write_text
 
 
 def build_report(

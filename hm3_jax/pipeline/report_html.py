@@ -12,8 +12,8 @@ import html
 import os
 import re
 
-from hm3_jax.hm3 import report_tables
-from hm3_jax.hm3.workdir import atomic_write_text
+from hm3_jax.pipeline import report_tables
+from hm3_jax.pipeline.workdir import atomic_write_text
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;

@@ -24,12 +24,13 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import distributed, moo
-from hm3_jax.hm3 import arch_level, export, heldout_bootstrap, memory_plan, param_level
-from hm3_jax.hm3 import progress as progress_lib
-from hm3_jax.hm3 import report as report_lib
-from hm3_jax.hm3.preference_models import LazySequence, PreferenceModels, resident_preferences
-from hm3_jax.hm3.problem import Problem, make_problem
-from hm3_jax.hm3.workdir import Workdir, WorkdirError, config_diff, stage_file
+from hm3_jax.pipeline import export, memory_plan
+from hm3_jax.pipeline import progress as progress_lib
+from hm3_jax.pipeline import report as report_lib
+from hm3_jax.pipeline.preference_models import LazySequence, PreferenceModels, resident_preferences
+from hm3_jax.pipeline.workdir import Workdir, WorkdirError, config_diff, stage_file
+from hm3_jax.search import arch_level, heldout_bootstrap, param_level
+from hm3_jax.search.problem import Problem, make_problem
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
 from hm3_jax.tasks import zoo as zoo_lib
@@ -280,7 +281,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
 
     # Imported here, not at the top: the baselines import evosax, which creates jax arrays at import time, and
     # that would start the XLA backend before `jax.distributed.initialize` in the binaries' main (issue 7).
-    from hm3_jax.hm3 import baselines_runner
+    from hm3_jax.pipeline import baseline_runs
 
     budget = int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
     for m in config.baselines.path_methods:
@@ -296,12 +297,12 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     }
     param_keys = {m: jax.random.fold_in(k_base, i) for i, m in enumerate(config.baselines.param_methods)}
     for m in config.baselines.param_methods:
-        methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m: baselines_runner.run_param_baseline(
+        methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m: baseline_runs.run_param_baseline(
             problem, m, prefs, param_keys[m], tune=config.baselines.tune,
             confirm_top=config.param_level.get("confirm_top", 0)))  # fmt: skip
-    evaluator = baselines_runner.ExpertPathEvaluator(problem, np_shell, np_pool)
+    evaluator = baseline_runs.ExpertPathEvaluator(problem, np_shell, np_pool)
     for i, m in enumerate(config.baselines.path_methods):
-        methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m, i=i: baselines_runner.run_path_baseline(
+        methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m, i=i: baseline_runs.run_path_baseline(
             problem, m, prefs, jax.random.fold_in(k_base, 100 + i), evaluator, config.arch.rl.t_max, budget,
             confirm_top=config.arch.get("confirm_top", 0)))  # fmt: skip
 
@@ -404,12 +405,12 @@ def _method_specs(problem, config, methods, param_keys, bank, np_shell, np_pool,
     """{method: () -> [ModelSpec]}: every reported point of the run rebuilt as a path model (for the bootstrap).
 
     Mirrors how each point was made: parameter baselines re-merge with their chosen hyperparameters and the
-    same keys (`baselines_runner.param_baseline_models`), path methods re-use their paths (and junction scales)
+    same keys (`baseline_runs.param_baseline_models`), path methods re-use their paths (and junction scales)
     over the experts' pool, HM3 its path over its preference's pool, the no-architecture-level ablation its
     Theta(lambda); each under the engine cache identity it was scored with, so the held-out engine's kept
     per-example statistics are read back instead of re-running the model.
     """
-    from hm3_jax.hm3 import baselines_runner
+    from hm3_jax.pipeline import baseline_runs
 
     D = problem.config.hidden_size
     ModelSpec = heldout_bootstrap.ModelSpec
@@ -421,7 +422,7 @@ def _method_specs(problem, config, methods, param_keys, bank, np_shell, np_pool,
     out["base"] = lambda: [spec(problem.base)]
     for m in config.baselines.param_methods:
         out[m] = lambda m=m: _mapped(
-            spec, baselines_runner.param_baseline_models(problem, m, methods[m], param_keys[m])
+            spec, baseline_runs.param_baseline_models(problem, m, methods[m], param_keys[m])
         )
     for m in config.baselines.path_methods:
         out[m] = lambda m=m: [
@@ -429,7 +430,7 @@ def _method_specs(problem, config, methods, param_keys, bank, np_shell, np_pool,
                 np_shell,
                 np_pool,
                 np.asarray(p, np.int32),
-                baselines_runner.junction_from_scales(sc, D),
+                baseline_runs.junction_from_scales(sc, D),
                 evaluator.pool_id,
             )
             for p, sc in zip(methods[m]["paths"], methods[m]["junction_scales"], strict=True)

@@ -29,8 +29,8 @@ from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import env as env_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
-from hm3_jax.hm3 import workdir as workdir_lib
-from hm3_jax.hm3.workdir import WorkdirError
+from hm3_jax.pipeline import workdir as workdir_lib
+from hm3_jax.pipeline.workdir import WorkdirError
 
 
 def _load(run_dir: str):
@@ -106,7 +106,7 @@ def clear_sessions() -> None:
 
 def _session(run_dir: str, config):
     """The session of the run in `run_dir`, loaded once per process (again when its run.json changes)."""
-    from hm3_jax.hm3 import run as run_lib
+    from hm3_jax.pipeline import run as run_lib
 
     st = os.stat(os.path.join(run_dir, "run.json"))
     stamp, where = (st.st_mtime_ns, st.st_size), os.path.realpath(run_dir)
@@ -131,9 +131,9 @@ def _policy(session: dict, run_dir: str, trainer, key):
 
 
 def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
-    from hm3_jax.hm3 import arch_level
-    from hm3_jax.hm3 import run as run_lib
-    from hm3_jax.hm3.problem import pool_for
+    from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.search import arch_level
+    from hm3_jax.search.problem import pool_for
 
     start = time.perf_counter()
     session = _session(run_dir, config)
@@ -204,7 +204,7 @@ def _theta(run_dir: str, config, problem, pref: np.ndarray) -> tuple[dict, dict]
     """Theta(lambda) for a new preference, made as the run made its pool models: the hyperparameters and merge
     key of the nearest (L1) preference of the run's parameter level, with weights = `pref` (at a front
     preference this is exactly the run's Theta). Returns (params, description)."""
-    from hm3_jax.hm3 import param_level
+    from hm3_jax.search import param_level
 
     with open(os.path.join(run_dir, "stages", "param_level.json")) as f:
         entries = json.load(f)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import os
 
-from hm3_jax.hm3.report_tables import fmt_hv, fmt_score
+from hm3_jax.pipeline.report_tables import fmt_hv, fmt_score
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

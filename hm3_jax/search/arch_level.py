@@ -55,10 +55,10 @@ from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
 from hm3_jax.arch.env import host_reward
-from hm3_jax.hm3.problem import Problem, full_search_cost, pool_for
-from hm3_jax.hm3.workdir import atomic_write_text
 from hm3_jax.io import atomic
 from hm3_jax.paths.cache import canonicalize
+from hm3_jax.pipeline.workdir import atomic_write_text
+from hm3_jax.search.problem import Problem, full_search_cost, pool_for
 
 
 class PathScorer:
@@ -383,7 +383,7 @@ def path_junction(aligner, path) -> dict | None:
 
 def model_spec(shell, pool, path, aligner=None, model_id: str | None = None):
     """One path model as a `heldout_bootstrap.ModelSpec` `(shell, pool, path, junction, model_id)`."""
-    from hm3_jax.hm3.heldout_bootstrap import ModelSpec
+    from hm3_jax.search.heldout_bootstrap import ModelSpec
 
     path = np.asarray(path, np.int32)
     return ModelSpec(shell, pool, path, path_junction(aligner, path), model_id)
@@ -456,8 +456,8 @@ def significant_gain(problem: Problem, split: str, spec_a, spec_b, pref, acfg, n
     of a and b on the split; the re-run must reproduce them (else RuntimeError).
     Args: spec_a, spec_b: (shell, pool, path [T], junction or None). Returns a probability in [0, 1].
     """
-    from hm3_jax.hm3 import heldout_bootstrap
     from hm3_jax.moo import bootstrap
+    from hm3_jax.search import heldout_bootstrap
 
     stats, scores = [], []
     for spec in (spec_a, spec_b):

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax import merging, models
-from hm3_jax.hm3.problem import Problem
 from hm3_jax.merging import Calibration, CalibrationPasses
+from hm3_jax.search.problem import Problem
 
 # Methods a parameter-level candidate (or a baseline) can name in its hyperparameters.
 MENU_METHODS = ("regmean", "fisher", "adamerging", "tsv")

@@ -22,8 +22,8 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import models
-from hm3_jax.hm3.problem import MIN_IDEAL, Problem, pool_for
 from hm3_jax.moo import bootstrap, hypervolume, normalize_by_ideal
+from hm3_jax.search.problem import MIN_IDEAL, Problem, pool_for
 
 
 class ModelSpec(NamedTuple):

@@ -48,10 +48,10 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import merging
-from hm3_jax.hm3 import data_aware_menu
-from hm3_jax.hm3.problem import Problem, confirm_params, score_params
 from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.moo import scalarize
+from hm3_jax.search import data_aware_menu
+from hm3_jax.search.problem import Problem, confirm_params, score_params
 
 
 def paper_merge(problem: Problem, preference, key: jax.Array, density: float, drop_rate: float) -> dict:

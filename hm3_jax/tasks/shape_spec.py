@@ -3,7 +3,7 @@
 `write_shape_spec(directory, configs, tasks, ...)` writes a spec directory whose checkpoints are config.json
 files only (the real models' hyperparameters; no weights), whose tokenizer is character-level (one token per
 character, so a row of n characters is n tokens, plus BOS when the base adds one) and whose JSONL rows have the
-token lengths a `TaskShape` gives. `hm3_jax.hm3.memory_plan` plans it exactly as it would plan the real spec
+token lengths a `TaskShape` gives. `hm3_jax.pipeline.memory_plan` plans it exactly as it would plan the real spec
 with data of those lengths (`experiments/configs/llama2_7b.py:shapes`); a run on it stops at the missing
 weights, naming the file.
 """

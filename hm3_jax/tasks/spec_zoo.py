@@ -153,7 +153,7 @@ class SpecTasks(NamedTuple):
 
 def load_tasks(spec, seed: int = 0) -> SpecTasks:
     """A spec's configs (every expert checked against the base), tokenizer, split data and objectives, without
-    reading any weights (a run's `load` and the memory plan, hm3_jax/hm3/memory_plan.py, share it)."""
+    reading any weights (a run's `load` and the memory plan, hm3_jax/pipeline/memory_plan.py, share it)."""
     from hm3_jax.io import hf_config, vocab
 
     if isinstance(spec, str):
@@ -194,7 +194,7 @@ def load(spec, seed: int = 0) -> SpecZoo:
     import jax.numpy as jnp
 
     from hm3_jax.io import vocab
-    from hm3_jax.model_io import Model, load_pretrained
+    from hm3_jax.io.checkpoint import Model, load_pretrained
 
     tasks = load_tasks(spec, seed)
     spec, tokenizer, eos_ids, data = tasks.spec, tasks.tokenizer, tasks.eos_ids, tasks.data

@@ -144,7 +144,7 @@ def _build(zoo_config, out_dir: str, progress: bool) -> dict:
     if zoo_kind(zoo_config) == "tiny8":
         return tiny8_zoo.build_into(zoo_config, out_dir, progress)
     from hm3_jax import models
-    from hm3_jax.model_io import Model, save_pretrained
+    from hm3_jax.io.checkpoint import Model, save_pretrained
 
     start, cpu_start = time.time(), time.process_time()
     timings = {}
@@ -368,7 +368,7 @@ def build(zoo_config, workdir: str, progress: bool = True) -> None:
 
 def load(workdir: str, eval_batch_size: int | None = None) -> Zoo:
     """Loads a built zoo (models, tokenizer, data, objectives) from `workdir`."""
-    from hm3_jax.model_io import load_pretrained
+    from hm3_jax.io.checkpoint import load_pretrained
 
     manifest = read_manifest(workdir)
     if manifest is None:

@@ -134,7 +134,7 @@ def pretrain_base(
 
 def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     """Builds every artefact of a tiny8 zoo into `out_dir` (an empty temporary directory); returns the manifest."""
-    from hm3_jax.model_io import Model, save_pretrained
+    from hm3_jax.io.checkpoint import Model, save_pretrained
 
     start, cpu_start = time.time(), time.process_time()
     cfg = zoo_config
@@ -273,7 +273,7 @@ def write_eval_files(workdir: str, manifest: Mapping) -> dict:
 
 def load(workdir: str, manifest: Mapping, eval_batch_size: int | None = None):
     """Loads a built tiny8 zoo as a `hm3_jax.tasks.zoo_format.Zoo` (tokenizer None; data {task: {split: arrays}})."""
-    from hm3_jax.model_io import load_pretrained
+    from hm3_jax.io.checkpoint import load_pretrained
 
     base = load_pretrained(os.path.join(workdir, manifest["paths"]["base"]))
     experts = {t: load_pretrained(os.path.join(workdir, p)) for t, p in manifest["paths"]["experts"].items()}
