@@ -55,9 +55,8 @@ from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo
 from hm3_jax.arch.env import host_reward
-from hm3_jax.io import atomic
+from hm3_jax.io import atomic, json_files
 from hm3_jax.paths.cache import canonicalize
-from hm3_jax.pipeline.workdir import atomic_write_text
 from hm3_jax.search.problem import Problem, full_search_cost, pool_for
 
 
@@ -687,4 +686,4 @@ def _append_curve(path: str, curve: list[float], start_iteration: int) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = [line.strip() for line in f if line.strip()][:start_iteration]
-    atomic_write_text(path, "\n".join(old + [repr(float(c)) for c in curve]) + "\n")
+    json_files.write_text(path, "\n".join(old + [repr(float(c)) for c in curve]) + "\n")
