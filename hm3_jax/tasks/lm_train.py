@@ -2,7 +2,7 @@
 
 Used by the zoo builder (`hm3_jax.tasks.zoo`) for the base model (next-token loss on every token of a packed
 corpus) and for the experts (loss on the target tokens of a task's training examples only). The optimiser and
-its schedule are `hm3_jax.tasks.optim`'s.
+its schedule, the update step and the host loop are `hm3_jax.tasks.optim`'s.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from hm3_jax import models
 from hm3_jax.tasks import optim
@@ -66,12 +65,7 @@ def make_train_step(config, optimizer, batch_size: int):
     def loss_fn(params, ids, mask):
         return masked_lm_loss(models.apply(config, params, ids), ids, mask)
 
-    def step(params, opt_state, input_ids, loss_mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, input_ids, loss_mask)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+    return optim.make_update_step(loss_fn, optimizer)
 
 
 @functools.cache
@@ -109,8 +103,6 @@ def train_lm(
     Returns:
       (trained params, per-step losses float32 [num_steps]).
     """
-    from tqdm.auto import tqdm
-
     if input_ids.shape != loss_mask.shape or input_ids.ndim != 2:
         raise ValueError(f"input_ids {input_ids.shape} and loss_mask {loss_mask.shape} must be equal [N, S]")
     if num_steps <= 0 or batch_size <= 0 or learning_rate <= 0:
@@ -118,10 +110,6 @@ def train_lm(
             f"num_steps, batch_size and learning_rate must be positive, got {num_steps}, {batch_size}, "
             f"{learning_rate}"
         )
-    schedule = optim.make_schedule(learning_rate, num_steps, warmup_steps)
-    step = _jitted_step(config, batch_size)
-    params = jax.tree.map(jnp.array, params)  # own copy: the step donates its buffers
-    opt_state = optim.make_optimizer().init(params)
     ids, mask = np.asarray(input_ids, np.int32), np.asarray(loss_mask, np.float32)
     if rows is None:  # rows drawn uniformly with replacement; the run is a function of `key`
         rows = np.asarray(jax.random.randint(key, (num_steps, batch_size), 0, ids.shape[0]))
@@ -131,15 +119,17 @@ def train_lm(
             f"rows must be [num_steps, batch_size] = [{num_steps}, {batch_size}] indices into the "
             f"{ids.shape[0]} input rows, got shape {rows.shape}, range [{rows.min()}, {rows.max()}]"
         )
-    losses = []
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress, mininterval=1.0)
-    for i in bar:
-        opt_state = optim.set_hyperparams(opt_state, schedule(i), weight_decay)
-        params, opt_state, loss = step(params, opt_state, ids[rows[i]], mask[rows[i]])
-        losses.append(loss)
-        if (i + 1) % 25 == 0 or i + 1 == num_steps:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float32)
+    params, losses = optim.run_steps(
+        _jitted_step(config, batch_size),
+        jax.tree.map(jnp.array, params),  # own copy: the step donates its buffers
+        lambda i: (ids[rows[i]], mask[rows[i]]),
+        num_steps=num_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        desc=desc,
+        progress=progress,
+    )
     log.info("%s: loss %.3f -> %.3f over %d steps", desc, losses[0], losses[-1], num_steps)
     return params, losses
 

@@ -14,7 +14,8 @@
   through the frozen head k. (`trainable=("encoder", "head")` is LP-FT, Kumar et al. 2022: the tiny8 zoo's
   former protocol, where each expert also tuned its own head; kept as `zoo.expert.head = "lp_ft"`.)
 
-Every trainer here uses `hm3_jax.tasks.optim` (AdamW, global-norm clipping 1, linear warmup then cosine decay).
+Every trainer here is a loss on `hm3_jax.tasks.optim`'s update step and host loop (AdamW, global-norm clipping 1,
+linear warmup then cosine decay).
 
 The CLS feature is row 0 of the final LayerNorm's output (`hm3_jax.models.apply` of a ViT config with
 `num_labels=0`). Heads are padded to `num_classes_padded` columns with a logit mask, so one compiled step
@@ -53,7 +54,7 @@ TRAINABLE_PARTS = ("encoder", "head")
 
 @functools.cache
 def _classifier_step(config, trainable_parts: tuple):
-    """jit(step(trainable, frozen, opt_state, pixels, labels, class_mask) -> (trainable, opt_state, loss)).
+    """jit(step(trainable, opt_state, frozen, pixels, labels, class_mask) -> (trainable, opt_state, loss)).
 
     trainable holds the parts named in `trainable_parts` ("encoder", "head"); frozen holds the others.
     """
@@ -65,12 +66,7 @@ def _classifier_step(config, trainable_parts: tuple):
         logits = feats @ both["head"]["kernel"] + both["head"]["bias"]
         return masked_cross_entropy(logits, labels, class_mask)
 
-    def step(trainable, frozen, opt_state, pixels, labels, class_mask):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, pixels, labels, class_mask)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 2))
+    return jax.jit(optim.make_update_step(loss_fn, optimizer), donate_argnums=(0, 1))
 
 
 def train_classifier(
@@ -106,8 +102,6 @@ def train_classifier(
 
     Returns: (encoder, head, per-step losses float32 [num_steps]); inputs are not modified.
     """
-    from tqdm.auto import tqdm
-
     trainable_parts = tuple(p for p in TRAINABLE_PARTS if p in trainable)
     if not trainable_parts or set(trainable) - set(TRAINABLE_PARTS):
         raise ValueError(
@@ -119,24 +113,21 @@ def train_classifier(
         raise ValueError(f"{desc}: pixel_values must be a non-empty [N, C, H, W], got {pixel_values.shape}")
     rows = np.asarray(jax.random.randint(key, (num_steps, batch_size), 0, len(pixel_values)))
     targets = np.asarray(labels, np.int32)[rows]
-    step = _classifier_step(config, trainable_parts)
     parts = {"encoder": jax.tree.map(jnp.array, encoder), "head": jax.tree.map(jnp.array, head)}  # own copies
     trainable = {p: v for p, v in parts.items() if p in trainable_parts}  # (donated to the step)
     frozen = {p: v for p, v in parts.items() if p not in trainable_parts}
-    opt_state = optim.make_optimizer().init(trainable)
-    schedule = optim.make_schedule(learning_rate, num_steps, warmup_steps)
     mask = jnp.asarray(class_mask, bool)
-    losses = []
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress, mininterval=1.0)
-    for i in bar:
-        opt_state = optim.set_hyperparams(opt_state, schedule(i), weight_decay)
-        trainable, opt_state, loss = step(
-            trainable, frozen, opt_state, pixel_values[rows[i]], targets[i], mask
-        )
-        losses.append(loss)
-        if (i + 1) % 25 == 0 or i + 1 == num_steps:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float32)
+    trainable, losses = optim.run_steps(
+        _classifier_step(config, trainable_parts),
+        trainable,
+        lambda i: (frozen, pixel_values[rows[i]], targets[i], mask),
+        num_steps=num_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        desc=desc,
+        progress=progress,
+    )
     log.info("%s: loss %.3f -> %.3f over %d steps", desc, losses[:10].mean(), losses[-10:].mean(), num_steps)
     out = {**frozen, **trainable}
     return out["encoder"], out["head"], losses
@@ -287,12 +278,7 @@ def _multitask_step(config):
         logits = jnp.where(class_masks[:, None], logits, -1e9)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def step(params, opt_state, pixels, labels, class_masks):
-        loss, grads = jax.value_and_grad(loss_fn)(params, pixels, labels, class_masks)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(optim.make_update_step(loss_fn, optimizer), donate_argnums=(0, 1))
 
 
 def pretrain_multitask(
@@ -317,8 +303,6 @@ def pretrain_multitask(
     labels[t] int [N_t]); loss = mean_t CE(head_t(h_cls), y) over task t's classes (class_masks bool [T, C]).
     Returns (encoder, per-step losses float32 [num_steps]).
     """
-    from tqdm.auto import tqdm
-
     num_tasks = len(pixel_values)
     per_task = batch_size // num_tasks
     if per_task < 1 or num_steps <= 0 or learning_rate <= 0:
@@ -330,20 +314,23 @@ def pretrain_multitask(
         "encoder": jax.tree.map(jnp.array, encoder),
         "heads": {"kernel": jnp.zeros((num_tasks, d, c)), "bias": jnp.zeros((num_tasks, c))},
     }
-    step = _multitask_step(config)
-    opt_state = optim.make_optimizer().init(params)
-    schedule = optim.make_schedule(learning_rate, num_steps, warmup_steps)
     masks = jnp.asarray(class_masks, bool)
-    losses = []
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress, mininterval=1.0)
-    for i in bar:
-        opt_state = optim.set_hyperparams(opt_state, schedule(i), weight_decay)
+
+    def batch(i):
         pixels = np.concatenate([x[r[i]] for x, r in zip(pixel_values, rows, strict=True)])
         targets = np.stack([np.asarray(y, np.int32)[r[i]] for y, r in zip(labels, rows, strict=True)])
-        params, opt_state, loss = step(params, opt_state, pixels, targets, masks)
-        losses.append(loss)
-        if (i + 1) % 25 == 0 or i + 1 == num_steps:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float32)
+        return pixels, targets, masks
+
+    params, losses = optim.run_steps(
+        _multitask_step(config),
+        params,
+        batch,
+        num_steps=num_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        desc=desc,
+        progress=progress,
+    )
     log.info("%s: loss %.3f -> %.3f over %d steps", desc, losses[:10].mean(), losses[-10:].mean(), num_steps)
     return params["encoder"], losses
