@@ -15,7 +15,7 @@ from experiments import merge as cli
 from hm3_jax import load_pretrained, models
 from hm3_jax.merging.safetensors_stream import Checkpoint
 from hm3_jax.pipeline import export
-from hm3_jax.search import param_level
+from hm3_jax.search import merge_genes, param_level
 from tests.hf_fixtures import make_checkpoint
 
 PREFERENCE = [0.3, 0.7]
@@ -89,7 +89,7 @@ def test_tuned_task_arithmetic_with_scale_and_block_weights(zoo, tmp_path):
         "block_weights": [0.8, 1.3, 1.1],
         "sign_election": False,
     }
-    merged = param_level.tuned_merge(zoo["problem"], PREFERENCE, jax.random.key(0), hp)
+    merged = merge_genes.tuned_merge(zoo["problem"], PREFERENCE, jax.random.key(0), hp)
     cfg, rebuilt, expected = _rebuild_merged(zoo, tmp_path, merged, hp)
     assert cfg["merge_method"] == "task_arithmetic"
     assert cfg["parameters"] == {"normalize": False}
@@ -128,7 +128,7 @@ def test_tuned_ties_with_density_scale_and_block_weights(zoo, tmp_path):
         "block_weights": [1.2, 0.7, 0.9],
         "sign_election": True,
     }
-    merged = param_level.tuned_merge(zoo["problem"], PREFERENCE, jax.random.key(0), hp)
+    merged = merge_genes.tuned_merge(zoo["problem"], PREFERENCE, jax.random.key(0), hp)
     cfg, rebuilt, expected = _rebuild_merged(zoo, tmp_path, merged, hp)
     assert cfg["merge_method"] == "ties"
     assert all(m["parameters"]["density"] == pytest.approx(0.5) for m in cfg["models"])

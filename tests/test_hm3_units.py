@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from hm3_jax import merging, models
+from hm3_jax.merging import traced
 from hm3_jax.models.config import ModelConfig
 from hm3_jax.pipeline import report as report_lib
 from hm3_jax.pipeline import run as run_lib
 from hm3_jax.pipeline.workdir import Workdir, WorkdirError, atomic_write_json, config_diff
-from hm3_jax.search import param_level
+from hm3_jax.search import merge_genes
 
 
 def test_workdir_stage_is_computed_once_and_read_back(tmp_path):
@@ -147,7 +148,7 @@ def test_report_hypervolume_and_retention_by_hand():
 
 
 def test_initial_genes_decode_to_the_papers_setting():
-    hp = param_level.decode_genes(param_level._initial_genes(0.7, 0.3, 4), 4)
+    hp = merge_genes.decode_genes(merge_genes.initial_genes(0.7, 0.3, 4), 4)
     assert hp["density"] == pytest.approx(0.7, abs=1e-5)
     assert hp["drop_rate"] == pytest.approx(0.3, abs=1e-5)
     assert hp["scale"] == pytest.approx(1.0, abs=1e-5)
@@ -171,7 +172,7 @@ def _tiny_base_and_experts(seed: int):
 def test_traced_dare_ties_matches_the_merging_library_without_trim_or_drop():
     base, experts, key = _tiny_base_and_experts(0)
     pref = np.array([0.5, 0.3, 0.2], np.float32)
-    ours = param_level.dare_ties_traced(base, experts, key, jnp.asarray(pref)[:, None] * jnp.ones((3, 2)),
+    ours = traced.dare_ties_traced(base, experts, key, jnp.asarray(pref)[:, None] * jnp.ones((3, 2)),
                                         jnp.asarray(pref), 1.0, 0.0, 1.0)  # fmt: skip
     ref = merging.hm3_merge(base, experts, list(pref), key, density=1.0, drop_rate=0.0)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
@@ -182,7 +183,7 @@ def test_traced_merge_without_sign_election_is_task_arithmetic():
     """elect = 0 at density 1, drop 0: Theta = base + scale * sum_k w_k delta_k, independently computed."""
     base, experts, key = _tiny_base_and_experts(3)
     w = np.array([0.5, 0.3, 0.2], np.float32)
-    ours = param_level.dare_ties_traced(base, experts, key, jnp.asarray(w)[:, None] * jnp.ones((3, 2)),
+    ours = traced.dare_ties_traced(base, experts, key, jnp.asarray(w)[:, None] * jnp.ones((3, 2)),
                                         jnp.asarray(w), 1.0, 0.0, 1.7, 0.0)  # fmt: skip
     ref = merging.merge("task_arithmetic", base, experts, key, weights=list(w), scale=1.7)
     expected = jax.tree.map(
@@ -191,7 +192,7 @@ def test_traced_merge_without_sign_election_is_task_arithmetic():
     for a, b, c in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
         np.testing.assert_allclose(np.asarray(b), np.asarray(c), atol=1e-5)
-    with_election = param_level.dare_ties_traced(base, experts, key, jnp.asarray(w)[:, None] * jnp.ones((3, 2)),
+    with_election = traced.dare_ties_traced(base, experts, key, jnp.asarray(w)[:, None] * jnp.ones((3, 2)),
                                                  jnp.asarray(w), 1.0, 0.0, 1.7, 1.0)  # fmt: skip
     assert any(
         not np.allclose(a, b)
@@ -209,7 +210,7 @@ def test_traced_dare_ties_trim_against_numpy():
         jax.tree.map(lambda b: b + rng.normal(size=b.shape).astype(np.float32), base) for _ in range(2)
     ]
     w = np.array([0.6, 0.4], np.float32)
-    out = param_level.dare_ties_traced(base, experts, jax.random.PRNGKey(1), jnp.asarray(w)[:, None], jnp.asarray(w),
+    out = traced.dare_ties_traced(base, experts, jax.random.PRNGKey(1), jnp.asarray(w)[:, None], jnp.asarray(w),
                                        0.5, 0.0, 1.0)  # fmt: skip
     b = base["blocks"]["w"][0]
     deltas = np.stack([e["blocks"]["w"][0] - b for e in experts])
@@ -237,7 +238,7 @@ def test_export_yaml_lists_one_slice_per_step():
 @pytest.mark.parametrize("scale", [0.5, 1.0, 1.5, 2.5, 3.0])
 def test_initial_genes_encode_every_grid_scale(scale):
     """The scale grid's starting points decode back to their scale (the box is [0.5, 3.0])."""
-    hp = param_level.decode_genes(param_level._initial_genes(1.0, 0.0, 4, scale), 4)
+    hp = merge_genes.decode_genes(merge_genes.initial_genes(1.0, 0.0, 4, scale), 4)
     assert hp["scale"] == pytest.approx(scale, rel=2e-3)
     assert hp["density"] == pytest.approx(1.0, abs=2e-3)
     assert hp["drop_rate"] == pytest.approx(0.0, abs=2e-3)

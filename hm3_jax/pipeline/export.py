@@ -47,7 +47,7 @@ def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hpara
                         shell_names=(), tokenizer_source: str | None = None, dtype: str = "float32") -> str:  # fmt: skip
     """mergekit YAML of the parameter-level merge Theta(lambda) with hyperparameters `hparams`.
 
-    The merge (`param_level.paper_merge`, `param_level.tuned_merge`), per tensor of block `l`:
+    The merge (`param_level.paper_merge`, `search.merge_genes.tuned_merge`), per tensor of block `l`:
 
         Theta = base + s * sum_k [sign_k agrees] w_{k,l} M_k DARE_p(delta_k),  w_{k,l} = lambda_k * b_l
 

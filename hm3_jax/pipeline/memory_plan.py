@@ -14,7 +14,7 @@ the mesh is made of simulated devices). Per program and per device, `compiled.me
 and the device the run also keeps other arrays on (device 0, where `load_pretrained` puts every tensor) adds
 the run's resident arrays that are not the program's arguments (`resident_bytes`). The programs:
 
-* ``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`, tensor by tensor: the largest
+* ``merge``: the tuned parameter level's merge (`merging.traced.dare_ties_traced`, tensor by tensor: the largest
   tensor's program, base and K experts' tensors in, the merged tensor out) on device 0, when the run tunes
   (`param_level.cmaes.enabled`; the paper's merge, `merging.hm3_merge`, runs eagerly leaf by leaf and is not
   planned);
@@ -54,12 +54,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax import distributed, models
+from hm3_jax.merging import traced
 from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.paths.engine import DECODE_METRICS
 from hm3_jax.pipeline.preference_models import resident_preferences
-from hm3_jax.search import param_level
 from hm3_jax.search.problem import make_engines
-from hm3_jax.tasks import objectives as objectives_lib
+from hm3_jax.tasks import scoring
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
 
@@ -327,8 +327,8 @@ def engine_programs(config, num_experts: int, dtype, objectives: dict, run_confi
 
 
 def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
-    """``merge``: the tuned parameter level's merge (`param_level.dare_ties_traced`) on device 0. It streams tensor
-    by tensor (shell leaves, and stacked leaves block by block; `param_level.dare_ties_leaf`): planned is the
+    """``merge``: the tuned parameter level's merge (`merging.traced.dare_ties_traced`) on device 0. It streams tensor
+    by tensor (shell leaves, and stacked leaves block by block; `merging.traced.dare_ties_leaf`): planned is the
     largest tensor's program, with the rest of the sources, the sources' pool and the merged model being
     assembled (at most one model) resident."""
     params = abstract_params(config, dtype)
@@ -344,12 +344,12 @@ def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
     leaf_args = (num_experts + 1) * tree_bytes(leaf)
     pool = (num_experts + 1) * tree_bytes(params["blocks"])
     resident = (num_experts + 1) * model - leaf_args + pool + model
-    return _memory("merge", lambda: param_level.dare_ties_leaf.lower(*args), 1, "device 0", resident)
+    return _memory("merge", lambda: traced.dare_ties_leaf.lower(*args), 1, "device 0", resident)
 
 
 def _one_model_scores(config, objective, shell, blocks):
     path = jnp.arange(config.num_layers, dtype=jnp.int32)
-    return objectives_lib.path_device_scores(config, shell, blocks, path, None, objective)
+    return scoring.path_device_scores(config, shell, blocks, path, None, objective)
 
 
 def model_score_programs(config, num_experts: int, dtype, objectives: list) -> list[ProgramMemory]:

@@ -5,18 +5,16 @@ Two variants, both reported:
 * **paper**: `dare_ties` with the task weights set to the preference (HM3_SPEC Eq. 5),
   `Theta = base + sum_k lambda_k * M_k * DARE_p(delta_k)`, at fixed `density` and `drop_rate`.
 * **tuned**: a search over the merge's hyperparameters — density, drop rate, a global scale and one weight
-  multiplier per block — minimising the Tchebycheff scalarisation `g(x) = max_k lambda_k |f_k(x) / z*_k - 1|`
-  of the normalised search-split scores (the ideal point of the normalised scores is 1 on every task), in two
+  multiplier per block — maximising the Tchebycheff scalarisation `g(x) = -max_k lambda_k |f_k(x) / z*_k - 1|`
+  (`moo.tchebycheff`) of the normalised search-split scores (the ideal point of the normalised scores is 1 on every task), in two
   steps: (1) a coarse grid over the global scale (`scale_grid`) at the configured (density, drop rate) and at
   (1, 0) — the score is sharply peaked in the scale, and its best value moves with the preference (measured
   on tiny3: from 1.0 at lambda = (0.07, 0.9, 0.03) to 2.0 at (0.45, 0.1, 0.45), in units of the paper's
   weights lambda_k) — then (2) CMA-ES (evosax, Hansen 2016) from the best grid point over all 3 + L genes.
-  Tchebycheff is minimised, as evosax does, so no sign flip is needed.
+  The fitness is maximised, as every objective here; CMA-ES (evosax) minimises, so `run_cmaes` negates it
+  when it tells evosax, and only there.
 
-Gene decoding (a real vector `x`, unconstrained): density = 0.05 + 0.95 * sigmoid(x0), drop_rate =
-0.9 * sigmoid(x1), scale = SCALE_MID * exp(SCALE_SPAN * tanh(x2)) (in [0.5, 3.0]), block weight multipliers =
-exp(0.5 * tanh(x[3:3+L])). `_initial_genes` encodes any (density, drop rate, scale) with unit block weights;
-its default decodes to the paper's setting.
+The genes and the tuned merge they decode to are in `merge_genes.py`.
 
 With `data_aware.enabled` (issue 19) the tuned variant's menu also holds the data-aware merges and TSV-M
 (`data_aware_menu.py`): RegMean over an alpha grid, Fisher merging, TSV-M over a scale grid and layer-wise
@@ -38,7 +36,6 @@ docs/merging.md). Without a cap it does nothing.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 
@@ -48,140 +45,33 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import merging
-from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.moo import scalarize
 from hm3_jax.search import data_aware_menu
+from hm3_jax.search.merge_genes import decode_genes, initial_genes, tuned_merge
 from hm3_jax.search.problem import Problem, confirm_params, score_params
 
 
 def paper_merge(problem: Problem, preference, key: jax.Array, density: float, drop_rate: float) -> dict:
     """Theta(lambda): DARE-TIES with weights = preference (HM3_SPEC Eq. 5)."""
-    return merging.hm3_merge(problem.base, problem.experts, list(np.asarray(preference, np.float64)), key,
-                             density=density, drop_rate=drop_rate)  # fmt: skip
-
-
-def _logit(p: float) -> float:
-    p = float(np.clip(p, 1e-4, 1 - 1e-4))
-    return float(np.log(p / (1 - p)))
-
-
-SCALE_MID = float(np.sqrt(0.5 * 3.0))  # geometric middle of the scale range [0.5, 3.0]
-SCALE_SPAN = float(np.log(3.0 / SCALE_MID))
-
-
-def decode_genes(x: np.ndarray, num_layers: int) -> dict:
-    """Real genes [3 + L] -> merge hyperparameters (see the module docstring)."""
-    x = np.asarray(x, np.float64)
-    sig = lambda v: 1.0 / (1.0 + np.exp(-v))
-    return {
-        "density": float(0.05 + 0.95 * sig(x[0])),
-        "drop_rate": float(0.9 * sig(x[1])),
-        "scale": float(SCALE_MID * np.exp(SCALE_SPAN * np.tanh(x[2]))),
-        "block_weights": np.exp(0.5 * np.tanh(x[3 : 3 + num_layers])).tolist(),
-    }
-
-
-def _initial_genes(density: float, drop_rate: float, num_layers: int, scale: float = 1.0) -> np.ndarray:
-    """Genes that decode to (density, drop_rate, scale) with unit block weights (up to the box's clipping)."""
-    d = (np.clip(density, 0.06, 0.999) - 0.05) / 0.95
-    x2 = np.arctanh(np.clip(np.log(scale / SCALE_MID) / SCALE_SPAN, -0.999, 0.999))
-    x1 = _logit(np.clip(drop_rate, 1e-3, 0.899) / 0.9)
-    return np.concatenate([[_logit(d), x1, x2], np.zeros(num_layers)]).astype(np.float32)
-
-
-def tuned_merge(problem: Problem, preference, key: jax.Array, hparams: dict) -> dict:
-    """DARE-TIES with per-block weights `lambda_k * block_weights` at tuned density / drop rate / scale.
-
-    Shell leaves (embeddings, final norm, head) get `lambda_k * mean(block_weights)`. Implemented by
-    `dare_ties_traced`, whose hyperparameters are traced, so CMA-ES candidates never recompile.
-    """
-    block = jnp.asarray(hparams["block_weights"], jnp.float32)
-    lam = jnp.asarray(np.asarray(preference, np.float32))
-    return dare_ties_traced(
-        problem.base, problem.experts, key, lam[:, None] * block[None], lam * jnp.mean(block),
-        jnp.float32(hparams["density"]), jnp.float32(hparams["drop_rate"]), jnp.float32(hparams["scale"]),
-        jnp.float32(hparams.get("sign_election", True)),
-    )  # fmt: skip
-
-
-def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, drop_rate, scale, elect=1.0):
-    """DARE-TIES (HM3_SPEC Eq. 5) with traced hyperparameters, for the CMA-ES search.
-
-    Per leaf and block: `delta_k = theta_k - base`; DARE keeps each entry with probability `1 - p` and
-    rescales by `1 / (1 - p)`; TIES keeps the entries whose magnitude is at or above the `(1 - density)`
-    quantile of `|delta_k|` (a quantile threshold instead of an exact top-k, so `density` can be traced);
-    the sign per entry is the sign of `sum_k w_k delta_k`; `Theta = base + scale * sum_k w_k m_k delta_k`
-    over the entries that agree with it (no normalisation, as `hm3_merge`). With `elect = 0` no sign is
-    elected (every entry is kept): at density 1 and drop rate 0 this is task arithmetic
-    `Theta = base + scale * sum_k w_k delta_k` (Ilharco et al. 2023).
-
-    Streams tensor by tensor (issue 16): each shell leaf and each block of a stacked `blocks/...` leaf is one
-    call of a jitted program (`dare_ties_leaf`, compiled once per tensor shape; the hyperparameters stay traced),
-    so the float32 temporaries are those of one tensor's K copies, never of the whole model (the whole-model
-    program needed 16.7 GiB of temporaries for three Qwen2.5-0.5B-shaped experts, 262 GiB for Llama-2-7B's;
-    `python -m experiments.plan`).
-
-    Args: base / experts: params pytrees; key; block_weights [K, L]; shell_weights [K]; density, drop_rate,
-      scale: scalars; elect: scalar, 1 (TIES sign election) or 0 (none). Returns: merged params with the
-      base's dtypes.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
-    expert_leaves = [jax.tree.leaves(e) for e in experts]
-    hp = [jnp.asarray(x, jnp.float32) for x in (density, drop_rate, scale, elect)]
-    out = []
-    for index, (path, leaf) in enumerate(leaves):
-        leaf_key, thetas = jax.random.fold_in(key, index), [el[index] for el in expert_leaves]
-        if is_stacked(
-            path_name(path)
-        ):  # block by block: block l with key fold_in(leaf_key, l), weights [:, l]
-            out.append(jnp.stack([
-                dare_ties_leaf(False, jax.random.fold_in(leaf_key, l), leaf[l], [t[l] for t in thetas],
-                               block_weights[:, l], *hp)
-                for l in range(leaf.shape[0])
-            ]))  # fmt: skip
-        else:
-            out.append(dare_ties_leaf(False, leaf_key, leaf, thetas, shell_weights, *hp))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-@functools.partial(jax.jit, static_argnames=("stacked",))
-def dare_ties_leaf(stacked, leaf_key, leaf, thetas, weights, density, drop_rate, scale, elect):
-    """One leaf of `dare_ties_traced`: base `leaf` [...] (a stacked `blocks/...` leaf [L, ...], block l with
-    key `fold_in(leaf_key, l)` and weights `weights[:, l]`), the K experts' `thetas`, `weights` [K] or [K, L]."""
-    thetas = jnp.stack(thetas).astype(jnp.float32)  # [K, ...]
-
-    def one(k, b, th, w):
-        delta = th - b[None]
-        keep = jax.random.bernoulli(k, 1.0 - drop_rate, delta.shape)
-        delta = jnp.where(keep, delta / (1.0 - drop_rate), 0.0)
-        mag = jnp.abs(delta).reshape(delta.shape[0], -1)
-        thr = jnp.quantile(mag, 1.0 - density, axis=1)
-        delta = jnp.where(jnp.abs(delta) >= thr.reshape((-1,) + (1,) * (delta.ndim - 1)), delta, 0.0)
-        weighted = delta * w.reshape((-1,) + (1,) * (delta.ndim - 1))
-        sign = jnp.sign(weighted.sum(0))
-        agree = (jnp.sign(delta) == sign[None]) | (elect < 0.5)
-        return b + scale * jnp.where(agree, weighted, 0.0).sum(0)
-
-    b32 = leaf.astype(jnp.float32)
-    if stacked:
-        keys = jax.vmap(lambda i: jax.random.fold_in(leaf_key, i))(jnp.arange(b32.shape[0]))
-        merged = jax.vmap(one, in_axes=(0, 0, 1, 1))(keys, b32, thetas, weights)
-    else:
-        merged = one(leaf_key, b32, thetas, weights)
-    return merged.astype(leaf.dtype)
+    return merging.hm3_merge(
+        problem.base,
+        problem.experts,
+        list(np.asarray(preference, np.float64)),
+        key,
+        density=density,
+        drop_rate=drop_rate,
+    )
 
 
 def tchebycheff_normalised(problem: Problem, scores: np.ndarray, preference) -> float:
-    """max_k lambda_k |f_k / z*_k - 1| on the search split (to minimise: CMA-ES minimises, so this fitness is
-    the negated `moo.tchebycheff`)."""
+    """`moo.tchebycheff` of the normalised search-split scores, `-max_k lambda_k |f_k / z*_k - 1|` (maximised)."""
     return _tchebycheff(problem.normalise(scores, "search"), preference)
 
 
 def _tchebycheff(f, preference) -> float:
     """`tchebycheff_normalised` of normalised scores f [K] (ideal point 1 on every task)."""
-    return -float(
-        scalarize.tchebycheff(jnp.asarray(f), jnp.asarray(preference), jnp.ones_like(jnp.asarray(f)))
-    )
+    f = jnp.asarray(f)
+    return float(scalarize.tchebycheff(f, jnp.asarray(preference), jnp.ones_like(f)))
 
 
 def _evaluate(problem: Problem, preference, merge_key: jax.Array, hp: dict) -> tuple[float, list]:
@@ -202,24 +92,34 @@ def scale_grid_search(
     fitness], ...]}.
     """
     L = problem.config.num_layers
-    best, grid = {"fitness": np.inf}, []
+    best, grid = {"fitness": -np.inf}, []
     for setting in settings:
         density, drop = setting[:2]
         elect = bool(setting[2]) if len(setting) > 2 else True
         for scale in scales:
-            hp = {**decode_genes(_initial_genes(density, drop, L, scale), L), "sign_election": elect}
+            hp = {**decode_genes(initial_genes(density, drop, L, scale), L), "sign_election": elect}
             fit, search = _evaluate(problem, preference, merge_key, hp)
             if record is not None:
                 record(fit, hp, search)
             grid.append([hp["density"], hp["drop_rate"], hp["scale"], float(elect), fit])
-            if fit < best["fitness"]:
+            if fit > best["fitness"]:
                 best = {"fitness": fit, "hparams": hp, "search": search}
     return {**best, "evaluations": len(grid), "grid": grid}
 
 
-def run_cmaes(problem: Problem, preference, key: jax.Array, *, x0: np.ndarray, population_size: int,
-              num_generations: int, sigma: float = 0.5, merge_key: jax.Array | None = None,
-              sign_election: bool = True, record=None) -> dict:  # fmt: skip
+def run_cmaes(
+    problem: Problem,
+    preference,
+    key: jax.Array,
+    *,
+    x0: np.ndarray,
+    population_size: int,
+    num_generations: int,
+    sigma: float = 0.5,
+    merge_key: jax.Array | None = None,
+    sign_election: bool = True,
+    record=None,
+) -> dict:
     """Step (2): CMA-ES over the 3 + L merge genes from `x0` for one preference (search split only).
 
     `merge_key` fixes the DARE masks of every candidate (default: derived from `key`), so candidates differ
@@ -237,7 +137,7 @@ def run_cmaes(problem: Problem, preference, key: jax.Array, *, x0: np.ndarray, p
     merge_key = key_merge if merge_key is None else merge_key
     state = strategy.init(key_init, jnp.asarray(x0), es_params)
     ask, tell = jax.jit(strategy.ask), jax.jit(strategy.tell)
-    best = {"fitness": np.inf}
+    best = {"fitness": -np.inf}
     history, evaluations = [], 0
     for gen in range(num_generations):
         key_es, key_ask, key_tell = jax.random.split(key_es, 3)
@@ -250,9 +150,12 @@ def run_cmaes(problem: Problem, preference, key: jax.Array, *, x0: np.ndarray, p
                 record(fit, hp, search)
             evaluations += 1
             fitness.append(fit)
-            if fit < best["fitness"]:
+            if fit > best["fitness"]:
                 best = {"fitness": fit, "hparams": hp, "search": search}
-        state, _ = tell(key_tell, population, jnp.asarray(fitness, jnp.float32), state, es_params)
+        # evosax minimises: the maximised fitness is negated here, and only here
+        state, _ = tell(
+            key_tell, population, jnp.asarray([-f for f in fitness], jnp.float32), state, es_params
+        )
         history.append(best["fitness"])
         logging.info(
             "param-level CMA-ES gen %d/%d: best Tchebycheff %.4f", gen + 1, num_generations, best["fitness"]
@@ -308,9 +211,12 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
             },
         }
         if cfg.cmaes.enabled:
-            x0 = _initial_genes(cfg.density, cfg.drop_rate, L)
-            best = {"fitness": tchebycheff_normalised(problem, paper_search, pref),
-                    "hparams": {**decode_genes(x0, L), "sign_election": True}, "search": paper_search.tolist()}  # fmt: skip
+            x0 = initial_genes(cfg.density, cfg.drop_rate, L)
+            best = {
+                "fitness": tchebycheff_normalised(problem, paper_search, pref),
+                "hparams": {**decode_genes(x0, L), "sign_election": True},
+                "search": paper_search.tolist(),
+            }
             grid = {"evaluations": 0, "grid": []}
             # every candidate scored, for the confirmation on the whole search split (`confirm_top`)
             seen = [(best["fitness"], best["hparams"], best["search"])]
@@ -322,15 +228,23 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
                 grid = scale_grid_search(
                     problem, pref, merge_key, settings=settings, scales=scales, record=record
                 )
-                if grid["fitness"] < best["fitness"]:
+                if grid["fitness"] > best["fitness"]:
                     best = {k: grid[k] for k in ("fitness", "hparams", "search")}
                     hp = best["hparams"]
-                    x0 = _initial_genes(hp["density"], hp["drop_rate"], L, hp["scale"])
-            res = run_cmaes(problem, pref, cma_key, x0=x0, population_size=cfg.cmaes.population_size,
-                            num_generations=cfg.cmaes.num_generations, sigma=cfg.cmaes.get("sigma", 0.5),
-                            merge_key=merge_key, sign_election=best["hparams"]["sign_election"],
-                            record=record)  # fmt: skip
-            if res["fitness"] < best["fitness"]:
+                    x0 = initial_genes(hp["density"], hp["drop_rate"], L, hp["scale"])
+            res = run_cmaes(
+                problem,
+                pref,
+                cma_key,
+                x0=x0,
+                population_size=cfg.cmaes.population_size,
+                num_generations=cfg.cmaes.num_generations,
+                sigma=cfg.cmaes.get("sigma", 0.5),
+                merge_key=merge_key,
+                sign_election=best["hparams"]["sign_election"],
+                record=record,
+            )
+            if res["fitness"] > best["fitness"]:
                 best = {k: res[k] for k in ("fitness", "hparams", "search")}
             extra = {}
             if menu is not None:
@@ -339,11 +253,11 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
                 )
             confirm = confirm_params(
                 problem,
-                [(-fit, _hparams_key(hp), (fit, hp, search)) for fit, hp, search in seen],
+                [(fit, _hparams_key(hp), (fit, hp, search)) for fit, hp, search in seen],
                 int(cfg.get("confirm_top", 0)),
                 rebuild=lambda c, pref=pref, mk=merge_key: merged_from_hparams(problem, pref, mk, c[1]),
                 score_full=lambda m: score_params(problem.engines["search_full"], problem.experts, m),
-                fitness=lambda f, pref=pref: -_tchebycheff(f, pref),  # f: whole-split scores, normalised
+                fitness=lambda f, pref=pref: _tchebycheff(f, pref),  # f: whole-split scores, normalised
             )
             tuned = None
             if confirm is not None:
@@ -374,8 +288,9 @@ def _hparams_key(hparams: dict) -> str:
     return json.dumps(hparams, sort_keys=True, default=lambda x: np.asarray(x).tolist())
 
 
-def _menu_step(problem: Problem, pref, key: jax.Array, cfg, best: dict, first: bool,
-               record=None) -> tuple[dict, dict]:  # fmt: skip
+def _menu_step(
+    problem: Problem, pref, key: jax.Array, cfg, best: dict, first: bool, record=None
+) -> tuple[dict, dict]:
     """Scores the data-aware menu of one preference against `best` (the grid's and CMA-ES's best).
 
     Returns: (the new best, {"evaluations", "menu", "without_menu" (the best before the menu: hparams, fitness,
@@ -392,11 +307,15 @@ def _menu_step(problem: Problem, pref, key: jax.Array, cfg, best: dict, first: b
         passes.append(cand.passes)
         scored.append([{k: v for k, v in cand.hparams.items() if k != "coefficients"}, fit])
         logging.info("param-level menu %s: Tchebycheff %.4f", cand.hparams["method"], fit)
-        if fit < best["fitness"]:
+        if fit > best["fitness"]:
             best = {"fitness": fit, "hparams": cand.hparams, "search": scores.tolist()}
     total = data_aware_menu.add_passes(*passes)
-    return best, {"evaluations": len(scored), "menu": scored, "without_menu": without,
-                  "calibration_passes": data_aware_menu.passes_dict(total)}  # fmt: skip
+    return best, {
+        "evaluations": len(scored),
+        "menu": scored,
+        "without_menu": without,
+        "calibration_passes": data_aware_menu.passes_dict(total),
+    }
 
 
 def calibration_cost(entries) -> dict:
