@@ -171,12 +171,12 @@ def _example_stats(problem, shell, pool, path, split: str, junction=None):
     import jax.numpy as jnp
 
     from hm3_jax.moo import bootstrap
-    from hm3_jax.tasks import objectives as obj_lib
+    from hm3_jax.tasks import scoring
 
     stats, scores = [], []
     for obj in problem.objectives[split]:
         raw = np.asarray(
-            obj_lib.path_device_scores(problem.config, shell, pool, jnp.asarray(path), junction, obj)
+            scoring.path_device_scores(problem.config, shell, pool, jnp.asarray(path), junction, obj)
         )
         st = obj.example_fn(raw)
         stats.append(st)

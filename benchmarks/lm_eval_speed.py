@@ -61,8 +61,8 @@ from hm3_jax import models
 from hm3_jax.evaluation import token_requests
 from hm3_jax.paths.engine import make_engine
 from hm3_jax.tasks.corpus import documentation_paragraphs
+from hm3_jax.tasks.generation import make_generation_objective
 from hm3_jax.tasks.multiple_choice import make_multiple_choice_objective
-from hm3_jax.tasks.objectives import make_generation_objective
 from hm3_jax.tasks.spec_zoo import eos_ids_of
 from hm3_jax.tasks.tokenizer import train_tokenizer
 

@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     from hm3_jax.moo import bootstrap
     from hm3_jax.paths import engine as engine_lib
     from hm3_jax.search.problem import pool_for, score_params
-    from hm3_jax.tasks import objectives as obj_lib
+    from hm3_jax.tasks import packing, scoring
     from hm3_jax.tasks import zoo as zoo_lib
 
     logging.set_verbosity(logging.WARNING)
@@ -185,8 +185,8 @@ def main(argv=None) -> dict:
     # Training data: each task's train part, packed exactly as the zoo packs an expert's.
     task_rows = []
     for t in tasks:
-        pairs = obj_lib.tokenize_examples(zoo.tokenizer, zoo.data[t]["train"])
-        packed = obj_lib.pack_teacher_forced(pairs, zoo.tokenizer.pad_token_id, 1, zcfg.seq_len, name="train")
+        pairs = packing.tokenize_examples(zoo.tokenizer, zoo.data[t]["train"])
+        packed = packing.pack_teacher_forced(pairs, zoo.tokenizer.pad_token_id, 1, zcfg.seq_len, name="train")
         task_rows.append((packed["input_ids"], packed["target_mask"]))
     expert_steps = zcfg.expert.num_steps * len(tasks)
 
@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
         shell, path = models.shell_of(params), jnp.arange(mcfg.num_layers, dtype=jnp.int32)
         res = []
         for k, o in enumerate(heldout_objs):
-            raw = np.asarray(obj_lib.path_device_scores(mcfg, shell, params["blocks"], path, None, o))
+            raw = np.asarray(scoring.path_device_scores(mcfg, shell, params["blocks"], path, None, o))
             stats = o.example_fn(raw)  # [N] 0/1 correctness or [N, S] chrF sentence statistics
             full = bootstrap.full_score(stats, o.metric)
             if abs(full - scores[k]) > 1e-3:

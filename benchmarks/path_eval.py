@@ -87,7 +87,7 @@ import hm3_jax  # noqa: E402
 from hm3_jax import models  # noqa: E402
 from hm3_jax.paths import make_engine  # noqa: E402
 from hm3_jax.paths.engine import DECODE_METRICS  # noqa: E402
-from hm3_jax.tasks.objectives import make_exact_match_objective  # noqa: E402
+from hm3_jax.tasks.exact_match import make_exact_match_objective  # noqa: E402
 
 
 class Setup(NamedTuple):
@@ -514,7 +514,7 @@ def profile_components(setup: Setup, batch: int = 100, seq_len: int = 48, prompt
     row("argmax over V of [B, S, V] logits", lambda x: jnp.argmax(x, -1), (logits,), 0)
     row("max over V (comparison)", lambda x: jnp.max(x, -1), (logits,), 0)
     from hm3_jax.models.decode import first_argmax
-    from hm3_jax.tasks.objectives import argmax_equals
+    from hm3_jax.tasks.exact_match import argmax_equals
 
     row("argmax_equals over V (what exact match runs now)", argmax_equals, (logits, ids), 0)
     row("first_argmax over V (what greedy decoding runs now)", first_argmax, (logits,), 0)

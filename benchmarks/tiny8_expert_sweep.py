@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hm3_jax.tasks import objectives, zoo_format
+from hm3_jax.tasks import scoring, zoo_format
 from hm3_jax.tasks.tiny8 import data
 from hm3_jax.tasks.tiny8 import train as train_lib
 from hm3_jax.tasks.tiny8 import zoo as zoo_lib
@@ -47,7 +47,7 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "the smoke zoo config (a quick check 
 
 
 def _score(config, params, objs) -> np.ndarray:
-    return np.array([objectives.score_model(config, params, o) for o in objs.values()])
+    return np.array([scoring.score_model(config, params, o) for o in objs.values()])
 
 
 def main(argv) -> None:

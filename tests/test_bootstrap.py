@@ -6,7 +6,7 @@ import pytest
 
 from hm3_jax import models, moo
 from hm3_jax.moo import bootstrap
-from hm3_jax.tasks import metrics, objectives
+from hm3_jax.tasks import metrics, scoring
 
 HYPS = ["the cat sat on the mat", "a dog", "hello world", "", "bonjour le monde"]
 REFS = ["the cat sat on a mat", "the dog", "hello, world", "nothing", "bonjour tout le monde"]
@@ -85,7 +85,7 @@ def test_run_bootstrap_reproduces_the_reported_points_on_the_smoke_zoo(smoke_zoo
     for p, spec in zip([problem.base, *problem.experts], sources, strict=True):
         stats, _ = heldout_bootstrap.example_stats(problem, spec)
         for st, obj in zip(stats, problem.objectives["heldout"], strict=True):
-            raw = objectives.path_device_scores(problem.config, models.shell_of(p), p["blocks"],
+            raw = scoring.path_device_scores(problem.config, models.shell_of(p), p["blocks"],
                                                 jnp.arange(problem.config.num_layers), None, obj)  # fmt: skip
             np.testing.assert_allclose(st, obj.example_fn(np.asarray(raw)), rtol=1e-6, atol=1e-6)
     assert engine.total_cost.num_evaluations == evaluated

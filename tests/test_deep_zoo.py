@@ -9,6 +9,7 @@ import numpy as np
 from experiments.configs import tiny3
 from hm3_jax.models import flops
 from hm3_jax.search import arch_level
+from hm3_jax.tasks import tiny3_zoo
 from hm3_jax.tasks import zoo as zoo_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _model(variant):
     zoo = tiny3.get_config(variant).zoo
-    return zoo, zoo_lib.model_config(zoo, zoo.vocab_size)
+    return zoo, tiny3_zoo.model_config(zoo, zoo.vocab_size)
 
 
 def _training_flops(zoo, model) -> int:

@@ -25,7 +25,7 @@ import hm3_jax
 from hm3_jax import models
 from hm3_jax.moo import bootstrap
 from hm3_jax.paths.engine import make_engine
-from hm3_jax.tasks import metrics, objectives
+from hm3_jax.tasks import generation, metrics, scoring
 from hm3_jax.tasks.multiple_choice import make_multiple_choice_objective, pack_multiple_choice
 from tests import hf_fixtures
 
@@ -129,33 +129,33 @@ def test_generation_matches_transformers(setup):
     prompts, greedy, eos_ids, stop = _generation_case(setup)
     texts = _texts(tok, greedy, eos_ids, stop)
     # our decode: every prompt left-padded into batches of 4 (6 prompts -> 8 rows)
-    em = objectives.make_generation_objective(
+    em = generation.make_generation_objective(
         "gen", prompts, texts, tok, 4, "exact_match", MAX_NEW, eos_ids, stop
     )
     shell, pool, path = _identity(setup)
-    tokens = np.asarray(objectives.path_device_scores(setup.config, shell, pool, jnp.asarray(path), None, em))
+    tokens = np.asarray(scoring.path_device_scores(setup.config, shell, pool, jnp.asarray(path), None, em))
     assert tokens.shape == (8, MAX_NEW)
     np.testing.assert_array_equal(tokens[: len(prompts)], greedy)
-    assert objectives.decode_generations(tok, tokens[: len(prompts)], eos_ids, stop) == texts
+    assert generation.decode_generations(tok, tokens[: len(prompts)], eos_ids, stop) == texts
 
     # targets: half the rows are the model's own stripped output (correct), half are not
     targets = [t if i % 2 == 0 else t + " x" for i, t in enumerate(texts)]
     targets = [" " + t + "\n" if i == 2 else t for i, t in enumerate(targets)]  # targets are stripped too
     expected = np.array([i % 2 == 0 for i in range(len(texts))])
-    em = objectives.make_generation_objective(
+    em = generation.make_generation_objective(
         "gen", prompts, targets, tok, 4, "exact_match", MAX_NEW, eos_ids, stop
     )
     assert em.metric == "generated_exact_match"
-    score = objectives.score_model(setup.config, setup.params, em)
+    score = scoring.score_model(setup.config, setup.params, em)
     assert score == pytest.approx(100.0 * expected.mean())
     np.testing.assert_array_equal(em.example_fn(tokens), expected)
     assert bootstrap.full_score(em.example_fn(tokens), em.metric) == pytest.approx(score)
 
     chrf_targets = [t if i % 2 == 0 else CORPUS[i % len(CORPUS)] for i, t in enumerate(texts)]
-    ch = objectives.make_generation_objective(
+    ch = generation.make_generation_objective(
         "gen", prompts, chrf_targets, tok, 4, "chrf", MAX_NEW, eos_ids, stop
     )
-    score = objectives.score_model(setup.config, setup.params, ch)
+    score = scoring.score_model(setup.config, setup.params, ch)
     want = metrics.chrf(texts, chrf_targets)
     assert score == pytest.approx(want, abs=1e-9) and 0 < want < 100
     stats = ch.example_fn(tokens)
@@ -217,12 +217,12 @@ def test_multiple_choice_matches_transformers(setup):
     mc = make_multiple_choice_objective("mc", prompt_ids, choice_ids, answers, pad_id=0, batch_size=4)
     assert mc.metric == "multiple_choice"
     shell, pool, path = _identity(setup)
-    raw = np.asarray(objectives.path_device_scores(setup.config, shell, pool, jnp.asarray(path), None, mc))
+    raw = np.asarray(scoring.path_device_scores(setup.config, shell, pool, jnp.asarray(path), None, mc))
     _, order, offsets = pack_multiple_choice(prompt_ids, choice_ids, 0, 4)
     rows = raw[np.argsort(order)]
     for i, want in enumerate(hf):
         np.testing.assert_allclose(rows[offsets[i] : offsets[i + 1]], want, rtol=1e-4, atol=1e-4)
-    score = objectives.score_model(setup.config, setup.params, mc)
+    score = scoring.score_model(setup.config, setup.params, mc)
     assert score == pytest.approx(100.0 * expected.mean()) and 0 < score < 100
     np.testing.assert_array_equal(mc.example_fn(raw), expected)
     assert bootstrap.full_score(mc.example_fn(raw), mc.metric) == pytest.approx(score)
@@ -240,10 +240,10 @@ def test_path_engine_scores_equal_score_model(setup, prefix_sharing):
     targets = ["hello", "the quick brown", "a b", "", "x", "1 2"]
     prompt_ids, choice_ids = _mc_case(setup)
     objs = [
-        objectives.make_generation_objective(
+        generation.make_generation_objective(
             "em", prompts, targets, tok, 4, "exact_match", MAX_NEW, eos_ids, stop
         ),
-        objectives.make_generation_objective(
+        generation.make_generation_objective(
             "chrf", prompts, targets, tok, 4, "chrf", MAX_NEW, eos_ids, stop
         ),
         make_multiple_choice_objective("mc", prompt_ids, choice_ids, [0, 1, 2, 1], pad_id=0, batch_size=4),
@@ -255,7 +255,7 @@ def test_path_engine_scores_equal_score_model(setup, prefix_sharing):
         setup.config, shell, pool, objs, strategy="map", prefix_sharing=prefix_sharing, num_threads=1
     )
     got = engine.evaluate(path[None].astype(np.int32)).scores[0]
-    want = [objectives.score_model(setup.config, setup.params, o) for o in objs]
+    want = [scoring.score_model(setup.config, setup.params, o) for o in objs]
     np.testing.assert_allclose(got, want, atol=1e-9)
 
 
@@ -283,8 +283,8 @@ def test_zoo_chrf_objective_keeps_its_numbers():
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 30, size=int(n)).tolist() for n in rng.integers(1, 6, size=7)]
     refs = [" abcd", "efg hij ", "klm", "nopq", "rs tu", "vw", "xyz a"]
-    obj = objectives.make_chrf_objective("toy", prompts, refs, tok, batch_size=3, max_new_tokens=5)
-    assert obj.metric == "chrf" and obj.kernel is objectives.generation_kernel
+    obj = generation.make_chrf_objective("toy", prompts, refs, tok, batch_size=3, max_new_tokens=5)
+    assert obj.metric == "chrf" and obj.kernel is generation.generation_kernel
     for seed in range(4):
         tokens = np.random.default_rng(seed).integers(
             0, 30, size=(9, 5)
@@ -309,10 +309,10 @@ def test_bootstrap_knows_every_metric():
 def test_generation_objective_validates_its_arguments():
     tok = _ToyTokenizer()
     with pytest.raises(ValueError, match="generation metric"):
-        objectives.make_generation_objective("t", [[3]], ["a"], tok, 1, "bleu", 2, (2,))
+        generation.make_generation_objective("t", [[3]], ["a"], tok, 1, "bleu", 2, (2,))
     with pytest.raises(ValueError, match="eos id"):
-        objectives.make_generation_objective("t", [[3]], ["a"], tok, 1, "chrf", 2, ())
+        generation.make_generation_objective("t", [[3]], ["a"], tok, 1, "chrf", 2, ())
     with pytest.raises(ValueError, match="1 prompts but 2 targets"):
-        objectives.make_generation_objective("t", [[3]], ["a", "b"], tok, 1, "chrf", 2, (2,))
+        generation.make_generation_objective("t", [[3]], ["a", "b"], tok, 1, "chrf", 2, (2,))
     with pytest.raises(ValueError, match="answer"):
         make_multiple_choice_objective("t", [[3]], [[[4], [5]]], [2], pad_id=0, batch_size=1)

@@ -35,7 +35,7 @@ from hm3_jax.evaluation import token_requests
 from hm3_jax.evaluation.lm_eval_model import HM3JaxLM
 from hm3_jax.evaluation.sources import ModelArgsError
 from hm3_jax.paths.engine import make_engine
-from hm3_jax.tasks import objectives, spec_zoo
+from hm3_jax.tasks import scoring, spec_zoo
 from hm3_jax.tasks import spec as spec_lib
 from tests import hf_fixtures
 
@@ -319,7 +319,7 @@ def test_harness_scores_equal_the_spec_path(env, harness):
     config, eos_ids = lm.model.config, spec_zoo.eos_ids_of(env["ckpt"], tok)
     objs = spec_zoo.make_objectives(spec, whole, tok, config, eos_ids, splits=("heldout",))["heldout"]
     params = {**lm.model.shell, "blocks": lm.model.pool}
-    score = {n: objectives.score_model(config, params, o) for n, o in objs.items()}
+    score = {n: scoring.score_model(config, params, o) for n, o in objs.items()}
     assert score["gen"] == pytest.approx(50.0) and 0 < score["mc"] < 100
     for name, key in [("gen", "tiny_gen/exact_match,strip"), ("h_gen", "tiny_gen/exact_match,strip"),
                       ("mc", "tiny_mc/acc,none"), ("h_mc", "tiny_mc/acc,none"),

@@ -9,7 +9,7 @@ import pytest
 
 from hm3_jax import models
 from hm3_jax.paths import alignment, build_prefix_tree, canonicalize, flops, make_engine
-from hm3_jax.tasks.objectives import make_exact_match_objective
+from hm3_jax.tasks.exact_match import make_exact_match_objective
 
 L, K, T_MAX = 3, 2, 5  # layers per source, sources in the pool (2 experts, no merged model needed here)
 CFG = models.ModelConfig(

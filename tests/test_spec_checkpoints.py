@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hm3_jax.tasks import objectives as objectives_lib
-from hm3_jax.tasks import spec_zoo
+from hm3_jax.tasks import scoring, spec_zoo
 from hm3_jax.tasks.spec import SpecError
 from tests import hf_fixtures
 
@@ -95,7 +94,7 @@ def test_transformers_checkpoints_run_through_the_spec(tmp_path, arch):
         assert base.config.tie_word_embeddings
     for split in ("search", "heldout"):
         for obj in zoo.objectives[split].values():
-            score = objectives_lib.score_model(base.config, base.params, obj)
+            score = scoring.score_model(base.config, base.params, obj)
             assert 0.0 <= score <= 100.0
 
 

@@ -73,14 +73,14 @@ def test_readme_example_runs_end_to_end(spec_run):
 def test_objective_is_mean_of_its_tasks(spec_run):
     """The sources' objective scores are the means of their tasks' scores (math = mean of sums, sums_chrf)."""
     from hm3_jax.pipeline import run as run_lib
-    from hm3_jax.tasks import objectives as objectives_lib
+    from hm3_jax.tasks import scoring
 
     _, config, workdir, report = spec_run
     _, zoo, problem = run_lib.setup(config, workdir)
     assert problem.task_names == ("sums", "sums_chrf", "bigger") and problem.groups == (0, 0, 1)
     base = zoo.base
     per_task = [
-        objectives_lib.score_model(base.config, base.params, o) for o in problem.objectives["heldout"]
+        scoring.score_model(base.config, base.params, o) for o in problem.objectives["heldout"]
     ]
     expected = [(per_task[0] + per_task[1]) / 2, per_task[2]]
     np.testing.assert_allclose(problem.source_scores["heldout"][0], expected, atol=1e-9)

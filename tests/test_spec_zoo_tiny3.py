@@ -10,8 +10,7 @@ import numpy as np
 import yaml
 
 from hm3_jax.search import problem as problem_lib
-from hm3_jax.tasks import objectives as objectives_lib
-from hm3_jax.tasks import spec_zoo
+from hm3_jax.tasks import scoring, spec_zoo
 from hm3_jax.tasks import zoo as zoo_lib
 
 
@@ -60,6 +59,6 @@ def test_tiny3_spec_scores_what_the_zoo_scores(smoke_zoo_dir):
             assert _same_arrays(o.arrays.tree, n.arrays.tree), o.name
     expert = old.experts["translation"]
     for task in ("translation", "code"):
-        a = objectives_lib.score_model(expert.config, expert.params, old.objectives["heldout"][task])
-        b = objectives_lib.score_model(expert.config, expert.params, new.objectives["heldout"][task])
+        a = scoring.score_model(expert.config, expert.params, old.objectives["heldout"][task])
+        b = scoring.score_model(expert.config, expert.params, new.objectives["heldout"][task])
         assert a == b

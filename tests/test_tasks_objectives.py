@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hm3_jax import models
-from hm3_jax.tasks import metrics, objectives
+from hm3_jax.tasks import exact_match, generation, metrics, packing, scoring
 
 CONFIG = models.ModelConfig(
     family="llama", vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2
@@ -65,24 +65,24 @@ def test_teacher_forced_exact_match_equals_greedy(params):
         pairs.append((prompt, target))
         expected.append(ok)
     assert 0 < sum(expected) < len(expected)
-    objective = objectives.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=5)  # 14 -> 15 rows
+    objective = exact_match.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=5)  # 14 -> 15 rows
     device = jax.jit(lambda p: objective.device_fn(functools.partial(models.apply, CONFIG, p)))
     correct = np.asarray(device(params))
     assert correct.shape == (14,)
     np.testing.assert_array_equal(correct, expected)
     assert objective.host_fn(correct) == pytest.approx(100.0 * np.mean(expected))
     # the jitted path scorer (identity path over the model's own blocks) gives the same number
-    assert objectives.score_model(CONFIG, params, objective) == pytest.approx(100.0 * np.mean(expected))
+    assert scoring.score_model(CONFIG, params, objective) == pytest.approx(100.0 * np.mean(expected))
     shell = models.shell_of(params)
     pool = models.make_pool([params["blocks"], params["blocks"]])
     mixed = np.array([2, 1, -1], np.int32)  # (source 1, block 0), (source 0, block 1), padding
-    assert objectives.score_path(CONFIG, shell, pool, mixed, objective) == pytest.approx(
-        objectives.score_model(CONFIG, params, objective)
+    assert scoring.score_path(CONFIG, shell, pool, mixed, objective) == pytest.approx(
+        scoring.score_model(CONFIG, params, objective)
     )
 
 
 def test_pack_teacher_forced_layout_by_hand():
-    packed = objectives.pack_teacher_forced([([1, 7, 8], [5, 2]), ([1, 9], [2])], pad_id=0, batch_size=4)
+    packed = packing.pack_teacher_forced([([1, 7, 8], [5, 2]), ([1, 9], [2])], pad_id=0, batch_size=4)
     assert packed["input_ids"].shape == (4, 8)
     np.testing.assert_array_equal(packed["input_ids"][0], [1, 7, 8, 5, 2, 0, 0, 0])
     # predictions at positions 2 (-> 5) and 3 (-> eos) are scored
@@ -90,10 +90,10 @@ def test_pack_teacher_forced_layout_by_hand():
     np.testing.assert_array_equal(packed["target_mask"][1], [0, 1, 0, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(packed["valid"], [True, True, False, False])
     with pytest.raises(ValueError, match="more than seq_len=4"):
-        objectives.pack_teacher_forced([([1, 7, 8], [5, 2])], pad_id=0, batch_size=1, seq_len=4)
+        packing.pack_teacher_forced([([1, 7, 8], [5, 2])], pad_id=0, batch_size=1, seq_len=4)
     with pytest.raises(ValueError, match="non-empty"):
-        objectives.pack_teacher_forced([([1], [])], pad_id=0, batch_size=1)
-    left = objectives.pack_prompts([[1, 4, 5], [1]], pad_id=0, batch_size=3, prompt_len=4)
+        packing.pack_teacher_forced([([1], [])], pad_id=0, batch_size=1)
+    left = packing.pack_prompts([[1, 4, 5], [1]], pad_id=0, batch_size=3, prompt_len=4)
     np.testing.assert_array_equal(left["prompt_ids"], [[0, 1, 4, 5], [0, 0, 0, 1], [0, 0, 0, 0]])
     np.testing.assert_array_equal(left["prompt_mask"], [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]])
 
@@ -125,26 +125,26 @@ def test_chrf_objective_decodes_like_per_example_greedy(params):
     prompts = _prompts(5, 7)
     greedy = [reference_greedy(params, p, 5) for p in prompts]
     references = [tok.decode(g[:3]) for g in greedy]
-    objective = objectives.make_chrf_objective(
+    objective = generation.make_chrf_objective(
         "toy", prompts, references, tok, batch_size=3, max_new_tokens=5
     )
     device = jax.jit(lambda p: objective.device_fn(functools.partial(_padded_reference_decode, p)))
     tokens = np.asarray(device(params))
     assert tokens.shape == (7, 5)
     np.testing.assert_array_equal(tokens, greedy)
-    hyps = objectives.decode_until_eos(tok, tokens, tok.eos_token_id)
+    hyps = generation.decode_until_eos(tok, tokens, tok.eos_token_id)
     assert objective.host_fn(tokens) == pytest.approx(metrics.chrf(hyps, references))
 
 
 def test_decode_until_eos_cuts_at_first_eos():
     tok = _ToyTokenizer()
-    assert objectives.decode_until_eos(tok, np.array([[3, 4, 2, 5], [6, 7, 8, 9]]), 2) == ["de", "ghij"]
+    assert generation.decode_until_eos(tok, np.array([[3, 4, 2, 5], [6, 7, 8, 9]]), 2) == ["de", "ghij"]
 
 
 def test_teacher_forced_agrees_with_kv_cache_greedy_decode(params):
     """Against the library's batched, left-padded, KV-cached greedy decoder."""
     prompts = _prompts(2, 10)
-    packed = objectives.pack_prompts(prompts, pad_id=0, batch_size=10)
+    packed = packing.pack_prompts(prompts, pad_id=0, batch_size=10)
     tokens = np.asarray(
         models.greedy_decode(
             CONFIG,
@@ -167,20 +167,20 @@ def test_teacher_forced_agrees_with_kv_cache_greedy_decode(params):
         pairs.append((prompt, target))
     greedy_match = [row[: len(t)] == t for row, (_, t) in zip(tokens.tolist(), pairs, strict=True)]
     assert 0 < sum(greedy_match) < len(greedy_match)
-    objective = objectives.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=4)
+    objective = exact_match.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=4)
     device = jax.jit(lambda p: objective.device_fn(functools.partial(models.apply, CONFIG, p)))
     np.testing.assert_array_equal(np.asarray(device(params)), greedy_match)
 
 
 def test_bucketing_sorts_by_length_and_trims_rows():
     pairs = [([1] * 20, [5, 2]), ([1, 3], [2]), ([1] * 9, [4, 2]), ([1, 4], [6, 2])]
-    arrays, order = objectives.bucket_teacher_forced(pairs, pad_id=0, batch_size=2)
+    arrays, order = packing.bucket_teacher_forced(pairs, pad_id=0, batch_size=2)
     np.testing.assert_array_equal(order, [1, 3, 2, 0])  # lengths 22, 3, 11, 4
     assert [a.shape for a in arrays["input_ids"]] == [(1, 2, 8), (1, 2, 24)]
     np.testing.assert_array_equal(arrays["input_ids"][0][0, 1], [1, 4, 6, 2, 0, 0, 0, 0])
     np.testing.assert_array_equal(arrays["target_mask"][0][0, 1], [0, 1, 1, 0, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="seq_len"):
-        objectives.bucket_teacher_forced(pairs, pad_id=0, batch_size=2, seq_len=16)
+        packing.bucket_teacher_forced(pairs, pad_id=0, batch_size=2, seq_len=16)
 
 
 def test_argmax_equals_matches_jnp_argmax_with_ties_nan_and_inf():
@@ -198,26 +198,26 @@ def test_argmax_equals_matches_jnp_argmax_with_ties_nan_and_inf():
     labels[:40:2] = 0
     labels[40::3] = np.nanargmax(np.where(np.isnan(logits), -np.inf, logits), axis=-1)[40::3]  # often right
     expected = np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)) == labels
-    got = np.asarray(jax.jit(objectives.argmax_equals)(jnp.asarray(logits), jnp.asarray(labels)))
+    got = np.asarray(jax.jit(exact_match.argmax_equals)(jnp.asarray(logits), jnp.asarray(labels)))
     np.testing.assert_array_equal(got, expected)
     assert 0.25 < expected.mean() < 0.75  # both outcomes are exercised
     # every label of a row: exactly one matches (the argmax)
     all_labels = np.tile(np.arange(v), (400, 1))
-    hits = objectives.argmax_equals(jnp.asarray(logits)[:, None, :].repeat(v, 1), jnp.asarray(all_labels))
+    hits = exact_match.argmax_equals(jnp.asarray(logits)[:, None, :].repeat(v, 1), jnp.asarray(all_labels))
     np.testing.assert_array_equal(np.asarray(hits).sum(1), np.ones(400))
     # labels outside [0, V) never match
-    assert not np.asarray(objectives.argmax_equals(jnp.zeros((2, v)), jnp.asarray([-1, v]))).any()
+    assert not np.asarray(exact_match.argmax_equals(jnp.zeros((2, v)), jnp.asarray([-1, v]))).any()
 
 
 def test_target_positions_by_hand():
     ids = np.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
     tmask = np.array([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]], np.float32)  # the last position never counts
-    positions, labels, valid = objectives.target_positions(ids, tmask)
+    positions, labels, valid = packing.target_positions(ids, tmask)
     np.testing.assert_array_equal(positions, [[1, 2], [4, 0]])
     np.testing.assert_array_equal(labels, [[7, 8], [14, 0]])
     np.testing.assert_array_equal(valid, [[True, True], [True, False]])
     with pytest.raises(ValueError, match="more than width"):
-        objectives.target_positions(ids, tmask, width=1)
+        packing.target_positions(ids, tmask, width=1)
 
 
 def test_exact_match_with_head_at_target_positions_equals_full_logits(params):
@@ -231,7 +231,7 @@ def test_exact_match_with_head_at_target_positions_equals_full_logits(params):
         if rng.integers(2):
             target[-1] = (target[-1] + 1) % CONFIG.vocab_size
         pairs.append((prompt, target))
-    objective = objectives.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=4)
+    objective = exact_match.make_exact_match_objective("toy", pairs, pad_id=0, batch_size=4)
     calls = []
 
     def gathered(ids, positions=None):
@@ -242,7 +242,7 @@ def test_exact_match_with_head_at_target_positions_equals_full_logits(params):
         )  # fmt: skip
 
     full = functools.partial(models.apply, CONFIG, params)
-    assert objectives.accepts_positions(gathered) and not objectives.accepts_positions(full)
+    assert exact_match.accepts_positions(gathered) and not exact_match.accepts_positions(full)
     a = np.asarray(objective.device_fn(gathered))
     b = np.asarray(objective.device_fn(full))
     assert calls and all(calls)

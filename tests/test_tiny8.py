@@ -11,7 +11,7 @@ import pytest
 from hm3_jax import models
 from hm3_jax.models import ModelConfig
 from hm3_jax.paths import engine as engine_lib
-from hm3_jax.tasks import objectives
+from hm3_jax.tasks import accuracy, scoring
 from hm3_jax.tasks.tiny8 import data
 
 _CACHE = os.environ.get(
@@ -147,16 +147,16 @@ def test_accuracy_objective_equals_numpy_reference():
     pred = np.argmax(feats @ w + b, axis=1)
     labels = np.where(np.arange(13) < 8, pred, (pred + 1) % 5)  # 8 of 13 right by construction
     for pad in (9,):  # padded classes (bias -1e9) never win
-        obj = objectives.make_accuracy_objective(
+        obj = accuracy.make_accuracy_objective(
             "t/search", x, labels, w, b, batch_size=4, num_classes_padded=pad
         )
         assert obj.metric == "accuracy" and obj.num_examples == 13
-        assert objectives.score_model(config, params, obj) == pytest.approx(100.0 * 8 / 13)
+        assert scoring.score_model(config, params, obj) == pytest.approx(100.0 * 8 / 13)
     with pytest.raises(ValueError, match="labels must lie"):
-        objectives.make_accuracy_objective("t/search", x, labels + 5, w, b, batch_size=4)
+        accuracy.make_accuracy_objective("t/search", x, labels + 5, w, b, batch_size=4)
     with pytest.raises(ValueError, match="hidden states"):
         logits_config = config.replace(num_labels=3)
-        objectives.score_model(logits_config, models.init(logits_config, jax.random.key(0)), obj)
+        scoring.score_model(logits_config, models.init(logits_config, jax.random.key(0)), obj)
 
 
 def test_engine_prefix_tree_equals_plain_for_vit_paths():
@@ -169,7 +169,7 @@ def test_engine_prefix_tree_equals_plain_for_vit_paths():
         w, b = rng.normal(size=(16, c)), rng.normal(size=c)
         feats = np.asarray(models.apply(config, ps[0], x))[:, 0]
         y = np.where(np.arange(10) < 5 + k, np.argmax(feats @ w + b, 1), rng.integers(0, c, 10))
-        objs.append(objectives.make_accuracy_objective(f"t{k}/search", x, y, w, b, 4, 6))
+        objs.append(accuracy.make_accuracy_objective(f"t{k}/search", x, y, w, b, 4, 6))
     pool = models.make_pool([p["blocks"] for p in ps])
     shell = models.shell_of(ps[0])
     paths = np.array([[0, 1, -1, -1], [0, 1, 2, 3], [0, 1, 2, -1], [5, 4, 0, -1]], np.int32)
@@ -178,7 +178,7 @@ def test_engine_prefix_tree_equals_plain_for_vit_paths():
     a, b = tree.evaluate(paths), plain.evaluate(paths)
     np.testing.assert_array_equal(a.scores, b.scores)
     assert a.cost.block_steps < b.cost.block_steps  # shared prefixes ran once
-    assert a.scores[1, 1] == objectives.score_path(config, shell, pool, paths[1], objs[1])
+    assert a.scores[1, 1] == scoring.score_path(config, shell, pool, paths[1], objs[1])
     assert a.scores[0, 0] >= 50.0  # the identity path of model 0 gets the planted labels right
 
 
@@ -217,12 +217,12 @@ def test_smoke_zoo_builds_loads_and_identity_paths_score_the_experts(tiny8_smoke
         ref = 100.0 * np.mean(
             np.argmax(feats @ heads[task]["kernel"] + heads[task]["bias"], 1) == split["labels"]
         )
-        own = objectives.score_model(config, expert, obj)
+        own = scoring.score_model(config, expert, obj)
         assert own == pytest.approx(ref) and own == pytest.approx(
             m["score_matrix"]["heldout"][k + 1][k], abs=1e-3
         )
         path = models.path_from_pairs([(k, l) for l in range(L)], L, L + 1)  # expert k's identity path
-        assert objectives.score_path(config, models.shell_of(expert), pool, path, obj) == own
+        assert scoring.score_path(config, models.shell_of(expert), pool, path, obj) == own
     engine = engine_lib.make_engine(config, models.shell_of(experts[2]), pool, list(zoo.objectives["heldout"].values()),
                                     strategy="map")  # fmt: skip
     got = engine.evaluate(np.array([[2 * L + l for l in range(L)]], np.int32)).scores[0]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import tiny3
-from hm3_jax.tasks import data, objectives
+from hm3_jax.tasks import data, objectives, tiny3_zoo, zoo_format
 from hm3_jax.tasks import zoo as zoo_lib
 
 
@@ -55,10 +55,10 @@ def test_smoke_zoo_layout_and_manifest(smoke_zoo, smoke_config):
 
 
 def test_reloaded_models_reproduce_the_manifest_scores(smoke_zoo, smoke_config):
-    assert smoke_zoo.base.config == zoo_lib.model_config(smoke_config, smoke_zoo.base.config.vocab_size)
+    assert smoke_zoo.base.config == tiny3_zoo.model_config(smoke_config, smoke_zoo.base.config.vocab_size)
     rows = [smoke_zoo.base, *smoke_zoo.experts.values()]
     for split in ("search", "heldout"):
-        recomputed = zoo_lib.score_matrix(rows, smoke_zoo.objectives[split])
+        recomputed = zoo_format.score_matrix(rows, smoke_zoo.objectives[split])
         np.testing.assert_allclose(recomputed, smoke_zoo.manifest["score_matrix"][split], atol=1e-3)
     assert isinstance(smoke_zoo.objectives["search"]["math"], objectives.Objective)
     assert smoke_zoo.objectives["search"]["translation"].metric == "chrf"
@@ -104,7 +104,7 @@ def test_rebuild_replaces_the_directory_atomically(tmp_path, monkeypatch, smoke_
         open(os.path.join(out_dir, "weights.bin"), "w").write(str(config.seed))
         return {"fingerprint": zoo_lib.config_fingerprint(config), "build_time_s": 0.0}
 
-    monkeypatch.setattr(zoo_lib, "_build", fake_build)
+    monkeypatch.setattr(zoo_lib, "build_into", fake_build)
     workdir = str(tmp_path / "zoo")
     zoo_lib.build(smoke_config, workdir)
     changed = smoke_config.copy_and_resolve_references()
@@ -117,7 +117,7 @@ def test_rebuild_replaces_the_directory_atomically(tmp_path, monkeypatch, smoke_
     def failing_build(config, out_dir, progress):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(zoo_lib, "_build", failing_build)
+    monkeypatch.setattr(zoo_lib, "build_into", failing_build)
     with pytest.raises(RuntimeError, match="boom"):
         zoo_lib.build(smoke_config, workdir)
     assert open(os.path.join(workdir, "weights.bin")).read() == "7"  # untouched

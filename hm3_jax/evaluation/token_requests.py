@@ -36,8 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hm3_jax import distributed, models
 from hm3_jax.paths.engine import place_model
+from hm3_jax.tasks.exact_match import argmax_equals
 from hm3_jax.tasks.multiple_choice import summed_logprob
-from hm3_jax.tasks.objectives import argmax_equals, pack_prompts
+from hm3_jax.tasks.packing import pack_prompts
 
 MIN_BUCKET = 8
 

@@ -256,7 +256,7 @@ def make_engines(config, shell, pool, objectives: dict, engine_strategy: str = "
 def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
     """Per task (in `tasks` order) the objective of the first `search_examples` examples of the zoo's shuffled
     search split, batch min(eval_batch_size, search_examples): the "search" split of a capped Problem."""
-    from hm3_jax.tasks import zoo as zoo_lib
+    from hm3_jax.tasks import tiny3_zoo
 
     if search_examples < 1:
         raise ValueError(f"search_examples must be >= 1, got {search_examples}")
@@ -270,7 +270,7 @@ def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
         )
     subset = {t: {"search": zoo.data[t]["search"][:search_examples]} for t in tasks}
     cfg = zoo.manifest["config"]
-    objs = zoo_lib.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
+    objs = tiny3_zoo.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
                                    cfg["seq_len"], splits=("search",))  # fmt: skip
     return [objs["search"][t] for t in tasks]
 

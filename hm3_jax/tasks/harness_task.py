@@ -40,8 +40,10 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.tasks import TaskManager, get_task_dict
 from lm_eval.tasks._yaml_loader import load_yaml
 
+from hm3_jax.tasks.generation import generation_kernel
 from hm3_jax.tasks.multiple_choice import continuation_logprob_kernel, pack_multiple_choice
-from hm3_jax.tasks.objectives import ArrayBundle, Objective, generation_kernel, pack_prompts
+from hm3_jax.tasks.objectives import ArrayBundle, Objective
+from hm3_jax.tasks.packing import pack_prompts
 
 OUTPUT_TYPES = ("generate_until", "multiple_choice")
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's hf backend's

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax.tasks.objectives import ArrayBundle, Objective, bucket_teacher_forced, map_targets
+from hm3_jax.tasks.exact_match import map_targets
+from hm3_jax.tasks.objectives import ArrayBundle, Objective
+from hm3_jax.tasks.packing import bucket_teacher_forced
 
 
 def continuation_logprob_kernel(forward, arrays: dict) -> jax.Array:

@@ -33,8 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from hm3_jax.tasks import multiple_choice
-from hm3_jax.tasks import objectives as objectives_lib
+from hm3_jax.tasks import accuracy, exact_match, generation, multiple_choice
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks.spec import SpecError
 
@@ -333,7 +332,7 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, images=None, s
             im = images[name]
             for s in splits:
                 idx = np.asarray([r["row"] - 1 for r in rows[s]], np.int64)
-                out[s][name] = objectives_lib.make_accuracy_objective(
+                out[s][name] = accuracy.make_accuracy_objective(
                     f"{name}/{s}", im["pixel_values"][idx], im["labels"][idx], im["head"]["kernel"],
                     im["head"]["bias"], batch, classes)  # fmt: skip
             continue
@@ -357,7 +356,7 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, images=None, s
                                 f"{sum(map(len, pairs[id(worst)]))} tokens, more than the model's context of "
                                 f"{context} positions")  # fmt: skip
             for s in splits:
-                out[s][name] = objectives_lib.make_exact_match_objective(
+                out[s][name] = exact_match.make_exact_match_objective(
                     f"{name}/{s}", [pairs[id(r)] for r in rows[s]], pad, batch
                 )
             continue
@@ -373,7 +372,7 @@ def make_objectives(spec, data: dict, tokenizer, config, eos_ids, images=None, s
             )
         prompt_len = min(_round_up(len(prompts[id(worst)]), 8), context - new)
         for s in splits:
-            out[s][name] = objectives_lib.make_generation_objective(
+            out[s][name] = generation.make_generation_objective(
                 f"{name}/{s}", [prompts[id(r)] for r in rows[s]], [r["target"] for r in rows[s]],
                 tokenizer, batch, task.metric, new, eos_ids, task.stop, prompt_len)  # fmt: skip
     return out

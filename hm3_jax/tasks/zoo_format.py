@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax.tasks import objectives
+from hm3_jax.tasks import objectives, scoring
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -65,10 +65,7 @@ def config_fingerprint(zoo_config) -> str:
 def score_matrix(models_list, split_objectives: Mapping[str, objectives.Objective]) -> np.ndarray:
     """Scores [len(models_list), num_tasks] of `Model`s on one split's objectives (task order kept)."""
     return np.array(
-        [
-            [objectives.score_model(m.config, m.params, o) for o in split_objectives.values()]
-            for m in models_list
-        ]
+        [[scoring.score_model(m.config, m.params, o) for o in split_objectives.values()] for m in models_list]
     )
 
 

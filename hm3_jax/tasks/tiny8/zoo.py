@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from hm3_jax.io import atomic
-from hm3_jax.tasks import objectives, zoo_format
+from hm3_jax.tasks import accuracy, zoo_format
 from hm3_jax.tasks.tiny8 import data
 from hm3_jax.tasks.tiny8 import train as train_lib
 
@@ -84,7 +84,7 @@ def make_objectives(
     out = {split: {} for split in splits}
     for task, parts in task_data.items():
         for split in splits:
-            out[split][task] = objectives.make_accuracy_objective(
+            out[split][task] = accuracy.make_accuracy_objective(
                 f"{task}/{split}",
                 data.to_model_inputs(parts[split]["pixel_values"]),
                 parts[split]["labels"],
