@@ -128,7 +128,7 @@ def _parameter_level(run_dir: str, config, zoo, problem, num: int | None = None)
     differ from a run's with all N (same preferences, same settings). A cache of more preferences is reused."""
     import jax
 
-    from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.pipeline import run_config
     from hm3_jax.search import param_level
 
     want = {"zoo_fingerprint": zoo.manifest["fingerprint"], "seed": int(config.seed),
@@ -145,7 +145,7 @@ def _parameter_level(run_dir: str, config, zoo, problem, num: int | None = None)
         ):
             return cached["entries"]
     k_pref, k_param, *_ = jax.random.split(jax.random.PRNGKey(config.seed), 5)
-    prefs = run_lib.make_preferences(config.preferences, problem.num_tasks, k_pref)[:num]
+    prefs = run_config.make_preferences(config.preferences, problem.num_tasks, k_pref)[:num]
     entries = param_level.run_param_level(problem, prefs, k_param, config.param_level)
     os.makedirs(run_dir, exist_ok=True)
     with open(path + ".tmp", "w") as f:

@@ -45,7 +45,7 @@ def _config(spec: str):
 def main(argv):
     del argv
     from hm3_jax import moo
-    from hm3_jax.pipeline import run
+    from hm3_jax.pipeline import run_config
     from hm3_jax.search import data_aware_menu, param_level
     from hm3_jax.search.problem import make_problem, score_params
     from hm3_jax.tasks import zoo as zoo_lib
@@ -58,7 +58,7 @@ def main(argv):
     K = problem.num_tasks
     config.preferences.num = FLAGS.preferences
     k_pref, k_param = jax.random.split(jax.random.PRNGKey(config.seed), 5)[:2]  # as run.run_hm3
-    prefs = run.make_preferences(config.preferences, K, k_pref)
+    prefs = run_config.make_preferences(config.preferences, K, k_pref)
     cfg = config.param_level
     cfg.data_aware.enabled = True
     t = time.perf_counter()

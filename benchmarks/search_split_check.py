@@ -20,7 +20,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hm3_jax.pipeline import baseline_runs  # noqa: E402
+from hm3_jax.pipeline import (
+    baseline_runs,  # noqa: E402
+    run_config,  # noqa: E402
+)
 from hm3_jax.pipeline import run as run_lib  # noqa: E402
 from hm3_jax.search.problem import score_params  # noqa: E402
 
@@ -30,7 +33,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a finished run_hm3 directory")
     parser.add_argument("--zoo", default=None, help="its zoo directory (default RUN/zoo)")
-    parser.add_argument("--method", default="task_arithmetic", choices=run_lib.REQUIRED_PARAM)
+    parser.add_argument("--method", default="task_arithmetic", choices=run_config.REQUIRED_PARAM)
     args = parser.parse_args(argv)
     import ml_collections
 

@@ -6,7 +6,7 @@ argparse's and the launch scripts' code for usage errors), found before anything
 code for an uncaught exception, printed with its traceback) or a finding reported as such (experiments.plan: the
 run does not fit); 128 + N killed by signal N (143: SIGTERM, after removing the temporary files,
 `hm3_jax.io.atomic`). The library raises its mistakes as exceptions whose message names the thing at fault
-(`run.ConfigError`, `zoo.ZooError`, `CheckpointError`, `SpecError`, ... all ValueErrors); `user_errors` turns the
+(`run_config.ConfigError`, `zoo.ZooError`, `CheckpointError`, `SpecError`, ... all ValueErrors); `user_errors` turns the
 ones a binary lists into that line. With `--verbosity=1` (or `HM3_TRACEBACK=1` in the environment) the
 traceback is printed before it.
 """

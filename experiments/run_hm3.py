@@ -31,7 +31,7 @@ from experiments import cli_errors
 from hm3_jax import distributed, logs
 from hm3_jax.io.safetensors_io import CheckpointError
 from hm3_jax.pipeline import run as run_lib
-from hm3_jax.pipeline import summary
+from hm3_jax.pipeline import run_config, summary
 from hm3_jax.pipeline import workdir as workdir_lib
 from hm3_jax.pipeline.memory_plan import PlanError
 from hm3_jax.pipeline.workdir import WorkdirError
@@ -52,19 +52,14 @@ def main(argv):
     del argv
     logs.quiet_libraries(("hm3_jax", "experiments"))  # orbax/JAX INFO lines only with --verbosity=1
     mesh = distributed.runtime_from_flags()  # before any other JAX call
-    workdir_lib.use_compilation_cache(
-        _WORKDIR.value
-    )  # a resume and `suggest` load the run's compiled programs
+    # a resume and `suggest` load the run's compiled programs
+    workdir_lib.use_compilation_cache(_WORKDIR.value)
     with cli_errors.user_errors(
-        run_lib.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError, CheckpointError, PlanError
+        run_config.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError, CheckpointError, PlanError
     ):
-        report = run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
+        report = run_lib.run_hm3(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, mesh)
     if distributed.is_main_process():
         print(summary.format_summary(report, _WORKDIR.value))
-
-
-def run_hm3(config, workdir, zoo_dir=None, mesh=None):
-    return run_lib.run_hm3(config, workdir, zoo_dir, mesh)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
 from hm3_jax.io.safetensors_io import CheckpointError
 from hm3_jax.models.config import ModelConfig
 from hm3_jax.pipeline import run as run_lib
+from hm3_jax.pipeline import run_config
 from hm3_jax.pipeline import suggest as suggest_lib
 from hm3_jax.pipeline.workdir import WorkdirError
 from hm3_jax.tasks import zoo as zoo_lib
@@ -464,7 +465,7 @@ def test_run_hm3_bad_config_is_refused_before_anything_is_written(tmp_path, over
         for part in path:
             node = node[part]
         node[name] = value
-    with pytest.raises((run_lib.ConfigError, zoo_lib.ZooError)) as err:
+    with pytest.raises((run_config.ConfigError, zoo_lib.ZooError)) as err:
         run_lib.run_hm3(config, str(tmp_path / "w"), zoo_dir)
     assert "\n" not in str(err.value), str(err.value)
     for word in words:

@@ -12,6 +12,7 @@ from hm3_jax.merging import traced
 from hm3_jax.models.config import ModelConfig
 from hm3_jax.pipeline import report as report_lib
 from hm3_jax.pipeline import run as run_lib
+from hm3_jax.pipeline import run_config
 from hm3_jax.pipeline.workdir import Workdir, WorkdirError, atomic_write_json, config_diff
 from hm3_jax.search import merge_genes
 
@@ -57,7 +58,7 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path, key, value, 
     config = _smoke_config()
     section, _, name = key.rpartition(".")
     setattr(_section(config, section), name, value)
-    with pytest.raises(run_lib.ConfigError, match=words):
+    with pytest.raises(run_config.ConfigError, match=words):
         run_lib.setup(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
 
@@ -111,13 +112,13 @@ def test_preferences_start_balanced_and_lie_on_the_simplex():
     import ml_collections
 
     cfg = ml_collections.ConfigDict({"num": 6, "kind": "dirichlet", "divisions": 2})
-    prefs = run_lib.make_preferences(cfg, 3, jax.random.PRNGKey(0))
+    prefs = run_config.make_preferences(cfg, 3, jax.random.PRNGKey(0))
     assert prefs.shape == (6, 3)
     np.testing.assert_allclose(prefs[0], 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(prefs.sum(1), 1, rtol=1e-6)
     assert np.all(prefs >= 0)
     cfg.kind = "das_dennis"
-    grid = run_lib.make_preferences(cfg, 3, jax.random.PRNGKey(0))
+    grid = run_config.make_preferences(cfg, 3, jax.random.PRNGKey(0))
     assert len(grid) == 1 + 6  # balanced + the 6 points of the 2-division grid (none of them balanced)
 
 
@@ -125,11 +126,11 @@ def test_one_preference_is_the_balanced_one():
     import ml_collections
 
     cfg = ml_collections.ConfigDict({"num": 1, "kind": "dirichlet", "divisions": 2})
-    prefs = run_lib.make_preferences(cfg, 3, jax.random.PRNGKey(0))
+    prefs = run_config.make_preferences(cfg, 3, jax.random.PRNGKey(0))
     np.testing.assert_allclose(prefs, np.full((1, 3), 1 / 3), rtol=1e-6)
     cfg.num = 0
     with pytest.raises(ValueError, match="preferences.num"):
-        run_lib.make_preferences(cfg, 3, jax.random.PRNGKey(0))
+        run_config.make_preferences(cfg, 3, jax.random.PRNGKey(0))
 
 
 def test_report_hypervolume_and_retention_by_hand():

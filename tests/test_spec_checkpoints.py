@@ -184,13 +184,14 @@ def test_bfloat16_spec_loads_every_model_in_bfloat16(tmp_path, llama_tok):
 def test_t_max_below_depth_is_refused_before_anything_is_written(tmp_path, llama_tok):
     from experiments.configs import checkpoints
     from hm3_jax.pipeline import run as run_lib
+    from hm3_jax.pipeline import run_config
 
     _checkpoint(tmp_path / "base", "llama", 0, llama_tok)
     _checkpoint(tmp_path / "expert", "llama", 1, llama_tok)
     config = checkpoints.get_config(_spec(tmp_path, {"a": "expert"}) + ",smoke")
     assert (config.arch.rl.t_max, config.arch.rl.t_min) == (4, 2)  # from the base's 2 blocks
     config.arch.rl.t_max = 1
-    with pytest.raises(run_lib.ConfigError, match=r"t_max=1 is smaller than the models' 2 blocks"):
+    with pytest.raises(run_config.ConfigError, match=r"t_max=1 is smaller than the models' 2 blocks"):
         run_lib.setup(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 

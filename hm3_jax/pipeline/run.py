@@ -23,104 +23,18 @@ import jax
 import numpy as np
 from absl import logging
 
-from hm3_jax import distributed, moo
-from hm3_jax.pipeline import export, memory_plan
+from hm3_jax import distributed
+from hm3_jax.pipeline import baseline_runs, export, memory_plan, method_table
 from hm3_jax.pipeline import progress as progress_lib
 from hm3_jax.pipeline import report as report_lib
-from hm3_jax.pipeline.preference_models import LazySequence, PreferenceModels, resident_preferences
+from hm3_jax.pipeline.preference_models import PreferenceModels, resident_preferences
+from hm3_jax.pipeline.run_config import ablations, check_config, check_t_max, make_preferences
 from hm3_jax.pipeline.workdir import Workdir, WorkdirError, config_diff, stage_file
 from hm3_jax.search import arch_level, heldout_bootstrap, param_level
 from hm3_jax.search.problem import Problem, make_problem
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_zoo
 from hm3_jax.tasks import zoo as zoo_lib
-
-REQUIRED_PARAM = (
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "consensus",
-    "pcb",
-    "tsv",
-    "regmean",
-    "fisher",
-    "adamerging",
-)
-REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
-# `config.ablations` (optional; a config without the key runs both): which ablations the run computes and reports.
-# "no_param_level" is a second architecture level (RL over the experts' pool); "no_arch_level" is the parameter
-# level's Theta(lambda) (no extra work). tiny3.py:smoke_mesh runs only the latter (fewer compilations).
-ABLATIONS = ("no_param_level", "no_arch_level")
-
-
-class ConfigError(ValueError):
-    """The run config cannot run (an unknown name, a value out of range); the message names the key."""
-
-
-def _ablations(config) -> tuple:
-    return tuple(config.get("ablations", ABLATIONS))
-
-
-def make_preferences(cfg, num_tasks: int, key: jax.Array) -> np.ndarray:
-    """[N, K] preferences: the balanced one first, then Dirichlet(1) samples or a Das-Dennis grid.
-
-    `cfg.num` (dirichlet) counts the balanced preference: `num=1` is a run for the balanced preference alone.
-    """
-    balanced = np.full((1, num_tasks), 1.0 / num_tasks)
-    check_preferences(cfg)
-    if cfg.kind == "dirichlet":
-        rest = np.zeros((0, num_tasks))
-        if cfg.num > 1:
-            rest = np.asarray(moo.dirichlet(key, cfg.num - 1, num_tasks), np.float64)
-    else:  # das_dennis
-        grid = moo.das_dennis(num_tasks, cfg.divisions)
-        rest = grid[np.abs(grid - balanced).sum(1) > 1e-9]
-    prefs = np.concatenate([balanced, rest]).astype(np.float32)
-    return prefs / prefs.sum(1, keepdims=True)
-
-
-def _check_config(config) -> None:
-    """The whole run config is usable (ConfigError naming the key otherwise), before anything is written."""
-    unknown = [m for m in config.baselines.param_methods if m not in REQUIRED_PARAM]
-    unknown += [m for m in config.baselines.path_methods if m not in REQUIRED_PATH]
-    if unknown:
-        raise ConfigError(f"unknown baseline method(s) {unknown}; known: {REQUIRED_PARAM + REQUIRED_PATH}")
-    bad = [a for a in _ablations(config) if a not in ABLATIONS]
-    if bad:
-        raise ConfigError(f"unknown ablation(s) {bad} in config.ablations; known: {ABLATIONS}")
-    if config.arch.alignment not in ("none", "moment"):
-        raise ConfigError(f"arch.alignment must be 'none' or 'moment', got {config.arch.alignment!r}")
-    if config.param_level.pool_model not in ("paper", "tuned"):
-        raise ConfigError(
-            f"param_level.pool_model must be 'paper' or 'tuned', got {config.param_level.pool_model!r}"
-        )
-    try:  # before the parameter level runs, not when the neighbourhood refinement starts
-        arch_level.check_neighbourhood(config.arch.get("neighbourhood_kinds", arch_level.MOVE_KINDS),
-                                       config.arch.get("neighbourhood_order", "round_robin"))  # fmt: skip
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    check_preferences(config.preferences)
-    zoo_layers = config.get("zoo", {}).get("model", {}).get("num_layers") if not config.get("spec") else None
-    if zoo_layers is not None:  # a built-in zoo's depth is known before it is built
-        _check_t_max(config, zoo_layers)
-
-
-def check_preferences(prefs) -> None:
-    """ConfigError naming the key unless `config.preferences` can make preferences (`make_preferences`)."""
-    if prefs.kind not in ("dirichlet", "das_dennis"):
-        raise ConfigError(f"preferences.kind must be 'dirichlet' or 'das_dennis', got {prefs.kind!r}")
-    if prefs.kind == "dirichlet" and int(prefs.num) < 1:
-        raise ConfigError(f"preferences.num must be >= 1 (the balanced preference counts), got {prefs.num}")
-    if prefs.kind == "das_dennis" and int(prefs.divisions) < 1:
-        raise ConfigError(f"preferences.divisions must be >= 1, got {prefs.divisions}")
-
-
-def _check_t_max(config, num_layers: int) -> None:
-    if config.arch.rl.t_max < num_layers:
-        raise ConfigError(
-            f"arch.rl.t_max={config.arch.rl.t_max} is smaller than the models' {num_layers} blocks: "
-            f"Theta(lambda)'s own path would be cut; set --config.arch.rl.t_max >= {num_layers}"
-        )
 
 
 def calibration_inputs(problem: Problem, zoo, rows: int = 32):
@@ -147,7 +61,7 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     # The whole config, the spec, its data and its checkpoints are checked (and loaded) before the workdir is
     # bound to the config (run.json): a mistake fixed and re-run into the same --workdir is not refused as
     # another run. Only a built-in zoo is written first (into its own directory, under its own fingerprint).
-    _check_config(config)
+    check_config(config)
     recorded = _recorded_spec(workdir)  # a run already in the workdir: its spec and files, else {}
     spec_path = config.get("spec") or (None if zoo_dir else recorded.get("spec", {}).get("path"))
     if not spec_path:
@@ -155,7 +69,7 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     check_memory(config, mesh, spec_path)  # before any checkpoint is loaded
     spec = spec_lib.load_spec(spec_path)
     zoo = spec_zoo.load(spec, config.get("spec_split_seed", 0))
-    _check_t_max(config, zoo.base.config.num_layers)
+    check_t_max(config, zoo.base.config.num_layers)
     hashes = spec_lib.file_hashes(spec, recorded.get("files"))
     wd = Workdir(workdir, config.to_dict())
     _check_spec_files(wd, hashes)
@@ -250,7 +164,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     )
     N = len(prefs)
     logging.info("HM3: %d tasks %s, %d preferences, L=%d", K, problem.tasks, N, L)
-    progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, _ablations(config)), start=t0)
+    progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, ablations(config)), start=t0)
 
     # Parameter level.
     param = progress.stage(wd, "param_level", lambda: param_level.run_param_level(
@@ -274,27 +188,15 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
 
     np_shell, np_pool = arch_level.no_param_level_model(problem)
     no_param = None
-    if "no_param_level" in _ablations(config):
+    if "no_param_level" in ablations(config):
         no_param = progress.stage(wd, "hm3_no_param_level", lambda: arch_level.run_arch_level(
             problem, prefs, [np_shell] * N, [np_pool] * N, base_blocks, k_abl, config.arch,
             wd.subdir("arch", "no_param"), "no_param", K))  # fmt: skip
 
-    # Imported here, not at the top: the baselines import evosax, which creates jax arrays at import time, and
-    # that would start the XLA backend before `jax.distributed.initialize` in the binaries' main (issue 7).
-    from hm3_jax.pipeline import baseline_runs
-
     budget = int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
     for m in config.baselines.path_methods:
         progress.set_count(f"baseline_{m}", budget)
-    methods: dict[str, dict] = {}
-    for k, t in enumerate(problem.tasks):
-        methods[f"expert:{t}"] = {"points": [problem.source_scores["heldout"][k + 1].tolist()], "evaluations": 0,
-                                  "wall_seconds": 0.0}  # fmt: skip
-    methods["base"] = {
-        "points": [problem.source_scores["heldout"][0].tolist()],
-        "evaluations": 0,
-        "wall_seconds": 0.0,
-    }
+    methods = method_table.reference_methods(problem)
     param_keys = {m: jax.random.fold_in(k_base, i) for i, m in enumerate(config.baselines.param_methods)}
     for m in config.baselines.param_methods:
         methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m: baseline_runs.run_param_baseline(
@@ -305,78 +207,18 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m, i=i: baseline_runs.run_path_baseline(
             problem, m, prefs, jax.random.fold_in(k_base, 100 + i), evaluator, config.arch.rl.t_max, budget,
             confirm_top=config.arch.get("confirm_top", 0)))  # fmt: skip
-
-    param_evals = sum(e["paper"]["evaluations"] + e.get("tuned", {}).get("evaluations", 0) for e in param)
-    param_seconds = sum(e["wall_seconds"] for e in param)
-    calibration = param_level.calibration_cost(param)  # the data-aware menu's passes (0 without it)
-    methods["hm3"] = {
-        "points": [r["heldout"] for r in hm3["per_preference"]],
-        "paths": [r["path"] for r in hm3["per_preference"]],
-        "preferences": prefs.tolist(),
-        "evaluations": hm3["evaluations"] + param_evals,
-        "path_evaluations": hm3["evaluations"],
-        "model_evaluations": param_evals,
-        "calibration_passes": calibration,
-        "wall_seconds": hm3["wall_seconds"] + param_seconds,
-    }
-    if no_param is not None:
-        methods["hm3_no_param_level"] = {
-            "points": [r["heldout"] for r in no_param["per_preference"]],
-            "paths": [r["path"] for r in no_param["per_preference"]],
-            "preferences": prefs.tolist(),
-            "evaluations": no_param["evaluations"],
-            "wall_seconds": no_param["wall_seconds"],
-        }
-    if "no_arch_level" in _ablations(config):
-        methods["hm3_no_arch_level"] = {
-            "points": [e[variant]["heldout"] if variant in e else e["paper"]["heldout"] for e in param],
-            "paper_points": [e["paper"]["heldout"] for e in param],
-            "preferences": prefs.tolist(),
-            "evaluations": param_evals,
-            "calibration_passes": calibration,
-            "wall_seconds": param_seconds,
-        }
-    for m in methods.values():
-        if m.get("preferences") is not None:
-            m["balanced_index"] = 0
-        elif len(m["points"]) > 1:  # a set method: the point closest to balanced in normalised terms
-            pts = problem.normalise(np.asarray(m["points"]), "heldout")
-            m["balanced_index"] = int(np.argmax(pts.min(1)))
-
-    expert_points = [problem.source_scores["heldout"][k + 1] for k in range(K)]
-    extra = {
-        "balanced": report_lib.balanced_retention(problem.tasks, methods["hm3"]["points"][0], expert_points),
-        "ideal_search": problem.ideal["search"].tolist(),
-        "source_scores": {s: v.tolist() for s, v in problem.source_scores.items()},
-        "budget": {
-            "path_evaluations_per_path_baseline": budget,
-            "hm3_path_evaluations": hm3["evaluations"],
-            "hm3_model_evaluations": param_evals,
-            "hm3_calibration_passes": calibration,
-        },  # fmt: skip
-        "param_level_summary": [
-            {
-                "preference": e["preference"],
-                "paper_heldout": e["paper"]["heldout"],
-                "tuned_heldout": e.get("tuned", {}).get("heldout"),
-                "tuned_hparams": e.get("tuned", {}).get("hparams"),
-            }
-            for e in param
-        ],  # fmt: skip
-        "arch_level_summary": {
-            "arch_config": hm3["arch_config"],
-            "alignment": config.arch.alignment,
-            "flops": hm3["flops"],
-            "engine_seconds": hm3["engine_seconds"],
-        },  # fmt: skip
-        "config_fingerprint": wd.fingerprint,
-    }
+    methods.update(method_table.hm3_methods(prefs, param, variant, hm3, no_param, ablations(config)))
+    method_table.set_balanced_indices(problem, methods)
+    extra = method_table.report_extra(
+        problem, methods, param, hm3, budget, config.arch.alignment, wd.fingerprint
+    )
     rep = report_lib.build_report(
         problem.tasks, problem.ideal["heldout"], methods, config.report.fixed_reference, extra
     )
     if config.report.get("bootstrap_samples", 0) > 0 and "hm3" in rep["methods"]:
-        specs = _method_specs(problem, config, methods, param_keys, bank, np_shell, np_pool, hm3, no_param,
-                              evaluator)  # fmt: skip
+        specs = method_table.method_specs(
+            problem, config, methods, param_keys, bank, np_shell, np_pool, hm3, no_param, evaluator
+        )
         bs = progress.stage(wd, "bootstrap", lambda: heldout_bootstrap.run_bootstrap(
             problem, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
             config.report.bootstrap_samples, config.seed,
@@ -398,70 +240,6 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
                        main_only=True)  # fmt: skip
     logging.info("HM3 run done in %.1f s", time.perf_counter() - t0)
     return rep
-
-
-def _method_specs(problem, config, methods, param_keys, bank, np_shell, np_pool, hm3, no_param,
-                  evaluator) -> dict:  # fmt: skip
-    """{method: () -> [ModelSpec]}: every reported point of the run rebuilt as a path model (for the bootstrap).
-
-    Mirrors how each point was made: parameter baselines re-merge with their chosen hyperparameters and the
-    same keys (`baseline_runs.param_baseline_models`), path methods re-use their paths (and junction scales)
-    over the experts' pool, HM3 its path over its preference's pool, the no-architecture-level ablation its
-    Theta(lambda); each under the engine cache identity it was scored with, so the held-out engine's kept
-    per-example statistics are read back instead of re-running the model.
-    """
-    from hm3_jax.pipeline import baseline_runs
-
-    D = problem.config.hidden_size
-    ModelSpec = heldout_bootstrap.ModelSpec
-
-    def spec(params):
-        return heldout_bootstrap.params_spec(problem, params)
-
-    out = {f"expert:{t}": (lambda k=k: [spec(problem.experts[k])]) for k, t in enumerate(problem.tasks)}
-    out["base"] = lambda: [spec(problem.base)]
-    for m in config.baselines.param_methods:
-        out[m] = lambda m=m: _mapped(
-            spec, baseline_runs.param_baseline_models(problem, m, methods[m], param_keys[m])
-        )
-    for m in config.baselines.path_methods:
-        out[m] = lambda m=m: [
-            ModelSpec(
-                np_shell,
-                np_pool,
-                np.asarray(p, np.int32),
-                baseline_runs.junction_from_scales(sc, D),
-                evaluator.pool_id,
-            )
-            for p, sc in zip(methods[m]["paths"], methods[m]["junction_scales"], strict=True)
-        ]
-
-    def hm3_spec(i):
-        r = hm3["per_preference"][i]
-        j = {k: np.asarray(v, np.float32) for k, v in r["junction"].items()} if "junction" in r else None
-        return ModelSpec(bank.shells[i], bank.pools[i], np.asarray(r["path"], np.int32), j,
-                         arch_level.scorer_pool_id("hm3", i))  # fmt: skip
-
-    out["hm3"] = lambda: LazySequence(len(hm3["per_preference"]), hm3_spec)
-    out["hm3_no_param_level"] = lambda: [
-        ModelSpec(
-            np_shell, np_pool, np.asarray(r["path"], np.int32), None, arch_level.scorer_pool_id("no_param", i)
-        )
-        for i, r in enumerate(no_param["per_preference"])
-    ]
-    K, L = len(problem.experts), problem.config.num_layers
-    theta_path = (K * L + np.arange(L)).astype(
-        np.int32
-    )  # `params_spec` of Theta(lambda_i), on the bank's pool
-    out["hm3_no_arch_level"] = lambda: LazySequence(
-        len(bank), lambda i: ModelSpec(bank.shells[i], bank.pools[i], theta_path)
-    )
-    return {n: f for n, f in out.items() if n in methods}
-
-
-def _mapped(fn, seq) -> LazySequence:
-    """`[fn(x) for x in seq]` computed item by item when read."""
-    return LazySequence(len(seq), lambda i: fn(seq[i]))
 
 
 def _export_all(wd, zoo, problem, param, variant, bank, hm3) -> dict:
