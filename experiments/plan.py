@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from experiments import cli_errors
 from hm3_jax import distributed, logs
-from hm3_jax.pipeline import memory_plan
+from hm3_jax.pipeline import memory_plan, program_memory
 from hm3_jax.tasks.spec import SpecError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (as for experiments.run_hm3).")
@@ -32,7 +32,7 @@ _LARGEST = flags.DEFINE_bool("largest_batch", True, "Also find the largest eval 
 _PROGRAMS = flags.DEFINE_list(
     "programs", list(memory_plan.PROGRAMS), "Kinds of programs to plan (a run needs all)."
 )
-_SPLITS = flags.DEFINE_list("splits", list(memory_plan.SPLITS), "Splits whose path engines to plan.")
+_SPLITS = flags.DEFINE_list("splits", list(program_memory.SPLITS), "Splits whose path engines to plan.")
 _SPEC = flags.DEFINE_string(
     "spec", None, "Plan this spec instead of config.spec (e.g. a built zoo's spec.yaml)."
 )

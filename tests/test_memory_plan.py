@@ -75,7 +75,7 @@ from absl import app
 from experiments import cli_errors, plan as plan_bin
 from experiments.configs import qwen25_1p5b
 from hm3_jax import distributed, models
-from hm3_jax.pipeline import memory_plan
+from hm3_jax.pipeline import memory_plan, program_memory
 from hm3_jax.search.problem import make_engines
 from hm3_jax.tasks import spec_zoo
 
@@ -129,7 +129,7 @@ placed = [e._placed()[1] for e in prob.engines.values()]
 out["splits"] = len(placed)
 out["shared_placement"] = all(a is b for p in placed[1:] for a, b in zip(jax.tree.leaves(placed[0]), jax.tree.leaves(p)))
 out["problem_pool_device0"] = dev0(placed[0])
-out["problem_pool_planned"] = memory_plan.placed_bytes({}, placed[0], tp_mesh)
+out["problem_pool_planned"] = program_memory.placed_bytes({}, placed[0], tp_mesh)
 out["problem_pool_whole"] = sum(x.nbytes for x in jax.tree.leaves(placed[0]))
 print("RESULT " + json.dumps(out))
 """
@@ -258,9 +258,9 @@ def test_a_run_that_fits_reports_its_largest_batch_and_measured_bytes(child):
 
 
 def test_plan_error_names_the_program():
-    from hm3_jax.pipeline import memory_plan
+    from hm3_jax.pipeline import memory_plan, program_memory
 
-    program = memory_plan.ProgramMemory(
+    program = program_memory.ProgramMemory(
         "path_scores/search", 8, "paths:8,data:1,model:1", 100, 10, 50, 0, 40, 0.0
     )
     plan = memory_plan.Plan((program,), 400, 100, 199, "TPU v4", 16, None)

@@ -45,22 +45,23 @@ experiments/plan.py) the figures are the target compiler's.
 
 from __future__ import annotations
 
-import functools
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax import distributed, models
-from hm3_jax.merging import traced
-from hm3_jax.merging.groups import is_stacked, path_name
-from hm3_jax.paths.engine import DECODE_METRICS
-from hm3_jax.pipeline.preference_models import resident_preferences
-from hm3_jax.search.problem import make_engines
-from hm3_jax.tasks import scoring
-from hm3_jax.tasks import spec as spec_lib
+from hm3_jax.pipeline.program_memory import (
+    SPLITS,
+    ProgramMemory,
+    abstract_params,
+    add_held,
+    engine_programs,
+    merge_program,
+    model_score_programs,
+    split_objectives,
+    tree_bytes,
+)
 from hm3_jax.tasks import spec_zoo
 
 GIB = 1 << 30
@@ -82,35 +83,6 @@ DEFAULT_MEMORY_FRACTION = 0.9  # of a device's memory a plan may use (XLA's own 
 
 class PlanError(ValueError):
     """The run would not fit: the message names the program, the device and the bytes."""
-
-
-class ProgramMemory(NamedTuple):
-    """Bytes of one compiled program (from `compiled.memory_analysis()`, per device) and where it runs.
-
-    Attributes: name; devices: how many devices run it (each holds these bytes); mesh: "paths:2,data:1,model:4"
-    or "device 0"; argument_bytes, output_bytes, temp_bytes, alias_bytes: per device; resident_bytes: what the
-    run keeps on device 0 besides the program's arguments; compile_seconds: lowering + compilation time here.
-    """
-
-    name: str
-    devices: int
-    mesh: str
-    argument_bytes: int
-    output_bytes: int
-    temp_bytes: int
-    alias_bytes: int
-    resident_bytes: int
-    compile_seconds: float
-
-    @property
-    def program_bytes(self) -> int:
-        """Per device: arguments + outputs + temporaries - aliased."""
-        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
-
-    @property
-    def device0_bytes(self) -> int:
-        """On device 0: the program's bytes plus the run's resident arrays."""
-        return self.program_bytes + self.resident_bytes
 
 
 class Plan(NamedTuple):
@@ -167,213 +139,6 @@ def _gib(n) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def abstract_params(config, dtype) -> dict:
-    """ShapeDtypeStructs of a model's params (`models.init`'s tree) with every floating leaf in `dtype`."""
-    tree = jax.eval_shape(lambda k: models.init(config, k), jax.random.PRNGKey(0))
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
-        tree,
-    )
-
-
-def abstract_pool(params, num_experts: int) -> dict:
-    """The abstract pool of the K + 1 sources' blocks (`problem.pool_for`): `params["blocks"]` leaves
-    `[L, ...]` -> `[(K + 1) L, ...]` ShapeDtypeStructs."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(((num_experts + 1) * x.shape[0],) + x.shape[1:], x.dtype),
-        params["blocks"],
-    )
-
-
-def tree_bytes(tree) -> int:
-    """Sum of the leaves' bytes (arrays or ShapeDtypeStructs)."""
-    return int(
-        sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-    )
-
-
-def resident_bytes(program: str, sources_bytes: int, pool_bytes: int) -> int:
-    """Bytes the run keeps on device 0 outside `program`'s arguments (hm3_jax/pipeline/run.py and problem.py today):
-    the sources as `load_pretrained` placed them (`sources_bytes`: the K + 1 models, or for "model_scores" the K
-    that are not its argument) and the sources' pool (`problem.make_problem`, `pool_bytes`; it is the path
-    programs' own argument: on a mesh `make_problem` places it once, sharded, for every split's engine, and
-    drops the unplaced copy). The preferences' merged models are added by `held_preference_bytes`
-    (`memory.resident_preferences` of them, or all N).
-
-    program: "merge" (its arguments are the sources), "path_scores" or "model_scores".
-    """
-    if program == "merge":
-        return pool_bytes
-    if program == "path_scores":
-        return sources_bytes
-    return sources_bytes + pool_bytes
-
-
-def held_preferences(run_config) -> int:
-    """How many preferences' merged models a run holds at once: `memory.resident_preferences`, 0 = all
-    (`preferences.num`); hm3_jax/pipeline/preference_models.py."""
-    num, resident = int(run_config.preferences.num), resident_preferences(run_config)
-    return min(resident, num) if resident > 0 else num
-
-
-def held_preference_bytes(program: str, run_config, config, num_experts: int, dtype, mesh=None) -> int:
-    """Device-0 bytes of the preferences' merged models (`preference_models.PreferenceModels`: per held preference
-    a shell and a pool of the K + 1 sources' blocks) that `program` does not take as its argument.
-
-    During the architecture level a path program's argument is one preference's shell and pool: the other held
-    ones (`held_preferences - 1`) and the sources' own pool (the split engines', which the program then does
-    not read) are resident beside it. The held-out bootstrap's model programs and the merges run while all held
-    preferences are kept. On a mesh in one process each held preference's shell and pool are placed sharded
-    like the engine's (`preference_models`): per device its share of them (`placed_bytes`); on several
-    processes they stay whole on device 0.
-    """
-    params = abstract_params(config, dtype)
-    shell = models.shell_of(params)
-    pool = abstract_pool(params, num_experts)
-    if mesh is not None and jax.process_count() == 1:
-        one, sources_pool = placed_bytes(shell, pool, mesh), placed_bytes({}, pool, mesh)
-    else:
-        one, sources_pool = tree_bytes(pool) + tree_bytes(shell), tree_bytes(pool)
-    held = held_preferences(run_config)
-    if program.startswith("path_scores"):
-        return (held - 1) * one + sources_pool
-    return held * one
-
-
-def placed_bytes(shell, pool, mesh) -> int:
-    """Bytes per device of (shell, pool) placed as strategy "shard" places them (`engine.place_model`: tensor
-    parallel over "model"): each leaf's shard shape under `distributed.model_sharding`."""
-    shardings = distributed.model_sharding(shell, pool, mesh)
-    return sum(
-        int(np.prod(sh.shard_shape(tuple(x.shape)))) * np.dtype(x.dtype).itemsize
-        for x, sh in zip(jax.tree.leaves((shell, pool)), jax.tree.leaves(shardings), strict=True)
-    )
-
-
-def _add_held(programs, run_config, config, num_experts: int, dtype, mesh) -> list[ProgramMemory]:
-    """`programs` with the preferences' merged models added to their resident bytes (`held_preference_bytes`)."""
-    return [
-        p._replace(resident_bytes=p.resident_bytes
-                   + held_preference_bytes(p.name, run_config, config, num_experts, dtype, mesh))
-        for p in programs
-    ]  # fmt: skip
-
-
-def _memory(name, lowered_fn, devices: int, mesh: str, resident: int) -> ProgramMemory:
-    """Compiles `lowered_fn()` (a `jax.stages.Lowered`) and reads its memory analysis."""
-    start = time.perf_counter()
-    stats = lowered_fn().compile().memory_analysis()
-    return ProgramMemory(
-        name, devices, mesh, int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes),
-        int(stats.temp_size_in_bytes), int(stats.alias_size_in_bytes), int(resident),
-        time.perf_counter() - start,
-    )  # fmt: skip
-
-
-def _mesh_name(mesh) -> str:
-    if mesh is None:
-        return "device 0"
-    return ",".join(f"{a}:{n}" for a, n in dict(mesh.shape).items())
-
-
-SPLITS = ("search", "search_full", "heldout")  # the path engines of a run (problem.make_problem)
-
-
-def _split_objectives(tasks: spec_zoo.SpecTasks, batch_size: int, search_examples: int = 0) -> dict:
-    """{split: [Objective]} in the spec's task order at `batch_size` rows per batch, as `make_problem` makes
-    them: with `search_examples` > 0 "search" holds each task's first `search_examples` search rows (batches of
-    min(batch_size, search_examples) rows, generations as long as on the whole split: the lines of
-    `SpecZoo.capped_search_objectives`) and "search_full" the whole search split."""
-    spec = tasks.spec._replace(eval_batch_size=batch_size)
-    objs = tasks.objectives
-    if batch_size != tasks.spec.eval_batch_size:
-        objs = spec_zoo.make_objectives(spec, tasks.data, tasks.tokenizer, tasks.base_config, tasks.eos_ids,
-                                        tasks.images, harness=tasks.harness)  # fmt: skip
-    out = {split: list(objs[split].values()) for split in spec_lib.SPLITS}
-    if search_examples:
-        data = {t: {"search": d["search"][:search_examples]} for t, d in tasks.data.items()}
-        capped = spec._replace(eval_batch_size=min(batch_size, search_examples))
-        objs = spec_zoo.make_objectives(capped, data, tasks.tokenizer, tasks.base_config, tasks.eos_ids,
-                                        tasks.images, ("search",), shapes_from=tasks.data,
-                                        harness=tasks.harness)  # fmt: skip
-        out["search_full"], out["search"] = out["search"], list(objs["search"].values())
-    return out
-
-
-def engine_programs(config, num_experts: int, dtype, objectives: dict, run_config, mesh, groups,
-                    splits=SPLITS) -> list[ProgramMemory]:  # fmt: skip
-    """``path_scores/<split>`` (and ``.../tree``) of the engines `problem.make_engines` builds over the K + 1
-    sources' pool, compiled with abstract inputs."""
-    params = abstract_params(config, dtype)
-    shell = models.shell_of(params)
-    pool = abstract_pool(params, num_experts)
-    eng = run_config.engine
-    planned = {s: objectives[s] for s in splits if s in objectives}  # "search_full" only with a capped search
-    engines = make_engines(config, shell, pool, planned, eng.strategy, eng.chunk_size, eng.prefix_sharing, mesh,
-                           groups, pool_id="plan")  # fmt: skip
-    t_max = int(run_config.arch.rl.t_max)
-    junction = run_config.arch.alignment != "none"
-    sharded = mesh is not None
-    resident = resident_bytes("path_scores", (num_experts + 1) * tree_bytes(params), tree_bytes(pool))
-    devices = mesh.size if sharded else 1
-    out = []
-    for split, engine in engines.items():
-        out.append(_memory(f"path_scores/{split}", lambda e=engine: e.lower_plain(t_max, junction), devices,
-                           _mesh_name(mesh), resident))  # fmt: skip
-        if engine.lower_tree(t_max) is not None:
-            out.append(_memory(f"path_scores/{split}/tree", lambda e=engine: e.lower_tree(t_max), 1, "device 0",
-                               resident))  # fmt: skip
-    return out
-
-
-def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
-    """``merge``: the tuned parameter level's merge (`merging.traced.dare_ties_traced`) on device 0. It streams tensor
-    by tensor (shell leaves, and stacked leaves block by block; `merging.traced.dare_ties_leaf`): planned is the
-    largest tensor's program, with the rest of the sources, the sources' pool and the merged model being
-    assembled (at most one model) resident."""
-    params = abstract_params(config, dtype)
-    tensors = [  # what dare_ties_leaf is called on: shell leaves whole, stacked leaves one block at a time
-        jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if is_stacked(path_name(p)) else x
-        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    ]
-    leaf = max(tensors, key=lambda x: int(np.prod(x.shape)) * x.dtype.itemsize)
-    f32 = jax.ShapeDtypeStruct((), jnp.float32)
-    args = (False, jax.ShapeDtypeStruct((2,), jnp.uint32), leaf, [leaf] * num_experts,
-            jax.ShapeDtypeStruct((num_experts,), jnp.float32), f32, f32, f32, f32)  # fmt: skip
-    model = tree_bytes(params)
-    leaf_args = (num_experts + 1) * tree_bytes(leaf)
-    pool = (num_experts + 1) * tree_bytes(params["blocks"])
-    resident = (num_experts + 1) * model - leaf_args + pool + model
-    return _memory("merge", lambda: traced.dare_ties_leaf.lower(*args), 1, "device 0", resident)
-
-
-def _one_model_scores(config, objective, shell, blocks):
-    path = jnp.arange(config.num_layers, dtype=jnp.int32)
-    return scoring.path_device_scores(config, shell, blocks, path, None, objective)
-
-
-def model_score_programs(config, num_experts: int, dtype, objectives: list) -> list[ProgramMemory]:
-    """``model_scores/<task>``: one model's held-out score (`objectives.path_device_scores`) per distinct
-    objective shape, on device 0."""
-    params = abstract_params(config, dtype)
-    model = tree_bytes(params)
-    resident = resident_bytes(
-        "model_scores", num_experts * model, (num_experts + 1) * tree_bytes(params["blocks"])
-    )
-    seen, out = set(), []
-    for obj in objectives:
-        kind = "decode" if obj.metric in DECODE_METRICS else obj.metric  # one program for every decode metric
-        shapes = (kind, obj.kernel, str(jax.tree.map(np.shape, obj.arrays.tree)))
-        if shapes in seen:
-            continue
-        seen.add(shapes)
-        fn = jax.jit(functools.partial(_one_model_scores, config, obj))
-        task = obj.name.rsplit("/", 1)[0]
-        out.append(_memory(f"model_scores/{task}", lambda f=fn: f.lower(models.shell_of(params), params["blocks"]),
-                           1, "device 0", resident))  # fmt: skip
-    return out
-
-
 def usable_memory(
     device_memory_bytes: int | None, memory_fraction: float = DEFAULT_MEMORY_FRACTION
 ) -> int | None:
@@ -386,9 +151,17 @@ def usable_memory(
     return None if device_memory_bytes is None else int(device_memory_bytes * memory_fraction)
 
 
-def plan_run(run_config, mesh=None, device_memory_bytes: int | None = None,
-             memory_fraction: float = DEFAULT_MEMORY_FRACTION, *, spec_path: str | None = None,
-             search_batch: bool = True, programs: tuple = PROGRAMS, splits=SPLITS) -> Plan:  # fmt: skip
+def plan_run(
+    run_config,
+    mesh=None,
+    device_memory_bytes: int | None = None,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+    *,
+    spec_path: str | None = None,
+    search_batch: bool = True,
+    programs: tuple = PROGRAMS,
+    splits=SPLITS,
+) -> Plan:
     """The memory plan of `run_config` (an `experiments/configs` config with `spec`, or `spec_path`) on `mesh`
     (None: one device, as the run without --mesh).
 
@@ -408,7 +181,7 @@ def plan_run(run_config, mesh=None, device_memory_bytes: int | None = None,
     groups = tuple(objectives.index(spec.tasks[t].objective) for t in spec.tasks)
     usable = usable_memory(device_memory_bytes, memory_fraction)
     search_examples = int(run_config.engine.get("search_examples") or 0)
-    split_objs = _split_objectives(tasks, spec.eval_batch_size, search_examples)
+    split_objs = split_objectives(tasks, spec.eval_batch_size, search_examples)
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise ValueError(f"unknown program kind(s) {sorted(unknown)}; known: {PROGRAMS}")
@@ -419,13 +192,21 @@ def plan_run(run_config, mesh=None, device_memory_bytes: int | None = None,
     if "model_scores" in programs:
         planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"])
     model_bytes = tree_bytes(abstract_params(config, dtype))
-    planned = _add_held(planned, run_config, config, num_experts, dtype, mesh)
+    planned = add_held(planned, run_config, config, num_experts, dtype, mesh)
     largest = (None, None)
     if search_batch and usable is not None and "path_scores" in programs and "search" in splits:
         largest = largest_batch(tasks, run_config, mesh, groups, dtype, usable, planned)
     device = jax.devices()[0].device_kind
-    return Plan(tuple(planned), (num_experts + 1) * model_bytes, model_bytes, usable, device, spec.eval_batch_size,
-                largest[0], largest[1] if mesh is not None else None)  # fmt: skip
+    return Plan(
+        tuple(planned),
+        (num_experts + 1) * model_bytes,
+        model_bytes,
+        usable,
+        device,
+        spec.eval_batch_size,
+        largest[0],
+        largest[1] if mesh is not None else None,
+    )
 
 
 def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs) -> tuple:
@@ -445,11 +226,11 @@ def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs)
         )
 
     def plan_at(batch, cap):
-        objs = _split_objectives(tasks, batch, cap)
+        objs = split_objectives(tasks, batch, cap)
         progs = engine_programs(
             tasks.base_config, num_experts, dtype, objs, run_config, mesh, groups, ("search",)
         )
-        return _add_held(progs, run_config, tasks.base_config, num_experts, dtype, mesh)
+        return add_held(progs, run_config, tasks.base_config, num_experts, dtype, mesh)
 
     if capped and min(2 * b0, capped) == min(b0, capped):
         capped, at_b0 = 0, search_bytes(plan_at(b0, 0))
@@ -463,9 +244,15 @@ def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs)
     return tuple(out)
 
 
-def check_fits(run_config, mesh=None, device_memory_bytes: int | None = None,
-               memory_fraction: float = DEFAULT_MEMORY_FRACTION, *, spec_path: str | None = None,
-               splits=SPLITS) -> Plan | None:  # fmt: skip
+def check_fits(
+    run_config,
+    mesh=None,
+    device_memory_bytes: int | None = None,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+    *,
+    spec_path: str | None = None,
+    splits=SPLITS,
+) -> Plan | None:
     """`plan_run` without the batch search, before a run loads anything: returns the plan, or raises PlanError
     naming the program and the device when the run does not fit (`splits`: see `plan_run`), at the first kind of
     program (PROGRAMS, in order) that does not, without compiling the rest. With no `device_memory_bytes` on a backend
@@ -474,8 +261,16 @@ def check_fits(run_config, mesh=None, device_memory_bytes: int | None = None,
         return None
     plan = None
     for kind in PROGRAMS:  # one kind at a time: a run that does not fit is refused at its first such program
-        part = plan_run(run_config, mesh, device_memory_bytes, memory_fraction, spec_path=spec_path,
-                        search_batch=False, programs=(kind,), splits=splits)  # fmt: skip
+        part = plan_run(
+            run_config,
+            mesh,
+            device_memory_bytes,
+            memory_fraction,
+            spec_path=spec_path,
+            search_batch=False,
+            programs=(kind,),
+            splits=splits,
+        )
         if not part.fits:
             raise PlanError(part.error_message())
         plan = part if plan is None else plan._replace(programs=plan.programs + part.programs)
@@ -485,13 +280,38 @@ def check_fits(run_config, mesh=None, device_memory_bytes: int | None = None,
 def format_plan(plan: Plan) -> str:
     """The plan as a text table (GiB per device; "program" = arguments + outputs + temporaries - aliased; device 0
     adds the run's resident arrays)."""
-    rows = [("program", "devices", "mesh", "arguments", "outputs", "temporaries", "program", "+resident",
-             "device 0", "fits", "compile s")]  # fmt: skip
+    rows = [
+        (
+            "program",
+            "devices",
+            "mesh",
+            "arguments",
+            "outputs",
+            "temporaries",
+            "program",
+            "+resident",
+            "device 0",
+            "fits",
+            "compile s",
+        )
+    ]
     for p in plan.programs:
         fits = "-" if plan.usable_bytes is None else ("yes" if p.device0_bytes <= plan.usable_bytes else "NO")
-        rows.append((p.name, str(p.devices), p.mesh, _gib(p.argument_bytes), _gib(p.output_bytes),
-                     _gib(p.temp_bytes), _gib(p.program_bytes), _gib(p.resident_bytes),
-                     _gib(p.device0_bytes), fits, f"{p.compile_seconds:.1f}"))  # fmt: skip
+        rows.append(
+            (
+                p.name,
+                str(p.devices),
+                p.mesh,
+                _gib(p.argument_bytes),
+                _gib(p.output_bytes),
+                _gib(p.temp_bytes),
+                _gib(p.program_bytes),
+                _gib(p.resident_bytes),
+                _gib(p.device0_bytes),
+                fits,
+                f"{p.compile_seconds:.1f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
