@@ -14,7 +14,8 @@ import pytest
 from hm3_jax import models
 from hm3_jax.io import hf_config
 from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
-from hm3_jax.io.hf_config import config_from_hf_dict, hf_dict_from_config, read_hf_config
+from hm3_jax.io.hf_config import config_from_hf_dict, read_hf_config
+from hm3_jax.io.hf_config_write import hf_dict_from_config
 from tests import hf_fixtures
 
 LLAMA3_SCALING = {

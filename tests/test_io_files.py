@@ -10,9 +10,10 @@ import pytest
 from safetensors.numpy import save_file
 
 from hm3_jax import models
-from hm3_jax.io import atomic, hf_config, safetensors_io
+from hm3_jax.io import atomic, hf_config, hf_config_write, safetensors_io
 from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
-from hm3_jax.io.hf_config import UnsupportedArchitectureError, config_from_hf_dict, hf_dict_from_config
+from hm3_jax.io.hf_config import UnsupportedArchitectureError, config_from_hf_dict
+from hm3_jax.io.hf_config_write import hf_dict_from_config
 from hm3_jax.io.safetensors_io import CheckpointError
 
 LLAMA = {
@@ -121,9 +122,9 @@ def test_config_roundtrip_through_hf_dict(arch):
         c = config_from_hf_dict(dict(LLAMA, architectures=[arch], sliding_window=16))
     hf = hf_dict_from_config(c)
     assert hf["architectures"] == [arch]
-    assert hf_config.config_signature(
+    assert hf_config_write.config_signature(
         config_from_hf_dict(json.loads(json.dumps(hf)))
-    ) == hf_config.config_signature(c)
+    ) == hf_config_write.config_signature(c)
 
 
 def test_hf_dict_keeps_unmodelled_fields_and_updates_modelled_ones():

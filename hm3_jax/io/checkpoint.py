@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from hm3_jax.io import atomic, mapping, safetensors_io
+from hm3_jax.io import atomic, mapping, param_load, param_save, safetensors_io
 from hm3_jax.io import hf_config as hf_config_lib
+from hm3_jax.io.hf_config_write import hf_dict_from_config
 from hm3_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,12 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Model:
     weight_files = safetensors_io.find_weight_files(path)
     with safetensors_io.TensorReader(weight_files) as reader:
         try:  # headers only, before any data is read; names the checkpoint (load_params checks the same)
-            mapping.check_tensors(config, reader.names(), reader.shape)
+            param_load.check_tensors(config, reader.names(), reader.shape)
         except safetensors_io.CheckpointError as e:
             config_path = os.path.join(os.fspath(path), hf_config_lib.CONFIG_NAME)
             raise safetensors_io.CheckpointError(f"{config_path} disagrees with the weights: {e}") from None
         num_entries = len(mapping.family_mapping(config).entries)
-        params = mapping.load_params(config, reader, dt, progress=_progress("loading tensors", num_entries))
+        params = param_load.load_params(config, reader, dt, progress=_progress("loading tensors", num_entries))
     log.info(
         "loaded %s (%s, %d layers) from %s", hf["architectures"][0], _DTYPES[dt], config.num_layers, path
     )
@@ -116,13 +117,13 @@ def save_pretrained(model: Model, path: str | os.PathLike, max_shard_size: int |
         raise ValueError(
             f"params must all be float32 or all bfloat16 to save, got dtypes {sorted(map(str, dtypes))}"
         )
-    hf = hf_config_lib.hf_dict_from_config(config, getattr(model, "hf_config", None))
+    hf = hf_dict_from_config(config, getattr(model, "hf_config", None))
     hf["torch_dtype"] = _DTYPES[dtypes.pop()]
     hf.setdefault("transformers_version", _transformers_version())
     # Bare base models (ViTModel) name tensors without the base-model prefix ("vit."), as transformers does.
     prefix_base = hf["architectures"][0] != "ViTModel"
-    specs = mapping.hf_tensor_specs(config, params, prefix_base=prefix_base)
-    tensor_fn = mapping.hf_tensor_fn(config, params, prefix_base=prefix_base)
+    specs = param_save.hf_tensor_specs(config, params, prefix_base=prefix_base)
+    tensor_fn = param_save.hf_tensor_fn(config, params, prefix_base=prefix_base)
     num_shards = len(
         safetensors_io.plan_shards(
             ((n, int(np.prod(s)) * np.dtype(d).itemsize) for n, s, d in specs),

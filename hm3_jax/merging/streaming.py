@@ -45,7 +45,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from hm3_jax.io import atomic, hf_config, mapping, vocab
+from hm3_jax.io import atomic, hf_config, param_load, vocab
 from hm3_jax.merging import api, chunked
 from hm3_jax.merging.groups import GroupFn, check_leaf_weights, default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.safetensors_stream import (
@@ -602,7 +602,7 @@ def _check_against_config(config_source: str, updates: dict, entries: Sequence[t
         return
     shapes = {name: tuple(shape) for name, _, shape in entries}
     try:
-        mapping.check_tensors(config, sorted(shapes), shapes.__getitem__)
+        param_load.check_tensors(config, sorted(shapes), shapes.__getitem__)
     except ValueError as e:
         raise ValueError(f"{config_path} disagrees with the weights to be written: {e}") from None
 
