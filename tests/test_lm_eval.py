@@ -35,7 +35,7 @@ from hm3_jax.evaluation import token_requests
 from hm3_jax.evaluation.lm_eval_model import HM3JaxLM
 from hm3_jax.evaluation.sources import ModelArgsError
 from hm3_jax.paths.engine import make_engine
-from hm3_jax.tasks import scoring, spec_zoo
+from hm3_jax.tasks import scoring, spec_data, spec_objectives, spec_zoo
 from hm3_jax.tasks import spec as spec_lib
 from tests import hf_fixtures
 
@@ -313,11 +313,11 @@ def test_harness_scores_equal_the_spec_path(env, harness):
     )
     spec = spec_lib.load_spec(str(spec_file))
     assert spec.tasks["h_gen"].metric == "lm_eval" and spec.tasks["h_gen"].data == str(tasks / "gen.yaml")
-    whole = {n: {"heldout": spec_lib.read_rows(t) if t.metric != "lm_eval" else [{"row": r} for r in range(1, 9)]}
+    whole = {n: {"heldout": spec_data.read_rows(t) if t.metric != "lm_eval" else [{"row": r} for r in range(1, 9)]}
              for n, t in spec.tasks.items()}  # fmt: skip
     whole["h_mc"]["heldout"] = whole["h_mc"]["heldout"][: len(MC)]
     config, eos_ids = lm.model.config, spec_zoo.eos_ids_of(env["ckpt"], tok)
-    objs = spec_zoo.make_objectives(spec, whole, tok, config, eos_ids, splits=("heldout",))["heldout"]
+    objs = spec_objectives.make_objectives(spec, whole, tok, config, eos_ids, splits=("heldout",))["heldout"]
     params = {**lm.model.shell, "blocks": lm.model.pool}
     score = {n: scoring.score_model(config, params, o) for n, o in objs.items()}
     assert score["gen"] == pytest.approx(50.0) and 0 < score["mc"] < 100
@@ -435,10 +435,10 @@ def test_harness_task_by_name_split_key_and_file_hashes(env, harness, monkeypatc
     harness's own registry, which is replaced by an empty directory here: indexing its ~15k YAMLs takes ~8 CPU-s);
     a harness task over a JSONL file splits its documents as a JSONL task over that file splits its rows; a run's
     file hashes cover the data files a task YAML names."""
-    from hm3_jax.tasks import harness_task
+    from hm3_jax.tasks import harness_loader
 
     root = env["root"]
-    monkeypatch.setattr(harness_task, "REGISTRY_DIR", str(root / "empty_registry"))
+    monkeypatch.setattr(harness_loader, "REGISTRY_DIR", str(root / "empty_registry"))
     (root / "empty_registry").mkdir()
     named = root / "named"
     named.mkdir()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hm3_jax.tasks import spec as spec_lib
+from hm3_jax.tasks import spec_data
 from hm3_jax.tasks.spec import SpecError
 
 
@@ -62,15 +63,15 @@ def test_parses_paths_objectives_and_defaults(spec_dir):
 def test_seeded_split_is_70_30_reproducible_and_honours_given_splits(spec_dir):
     s = _spec(spec_dir)
     task = s.tasks["gsm"]
-    rows = spec_lib.read_rows(task)
-    a, b = spec_lib.split_rows(task, rows, 0), spec_lib.split_rows(task, rows, 0)
+    rows = spec_data.read_rows(task)
+    a, b = spec_data.split_rows(task, rows, 0), spec_data.split_rows(task, rows, 0)
     assert a == b and (len(a["search"]), len(a["heldout"])) == (14, 6)
     assert sorted(a["search"] + a["heldout"]) == list(range(20))
-    assert spec_lib.split_rows(task, rows, 1) != a
+    assert spec_data.split_rows(task, rows, 1) != a
     # two tasks reading one file split it alike
-    assert spec_lib.split_rows(s.tasks["gsm_chrf"], rows, 0) == a
+    assert spec_data.split_rows(s.tasks["gsm_chrf"], rows, 0) == a
     rows[0]["split"], rows[1]["split"] = "heldout", "search"
-    c = spec_lib.split_rows(task, rows, 0)
+    c = spec_data.split_rows(task, rows, 0)
     assert 0 in c["heldout"] and 1 in c["search"] and len(c["search"]) + len(c["heldout"]) == 20
     assert rows[3]["row"] == 4  # 1-based line numbers for error messages
 
@@ -144,16 +145,16 @@ def test_bad_row_names_file_and_line(spec_dir, file, row, match):
     s = _spec(spec_dir)
     task = next(t for t in s.tasks.values() if t.data.endswith(f"{file}.jsonl"))
     with pytest.raises(SpecError, match=match):
-        spec_lib.read_rows(task)
+        spec_data.read_rows(task)
 
 
 def test_empty_split_is_an_error(spec_dir):
     _jsonl(spec_dir / "data/gsm.jsonl", [{"prompt": "q", "target": "a", "split": "search"}] * 3)
     s = _spec(spec_dir)
-    rows = spec_lib.read_rows(s.tasks["gsm"])
+    rows = spec_data.read_rows(s.tasks["gsm"])
     with pytest.raises(SpecError, match=r"the 'heldout' split of task 'gsm' is empty \(3 rows\)"):
-        spec_lib.split_rows(s.tasks["gsm"], rows, 0)
+        spec_data.split_rows(s.tasks["gsm"], rows, 0)
     one = [{"prompt": "q", "target": "a"}]
-    assert np.isclose(spec_lib.SEARCH_FRACTION, 0.7)
+    assert np.isclose(spec_data.SEARCH_FRACTION, 0.7)
     with pytest.raises(SpecError, match="is empty"):  # one row cannot fill two splits
-        spec_lib.split_rows(s.tasks["gsm"], [r | {"row": 1} for r in one], 0)
+        spec_data.split_rows(s.tasks["gsm"], [r | {"row": 1} for r in one], 0)

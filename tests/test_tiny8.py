@@ -12,7 +12,7 @@ from hm3_jax import models
 from hm3_jax.models import ModelConfig
 from hm3_jax.paths import engine as engine_lib
 from hm3_jax.tasks import accuracy, scoring
-from hm3_jax.tasks.tiny8 import data
+from hm3_jax.tasks.tiny8 import data, images
 
 _CACHE = os.environ.get(
     "HM3_TEST_CACHE",
@@ -67,7 +67,7 @@ def test_generators_deterministic_with_label_spaces_and_disjoint_splits(small_da
 
 
 def test_digit_sources_are_disjoint_and_bad_arguments_are_named():
-    train_idx, eval_idx = data._digits_partition(0, 300)
+    train_idx, eval_idx = images.digits_partition(0, 300)
     assert len(set(train_idx) & set(eval_idx)) == 0 and len(train_idx) + len(eval_idx) == 1797
     with pytest.raises(ValueError, match="unknown tiny8 task"):
         data.generate_task("svhn", 0, 10, 10)
@@ -89,14 +89,14 @@ def test_colours_label_is_the_dominant_hue_bin_and_letters_differ():
         votes = np.bincount(np.floor(hsv[coloured, 0] * bins + 0.5).astype(int) % bins, minlength=bins)
         hits += int(np.argmax(votes) == label)  # the ring covers more pixels than both small squares
     assert hits >= 0.9 * len(y), hits
-    glyphs = [data._glyph(c, "DejaVuSans.ttf", 0.0) for c in data.LETTERS]
+    glyphs = [images.glyph(c, "DejaVuSans.ttf", 0.0) for c in images.LETTERS]
     assert all(g.shape[0] > 30 for g in glyphs)  # 64 px font: capitals are about 47 px high
     resized = [
         np.asarray(np.round(g[:: max(1, g.shape[0] // 8), :: max(1, g.shape[1] // 8)][:8, :6]))
         for g in glyphs
     ]
-    assert len({r.tobytes() for r in resized}) == len(data.LETTERS)
-    fg, bg = data._contrasting_colours(np.random.default_rng(0))
+    assert len({r.tobytes() for r in resized}) == len(images.LETTERS)
+    fg, bg = images.contrasting_colours(np.random.default_rng(0))
     assert fg.mean() > bg.mean() + 0.2  # light figure on a dark ground
 
 

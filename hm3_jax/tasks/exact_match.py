@@ -74,8 +74,9 @@ def exact_match_kernel(forward, arrays: dict) -> jax.Array:
     Returns:
       bool [sum_g nb_g * B] in bucketed order (padding rows included; the host function drops them).
     """
-    return map_targets(lambda logits, labels, valid: jnp.all(argmax_equals(logits, labels) | ~valid, -1),
-                       forward, arrays)  # fmt: skip
+    return map_targets(
+        lambda logits, labels, valid: jnp.all(argmax_equals(logits, labels) | ~valid, -1), forward, arrays
+    )
 
 
 def map_targets(reduce_fn, forward, arrays: dict) -> jax.Array:
@@ -131,6 +132,13 @@ def make_exact_match_objective(
     example_fn = functools.partial(correct_flags, name, num, n_pad)  # the kernel's (bucketed) row order
 
     return Objective(
-        name, "exact_match", device_fn, host_fn, num, batch_size, exact_match_kernel, ArrayBundle(arrays),
+        name,
+        "exact_match",
+        device_fn,
+        host_fn,
+        num,
+        batch_size,
+        exact_match_kernel,
+        ArrayBundle(arrays),
         example_fn,
-    )  # fmt: skip
+    )

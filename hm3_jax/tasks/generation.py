@@ -132,9 +132,16 @@ def make_generation_objective(
             return 100.0 * float(example_fn(tokens).mean())
 
     return Objective(
-        name, GENERATION_METRICS[metric], device_fn, host_fn, num, batch_size, generation_kernel,
-        ArrayBundle(arrays), example_fn,
-    )  # fmt: skip
+        name,
+        GENERATION_METRICS[metric],
+        device_fn,
+        host_fn,
+        num,
+        batch_size,
+        generation_kernel,
+        ArrayBundle(arrays),
+        example_fn,
+    )
 
 
 def make_chrf_objective(
@@ -149,9 +156,16 @@ def make_chrf_objective(
     """Greedy-decoding chrF objective of the zoo tasks: `make_generation_objective` with the tokenizer's eos
     as the only stop (decode ``max_new_tokens``, cut at eos, detokenize, strip, corpus chrF)."""
     return make_generation_objective(
-        name, prompts, references, tokenizer, batch_size, "chrf", max_new_tokens,
-        eos_ids=(tokenizer.eos_token_id,), prompt_len=prompt_len,
-    )  # fmt: skip
+        name,
+        prompts,
+        references,
+        tokenizer,
+        batch_size,
+        "chrf",
+        max_new_tokens,
+        eos_ids=(tokenizer.eos_token_id,),
+        prompt_len=prompt_len,
+    )
 
 
 def decode_generations(tokenizer, tokens, eos_ids: Sequence[int], stop: Sequence[str] = ()) -> list[str]:

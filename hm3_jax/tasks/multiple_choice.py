@@ -129,6 +129,13 @@ def make_multiple_choice_objective(
         return 100.0 * float(example_fn(raw).mean())
 
     return Objective(
-        name, "multiple_choice", device_fn, host_fn, len(prompt_ids), batch_size, continuation_logprob_kernel,
-        ArrayBundle(arrays), example_fn,
-    )  # fmt: skip
+        name,
+        "multiple_choice",
+        device_fn,
+        host_fn,
+        len(prompt_ids),
+        batch_size,
+        continuation_logprob_kernel,
+        ArrayBundle(arrays),
+        example_fn,
+    )

@@ -61,8 +61,16 @@ def _rows(shape: TaskShape, bos: int) -> list[dict]:
     return [{"prompt": prompt, "target": "b" * shape.target_tokens} for _ in range(shape.rows)]
 
 
-def write_shape_spec(directory: str, configs: dict, tasks: dict, *, dtype: str = "bfloat16",
-                     eval_batch_size: int = 16, tokenizer_source: str | None = None, add_bos: bool = True) -> str:  # fmt: skip
+def write_shape_spec(
+    directory: str,
+    configs: dict,
+    tasks: dict,
+    *,
+    dtype: str = "bfloat16",
+    eval_batch_size: int = 16,
+    tokenizer_source: str | None = None,
+    add_bos: bool = True,
+) -> str:
     """Writes the spec directory and returns the spec's path.
 
     Args:
@@ -81,8 +89,13 @@ def write_shape_spec(directory: str, configs: dict, tasks: dict, *, dtype: str =
         if name == "base" or tokenizer_source != "base":
             tok.save_pretrained(d)
     os.makedirs(os.path.join(directory, "data"), exist_ok=True)
-    spec = {"base": "base", "experts": {n: n for n in configs if n != "base"}, "tasks": {}, "dtype": dtype,
-            "eval_batch_size": eval_batch_size}  # fmt: skip
+    spec = {
+        "base": "base",
+        "experts": {n: n for n in configs if n != "base"},
+        "tasks": {},
+        "dtype": dtype,
+        "eval_batch_size": eval_batch_size,
+    }
     if tokenizer_source:
         spec["tokenizer_source"] = tokenizer_source
     for name, shape in tasks.items():

@@ -45,26 +45,34 @@ Data files are JSONL, one example per line: ``{"prompt", "target"}`` for `exact_
 "heldout") is honoured; rows without it are split 70 / 30 by a shuffle seeded with (`seed`, data file name)
 (`split_rows`); the run records the resulting row numbers.
 
-This module parses and checks the file and the data (pure host code, no model is loaded): every mistake is a
-`SpecError` naming the file, key or row. `hm3_jax.tasks.spec_zoo` loads the checkpoints and builds the objectives.
+This module parses and checks the file (pure host code, no model is loaded) and `hm3_jax.tasks.spec_data` reads
+and splits its data files: every mistake is a `SpecError` naming the file, key or row. `hm3_jax.tasks.spec_zoo`
+loads the checkpoints and `hm3_jax.tasks.spec_objectives` builds the objectives.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
-
-import numpy as np
 
 METRICS = ("exact_match", "chrf", "multiple_choice", "exact_match_teacher_forced", "accuracy", "lm_eval")
 GENERATION_METRICS = ("exact_match", "chrf")
 TOP_KEYS = ("base", "experts", "tasks", "tokenizer_source", "dtype", "eval_batch_size")
-TASK_KEYS = ("data", "metric", "objective", "max_new_tokens", "stop", "head", "lm_eval_yaml", "lm_eval",
-             "lm_eval_include_path", "lm_eval_filter", "lm_eval_metric")  # fmt: skip
+TASK_KEYS = (
+    "data",
+    "metric",
+    "objective",
+    "max_new_tokens",
+    "stop",
+    "head",
+    "lm_eval_yaml",
+    "lm_eval",
+    "lm_eval_include_path",
+    "lm_eval_filter",
+    "lm_eval_metric",
+)
 HARNESS_KEYS = (
     "lm_eval_yaml",
     "lm_eval",
@@ -75,7 +83,6 @@ HARNESS_KEYS = (
 )
 DTYPES = ("float32", "bfloat16")
 SPLITS = ("search", "heldout")
-SEARCH_FRACTION = 0.7
 
 
 class SpecError(ValueError):
@@ -254,17 +261,25 @@ def _objective(name: str, raw: Mapping, where: str, experts: Mapping) -> str:
 def _harness_task(spec_dir: str, name: str, raw: Mapping, where: str, experts: Mapping) -> TaskSpec:
     """A task read from an lm-evaluation-harness task YAML, or named by the harness's registry: its documents,
     prompts, generation settings, filters and metric are the YAML's (a YAML file is only checked here, a name
-    is looked up (`harness_task.find_task`); `harness_task` loads the task)."""
+    is looked up (`harness_loader.find_task`); `harness_loader` loads the task)."""
     other = sorted(set(raw) - set(HARNESS_KEYS))
     if other:
-        _fail(where, f"a harness task (lm_eval_yaml / lm_eval) takes its data, prompts, generation settings and "
-                     f"metric from its YAML; remove {other} (its keys: {list(HARNESS_KEYS)})")  # fmt: skip
+        _fail(
+            where,
+            f"a harness task (lm_eval_yaml / lm_eval) takes its data, prompts, generation settings and "
+            f"metric from its YAML; remove {other} (its keys: {list(HARNESS_KEYS)})",
+        )
     if ("lm_eval_yaml" in raw) == ("lm_eval" in raw):
-        _fail(where, "a harness task needs exactly one of lm_eval_yaml (a task YAML file) and lm_eval (a task name "
-                     "the harness registers, e.g. gsm8k)")  # fmt: skip
+        _fail(
+            where,
+            "a harness task needs exactly one of lm_eval_yaml (a task YAML file) and lm_eval (a task name "
+            "the harness registers, e.g. gsm8k)",
+        )
     if "lm_eval_include_path" in raw and "lm_eval" not in raw:
-        _fail(f"{where}.lm_eval_include_path", "goes with lm_eval (a task name): a directory of task YAMLs "
-                                               "searched for that name")  # fmt: skip
+        _fail(
+            f"{where}.lm_eval_include_path",
+            "goes with lm_eval (a task name): a directory of task YAMLs searched for that name",
+        )
     names = {k: raw.get(k) for k in ("lm_eval_filter", "lm_eval_metric", "lm_eval")}
     for k, v in names.items():
         if v is not None and (not isinstance(v, str) or not v):
@@ -286,154 +301,33 @@ def _harness_task(spec_dir: str, name: str, raw: Mapping, where: str, experts: M
         yaml_file = os.path.normpath(os.path.join(spec_dir, os.path.expanduser(str(raw["lm_eval_yaml"]))))
         if not os.path.isfile(yaml_file):
             _fail(f"{where}.lm_eval_yaml", f"file {yaml_file} does not exist")
-    return TaskSpec(name, yaml_file, "lm_eval", objective, None, (), None, names["lm_eval_filter"],
-                    names["lm_eval_metric"], names["lm_eval"], include_path)  # fmt: skip
+    return TaskSpec(
+        name,
+        yaml_file,
+        "lm_eval",
+        objective,
+        None,
+        (),
+        None,
+        names["lm_eval_filter"],
+        names["lm_eval_metric"],
+        names["lm_eval"],
+        include_path,
+    )
 
 
 def _harness_module(where: str):
-    """`hm3_jax.tasks.harness_task`, imported when a spec has harness tasks (lm-eval is an optional package)."""
+    """`hm3_jax.tasks.harness_loader`, imported when a spec has harness tasks (lm-eval is an optional package)."""
     try:
-        from hm3_jax.tasks import harness_task
+        from hm3_jax.tasks import harness_loader
     except ImportError as e:
         _fail(where, f"an lm-evaluation-harness task: install lm-eval (pip install -e '.[lm_eval]'); {e}")
-    return harness_task
-
-
-def read_images(task: TaskSpec) -> tuple[dict, list[dict]]:
-    """An accuracy task's arrays ({"pixel_values": uint8 [N, C, H, W], "labels": int64 [N]}) and one row per image
-    ({"row": 1-based index, "split" when the file gives one}); the head ({"kernel", "bias"}) is `read_head`."""
-    try:
-        with np.load(task.data, allow_pickle=False) as f:
-            raw = {k: f[k] for k in f.files}
-    except Exception as e:  # a truncated or foreign file
-        raise SpecError(f"{task.data}: not a readable .npz file ({type(e).__name__}: {e})") from e
-    parts = {s: (raw.get(f"{s}/pixel_values"), raw.get(f"{s}/labels")) for s in SPLITS}
-    if all(p is not None and y is not None for p, y in parts.values()):
-        pixels = np.concatenate([parts[s][0] for s in SPLITS])
-        labels = np.concatenate([parts[s][1] for s in SPLITS])
-        splits = [s for s in SPLITS for _ in range(len(parts[s][1]))]
-    elif "pixel_values" in raw and "labels" in raw:
-        pixels, labels, splits = raw["pixel_values"], raw["labels"], None
-    else:
-        _fail(
-            task.data,
-            f"needs arrays pixel_values and labels (or search/... and heldout/...), has {sorted(raw)}",
-        )
-    if pixels.dtype != np.uint8 or pixels.ndim != 4:
-        _fail(task.data, f"pixel_values must be uint8 images [N, C, H, W], got {pixels.dtype} {pixels.shape}")
-    if labels.ndim != 1 or len(labels) != len(pixels) or not np.issubdtype(labels.dtype, np.integer):
-        _fail(
-            task.data,
-            f"labels must be integers [N] for {len(pixels)} images, got {labels.dtype} {labels.shape}",
-        )
-    rows = [{"row": i + 1} | ({} if splits is None else {"split": splits[i]}) for i in range(len(labels))]
-    if not rows:
-        _fail(task.data, f"no images (task {task.name!r})")
-    return {"pixel_values": pixels, "labels": labels.astype(np.int64)}, rows
-
-
-def read_head(task: TaskSpec) -> dict:
-    """An accuracy task's head {"kernel": float32 [D, C], "bias": float32 [C]} (checked)."""
-    try:
-        with np.load(task.head, allow_pickle=False) as f:
-            head = {k: np.asarray(f[k], np.float32) for k in ("kernel", "bias") if k in f.files}
-    except Exception as e:
-        raise SpecError(f"{task.head}: not a readable .npz file ({type(e).__name__}: {e})") from e
-    if (
-        set(head) != {"kernel", "bias"}
-        or head["kernel"].ndim != 2
-        or head["bias"].shape != head["kernel"].shape[1:]
-    ):
-        _fail(task.head, "a head file holds kernel [D, C] and bias [C]")
-    return head
-
-
-def read_rows(task: TaskSpec) -> list[dict]:
-    """The task's JSONL rows, checked for the fields its metric needs; each gets its 1-based line as "row"."""
-    rows = []
-    with open(task.data, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{task.data}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpecError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                _fail(where, f"expected a JSON object, got {type(row).__name__}")
-            rows.append(_check_row(row, task.metric, where) | {"row": line_no})
-    if not rows:
-        _fail(task.data, f"no rows (task {task.name!r})")
-    return rows
-
-
-def _check_row(row: dict, metric: str, where: str) -> dict:
-    def text(key):
-        if key not in row:
-            _fail(where, f"missing field {key!r} (a {metric} row needs {needs})")
-        if not isinstance(row[key], str):
-            _fail(where, f"field {key!r} must be a string, got {type(row[key]).__name__}")
-        return row[key]
-
-    needs = "prompt, choices, answer" if metric == "multiple_choice" else "prompt, target"
-    out = {"prompt": text("prompt")}
-    if not out["prompt"]:
-        _fail(where, "empty prompt")
-    if metric == "multiple_choice":
-        choices = row.get("choices")
-        if not isinstance(choices, list) or not choices:
-            _fail(where, f"field 'choices' must be a non-empty list of strings, got {choices!r}")
-        if not all(isinstance(c, str) and c for c in choices):
-            _fail(where, "every choice must be a non-empty string")
-        answer = row.get("answer")
-        if not isinstance(answer, int) or isinstance(answer, bool):
-            _fail(where, f"field 'answer' must be an integer index into choices, got {answer!r}")
-        if not 0 <= answer < len(choices):
-            _fail(where, f"answer index {answer} is out of range for {len(choices)} choices")
-        out |= {"choices": list(choices), "answer": answer}
-    else:
-        out["target"] = text("target")
-    split = row.get("split")
-    if split is not None and split not in SPLITS:
-        _fail(where, f"field 'split' must be one of {list(SPLITS)}, got {split!r}")
-    if split is not None:
-        out["split"] = split
-    return out
-
-
-def split_rows(task: TaskSpec, rows: list[dict], seed: int, key: str | None = None) -> dict[str, list[int]]:
-    """{split: indices into `rows`}: a row's own "split" is honoured; the others are shuffled with
-    `np.random.default_rng([seed, crc32(key)])` and the first round(0.7 n) go to "search" (tasks that read one
-    file split it alike: an example is never searched in one task and held out in another).
-
-    key: the name the shuffle is seeded with; default the data file's name (a harness task passes its
-    `HarnessTask.split_key`: the name of the JSONL file its documents are read from).
-
-    Raises SpecError when a split ends up empty (name the task and how many rows it has).
-    """
-    out = {s: [i for i, r in enumerate(rows) if r.get("split") == s] for s in SPLITS}
-    free = np.asarray([i for i, r in enumerate(rows) if "split" not in r], np.int64)
-    if free.size:
-        key = os.path.basename(task.data) if key is None else key
-        rng = np.random.default_rng([int(seed), zlib.crc32(key.encode())])
-        free = free[rng.permutation(free.size)]
-        n_search = int(round(SEARCH_FRACTION * free.size))
-        out["search"] = sorted(out["search"] + free[:n_search].tolist())
-        out["heldout"] = sorted(out["heldout"] + free[n_search:].tolist())
-    for s in SPLITS:
-        if not out[s]:
-            _fail(
-                task.data,
-                f"the {s!r} split of task {task.name!r} is empty ({len(rows)} rows); add rows or give some rows "
-                f'"split": "{s}"',
-            )
-    return out
+    return harness_loader
 
 
 def file_hashes(spec: Spec, known: Mapping | None = None) -> dict[str, dict]:
     """{absolute path: {"sha256", "size", "mtime_ns"}} of the spec file, every data and head file (a harness
-    task's YAML and the local data files it names, `harness_task.local_data_files`) and every file of the
+    task's YAML and the local data files it names, `harness_loader.local_data_files`) and every file of the
     checkpoints (weights, configs, tokenizer files): what a run's cached stages depend on.
 
     `known`: an earlier result (a run's record); a file whose size and modification time are unchanged keeps its

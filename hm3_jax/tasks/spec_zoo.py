@@ -3,21 +3,7 @@
 `load(spec, seed)` returns a `SpecZoo`: the same fields a built-in zoo has (`hm3_jax.tasks.zoo.Zoo`: base,
 experts keyed by objective, tokenizer, data, objectives per split, manifest, workdir) plus `groups`, the
 objective of each task, so a run scores tasks and reports objectives (an objective's score is the mean of its
-tasks' scores).
-
-What a score means (HM3_SPEC "Decisions taken"; the same numbers transformers and lm-eval-harness give):
-prompt ids are ``tokenizer(prompt)["input_ids"]`` with the base's own HF tokenizer (its special-token rule:
-BOS for Llama, none for Qwen2 and GPT-2);
-
-* ``exact_match``: greedy generation of at most `max_new_tokens` (default: the longest target's token count
-  + 8), stopping at any EOS id of the base's generation_config.json (else config.json, else the tokenizer's)
-  or at a `stop` string; decoded without special tokens, stripped, compared with the stripped target;
-* ``chrf``: the same generation, sacrebleu corpus chrF of the stripped outputs against the stripped targets;
-* ``multiple_choice``: per choice the summed log-probability of its continuation tokens (the ids of
-  ``prompt + choice`` after the ids of ``prompt``, lm-eval's rule); the argmax is the prediction;
-* ``lm_eval`` (``{lm_eval_yaml: ...}`` or ``{lm_eval: NAME}``): an lm-evaluation-harness task with its own
-  documents (split as rows are, seeded with their data file's name), prompts, filters and metric
-  (`hm3_jax.tasks.harness_task`; needs lm-eval).
+tasks' scores). What a score means: `hm3_jax.tasks.spec_objectives`.
 
 Every expert must match the base's architecture, depth and width (else a SpecError naming the expert and the
 field), and its vocabulary, unless the spec sets ``tokenizer_source: base``: then each expert's embedding and
@@ -31,17 +17,28 @@ import json
 import os
 from typing import Any, NamedTuple
 
-import numpy as np
-
-from hm3_jax.tasks import accuracy, exact_match, generation, multiple_choice
 from hm3_jax.tasks import spec as spec_lib
+from hm3_jax.tasks import spec_data, spec_objectives
 from hm3_jax.tasks.spec import SpecError
 
 # Fields of the model config every expert must share with the base (else the pool is ill-formed).
-SHARED_FIELDS = ("family", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
-                 "head_dim", "hidden_act", "attention_bias", "attention_out_bias", "mlp_bias",
-                 "tie_word_embeddings", "rope_theta", "rope_scaling", "norm_eps")  # fmt: skip
-EXTRA_NEW_TOKENS = 8  # default max_new_tokens = longest target + this
+SHARED_FIELDS = (
+    "family",
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "hidden_act",
+    "attention_bias",
+    "attention_out_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "norm_eps",
+)
 
 
 class SpecZoo(NamedTuple):
@@ -77,8 +74,17 @@ class SpecZoo(NamedTuple):
         min(eval_batch_size, search_examples) rows; generations as long as on the whole split)."""
         data = {t: {"search": d["search"][:search_examples]} for t, d in self.data.items()}
         spec = self.spec._replace(eval_batch_size=min(self.spec.eval_batch_size, search_examples))
-        return make_objectives(spec, data, self.tokenizer, self.base.config, self.eos_ids, self.images, ("search",),
-                               shapes_from=self.data, harness=self.harness)["search"]  # fmt: skip
+        return spec_objectives.make_objectives(
+            spec,
+            data,
+            self.tokenizer,
+            self.base.config,
+            self.eos_ids,
+            self.images,
+            ("search",),
+            shapes_from=self.data,
+            harness=self.harness,
+        )["search"]
 
 
 def load_tokenizer(path: str):
@@ -112,14 +118,6 @@ def eos_ids_of(path: str, tokenizer) -> tuple[int, ...]:
     if tokenizer.eos_token_id is None:
         raise SpecError(f"{path}: no eos_token_id in generation_config.json, config.json or the tokenizer")
     return (int(tokenizer.eos_token_id),)
-
-
-def pad_id_of(tokenizer) -> int:
-    """The id padding rows use (never attended to or scored): pad, else eos, else 0."""
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def check_expert(base_config, expert_config, name: str, expert_dir: str) -> None:
@@ -171,21 +169,27 @@ def load_tasks(spec, seed: int = 0) -> SpecTasks:
     data, splits, images, harness = {}, {}, {}, {}
     for name, task in spec.tasks.items():
         if task.metric == "lm_eval":
-            harness[name] = load_harness_task(task)
+            harness[name] = spec_objectives.load_harness_task(task)
             rows = [{"row": i + 1} for i in range(len(harness[name].requests))]  # the task's documents
         elif task.metric == "accuracy":
-            arrays, rows = spec_lib.read_images(task)
-            images[name] = {"pixel_values": preprocess_images(spec.base, arrays["pixel_values"], base_config, task),
-                            "labels": arrays["labels"], "head": spec_lib.read_head(task)}  # fmt: skip
+            arrays, rows = spec_data.read_images(task)
+            images[name] = {
+                "pixel_values": preprocess_images(spec.base, arrays["pixel_values"], base_config, task),
+                "labels": arrays["labels"],
+                "head": spec_data.read_head(task),
+            }
             check_head(task, images[name], base_config)
         else:
-            rows = spec_lib.read_rows(task)
+            rows = spec_data.read_rows(task)
         key = harness[name].split_key if task.metric == "lm_eval" else None  # harness: its data file's name
-        splits[name] = spec_lib.split_rows(task, rows, seed, key)
+        splits[name] = spec_data.split_rows(task, rows, seed, key)
         data[name] = {s: [rows[i] for i in idx] for s, idx in splits[name].items()}
-    objectives = make_objectives(spec, data, tokenizer, base_config, eos_ids, images, harness=harness)
-    return SpecTasks(spec, base_config, expert_configs, tokenizer, eos_ids, data, splits, images, objectives,
-                     harness)  # fmt: skip
+    objectives = spec_objectives.make_objectives(
+        spec, data, tokenizer, base_config, eos_ids, images, harness=harness
+    )
+    return SpecTasks(
+        spec, base_config, expert_configs, tokenizer, eos_ids, data, splits, images, objectives, harness
+    )
 
 
 def load(spec, seed: int = 0) -> SpecZoo:
@@ -221,8 +225,21 @@ def load(spec, seed: int = 0) -> SpecZoo:
         "config": {"eval_batch_size": spec.eval_batch_size},
         "sizes": {"examples": {t: {s: len(v) for s, v in d.items()} for t, d in data.items()}},
     }
-    return SpecZoo(base, experts, tokenizer, data, objectives, manifest, os.path.dirname(spec.path), spec,
-                   groups, splits, eos_ids, images, tasks.harness)  # fmt: skip
+    return SpecZoo(
+        base,
+        experts,
+        tokenizer,
+        data,
+        objectives,
+        manifest,
+        os.path.dirname(spec.path),
+        spec,
+        groups,
+        splits,
+        eos_ids,
+        images,
+        tasks.harness,
+    )
 
 
 def _named(who: str, path: str, fn, *args, **kwargs):
@@ -242,8 +259,10 @@ def check_task_kinds(spec, config) -> None:
     for name, task in spec.tasks.items():
         vision = task.metric == "accuracy"
         if vision and (config.family != "vit" or config.num_labels):
-            raise SpecError(f"task {name!r}: metric accuracy needs a ViTModel base (an encoder without classifier, "
-                            f"num_labels 0), got family {config.family!r} with {config.num_labels} labels")  # fmt: skip
+            raise SpecError(
+                f"task {name!r}: metric accuracy needs a ViTModel base (an encoder without classifier, "
+                f"num_labels 0), got family {config.family!r} with {config.num_labels} labels"
+            )
         if not vision and config.family == "vit":
             raise SpecError(f"task {name!r}: metric {task.metric} needs a language model; the base is a ViT")
 
@@ -265,134 +284,25 @@ def preprocess_images(base_dir: str, pixels, config, task):
     ]
     want = (len(pixels), config.num_channels, config.image_size, config.image_size)
     if out.shape != want:
-        raise SpecError(f"{task.data}: images preprocess to {out.shape[1:]}, the model takes {want[1:]} "
-                        f"(check the images' size and the base's preprocessor_config.json)")  # fmt: skip
+        raise SpecError(
+            f"{task.data}: images preprocess to {out.shape[1:]}, the model takes {want[1:]} "
+            f"(check the images' size and the base's preprocessor_config.json)"
+        )
     return out.astype("float32")
 
 
 def check_head(task, image_task: dict, config) -> None:
     head, labels = image_task["head"], image_task["labels"]
     if head["kernel"].shape[0] != config.hidden_size:
-        raise SpecError(f"{task.head}: kernel has {head['kernel'].shape[0]} rows, the model's hidden size is "
-                        f"{config.hidden_size}")  # fmt: skip
-    if labels.min() < 0 or labels.max() >= head["kernel"].shape[1]:
-        raise SpecError(f"{task.data}: labels lie in [{labels.min()}, {labels.max()}], the head has "
-                        f"{head['kernel'].shape[1]} classes")  # fmt: skip
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def load_harness_task(task):
-    """The `harness_task.HarnessTask` of a spec's lm_eval task (imported here: lm-eval is an optional package;
-    a harness YAML that cannot be used is a SpecError naming it)."""
-    try:
-        from hm3_jax.tasks import harness_task
-    except ImportError as e:
-        raise SpecError(f"task {task.name!r} ({task.data}) is an lm-evaluation-harness task: install lm-eval "
-                        f"(pip install -e '.[lm_eval]'); {e}") from e  # fmt: skip
-    try:
-        return harness_task.load_harness_task(task.data, task.lm_eval_filter, task.lm_eval_metric,
-                                              task.lm_eval_task, task.lm_eval_include_path)  # fmt: skip
-    except (ValueError, OSError, KeyError) as e:
-        raise SpecError(f"task {task.name!r} ({task.data}): {e}") from e
-
-
-def make_objectives(spec, data: dict, tokenizer, config, eos_ids, images=None, splits=spec_lib.SPLITS,
-                    shapes_from: dict | None = None, harness: dict | None = None) -> dict:  # fmt: skip
-    """{split: {task: Objective}} of the spec's tasks on `data` ({task: {split: rows}}).
-
-    Batches hold `spec.eval_batch_size` rows. A generation's `max_new_tokens` (when the task does not set it) is
-    taken over every row of `shapes_from` (default `data`: both splits), so every split of a task generates
-    alike; padded lengths (prompt, row) over the rows of `data` being built. Raises SpecError for a prompt (plus
-    its generation budget) or a choice or target row longer than the model's context, naming task and row.
-    `harness`: {lm_eval task: HarnessTask} already loaded (else each is loaded here).
-    """
-    shapes_from = shapes_from or data
-    context = int(config.max_position_embeddings)
-    pad = pad_id_of(tokenizer) if tokenizer is not None else 0
-    batch = spec.eval_batch_size
-    out = {s: {} for s in splits}
-    classes = max((im["head"]["kernel"].shape[1] for im in (images or {}).values()), default=0)
-    for name, task in spec.tasks.items():
-        rows = {s: data[name][s] for s in splits}
-        built = [r for s in splits for r in rows[s]]
-        where = f"task {name!r} ({task.data})"
-        if task.metric == "lm_eval":  # the harness's documents, prompts, filters and metric (harness_task)
-            htask = (harness or {}).get(name) or load_harness_task(task)
-            for s in splits:
-                try:
-                    out[s][name] = htask.objective(f"{name}/{s}", [r["row"] - 1 for r in rows[s]], tokenizer,
-                                                   eos_ids, batch, context, pad)  # fmt: skip
-                except ValueError as e:
-                    raise SpecError(f"{where}: {e}") from e
-            continue
-        if task.metric == "accuracy":  # heads padded to the widest task's classes: one compilation for all
-            im = images[name]
-            for s in splits:
-                idx = np.asarray([r["row"] - 1 for r in rows[s]], np.int64)
-                out[s][name] = accuracy.make_accuracy_objective(
-                    f"{name}/{s}", im["pixel_values"][idx], im["labels"][idx], im["head"]["kernel"],
-                    im["head"]["bias"], batch, classes)  # fmt: skip
-            continue
-        if task.metric == "multiple_choice":
-            enc = {id(r): _choice_rows(tokenizer, r, where) for r in built}
-            longest = max(len(p) + max(map(len, c)) for p, c in enc.values())
-            if longest > context:
-                raise SpecError(f"{where}: a prompt + choice has {longest} tokens, more than the model's context "
-                                f"of {context} positions")  # fmt: skip
-            for s in splits:
-                out[s][name] = multiple_choice.make_multiple_choice_objective(
-                    f"{name}/{s}", [enc[id(r)][0] for r in rows[s]], [enc[id(r)][1] for r in rows[s]],
-                    [r["answer"] for r in rows[s]], pad, batch, min(_round_up(longest, 8), context))  # fmt: skip
-            continue
-        prompts = {id(r): tokenizer(r["prompt"])["input_ids"] for r in built}
-        if task.metric == "exact_match_teacher_forced":  # [prompt ids] ++ [target ids alone] ++ [eos]
-            pairs = {id(r): (prompts[id(r)], _encode(tokenizer, r["target"]) + [eos_ids[0]]) for r in built}
-            worst = max(built, key=lambda r: sum(map(len, pairs[id(r)])))
-            if sum(map(len, pairs[id(worst)])) > context:
-                raise SpecError(f"{where}, row {worst['row']}: prompt + target + EOS have "
-                                f"{sum(map(len, pairs[id(worst)]))} tokens, more than the model's context of "
-                                f"{context} positions")  # fmt: skip
-            for s in splits:
-                out[s][name] = exact_match.make_exact_match_objective(
-                    f"{name}/{s}", [pairs[id(r)] for r in rows[s]], pad, batch
-                )
-            continue
-        every = [r for s in spec_lib.SPLITS for r in shapes_from[name].get(s, [])]
-        new = (
-            task.max_new_tokens or max(len(_encode(tokenizer, r["target"])) for r in every) + EXTRA_NEW_TOKENS
+        raise SpecError(
+            f"{task.head}: kernel has {head['kernel'].shape[0]} rows, the model's hidden size is "
+            f"{config.hidden_size}"
         )
-        worst = max(built, key=lambda r: len(prompts[id(r)]))
-        if len(prompts[id(worst)]) + new > context:
-            raise SpecError(
-                f"{where}, row {worst['row']}: the prompt has {len(prompts[id(worst)])} tokens; with "
-                f"max_new_tokens={new} that is more than the model's context of {context} positions"
-            )
-        prompt_len = min(_round_up(len(prompts[id(worst)]), 8), context - new)
-        for s in splits:
-            out[s][name] = generation.make_generation_objective(
-                f"{name}/{s}", [prompts[id(r)] for r in rows[s]], [r["target"] for r in rows[s]],
-                tokenizer, batch, task.metric, new, eos_ids, task.stop, prompt_len)  # fmt: skip
-    return out
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _choice_rows(tokenizer, row: dict, where: str) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, [continuation ids per choice]): continuation = ids(prompt + choice)[len(ids(prompt)):]."""
-    prompt = tokenizer(row["prompt"])["input_ids"]
-    conts = []
-    for j, choice in enumerate(row["choices"]):
-        whole = tokenizer(row["prompt"] + choice)["input_ids"]
-        cont = whole[len(prompt) :]
-        if not cont:
-            raise SpecError(f"{where}, row {row['row']}: choice {j} ({choice!r}) adds no token to the prompt")
-        conts.append(cont)
-    return prompt, conts
+    if labels.min() < 0 or labels.max() >= head["kernel"].shape[1]:
+        raise SpecError(
+            f"{task.data}: labels lie in [{labels.min()}, {labels.max()}], the head has "
+            f"{head['kernel'].shape[1]} classes"
+        )
 
 
 def describe(zoo: SpecZoo) -> dict:
@@ -402,7 +312,7 @@ def describe(zoo: SpecZoo) -> dict:
         "splits": {
             t: {s: [zoo.data[t][s][i]["row"] for i in range(len(idx))] for s, idx in v.items()}
             for t, v in zoo.splits.items()
-        },  # fmt: skip
+        },
         "eos_ids": list(zoo.eos_ids),
         "groups": zoo.groups,
     }

@@ -141,7 +141,10 @@ def _jit_cls_features(config):
 def base_features(config, encoder: dict, pixel_values: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """CLS features float64 [N, D] of `pixel_values` float32 [N, C, H, W], computed in batches."""
     apply = _jit_cls_features(config)
-    out = [np.asarray(apply(encoder, pixel_values[i : i + batch_size])) for i in range(0, len(pixel_values), batch_size)]  # fmt: skip
+    out = [
+        np.asarray(apply(encoder, pixel_values[i : i + batch_size]))
+        for i in range(0, len(pixel_values), batch_size)
+    ]
     return np.concatenate(out).astype(np.float64)
 
 
@@ -308,7 +311,10 @@ def pretrain_multitask(
     if per_task < 1 or num_steps <= 0 or learning_rate <= 0:
         raise ValueError(f"{desc}: need batch_size >= number of tasks ({num_tasks}), positive steps and rate")
     keys = jax.random.split(key, num_tasks)
-    rows = [np.asarray(jax.random.randint(k, (num_steps, per_task), 0, len(x))) for k, x in zip(keys, pixel_values, strict=True)]  # fmt: skip
+    rows = [
+        np.asarray(jax.random.randint(k, (num_steps, per_task), 0, len(x)))
+        for k, x in zip(keys, pixel_values, strict=True)
+    ]
     d, c = config.hidden_size, class_masks.shape[1]
     params = {
         "encoder": jax.tree.map(jnp.array, encoder),

@@ -124,12 +124,20 @@ def pretrain_base(
     pad = num_classes_padded(tasks)
     class_masks = np.stack([np.arange(pad) < data.NUM_CLASSES[t] for t in tasks])
     return train_lib.pretrain_multitask(
-        key_base, config, train_lib.init_encoder(config, key_init),
+        key_base,
+        config,
+        train_lib.init_encoder(config, key_init),
         [data.to_model_inputs(task_data[t]["train"]["pixel_values"]) for t in tasks],
-        [task_data[t]["train"]["labels"] for t in tasks], class_masks, num_steps=cfg.base.num_steps,
-        batch_size=cfg.base.batch_size, learning_rate=cfg.base.learning_rate, warmup_steps=cfg.base.warmup_steps,
-        weight_decay=cfg.base.weight_decay, desc=desc, progress=progress,
-    )  # fmt: skip
+        [task_data[t]["train"]["labels"] for t in tasks],
+        class_masks,
+        num_steps=cfg.base.num_steps,
+        batch_size=cfg.base.batch_size,
+        learning_rate=cfg.base.learning_rate,
+        warmup_steps=cfg.base.warmup_steps,
+        weight_decay=cfg.base.weight_decay,
+        desc=desc,
+        progress=progress,
+    )
 
 
 def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
@@ -185,10 +193,22 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
             "bias": np.pad(probe_heads[task]["bias"], (0, pad - c)),
         }
         experts[task], head, losses[task] = train_lib.train_classifier(
-            key, config, base, padded, x, y, np.arange(pad) < c, num_steps=e.num_steps,
-            batch_size=e.batch_size, learning_rate=e.learning_rate, warmup_steps=e.warmup_steps,
-            weight_decay=e.weight_decay, trainable=trainable, desc=f"expert/{task}", progress=progress,
-        )  # fmt: skip
+            key,
+            config,
+            base,
+            padded,
+            x,
+            y,
+            np.arange(pad) < c,
+            num_steps=e.num_steps,
+            batch_size=e.batch_size,
+            learning_rate=e.learning_rate,
+            warmup_steps=e.warmup_steps,
+            weight_decay=e.weight_decay,
+            trainable=trainable,
+            desc=f"expert/{task}",
+            progress=progress,
+        )
         heads[task] = {"kernel": np.asarray(head["kernel"])[:, :c], "bias": np.asarray(head["bias"])[:c]}
     timings["experts_train_s"] = time.time() - t0
     # 5. save: HF ViTModel directories, heads, preprocessing
