@@ -68,6 +68,13 @@ def test_scalarizations_hand_values_and_batching():
     ideal = np.array([1.0, 1.0])
     # maximised: -max(0.25*0.8, 0.75*0.2) = -0.2 ; -max(0.25*0, 0.75*1) = -0.75
     np.testing.assert_allclose(moo.tchebycheff(pts, pref, ideal), [-0.2, -0.75], rtol=1e-6)
+    # numpy in, numpy float64 out (the path baselines' host fitness); jax in, jax out
+    host = moo.tchebycheff(
+        np.asarray(pts, np.float64), np.asarray(pref, np.float64), np.asarray(ideal, np.float64)
+    )
+    assert isinstance(host, np.ndarray) and host.dtype == np.float64
+    np.testing.assert_allclose(host, [-0.2, -0.75], rtol=1e-12)
+    assert isinstance(moo.tchebycheff(jax.numpy.asarray(pts), pref, ideal), jax.Array)
     prefs = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
     table = moo.weighted_sum(pts[None], prefs[:, None])
     assert table.shape == (3, 2)

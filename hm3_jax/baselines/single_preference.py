@@ -7,6 +7,7 @@ import numpy as np
 
 from hm3_jax.baselines.dfs import decode
 from hm3_jax.moo.preferences import validate_preference
+from hm3_jax.moo.scalarize import tchebycheff
 
 SCALARIZATIONS = ("weighted_sum", "tchebycheff")
 
@@ -14,8 +15,8 @@ SCALARIZATIONS = ("weighted_sum", "tchebycheff")
 def make_fitness_fn(preference, scalarization: str = "weighted_sum", ideal=None):
     """Returns ``fitness_fn(scores [N, K]) -> [N]``, maximised.
 
-    ``weighted_sum``: ``sum_k lambda_k f_k``; ``tchebycheff``: ``-max_k lambda_k |f_k - z*_k|`` (negated so
-    that it is maximised too; ``ideal`` defaults to ones, the ideal of normalised scores).
+    ``weighted_sum``: ``sum_k lambda_k f_k``; ``tchebycheff``: `moo.tchebycheff`, ``-max_k lambda_k |f_k - z*_k|``
+    (maximised too; ``ideal`` defaults to ones, the ideal of normalised scores).
     """
     pref = validate_preference(preference)
     if pref.ndim != 1:
@@ -33,7 +34,7 @@ def make_fitness_fn(preference, scalarization: str = "weighted_sum", ideal=None)
             )
         if scalarization == "weighted_sum":
             return scores @ pref
-        return -np.max(pref * np.abs(scores - z), axis=1)
+        return tchebycheff(scores, pref, z)  # numpy scores: numpy float64, as the scores
 
     return fitness_fn, pref
 

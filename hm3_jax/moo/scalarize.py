@@ -4,7 +4,9 @@ Both are jittable and broadcast over leading axes: ``points [..., k]`` with ``pr
 For every point against every preference use ``points[None, :, :]`` and ``pref[:, None, :]``.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _check_last_axis(points, pref, ideal=None):
@@ -42,7 +44,10 @@ def tchebycheff(points, pref, ideal) -> jnp.ndarray:
 
     Returns:
       ``[...]`` negated weighted Chebyshev distances to the ideal point; higher is better (0 at the ideal).
+      Computed with jax.numpy (jittable) when any input is a jax array, else with numpy in the inputs' dtype
+      (the path baselines' host-side float64 fitness).
     """
-    points, pref, ideal = jnp.asarray(points), jnp.asarray(pref), jnp.asarray(ideal)
+    xp = jnp if any(isinstance(x, jax.Array) for x in (points, pref, ideal)) else np
+    points, pref, ideal = xp.asarray(points), xp.asarray(pref), xp.asarray(ideal)
     _check_last_axis(points, pref, ideal)
-    return -jnp.max(pref * jnp.abs(points - ideal), axis=-1)
+    return -xp.max(pref * xp.abs(points - ideal), axis=-1)
