@@ -1,8 +1,8 @@
 """Path evaluations per second on 1, 2, 4 and 8 simulated CPU devices (mesh paths:N), one JSON object.
 
 Each device count runs in its own subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=N must precede
-the jax import) over hm3_jax.distributed.demo: a pool of 3 tiny Llama models x 2 blocks, random paths of up to
-4 blocks, teacher-forced scoring of an 8 x 12 token batch. This machine has 2 cores, so the simulated devices
+the jax import) over experiments/distributed_demo.py (the path engine, strategy "shard"): a pool of 3 tiny
+Llama models x 2 blocks, random paths of up to 4 blocks, teacher-forced scoring of an 8 x 12 token batch. This machine has 2 cores, so the simulated devices
 share them: the ratios measure the sharding overhead (per-device dispatch, collectives), not a speedup.
 
   .venv/bin/python benchmarks/scaling.py [--num_paths=16] [--repeats=5] [--devices=1,2,4,8]
@@ -29,7 +29,7 @@ def measure(num_devices: int, num_paths: int, repeats: int, timeout: int) -> dic
         cmd = [
             sys.executable,
             "-m",
-            "hm3_jax.distributed.demo",
+            "experiments.distributed_demo",
             f"--mesh=paths:{num_devices}",
             f"--num_paths={num_paths}",
             f"--repeats={repeats}",
@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     base = rows[min(rows)]["paths_per_second"]
     out = {
         "benchmark": "scaling",
-        "engine": "distributed.make_sharded_path_scores over models.apply_path (toy llama)",
+        "engine": "paths.make_engine strategy shard (experiments.distributed_demo, toy llama)",
         "cpu_cores": os.cpu_count(),
         "num_paths": args.num_paths,
         "repeats": args.repeats,

@@ -1,4 +1,5 @@
-"""hm3_jax.distributed: mesh specs, placement, and the same per-path scores on every mesh and process count.
+"""hm3_jax.distributed: mesh specs, placement, and the path engine's same per-path scores on every mesh and
+process count (experiments/distributed_demo.py).
 
 Multi-device runs happen in subprocesses (XLA_FLAGS must be set before jax is imported there); every
 subprocess is bounded by a timeout. The reference scores are computed here with a plain Python loop over
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from hm3_jax import distributed
-from hm3_jax.distributed import demo
+from experiments import distributed_demo as demo
+from hm3_jax import distributed, models
 from tests._subprocess_util import REPO, free_port, subprocess_env
 
 TIMEOUT = 240
@@ -28,14 +29,12 @@ def _env(num_devices: int) -> dict:
 
 @pytest.fixture(scope="module")
 def reference():
-    """Sums per path from apply_path on the full batch, scored in numpy (float64)."""
-    from hm3_jax import models
-
+    """Scores per path from apply_path (with the attention mask) on the full batch, scored in numpy (float64)."""
     config, shell, pool, paths, data = demo.toy_problem()
     apply_fn = jax.jit(
         lambda p: models.apply_path(config, shell, pool, p, data["input_ids"], None, data["attention_mask"])
     )
-    out = {k: [] for k in ("log_likelihood", "correct_tokens", "exact_match", "num_tokens", "num_examples")}
+    out = {name: [] for name in demo.SCORES}
     targets, mask = data["input_ids"][:, 1:], data["loss_mask"][:, 1:].astype(bool)
     for path in paths:
         logits = np.asarray(apply_fn(path), np.float64)[:, :-1]
@@ -43,19 +42,18 @@ def reference():
         logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
         ll = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
         hit = logits.argmax(-1) == targets
-        out["log_likelihood"].append(ll[mask].sum())
-        out["correct_tokens"].append(hit[mask].sum())
-        out["exact_match"].append(sum(bool(np.all(h[m])) for h, m in zip(hit, mask, strict=True) if m.any()))
-        out["num_tokens"].append(mask.sum())
-        out["num_examples"].append(mask.any(-1).sum())
+        exact = [bool(np.all(h[m])) for h, m in zip(hit, mask, strict=True) if m.any()]
+        out["likelihood"].append(100 * np.exp(ll[mask].sum() / mask.sum()))
+        out["token_accuracy"].append(100 * hit[mask].sum() / mask.sum())
+        out["exact_match"].append(100 * sum(exact) / len(exact))
     # The toy problem must make paths distinguishable, or "same scores on every mesh" would prove little.
-    assert np.ptp(out["log_likelihood"]) > 10 and max(out["correct_tokens"]) > 0
+    assert np.ptp(out["likelihood"]) > 1 and max(out["token_accuracy"]) > 0
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
 
 def _check(result: dict, reference: dict) -> None:
     for name, want in reference.items():
-        got = np.asarray(result["sums"][name], np.float64)
+        got = np.asarray(result["scores"][name], np.float64)
         np.testing.assert_allclose(
             got, want, rtol=2e-5, atol=1e-3, err_msg=f"{name} on mesh {result['mesh']}"
         )
@@ -185,7 +183,7 @@ def test_initialize_single_process_is_a_no_op():
 # ------------------------------------------------------------------------------------------------ same scores
 
 
-def test_lm_score_sums_one_device_matches_reference(reference):
+def test_engine_scores_on_one_device_match_reference(reference):
     result = demo.run("one", num_paths=6, batch=8, seq=12, hidden=32, repeats=0)
     assert result["mesh"] == {"paths": 1, "data": 1, "model": 1}
     _check(result, reference)
@@ -196,7 +194,7 @@ def test_same_scores_on_8_simulated_devices(tmp_path, reference):
     cmd = [
         sys.executable,
         "-m",
-        "hm3_jax.distributed.demo",
+        "experiments.distributed_demo",
         "--meshes=paths:8;paths:4,data:2;paths:2,data:2,model:2",
     ]
     subprocess.run(
@@ -224,7 +222,7 @@ def test_same_scores_in_two_processes(tmp_path, reference):
         cmd = [
             sys.executable,
             "-m",
-            "hm3_jax.distributed.demo",
+            "experiments.distributed_demo",
             "--meshes=paths:2,data:2,model:2",  # every axis spans both processes' devices
             f"--coordinator_address=127.0.0.1:{port}",
             "--num_processes=2",
