@@ -111,7 +111,7 @@ def run_path(config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx
     `uniform`: no data-dependent branch. A padding step (-1) then runs block 0 and `jnp.where` keeps h, instead
     of `lax.cond` skipping it: the same values, more work. For model-parallel meshes, where the devices of
     different path groups would otherwise take different branches around the partitioner's collectives (the
-    CPU runtime's rendezvous then waits for all devices and aborts; paths/engine.py)."""
+    CPU runtime's rendezvous then waits for all devices and aborts; paths/sharded.py)."""
     module = family_module(config)
     affine = None if junction is None else (junction["scale"], junction["shift"])
 

@@ -1,7 +1,11 @@
-"""Path-evaluation engine (batching strategy, cache, prefix tree, cost accounting) and junction alignment.
+"""Path-evaluation engine and junction alignment (see docs/paths.md).
 
-See docs/paths.md. Public entry points: `make_engine` (engine.py), `build_prefix_tree` (prefix_tree.py),
-`make_aligner` / `native_stats` / `moment_junctions` / `fit_learned` (alignment.py), FLOP formulas (flops.py).
+Public entry points: `make_engine` (engine.py, whose docstring walks through `evaluate`) building a
+`PathEngine` (path_engine.py); `build_prefix_tree` (prefix_tree.py); `make_aligner` / `native_stats` /
+`moment_junctions` / `fit_learned` (alignment.py); FLOP formulas (flops.py). One concept per file: cache keys
+and costs (cache.py), what the objectives' device functions read (recording.py), plain evaluation with a
+batching strategy (plain.py), prefix-tree evaluation (tree_eval.py), the mesh (sharded.py), host scores and
+cost accounting (accounting.py).
 """
 
 from hm3_jax.paths.cache import Cost, EvalResult, canonicalize, tree_fingerprint

@@ -179,8 +179,15 @@ def make_moment_fn(config: ModelConfig, shell_source: int | None):
 
 
 # ------------------------------------------------------------------------------------------------ learned
-def init_learned(key, num_sources: int, num_layers: int, t_max: int, hidden_size: int, embed_dim: int = 16,
-                 mlp_dim: int = 64) -> dict:  # fmt: skip
+def init_learned(
+    key,
+    num_sources: int,
+    num_layers: int,
+    t_max: int,
+    hidden_size: int,
+    embed_dim: int = 16,
+    mlp_dim: int = 64,
+) -> dict:
     """Params of the junction MLP W(m, l, t): embeddings [num_*, embed_dim], a hidden layer, a zero output.
 
     The zero-initialised output layer makes the initial junction the identity (scale 1, shift 0).
@@ -232,10 +239,23 @@ def make_learned_fn(config: ModelConfig, shell_source: int | None, with_skip: bo
     return fn
 
 
-def fit_learned(key, config: ModelConfig, shell: dict, pool: dict, stats: NativeStats, calib_ids,
-                train_paths, calib_mask=None, *, shell_source: int | None = None, num_steps: int = 200,
-                learning_rate: float = 3e-3, batch_paths: int = 8, embed_dim: int = 16,
-                mlp_dim: int = 64):  # fmt: skip
+def fit_learned(
+    key,
+    config: ModelConfig,
+    shell: dict,
+    pool: dict,
+    stats: NativeStats,
+    calib_ids,
+    train_paths,
+    calib_mask=None,
+    *,
+    shell_source: int | None = None,
+    num_steps: int = 200,
+    learning_rate: float = 3e-3,
+    batch_paths: int = 8,
+    embed_dim: int = 16,
+    mlp_dim: int = 64,
+):
     """Fits the junction MLP with the CORAL + mean loss (module docstring) on `train_paths`.
 
     Args:
@@ -331,10 +351,19 @@ class Aligner:
         return {"scale": scale, "shift": shift}
 
 
-def make_aligner(mode: str, config: ModelConfig, shell: dict, pool: dict, *,
-                 stats: NativeStats | None = None, calib_ids=None, calib_mask=None,
-                 shell_source: int | None = None, learned_params: dict | None = None,
-                 chunk_size: int = 8) -> Aligner:  # fmt: skip
+def make_aligner(
+    mode: str,
+    config: ModelConfig,
+    shell: dict,
+    pool: dict,
+    *,
+    stats: NativeStats | None = None,
+    calib_ids=None,
+    calib_mask=None,
+    shell_source: int | None = None,
+    learned_params: dict | None = None,
+    chunk_size: int = 8,
+) -> Aligner:
     """An Aligner for `mode` in ("none", "moment", "learned").
 
     Args:

@@ -170,7 +170,7 @@ def make_problem(
     method is compared with come from the same code path as the searched paths.
 
     `mesh` (a `hm3_jax.distributed.make_mesh` Mesh, or None): when given, both engines use strategy "shard" on
-    it (paths over "paths", the examples of each batch over "data"; see hm3_jax/paths/engine.py) instead of
+    it (paths over "paths", the examples of each batch over "data"; see hm3_jax/paths/sharded.py) instead of
     `engine_strategy`; the scores are the same as without a mesh.
 
     `source_scores`: {split: [K + 1, K]} the sources' scores computed earlier for this zoo and these settings
