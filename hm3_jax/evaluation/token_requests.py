@@ -17,7 +17,7 @@ tokens) bucket, reused across calls, requests and tasks: a handful per model, no
 junction and params are traced, so another model of the same config and shapes reuses them too.
 
 On a device mesh (`place_on_mesh`, one process): the shell and pool are placed once as the path engine places
-them (`paths.engine.place_model`: tensor parallel over "model", replicated over "data"), path and junction
+them (`paths.sharded.place_model`: tensor parallel over "model", replicated over "data"), path and junction
 replicated, and each batch's rows split over "data" (`batch_size` a multiple of its size); XLA's partitioner
 inserts the collectives. With "model" > 1 the path's padding steps run without data-dependent branches
 (`uniform`, as the engine). The answers equal one device's (tests/test_lm_eval_mesh.py).
@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hm3_jax import distributed, models
-from hm3_jax.paths.engine import place_model
+from hm3_jax.paths.sharded import place_model
 from hm3_jax.tasks.exact_match import argmax_equals
 from hm3_jax.tasks.multiple_choice import summed_logprob
 from hm3_jax.tasks.packing import pack_prompts
@@ -76,7 +76,7 @@ def _data_size(model: PathModel) -> int:
 
 
 def _uniform(model: PathModel) -> bool:
-    """No data-dependent branches when "model" shards the blocks (the engine's `_uniform_steps`)."""
+    """No data-dependent branches when "model" shards the blocks (as the engine's `paths.sharded.uniform_steps`)."""
     return model.mesh is not None and int(dict(model.mesh.shape).get("model", 1)) > 1
 
 
