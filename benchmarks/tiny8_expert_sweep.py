@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from hm3_jax.tasks import scoring, zoo_format
-from hm3_jax.tasks.tiny8 import data
+from hm3_jax.tasks.tiny8 import data, images
 from hm3_jax.tasks.tiny8 import train as train_lib
 from hm3_jax.tasks.tiny8 import zoo as zoo_lib
 
@@ -69,12 +69,12 @@ def main(argv) -> None:
         feats = {s: train_lib.base_features(config, base, v) for s, v in x.items()}
         y = {s: task_data[t][s]["labels"] for s in ("train", "search")}
         for l2 in [float(v) for v in _L2S.value.split(",")]:
-            head = train_lib.fit_linear_probe(feats["train"], y["train"], data.NUM_CLASSES[t], l2)
+            head = train_lib.fit_linear_probe(feats["train"], y["train"], images.NUM_CLASSES[t], l2)
             hits = np.argmax(feats["search"] @ head["kernel"] + head["bias"], 1) == y["search"]
             probe_search.setdefault(l2, {})[t] = round(100.0 * float(hits.mean()), 2)
         if t in swept:
             heads[t] = train_lib.fit_linear_probe(
-                feats["train"], y["train"], data.NUM_CLASSES[t], cfg.probe.l2
+                feats["train"], y["train"], images.NUM_CLASSES[t], cfg.probe.l2
             )
     for l2, row in probe_search.items():
         mean = round(float(np.mean(list(row.values()))), 2)
@@ -92,7 +92,7 @@ def main(argv) -> None:
             t1 = time.time()
             experts = {}
             for t in swept:
-                c = data.NUM_CLASSES[t]
+                c = images.NUM_CLASSES[t]
                 head = {"kernel": np.pad(heads[t]["kernel"], ((0, 0), (0, pad - c))), "bias": np.pad(heads[t]["bias"], (0, pad - c))}  # fmt: skip
                 experts[t], _, _ = train_lib.train_classifier(
                     keys[t], config, base, head, data.to_model_inputs(task_data[t]["train"]["pixel_values"]),

@@ -48,20 +48,20 @@ def test_generators_deterministic_with_label_spaces_and_disjoint_splits(small_da
     again = data.generate_all(seed=3, num_eval=20, num_train=60, image_size=16)
     other = data.generate_task("shapes", seed=4, num_eval=20, num_train=60)
     assert not np.array_equal(other["train"]["pixel_values"], small_data["shapes"]["train"]["pixel_values"])
-    assert list(small_data) == list(data.TASKS)
+    assert list(small_data) == list(images.TASKS)
     for task, parts in small_data.items():
         for split, arrays in parts.items():
             np.testing.assert_array_equal(arrays["pixel_values"], again[task][split]["pixel_values"])
             np.testing.assert_array_equal(arrays["labels"], again[task][split]["labels"])
             assert arrays["pixel_values"].dtype == np.uint8 and arrays["labels"].dtype == np.int32
             assert arrays["pixel_values"].shape[1:] == (3, 16, 16)
-            assert arrays["labels"].min() >= 0 and arrays["labels"].max() < data.NUM_CLASSES[task], (
+            assert arrays["labels"].min() >= 0 and arrays["labels"].max() < images.NUM_CLASSES[task], (
                 task,
                 split,
             )
         assert {s: len(p["labels"]) for s, p in parts.items()} == {"train": 60, "search": 14, "heldout": 6}
         # every class occurs in the train part (60 draws), and no image is shared between splits
-        assert set(parts["train"]["labels"].tolist()) == set(range(data.NUM_CLASSES[task])), task
+        assert set(parts["train"]["labels"].tolist()) == set(range(images.NUM_CLASSES[task])), task
         digests = [_digest(parts[s]["pixel_values"]) for s in data.SPLITS]
         assert sum(len(d) for d in digests) == len(set.union(*digests)), task
 
@@ -80,7 +80,7 @@ def test_colours_label_is_the_dominant_hue_bin_and_letters_differ():
 
     parts = data.generate_task("colours", seed=5, num_eval=10, num_train=120)
     x, y = parts["train"]["pixel_values"].astype(np.float64) / 255.0, parts["train"]["labels"]
-    bins = data.NUM_CLASSES["colours"]
+    bins = images.NUM_CLASSES["colours"]
     hits = 0
     for img, label in zip(x, y, strict=True):
         rgb = img.reshape(3, -1).T
@@ -189,7 +189,7 @@ def test_smoke_zoo_builds_loads_and_identity_paths_score_the_experts(tiny8_smoke
 
     zoo = tiny8_smoke_zoo
     m = zoo.manifest
-    assert m["kind"] == "tiny8" and m["tasks"] == list(data.TASKS) and zoo.tasks == data.TASKS
+    assert m["kind"] == "tiny8" and m["tasks"] == list(images.TASKS) and zoo.tasks == images.TASKS
     assert np.asarray(m["score_matrix"]["heldout"]).shape == (9, 8)
     assert zoo.tokenizer is None and zoo.base.config.family == "vit" and zoo.base.config.num_labels == 0
     # cache hit: same fingerprint, nothing rebuilt
@@ -208,7 +208,7 @@ def test_smoke_zoo_builds_loads_and_identity_paths_score_the_experts(tiny8_smoke
     pool = models.make_pool([e["blocks"] for e in experts] + [zoo.base.params["blocks"]])
     L = config.num_layers
     for k, task in list(enumerate(zoo.tasks))[::3]:  # three of the eight tasks (each check runs eagerly)
-        assert heads[task]["kernel"].shape == (config.hidden_size, data.NUM_CLASSES[task])
+        assert heads[task]["kernel"].shape == (config.hidden_size, images.NUM_CLASSES[task])
         obj = zoo.objectives["heldout"][task]
         expert = zoo.experts[task].params
         # independent: numpy head on the expert's CLS features
@@ -244,7 +244,7 @@ def test_smoke_zoo_heads_are_frozen_probes_fitted_on_the_base(tiny8_smoke_zoo):
     config, base = zoo.base.config, zoo.base.params
     for k, task in enumerate(zoo.tasks):
         w, b = heads[task]["kernel"].astype(np.float64), heads[task]["bias"].astype(np.float64)
-        c = data.NUM_CLASSES[task]
+        c = images.NUM_CLASSES[task]
         assert w.shape == (config.hidden_size, c) and b.shape == (c,)
         train = zoo.data[task]["train"]
         h = np.asarray(models.apply(config, base, data.to_model_inputs(train["pixel_values"])))[:, 0]
@@ -286,7 +286,7 @@ def test_data_aware_calibration_reads_search_images_through_the_frozen_heads(tin
     )  # fmt: skip
     calibration = data_aware_menu.search_calibration(problem, rows=5)
     for k in (1, 6):
-        task, c = zoo.tasks[k], data.NUM_CLASSES[zoo.tasks[k]]
+        task, c = zoo.tasks[k], images.NUM_CLASSES[zoo.tasks[k]]
         pixels = data.to_model_inputs(zoo.data[task]["search"]["pixel_values"][:5])
         np.testing.assert_array_equal(calibration[k].inputs, pixels)
         assert calibration[k].token_weights is None

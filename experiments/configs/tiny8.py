@@ -18,7 +18,7 @@ Smoke variant (tests; the zoo builds in well under a minute, its experts need no
 import ml_collections
 
 from experiments.configs import hm3_common
-from hm3_jax.tasks.tiny8.data import TASKS
+from hm3_jax.tasks.tiny8.images import TASKS
 
 
 def zoo_config(smoke: bool = False) -> ml_collections.ConfigDict:

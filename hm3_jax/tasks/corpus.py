@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pydoc_data import topics
 
 import numpy as np
 
@@ -14,8 +15,6 @@ def documentation_paragraphs(min_chars: int = 40) -> list[str]:
     characters and are mostly letters (code listings and tables are dropped). Order is the sorted topic order,
     so the result is deterministic.
     """
-    from pydoc_data import topics
-
     paragraphs = []
     for name in sorted(topics.topics):
         for block in topics.topics[name].split("\n\n"):

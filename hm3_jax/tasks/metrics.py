@@ -5,7 +5,11 @@ Scores are in [0, 100], higher is better.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+
+from sacrebleu.metrics import CHRF
+from sacrebleu.utils import sum_of_lists
 
 
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -15,8 +19,6 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
       hypotheses: system outputs, one per example.
       references: one reference per example (same length).
     """
-    from sacrebleu.metrics import CHRF
-
     if len(hypotheses) != len(references):
         raise ValueError(f"chrf: {len(hypotheses)} hypotheses but {len(references)} references")
     if not references:
@@ -52,8 +54,6 @@ def make_chrf_counter(references: Sequence[str], max_cached: int = 200_000):
       tiny3 HM3 search scores ~700 paths x 100 segments).
     Raises ValueError on an empty reference list or a hypothesis list of another length.
     """
-    from sacrebleu.metrics import CHRF
-
     refs = list(references)
     if not refs:
         raise ValueError("chrf: no examples")
@@ -81,16 +81,11 @@ def make_chrf_counter(references: Sequence[str], max_cached: int = 200_000):
 
 def chrf_from_counts(counts: Sequence[Sequence[int]]) -> float:
     """sacrebleu corpus chrF (defaults) from per-segment statistics [N][S] (`make_chrf_counter`)."""
-    from sacrebleu.metrics import CHRF
-    from sacrebleu.utils import sum_of_lists
-
     return float(CHRF()._compute_score_from_stats(sum_of_lists(list(counts))).score)
 
 
 def final_number(text: str) -> str | None:
     """The last integer in `text` (with sign), as written, or None when there is none."""
-    import re
-
     found = re.findall(r"-?\d+", text)
     return found[-1] if found else None
 

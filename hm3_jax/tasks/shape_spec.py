@@ -15,6 +15,7 @@ import os
 from typing import NamedTuple
 
 import yaml
+from tokenizers import Tokenizer, models, processors
 
 _ALPHABET = "abcdefghij"  # prompt, target and choice text; every character is one token
 _SPECIALS = ("<pad>", "<s>", "</s>")
@@ -41,8 +42,9 @@ class TaskShape(NamedTuple):
 def char_tokenizer(add_bos: bool):
     """A fast HF tokenizer with one token per character of `_ALPHABET` and <pad> 0, <s> 1, </s> 2 (BOS before
     every text when `add_bos`, as Llama's)."""
-    from tokenizers import Tokenizer, models, processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import (
+        PreTrainedTokenizerFast,  # transformers: ~15 s to import, paid only where it is used
+    )
 
     vocab = {t: i for i, t in enumerate(_SPECIALS + tuple(_ALPHABET))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -57,6 +57,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import yaml
+
 METRICS = ("exact_match", "chrf", "multiple_choice", "exact_match_teacher_forced", "accuracy", "lm_eval")
 GENERATION_METRICS = ("exact_match", "chrf")
 TOP_KEYS = ("base", "experts", "tasks", "tokenizer_source", "dtype", "eval_batch_size")
@@ -154,7 +156,6 @@ def _directory(spec_dir: str, value, where: str) -> str:
 
 def load_spec(path: str) -> Spec:
     """Parses and checks a spec file (keys, types, paths that must exist). Raises SpecError naming the key."""
-    import yaml
 
     path = os.path.abspath(path)
     if not os.path.isfile(path):

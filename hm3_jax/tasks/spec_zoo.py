@@ -17,6 +17,10 @@ import json
 import os
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
+
+from hm3_jax.io import hf_config, vocab
+from hm3_jax.io.checkpoint import Model, load_pretrained
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_data, spec_objectives
 from hm3_jax.tasks.spec import SpecError
@@ -89,7 +93,7 @@ class SpecZoo(NamedTuple):
 
 def load_tokenizer(path: str):
     """The HF tokenizer of a checkpoint directory (fast, local files only, never remote code)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers: ~15 s to import, paid only where it is used
 
     try:
         tok = AutoTokenizer.from_pretrained(
@@ -151,8 +155,6 @@ class SpecTasks(NamedTuple):
 def load_tasks(spec, seed: int = 0) -> SpecTasks:
     """A spec's configs (every expert checked against the base), tokenizer, split data and objectives, without
     reading any weights (a run's `load` and the memory plan, hm3_jax/pipeline/memory_plan.py, share it)."""
-    from hm3_jax.io import hf_config, vocab
-
     if isinstance(spec, str):
         spec = spec_lib.load_spec(spec)
     base_config, _ = _named("the base", spec.base, hf_config.read_hf_config, spec.base)
@@ -194,11 +196,6 @@ def load_tasks(spec, seed: int = 0) -> SpecTasks:
 
 def load(spec, seed: int = 0) -> SpecZoo:
     """Loads a spec (a path or a `Spec`): models in the spec's dtype, tokenizer, split data, objectives."""
-    import jax.numpy as jnp
-
-    from hm3_jax.io import vocab
-    from hm3_jax.io.checkpoint import Model, load_pretrained
-
     tasks = load_tasks(spec, seed)
     spec, tokenizer, eos_ids, data = tasks.spec, tasks.tokenizer, tasks.eos_ids, tasks.data
     splits, images, objectives = tasks.splits, tasks.images, tasks.objectives
@@ -270,7 +267,7 @@ def check_task_kinds(spec, config) -> None:
 def preprocess_images(base_dir: str, pixels, config, task):
     """uint8 images [N, C, H, W] -> float32 model inputs through the base's own `preprocessor_config.json` with
     transformers' image processor (as transformers would feed the model)."""
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor  # transformers: ~15 s to import, paid only where it is used
 
     if not os.path.isfile(os.path.join(base_dir, "preprocessor_config.json")):
         raise SpecError(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from hm3_jax.io import atomic
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -27,8 +29,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     Returns:
       A `transformers.PreTrainedTokenizerFast` with pad/bos/eos set.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import (
+        PreTrainedTokenizerFast,  # transformers: ~15 s to import, paid only where it is used
+    )
 
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300 (256 bytes + specials + merges), got {vocab_size}")
@@ -57,7 +60,7 @@ def save_tokenizer(tokenizer, path: str) -> None:
 
 def load_tokenizer(path: str):
     """Loads a saved tokenizer with `AutoTokenizer` and checks that pad/bos/eos are set."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers: ~15 s to import, paid only where it is used
 
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {path}")

@@ -26,6 +26,9 @@ import os
 import time
 from collections.abc import Mapping
 
+import yaml
+from filelock import FileLock
+
 from hm3_jax.io import atomic
 from hm3_jax.tasks import scoring, tiny3_zoo
 from hm3_jax.tasks.tiny8 import zoo as tiny8_zoo
@@ -103,8 +106,6 @@ def write_spec(workdir: str) -> str:
     `exact_match_teacher_forced` (the zoo's own metric), `eval_batch_size` of the zoo config. So a run on the
     spec scores exactly what the zoo's own objectives score (tests/test_spec_zoo_tiny3.py).
     """
-    from filelock import FileLock
-
     path = os.path.join(workdir, SPEC)
     manifest = read_manifest(workdir)
     if manifest is None:
@@ -122,8 +123,6 @@ def write_spec(workdir: str) -> str:
 
 
 def _yaml(obj) -> str:
-    import yaml
-
     return yaml.safe_dump(obj, sort_keys=False)
 
 

@@ -32,8 +32,10 @@ import jax
 import numpy as np
 
 from hm3_jax.io import atomic
+from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
+from hm3_jax.models import ModelConfig
 from hm3_jax.tasks import accuracy, zoo_format
-from hm3_jax.tasks.tiny8 import data
+from hm3_jax.tasks.tiny8 import data, images
 from hm3_jax.tasks.tiny8 import train as train_lib
 
 # zoo.expert.head: "frozen" (the expert's encoder is fine-tuned through the base probe, which every model is read
@@ -53,8 +55,6 @@ PREPROCESSOR = {
 
 def model_config(zoo_config):
     """The ViT `ModelConfig` of the zoo (HF ViT defaults: GELU, qkv bias, LayerNorm eps 1e-12; no classifier)."""
-    from hm3_jax.models import ModelConfig
-
     m = zoo_config.model
     return ModelConfig(
         family="vit",
@@ -73,7 +73,7 @@ def model_config(zoo_config):
 
 
 def num_classes_padded(tasks) -> int:
-    return max(data.NUM_CLASSES[t] for t in tasks)
+    return max(images.NUM_CLASSES[t] for t in tasks)
 
 
 def make_objectives(
@@ -122,7 +122,7 @@ def pretrain_base(
     task's train part of `task_data` (`data.generate_all`), with `cfg.base`'s recipe. Returns (encoder, losses)."""
     tasks = tuple(cfg.tasks)
     pad = num_classes_padded(tasks)
-    class_masks = np.stack([np.arange(pad) < data.NUM_CLASSES[t] for t in tasks])
+    class_masks = np.stack([np.arange(pad) < images.NUM_CLASSES[t] for t in tasks])
     return train_lib.pretrain_multitask(
         key_base,
         config,
@@ -142,14 +142,12 @@ def pretrain_base(
 
 def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     """Builds every artefact of a tiny8 zoo into `out_dir` (an empty temporary directory); returns the manifest."""
-    from hm3_jax.io.checkpoint import Model, save_pretrained
-
     start, cpu_start = time.time(), time.process_time()
     cfg = zoo_config
     tasks = tuple(cfg.tasks)
-    unknown = [t for t in tasks if t not in data.TASKS]
+    unknown = [t for t in tasks if t not in images.TASKS]
     if unknown or not tasks:
-        raise ValueError(f"tiny8: unknown or no tasks {unknown or tasks}; known: {data.TASKS}")
+        raise ValueError(f"tiny8: unknown or no tasks {unknown or tasks}; known: {images.TASKS}")
     if cfg.expert.head not in HEAD_PROTOCOLS:
         raise ValueError(f"tiny8: zoo.expert.head must be one of {HEAD_PROTOCOLS}, got {cfg.expert.head!r}")
     timings = {}
@@ -176,7 +174,7 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
             config, base, data.to_model_inputs(task_data[task]["train"]["pixel_values"])
         )
         y = task_data[task]["train"]["labels"]
-        probe_heads[task] = train_lib.fit_linear_probe(feats, y, data.NUM_CLASSES[task], cfg.probe.l2)
+        probe_heads[task] = train_lib.fit_linear_probe(feats, y, images.NUM_CLASSES[task], cfg.probe.l2)
         logits = feats @ probe_heads[task]["kernel"] + probe_heads[task]["bias"]
         probe_train_accuracy[task] = round(100.0 * float(np.mean(np.argmax(logits, 1) == y)), 4)
     timings["probe_s"] = time.time() - t0
@@ -187,7 +185,7 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
     for task, key in zip(tasks, jax.random.split(key_experts, len(tasks)), strict=True):
         x = data.to_model_inputs(task_data[task]["train"]["pixel_values"])
         y = task_data[task]["train"]["labels"]
-        c = data.NUM_CLASSES[task]
+        c = images.NUM_CLASSES[task]
         padded = {  # the mask drops the padded columns from the softmax; their zero weights get no gradient
             "kernel": np.pad(probe_heads[task]["kernel"], ((0, 0), (0, pad - c))),
             "bias": np.pad(probe_heads[task]["bias"], (0, pad - c)),
@@ -238,7 +236,7 @@ def build_into(zoo_config, out_dir: str, progress: bool = True) -> dict:
         "seed": int(cfg.seed),
         "tasks": list(tasks),
         "metrics": {t: "accuracy" for t in tasks},
-        "num_classes": {t: data.NUM_CLASSES[t] for t in tasks},
+        "num_classes": {t: images.NUM_CLASSES[t] for t in tasks},
         "rows": ["base"] + list(tasks),
         "score_matrix": matrices,
         "head_protocol": e.head,
@@ -293,8 +291,6 @@ def write_eval_files(workdir: str, manifest: Mapping) -> dict:
 
 def load(workdir: str, manifest: Mapping, eval_batch_size: int | None = None):
     """Loads a built tiny8 zoo as a `hm3_jax.tasks.zoo_format.Zoo` (tokenizer None; data {task: {split: arrays}})."""
-    from hm3_jax.io.checkpoint import load_pretrained
-
     base = load_pretrained(os.path.join(workdir, manifest["paths"]["base"]))
     experts = {t: load_pretrained(os.path.join(workdir, p)) for t, p in manifest["paths"]["experts"].items()}
     task_data = {t: data.load_task(os.path.join(workdir, "data", f"{t}.npz")) for t in manifest["tasks"]}
