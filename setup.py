@@ -28,7 +28,7 @@ setuptools.setup(
         "pyyaml",
         "filelock",
         "tensorboardX",
-        # tiny8's offline image data (hm3_jax/tasks/tiny8/data.py): sklearn's bundled digits, scikit-image's
+        # tiny8's offline image data (hm3_jax/tasks/tiny8/images.py): sklearn's bundled digits, scikit-image's
         # sample photographs, scipy for resizing, PIL + matplotlib's bundled DejaVu fonts for the letters.
         "scikit-learn",
         "scikit-image",

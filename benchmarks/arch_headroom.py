@@ -20,7 +20,7 @@ layer, a step deleted or repeated, a block replaced by its neighbouring layer of
 whole search split ("search_full") and on the held-out split, per preference, under the RL reward
 `sum_k lambda_k f_k / z*_k - beta1 T / T_max` (`hm3_jax.arch.env.host_reward`, config.arch.rl's beta1 and t_max; z* the
 split's ideal point). Scores come from per-example statistics computed with the engine's jitted kernels
-(`objectives.path_device_scores`, then `Objective.example_fn`: 0/1 correctness or chrF sentence statistics), so the
+(`scoring.path_device_scores`, then `Objective.example_fn`: 0/1 correctness or chrF sentence statistics), so the
 same evaluation also gives the noise: the standard error of a path's reward difference to Theta, from
 `--bootstrap` paired resamples of each split's examples (the same resampled examples for the path and Theta;
 z* fixed). For the 0/1-mean tasks (`bootstrap.MEAN_METRICS`: exact match, generated exact match, multiple
@@ -167,7 +167,7 @@ def _config(spec: str):
 def _example_stats(problem, shell, pool, path, split: str, junction=None):
     """Per task the per-example statistics of one path on `split` (`Objective.example_fn`: [N] bool, or [N, S]
     chrF statistics) and the full-split scores [K] they give (the engine's kernels:
-    `objectives.path_device_scores`); `junction` None or {"scale", "shift": [T_max, D]} (`models.apply_path`)."""
+    `scoring.path_device_scores`); `junction` None or {"scale", "shift": [T_max, D]} (`models.apply_path`)."""
     import jax.numpy as jnp
 
     from hm3_jax.moo import bootstrap

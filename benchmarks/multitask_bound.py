@@ -6,7 +6,7 @@ at all), so a model fine-tuned from the zoo's base on the union of the three tas
 upper bound: if it cannot keep 90% of every expert, no merge of these experts can be expected to.
 
 Recipe (the experts', `hm3_jax/tasks/zoo.py` step 4): full fine-tuning from the zoo's base, loss on the target
-tokens of each task's training examples (`objectives.tokenize_examples` + `pack_teacher_forced`, the zoo's
+tokens of each task's training examples (`packing.tokenize_examples` + `pack_teacher_forced`, the zoo's
 `seq_len`), AdamW with global-norm clipping 1.0 (`hm3_jax.tasks.optim.make_optimizer`), linear warmup then
 cosine decay to 10% (`optim.make_schedule`), the expert learning rate, warmup, weight decay and batch size.
 Two budgets: `same` = the sum of the experts' steps (3 x 150 = 450 steps of 32 rows: the compute of building the

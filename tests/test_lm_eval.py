@@ -8,7 +8,7 @@
 * requests of many lengths compile the jitted programs once per bucket shape, not once per request;
 * the harness's scores through hm3_jax (local task YAMLs over local JSONL files: a generate-until task with
   regex filters and exact match, a multiple-choice task) equal the spec-file path's scores on the same data
-  (`spec_zoo.make_objectives` + `score_model`) where the definitions coincide, and the other filter's score
+  (`spec_objectives.make_objectives` + `score_model`) where the definitions coincide, and the other filter's score
   equals the one computed from transformers' generations;
 * `model_args`: ``pretrained=DIR``, ``run=DIR,preference=...`` (both export forms) and ``path_model=DIR``
   give the same model; mistakes are one error naming the key or file;

@@ -172,7 +172,7 @@ def apply_path(
       attention_mask: [B, S] (1 = real token) or None.
       positions: None, or int [B, P] (LMs only): the head runs only on these positions of each row, and the
         logits [B, P, V] are `full_logits[b, positions[b, p]]` (teacher-forced objectives that read a few
-        positions; `hm3_jax.tasks.objectives.exact_match_kernel`).
+        positions; `hm3_jax.tasks.exact_match.exact_match_kernel`).
       uniform: no data-dependent branch over padding steps (`run_path`).
     Returns: the family's `head` outputs (logits [B, S, V] for LMs, [B, P, V] with `positions`).
     """

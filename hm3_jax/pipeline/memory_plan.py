@@ -24,7 +24,7 @@ the run's resident arrays that are not the program's arguments (`resident_bytes`
   "shard": paths over "paths", examples over "data"; shell and pool placed by `PathEngine.model_shardings`),
   or on one device (plus the prefix tree's program, ``path_scores/<split>/tree``, when teacher-forced tasks
   run as a tree); generation tasks decode inside it;
-* ``model_scores/<task>``: one model's score on a held-out task (`objectives.path_device_scores`: the
+* ``model_scores/<task>``: one model's score on a held-out task (`scoring.path_device_scores`: the
   held-out bootstrap and `score_model`), on device 0, one per distinct shape.
 
 The splits' programs differ only in how many batches they map over (outputs, the batches' ids as constants);

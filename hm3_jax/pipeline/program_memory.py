@@ -295,7 +295,7 @@ def one_model_scores(config, objective, shell, blocks):
 
 
 def model_score_programs(config, num_experts: int, dtype, objectives: list) -> list[ProgramMemory]:
-    """``model_scores/<task>``: one model's held-out score (`objectives.path_device_scores`) per distinct
+    """``model_scores/<task>``: one model's held-out score (`scoring.path_device_scores`) per distinct
     objective shape, on device 0."""
     params = abstract_params(config, dtype)
     model = tree_bytes(params)

@@ -66,7 +66,7 @@ def lm_forward(config, params, inputs):
 
 def head_forward(config, head_kernel, head_bias, params, pixel_values):
     """`pixel_values` `[B, C, H, W]` -> logits `[B, C']` = h_cls @ head_kernel + head_bias (`head_kernel` `[D, C']`,
-    h_cls the CLS row of the encoder's final LayerNorm, as `objectives.make_accuracy_objective` reads it)."""
+    h_cls the CLS row of the encoder's final LayerNorm, as `accuracy.make_accuracy_objective` reads it)."""
     feats = models.apply(config, params, pixel_values)[:, 0].astype(jnp.float32)
     return feats @ head_kernel + head_bias
 

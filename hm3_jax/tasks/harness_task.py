@@ -3,7 +3,7 @@
 A task YAML of the harness (e.g. ``dataset_path: json`` with ``dataset_kwargs: {data_files: ...}``), or a task
 the harness registers by name (``{lm_eval: gsm8k}``; `find_task`: an include path's YAMLs, then the harness's
 own), is loaded with the harness's own `TaskManager` (`hm3_jax.tasks.harness_loader`); a spec's harness task splits its evaluation documents
-70 / 30 as JSONL rows are split, seeded with its data file's name (`HarnessTask.split_key`, `spec.split_rows`,
+70 / 30 as JSONL rows are split, seeded with its data file's name (`HarnessTask.split_key`, `spec_data.split_rows`,
 recorded by the run), and each split becomes an `Objective`
 that the run's batched engine paths score like any other (`generation.generation_kernel` for
 ``generate_until``, `multiple_choice.continuation_logprob_kernel` for ``multiple_choice``; no request is sent
@@ -119,7 +119,7 @@ class HarnessTask(NamedTuple):
 
     @property
     def split_key(self) -> str:
-        """The name its documents' 70 / 30 split is seeded with (`spec.split_rows`): the file name of the one
+        """The name its documents' 70 / 30 split is seeded with (`spec_data.split_rows`): the file name of the one
         local data file its evaluation split reads, as a JSONL task over that file is seeded, so the two split
         the same rows alike (document i is row i when the task keeps every row in order: no filtering
         ``process_docs``); else (remote data, several files) the task's name."""

@@ -9,7 +9,7 @@ the caller with the model's tokenizer, as lm-eval does),
     score = 100 * mean_i [pred_i == answer_i].
 
 Each (example, choice) is one teacher-forced row ``x ++ c`` (right-padded, length-bucketed exactly like the
-exact-match rows, `objectives.bucket_teacher_forced`); a forward that takes ``positions=`` runs the LM head
+exact-match rows, `packing.bucket_teacher_forced`); a forward that takes ``positions=`` runs the LM head
 only at the continuation positions. The device output is the kernel's: ``float32 [R_pad]`` summed
 log-probabilities in bucketed row order (padding rows included), so `device_fn(forward)` equals
 `kernel(forward, arrays)` and `host_fn` / `example_fn` read the same layout whichever route produced it
@@ -35,7 +35,7 @@ def continuation_logprob_kernel(forward, arrays: dict) -> jax.Array:
     Args:
       forward: ``input_ids [B, S] -> logits [B, S, V]``, optionally taking ``positions`` (int32 [B, P]) and then
         returning ``[B, P, V]`` at those positions only.
-      arrays: as `objectives.exact_match_kernel` takes them (`bucket_teacher_forced`): "input_ids",
+      arrays: as `exact_match.exact_match_kernel` takes them (`bucket_teacher_forced`): "input_ids",
         "target_mask" and "target_positions", "target_labels", "target_valid", tuples over length groups.
 
     Returns:
