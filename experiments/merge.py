@@ -22,7 +22,7 @@ from absl import flags, logging
 
 from experiments import cli_errors
 from hm3_jax import distributed, logs
-from hm3_jax.merging import mergekit_config, streaming
+from hm3_jax.merging import mergekit_config, passthrough, streaming
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "mergekit YAML file.")
@@ -101,7 +101,7 @@ def run(plan: mergekit_config.MergePlan, out: str, seed: int) -> dict:
         progress=FLAGS.progress,
     )
     if plan.method == "passthrough":
-        return streaming.passthrough_checkpoints(plan.slices, out, base=plan.base, **common)
+        return passthrough.passthrough_checkpoints(plan.slices, out, base=plan.base, **common)
     return streaming.merge_checkpoints(
         plan.method,
         plan.base,

@@ -17,8 +17,10 @@ from safetensors.numpy import save_file
 
 from experiments import merge as cli
 from hm3_jax.merging import merge
+from hm3_jax.merging.groups import shell_end
 from hm3_jax.merging.mergekit_config import gradient, parse_config
-from hm3_jax.merging.streaming import merge_checkpoints, passthrough_checkpoints, shell_end
+from hm3_jax.merging.passthrough import passthrough_checkpoints
+from hm3_jax.merging.streaming import merge_checkpoints
 
 SHAPES = {
     "lm_head.weight": (10, 4),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hm3_jax.merging import default_param_group, hm3_merge, kernels, layer_index, leaf_weights, merge
+from hm3_jax.merging import default_param_group, hm3_merge, kernels, layer_index, leaf_weights, merge, topk
 
 BASE = {"a": jnp.zeros(3), "blocks": {"w": jnp.zeros((2, 3))}}
 M1 = {"a": jnp.array([1.0, -2.0, 3.0]), "blocks": {"w": jnp.ones((2, 3))}}
@@ -115,13 +115,13 @@ def test_pcb_hand():
 def test_topk_exact_count_and_radix_select():
     x = jax.random.normal(jax.random.key(0), (1000,))
     for density in (0.01, 0.3, 0.5, 0.999):
-        mask = np.asarray(kernels.topk_magnitude_mask(x, density))
+        mask = np.asarray(topk.topk_magnitude_mask(x, density))
         k = int(density * 1000)
         assert mask.sum() == k
         order = np.argsort(-np.abs(np.asarray(x)), kind="stable")
         np.testing.assert_array_equal(np.sort(np.flatnonzero(mask)), np.sort(order[:k]))
     ties_x = jnp.array([1.0, -1.0, 1.0, 0.5, -1.0])
-    np.testing.assert_array_equal(kernels.topk_magnitude_mask(ties_x, 0.4), [True, True, False, False, False])
+    np.testing.assert_array_equal(topk.topk_magnitude_mask(ties_x, 0.4), [True, True, False, False, False])
 
 
 # ---------------------------------------------------------------- properties
@@ -326,26 +326,24 @@ def test_host_topk_threshold_matches_radix_select_with_ties():
     bits = np.abs(x).view(np.uint32).reshape(-1)
     for density in (0.1, 0.37, 0.5, 0.99):
         k = int(density * x.size)
-        host = kernels.host_topk_threshold(bits, density)
+        host = topk.host_topk_threshold(bits, density)
         np.testing.assert_array_equal(
-            host, np.asarray(kernels.topk_threshold(jnp.asarray(x), density, on_host=False))
+            host, np.asarray(topk.topk_threshold(jnp.asarray(x), density, on_host=False))
         )
         # the callback path (the default on CPU) under jit and vmap gives the radix select's pairs
-        fn = jax.jit(jax.vmap(lambda v, d=density: kernels.topk_threshold(v, d, on_host=True)))
+        fn = jax.jit(jax.vmap(lambda v, d=density: topk.topk_threshold(v, d, on_host=True)))
         np.testing.assert_array_equal(
             np.asarray(fn(jnp.stack([jnp.asarray(x), -jnp.asarray(x)[::-1]]))),
-            np.stack(
-                [host, kernels.host_topk_threshold(np.abs(-x[::-1]).view(np.uint32).reshape(-1), density)]
-            ),
+            np.stack([host, topk.host_topk_threshold(np.abs(-x[::-1]).view(np.uint32).reshape(-1), density)]),
         )
         expected = np.zeros(x.size, bool)
         expected[np.argsort(-np.abs(x).reshape(-1), kind="stable")[:k]] = True
-        mask = np.asarray(kernels.mask_from_threshold(jnp.asarray(x), host)).reshape(-1)
+        mask = np.asarray(topk.mask_from_threshold(jnp.asarray(x), host)).reshape(-1)
         np.testing.assert_array_equal(mask, expected)
         # a chunk with its flat offset gives the same entries
-        chunk = np.asarray(kernels.mask_from_threshold(jnp.asarray(x.reshape(-1)[20:40]), host, 20))
+        chunk = np.asarray(topk.mask_from_threshold(jnp.asarray(x.reshape(-1)[20:40]), host, 20))
         np.testing.assert_array_equal(chunk, expected[20:40])
-    np.testing.assert_array_equal(kernels.host_topk_threshold(bits, 1.0), [0, 0xFFFFFFFF])
+    np.testing.assert_array_equal(topk.host_topk_threshold(bits, 1.0), [0, 0xFFFFFFFF])
 
 
 def test_blockwise_merge_of_large_stacked_leaves_gives_the_same_values(monkeypatch):
@@ -391,7 +389,7 @@ def test_chunked_merge_of_large_flat_leaves_gives_the_same_values(monkeypatch):
         ("pcb", dict(density=0.4)),
     )
     calls = []
-    real = api._merge_leaf_in_chunks
+    real = api.merge_leaf_in_chunks
     for method, hp in cases:
         whole = api.merge(method, base, experts, key, weights=[0.5, 0.3, 0.2], **hp)
         with monkeypatch.context() as m:
@@ -399,7 +397,7 @@ def test_chunked_merge_of_large_flat_leaves_gives_the_same_values(monkeypatch):
             m.setattr(api, "CHUNK_ELEMENTS", 4096)  # 12610 elements: 4 chunks, the last one padded
             m.setattr(
                 api,
-                "_merge_leaf_in_chunks",
+                "merge_leaf_in_chunks",
                 lambda *a, method=method, **k: calls.append(method) or real(*a, **k),
             )
             chunked = api.merge(method, base, experts, key, weights=[0.5, 0.3, 0.2], **hp)

@@ -9,7 +9,11 @@
   Gram matrices of any pure forward in `layer_inputs.py`.
 * `hm3_merge(base, experts, preference, key, density, drop_rate)`: HM3's Theta(lambda) (HM3_SPEC Eq. 5).
 * `merge_checkpoints(...)` (`streaming.py`): the same merges on Hugging Face safetensors directories,
-  tensor by tensor, with bounded memory.
+  tensor by tensor, with bounded memory; `passthrough_checkpoints` (`passthrough.py`) stacks layer ranges;
+  the output directory (`checkpoint_output.py`), token tables across vocabularies (`checkpoint_vocab.py`),
+  lazy reading and the shard writer (`safetensors_stream.py`).
+* `methods.py`: the registry `METHODS` and the checks of a merge's arguments; `kernels.py` the per-tensor
+  kernels, `topk.py` the exact top-k magnitude masks.
 * `groups.py`: parameter groups and per-block / per-group weights.
 
 See docs/merging.md.
@@ -17,12 +21,10 @@ See docs/merging.md.
 
 from hm3_jax.merging.adamerging import AdaMergingResult, adamerging, merge_with_coefficients
 from hm3_jax.merging.api import (
-    METHODS,
     consensus,
     dare_linear,
     dare_ties,
     hm3_merge,
-    known_methods,
     linear,
     merge,
     pcb,
@@ -41,6 +43,7 @@ from hm3_jax.merging.data_aware import (
 from hm3_jax.merging.fisher import diagonal_fisher, fisher_from_data, fisher_merge, model_fishers
 from hm3_jax.merging.groups import default_param_group, layer_index, leaf_weights
 from hm3_jax.merging.layer_inputs import InputStats, layer_input_grams, linear_input_stats
+from hm3_jax.merging.methods import METHODS, known_methods
 from hm3_jax.merging.regmean import model_grams, regmean, regmean_from_data
 from hm3_jax.merging.tsv import tsv_kernel
 

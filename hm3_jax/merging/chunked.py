@@ -4,7 +4,7 @@ Once DARE's survivors and TIES' exact top-k thresholds of a tensor are known, `l
 `ties`, `dare_linear` and `dare_ties` are elementwise (`CHUNKED_METHODS`), so a tensor can be merged in flat
 chunks of `chunk_elements` (`merge_chunked`): the survivors are drawn for the whole tensor with the in-memory
 kernel's key and shape (`kernels.dare_keep_mask`), the k-th largest magnitude and its tie index are found on
-the host (`kernels.host_topk_threshold`, numpy), and `merge_chunk` merges chunk after chunk. The peak is K + 1
+the host (`topk.host_topk_threshold`, numpy), and `merge_chunk` merges chunk after chunk. The peak is K + 1
 float32 copies of one chunk on the device (plus the host's `[K, n]` survivors and magnitude bits), not of the
 tensor. Used by the streaming merge of checkpoints (`streaming.py`, every tensor) and by the in-memory `merge`
 (`api.py`) for non-stacked leaves whose K + 1 float32 copies exceed `api.CHUNKED_MERGE_BYTES` (a 151936 x 896
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax.merging import kernels
+from hm3_jax.merging import kernels, topk
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
 _MIN_BUCKET = 4096
@@ -59,7 +59,7 @@ def merge_chunk(kernel, out_dtype, base, thetas, weights, keep, trim, offset):
 def trim_magnitude_bits(kernel, base, thetas, keep):
     """The uint32 bit patterns of `|delta_k|` (`[K, C]`) that the kernel's TIES trim ranks, for a flat chunk:
     `delta_k = theta_k - base` (after DARE with the survivors `keep` for `dare_ties`), computed with the
-    kernel's own operations so that host thresholds (`kernels.host_topk_threshold`) match the in-memory
+    kernel's own operations so that host thresholds (`topk.host_topk_threshold`) match the in-memory
     radix select exactly. Also returns the non-finite flags `[1 + K]`."""
     base32, stacked_thetas, bad = _inputs32(base, thetas)
     deltas = stacked_thetas - base32
@@ -98,7 +98,7 @@ def _workspace_buffer(workspace: dict, name: str, dtype, shape: tuple[int, ...])
 def merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_elements, workspace):
     """One tensor of a `CHUNKED_METHODS` merge in flat chunks of `chunk_elements`: the DARE survivors
     are drawn for the whole tensor exactly as the in-memory kernel draws them, the exact top-k thresholds
-    of the TIES trim are computed on the host (`kernels.host_topk_threshold`, the same kept set as the
+    of the TIES trim are computed on the host (`topk.host_topk_threshold`, the same kept set as the
     in-memory radix select), and `merge_chunk` applies the now elementwise merge chunk by chunk.
     Chunks are padded to a power-of-two length (at least `_MIN_BUCKET`) so that tensors share compiled code.
 
@@ -151,9 +151,7 @@ def merge_chunked(kernel, dtype_out, leaf_key, base_arr, arrays, leaf_w, chunk_e
             if bad_any.any():
                 return None, bad_any
             scratch = _workspace_buffer(workspace, "scratch", np.uint32, (n,))
-            trim = np.stack(
-                [kernels.host_topk_threshold(bits[i], d, scratch) for i, d in enumerate(densities)]
-            )
+            trim = np.stack([topk.host_topk_threshold(bits[i], d, scratch) for i, d in enumerate(densities)])
     out = _workspace_buffer(workspace, "out", dtype_out, (n,))
     for start in starts:
         stop = min(start + length, n)

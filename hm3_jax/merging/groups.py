@@ -190,3 +190,27 @@ def check_leaf_weights(leaf_w: Any, name: str, what: str = "weights", normalize:
             f"{what} of tensor {name!r} sum to 0 ({w.tolist()}), and this merge divides by their sum "
             "(normalize); change the weights or set normalize false"
         )
+
+
+# Parts of HF tensor names outside the blocks: head-like parts (post) and embedding markers (pre), see `shell_end`.
+_HEAD_PARTS = frozenset({"lm_head", "embed_out", "head", "classifier", "score", "pooler"})
+_PRE_MARKERS = ("embed", "wte", "wpe", "cls_token", "mask_token")
+_NAME_SPLIT = re.compile(r"[./]+")
+
+
+def shell_end(name: str) -> str:
+    """Which end of the model a tensor outside the blocks belongs to: `"pre"` or `"post"`.
+
+    mergekit's architectures list them as `pre_weights` (embeddings: `model.embed_tokens`, `wte`, `wpe`,
+    ViT's `embeddings.*`) and `post_weights` (final norm and head: `model.norm`, `ln_f`, `lm_head`,
+    `classifier`); a passthrough merge takes the pre weights from the first slice's model and the post weights
+    from the last slice's, and a gradient is evaluated at `t = 0` for pre and `t = 1` for post weights. Here:
+    a name with a head-like part (`lm_head`, `embed_out`, `head`, `classifier`, `score`, `pooler`) is post,
+    else a name with a part containing `embed`, `wte`, `wpe`, `cls_token` or `mask_token` is pre, else post.
+    """
+    parts = [p for p in _NAME_SPLIT.split(name.lower()) if p]
+    if any(p in _HEAD_PARTS for p in parts):
+        return "post"
+    if any(m in p for p in parts for m in _PRE_MARKERS):
+        return "pre"
+    return "post"

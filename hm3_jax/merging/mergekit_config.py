@@ -12,7 +12,7 @@ Supported (anything else is an error naming the key):
   - a list of numbers, a "gradient" `[v_0, ..., v_{n-1}]`, evaluated at `t` as
     `s = t (n - 1), i = floor(s), f = s - i: (1 - f) v_i + f v_{min(i + 1, n - 1)}`, with `t = l / (L - 1)`
     for block `l` of `L` (`t = 1` when `L = 1`), `t = 0` for the embeddings and `t = 1` for the final norm
-    and head (`streaming.shell_end`: mergekit evaluates `pre_weights` at 0 and `post_weights` at 1);
+    and head (`groups.shell_end`: mergekit evaluates `pre_weights` at 0 and `post_weights` at 1);
   - a list of `{filter: SUBSTRING, value: NUMBER_OR_GRADIENT}` conditions: a tensor takes the first whose
     `filter` is a substring of its name (no `filter`, or `*`, matches every tensor); when none matches, the
     top-level `parameters` value, then 1;
@@ -41,9 +41,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hm3_jax.merging import api
-from hm3_jax.merging.groups import layer_index
-from hm3_jax.merging.streaming import shell_end
+from hm3_jax.merging import methods
+from hm3_jax.merging.groups import layer_index, shell_end
 
 TOP_LEVEL_KEYS = frozenset(
     {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "slices", "tokenizer_source"}
@@ -232,7 +231,7 @@ def parse_config(config: dict[str, Any] | str) -> MergePlan:
     method = config.get("merge_method")
     if method is None:
         raise ValueError("merge config has no merge_method")
-    known = set(api.known_methods()) | {"passthrough"}
+    known = set(methods.known_methods()) | {"passthrough"}
     if method not in known:
         raise ValueError(f"unsupported merge_method {method!r}; supported: {sorted(known)}")
     dtype = config.get("out_dtype") or config.get("dtype")
@@ -312,7 +311,7 @@ def parse_config(config: dict[str, Any] | str) -> MergePlan:
         weights_out = tuple(weights)
     if method == "linear" and base not in (None, *models):
         base = None  # mergekit's linear does not use base_model
-    api.resolve_hparams(method, max(len(models), 1), {k: v for k, v in hparams.items()})
+    methods.resolve_hparams(method, max(len(models), 1), {k: v for k, v in hparams.items()})
     return MergePlan(method, base, tuple(models), weights_out, hparams, dtype, None, tokenizer_source)
 
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from hm3_jax.io.safetensors_io import open_safetensors
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from hm3_jax.io import safetensors_io
+from hm3_jax.io.safetensors_io import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    open_safetensors,
+    shard_file_names,
+)
 
 _DTYPE_CODES = {
     np.dtype(np.float64): "F64",
@@ -48,6 +51,11 @@ def dtype_from_name(name: str) -> np.dtype:
     return _NAMED_DTYPES[name]
 
 
+def is_float(dtype: np.dtype) -> bool:
+    """Whether `dtype` is a floating dtype (numpy's or ml_dtypes' bfloat16): the tensors a merge changes."""
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
+
+
 def dtype_code(dtype: Any) -> str:
     dtype = np.dtype(dtype)
     if dtype not in _DTYPE_CODES:
@@ -68,17 +76,19 @@ class Checkpoint:
         if not os.path.isdir(self.path):
             what = "is not a directory" if os.path.exists(self.path) else "does not exist"
             raise FileNotFoundError(f"checkpoint directory {self.path!r} {what}")
-        index = os.path.join(self.path, INDEX_NAME)
-        single = os.path.join(self.path, SINGLE_NAME)
+        index = os.path.join(self.path, SAFE_WEIGHTS_INDEX_NAME)
+        single = os.path.join(self.path, SAFE_WEIGHTS_NAME)
         if os.path.isfile(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
-            files = [SINGLE_NAME]
+            files = [SAFE_WEIGHTS_NAME]
             weight_map = None
         else:
-            raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in checkpoint directory {self.path!r}")
+            raise FileNotFoundError(
+                f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in checkpoint directory {self.path!r}"
+            )
         self._handles = {}
         self._file_of: dict[str, str] = {}
         self._span: dict[str, tuple[int, int]] = {}
@@ -188,24 +198,12 @@ def plan_shards(
     entries: Sequence[tuple[str, Any, tuple[int, ...]]], max_shard_bytes: int
 ) -> list[list[tuple[str, Any, tuple[int, ...]]]]:
     """Splits `(name, dtype, shape)` entries, in order, into shards of at most `max_shard_bytes` (a tensor
-    larger than that gets a shard of its own)."""
-    shards: list[list] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = int(np.prod(entry[2], dtype=np.int64)) * np.dtype(entry[1]).itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    return shards
-
-
-def shard_file_names(num_shards: int) -> list[str]:
-    """HF's names: `model.safetensors`, or `model-00001-of-00003.safetensors`, ..."""
-    if num_shards == 1:
-        return [SINGLE_NAME]
-    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    larger than that gets a shard of its own; `safetensors_io.plan_shards` on the entries' sizes)."""
+    sizes = (
+        (i, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+        for i, (_, dtype, shape) in enumerate(entries)
+    )
+    return [[entries[i] for i in shard] for shard in safetensors_io.plan_shards(sizes, max_shard_bytes)]
 
 
 def write_index(
@@ -215,5 +213,33 @@ def write_index(
     if len(files) == 1:
         return
     weight_map = {entry[0]: file for shard, file in zip(shards, files, strict=True) for entry in shard}
-    with open(os.path.join(directory, INDEX_NAME), "w") as f:
+    with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
+
+
+def write_shards(
+    directory: str,
+    entries: Sequence[tuple[str, Any, tuple[int, ...]]],
+    max_shard_bytes: int,
+    tensor_fn: Callable[[str, np.dtype], np.ndarray],
+    tensor_done: Callable[[], Any] = lambda: None,
+) -> int:
+    """Writes the tensors `entries` (`(name, dtype, shape)`, in order) into shards of at most `max_shard_bytes`
+    in `directory`, plus the index when there are several (`write_index`), one tensor at a time.
+
+    `tensor_fn(name, dtype)` gives each tensor's array when its turn comes (so at most a few tensors are in
+    memory); `tensor_done()` is called after each is written (a progress bar's update). Returns the bytes
+    written."""
+    shards = plan_shards(entries, max_shard_bytes)
+    files = shard_file_names(len(shards))
+    total = 0
+    for shard, file in zip(shards, files, strict=True):
+        writer = ShardWriter(os.path.join(directory, file), shard)
+        for name, dtype, _ in shard:
+            array = tensor_fn(name, dtype)
+            writer.write(name, array)
+            total += array.nbytes
+            tensor_done()
+        writer.close()
+    write_index(directory, shards, files, total)
+    return total
