@@ -1,6 +1,9 @@
-"""The tiny3 zoo: a base model and three task experts built offline, saved as Hugging Face directories.
+"""Zoos built offline and cached in a directory: build, reuse, load, and make a run spec of them, for every kind.
 
-Layout of a zoo directory (everything is written into a temporary sibling and renamed into place)::
+A zoo is a base model and one expert per task saved as Hugging Face directories; its kind (`config.zoo.kind`)
+says which builder makes it: tiny3 (the default; `hm3_jax.tasks.tiny3_zoo`, a Llama base and three text
+experts) or tiny8 (`hm3_jax.tasks.tiny8.zoo`, a ViT encoder and eight image experts). Layout of a tiny3 zoo
+directory (everything is written into a temporary sibling and renamed into place)::
 
     DIR/manifest.json                 config, fingerprint, seed, sizes, score matrices, norms, build time
     DIR/tokenizer/                    byte-level BPE (AutoTokenizer loads it)
@@ -14,8 +17,8 @@ different fingerprint is rebuilt into a clean directory (``on_mismatch="rebuild"
 
 Score matrices are ``[1 + K, K]`` (rows: base then experts in TASK_NAMES order; columns: tasks), one per
 split. What every zoo kind shares (`Zoo`, the manifest's format and fingerprint, score matrices, task-vector
-sizes) is `hm3_jax.tasks.zoo_format`'s, imported here; tiny8 builds, writes its spec and loads in
-`hm3_jax.tasks.tiny8.zoo`, to which this module dispatches.
+sizes) is `hm3_jax.tasks.zoo_format`'s; each kind builds, writes its eval files and loads in its own module,
+to which this one dispatches.
 """
 
 from __future__ import annotations
