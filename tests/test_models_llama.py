@@ -278,12 +278,14 @@ def test_bf16_head_major_attention_runs_on_cpu_and_matches_float32():
         for i, s in enumerate([(2, 4, 4, 8), (2, 2, 4, 8), (2, 2, 4, 8)])
     )
     mask = jnp.tril(jnp.ones((4, 4), bool))[None, None].repeat(2, 0)
-    ref = layers.attention_head_major(q, k, v, mask)
+    ref = layers.attention(q, k, v, mask, kv_head_major=True)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    out = jax.jit(layers.attention_head_major)(*bf, mask)
+    out = jax.jit(layers.attention, static_argnames="kv_head_major")(*bf, mask, kv_head_major=True)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.05)
-    exact = layers.attention_head_major(*[x.astype(jnp.float32) for x in bf], mask)  # the same bf16 values
+    exact = layers.attention(
+        *[x.astype(jnp.float32) for x in bf], mask, kv_head_major=True
+    )  # the same bf16 values
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(exact), atol=0.02)
 
 

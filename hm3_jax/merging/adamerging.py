@@ -147,21 +147,42 @@ def adamerging(
     lam = lam / lam.sum()
     live = tuple(k for k in range(len(models)) if lam[k] > 0)
     coefficients, losses = _fit(
-        key, base, models, coefficients,
-        tuple(jnp.asarray(calibration[k].inputs) for k in live), tuple(row_weights(calibration[k]) for k in live),
+        key,
+        base,
+        models,
+        coefficients,
+        tuple(jnp.asarray(calibration[k].inputs) for k in live),
+        tuple(row_weights(calibration[k]) for k in live),
         jnp.asarray(lam[list(live)], jnp.float32),
-        forward_fns=tuple(calibration[k].forward_fn for k in live), live=live,
-        sizes=tuple(min(int(batch_size), calibration[k].num_rows) for k in live), num_steps=int(num_steps),
-        learning_rate=float(learning_rate), bounds=(lo, hi),
-    )  # fmt: skip
+        forward_fns=tuple(calibration[k].forward_fn for k in live),
+        live=live,
+        sizes=tuple(min(int(batch_size), calibration[k].num_rows) for k in live),
+        num_steps=int(num_steps),
+        learning_rate=float(learning_rate),
+        bounds=(lo, hi),
+    )
     return AdaMergingResult(merge_with_coefficients(base, models, coefficients), coefficients, losses)
 
 
 @functools.partial(
     jax.jit, static_argnames=("forward_fns", "live", "sizes", "num_steps", "learning_rate", "bounds")
 )
-def _fit(key, base, models, coefficients, inputs, weights, lam, *, forward_fns, live, sizes, num_steps,
-         learning_rate, bounds):  # fmt: skip
+def _fit(
+    key,
+    base,
+    models,
+    coefficients,
+    inputs,
+    weights,
+    lam,
+    *,
+    forward_fns,
+    live,
+    sizes,
+    num_steps,
+    learning_rate,
+    bounds,
+):
     """The Adam loop of `adamerging`, jitted once per forward, shapes and settings (the preference `lam` [K'],
     the tasks of positive weight `live`, is traced): (coefficients, losses [num_steps])."""
     lo, hi = bounds

@@ -149,8 +149,11 @@ def calibration_passes(
             )
         backward = 0
         for c in live:
-            one = jax.eval_shape(c.forward_fn, params, jax.ShapeDtypeStruct((1,) + np.shape(c.inputs)[1:],
-                                                                            np.asarray(c.inputs).dtype))  # fmt: skip
+            one = jax.eval_shape(
+                c.forward_fn,
+                params,
+                jax.ShapeDtypeStruct((1,) + np.shape(c.inputs)[1:], np.asarray(c.inputs).dtype),
+            )
             backward += c.num_rows * int(np.prod(one.shape[1:]))
         return CalibrationPasses(rows, backward)
     if hp["num_steps"] is None:

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax.merging.api import first_mismatch
-from hm3_jax.merging.calibration import Calibration, broadcast_weights, check_calibration, row_weights
+from hm3_jax.merging.calibration import Calibration, broadcast_weights, row_weights
 from hm3_jax.merging.groups import path_name
-from hm3_jax.merging.regmean import check_preference
+from hm3_jax.merging.regmean import check_preference, on_own_calibration
 
 MODES = ("sample", "expected")
 
@@ -112,8 +112,9 @@ def diagonal_fisher(
                 cotangent = w[..., None] * (jax.nn.one_hot(y, logp.shape[-1]) - probs)
                 return [a + s / num_samples for a, s in zip(acc, squared_grad(cotangent), strict=True)], None
 
-            row, _ = jax.lax.scan(draw, [jnp.zeros(x.shape, jnp.float32) for x in float_leaves],
-                                  jnp.arange(num_samples))  # fmt: skip
+            row, _ = jax.lax.scan(
+                draw, [jnp.zeros(x.shape, jnp.float32) for x in float_leaves], jnp.arange(num_samples)
+            )
         else:
             num_classes = logp.shape[-1]
             flat_probs = probs.reshape(-1, num_classes)  # [P, C]
@@ -126,8 +127,11 @@ def diagonal_fisher(
                 weight = flat_probs[p, c]
                 return [a + weight * s for a, s in zip(acc, squared_grad(cotangent), strict=True)], None
 
-            row, _ = jax.lax.scan(one_label, [jnp.zeros(x.shape, jnp.float32) for x in float_leaves],
-                                  jnp.arange(flat_probs.size))  # fmt: skip
+            row, _ = jax.lax.scan(
+                one_label,
+                [jnp.zeros(x.shape, jnp.float32) for x in float_leaves],
+                jnp.arange(flat_probs.size),
+            )
         real = jnp.sum(w) > 0
         total = [t + jnp.where(real, r, 0.0) for t, r in zip(total, row, strict=True)]
         return (total, count + real.astype(jnp.float32)), None
@@ -232,16 +236,25 @@ def model_fishers(
     `calibration[k]` with key `fold_in(key, k)` (jitted, one compilation per forward and shape). Models of
     weight 0 are not run (their Fisher is zeros, never read by `fisher_merge`). Returns K float32 pytrees."""
     models = list(models)
-    lam = check_preference(weights, len(models), "Fisher merging")
-    check_calibration(calibration, len(models), "Fisher merging")
-    fishers = []
-    for k, (model, calib) in enumerate(zip(models, calibration, strict=True)):
-        if lam[k] > 0:
-            fishers.append(_fisher_jit(jax.random.fold_in(key, k), calib.forward_fn, model, calib.inputs,
-                                       calib.token_weights, mode=mode, num_samples=num_samples))  # fmt: skip
-        else:
-            fishers.append(jax.tree.map(lambda x: jnp.zeros(np.shape(x), jnp.float32), model))
-    return fishers
+    fishers = on_own_calibration(
+        lambda k, model, calib: _fisher_jit(
+            jax.random.fold_in(key, k),
+            calib.forward_fn,
+            model,
+            calib.inputs,
+            calib.token_weights,
+            mode=mode,
+            num_samples=num_samples,
+        ),
+        models,
+        calibration,
+        weights,
+        "Fisher merging",
+    )
+    return [
+        jax.tree.map(lambda x: jnp.zeros(np.shape(x), jnp.float32), model) if fisher is None else fisher
+        for fisher, model in zip(fishers, models, strict=True)
+    ]
 
 
 def fisher_from_data(

@@ -22,7 +22,7 @@ task's search-split inputs (`layer_inputs.layer_input_grams`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,6 +57,24 @@ def check_preference(weights: Sequence[float] | None, num_models: int, what: str
     if not np.all(np.isfinite(w)) or np.any(w < 0) or not np.any(w > 0):
         raise ValueError(f"{what}: weights must be finite, >= 0 and not all 0, got {w.tolist()}")
     return w
+
+
+def on_own_calibration(
+    fn: Callable[[int, Any, Calibration], Any],
+    models: Sequence[Any],
+    calibration: Sequence[Calibration],
+    weights: Sequence[float] | None,
+    what: str,
+) -> list:
+    """`fn(k, models[k], calibration[k])` for every model k of weight > 0 (task k's search-split rows through
+    model k, as the papers do), in order, and None for the models of weight 0 (not run), after checking
+    `weights` (`check_preference`) and `calibration` (`check_calibration`), each error naming `what`."""
+    lam = check_preference(weights, len(models), what)
+    check_calibration(calibration, len(models), what)
+    return [
+        fn(k, model, calib) if lam[k] > 0 else None
+        for k, (model, calib) in enumerate(zip(models, calibration, strict=True))
+    ]
 
 
 def _modified_gram(gram: jax.Array, alpha: float) -> jax.Array:
@@ -167,8 +185,15 @@ def regmean(
                 )
     live_grams = [{n: jnp.asarray(grams[k][n], jnp.float32) for n in names} for k in keep]
     lam_live = jnp.asarray(lam[keep] / lam.sum(), jnp.float32)
-    merged, systems = _regmean_tree(base, [models[k] for k in keep], live_grams, lam_live, float(alpha),
-                                    float(ridge), float(nonlinear_scale))  # fmt: skip
+    merged, systems = _regmean_tree(
+        base,
+        [models[k] for k in keep],
+        live_grams,
+        lam_live,
+        float(alpha),
+        float(ridge),
+        float(nonlinear_scale),
+    )
     for name in sorted(systems):
         check_gram_system(name, systems[name], alpha if ridge == 0 else 0.0, rtol)
     return merged
@@ -225,17 +250,15 @@ def model_grams(
     `calibration[k]` (task k's search-split inputs through model k, as in the paper): one forward pass of each
     model over its rows. Models of weight 0 are not run; their entry repeats another model's Grams (a
     placeholder `regmean` never reads for a weight-0 model). Returns K {leaf name: G}."""
-    models = list(models)
-    lam = check_preference(weights, len(models), "RegMean")
-    check_calibration(calibration, len(models), "RegMean")
-    grams = []
-    for k, (model, calib) in enumerate(zip(models, calibration, strict=True)):
-        if lam[k] > 0:
-            grams.append(
-                layer_input_grams(calib.forward_fn, model, calib.inputs, calib.token_weights, batch_size)
-            )
-        else:
-            grams.append(None)
+    grams = on_own_calibration(
+        lambda k, model, calib: layer_input_grams(
+            calib.forward_fn, model, calib.inputs, calib.token_weights, batch_size
+        ),
+        list(models),
+        calibration,
+        weights,
+        "RegMean",
+    )
     ref = next(g for g in grams if g is not None)
     return [ref if g is None else g for g in grams]
 

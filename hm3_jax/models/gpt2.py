@@ -63,17 +63,12 @@ def make_ctx(config: ModelConfig, positions: jax.Array, mask: jax.Array, cache_i
 
 def embed(config: ModelConfig, shell: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None):
     """input_ids [B, S] (attention_mask [B, S] optional) -> (h [B, S, D], ctx {"mask": [B, 1, S, S]})."""
-    layers.check_attention_mask(input_ids, attention_mask)
-    b, s = input_ids.shape
+    attention_mask, positions = layers.mask_and_positions(input_ids, attention_mask)
+    s = input_ids.shape[1]
     if s > config.max_position_embeddings:
         raise ValueError(
             f"sequence length {s} exceeds max_position_embeddings={config.max_position_embeddings}"
         )
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, s), jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    else:
-        positions = layers.positions_from_mask(attention_mask)
     slots = jnp.arange(s)
     mask = layers.causal_mask(slots, slots, attention_mask)
     return embed_tokens(config, shell, input_ids, positions), make_ctx(config, positions, mask)

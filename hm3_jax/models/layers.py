@@ -140,40 +140,28 @@ def causal_mask(
     return allowed[None, None] & key_mask[:, None, None, :].astype(bool)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_head_major: bool = False
+) -> jax.Array:
     """Scaled dot-product attention, grouped-query heads (Vaswani et al. 2017 eq. 1; Ainslie et al. 2023).
 
     `softmax(q k^T / sqrt(hd) + mask) v` with the logits and softmax in float32.
-    q [B, Sq, H, hd]; k, v [B, Sk, KV, hd] with H a multiple of KV; mask bool [B, 1, Sq, Sk].
-    Returns [B, Sq, H, hd] in q's dtype.
+    q [B, Sq, H, hd]; k, v [B, Sk, KV, hd], or [B, KV, Sk, hd] with `kv_head_major` (the KV cache's layout),
+    H a multiple of KV; mask bool [B, 1, Sq, Sk]. Returns [B, Sq, H, hd] in q's dtype.
+
+    With the cache stored head-major the batched dots read k and v in place: with the token-major layout
+    XLA:CPU transposed the whole cache row of every block at every generated token (the largest item of a
+    tiny3 decode's profile; docs/path_eval.md).
     """
     b, sq, h, hd = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1 if kv_head_major else 2]
     groups = h // kv
     qg = q.reshape(b, sq, kv, groups, hd)
-    logits = einsum_f32("bqkgd,bskd->bkgqs", qg, k) / math.sqrt(hd)
+    kv_axes = "bksd" if kv_head_major else "bskd"
+    logits = einsum_f32(f"bqkgd,{kv_axes}->bkgqs", qg, k) / math.sqrt(hd)
     logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # mask [B,1,1,Sq,Sk]
     weights = jax.nn.softmax(logits, axis=-1)
-    out = einsum_f32("bkgqs,bskd->bqkgd", weights.astype(v.dtype), v)
-    return out.reshape(b, sq, h, hd).astype(q.dtype)
-
-
-def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """`attention` with keys and values in the KV cache's head-major layout: k, v [B, KV, Sk, hd].
-
-    Same maths as `attention` (q [B, Sq, H, hd], mask bool [B, 1, Sq, Sk], returns [B, Sq, H, hd]). With the
-    cache stored head-major the batched dots read k and v in place: with the token-major layout XLA:CPU
-    transposed the whole cache row of every block at every generated token (the largest item of a tiny3
-    decode's profile; docs/path_eval.md).
-    """
-    b, sq, h, hd = q.shape
-    kv = k.shape[1]
-    groups = h // kv
-    qg = q.reshape(b, sq, kv, groups, hd)
-    logits = einsum_f32("bqkgd,bksd->bkgqs", qg, k) / math.sqrt(hd)
-    logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # mask [B,1,1,Sq,Sk]
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = einsum_f32("bkgqs,bksd->bqkgd", weights.astype(v.dtype), v)
+    out = einsum_f32(f"bkgqs,{kv_axes}->bqkgd", weights.astype(v.dtype), v)
     return out.reshape(b, sq, h, hd).astype(q.dtype)
 
 
@@ -200,6 +188,16 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def mask_and_positions(input_ids: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """`(attention_mask, positions)`, both int [B, S], of `input_ids` [B, S] (checked by `check_attention_mask`):
+    all ones and `0 .. S-1` when `attention_mask` is None, else the mask and `positions_from_mask(mask)`."""
+    check_attention_mask(input_ids, attention_mask)
+    b, s = input_ids.shape
+    if attention_mask is None:
+        return jnp.ones((b, s), jnp.int32), jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return attention_mask, positions_from_mask(attention_mask)
+
+
 def normal_init(key: jax.Array, shape: tuple[int, ...], std: float, dtype=jnp.float32) -> jax.Array:
     """`N(0, std^2)` initialiser (HF's `initializer_range` convention)."""
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
@@ -222,7 +220,7 @@ def layernorm_block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: 
     v = dense(p["v"], x).reshape(b, s, heads, hd)
     if cache is not None:
         cache = write_cache(cache, k, v, ctx["cache_index"])
-        attn = attention_head_major(q, cache[0], cache[1], ctx["mask"]).reshape(b, s, heads * hd)
+        attn = attention(q, cache[0], cache[1], ctx["mask"], kv_head_major=True).reshape(b, s, heads * hd)
     else:
         attn = attention(q, k, v, ctx["mask"]).reshape(b, s, heads * hd)
     h = h + dense(p["o"], attn).astype(h.dtype)

@@ -93,14 +93,8 @@ def embed(config: ModelConfig, shell: dict, input_ids: jax.Array, attention_mask
     Args: input_ids int [B, S]; attention_mask [B, S] (1 = real token) or None (all real).
     Returns: (h [B, S, D] in the embedding dtype, ctx {"sin", "cos": [B, S, hd], "mask": bool [B, 1, S, S]}).
     """
-    layers.check_attention_mask(input_ids, attention_mask)
-    b, s = input_ids.shape
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, s), jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    else:
-        positions = layers.positions_from_mask(attention_mask)
-    slots = jnp.arange(s)
+    attention_mask, positions = layers.mask_and_positions(input_ids, attention_mask)
+    slots = jnp.arange(input_ids.shape[1])
     mask = layers.causal_mask(slots, slots, attention_mask, config.sliding_window)
     return embed_tokens(config, shell, input_ids, positions), make_ctx(config, positions, mask)
 
@@ -125,7 +119,7 @@ def block_with_cache(config: ModelConfig, p: dict, h: jax.Array, ctx: dict, cach
     k = layers.apply_rope(k, ctx["sin"], ctx["cos"])
     if cache is not None:
         cache = layers.write_cache(cache, k, v, ctx["cache_index"])
-        attn = layers.attention_head_major(q, cache[0], cache[1], ctx["mask"])
+        attn = layers.attention(q, cache[0], cache[1], ctx["mask"], kv_head_major=True)
     else:
         attn = layers.attention(q, k, v, ctx["mask"])
     attn = attn.reshape(b, s, config.num_heads * hd)

@@ -20,20 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3_jax.models import gpt2, llama, vit
 from hm3_jax.models.config import ModelConfig
+
+_FAMILY_MODULES = {"llama": llama, "gpt2": gpt2, "vit": vit}
 
 
 def family_module(config: ModelConfig):
     """The module (`llama`, `gpt2`, `vit`) implementing `config.family`'s embed, block and head."""
-    if config.family == "llama":
-        from hm3_jax.models import llama as module
-    elif config.family == "gpt2":
-        from hm3_jax.models import gpt2 as module
-    elif config.family == "vit":
-        from hm3_jax.models import vit as module
-    else:
+    if config.family not in _FAMILY_MODULES:
         raise ValueError(f"unsupported family {config.family!r}; supported: llama, gpt2, vit")
-    return module
+    return _FAMILY_MODULES[config.family]
 
 
 def make_pool(blocks_list: Sequence[dict]) -> dict:
@@ -100,8 +97,9 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def run_path(config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx, junction=None,
-             uniform: bool = False) -> jax.Array:  # fmt: skip
+def run_path(
+    config: ModelConfig, pool: dict, path: jax.Array, h: jax.Array, ctx, junction=None, uniform: bool = False
+) -> jax.Array:
     """Runs the hidden state through the path's blocks (no embed/head). h [B, S, D] -> [B, S, D].
 
     Without a junction the blocks see h as it is; the identity junction (scale 1, shift 0) gives the same
