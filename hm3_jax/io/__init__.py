@@ -1,9 +1,10 @@
 """Hugging Face checkpoint I/O: config.json <-> ModelConfig, safetensors <-> stacked params.
 
-Public entry points live in `hm3_jax.io.checkpoint` (`load_pretrained`, `save_pretrained`, `Model`); this package
-holds the pieces: `hf_config` (config.json -> ModelConfig; `hf_rope` its RoPE forms), `hf_config_write` (the way back), `safetensors_io` (files, shards, atomic writes), `mapping`
-(tensor names and layouts), `tokenizer` (`load_tokenizer`), `vocab` (`tokenizer_source: base`: align an expert's
-token rows to the base tokenizer; `check_same_vocab`).
+Public entry points live in `hm3_jax.io.checkpoint` (`load_pretrained`, `save_pretrained`, `Model`); this
+package holds the pieces: `hf_config` (config.json -> ModelConfig; `hf_rope` its RoPE forms), `hf_config_write`
+(the way back), `safetensors_io` (files, shards), `mapping` (the family tables of tensor names; `layouts` the
+orientations; `param_load` / `param_save` read and write params with them), `tokenizer` (`load_tokenizer`),
+`vocab` (`tokenizer_source: base`: align an expert's token rows to the base tokenizer; `check_same_vocab`).
 """
 
 from hm3_jax.io.hf_config import (

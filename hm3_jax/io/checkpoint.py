@@ -10,6 +10,7 @@ Supported architectures: see `hm3_jax.io.SUPPORTED_ARCHITECTURES`. Weights are r
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from tqdm.auto import tqdm
 
 from hm3_jax.io import atomic, mapping, param_load, param_save, safetensors_io
 from hm3_jax.io import hf_config as hf_config_lib
@@ -57,10 +59,6 @@ def _check_dtype(dtype) -> np.dtype:
 
 
 def _progress(desc: str, total: int):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
     return lambda it: tqdm(it, desc=desc, total=total, leave=False, disable=total < 2 or None)
 
 
@@ -90,7 +88,9 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Model:
             config_path = os.path.join(os.fspath(path), hf_config_lib.CONFIG_NAME)
             raise safetensors_io.CheckpointError(f"{config_path} disagrees with the weights: {e}") from None
         num_entries = len(mapping.family_mapping(config).entries)
-        params = param_load.load_params(config, reader, dt, progress=_progress("loading tensors", num_entries))
+        params = param_load.load_params(
+            config, reader, dt, progress=_progress("loading tensors", num_entries)
+        )
     log.info(
         "loaded %s (%s, %d layers) from %s", hf["architectures"][0], _DTYPES[dt], config.num_layers, path
     )
@@ -172,8 +172,6 @@ def _carry_over(old: str, new: str) -> None:
 
 def _transformers_version() -> str:
     try:
-        import importlib.metadata
-
         return importlib.metadata.version("transformers")
     except Exception:  # noqa: BLE001 - only a label in config.json
         return "unknown"

@@ -172,7 +172,7 @@ def dare_deltas(key, deltas, drop_rate, rescale, keep=None):
     """`DARE_{p_k}(delta_k)` for every model k of `deltas` `[K, ...]`: model k's drop mask is drawn with
     `fold_in(key, k)`, or read from `keep[k]` when `keep` `[K, ...]` is given (key then unused); `drop_rate` is
     one rate or one per model (`per_model`). Shared by `dare_linear`, `dare_ties` and the streaming merger's
-    TIES thresholds (`api.trim_magnitude_bits`)."""
+    TIES thresholds (`chunked.trim_magnitude_bits`)."""
     rates = per_model(drop_rate, deltas.shape[0])
     return jnp.stack(
         [

@@ -23,7 +23,13 @@ from hm3_jax.merging.checkpoint_output import (
     copy_side_files,
 )
 from hm3_jax.merging.groups import layer_index, shell_end
-from hm3_jax.merging.safetensors_stream import Checkpoint, dtype_from_name, is_float, write_shards
+from hm3_jax.merging.safetensors_stream import (
+    Checkpoint,
+    dtype_from_name,
+    is_float,
+    output_dtype,
+    write_shards,
+)
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -95,17 +101,10 @@ def passthrough_checkpoints(
     plan.sort(key=lambda item: item[0])
     tmp = None
     try:
-        entries = []
-        for out_name, source, in_name in plan:
-            src_dtype = source.dtype(in_name)
-            floating = is_float(src_dtype)
-            entries.append(
-                (
-                    out_name,
-                    out_dtype if (out_dtype is not None and floating) else src_dtype,
-                    source.shape(in_name),
-                )
-            )
+        entries = [
+            (out_name, output_dtype(source.dtype(in_name), out_dtype), source.shape(in_name))
+            for out_name, source, in_name in plan
+        ]
         updates = _layer_count_updates(shell_dir, new_layer)
         check_against_config(shell_dir, updates, entries)
         tmp = atomic_output(out, overwrite)

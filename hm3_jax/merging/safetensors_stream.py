@@ -56,6 +56,12 @@ def is_float(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
 
 
+def output_dtype(src_dtype: np.dtype, out_dtype: np.dtype | None) -> np.dtype:
+    """The dtype a merge writes a tensor of `src_dtype` in: `out_dtype` for floating tensors when one is given,
+    else `src_dtype` (integer buffers are never converted)."""
+    return out_dtype if (out_dtype is not None and is_float(src_dtype)) else src_dtype
+
+
 def dtype_code(dtype: Any) -> str:
     dtype = np.dtype(dtype)
     if dtype not in _DTYPE_CODES:

@@ -51,7 +51,13 @@ from hm3_jax.merging.checkpoint_output import (
 from hm3_jax.merging.checkpoint_vocab import is_token_table, rows_onto, vocab_maps
 from hm3_jax.merging.groups import GroupFn, check_leaf_weights, default_param_group, leaf_weights
 from hm3_jax.merging.methods import check_merge_call, check_weights_arg, make_kernel
-from hm3_jax.merging.safetensors_stream import Checkpoint, dtype_from_name, is_float, write_shards
+from hm3_jax.merging.safetensors_stream import (
+    Checkpoint,
+    dtype_from_name,
+    is_float,
+    output_dtype,
+    write_shards,
+)
 
 DEFAULT_CHUNK_ELEMENTS = chunked.DEFAULT_CHUNK_ELEMENTS
 
@@ -148,17 +154,9 @@ def merge_checkpoints(
         row_maps = vocab_maps(reference, inputs, align)
         _check_same_architecture(reference, inputs, row_maps)
         names = reference.names
-        entries = []
-        for name in names:
-            src_dtype = reference.dtype(name)
-            floating = is_float(src_dtype)
-            entries.append(
-                (
-                    name,
-                    out_dtype if (out_dtype is not None and floating) else src_dtype,
-                    reference.shape(name),
-                )
-            )
+        entries = [
+            (name, output_dtype(reference.dtype(name), out_dtype), reference.shape(name)) for name in names
+        ]
         what = "t" if method == "slerp" else "weights"
         leaf_ws = {}  # every tensor's per-model weights, checked before anything is written
         for name, _, shape in entries:
