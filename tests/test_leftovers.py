@@ -124,7 +124,7 @@ def test_sigterm_removes_the_temporaries_and_leaves_a_whole_output(pool, tmp_pat
     if point == "writing_a_shard":
         _sigterm_at(monkeypatch, safetensors_stream.ShardWriter, "write")
     elif point == "copying_side_files":
-        _sigterm_at(monkeypatch, streaming, "_copy_side_files")
+        _sigterm_at(monkeypatch, streaming, "copy_side_files")
     else:  # the first rename moves the old output aside: the signal waits until the new one is in place
         _sigterm_at(monkeypatch, atomic.os, "replace", lambda src, dst: os.fspath(src) == str(out))
     previous = atomic.install_signal_cleanup(grace=None)  # no watchdog thread in the test process
