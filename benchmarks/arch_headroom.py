@@ -15,7 +15,7 @@ own (stages/source_scores.json). A run that scores its searches on the whole sea
 `engine.search_examples`, e.g. the smoke config) has no separate capped subset: "search_full" is its "search".
 
 `--neighbourhood`: instead of the RL's archive, EVERY path one edit away from Theta(lambda)'s identity path
-(`arch_level.neighbours(theta, K + 1, L, t_min, t_max)`: a block swapped for another source's block at the same
+(`neighbourhood.neighbours(theta, K + 1, L, t_min, t_max)`: a block swapped for another source's block at the same
 layer, a step deleted or repeated, a block replaced by its neighbouring layer of the same source) is scored on the
 whole search split ("search_full") and on the held-out split, per preference, under the RL reward
 `sum_k lambda_k f_k / z*_k - beta1 T / T_max` (`hm3_jax.arch.env.host_reward`, config.arch.rl's beta1 and t_max; z* the
@@ -184,7 +184,7 @@ def _example_stats(problem, shell, pool, path, split: str, junction=None):
     return stats, np.asarray(scores, np.float64)
 
 
-# `arch_level.neighbours` arguments for the one-edit set measured here: the neighbourhood before issue 20 (source
+# `neighbourhood.neighbours` arguments for the one-edit set measured here: the neighbourhood before issue 20 (source
 # swaps, deletions, repeats, neighbouring layers; `--insertions` adds `insertions`), kind by kind.
 ONE_EDIT = {"kinds": ("swap", "delete", "repeat", "layer"), "order": "by_kind"}
 
@@ -192,7 +192,7 @@ ONE_EDIT = {"kinds": ("swap", "delete", "repeat", "layer"), "order": "by_kind"}
 def insertions(theta, num_experts: int, num_layers: int, t_max: int) -> np.ndarray:
     """[K L, T_max] Theta's identity path with one expert block inserted after Theta's block of the same layer
     (`theta` = [K L, ..., K L + L - 1]; expert m's block l goes in after step l), as depth up-scaling inserts
-    blocks: paths of L + 1 steps that `arch_level.neighbours` (which only repeats Theta's own) does not make."""
+    blocks: paths of L + 1 steps that `neighbourhood.neighbours` (which only repeats Theta's own) does not make."""
     steps = [int(a) for a in theta if a >= 0]
     if len(steps) >= t_max:
         return np.zeros((0, t_max), np.int32)
@@ -203,16 +203,16 @@ def insertions(theta, num_experts: int, num_layers: int, t_max: int) -> np.ndarr
 
 def two_edits(one_edit: np.ndarray, gains: np.ndarray, top: int, sample: int, seed: int, num_sources: int,
               num_layers: int, t_min: int, t_max: int, exclude: np.ndarray) -> np.ndarray:  # fmt: skip
-    """[<= sample, T_max] two-edit paths: the one-edit neighbours (`arch_level.neighbours`) of the `top`
+    """[<= sample, T_max] two-edit paths: the one-edit neighbours (`neighbourhood.neighbours`) of the `top`
     one-edit paths with the highest `gains` (the two-edit paths a greedy search would see next), without the
     paths in `exclude` (Theta and the one-edit set), deduplicated, then `sample` of them drawn uniformly
     (numpy `default_rng(seed)`; all if fewer)."""
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import neighbourhood as neighbourhood_lib
 
     seen = {tuple(int(x) for x in r) for r in exclude}
     rows = []
     for j in np.argsort(-gains, kind="stable")[:top]:
-        for c in arch_level.neighbours(one_edit[j], num_sources, num_layers, t_min, t_max, **ONE_EDIT):
+        for c in neighbourhood_lib.neighbours(one_edit[j], num_sources, num_layers, t_min, t_max, **ONE_EDIT):
             if tuple(int(x) for x in c) not in seen:
                 seen.add(tuple(int(x) for x in c))
                 rows.append(c)
@@ -261,7 +261,7 @@ def _score_paths(
     gain = reward[1:] - reward[0]
     # paired resampled reward differences [M, B]; the length term is deterministic
     diff = ((res[1:] - res[:1]) / z) @ np.asarray(pref, np.float64)
-    diff -= rl.beta1 * (lengths[1:, None] - lengths[0]) / rl.t_max
+    diff = env_lib.length_penalised(diff, lengths[1:, None] - lengths[0], rl.beta1, rl.t_max)
     se = diff.std(1, ddof=1)
     return {"theta_scores": scores[0].tolist(), "theta_reward": float(reward[0]),
             "gains": gain.tolist(), "se": se.tolist(),
@@ -279,7 +279,8 @@ def neighbourhood(args) -> dict:
 
     from hm3_jax.moo import bootstrap
     from hm3_jax.pipeline import run as run_lib
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import arch_level, path_confirmation
+    from hm3_jax.search import neighbourhood as neighbourhood_lib
 
     config, zoo, problem, prefs, shells, pools, has_run = _setup(args)
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
@@ -293,9 +294,9 @@ def neighbourhood(args) -> dict:
             no_arch = json.load(f)["methods"]["hm3_no_arch_level"]
         with open(os.path.join(args.run, "stages", "hm3.json")) as f:
             hm3_stage = json.load(f)["per_preference"]
-    theta = arch_level.identity_paths(K + 1, L, rl.t_max)[K]
+    theta = path_confirmation.identity_paths(K + 1, L, rl.t_max)[K]
     # the neighbourhood before issue 20 (HM3's own now also inserts): the tables in docs/headroom.md
-    neigh = arch_level.neighbours(theta, K + 1, L, rl.t_min, rl.t_max, **ONE_EDIT)  # [M, T_max]
+    neigh = neighbourhood_lib.neighbours(theta, K + 1, L, rl.t_min, rl.t_max, **ONE_EDIT)  # [M, T_max]
     edit_types = [_edit_type(theta, n, L) for n in neigh]
     if args.insertions:
         ins = insertions(theta, K, L, rl.t_max)
@@ -441,7 +442,7 @@ def neighbourhood(args) -> dict:
 
 
 def _edit_type(theta, cand, num_layers: int) -> str:
-    """Which one-edit move turns `theta` into `cand` (both [T_max], -1 padded; `arch_level.neighbours`' edits):
+    """Which one-edit move turns `theta` into `cand` (both [T_max], -1 padded; `neighbourhood.neighbours`' edits):
     "swap" (same layer, another source), "neighbouring_layer" (same source, layer +-1), "deletion", "repeat"."""
     a, b = [int(x) for x in theta if x >= 0], [int(x) for x in cand if x >= 0]
     if len(b) == len(a) - 1:
@@ -607,16 +608,16 @@ def main(argv=None) -> dict:
                 json.dump(out, f)
         return out
     from hm3_jax.arch import env as env_lib
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import path_confirmation, path_scorer
 
     config, _, problem, prefs, shells, pools, _ = _setup(args)
     K, L, rl = problem.num_tasks, problem.config.num_layers, config.arch.rl
     scorer = {
-        s: arch_level.PathScorer(problem, s, prefs, shells, pools, "headroom")
+        s: path_scorer.PathScorer(problem, s, prefs, shells, pools, "headroom")
         for s in ("search_full", "heldout")
     }
     archive = np.load(os.path.join(args.run, "arch", "hm3", "score_archive.npz"))
-    theta = arch_level.identity_paths(K + 1, L, rl.t_max)[K]
+    theta = path_confirmation.identity_paths(K + 1, L, rl.t_max)[K]
     rows = []
     for i, pref in enumerate(prefs):
         sel = archive["index"] == i

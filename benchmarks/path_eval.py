@@ -16,7 +16,7 @@ greedy decoding + chrF, math and code = teacher-forced exact match. The paths ar
 really produces: (1) `archive`: the first `--num_paths` distinct paths of a real run's score archive
 (`--archive`, every path the RL of an HM3 run scored, in order of first evaluation); (2) `rollouts`:
 `--rollout_iterations` batches of `num_envs` episodes of the HM3 actor warm-started on Theta's identity path
-(`hm3_jax.arch.ppo.warm_start`, the run's `config.arch.rl`), evaluated in order with the cache on, as the
+(`hm3_jax.arch.warm_start`, the run's `config.arch.rl`), evaluated in order with the cache on, as the
 PPO loop evaluates them.
 
 Keys
@@ -266,7 +266,7 @@ def make_policy_rollouts(setup: Setup, acfg):
     phi = descriptors.block_descriptors(setup.pool, setup.base["blocks"], k + 1)
     pref = jnp.full((1, k), 1.0 / k, jnp.float32)
 
-    def unused_score(paths, prefs):
+    def unused_score(paths, prefs, preference_index):
         raise AssertionError("rollouts only: no scores are requested")
 
     trainer = ppo.make_trainer(acfg, unused_score, phi, pref)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from hm3_jax.arch import descriptors, env, wolpertinger
-from hm3_jax.arch.ppo import ArchConfig, CachedScoreFn, gae
+from hm3_jax.arch.config import ArchConfig
+from hm3_jax.arch.scoring import CachedScoreFn
+from hm3_jax.arch.update import gae
 
 
 def _params(t_min=2, t_max=4, beta1=0.2):

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from hm3_jax.arch import loop, planted, ppo
+from hm3_jax.arch.config import ArchConfig
+from hm3_jax.arch.warm_start import demonstration
 
 PREFERENCES = ((0.9, 0.1), (0.1, 0.9))
 NUM_ITERATIONS = 80  # stated budget: the optimum for both preferences within 80 iterations of 64 episodes
@@ -22,7 +24,7 @@ CHUNK = 20
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     problem = planted.make_planted_problem(0, num_tasks=2, num_layers=3, t_max=4, merged_value=0.7)
-    config = ppo.ArchConfig(
+    config = ArchConfig(
         num_sources=3, num_layers=3, num_tasks=2, t_min=1, t_max=4, beta1=0.3, num_envs=64, k_nearest=1,
         explore_eps=0.05, init_log_std=-1.0, learning_rate=3e-3, num_iterations=NUM_ITERATIONS,
     )  # fmt: skip
@@ -96,14 +98,14 @@ def test_warm_start_decodes_the_demonstration_before_any_ppo():
     base = dict(num_sources=3, num_layers=3, num_tasks=2, t_min=1, t_max=5, num_envs=8, num_iterations=0,
                 k_nearest=1, learning_rate=3e-3)  # fmt: skip
     demo = (6, 7, 8)
-    paths, lengths, actions = ppo.demonstration(
-        ppo.ArchConfig(**base, warm_start_source=2, warm_start_steps=1)
+    paths, lengths, actions = demonstration(
+        ArchConfig(**base, warm_start_source=2, warm_start_steps=1)
     )
     np.testing.assert_array_equal(actions, [6, 7, 8, 9])  # blocks of source 2, then STOP (index P = 9)
     np.testing.assert_array_equal(paths[2], [6, 7, -1, -1, -1])
     decoded = {}
     for steps in (0, 300):
-        config = ppo.ArchConfig(**base, warm_start_source=2 if steps else -1, warm_start_steps=steps)
+        config = ArchConfig(**base, warm_start_source=2 if steps else -1, warm_start_steps=steps)
         trainer = ppo.make_trainer(config, planted.make_score_fn(problem), problem.descriptors, prefs[:2])
         params = trainer.init(jax.random.key(1)).params
         decode = jax.jit(trainer.decode)  # as the architecture level decodes: one compilation per trainer
@@ -123,7 +125,7 @@ def test_warm_start_uses_its_own_learning_rate_when_given():
                 k_nearest=1, warm_start_source=2, warm_start_steps=20)  # fmt: skip
 
     def init(**kw):
-        config = ppo.ArchConfig(**base, **kw)
+        config = ArchConfig(**base, **kw)
         trainer = ppo.make_trainer(config, planted.make_score_fn(problem), problem.descriptors, prefs)
         return trainer.init(jax.random.key(1)).params
 

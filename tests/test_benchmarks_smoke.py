@@ -113,6 +113,12 @@ def test_scaling():
     assert out["throughput_ratio_vs_1_device"] == {1: 1.0}
 
 
+def test_score_modes():
+    """The callback and split loops on the planted problem, 2 timed iterations each."""
+    out = _benchmark("score_modes").main(["--smoke"])
+    assert out["same_params"] and out["iterations"] == 2
+    assert out["callback_s_per_iteration"] > 0 and out["split_s_per_iteration"] > 0
+
 def test_path_eval():
     """No --zoo: the random pool (no run either: the policy is tiny3's smoke config)."""
     out = _benchmark("path_eval").main(["--smoke"])

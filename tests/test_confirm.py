@@ -44,20 +44,20 @@ def test_path_baseline_confirmation_rescores_its_best_candidates(problem):
 def test_arch_level_confirmation_includes_the_merged_models_identity_path(problem):
     from hm3_jax import models
     from hm3_jax.arch import env
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import path_confirmation, path_scorer
     from hm3_jax.search.problem import pool_for
 
     L, K = problem.config.num_layers, problem.num_tasks
     pool = pool_for(problem, problem.base)  # source K = the base, standing in for Theta(lambda)
     shell = models.shell_of(problem.base)
     pref = np.full((1, K), 1 / K, np.float32)
-    scorer = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "confirm_arch")
-    full = arch_level.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_arch")
-    theta = arch_level.identity_paths(K + 1, L, 3)[K]
+    scorer = path_scorer.PathScorer(problem, "search", pref, [shell], [pool], "confirm_arch")
+    full = path_scorer.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_arch")
+    theta = path_confirmation.identity_paths(K + 1, L, 3)[K]
     others = np.array([[0, 1, -1], [2, 3, -1], [4, 5, 1]], np.int32)
     scorer(np.concatenate([others, theta[None]]), np.repeat(pref, 4, 0))
     acfg = types.SimpleNamespace(beta1=0.05, t_max=3)
-    c = arch_level.confirm_candidates(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1)
+    c = path_confirmation.confirm_candidates(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1)
     assert any(np.array_equal(p, theta) for p in np.asarray(c["paths"]))
     assert len(c["paths"]) in (1, 2) and c["chosen"] == int(np.argmax(c["full_rewards"]))
     ps = np.asarray(c["paths"], np.int32)
@@ -71,22 +71,22 @@ def test_arch_level_confirmation_can_shortlist_every_sources_own_model(problem):
     the search never scored it, joins the top-M shortlist, and is re-scored on the whole split; the answer is the
     best there, as without it."""
     from hm3_jax import models
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import path_confirmation, path_scorer
     from hm3_jax.search.problem import pool_for
 
     L, K = problem.config.num_layers, problem.num_tasks
     pool = pool_for(problem, problem.base)
     shell = models.shell_of(problem.base)
     pref = np.array([[0.6, 0.3, 0.1]], np.float32)
-    scorer = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "confirm_sources")
-    full = arch_level.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_sources")
+    scorer = path_scorer.PathScorer(problem, "search", pref, [shell], [pool], "confirm_sources")
+    full = path_scorer.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_sources")
     assert L == 2  # the smoke zoo; none of these is a source's own path
     others = np.array([[0, 3, -1], [2, 1, -1], [4, 5, 1]], np.int32)
     scorer(others, np.repeat(pref, 3, 0))
     before = scorer.evaluations
     acfg = types.SimpleNamespace(beta1=0.05, t_max=3)
-    c = arch_level.confirm_candidates(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1, sources=True)
-    own = arch_level.identity_paths(K + 1, L, 3)
+    c = path_confirmation.confirm_candidates(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1, sources=True)
+    own = path_confirmation.identity_paths(K + 1, L, 3)
     listed = np.asarray(c["paths"], np.int32)
     assert all(any(np.array_equal(p, q) for q in listed) for p in own)  # every source's own model
     assert len(listed) in (K + 1, K + 2) and scorer.evaluations - before == K + 1  # scored once each
@@ -109,31 +109,31 @@ def test_paired_difference_samples_against_hand_values():
 
 
 def test_significant_gain_is_paired_and_checks_the_engine_scores(problem):
-    from hm3_jax.search import arch_level, heldout_bootstrap
+    from hm3_jax.search import heldout_bootstrap, path_confirmation
 
     L, K = problem.config.num_layers, problem.num_tasks
     acfg = types.SimpleNamespace(beta1=0.0, t_max=L)
     base = heldout_bootstrap.params_spec(problem, problem.base)
     full = problem.normalise(problem.source_scores["search_full"], "search_full")
     # a model against itself: the paired difference is 0 on every resample
-    assert arch_level.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 50, 0) == 0.0
+    assert path_confirmation.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 50, 0) == 0.0
     # each expert against the base, for a preference on its own task (scores checked against the engine's)
     for k in range(K):
         expert = heldout_bootstrap.params_spec(problem, problem.experts[k])
-        p = arch_level.significant_gain(problem, "search_full", expert, base, np.eye(K)[k], acfg, 200, 1,
+        p = path_confirmation.significant_gain(problem, "search_full", expert, base, np.eye(K)[k], acfg, 200, 1,
                                         expected=(full[1 + k], full[0]))  # fmt: skip
         if full[1 + k, k] > full[0, k] + 0.2:  # clearly better on the whole split: (almost) every resample
             assert p > 0.95
         if full[1 + k, k] == full[0, k]:
             assert p == 0.0
     with pytest.raises(RuntimeError, match="engine gave"):
-        arch_level.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 10, 0,
+        path_confirmation.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 10, 0,
                                     expected=(full[0] + 0.5, full[0]))  # fmt: skip
 
 
 def test_confirmation_keeps_theta_unless_the_gain_is_significant(problem):
     from hm3_jax import models
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import path_confirmation, path_scorer
     from hm3_jax.search.problem import pool_for
 
     L, K = problem.config.num_layers, problem.num_tasks
@@ -142,22 +142,22 @@ def test_confirmation_keeps_theta_unless_the_gain_is_significant(problem):
     # Theta := the base's blocks with expert k's shell, so source k's identity path is expert k itself
     pool, shell = pool_for(problem, problem.base), models.shell_of(problem.experts[k])
     pref = np.eye(K, dtype=np.float32)[k][None]
-    scorer = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "confirm_sig")
-    fscorer = arch_level.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_sig")
-    ids = arch_level.identity_paths(K + 1, L, L)
+    scorer = path_scorer.PathScorer(problem, "search", pref, [shell], [pool], "confirm_sig")
+    fscorer = path_scorer.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_sig")
+    ids = path_confirmation.identity_paths(K + 1, L, L)
     scorer(ids[[k, K]], np.repeat(pref, 2, 0))
     acfg = types.SimpleNamespace(beta1=0.0, t_max=L)
     spec_fn = lambda p: (shell, pool, np.asarray(p, np.int32), None)  # noqa: E731
-    plain = arch_level.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1)
+    plain = path_confirmation.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1)
     assert np.array_equal(plain["paths"][plain["chosen"]], ids[k])  # the expert wins on the whole split
-    strict = arch_level.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=1.01,
+    strict = path_confirmation.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=1.01,
                                  spec_fn=spec_fn, num_samples=50)  # fmt: skip
     assert np.array_equal(strict["paths"][strict["chosen"]], ids[K])  # an unreachable level: Theta stands
     assert (
         strict["significance"]["accepted"] is False
         and strict["significance"]["best_on_full"] == plain["chosen"]
     )
-    usual = arch_level.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=0.95,
+    usual = path_confirmation.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=0.95,
                                 spec_fn=spec_fn, num_samples=200)  # fmt: skip
     assert usual["significance"]["p_gain_over_theta"] > 0.95 and usual["chosen"] == plain["chosen"]
 
@@ -170,7 +170,7 @@ def test_preference_models_rebuild_bit_for_bit_and_hold_at_most_resident(problem
 
     from hm3_jax import models
     from hm3_jax.pipeline.preference_models import PreferenceModels
-    from hm3_jax.search import arch_level, param_level
+    from hm3_jax.search import param_level, path_confirmation, path_scorer
     from hm3_jax.search.problem import pool_for
 
     K = problem.num_tasks
@@ -190,10 +190,10 @@ def test_preference_models_rebuild_bit_for_bit_and_hold_at_most_resident(problem
     paths = np.array(
         [[0, K * L + 1, (K + 1) * L - 1], [K * L, 2, -1], [1, K * L + 1, 0]], np.int32
     )  # P = (K + 1) L
-    paths = np.concatenate([paths, arch_level.identity_paths(K + 1, L, 3)])
+    paths = np.concatenate([paths, path_confirmation.identity_paths(K + 1, L, 3)])
     rows = np.repeat(prefs, len(paths), 0)
-    lazy = arch_level.PathScorer(problem, "search", prefs, bank.shells, bank.pools, "bank_lazy")
-    plain = arch_level.PathScorer(problem, "search", prefs, shells, pools, "bank_plain")
+    lazy = path_scorer.PathScorer(problem, "search", prefs, bank.shells, bank.pools, "bank_lazy")
+    plain = path_scorer.PathScorer(problem, "search", prefs, shells, pools, "bank_plain")
     np.testing.assert_array_equal(lazy(np.tile(paths, (3, 1)), rows), plain(np.tile(paths, (3, 1)), rows))
     assert len(bank._held) == 1 and sum(len(h["engines"]) for h in bank._held.values()) == 1
     with pytest.raises(ValueError, match="resident_preferences"):
@@ -203,16 +203,16 @@ def test_preference_models_rebuild_bit_for_bit_and_hold_at_most_resident(problem
 def test_archive_restores_scores_and_cost_after_a_resume(problem, tmp_path):
     """A scorer that loads another's archive (a resumed run: its engine's cache is empty) answers the archived
     paths (padding anywhere) without the engine and continues the cost accounting: same scores, same FLOPs."""
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import arch_level, path_scorer
 
     shell, pool = arch_level.no_param_level_model(problem)
     pref = np.full((1, problem.num_tasks), 1 / problem.num_tasks, np.float32)
     first = np.array([[0, 1, -1], [2, 3, -1]], np.int32)
     second = np.array([[0, -1, 1], [4, 5, -1], [2, 3, -1], [0, 5, -1]], np.int32)  # [0, -1, 1] is [0, 1, -1]
-    before = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "archive_before")
+    before = path_scorer.PathScorer(problem, "search", pref, [shell], [pool], "archive_before")
     before(first, np.repeat(pref, 2, 0))
     before.save_archive(str(tmp_path / "archive.npz"), wall_seconds=5.0)
-    resumed = arch_level.PathScorer(problem, "search", pref, [shell], [pool], "archive_resumed")
+    resumed = path_scorer.PathScorer(problem, "search", pref, [shell], [pool], "archive_resumed")
     assert resumed.load_archive(str(tmp_path / "archive.npz")) == 5.0
     assert resumed.flops == before.flops > 0 and resumed.seconds == before.seconds
     want = before(second, np.repeat(pref, 4, 0))

@@ -8,7 +8,7 @@ import numpy as np
 
 from experiments.configs import tiny3
 from hm3_jax.models import flops
-from hm3_jax.search import arch_level
+from hm3_jax.search import neighbourhood, path_confirmation
 from hm3_jax.tasks import tiny3_zoo
 from hm3_jax.tasks import zoo as zoo_lib
 
@@ -65,19 +65,19 @@ def _load(path: str):
 def test_headroom_insertions_and_two_edits():
     headroom = _load(os.path.join(REPO, "benchmarks/arch_headroom.py"))
     K, L, t_min, t_max = 3, 4, 3, 8
-    theta = arch_level.identity_paths(K + 1, L, t_max)[K]  # [12, 13, 14, 15]
+    theta = path_confirmation.identity_paths(K + 1, L, t_max)[K]  # [12, 13, 14, 15]
     ins = headroom.insertions(theta, K, L, t_max)
     assert ins.shape == (K * L, t_max)
     assert ins[0, :5].tolist() == [12, 0, 13, 14, 15]  # expert 0's block 0 after Theta's block 0
     assert ins[-1, :5].tolist() == [12, 13, 14, 15, 2 * L + 3]  # expert 2's last block after Theta's last
-    one = arch_level.neighbours(theta, K + 1, L, t_min, t_max, **headroom.ONE_EDIT)
+    one = neighbourhood.neighbours(theta, K + 1, L, t_min, t_max, **headroom.ONE_EDIT)
     cands = np.concatenate([theta[None], one])
     gains = np.zeros(len(one))
     gains[0] = 1.0  # [0, 13, 14, 15] is the best one-edit path
     two = headroom.two_edits(one, gains, 1, 1000, 0, K + 1, L, t_min, t_max, cands)
     known = {tuple(r) for r in cands.tolist()}
     assert len(two) > 0 and not any(tuple(r) in known for r in two.tolist())
-    around_best = arch_level.neighbours(one[0], K + 1, L, t_min, t_max, **headroom.ONE_EDIT)
+    around_best = neighbourhood.neighbours(one[0], K + 1, L, t_min, t_max, **headroom.ONE_EDIT)
     around_best = {tuple(r) for r in around_best.tolist()}
     assert all(tuple(r) in around_best for r in two.tolist())
     assert len(headroom.two_edits(one, gains, 2, 5, 0, K + 1, L, t_min, t_max, cands)) == 5

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from hm3_jax.arch import loop, planted, ppo
+from hm3_jax.arch.config import ArchConfig
+from hm3_jax.arch.scoring import host_score_fn
 
 PREFERENCES = ((0.9, 0.1), (0.1, 0.9))
 ITERATIONS = 4
@@ -23,21 +25,21 @@ CHUNK = 2
 @pytest.fixture(scope="module")
 def setup():
     problem = planted.make_planted_problem(0, num_tasks=2, num_layers=3, t_max=4, merged_value=0.7)
-    config = ppo.ArchConfig(
+    config = ArchConfig(
         num_sources=3, num_layers=3, num_tasks=2, t_min=1, t_max=4, beta1=0.3, num_envs=8, k_nearest=1,
         explore_eps=0.2, num_minibatches=2, update_epochs=2, num_iterations=ITERATIONS,
     )  # fmt: skip
     calls = []
 
-    def host_fn(paths, prefs):  # numpy, independent of the jittable planted score
+    def host_fn(paths, prefs, preference_index):  # numpy, independent of the jittable planted score
         calls.append(paths.shape)
-        del prefs
+        del prefs, preference_index
         valid = paths >= 0
         gathered = problem.tables[:, np.arange(problem.t_max)[None, :], np.where(valid, paths, 0)]
         return (np.where(valid[None], gathered, 0.0).sum(-1) / problem.t_max).T.astype(np.float32)
 
     trainer = ppo.make_trainer(
-        config, ppo.host_score_fn(host_fn, 2), problem.descriptors, jnp.array(PREFERENCES)
+        config, host_score_fn(host_fn, 2), problem.descriptors, jnp.array(PREFERENCES)
     )
     return trainer, host_fn, calls
 
@@ -98,7 +100,7 @@ def test_bad_score_mode_arguments_raise(setup):
         loop.run_training(trainer, jax.random.key(0), 1, host_fn=host_fn, progress=False)
     with pytest.raises(ValueError, match="host_fn returned scores of shape"):
         loop.run_training(trainer, jax.random.key(0), 1, score_mode="split", progress=False,
-                          host_fn=lambda p, w: np.zeros((len(p), 3), np.float32))  # fmt: skip
+                          host_fn=lambda p, w, i: np.zeros((len(p), 3), np.float32))  # fmt: skip
 
 
 def test_arch_level_picks_the_split_loop_for_a_multi_device_engine():

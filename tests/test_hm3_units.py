@@ -247,11 +247,11 @@ def test_initial_genes_encode_every_grid_scale(scale):
 
 def test_neighbours_by_hand():
     """Path (0,0) (1,1) over 3 sources x L=2 (pool index m * 2 + l), t_min 1, t_max 3."""
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import neighbourhood
 
     # the neighbourhood before issue 20, in its order (tests/test_neighbourhood.py: insertions, round robin)
-    legacy = {"kinds": arch_level.KINDS_WITHOUT_INSERTION, "order": "by_kind"}
-    nb = arch_level.neighbours(np.array([0, 3, -1], np.int32), 3, 2, t_min=1, t_max=3, **legacy)
+    legacy = {"kinds": neighbourhood.KINDS_WITHOUT_INSERTION, "order": "by_kind"}
+    nb = neighbourhood.neighbours(np.array([0, 3, -1], np.int32), 3, 2, t_min=1, t_max=3, **legacy)
     got = {tuple(int(a) for a in p if a >= 0) for p in nb}
     expected = {
         (2, 3), (4, 3), (0, 1), (0, 5),  # source swaps at each step
@@ -262,13 +262,13 @@ def test_neighbours_by_hand():
     assert got == expected and len(nb) == len(expected)
     assert nb.shape == (len(expected), 3) and np.all(nb[:4, 2] == -1)
     # At t_min no deletion, at t_max no repeat.
-    nb = arch_level.neighbours(np.array([0, 3], np.int32), 3, 2, t_min=2, t_max=2)
+    nb = neighbourhood.neighbours(np.array([0, 3], np.int32), 3, 2, t_min=2, t_max=2)
     assert all((p >= 0).sum() == 2 for p in nb)
 
 
 def test_neighbourhood_search_climbs_to_a_planted_optimum_within_budget():
     """Score = 1 - (Hamming distance to a planted path) / 4: two source swaps away from the start."""
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import neighbourhood
 
     target = np.array([8, 1, 10, 3], np.int32)  # sources 2, 0, 2, 0 over L = 4 (3 sources)
     calls = []
@@ -279,14 +279,14 @@ def test_neighbourhood_search_climbs_to_a_planted_optimum_within_budget():
         return np.stack([1 - d / 4, 1 - d / 4], 1)
 
     start = np.array([0, 1, 2, 3], np.int32)
-    out = arch_level.neighbourhood_search(score_fn, start, np.array([0.5, 0.5]), num_sources=3, num_layers=4,
+    out = neighbourhood.neighbourhood_search(score_fn, start, np.array([0.5, 0.5]), num_sources=3, num_layers=4,
                                           t_min=4, t_max=4, beta1=0.0, budget=60)  # fmt: skip
     assert out["path"].tolist() == target.tolist() and out["reward"] == pytest.approx(1.0)
     assert out["steps"] == 2 and out["evaluations"] == sum(calls) <= 60
     # A budget smaller than one neighbourhood stops after it; known paths are not scored again.
     calls.clear()
     known = {start.tobytes(): np.array([0.5, 0.5])}
-    out = arch_level.neighbourhood_search(score_fn, start, np.array([0.5, 0.5]), num_sources=3, num_layers=4,
+    out = neighbourhood.neighbourhood_search(score_fn, start, np.array([0.5, 0.5]), num_sources=3, num_layers=4,
                                           t_min=4, t_max=4, beta1=0.0, budget=3, known=known)  # fmt: skip
     assert sum(calls) == out["evaluations"] == 3
 

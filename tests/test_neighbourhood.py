@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from hm3_jax.search import arch_level
+from hm3_jax.search import neighbourhood, path_confirmation
 
-KINDS = arch_level.MOVE_KINDS  # swap, delete, repeat, insert, layer
+KINDS = neighbourhood.MOVE_KINDS  # swap, delete, repeat, insert, layer
 
 
 def _steps(row) -> list[int]:
@@ -27,7 +27,7 @@ BY_HAND_L3 = {
 
 
 def test_moves_by_hand_l3_k2():
-    moves = arch_level.neighbour_moves(THETA_L3, 3, 3, t_min=2, t_max=4)
+    moves = neighbourhood.neighbour_moves(THETA_L3, 3, 3, t_min=2, t_max=4)
     assert moves.paths.shape == (22, 4) and moves.num_steps == 3
     for k, name in enumerate(KINDS):
         rows = moves.paths[moves.kind == k]
@@ -41,15 +41,15 @@ def test_moves_by_hand_l3_k2():
     keys = {tuple(r) for r in moves.paths.tolist()}
     assert len(keys) == 22 and tuple(THETA_L3.tolist()) not in keys
     # the order before issue 20 is the listing without insertions
-    old = arch_level.neighbours(
-        THETA_L3, 3, 3, 2, 4, kinds=arch_level.KINDS_WITHOUT_INSERTION, order="by_kind"
+    old = neighbourhood.neighbours(
+        THETA_L3, 3, 3, 2, 4, kinds=neighbourhood.KINDS_WITHOUT_INSERTION, order="by_kind"
     )
-    assert [_steps(r) for r in old] == [r for k in arch_level.KINDS_WITHOUT_INSERTION for r in BY_HAND_L3[k]]
+    assert [_steps(r) for r in old] == [r for k in neighbourhood.KINDS_WITHOUT_INSERTION for r in BY_HAND_L3[k]]
 
 
 def test_moves_at_the_length_limits_and_across_kinds():
-    at_max = arch_level.neighbour_moves(np.array([6, 7, 8], np.int32), 3, 3, t_min=2, t_max=3)
-    at_min = arch_level.neighbour_moves(THETA_L3, 3, 3, t_min=3, t_max=4)
+    at_max = neighbourhood.neighbour_moves(np.array([6, 7, 8], np.int32), 3, 3, t_min=2, t_max=3)
+    at_min = neighbourhood.neighbour_moves(THETA_L3, 3, 3, t_min=3, t_max=4)
     names = lambda m: {KINDS[k] for k in m.kind}
     assert names(at_max) == {"swap", "delete", "layer"}  # T = t_max: no repeat, no insertion
     assert names(at_min) == {"swap", "repeat", "insert", "layer"}  # T = t_min: no deletion
@@ -57,20 +57,20 @@ def test_moves_at_the_length_limits_and_across_kinds():
     path = np.array([6, 0, -1, -1], np.int32)  # (2, 0) (0, 0)
     both = [6, 0, 0, -1]
     for kinds, owner in ((KINDS, "repeat"), (("insert", "repeat"), "insert")):
-        moves = arch_level.neighbour_moves(path, 3, 3, t_min=1, t_max=4, kinds=kinds)
+        moves = neighbourhood.neighbour_moves(path, 3, 3, t_min=1, t_max=4, kinds=kinds)
         rows = [r.tolist() for r in moves.paths]
         assert rows.count(both) == 1 and kinds[moves.kind[rows.index(both)]] == owner
     with pytest.raises(ValueError, match="neighbourhood_kinds"):
-        arch_level.neighbour_moves(path, 3, 3, 1, 4, kinds=("swap", "grow"))
+        neighbourhood.neighbour_moves(path, 3, 3, 1, 4, kinds=("swap", "grow"))
     with pytest.raises(ValueError, match="neighbourhood_kinds"):
-        arch_level.check_neighbourhood(("swap", "swap"), "round_robin")
+        neighbourhood.check_neighbourhood(("swap", "swap"), "round_robin")
     with pytest.raises(ValueError, match="neighbourhood_order"):
-        arch_level.neighbours(path, 3, 3, 1, 4, order="random")
+        neighbourhood.neighbours(path, 3, 3, 1, 4, order="random")
 
 
 def test_round_robin_order_by_hand():
     """Without a key: kinds in turn; within a kind steps in spread order 0, 2, 1, a step's moves one per pass."""
-    nb = arch_level.neighbours(THETA_L3, 3, 3, t_min=2, t_max=4)
+    nb = neighbourhood.neighbours(THETA_L3, 3, 3, t_min=2, t_max=4)
     expected = [
         [0, 7, 8], [7, 8], [6, 6, 7, 8], [6, 0, 7, 8], [7, 7, 8],  # each kind's first move: step 0
         [6, 7, 2], [6, 7], [6, 7, 8, 8], [6, 7, 8, 2], [6, 7, 7],  # second: step 2
@@ -80,14 +80,14 @@ def test_round_robin_order_by_hand():
         [6, 4, 8], [6, 7, 4, 8],  # sixth: step 1's
     ]  # fmt: skip
     assert [_steps(r) for r in nb] == expected
-    assert arch_level.spread_order(8) == [0, 4, 2, 6, 1, 5, 3, 7] and arch_level.spread_order(5) == [
+    assert neighbourhood.spread_order(8) == [0, 4, 2, 6, 1, 5, 3, 7] and neighbourhood.spread_order(5) == [
         0,
         4,
         2,
         1,
         3,
     ]
-    assert arch_level.spread_order(1) == [0]
+    assert neighbourhood.spread_order(1) == [0]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
@@ -95,22 +95,22 @@ def test_a_budget_covers_every_kind_and_spreads_over_the_depth(seed):
     """At the deep tiny3's shape (4 sources, L = 16, Theta's identity path; 158 moves) the first B moves hold at
     least min(floor(B / 5), M_kind) of each kind; each kind's first 4 are at steps >= 4 apart (circularly)."""
     L, S, t_max = 16, 4, 32
-    theta = arch_level.identity_paths(S, L, t_max)[S - 1]
-    moves = arch_level.neighbour_moves(theta, S, L, t_min=12, t_max=t_max)
+    theta = path_confirmation.identity_paths(S, L, t_max)[S - 1]
+    moves = neighbourhood.neighbour_moves(theta, S, L, t_min=12, t_max=t_max)
     counts = np.bincount(moves.kind, minlength=5)
     assert counts.tolist() == [48, 16, 16, 48, 30]
     key = jax.random.PRNGKey(seed)
-    order = arch_level.order_moves(moves, "round_robin", key)
+    order = neighbourhood.order_moves(moves, "round_robin", key)
     assert sorted(order.tolist()) == list(range(len(moves.kind)))
-    assert np.array_equal(order, arch_level.order_moves(moves, "round_robin", key))  # a function of the key
+    assert np.array_equal(order, neighbourhood.order_moves(moves, "round_robin", key))  # a function of the key
     assert not np.array_equal(
-        order, arch_level.order_moves(moves, "round_robin", jax.random.PRNGKey(seed + 100))
+        order, neighbourhood.order_moves(moves, "round_robin", jax.random.PRNGKey(seed + 100))
     )
     for budget in (5, 16, 23, 64, 158):
         got = np.bincount(moves.kind[order[:budget]], minlength=5)
         assert np.all(got >= np.minimum(budget // 5, counts)), (budget, got)
     # the order before issue 20 spends 16 evaluations on swaps only
-    assert set(moves.kind[arch_level.order_moves(moves, "by_kind")[:16]].tolist()) == {0}
+    assert set(moves.kind[neighbourhood.order_moves(moves, "by_kind")[:16]].tolist()) == {0}
     for k in range(5):
         first = moves.step[order[moves.kind[order] == k][:4]]
         gaps = np.abs(first[:, None] - first[None]) % L
@@ -131,13 +131,13 @@ def test_search_finds_a_planted_insertion_the_old_order_never_reaches():
     common = dict(num_sources=2, num_layers=3, t_min=2, t_max=4, beta1=0.0, budget=15)
     known = {theta.tobytes(): score_fn(theta[None])[0]}  # as in run_arch_level: the start is scored already
     for key in (None, jax.random.PRNGKey(0), jax.random.PRNGKey(1)):
-        out = arch_level.neighbourhood_search(
+        out = neighbourhood.neighbourhood_search(
             score_fn, theta, np.array([0.5, 0.5]), key=key, known=known, **common
         )
         assert out["path"].tolist() == planted and out["moves"] == ["insert"], key
         assert out["evaluations"] == 15 and out["evaluated"]["insert"] == 3
-    old = arch_level.neighbourhood_search(score_fn, theta, np.array([0.5, 0.5]), known=known, **common,
-                                          kinds=arch_level.KINDS_WITHOUT_INSERTION, order="by_kind")  # fmt: skip
+    old = neighbourhood.neighbourhood_search(score_fn, theta, np.array([0.5, 0.5]), known=known, **common,
+                                          kinds=neighbourhood.KINDS_WITHOUT_INSERTION, order="by_kind")  # fmt: skip
     assert old["path"].tolist() == theta.tolist() and old["steps"] == 0 and "insert" not in old["evaluated"]
 
 
@@ -145,7 +145,7 @@ def test_search_budget_at_the_deep_shape():
     """16 evaluations from Theta at L = 16 (the full config's budget): every kind is scored at least 3 times with
     the round robin, only swaps kind by kind; known paths are free and not scored again."""
     L, S, t_max = 16, 4, 32
-    theta = arch_level.identity_paths(S, L, t_max)[S - 1]
+    theta = path_confirmation.identity_paths(S, L, t_max)[S - 1]
     calls = []
 
     def flat(paths):  # every path as good as Theta: the search scores one round and stops
@@ -154,9 +154,9 @@ def test_search_budget_at_the_deep_shape():
 
     common = dict(num_sources=S, num_layers=L, t_min=12, t_max=t_max, beta1=0.0, budget=16)
     known = {theta.tobytes(): np.full(3, 0.5)}
-    out = arch_level.neighbourhood_search(flat, theta, np.ones(3) / 3, key=jax.random.PRNGKey(3), known=known,
+    out = neighbourhood.neighbourhood_search(flat, theta, np.ones(3) / 3, key=jax.random.PRNGKey(3), known=known,
                                           **common)  # fmt: skip
     assert out["evaluations"] == sum(calls) == 16 and out["steps"] == 0
     assert out["evaluated"] == {"swap": 4, "delete": 3, "repeat": 3, "insert": 3, "layer": 3}
-    old = arch_level.neighbourhood_search(flat, theta, np.ones(3) / 3, known=known, order="by_kind", **common)
+    old = neighbourhood.neighbourhood_search(flat, theta, np.ones(3) / 3, known=known, order="by_kind", **common)
     assert old["evaluated"] == {"swap": 16, "delete": 0, "repeat": 0, "insert": 0, "layer": 0}

@@ -8,7 +8,7 @@ Smoke variant (tests; under a minute on 2 CPU cores, mostly compilation):
 
     python -m experiments.train_arch --config=experiments/configs/arch_planted.py:smoke --workdir=/tmp/arch_smoke
 
-``config.arch`` maps one-to-one onto ``hm3_jax.arch.ppo.ArchConfig`` (see docs/arch.md for why these values).
+``config.arch`` maps one-to-one onto ``hm3_jax.arch.config.ArchConfig`` (see docs/arch.md for why these values).
 ``config.planted`` describes the synthetic problem (``hm3_jax.arch.planted.make_planted_problem``).
 """
 

@@ -73,7 +73,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.arch.rl.beta1 = 0.05
     c.arch.rl.num_envs = 32
     c.arch.rl.num_iterations = 20
-    # Behaviour cloning onto Theta(lambda)'s identity path before PPO (ppo.warm_start): the lower level starts
+    # Behaviour cloning onto Theta(lambda)'s identity path before PPO (arch.warm_start): the lower level starts
     # from the upper level's answer and explores its neighbourhood. 0 = start from a random policy.
     c.arch.rl.warm_start_steps = 300
     c.arch.rl.init_log_std = -0.5  # exploration noise of the Gaussian proto-action (std ~0.6 per dimension)
@@ -95,7 +95,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # After PPO: best-improvement hill climbing from the best path over single-step edits, at most this many new
     # path evaluations per preference, counted in HM3's budget (and so in every path baseline's). 0 = off.
     c.arch.neighbourhood_evaluations = 16
-    # Its moves (arch_level.neighbour_moves): source swaps, deletions, repeats, insertions of another source's
+    # Its moves (neighbourhood.neighbour_moves): source swaps, deletions, repeats, insertions of another source's
     # block (paths longer than L, as depth up-scaling makes), neighbouring layers; scored with the kinds taking
     # turns, each kind spread over the depth ("round_robin"), or kind by kind, swaps first ("by_kind": before
     # issue 20, where 16 evaluations at L = 16 never left the swaps; docs/headroom.md).
@@ -107,11 +107,11 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # per-preference path baselines (EA, DE, grid search) confirm the same way. 0 = off.
     c.arch.confirm_top = 3
     # ... and every source's own model (each expert's identity path and Theta(lambda)'s) joins HM3's shortlist
-    # (arch_level.confirm_candidates; scored and charged like the others, so the path baselines' equal budget grows
+    # (path_confirmation.confirm_candidates; scored and charged like the others, so the path baselines' equal budget grows
     # with it; their own shortlists are their top M).
     c.arch.confirm_sources = True
     # ... and a candidate replaces Theta(lambda)'s identity path only if it beats it on at least this fraction of
-    # paired bootstrap resamples of the whole search split (arch_level.significant_gain). 0 = best on the split.
+    # paired bootstrap resamples of the whole search split (path_confirmation.significant_gain). 0 = best on the split.
     c.arch.confirm_significance = 0.95
     c.arch.confirm_bootstrap_samples = 1000
     c.arch.refine_iterations = 0  # optional online PPO refinement per preference (suggest with search=True)

@@ -176,6 +176,19 @@ def step(
     return get_obs(new_state, params), new_state, reward, done, info
 
 
+def length_penalised(weighted, length, beta1, t_max):
+    """The reward ``R = w - beta1 * T / T_max`` from a path's preference-weighted score ``w = sum_k lambda_k f_k``
+    (HM3_SPEC "Reward"): the one place the equation is written (:func:`episode_return` on the device in float32,
+    :func:`host_reward` on the host in float64, and reward differences ``R_a - R_b`` from ``w_a - w_b`` and
+    ``T_a - T_b``, the equation being linear). Computed in the callers' dtypes, as ``w - ((beta1 * T) / T_max)``.
+
+    Args:
+      weighted: ``[...]`` weighted scores (or their differences); length: ``[...]`` path lengths T (or their
+        differences); beta1, t_max: the length penalty's weight and the maximum path length.
+    """
+    return weighted - beta1 * length / t_max
+
+
 def episode_return(scores: jax.Array, length: jax.Array, params: EnvParams) -> jax.Array:
     """``R = sum_k lambda_k f_k(path) - beta1 * T / T_max`` (the paper's reward), jittable, float32.
 
@@ -187,7 +200,7 @@ def episode_return(scores: jax.Array, length: jax.Array, params: EnvParams) -> j
       params: the env params (preference ``[..., K]`` broadcast against ``scores``).
     """
     weighted = weighted_sum(scores, params.preference)
-    return weighted - params.beta1 * length.astype(jnp.float32) / params.t_max
+    return length_penalised(weighted, length.astype(jnp.float32), params.beta1, params.t_max)
 
 
 def host_reward(normalised_scores, preference, length, beta1: float, t_max: int) -> np.ndarray:
@@ -206,7 +219,7 @@ def host_reward(normalised_scores, preference, length, beta1: float, t_max: int)
       ``[...]`` float64 rewards.
     """
     s = np.asarray(normalised_scores, np.float64)
-    return s @ np.asarray(preference, np.float64) - beta1 * np.asarray(length) / t_max
+    return length_penalised(s @ np.asarray(preference, np.float64), np.asarray(length), beta1, t_max)
 
 
 def credit_rewards(episode_returns: jax.Array, decision_mask: jax.Array) -> jax.Array:

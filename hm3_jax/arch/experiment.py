@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hm3_jax.arch import loop, planted, ppo
+from hm3_jax.arch import env, loop, planted, ppo
+from hm3_jax.arch.config import ArchConfig
 from hm3_jax.io import atomic
 
 
@@ -68,7 +69,7 @@ def train_planted(config: Any, workdir: str) -> dict[str, Any]:
     Returns (and writes to ``workdir/result.json``) ``{"evaluations": [...], "num_optimal": int, ...}``.
     """
     os.makedirs(workdir, exist_ok=True)
-    arch_config = ppo.ArchConfig.from_mapping(config.arch)
+    arch_config = ArchConfig.from_mapping(config.arch)
     problem = planted.make_planted_problem(**dict(config.planted))
     score_fn = planted.make_score_fn(problem)
     preferences = jnp.asarray(config.preferences, jnp.float32)
@@ -113,9 +114,8 @@ def train_planted(config: Any, workdir: str) -> dict[str, Any]:
     for w, fn in zip(eval_prefs, decode_fns, strict=True):
         path, length = fn(jnp.asarray(w, jnp.float32))
         found = tuple(int(a) for a in np.asarray(path)[: int(length)])
-        value = (
-            float(w @ planted.numpy_scores(problem, found)) - arch_config.beta1 * len(found) / problem.t_max
-        )
+        weighted = float(w @ planted.numpy_scores(problem, found))
+        value = env.length_penalised(weighted, len(found), arch_config.beta1, problem.t_max)
         optimum, optimum_value = planted.brute_force_optimum(problem, w, arch_config.beta1, arch_config.t_min)
         evaluations.append(
             {

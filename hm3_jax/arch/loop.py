@@ -2,7 +2,7 @@
 
 ``train(key)`` from ``ppo.make_train`` runs everything in one jitted scan, which cannot be interrupted. Here the
 iterations are cut into chunks of ``checkpoint_every`` (one compiled ``train_chunk``); after each chunk the
-:class:`~hm3_jax.arch.ppo.RunnerState` (params, optimiser state, PRNG key, iteration) is saved with an orbax
+:class:`~hm3_jax.arch.rollout.RunnerState` (params, optimiser state, PRNG key, iteration) is saved with an orbax
 ``CheckpointManager`` (orbax writes to a temporary directory and renames it, so a kill never leaves a half-written
 checkpoint). A killed run restarted with the same arguments restores the latest checkpoint and continues; since
 all randomness comes from the key inside the runner state, it ends bit-for-bit where the uninterrupted run ends.
@@ -15,7 +15,7 @@ finalises each step. Only process 0 shows the progress bar.
 Two ways to score a chunk with a HOST score function (``score_mode``):
 
 * ``"callback"`` (default): ``ppo.train_chunk`` jitted once, the host function called from inside it through
-  ``jax.pure_callback`` (``ppo.host_score_fn``); about 1.5x faster on one device (docs/arch.md).
+  ``jax.pure_callback`` (``scoring.host_score_fn``); about 1.5x faster on one device (docs/arch.md).
 * ``"split"``: per iteration a jitted ``rollout``, the host function on numpy, a jitted ``update`` (the loop of
   ``ppo.split_iteration``). For host functions that run a computation over SEVERAL devices (the path engine
   on a mesh, or across processes): launched from the callback of a program that is still executing on one of
@@ -38,7 +38,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
-from hm3_jax.arch.ppo import RunnerState, Trainer
+from hm3_jax.arch.ppo import Trainer
+from hm3_jax.arch.rollout import RunnerState
+from hm3_jax.arch.scoring import HostScoreFn
 
 
 def _to_saveable(runner: RunnerState) -> RunnerState:
@@ -102,7 +104,7 @@ def run_training(
     progress: bool = True,
     max_to_keep: int = 2,
     score_mode: str = "callback",
-    host_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    host_fn: HostScoreFn | None = None,
 ) -> RunnerState:
     """Trains to ``num_iterations`` iterations in chunks, checkpointing after each chunk, resuming if possible.
 
@@ -116,8 +118,9 @@ def run_training(
       progress: show a tqdm bar.
       max_to_keep: checkpoints kept on disk (the latest ones).
       score_mode: "callback" (``trainer``'s own score function inside one jitted chunk) or "split" (module
-        docstring): ``host_fn(paths [N, t_max] int32, preferences [N, K] float32) -> scores [N, K]`` called on
-        the host between a jitted rollout and a jitted update; ``trainer``'s score function is then unused.
+        docstring): ``host_fn(paths [N, t_max] int32, preferences [N, K] float32, preference_index [N] int32)
+        -> scores [N, K]`` called on the host between a jitted rollout and a jitted update; ``trainer``'s score
+        function is then unused.
       host_fn: the host score function of split mode (required there, rejected in callback mode).
 
     Returns:
@@ -167,10 +170,10 @@ def run_training(
 
 
 def make_split_chunk(
-    trainer: Trainer, host_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    trainer: Trainer, host_fn: HostScoreFn
 ) -> Callable[[RunnerState, int], tuple[RunnerState, dict]]:
     """``chunk(runner, num_iters) -> (runner, metrics {name: [num_iters]})`` like ``trainer.train_chunk``, but
-    each iteration is jitted ``rollout`` -> ``host_fn(final paths, preferences)`` on numpy -> jitted ``update``.
+    each iteration is jitted ``rollout`` -> ``host_fn(final paths, preferences, preference_index)`` on numpy -> jitted ``update``.
 
     No jitted computation is executing while ``host_fn`` runs (its inputs are fetched to the host first, and
     the next rollout is dispatched only after the update it depends on), so ``host_fn`` may run SPMD programs
@@ -181,8 +184,11 @@ def make_split_chunk(
 
     def one(runner: RunnerState) -> tuple[RunnerState, dict]:
         runner, batch = rollout(runner)
-        paths, prefs = jax.device_get((batch.final_path, batch.preference))
-        scores = np.asarray(host_fn(np.asarray(paths, np.int32), np.asarray(prefs, np.float32)), np.float32)
+        paths, prefs, index = jax.device_get((batch.final_path, batch.preference, batch.preference_index))
+        scores = np.asarray(
+            host_fn(np.asarray(paths, np.int32), np.asarray(prefs, np.float32), np.asarray(index, np.int32)),
+            np.float32,
+        )
         if scores.shape != prefs.shape:
             raise ValueError(f"host_fn returned scores of shape {scores.shape}, expected {prefs.shape}")
         return update(runner, batch, jnp.asarray(scores))

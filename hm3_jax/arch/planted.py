@@ -77,11 +77,12 @@ def make_planted_problem(
 
 
 def make_score_fn(problem: PlantedProblem):
-    """Jittable ``score_fn(paths [N, t_max] int32 -1 padded, preferences [N, K]) -> scores [N, K]``."""
+    """Jittable ``score_fn(paths [N, t_max] int32 -1 padded, preferences [N, K], preference_index [N]) -> scores
+    [N, K]``."""
     tables = jnp.asarray(problem.tables)  # [K, t_max, P]
 
-    def score_fn(paths, preferences):
-        del preferences  # the planted scores do not depend on lambda
+    def score_fn(paths, preferences, preference_index):
+        del preferences, preference_index  # the planted scores do not depend on lambda
         valid = paths >= 0
         safe = jnp.where(valid, paths, 0)
         positions = jnp.arange(problem.t_max)

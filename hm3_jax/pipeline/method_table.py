@@ -12,7 +12,7 @@ import numpy as np
 from hm3_jax.pipeline import baseline_runs
 from hm3_jax.pipeline import report as report_lib
 from hm3_jax.pipeline.preference_models import LazySequence
-from hm3_jax.search import arch_level, heldout_bootstrap, param_level
+from hm3_jax.search import heldout_bootstrap, param_level, path_scorer
 
 
 def reference_methods(problem) -> dict:
@@ -166,13 +166,13 @@ def method_specs(
             bank.pools[i],
             np.asarray(r["path"], np.int32),
             j,
-            arch_level.scorer_pool_id("hm3", i),
+            path_scorer.scorer_pool_id("hm3", i),
         )
 
     out["hm3"] = lambda: LazySequence(len(hm3["per_preference"]), hm3_spec)
     out["hm3_no_param_level"] = lambda: [
         ModelSpec(
-            np_shell, np_pool, np.asarray(r["path"], np.int32), None, arch_level.scorer_pool_id("no_param", i)
+            np_shell, np_pool, np.asarray(r["path"], np.int32), None, path_scorer.scorer_pool_id("no_param", i)
         )
         for i, r in enumerate(no_param["per_preference"])
     ]

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from hm3_jax import moo
-from hm3_jax.search import arch_level
+from hm3_jax.search import neighbourhood
 
 REQUIRED_PARAM = (
     "task_arithmetic",
@@ -70,8 +70,8 @@ def check_config(config) -> None:
             f"param_level.pool_model must be 'paper' or 'tuned', got {config.param_level.pool_model!r}"
         )
     try:  # before the parameter level runs, not when the neighbourhood refinement starts
-        arch_level.check_neighbourhood(
-            config.arch.get("neighbourhood_kinds", arch_level.MOVE_KINDS),
+        neighbourhood.check_neighbourhood(
+            config.arch.get("neighbourhood_kinds", neighbourhood.MOVE_KINDS),
             config.arch.get("neighbourhood_order", "round_robin"),
         )
     except ValueError as e:

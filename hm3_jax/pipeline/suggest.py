@@ -28,7 +28,7 @@ from hm3_jax import models, moo
 from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import env as env_lib
 from hm3_jax.arch import loop as loop_lib
-from hm3_jax.arch import ppo
+from hm3_jax.arch import ppo, scoring
 from hm3_jax.pipeline import workdir as workdir_lib
 from hm3_jax.pipeline.workdir import WorkdirError
 
@@ -132,7 +132,8 @@ def _policy(session: dict, run_dir: str, trainer, key):
 
 def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     from hm3_jax.pipeline import run as run_lib
-    from hm3_jax.search import arch_level
+    from hm3_jax.search import arch_level, path_confirmation
+    from hm3_jax.search import path_scorer as path_scorer_lib
     from hm3_jax.search.problem import pool_for
 
     start = time.perf_counter()
@@ -153,18 +154,18 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     )
 
     def path_scorer(split):
-        return arch_level.PathScorer(problem, split, pref32[None], [shell], [pool], tag, aligners)
+        return path_scorer_lib.PathScorer(problem, split, pref32[None], [shell], [pool], tag, aligners)
 
     acfg = arch_level.arch_config(config.arch, K + 1, L, K)
     phi = descriptors_lib.block_descriptors(pool, problem.base["blocks"], K + 1)
     scorer = path_scorer("search")
-    trainer = ppo.make_trainer(acfg, ppo.host_score_fn(scorer, K), phi, pref32[None])
+    trainer = ppo.make_trainer(acfg, scoring.host_score_fn(scorer, K), phi, pref32[None])
     params, decode = _policy(session, run_dir, trainer, key)
     if refine_iterations:
         params = trainer.refine(key, params, pref32, phi, refine_iterations)
     decoded, _ = decode(params, pref32, phi)
     decoded = np.asarray(decoded, np.int32)
-    theta = arch_level.identity_paths(K + 1, L, acfg.t_max)[K]
+    theta = path_confirmation.identity_paths(K + 1, L, acfg.t_max)[K]
     cands = np.stack([decoded, theta])
     judge = path_scorer("search")  # its archive holds just these two candidates (not refine's paths)
     norm = judge(cands, np.repeat(pref32[None], 2, 0))  # normalised search scores
@@ -173,10 +174,10 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     chosen = 0 if rewards[0] > rewards[1] else 1
     confirm = chosen == 0 and not np.array_equal(decoded, theta) and "search_full" in problem.engines
     if confirm and config.arch.get("confirm_top", 0) > 0:  # the run's confirmation rule, on these two paths
-        c = arch_level.confirm_candidates(
+        c = path_confirmation.confirm_candidates(
             problem, path_scorer("search_full"), 0, pref32, judge, K + 1, L, acfg, top=1,
             significance=float(config.arch.get("confirm_significance", 0.0)),
-            spec_fn=lambda path: arch_level.model_spec(shell, pool, path, None if aligners is None else aligners[0]),
+            spec_fn=lambda path: path_confirmation.model_spec(shell, pool, path, None if aligners is None else aligners[0]),
             num_samples=int(config.arch.get("confirm_bootstrap_samples", 1000)), seed=seed,
         )  # fmt: skip
         decision["full_search_rewards"] = c["full_rewards"]  # [decoded, Theta]
