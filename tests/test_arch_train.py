@@ -25,17 +25,32 @@ CHUNK = 20
 def setup(tmp_path_factory):
     problem = planted.make_planted_problem(0, num_tasks=2, num_layers=3, t_max=4, merged_value=0.7)
     config = ArchConfig(
-        num_sources=3, num_layers=3, num_tasks=2, t_min=1, t_max=4, beta1=0.3, num_envs=64, k_nearest=1,
-        explore_eps=0.05, init_log_std=-1.0, learning_rate=3e-3, num_iterations=NUM_ITERATIONS,
-    )  # fmt: skip
+        num_sources=3,
+        num_layers=3,
+        num_tasks=2,
+        t_min=1,
+        t_max=4,
+        beta1=0.3,
+        num_envs=64,
+        k_nearest=1,
+        explore_eps=0.05,
+        init_log_std=-1.0,
+        learning_rate=3e-3,
+        num_iterations=NUM_ITERATIONS,
+    )
     trainer = ppo.make_trainer(
         config, planted.make_score_fn(problem), problem.descriptors, jnp.array(PREFERENCES)
     )
     straight_dir = str(tmp_path_factory.mktemp("straight"))
     runner = loop.run_training(
-        trainer, jax.random.key(0), NUM_ITERATIONS, straight_dir, checkpoint_every=CHUNK, progress=False,
+        trainer,
+        jax.random.key(0),
+        NUM_ITERATIONS,
+        straight_dir,
+        checkpoint_every=CHUNK,
+        progress=False,
         max_to_keep=NUM_ITERATIONS // CHUNK,
-    )  # fmt: skip
+    )
     return problem, config, trainer, runner, straight_dir
 
 
@@ -95,12 +110,19 @@ def test_warm_start_decodes_the_demonstration_before_any_ppo():
     (then STOP) for every training preference and for one never seen; without warm start it does not."""
     problem = planted.make_planted_problem(0, num_tasks=2, num_layers=3, t_max=5, merged_value=0.7)
     prefs = jnp.array(((0.9, 0.1), (0.1, 0.9), (0.5, 0.5)))
-    base = dict(num_sources=3, num_layers=3, num_tasks=2, t_min=1, t_max=5, num_envs=8, num_iterations=0,
-                k_nearest=1, learning_rate=3e-3)  # fmt: skip
-    demo = (6, 7, 8)
-    paths, lengths, actions = demonstration(
-        ArchConfig(**base, warm_start_source=2, warm_start_steps=1)
+    base = dict(
+        num_sources=3,
+        num_layers=3,
+        num_tasks=2,
+        t_min=1,
+        t_max=5,
+        num_envs=8,
+        num_iterations=0,
+        k_nearest=1,
+        learning_rate=3e-3,
     )
+    demo = (6, 7, 8)
+    paths, lengths, actions = demonstration(ArchConfig(**base, warm_start_source=2, warm_start_steps=1))
     np.testing.assert_array_equal(actions, [6, 7, 8, 9])  # blocks of source 2, then STOP (index P = 9)
     np.testing.assert_array_equal(paths[2], [6, 7, -1, -1, -1])
     decoded = {}
@@ -121,8 +143,18 @@ def test_warm_start_uses_its_own_learning_rate_when_given():
     """warm_start_learning_rate = x fits exactly what learning_rate = x fits (0 = the PPO learning rate)."""
     problem = planted.make_planted_problem(0, num_tasks=2, num_layers=3, t_max=5, merged_value=0.7)
     prefs = jnp.array(((0.9, 0.1), (0.1, 0.9)))
-    base = dict(num_sources=3, num_layers=3, num_tasks=2, t_min=1, t_max=5, num_envs=8, num_iterations=0,
-                k_nearest=1, warm_start_source=2, warm_start_steps=20)  # fmt: skip
+    base = dict(
+        num_sources=3,
+        num_layers=3,
+        num_tasks=2,
+        t_min=1,
+        t_max=5,
+        num_envs=8,
+        num_iterations=0,
+        k_nearest=1,
+        warm_start_source=2,
+        warm_start_steps=20,
+    )
 
     def init(**kw):
         config = ArchConfig(**base, **kw)

@@ -33,8 +33,16 @@ def test_path_baseline_confirmation_rescores_its_best_candidates(problem):
     c = ev.confirm(pref, top=2)
     top2 = np.argsort(-(sub @ pref), kind="stable")[:2]
     assert any(np.array_equal(c["path"], paths[j]) for j in top2)
-    full = problem.normalise(problem.engines["search_full"].with_model(shell, pool, pool_id="indep").evaluate(
-        paths[top2]).scores, "search_full") @ pref  # fmt: skip
+    full = (
+        problem.normalise(
+            problem.engines["search_full"]
+            .with_model(shell, pool, pool_id="indep")
+            .evaluate(paths[top2])
+            .scores,
+            "search_full",
+        )
+        @ pref
+    )
     np.testing.assert_allclose(c["full_fitness"], full)
     assert np.array_equal(c["path"], paths[top2[int(np.argmax(full))]])
     n_full = sum(o.num_examples for o in problem.objectives["search_full"])
@@ -61,8 +69,9 @@ def test_arch_level_confirmation_includes_the_merged_models_identity_path(proble
     assert any(np.array_equal(p, theta) for p in np.asarray(c["paths"]))
     assert len(c["paths"]) in (1, 2) and c["chosen"] == int(np.argmax(c["full_rewards"]))
     ps = np.asarray(c["paths"], np.int32)
-    expected = env.host_reward(problem.normalise(np.asarray(c["full_search"]), "search_full"), pref[0],
-                               (ps >= 0).sum(-1), 0.05, 3)  # fmt: skip
+    expected = env.host_reward(
+        problem.normalise(np.asarray(c["full_search"]), "search_full"), pref[0], (ps >= 0).sum(-1), 0.05, 3
+    )
     np.testing.assert_allclose(c["full_rewards"], expected, atol=1e-9)
 
 
@@ -85,7 +94,9 @@ def test_arch_level_confirmation_can_shortlist_every_sources_own_model(problem):
     scorer(others, np.repeat(pref, 3, 0))
     before = scorer.evaluations
     acfg = types.SimpleNamespace(beta1=0.05, t_max=3)
-    c = path_confirmation.confirm_candidates(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1, sources=True)
+    c = path_confirmation.confirm_candidates(
+        problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1, sources=True
+    )
     own = path_confirmation.identity_paths(K + 1, L, 3)
     listed = np.asarray(c["paths"], np.int32)
     assert all(any(np.array_equal(p, q) for q in listed) for p in own)  # every source's own model
@@ -116,19 +127,24 @@ def test_significant_gain_is_paired_and_checks_the_engine_scores(problem):
     base = heldout_bootstrap.params_spec(problem, problem.base)
     full = problem.normalise(problem.source_scores["search_full"], "search_full")
     # a model against itself: the paired difference is 0 on every resample
-    assert path_confirmation.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 50, 0) == 0.0
+    assert (
+        path_confirmation.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 50, 0)
+        == 0.0
+    )
     # each expert against the base, for a preference on its own task (scores checked against the engine's)
     for k in range(K):
         expert = heldout_bootstrap.params_spec(problem, problem.experts[k])
-        p = path_confirmation.significant_gain(problem, "search_full", expert, base, np.eye(K)[k], acfg, 200, 1,
-                                        expected=(full[1 + k], full[0]))  # fmt: skip
+        p = path_confirmation.significant_gain(
+            problem, "search_full", expert, base, np.eye(K)[k], acfg, 200, 1, expected=(full[1 + k], full[0])
+        )
         if full[1 + k, k] > full[0, k] + 0.2:  # clearly better on the whole split: (almost) every resample
             assert p > 0.95
         if full[1 + k, k] == full[0, k]:
             assert p == 0.0
     with pytest.raises(RuntimeError, match="engine gave"):
-        path_confirmation.significant_gain(problem, "search_full", base, base, np.ones(K) / K, acfg, 10, 0,
-                                    expected=(full[0] + 0.5, full[0]))  # fmt: skip
+        path_confirmation.significant_gain(
+            problem, "search_full", base, base, np.ones(K) / K, acfg, 10, 0, expected=(full[0] + 0.5, full[0])
+        )
 
 
 def test_confirmation_keeps_theta_unless_the_gain_is_significant(problem):
@@ -150,15 +166,39 @@ def test_confirmation_keeps_theta_unless_the_gain_is_significant(problem):
     spec_fn = lambda p: (shell, pool, np.asarray(p, np.int32), None)  # noqa: E731
     plain = path_confirmation.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1)
     assert np.array_equal(plain["paths"][plain["chosen"]], ids[k])  # the expert wins on the whole split
-    strict = path_confirmation.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=1.01,
-                                 spec_fn=spec_fn, num_samples=50)  # fmt: skip
+    strict = path_confirmation.confirm_candidates(
+        problem,
+        fscorer,
+        0,
+        pref[0],
+        scorer,
+        K + 1,
+        L,
+        acfg,
+        top=1,
+        significance=1.01,
+        spec_fn=spec_fn,
+        num_samples=50,
+    )
     assert np.array_equal(strict["paths"][strict["chosen"]], ids[K])  # an unreachable level: Theta stands
     assert (
         strict["significance"]["accepted"] is False
         and strict["significance"]["best_on_full"] == plain["chosen"]
     )
-    usual = path_confirmation.confirm_candidates(problem, fscorer, 0, pref[0], scorer, K + 1, L, acfg, top=1, significance=0.95,
-                                spec_fn=spec_fn, num_samples=200)  # fmt: skip
+    usual = path_confirmation.confirm_candidates(
+        problem,
+        fscorer,
+        0,
+        pref[0],
+        scorer,
+        K + 1,
+        L,
+        acfg,
+        top=1,
+        significance=0.95,
+        spec_fn=spec_fn,
+        num_samples=200,
+    )
     assert usual["significance"]["p_gain_over_theta"] > 0.95 and usual["chosen"] == plain["chosen"]
 
 
@@ -175,14 +215,23 @@ def test_preference_models_rebuild_bit_for_bit_and_hold_at_most_resident(problem
 
     K = problem.num_tasks
     prefs = np.array([[1 / 3, 1 / 3, 1 / 3], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]], np.float32)
-    entries = [{"preference": p.tolist(), "merge_key": np.asarray(jax.random.PRNGKey(i)).tolist(),
-                "paper": {"hparams": {"density": 0.7, "drop_rate": 0.3}}} for i, p in enumerate(prefs)]  # fmt: skip
+    entries = [
+        {
+            "preference": p.tolist(),
+            "merge_key": np.asarray(jax.random.PRNGKey(i)).tolist(),
+            "paper": {"hparams": {"density": 0.7, "drop_rate": 0.3}},
+        }
+        for i, p in enumerate(prefs)
+    ]
     eager = [param_level.merged_for(problem, e, "paper") for e in entries]
     shells, pools = [models.shell_of(m) for m in eager], [pool_for(problem, m) for m in eager]
     bank = PreferenceModels(problem, entries, "paper", resident=1)
     for i in (0, 1, 2, 0):
-        for a, b in zip(jax.tree.leaves((bank.shells[i], bank.pools[i])), jax.tree.leaves((shells[i], pools[i])),
-                        strict=True):  # fmt: skip
+        for a, b in zip(
+            jax.tree.leaves((bank.shells[i], bank.pools[i])),
+            jax.tree.leaves((shells[i], pools[i])),
+            strict=True,
+        ):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert list(bank._held) == [i]
     assert bank.builds == 4  # 0, 1, 2, then 0 again after it was dropped
@@ -235,9 +284,20 @@ def test_tsv_parameter_baseline_tunes_its_scale_on_the_search_split(problem):
     grid = baseline_runs.PARAM_GRIDS["tsv"]
     assert out["evaluations"] == len(prefs) * len(grid) and all(hp in grid for hp in out["hparams"])
     for i, (pref, hp) in enumerate(zip(prefs, out["hparams"], strict=True)):
-        fits = [float(problem.normalise(score_params(problem.engines["search"], problem.experts,
-                baseline_runs.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), g)), "search") @ pref)
-                for g in grid]  # fmt: skip
+        fits = [
+            float(
+                problem.normalise(
+                    score_params(
+                        problem.engines["search"],
+                        problem.experts,
+                        baseline_runs.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), g),
+                    ),
+                    "search",
+                )
+                @ pref
+            )
+            for g in grid
+        ]
         assert hp == grid[int(np.argmax(fits))]
         merged = baseline_runs.param_merge(problem, "tsv", pref, jax.random.fold_in(key, i), hp)
         np.testing.assert_allclose(

@@ -44,7 +44,9 @@ def test_moves_by_hand_l3_k2():
     old = neighbourhood.neighbours(
         THETA_L3, 3, 3, 2, 4, kinds=neighbourhood.KINDS_WITHOUT_INSERTION, order="by_kind"
     )
-    assert [_steps(r) for r in old] == [r for k in neighbourhood.KINDS_WITHOUT_INSERTION for r in BY_HAND_L3[k]]
+    assert [_steps(r) for r in old] == [
+        r for k in neighbourhood.KINDS_WITHOUT_INSERTION for r in BY_HAND_L3[k]
+    ]
 
 
 def test_moves_at_the_length_limits_and_across_kinds():
@@ -72,13 +74,29 @@ def test_round_robin_order_by_hand():
     """Without a key: kinds in turn; within a kind steps in spread order 0, 2, 1, a step's moves one per pass."""
     nb = neighbourhood.neighbours(THETA_L3, 3, 3, t_min=2, t_max=4)
     expected = [
-        [0, 7, 8], [7, 8], [6, 6, 7, 8], [6, 0, 7, 8], [7, 7, 8],  # each kind's first move: step 0
-        [6, 7, 2], [6, 7], [6, 7, 8, 8], [6, 7, 8, 2], [6, 7, 7],  # second: step 2
-        [6, 1, 8], [6, 8], [6, 7, 7, 8], [6, 7, 1, 8], [6, 6, 8],  # third: step 1
-        [3, 7, 8], [6, 3, 7, 8], [6, 8, 8],  # fourth (deletions and repeats have run out): step 0's second ...
-        [6, 7, 5], [6, 7, 8, 5],  # fifth: step 2's second swap and insertion
-        [6, 4, 8], [6, 7, 4, 8],  # sixth: step 1's
-    ]  # fmt: skip
+        [0, 7, 8],
+        [7, 8],
+        [6, 6, 7, 8],
+        [6, 0, 7, 8],
+        [7, 7, 8],  # each kind's first move: step 0
+        [6, 7, 2],
+        [6, 7],
+        [6, 7, 8, 8],
+        [6, 7, 8, 2],
+        [6, 7, 7],  # second: step 2
+        [6, 1, 8],
+        [6, 8],
+        [6, 7, 7, 8],
+        [6, 7, 1, 8],
+        [6, 6, 8],  # third: step 1
+        [3, 7, 8],
+        [6, 3, 7, 8],
+        [6, 8, 8],  # fourth (deletions and repeats have run out): step 0's second ...
+        [6, 7, 5],
+        [6, 7, 8, 5],  # fifth: step 2's second swap and insertion
+        [6, 4, 8],
+        [6, 7, 4, 8],  # sixth: step 1's
+    ]
     assert [_steps(r) for r in nb] == expected
     assert neighbourhood.spread_order(8) == [0, 4, 2, 6, 1, 5, 3, 7] and neighbourhood.spread_order(5) == [
         0,
@@ -102,7 +120,9 @@ def test_a_budget_covers_every_kind_and_spreads_over_the_depth(seed):
     key = jax.random.PRNGKey(seed)
     order = neighbourhood.order_moves(moves, "round_robin", key)
     assert sorted(order.tolist()) == list(range(len(moves.kind)))
-    assert np.array_equal(order, neighbourhood.order_moves(moves, "round_robin", key))  # a function of the key
+    assert np.array_equal(
+        order, neighbourhood.order_moves(moves, "round_robin", key)
+    )  # a function of the key
     assert not np.array_equal(
         order, neighbourhood.order_moves(moves, "round_robin", jax.random.PRNGKey(seed + 100))
     )
@@ -136,8 +156,15 @@ def test_search_finds_a_planted_insertion_the_old_order_never_reaches():
         )
         assert out["path"].tolist() == planted and out["moves"] == ["insert"], key
         assert out["evaluations"] == 15 and out["evaluated"]["insert"] == 3
-    old = neighbourhood.neighbourhood_search(score_fn, theta, np.array([0.5, 0.5]), known=known, **common,
-                                          kinds=neighbourhood.KINDS_WITHOUT_INSERTION, order="by_kind")  # fmt: skip
+    old = neighbourhood.neighbourhood_search(
+        score_fn,
+        theta,
+        np.array([0.5, 0.5]),
+        known=known,
+        **common,
+        kinds=neighbourhood.KINDS_WITHOUT_INSERTION,
+        order="by_kind",
+    )
     assert old["path"].tolist() == theta.tolist() and old["steps"] == 0 and "insert" not in old["evaluated"]
 
 
@@ -154,9 +181,12 @@ def test_search_budget_at_the_deep_shape():
 
     common = dict(num_sources=S, num_layers=L, t_min=12, t_max=t_max, beta1=0.0, budget=16)
     known = {theta.tobytes(): np.full(3, 0.5)}
-    out = neighbourhood.neighbourhood_search(flat, theta, np.ones(3) / 3, key=jax.random.PRNGKey(3), known=known,
-                                          **common)  # fmt: skip
+    out = neighbourhood.neighbourhood_search(
+        flat, theta, np.ones(3) / 3, key=jax.random.PRNGKey(3), known=known, **common
+    )
     assert out["evaluations"] == sum(calls) == 16 and out["steps"] == 0
     assert out["evaluated"] == {"swap": 4, "delete": 3, "repeat": 3, "insert": 3, "layer": 3}
-    old = neighbourhood.neighbourhood_search(flat, theta, np.ones(3) / 3, known=known, order="by_kind", **common)
+    old = neighbourhood.neighbourhood_search(
+        flat, theta, np.ones(3) / 3, known=known, order="by_kind", **common
+    )
     assert old["evaluated"] == {"swap": 16, "delete": 0, "repeat": 0, "insert": 0, "layer": 0}
