@@ -16,6 +16,8 @@ budget allows; a batch that would overflow it is cut to the candidates that stil
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -173,7 +175,4 @@ def strong_types(tree):
     evosax 0.3's ``init`` returns some weakly typed scalars that ``tell`` returns strongly typed, so the
     second ``ask``/``tell`` would be traced and compiled again; canonicalising the initial state avoids it.
     """
-    import jax
-    import jax.numpy as jnp
-
     return jax.tree.map(lambda x: jnp.array(x, dtype=x.dtype) if isinstance(x, jax.Array) else x, tree)

@@ -22,6 +22,7 @@ strictly larger.
 from __future__ import annotations
 
 import numpy as np
+from sacrebleu.metrics import CHRF
 
 from hm3_jax.moo.hypervolume import hypervolume
 
@@ -41,8 +42,6 @@ def resample_indices(seed: int, sizes, num_samples: int) -> list[np.ndarray]:
 
 def chrf_from_stats(stats) -> float:
     """sacrebleu chrF (defaults) of summed sentence statistics [S] (or [N, S], summed over N)."""
-    from sacrebleu.metrics import CHRF
-
     s = np.asarray(stats)
     if s.ndim == 2:
         s = s.sum(0)
@@ -51,8 +50,6 @@ def chrf_from_stats(stats) -> float:
 
 def chrf_sentence_stats(hypotheses, references) -> np.ndarray:
     """[N, S] int sentence statistics whose column sums give sacrebleu's corpus chrF (`chrf_from_stats`)."""
-    from sacrebleu.metrics import CHRF
-
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     return np.asarray(CHRF()._extract_corpus_statistics(list(hypotheses), [list(references)]), np.int64)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ import yaml
 
 from hm3_jax import models
 from hm3_jax.io.atomic import atomic_directory
-from hm3_jax.io.checkpoint import Model, save_pretrained
+from hm3_jax.io.checkpoint import Model, load_pretrained, save_pretrained
 from hm3_jax.merging.groups import layer_index
 from hm3_jax.merging.safetensors_stream import Checkpoint
 from hm3_jax.pipeline.workdir import atomic_write_text
@@ -226,8 +227,6 @@ def export_preference(out_dir: str, config, merged: dict, pool: dict, path, pref
 
 
 def _copy_tokenizer(tokenizer_dir: str | None, target: str) -> None:
-    import shutil
-
     if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
         return
     for name in os.listdir(tokenizer_dir):
@@ -237,8 +236,6 @@ def _copy_tokenizer(tokenizer_dir: str | None, target: str) -> None:
 
 def load_path_model(directory: str, dtype=None):
     """Loads an hm3_jax path model export: returns (config, shell, pool, path, junction)."""
-    from hm3_jax.io.checkpoint import load_pretrained
-
     with open(os.path.join(directory, "path.json")) as f:
         meta = json.load(f)
     srcs = [load_pretrained(s) if dtype is None else load_pretrained(s, dtype=dtype) for s in meta["sources"]]

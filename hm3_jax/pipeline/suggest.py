@@ -29,8 +29,12 @@ from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import env as env_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo, scoring
+from hm3_jax.pipeline import run as run_lib
 from hm3_jax.pipeline import workdir as workdir_lib
 from hm3_jax.pipeline.workdir import WorkdirError
+from hm3_jax.search import arch_level, param_level, path_confirmation
+from hm3_jax.search import path_scorer as path_scorer_lib
+from hm3_jax.search.problem import pool_for
 
 
 def _load(run_dir: str):
@@ -106,8 +110,6 @@ def clear_sessions() -> None:
 
 def _session(run_dir: str, config):
     """The session of the run in `run_dir`, loaded once per process (again when its run.json changes)."""
-    from hm3_jax.pipeline import run as run_lib
-
     st = os.stat(os.path.join(run_dir, "run.json"))
     stamp, where = (st.st_mtime_ns, st.st_size), os.path.realpath(run_dir)
     if where in _SESSIONS and _SESSIONS[where][0] == stamp:
@@ -131,11 +133,6 @@ def _policy(session: dict, run_dir: str, trainer, key):
 
 
 def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
-    from hm3_jax.pipeline import run as run_lib
-    from hm3_jax.search import arch_level, path_confirmation
-    from hm3_jax.search import path_scorer as path_scorer_lib
-    from hm3_jax.search.problem import pool_for
-
     start = time.perf_counter()
     session = _session(run_dir, config)
     zoo, problem = session["zoo"], session["problem"]
@@ -205,8 +202,6 @@ def _theta(run_dir: str, config, problem, pref: np.ndarray) -> tuple[dict, dict]
     """Theta(lambda) for a new preference, made as the run made its pool models: the hyperparameters and merge
     key of the nearest (L1) preference of the run's parameter level, with weights = `pref` (at a front
     preference this is exactly the run's Theta). Returns (params, description)."""
-    from hm3_jax.search import param_level
-
     with open(os.path.join(run_dir, "stages", "param_level.json")) as f:
         entries = json.load(f)
     prefs = np.asarray([e["preference"] for e in entries], np.float64)

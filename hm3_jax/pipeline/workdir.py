@@ -26,8 +26,11 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
+from filelock import FileLock
 
+from hm3_jax import distributed
 from hm3_jax.io import json_files
 
 
@@ -75,8 +78,6 @@ def use_compilation_cache(workdir: str) -> str:
     JAX_COMPILATION_CACHE_DIR), so a resumed run and `suggest` in a fresh process load the run's compiled
     programs instead of compiling them again. Every program is cached, also the many that compile in a tenth of
     a second (together most of a fresh `suggest`'s compile time). Returns the directory in use."""
-    import jax
-
     current = jax.config.jax_compilation_cache_dir
     if not current:
         current = os.path.join(os.path.abspath(workdir), COMPILATION_CACHE)
@@ -187,8 +188,6 @@ class Workdir:
         """
         if _process_count() > 1:
             return self._stage_multiprocess(name, compute_fn, main_only)
-        from filelock import FileLock
-
         # One process computes a stage; another one asking for it meanwhile waits and reads its result (two
         # writers of one stage would also share its checkpoint directory).
         with FileLock(self.stage_path(name) + ".lock"):
@@ -197,8 +196,6 @@ class Workdir:
         return self.load_stage(name)
 
     def _stage_multiprocess(self, name: str, compute_fn: Callable[[], Any], main_only: bool) -> Any:
-        from hm3_jax import distributed
-
         done = bool(distributed.broadcast_from_main(np.int32(self.has_stage(name))))
         if not done:
             main = distributed.is_main_process()
@@ -210,13 +207,9 @@ class Workdir:
 
 
 def _process_count() -> int:
-    import jax
-
     return jax.process_count()
 
 
 def _barrier(name: str) -> None:
     if _process_count() > 1:
-        from hm3_jax import distributed
-
         distributed.barrier(name)

@@ -25,6 +25,7 @@ from absl import logging
 
 from hm3_jax import models
 from hm3_jax.paths import engine as engine_lib
+from hm3_jax.tasks import tiny3_zoo
 
 SPLITS = ("search", "heldout")
 # Splits whose engines keep per-example statistics of every model they score (`PathEngine.keep_example_stats`):
@@ -256,8 +257,6 @@ def make_engines(config, shell, pool, objectives: dict, engine_strategy: str = "
 def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
     """Per task (in `tasks` order) the objective of the first `search_examples` examples of the zoo's shuffled
     search split, batch min(eval_batch_size, search_examples): the "search" split of a capped Problem."""
-    from hm3_jax.tasks import tiny3_zoo
-
     if search_examples < 1:
         raise ValueError(f"search_examples must be >= 1, got {search_examples}")
     if hasattr(zoo, "capped_search_objectives"):  # a spec zoo: its own tokenisation and shapes
