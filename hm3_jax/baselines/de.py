@@ -92,8 +92,19 @@ def run_de(
         if len(scores) == pop_size:
             fitness_min = jnp.asarray(-fitness, jnp.float32)
             state = strong_types(strategy.init(key_init, jnp.asarray(population), fitness_min, params))
-            ask_tell_generations(strategy, state, params, key_loop, rep, evaluator, tracker, fitness_fn, pop_size,
-                                 range(1, max_generations), max_stale_generations)  # fmt: skip
+            ask_tell_generations(
+                strategy,
+                state,
+                params,
+                key_loop,
+                rep,
+                evaluator,
+                tracker,
+                fitness_fn,
+                pop_size,
+                range(1, max_generations),
+                max_stale_generations,
+            )
     finally:
         evaluator.close()
     return tracker.result(

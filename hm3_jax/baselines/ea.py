@@ -98,8 +98,19 @@ def run_ea(
     evaluator = BudgetedEvaluator(evaluate_fn, geometry, budget, progress)
     tracker = Tracker()
     try:
-        ask_tell_generations(strategy, state, params, key_loop, rep, evaluator, tracker, fitness_fn, pop_size,
-                             range(max_generations), max_stale_generations)  # fmt: skip
+        ask_tell_generations(
+            strategy,
+            state,
+            params,
+            key_loop,
+            rep,
+            evaluator,
+            tracker,
+            fitness_fn,
+            pop_size,
+            range(max_generations),
+            max_stale_generations,
+        )
     finally:
         evaluator.close()
     return tracker.result(

@@ -84,8 +84,19 @@ class Tracker:
         }
 
 
-def ask_tell_generations(strategy, state, params, key_loop, rep, evaluator, tracker, fitness_fn, pop_size: int,
-                         generations, max_stale_generations: int):  # fmt: skip
+def ask_tell_generations(
+    strategy,
+    state,
+    params,
+    key_loop,
+    rep,
+    evaluator,
+    tracker,
+    fitness_fn,
+    pop_size: int,
+    generations,
+    max_stale_generations: int,
+):
     """The evosax ask -> decode -> evaluate -> tell loop shared by EA (CMA-ES) and DE.
 
     Generation g uses the keys `split(fold_in(key_loop, g))`. Stops when the budget is spent, when a batch was

@@ -76,19 +76,25 @@ def _batch_size(value) -> int:
 def _mesh(spec, batch_size: int):
     """The ("paths", "data", "model") mesh of a ``mesh=`` model_arg over this process's devices."""
     if jax.process_count() > 1:
-        raise ModelArgsError(f"mesh={spec}: the hm3_jax lm-eval model runs in one process; this is one of "
-                             f"{jax.process_count()}")  # fmt: skip
+        raise ModelArgsError(
+            f"mesh={spec}: the hm3_jax lm-eval model runs in one process; this is one of "
+            f"{jax.process_count()}"
+        )
     try:
         mesh = distributed.make_mesh(str(spec))
     except ValueError as e:
         raise ModelArgsError(f"mesh={spec}: {e}") from e
     sizes = dict(mesh.shape)
     if sizes["paths"] != 1:
-        raise ModelArgsError(f"mesh={spec}: the adapter evaluates one model; put the devices on 'data' and "
-                             f"'model' (got paths:{sizes['paths']})")  # fmt: skip
+        raise ModelArgsError(
+            f"mesh={spec}: the adapter evaluates one model; put the devices on 'data' and "
+            f"'model' (got paths:{sizes['paths']})"
+        )
     if batch_size % sizes["data"]:
-        raise ModelArgsError(f"mesh={spec}: batch_size={batch_size} is not a multiple of data:{sizes['data']} "
-                             "(each batch's rows are split over it)")  # fmt: skip
+        raise ModelArgsError(
+            f"mesh={spec}: batch_size={batch_size} is not a multiple of data:{sizes['data']} "
+            "(each batch's rows are split over it)"
+        )
     return mesh
 
 
@@ -96,18 +102,29 @@ def _mesh(spec, batch_size: int):
 class HM3JaxLM(TemplateLM):
     """lm-eval's model interface on an hm3_jax model (module docstring)."""
 
-    def __init__(self, pretrained: str | None = None, run: str | None = None, preference=None,
-                 path_model: str | None = None, dtype: str = "float32", batch_size=None,
-                 max_length: int | None = None, mesh: str | None = None, max_batch_size=None, device=None,
-                 **unknown) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        run: str | None = None,
+        preference=None,
+        path_model: str | None = None,
+        dtype: str = "float32",
+        batch_size=None,
+        max_length: int | None = None,
+        mesh: str | None = None,
+        max_batch_size=None,
+        device=None,
+        **unknown,
+    ) -> None:
         """Args as the module docstring's `model_args`; `max_batch_size` and `device` (the harness's own
         arguments) are accepted and unused (JAX places the model). Raises ModelArgsError on unknown keys."""
         super().__init__()
         if unknown:
             known = "pretrained, run, preference, path_model, dtype, batch_size, max_length, mesh"
             raise ModelArgsError(f"unknown model_args {sorted(unknown)} for --model hm3_jax (known: {known})")
-        loaded = load_model(pretrained=pretrained, run=run, preference=preference, path_model=path_model,
-                            dtype=dtype)  # fmt: skip
+        loaded = load_model(
+            pretrained=pretrained, run=run, preference=preference, path_model=path_model, dtype=dtype
+        )
         self.model, self.tokenizer, self.eos_ids = loaded.model, loaded.tokenizer, loaded.eos_ids
         self.source = loaded.source
         self.directory = loaded.directory
@@ -119,8 +136,9 @@ class HM3JaxLM(TemplateLM):
         self.mesh = None if mesh is None else _mesh(mesh, self.batch_size)
         if self.mesh is not None:
             self.model = token_requests.place_on_mesh(self.model, self.mesh)
-        self.pad_id = next((int(t) for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None),
-                           0)  # fmt: skip
+        self.pad_id = next(
+            (int(t) for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0
+        )
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> HM3JaxLM:
@@ -159,8 +177,13 @@ class HM3JaxLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.tokenizer.name_or_path.replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs) -> list[int]:  # fmt: skip
+    def tok_encode(
+        self,
+        string: str,
+        add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None,
+        **kwargs,
+    ) -> list[int]:
         """The harness's ids of `string` (`harness_task.encode`)."""
         return harness_task.encode(self.tokenizer, string, add_special_tokens, left_truncate_len)
 
@@ -185,9 +208,12 @@ class HM3JaxLM(TemplateLM):
             for context, continuation in map(
                 lm_eval_utils.make_disjoint_window,
                 lm_eval_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1),
-            ):  # fmt: skip
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owner.append(i)
         scores = self._loglikelihood_tokens(windows) if windows else []
@@ -210,11 +236,14 @@ class HM3JaxLM(TemplateLM):
             )
             room = self.max_length - max_gen_toks
             if room < 1:
-                raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a context in the model's "
-                                 f"{self.max_length} positions")  # fmt: skip
+                raise ValueError(
+                    f"max_gen_toks={max_gen_toks} leaves no room for a context in the model's "
+                    f"{self.max_length} positions"
+                )
             prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=room) for i in idx]
-            tokens = token_requests.generate(self.model, prompts, max_gen_toks, self.batch_size, self.max_length,
-                                             self.pad_id)  # fmt: skip
+            tokens = token_requests.generate(
+                self.model, prompts, max_gen_toks, self.batch_size, self.max_length, self.pad_id
+            )
             for i, row in zip(idx, tokens, strict=True):
                 out[i] = harness_task.continuation_text(self.tokenizer, row, self.eos_ids, until)
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

@@ -58,23 +58,33 @@ def parse_preference(value) -> np.ndarray:
         parts = value.split(":") if isinstance(value, str) else list(value)
         return np.asarray([float(p) for p in parts], np.float64)
     except (TypeError, ValueError) as e:
-        raise ModelArgsError(f"model_args preference={value!r}: expected numbers separated by ':', e.g. "
-                             "preference=0.6:0.3:0.1") from e  # fmt: skip
+        raise ModelArgsError(
+            f"model_args preference={value!r}: expected numbers separated by ':', e.g. preference=0.6:0.3:0.1"
+        ) from e
 
 
-def load_model(pretrained: str | None = None, run: str | None = None, preference: str | Sequence | None = None,
-               path_model: str | None = None, dtype: str = "float32") -> LoadedModel:  # fmt: skip
+def load_model(
+    pretrained: str | None = None,
+    run: str | None = None,
+    preference: str | Sequence | None = None,
+    path_model: str | None = None,
+    dtype: str = "float32",
+) -> LoadedModel:
     """The model `model_args` name (module docstring); raises ModelArgsError naming the key or file."""
     given = {k: v for k, v in (("pretrained", pretrained), ("run", run), ("path_model", path_model)) if v}
     if len(given) != 1:
-        raise ModelArgsError(f"model_args need exactly one of {', '.join(k + '=DIR' for k in SOURCES)}; got "
-                             f"{sorted(given) or 'none'}")  # fmt: skip
+        raise ModelArgsError(
+            f"model_args need exactly one of {', '.join(k + '=DIR' for k in SOURCES)}; got "
+            f"{sorted(given) or 'none'}"
+        )
     if (preference is not None) != bool(run):
-        raise ModelArgsError("model_args preference=a:b:c goes with run=DIR (the run's front model for it), and "
-                             "run=DIR needs a preference")  # fmt: skip
+        raise ModelArgsError(
+            "model_args preference=a:b:c goes with run=DIR (the run's front model for it), and "
+            "run=DIR needs a preference"
+        )
     if dtype not in DTYPES:
         raise ModelArgsError(f"model_args dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    (key, directory), = given.items()  # fmt: skip
+    ((key, directory),) = given.items()
     if not os.path.isdir(directory):
         raise ModelArgsError(f"model_args {key}={directory}: no such directory")
     if key == "run":
@@ -99,8 +109,10 @@ def _from_pretrained(directory: str, dtype: str, source: dict) -> LoadedModel:
 def _from_path_model(directory: str, dtype: str, source: dict) -> LoadedModel:
     meta_file = os.path.join(directory, "path.json")
     if not os.path.isfile(meta_file):
-        raise ModelArgsError(f"model_args path_model={directory}: no path.json (an hm3_jax path model export "
-                             "holds path.json and junction.npz; a plain checkpoint is pretrained=DIR)")  # fmt: skip
+        raise ModelArgsError(
+            f"model_args path_model={directory}: no path.json (an hm3_jax path model export "
+            "holds path.json and junction.npz; a plain checkpoint is pretrained=DIR)"
+        )
     with open(meta_file) as f:
         shell_dir = json.load(f)["sources"][-1]  # the parameter-merged model: shell, tokenizer, EOS ids
     try:
@@ -117,12 +129,19 @@ def _from_run(run_dir: str, preference: np.ndarray, dtype: str) -> LoadedModel:
         answer = suggest(run_dir, preference)
     except (ValueError, OSError) as e:
         raise ModelArgsError(f"model_args run={run_dir}, preference={preference.tolist()}: {e}") from e
-    source = {"run": run_dir, "preference": answer["preference"], "front_index": answer["front_index"],
-              "front_preference": answer["front_preference"], "path": answer["path"]}  # fmt: skip
+    source = {
+        "run": run_dir,
+        "preference": answer["preference"],
+        "front_index": answer["front_index"],
+        "front_preference": answer["front_preference"],
+        "path": answer["path"],
+    }
     export = answer["export"]
     if export is None:
-        raise ModelArgsError(f"model_args run={run_dir}: no exports/pref_{answer['front_index']} (the run was "
-                             "made with export=False); rerun it with --config.export=True")  # fmt: skip
+        raise ModelArgsError(
+            f"model_args run={run_dir}: no exports/pref_{answer['front_index']} (the run was "
+            "made with export=False); rerun it with --config.export=True"
+        )
     plain, with_junction = os.path.join(export, "path_model"), os.path.join(export, "path_model_hm3")
     if os.path.isdir(plain):
         return _from_pretrained(plain, dtype, source)
@@ -133,8 +152,10 @@ def _from_run(run_dir: str, preference: np.ndarray, dtype: str) -> LoadedModel:
 
 def _check_family(config, directory: str) -> None:
     if config.family not in LM_FAMILIES:
-        raise ModelArgsError(f"{directory}: lm-eval evaluates language models ({', '.join(LM_FAMILIES)}); this "
-                             f"checkpoint's family is {config.family!r}")  # fmt: skip
+        raise ModelArgsError(
+            f"{directory}: lm-eval evaluates language models ({', '.join(LM_FAMILIES)}); this "
+            f"checkpoint's family is {config.family!r}"
+        )
 
 
 def _with_tokenizer(model: PathModel, directory: str, tokenizer_dir: str, source: dict) -> LoadedModel:

@@ -63,8 +63,10 @@ def place_on_mesh(model: PathModel, mesh) -> PathModel:
     """`model` placed on `mesh` (module docstring; single process): shell and pool by `place_model`, path and
     junction replicated; its batches are then split over the mesh's "data" axis."""
     if jax.process_count() > 1:
-        raise ValueError(f"a mesh over {jax.process_count()} processes: the lm-eval adapter runs in one process "
-                         "(its mesh spans that process's devices)")  # fmt: skip
+        raise ValueError(
+            f"a mesh over {jax.process_count()} processes: the lm-eval adapter runs in one process "
+            "(its mesh spans that process's devices)"
+        )
     shell, pool = place_model(model.shell, model.pool, mesh)
     path = distributed.place(np.asarray(model.path, np.int32), NamedSharding(mesh, PartitionSpec()))
     junction = None if model.junction is None else distributed.replicate(model.junction, mesh)
@@ -97,8 +99,9 @@ def bucket(n: int, cap: int) -> int:
 def _score_batch(config, shell, pool, path, junction, ids, positions, labels, valid, uniform=False):
     """ids int32 [B, W] (right-padded); positions, labels int32 [B, P]; valid bool [B, P] ->
     (summed log-probabilities float32 [B], greedy bool [B])."""
-    logits = models.apply_path(config, shell, pool, path, ids, junction=junction, positions=positions,
-                               uniform=uniform)  # fmt: skip
+    logits = models.apply_path(
+        config, shell, pool, path, ids, junction=junction, positions=positions, uniform=uniform
+    )
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # the harness takes argmax of these
     greedy = jnp.all(argmax_equals(logp, labels) | ~valid, axis=-1)
     return summed_logprob(logits, labels, valid), greedy
@@ -107,8 +110,9 @@ def _score_batch(config, shell, pool, path, junction, ids, positions, labels, va
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "uniform"))
 def _generate_batch(config, shell, pool, path, junction, ids, mask, max_new_tokens, uniform=False):
     """ids, mask int32 [B, W] (left-padded) -> greedy tokens int32 [B, max_new_tokens]."""
-    return models.greedy_decode(config, shell, pool, path, ids, mask, max_new_tokens, junction=junction,
-                                uniform=uniform)  # fmt: skip
+    return models.greedy_decode(
+        config, shell, pool, path, ids, mask, max_new_tokens, junction=junction, uniform=uniform
+    )
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
@@ -121,8 +125,10 @@ def _check_batch_size(batch_size: int, model: PathModel) -> None:
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if int(batch_size) % _data_size(model):
-        raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh's data axis ({_data_size(model)}): "
-                         "each batch's rows are split over it")  # fmt: skip
+        raise ValueError(
+            f"batch_size={batch_size} is not a multiple of the mesh's data axis ({_data_size(model)}): "
+            "each batch's rows are split over it"
+        )
 
 
 def loglikelihoods(
@@ -148,8 +154,10 @@ def loglikelihoods(
                 f"loglikelihood request {i}: context and continuation need at least one token each"
             )
         if len(continuation) > max_length:
-            raise ValueError(f"loglikelihood request {i}: continuation of {len(continuation)} tokens is longer "
-                             f"than the context length {max_length}")  # fmt: skip
+            raise ValueError(
+                f"loglikelihood request {i}: continuation of {len(continuation)} tokens is longer "
+                f"than the context length {max_length}"
+            )
         rows.append((list(context) + list(continuation))[-(max_length + 1) :][:-1])
         conts.append(list(continuation))
     ll = np.zeros(len(rows), np.float64)
@@ -168,8 +176,15 @@ def loglikelihoods(
             positions[b, : len(cont)] = np.arange(len(row) - len(cont), len(row))
             labels[b, : len(cont)] = cont
             valid[b, : len(cont)] = True
-        total, flags = _score_batch(model.config, model.shell, model.pool, path, model.junction,
-                                    *_rows(model, ids, positions, labels, valid), uniform=_uniform(model))  # fmt: skip
+        total, flags = _score_batch(
+            model.config,
+            model.shell,
+            model.pool,
+            path,
+            model.junction,
+            *_rows(model, ids, positions, labels, valid),
+            uniform=_uniform(model),
+        )
         ll[idx] = np.asarray(total, np.float64)[: len(idx)]
         greedy[idx] = np.asarray(flags)[: len(idx)]
     return ll, greedy
@@ -200,8 +215,10 @@ def generate(
     room = max_length - max_new_tokens
     for i, p in enumerate(prompts):
         if not 0 < len(p) <= room:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; need 1 to {room} (context length {max_length} "
-                             f"minus {max_new_tokens} new tokens)")  # fmt: skip
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; need 1 to {room} (context length {max_length} "
+                f"minus {max_new_tokens} new tokens)"
+            )
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
     path = jnp.asarray(model.path, jnp.int32) if model.mesh is None else model.path
     for idx in _batches([len(p) for p in prompts], batch_size):
@@ -210,8 +227,15 @@ def generate(
             max_new_tokens, bucket(max_new_tokens, max_length - width)
         )  # greedy: more tokens, same prefix
         packed = pack_prompts([prompts[i] for i in idx], pad_id, batch_size, width)
-        tokens = _generate_batch(model.config, model.shell, model.pool, path, model.junction,
-                                 *_rows(model, packed["prompt_ids"], packed["prompt_mask"]), new,
-                                 uniform=_uniform(model))  # fmt: skip
+        tokens = _generate_batch(
+            model.config,
+            model.shell,
+            model.pool,
+            path,
+            model.junction,
+            *_rows(model, packed["prompt_ids"], packed["prompt_mask"]),
+            new,
+            uniform=_uniform(model),
+        )
         out[idx] = np.asarray(tokens)[: len(idx), :max_new_tokens]
     return out

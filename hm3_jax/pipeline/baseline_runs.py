@@ -92,8 +92,9 @@ def calibration_cost(problem: Problem, method: str, preferences, grid) -> dict:
     return data_aware_menu.passes_dict(data_aware_menu.add_passes(*parts))
 
 
-def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bool = True,
-                       confirm_top: int = 0) -> dict:  # fmt: skip
+def run_param_baseline(
+    problem: Problem, method: str, preferences, key, tune: bool = True, confirm_top: int = 0
+) -> dict:
     """Default and tuned merges of `method` for every preference, scored on both splits (a data-aware method's
     entry also has "calibration_passes": `calibration_cost`, the default merges' runs included).
 
@@ -119,11 +120,13 @@ def run_param_baseline(problem: Problem, method: str, preferences, key, tune: bo
             if fit > best_fit:
                 best, best_fit, best_model = hp, fit, merged
         confirm = confirm_params(
-            problem, scored, confirm_top,
+            problem,
+            scored,
+            confirm_top,
             rebuild=lambda hp, pref=pref, k=k: param_merge(problem, method, pref, k, hp),
             score_full=lambda m: score_params(problem.engines["search_full"], problem.experts, m),
             fitness=lambda f, pref=pref: float(f @ pref),
-        )  # fmt: skip
+        )
         if confirm is not None:
             best, best_model = confirm.pop("payload"), confirm.pop("params")
             evaluations += confirm["charged_evaluations"]
@@ -239,8 +242,17 @@ class ExpertPathEvaluator:
         return self.heldout.evaluate(np.asarray(paths, np.int32), j).scores
 
 
-def run_path_baseline(problem: Problem, method: str, preferences, key, evaluator: ExpertPathEvaluator,
-                      t_max: int, budget: int, settings: dict | None = None, confirm_top: int = 0) -> dict:  # fmt: skip
+def run_path_baseline(
+    problem: Problem,
+    method: str,
+    preferences,
+    key,
+    evaluator: ExpertPathEvaluator,
+    t_max: int,
+    budget: int,
+    settings: dict | None = None,
+    confirm_top: int = 0,
+) -> dict:
     """One path-space baseline at `budget` path evaluations in total.
 
     With `confirm_top = M > 0` (and a capped search split) the per-preference methods (EA, DE, grid search)

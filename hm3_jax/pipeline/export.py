@@ -44,8 +44,15 @@ def path_model_params(shell: dict, pool: dict, path) -> tuple[dict, int]:
     return {**shell, "blocks": blocks}, int(len(steps))
 
 
-def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hparams: dict,
-                        shell_names=(), tokenizer_source: str | None = None, dtype: str = "float32") -> str:  # fmt: skip
+def mergekit_merge_yaml(
+    base_dir: str,
+    expert_dirs: list[str],
+    preference,
+    hparams: dict,
+    shell_names=(),
+    tokenizer_source: str | None = None,
+    dtype: str = "float32",
+) -> str:
     """mergekit YAML of the parameter-level merge Theta(lambda) with hyperparameters `hparams`.
 
     The merge (`param_level.paper_merge`, `search.merge_genes.tuned_merge`), per tensor of block `l`:
@@ -94,18 +101,26 @@ def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hpara
     else:
         method = "task_arithmetic"
         if density < 1.0:
-            notes.append(f"NOT EXACT: hm3_jax trims each task vector to density={density:.6g} without sign "
-                         "election; mergekit has no such method, so this task_arithmetic keeps every entry.")  # fmt: skip
+            notes.append(
+                f"NOT EXACT: hm3_jax trims each task vector to density={density:.6g} without sign "
+                "election; mergekit has no such method, so this task_arithmetic keeps every entry."
+            )
     mk_density = 1.0 - drop if drop > 0 else (density if method == "ties" else 1.0)
     if drop > 0:
-        notes.append(f"DARE drops at random (p={drop:.6g}): mergekit and experiments.merge draw their own masks, "
-                     "so this is the same merge in distribution, not bit for bit.")  # fmt: skip
+        notes.append(
+            f"DARE drops at random (p={drop:.6g}): mergekit and experiments.merge draw their own masks, "
+            "so this is the same merge in distribution, not bit for bit."
+        )
         if density < 1.0:
-            notes.append(f"NOT EXACT: hm3_jax also trims to density={density:.6g} before the sign election; "
-                         f"mergekit's {method} only drops (its density = 1 - p).")  # fmt: skip
+            notes.append(
+                f"NOT EXACT: hm3_jax also trims to density={density:.6g} before the sign election; "
+                f"mergekit's {method} only drops (its density = 1 - p)."
+            )
     elif method == "ties" and density < 1.0 and blocks is not None:
-        notes.append("hm3_jax's tuned merge trims at the (1 - density) quantile of |delta| (1 + floor((n-1) d) "
-                     "of n entries); mergekit keeps the floor(d n) largest (one entry may differ).")  # fmt: skip
+        notes.append(
+            "hm3_jax's tuned merge trims at the (1 - density) quantile of |delta| (1 + floor((n-1) d) "
+            "of n entries); mergekit keeps the floor(d n) largest (one entry may differ)."
+        )
 
     def weight(lam: float):
         if blocks is None or np.all(blocks == blocks[0]):
@@ -130,8 +145,10 @@ def mergekit_merge_yaml(base_dir: str, expert_dirs: list[str], preference, hpara
     }
     if tokenizer_source:
         cfg["tokenizer_source"] = tokenizer_source
-    header = (f"# HM3 parameter-level merge: density={density:.6g} drop_rate={drop:.6g} scale={scale:.6g} "
-              f"sign_election={str(elect).lower()}; weight = scale * lambda_k * block weight.\n")  # fmt: skip
+    header = (
+        f"# HM3 parameter-level merge: density={density:.6g} drop_rate={drop:.6g} scale={scale:.6g} "
+        f"sign_election={str(elect).lower()}; weight = scale * lambda_k * block weight.\n"
+    )
     return header + "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(cfg, sort_keys=False)
 
 
@@ -171,9 +188,19 @@ def mergekit_passthrough_yaml(
     )
 
 
-def export_preference(out_dir: str, config, merged: dict, pool: dict, path, preference, zoo_dirs: dict,
-                      merge_hparams: dict, junction: dict | None = None, tokenizer_dir: str | None = None,
-                      tokenizer_source: str | None = None) -> dict:  # fmt: skip
+def export_preference(
+    out_dir: str,
+    config,
+    merged: dict,
+    pool: dict,
+    path,
+    preference,
+    zoo_dirs: dict,
+    merge_hparams: dict,
+    junction: dict | None = None,
+    tokenizer_dir: str | None = None,
+    tokenizer_source: str | None = None,
+) -> dict:
     """Writes one preference's exports (module docstring); returns the written paths.
 
     `tokenizer_source`: "base" when the experts were mapped onto the base tokenizer's ids (a spec's
@@ -199,7 +226,7 @@ def export_preference(out_dir: str, config, merged: dict, pool: dict, path, pref
             shell_names,
             tokenizer_source,
             str(np.dtype(jax.tree.leaves(merged)[0].dtype)),
-        ),  # fmt: skip
+        ),
     )
     sources = list(zoo_dirs["experts"]) + [merged_dir]
     if junction is None:
@@ -220,8 +247,16 @@ def export_preference(out_dir: str, config, merged: dict, pool: dict, path, pref
                 shift=np.asarray(junction["shift"]),
             )
             with open(os.path.join(tmp, "path.json"), "w") as f:
-                json.dump({"path": np.asarray(path).tolist(), "sources": sources, "preference": list(map(float, preference)),
-                           "num_layers": config.num_layers}, f, indent=2)  # fmt: skip
+                json.dump(
+                    {
+                        "path": np.asarray(path).tolist(),
+                        "sources": sources,
+                        "preference": list(map(float, preference)),
+                        "num_layers": config.num_layers,
+                    },
+                    f,
+                    indent=2,
+                )
         written["path_model_hm3"] = os.path.join(out_dir, "path_model_hm3")
     return written
 

@@ -76,8 +76,13 @@ class RunProgress:
       start: `clock()` when the run started (default: now).
     """
 
-    def __init__(self, stages: list[Stage], clock: Callable[[], float] = time.perf_counter,
-                 log_fn: Callable[..., None] = logging.info, start: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        stages: list[Stage],
+        clock: Callable[[], float] = time.perf_counter,
+        log_fn: Callable[..., None] = logging.info,
+        start: float | None = None,
+    ):
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
         self.clock, self.log_fn = clock, log_fn
@@ -122,8 +127,14 @@ class RunProgress:
             self.log_fn("%s: stored, read back", self._prefix(name))
             return result
         eta = self.eta_seconds()
-        self.log_fn("%s (~%d %s): elapsed %s, time left %s", self._prefix(name), s.count, KINDS[s.kind],
-                    _duration(self.clock() - self.start), "unknown" if eta is None else f"~{_duration(eta)}")  # fmt: skip
+        self.log_fn(
+            "%s (~%d %s): elapsed %s, time left %s",
+            self._prefix(name),
+            s.count,
+            KINDS[s.kind],
+            _duration(self.clock() - self.start),
+            "unknown" if eta is None else f"~{_duration(eta)}",
+        )
         t0 = self.clock()
         result = wd.stage(name, compute_fn, **kwargs)
         self.spent[name] = self.clock() - t0

@@ -136,14 +136,30 @@ def write_plots(report: dict, out_dir: str, curves: dict | None = None) -> list[
     pts = {
         n: np.asarray(m["normalised_points"]) for n, m in report["methods"].items() if m["normalised_points"]
     }
-    written = [plots.plot_front(pts, os.path.join(out_dir, "front.png"), tasks, "hm3",
-                                report["reference_point"], "normalised held-out scores")]  # fmt: skip
+    written = [
+        plots.plot_front(
+            pts,
+            os.path.join(out_dir, "front.png"),
+            tasks,
+            "hm3",
+            report["reference_point"],
+            "normalised held-out scores",
+        )
+    ]
     if len(tasks) > 2:
         for a, b in itertools.combinations(range(len(tasks)), 2):
             pair = {n: p[:, [a, b]] for n, p in pts.items()}
             ref = np.asarray(report["reference_point"])[[a, b]]
-            written.append(plots.plot_front(pair, os.path.join(out_dir, f"front_{tasks[a]}_{tasks[b]}.png"),
-                                            [tasks[a], tasks[b]], "hm3", ref, f"{tasks[a]} vs {tasks[b]}"))  # fmt: skip
+            written.append(
+                plots.plot_front(
+                    pair,
+                    os.path.join(out_dir, f"front_{tasks[a]}_{tasks[b]}.png"),
+                    [tasks[a], tasks[b]],
+                    "hm3",
+                    ref,
+                    f"{tasks[a]} vs {tasks[b]}",
+                )
+            )
     if curves:
         written.append(plots.plot_curves(curves, os.path.join(out_dir, "reward_curves.png")))
     return written

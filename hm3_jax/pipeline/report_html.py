@@ -52,8 +52,10 @@ def png_data_uri(path: str) -> str:
 def _figure(path: str, wide: bool = False) -> str:
     name = os.path.splitext(os.path.basename(path))[0]
     cls = ' class="wide"' if wide else ""
-    return (f'<figure{cls}><img src="{png_data_uri(path)}" alt="{html.escape(name)}">'
-            f"<figcaption>{html.escape(name)}</figcaption></figure>")  # fmt: skip
+    return (
+        f'<figure{cls}><img src="{png_data_uri(path)}" alt="{html.escape(name)}">'
+        f"<figcaption>{html.escape(name)}</figcaption></figure>"
+    )
 
 
 def _figures_block(title: str, paths: list[str], first_wide: bool) -> list[str]:
@@ -67,8 +69,10 @@ def _section(s: report_tables.Section) -> list[str]:
     lines = []
     if s.key in report_tables.COST_SECTIONS:  # long JSON: folded, the budget open
         opened = " open" if s.key == "budget" else ""
-        return [f"<details{opened}><summary><strong>{html.escape(s.title)}</strong></summary>",
-                f"<pre>{html.escape(s.code or '')}</pre></details>"]  # fmt: skip
+        return [
+            f"<details{opened}><summary><strong>{html.escape(s.title)}</strong></summary>",
+            f"<pre>{html.escape(s.code or '')}</pre></details>",
+        ]
     lines.append(f'<h2 id="{s.key}">{html.escape(s.title)}</h2>')
     lines += [f"<p>{inline(p)}</p>" for p in s.intro]
     if s.header:
@@ -97,8 +101,10 @@ def render_html(report: dict, plot_paths: list[str], title: str = "HM3") -> str:
     """
     fronts = [p for p in plot_paths if os.path.basename(p).startswith("front")]
     others = [p for p in plot_paths if p not in fronts]
-    blocks = {"fronts": _figures_block("Fronts (normalised held-out scores)", fronts, True),
-              "curves": _figures_block("Reward curves", others, True)}  # fmt: skip
+    blocks = {
+        "fronts": _figures_block("Fronts (normalised held-out scores)", fronts, True),
+        "curves": _figures_block("Reward curves", others, True),
+    }
     sections = report_tables.report_sections(report)
     keys = [s.key for s in sections]
     after = {}  # section key -> figure blocks placed after it
@@ -114,8 +120,10 @@ def render_html(report: dict, plot_paths: list[str], title: str = "HM3") -> str:
         body += _section(s)
         for block in after.get(s.key, []):
             body += blocks[block]
-    head = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>')  # fmt: skip
+    head = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>'
+    )
     return head + "\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
 
 

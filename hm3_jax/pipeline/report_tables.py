@@ -61,16 +61,33 @@ def report_sections(report: dict) -> list[Section]:
         if not len(pts):
             continue
         row = pts[m.get("balanced_index", 0)]
-        rows.append((name, *(fmt_score(v) for v in row), fmt_score(row.mean()), fmt_hv(m["hypervolume"]),
-                     str(m.get("evaluations", "-")), fmt_score(m.get("wall_seconds"), 0)))  # fmt: skip
+        rows.append(
+            (
+                name,
+                *(fmt_score(v) for v in row),
+                fmt_score(row.mean()),
+                fmt_hv(m["hypervolume"]),
+                str(m.get("evaluations", "-")),
+                fmt_score(m.get("wall_seconds"), 0),
+            )
+        )
     ref = report["reference_point"]
-    out = [Section(
-        "table1", "Table 1 analogue: one model per method at the balanced preference",
-        ("For preference-driven methods the point is the one for the balanced preference (1/K each); a set "
-         "method (MOEA, grid search) shows its point closest to balanced; experts show their own model.",),
-        ("method", *tasks, "mean", "hypervolume", "evaluations", "seconds"), tuple(rows),
-        (f"Hypervolume of each method's normalised held-out set, reference point {np.round(ref, 3).tolist()} "
-         "(shared by all methods).",))]  # fmt: skip
+    out = [
+        Section(
+            "table1",
+            "Table 1 analogue: one model per method at the balanced preference",
+            (
+                "For preference-driven methods the point is the one for the balanced preference (1/K each); a set "
+                "method (MOEA, grid search) shows its point closest to balanced; experts show their own model.",
+            ),
+            ("method", *tasks, "mean", "hypervolume", "evaluations", "seconds"),
+            tuple(rows),
+            (
+                f"Hypervolume of each method's normalised held-out set, reference point {np.round(ref, 3).tolist()} "
+                "(shared by all methods).",
+            ),
+        )
+    ]
     if "bootstrap" in report:
         bs = report["bootstrap"]
         rows = []
@@ -78,12 +95,19 @@ def report_sections(report: dict) -> list[Section]:
             lo, hi = e["interval"]
             p = e.get("p_hm3_greater")
             rows.append((n, fmt_hv(e["hypervolume"]), f"[{fmt_hv(lo)}, {fmt_hv(hi)}]", fmt_score(p, 2)))
-        out.append(Section(
-            "bootstrap", f"Hypervolume with {100 * bs['level']:.0f}% bootstrap intervals",
-            (f"{bs['num_samples']} paired resamples of the held-out examples ({bs['examples_per_task']} per "
-             "task; every method and the ideal point on the same resamples; `hm3_jax.moo.bootstrap`). "
-             "P(HM3 > X) is the share of resamples where HM3's hypervolume is larger.",),
-            ("method", "hypervolume", "interval", "P(HM3 > X)"), tuple(rows)))  # fmt: skip
+        out.append(
+            Section(
+                "bootstrap",
+                f"Hypervolume with {100 * bs['level']:.0f}% bootstrap intervals",
+                (
+                    f"{bs['num_samples']} paired resamples of the held-out examples ({bs['examples_per_task']} per "
+                    "task; every method and the ideal point on the same resamples; `hm3_jax.moo.bootstrap`). "
+                    "P(HM3 > X) is the share of resamples where HM3's hypervolume is larger.",
+                ),
+                ("method", "hypervolume", "interval", "P(HM3 > X)"),
+                tuple(rows),
+            )
+        )
     abl = [n for n in ("hm3", *ABLATIONS) if n in methods]
     if abl:
         rows = tuple((n, fmt_hv(methods[n]["hypervolume"]), str(sum(methods[n]["pareto_mask"]))) for n in abl)
@@ -93,18 +117,34 @@ def report_sections(report: dict) -> list[Section]:
     if "budget" in report:
         out.append(_equal_budget_section(report))
     if "dominance" in report:
-        rows = tuple((n, fmt_score(d["b_dominated_by_a"], 2), fmt_score(d["a_dominated_by_b"], 2))
-                     for n, d in report["dominance"].items())  # fmt: skip
-        out.append(Section(
-            "dominance", "Dominance against HM3",
-            ("C(HM3, X) = fraction of X's points dominated by some HM3 point; C(X, HM3) the reverse.",),
-            ("method", "C(HM3, X)", "C(X, HM3)"), rows))  # fmt: skip
+        rows = tuple(
+            (n, fmt_score(d["b_dominated_by_a"], 2), fmt_score(d["a_dominated_by_b"], 2))
+            for n, d in report["dominance"].items()
+        )
+        out.append(
+            Section(
+                "dominance",
+                "Dominance against HM3",
+                ("C(HM3, X) = fraction of X's points dominated by some HM3 point; C(X, HM3) the reverse.",),
+                ("method", "C(HM3, X)", "C(X, HM3)"),
+                rows,
+            )
+        )
     if "balanced" in report:
         b = report["balanced"]
-        rows = tuple((t, fmt_score(h), fmt_score(e), f"{fmt_score(100 * r)}%")
-                     for t, h, e, r in zip(tasks, b["hm3_point"], b["expert_own_task"], b["retention"], strict=True))  # fmt: skip
-        out.append(Section("balanced", "Balanced preference: HM3 against each expert on its own task", (),
-                           ("task", "HM3", "expert", "retention"), rows))  # fmt: skip
+        rows = tuple(
+            (t, fmt_score(h), fmt_score(e), f"{fmt_score(100 * r)}%")
+            for t, h, e, r in zip(tasks, b["hm3_point"], b["expert_own_task"], b["retention"], strict=True)
+        )
+        out.append(
+            Section(
+                "balanced",
+                "Balanced preference: HM3 against each expert on its own task",
+                (),
+                ("task", "HM3", "expert", "retention"),
+                rows,
+            )
+        )
     if "claims" in report:
         code = "\n".join(f"{k}: {v}" for k, v in report["claims"].items())
         out.append(Section("claims", "Claims checked", code=code))
@@ -131,11 +171,16 @@ def _equal_budget_section(report: dict) -> Section:
         share = f"{100 * path / per_path:.0f}%" if per_path and name in PATH_METHODS else "-"
         rows.append((name, str(path), str(model), share, fmt_score(m.get("wall_seconds"), 0)))
     return Section(
-        "equal_budget", "Equal budget",
-        (f"Every path baseline may spend {per_path} path evaluations (HM3's architecture level spent "
-         f"{budget.get('hm3_path_evaluations')}, its parameter level {budget.get('hm3_model_evaluations')} "
-         "model evaluations); share = path evaluations / that budget.",),
-        ("method", "path evaluations", "model evaluations", "share of path budget", "seconds"), tuple(rows))  # fmt: skip
+        "equal_budget",
+        "Equal budget",
+        (
+            f"Every path baseline may spend {per_path} path evaluations (HM3's architecture level spent "
+            f"{budget.get('hm3_path_evaluations')}, its parameter level {budget.get('hm3_model_evaluations')} "
+            "model evaluations); share = path evaluations / that budget.",
+        ),
+        ("method", "path evaluations", "model evaluations", "share of path budget", "seconds"),
+        tuple(rows),
+    )
 
 
 def pretty_json(obj) -> str:

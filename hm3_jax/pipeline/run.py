@@ -78,10 +78,15 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     # evaluations on tiny3, most of a suggestion's time), then read back by resumes and by `suggest`.
     stored = wd.load_stage("source_scores") if wd.has_stage("source_scores") else None
     problem = make_problem(
-        zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
-        search_examples=config.engine.get("search_examples") or None, mesh=mesh, source_scores=stored,
+        zoo,
+        config.engine.strategy,
+        config.engine.chunk_size,
+        config.engine.prefix_sharing,
+        search_examples=config.engine.get("search_examples") or None,
+        mesh=mesh,
+        source_scores=stored,
         single_path_chunks=config.engine.get("single_path_chunks", True),
-    )  # fmt: skip
+    )
     wd.stage("source_scores", lambda: {k: v.tolist() for k, v in problem.source_scores.items()})
     return wd, zoo, problem
 
@@ -167,8 +172,9 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, ablations(config)), start=t0)
 
     # Parameter level.
-    param = progress.stage(wd, "param_level", lambda: param_level.run_param_level(
-        problem, prefs, k_param, config.param_level))  # fmt: skip
+    param = progress.stage(
+        wd, "param_level", lambda: param_level.run_param_level(problem, prefs, k_param, config.param_level)
+    )
     variant = config.param_level.pool_model if config.param_level.cmaes.enabled else "paper"
     bank = preference_models(problem, param, variant, config)  # Theta(lambda_i) built when needed
     shells, pools = bank.shells, bank.pools
@@ -182,16 +188,44 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         )
         aligners["heldout"] = aligners["search"]  # junctions are fitted on search data and then fixed
 
-    hm3 = progress.stage(wd, "hm3", lambda: arch_level.run_arch_level(
-        problem, prefs, shells, pools, base_blocks, k_arch, config.arch, wd.subdir("arch", "hm3"), "hm3",
-        K + 1, aligners["search"], aligners["heldout"]))  # fmt: skip
+    hm3 = progress.stage(
+        wd,
+        "hm3",
+        lambda: arch_level.run_arch_level(
+            problem,
+            prefs,
+            shells,
+            pools,
+            base_blocks,
+            k_arch,
+            config.arch,
+            wd.subdir("arch", "hm3"),
+            "hm3",
+            K + 1,
+            aligners["search"],
+            aligners["heldout"],
+        ),
+    )
 
     np_shell, np_pool = arch_level.no_param_level_model(problem)
     no_param = None
     if "no_param_level" in ablations(config):
-        no_param = progress.stage(wd, "hm3_no_param_level", lambda: arch_level.run_arch_level(
-            problem, prefs, [np_shell] * N, [np_pool] * N, base_blocks, k_abl, config.arch,
-            wd.subdir("arch", "no_param"), "no_param", K))  # fmt: skip
+        no_param = progress.stage(
+            wd,
+            "hm3_no_param_level",
+            lambda: arch_level.run_arch_level(
+                problem,
+                prefs,
+                [np_shell] * N,
+                [np_pool] * N,
+                base_blocks,
+                k_abl,
+                config.arch,
+                wd.subdir("arch", "no_param"),
+                "no_param",
+                K,
+            ),
+        )
 
     budget = int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
     for m in config.baselines.path_methods:
@@ -199,14 +233,34 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     methods = method_table.reference_methods(problem)
     param_keys = {m: jax.random.fold_in(k_base, i) for i, m in enumerate(config.baselines.param_methods)}
     for m in config.baselines.param_methods:
-        methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m: baseline_runs.run_param_baseline(
-            problem, m, prefs, param_keys[m], tune=config.baselines.tune,
-            confirm_top=config.param_level.get("confirm_top", 0)))  # fmt: skip
+        methods[m] = progress.stage(
+            wd,
+            f"baseline_{m}",
+            lambda m=m: baseline_runs.run_param_baseline(
+                problem,
+                m,
+                prefs,
+                param_keys[m],
+                tune=config.baselines.tune,
+                confirm_top=config.param_level.get("confirm_top", 0),
+            ),
+        )
     evaluator = baseline_runs.ExpertPathEvaluator(problem, np_shell, np_pool)
     for i, m in enumerate(config.baselines.path_methods):
-        methods[m] = progress.stage(wd, f"baseline_{m}", lambda m=m, i=i: baseline_runs.run_path_baseline(
-            problem, m, prefs, jax.random.fold_in(k_base, 100 + i), evaluator, config.arch.rl.t_max, budget,
-            confirm_top=config.arch.get("confirm_top", 0)))  # fmt: skip
+        methods[m] = progress.stage(
+            wd,
+            f"baseline_{m}",
+            lambda m=m, i=i: baseline_runs.run_path_baseline(
+                problem,
+                m,
+                prefs,
+                jax.random.fold_in(k_base, 100 + i),
+                evaluator,
+                config.arch.rl.t_max,
+                budget,
+                confirm_top=config.arch.get("confirm_top", 0),
+            ),
+        )
     methods.update(method_table.hm3_methods(prefs, param, variant, hm3, no_param, ablations(config)))
     method_table.set_balanced_indices(problem, methods)
     extra = method_table.report_extra(
@@ -219,10 +273,19 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         specs = method_table.method_specs(
             problem, config, methods, param_keys, bank, np_shell, np_pool, hm3, no_param, evaluator
         )
-        bs = progress.stage(wd, "bootstrap", lambda: heldout_bootstrap.run_bootstrap(
-            problem, specs, {n: rep["methods"][n]["points"] for n in specs}, rep["reference_point"],
-            config.report.bootstrap_samples, config.seed,
-            [heldout_bootstrap.params_spec(problem, p) for p in [problem.base, *problem.experts]]))  # fmt: skip
+        bs = progress.stage(
+            wd,
+            "bootstrap",
+            lambda: heldout_bootstrap.run_bootstrap(
+                problem,
+                specs,
+                {n: rep["methods"][n]["points"] for n in specs},
+                rep["reference_point"],
+                config.report.bootstrap_samples,
+                config.seed,
+                [heldout_bootstrap.params_spec(problem, p) for p in [problem.base, *problem.experts]],
+            ),
+        )
         rep = report_lib.add_bootstrap(rep, bs)
     curves = {"hm3": hm3["reward_curve"]}
     if no_param is not None:
@@ -236,16 +299,19 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     distributed.barrier("hm3:report")
 
     if config.export:  # host-side only (no collectives): process 0 writes, the others read its stage
-        progress.stage(wd, "exports", lambda: _export_all(wd, zoo, problem, param, variant, bank, hm3),
-                       main_only=True)  # fmt: skip
+        progress.stage(
+            wd, "exports", lambda: _export_all(wd, zoo, problem, param, variant, bank, hm3), main_only=True
+        )
     logging.info("HM3 run done in %.1f s", time.perf_counter() - t0)
     return rep
 
 
 def _export_all(wd, zoo, problem, param, variant, bank, hm3) -> dict:
     m = zoo.manifest["paths"]
-    zoo_dirs = {"base": os.path.join(zoo.workdir, m["base"]),
-                "experts": [os.path.join(zoo.workdir, m["experts"][t]) for t in problem.tasks]}  # fmt: skip
+    zoo_dirs = {
+        "base": os.path.join(zoo.workdir, m["base"]),
+        "experts": [os.path.join(zoo.workdir, m["experts"][t]) for t in problem.tasks],
+    }
     tok = os.path.join(zoo.workdir, m["tokenizer"])
     out = {}
     for i, (e, r) in enumerate(zip(param, hm3["per_preference"], strict=True)):
@@ -254,7 +320,17 @@ def _export_all(wd, zoo, problem, param, variant, bank, hm3) -> dict:
         junction = None
         if "junction" in r:
             junction = {k: np.asarray(v) for k, v in r["junction"].items()}
-        out[f"pref_{i}"] = export.export_preference(os.path.join(wd.path, "exports", f"pref_{i}"), problem.config, mg,
-                                                    pool, r["path"], e["preference"], zoo_dirs, hp, junction, tok,
-                                                    zoo.spec.tokenizer_source)  # fmt: skip
+        out[f"pref_{i}"] = export.export_preference(
+            os.path.join(wd.path, "exports", f"pref_{i}"),
+            problem.config,
+            mg,
+            pool,
+            r["path"],
+            e["preference"],
+            zoo_dirs,
+            hp,
+            junction,
+            tok,
+            zoo.spec.tokenizer_source,
+        )
     return out

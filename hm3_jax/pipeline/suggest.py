@@ -172,11 +172,22 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
     confirm = chosen == 0 and not np.array_equal(decoded, theta) and "search_full" in problem.engines
     if confirm and config.arch.get("confirm_top", 0) > 0:  # the run's confirmation rule, on these two paths
         c = path_confirmation.confirm_candidates(
-            problem, path_scorer("search_full"), 0, pref32, judge, K + 1, L, acfg, top=1,
+            problem,
+            path_scorer("search_full"),
+            0,
+            pref32,
+            judge,
+            K + 1,
+            L,
+            acfg,
+            top=1,
             significance=float(config.arch.get("confirm_significance", 0.0)),
-            spec_fn=lambda path: path_confirmation.model_spec(shell, pool, path, None if aligners is None else aligners[0]),
-            num_samples=int(config.arch.get("confirm_bootstrap_samples", 1000)), seed=seed,
-        )  # fmt: skip
+            spec_fn=lambda path: path_confirmation.model_spec(
+                shell, pool, path, None if aligners is None else aligners[0]
+            ),
+            num_samples=int(config.arch.get("confirm_bootstrap_samples", 1000)),
+            seed=seed,
+        )
         decision["full_search_rewards"] = c["full_rewards"]  # [decoded, Theta]
         if "significance" in c:
             decision["p_gain_over_theta"] = c["significance"]["p_gain_over_theta"]

@@ -65,8 +65,10 @@ def format_summary(report: dict, run_dir: str | None = None) -> str:
     ]
     if "balanced" in report:
         b = report["balanced"]
-        rows = [(t, fmt_score(h), fmt_score(e), f"{fmt_score(100 * r)}%")
-                for t, h, e, r in zip(tasks, b["hm3_point"], b["expert_own_task"], b["retention"], strict=True)]  # fmt: skip
+        rows = [
+            (t, fmt_score(h), fmt_score(e), f"{fmt_score(100 * r)}%")
+            for t, h, e, r in zip(tasks, b["hm3_point"], b["expert_own_task"], b["retention"], strict=True)
+        ]
         lines += ["", "Balanced preference, held-out: HM3 against each expert on its own task:"]
         lines += ["  " + s for s in _table(("task", "HM3", "expert", "retention"), rows)]
     files = written_files(run_dir) if run_dir else []

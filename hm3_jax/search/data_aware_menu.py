@@ -216,11 +216,17 @@ def merge_from_hparams(problem: Problem, preference, key: jax.Array, hparams: di
         extra = {"rank_fraction": hparams["rank_fraction"]} if "rank_fraction" in hparams else {}
         return merging.merge("tsv", base, experts, weights=w.tolist(), scale=hparams["scale"], **extra)
     if method == "regmean":
-        return merging.regmean(base, experts, _stats_for(problem, hparams).grams(), weights=w,
-                               alpha=hparams["alpha"])  # fmt: skip
+        return merging.regmean(
+            base, experts, _stats_for(problem, hparams).grams(), weights=w, alpha=hparams["alpha"]
+        )
     if method == "fisher":
-        return merging.fisher_merge(experts, _stats_for(problem, hparams).fishers(), weights=w,
-                                    floor=hparams.get("floor", 1e-6), base=base)  # fmt: skip
+        return merging.fisher_merge(
+            experts,
+            _stats_for(problem, hparams).fishers(),
+            weights=w,
+            floor=hparams.get("floor", 1e-6),
+            base=base,
+        )
     if method == "adamerging":
         if "coefficients" in hparams:
             return merging.merge_with_coefficients(
@@ -238,14 +244,24 @@ def _adamerging_args(hparams: dict) -> dict:
 def run_adamerging(problem: Problem, preference, key: jax.Array, hparams: dict):
     """`merging.adamerging` on the search calibration at `preference` (an `AdaMergingResult`)."""
     stats = _stats_for(problem, hparams)
-    return merging.adamerging(key, problem.base, problem.experts, stats.calibration,
-                              weights=preference_weights(problem, preference), **_adamerging_args(hparams))  # fmt: skip
+    return merging.adamerging(
+        key,
+        problem.base,
+        problem.experts,
+        stats.calibration,
+        weights=preference_weights(problem, preference),
+        **_adamerging_args(hparams),
+    )
 
 
 def adamerging_passes(problem: Problem, preference, hparams: dict) -> CalibrationPasses:
     stats = _stats_for(problem, hparams)
-    return merging.calibration_passes("adamerging", stats.calibration,
-                                      weights=preference_weights(problem, preference), **_adamerging_args(hparams))  # fmt: skip
+    return merging.calibration_passes(
+        "adamerging",
+        stats.calibration,
+        weights=preference_weights(problem, preference),
+        **_adamerging_args(hparams),
+    )
 
 
 def coefficients_to_json(coefficients: Any) -> Any:
@@ -299,9 +315,16 @@ def candidates(problem: Problem, preference, key: jax.Array, cfg):
             yield Candidate(hp, merge_from_hparams(problem, preference, key, hp), NO_PASSES)
     if "adamerging" in methods:
         ada = cfg.adamerging
-        hp = {"method": "adamerging", "granularity": "layer", "num_steps": int(ada.num_steps),
-              "learning_rate": float(ada.learning_rate), "init": float(ada.init),
-              "batch_size": int(ada.batch_size), **common, **fisher}  # fmt: skip
+        hp = {
+            "method": "adamerging",
+            "granularity": "layer",
+            "num_steps": int(ada.num_steps),
+            "learning_rate": float(ada.learning_rate),
+            "init": float(ada.init),
+            "batch_size": int(ada.batch_size),
+            **common,
+            **fisher,
+        }
         result = run_adamerging(problem, preference, key, hp)
         hp = {**hp, "coefficients": coefficients_to_json(result.coefficients)}
         yield Candidate(hp, result.merged, adamerging_passes(problem, preference, hp))

@@ -60,8 +60,16 @@ def example_stats(problem: Problem, spec, split: str = "heldout"):
     return list(stats), scores
 
 
-def run_bootstrap(problem: Problem, method_specs: dict[str, Callable[[], list[ModelSpec]]], method_points: dict,
-                  reference, num_samples: int, seed: int, source_specs: list[ModelSpec], tol: float = 1e-3) -> dict:  # fmt: skip
+def run_bootstrap(
+    problem: Problem,
+    method_specs: dict[str, Callable[[], list[ModelSpec]]],
+    method_points: dict,
+    reference,
+    num_samples: int,
+    seed: int,
+    source_specs: list[ModelSpec],
+    tol: float = 1e-3,
+) -> dict:
     """Hypervolume intervals of every method, paired over held-out example resamples.
 
     Args:
@@ -83,9 +91,11 @@ def run_bootstrap(problem: Problem, method_specs: dict[str, Callable[[], list[Mo
         full = problem.objective_scores(full)
         if expected is not None and np.max(np.abs(full - np.asarray(expected))) > tol:
             raise RuntimeError(f"bootstrap: re-running {what} gives {full}, the report has {list(expected)}")
-        return problem.objective_scores(np.stack(
-            [bootstrap.resampled_scores(s, m, i) for s, m, i in zip(stats, metrics, idx, strict=True)], -1
-        ))  # [B, K]  # fmt: skip
+        return problem.objective_scores(
+            np.stack(
+                [bootstrap.resampled_scores(s, m, i) for s, m, i in zip(stats, metrics, idx, strict=True)], -1
+            )
+        )  # [B, K]
 
     sources = np.stack([resampled(s) for s in source_specs])  # [1 + K, B, K]
     ideal = np.maximum(sources.max(0), MIN_IDEAL)  # the Problem's rule (a task no source solves: 1.0)

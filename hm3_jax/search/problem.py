@@ -196,8 +196,9 @@ def make_problem(
     shell = models.shell_of(base)
     if mesh is not None:  # placed once, shared by every split's engine; the unplaced pool is dropped
         shell, pool = engine_lib.place_model(shell, pool, mesh)
-    engines = make_engines(config, shell, pool, objectives, engine_strategy, chunk_size, prefix_sharing, mesh,
-                           groups)  # fmt: skip
+    engines = make_engines(
+        config, shell, pool, objectives, engine_strategy, chunk_size, prefix_sharing, mesh, groups
+    )
     for split in KEEP_EXAMPLE_STATS:  # what paired bootstraps resample, kept when scored (never re-run)
         if split in engines:
             engines[split].keep_example_stats()
@@ -224,16 +225,29 @@ def make_problem(
             bad = [t for t, b in zip(tasks, best, strict=True) if b < MIN_IDEAL]
             logging.warning(
                 "no source model reaches %.1f on task(s) %s (%s split); normalising those by %.1f",
-                MIN_IDEAL, bad, split, MIN_IDEAL,
-            )  # fmt: skip
+                MIN_IDEAL,
+                bad,
+                split,
+                MIN_IDEAL,
+            )
         ideal[split] = np.maximum(best, MIN_IDEAL)
     return Problem(
         config, tasks, base, experts, objectives, source_scores, ideal, engines, task_names, groups
     )
 
 
-def make_engines(config, shell, pool, objectives: dict, engine_strategy: str = "map", chunk_size: int = 8,
-                 prefix_sharing: bool = True, mesh=None, groups=None, pool_id: str = "sources") -> dict:  # fmt: skip
+def make_engines(
+    config,
+    shell,
+    pool,
+    objectives: dict,
+    engine_strategy: str = "map",
+    chunk_size: int = 8,
+    prefix_sharing: bool = True,
+    mesh=None,
+    groups=None,
+    pool_id: str = "sources",
+) -> dict:
     """{split: PathEngine} over one shell and pool for `objectives` ({split: [Objective]}): strategy "shard" on
     `mesh` when one is given, else `engine_strategy` (see `make_problem`); `groups` as `Problem.groups`. The
     shell and pool may be abstract (`jax.ShapeDtypeStruct`s) for a memory plan (`memory_plan`)."""
@@ -269,8 +283,13 @@ def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
         )
     subset = {t: {"search": zoo.data[t]["search"][:search_examples]} for t in tasks}
     cfg = zoo.manifest["config"]
-    objs = tiny3_zoo.make_objectives(subset, zoo.tokenizer, min(cfg["eval_batch_size"], search_examples),
-                                   cfg["seq_len"], splits=("search",))  # fmt: skip
+    objs = tiny3_zoo.make_objectives(
+        subset,
+        zoo.tokenizer,
+        min(cfg["eval_batch_size"], search_examples),
+        cfg["seq_len"],
+        splits=("search",),
+    )
     return [objs["search"][t] for t in tasks]
 
 
