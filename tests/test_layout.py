@@ -174,6 +174,20 @@ def test_every_library_package_has_a_layer():
     )
 
 
+def test_every_folder_is_a_regular_package():
+    """setup.py ships what `setuptools.find_packages` finds, i.e. folders with an __init__.py: a folder of
+    modules without one works from a checkout (`pip install -e`) but is missing from `pip install .`."""
+    import setuptools
+
+    found = set(setuptools.find_packages(os.path.dirname(ROOT), include=["hm3_jax", "hm3_jax.*"]))
+    with_code = {
+        os.path.relpath(d, os.path.dirname(ROOT)).replace(os.sep, ".")
+        for d, _, files in os.walk(ROOT)
+        if any(f.endswith(".py") for f in files)
+    }
+    assert with_code <= found, f"add an __init__.py to: {sorted(with_code - found)}"
+
+
 def test_imports_go_down_or_sideways_only():
     assert not upward_imports(MODULES), "\n".join(upward_imports(MODULES))
 
