@@ -25,7 +25,13 @@ from jax.sharding import PartitionSpec
 
 from hm3_jax import models
 from hm3_jax.paths.recording import DECODE_METRICS
-from hm3_jax.paths.sharded import data_axis_size, split_examples, uniform_steps
+from hm3_jax.paths.sharded import (
+    data_axis_size,
+    gather_vocabulary,
+    needs_whole_vocabulary,
+    split_examples,
+    uniform_steps,
+)
 
 
 def chunk_plan(n: int, chunk_size: int, single_path_chunks: bool) -> list[tuple[int, int]]:
@@ -121,25 +127,35 @@ def start_chunks(num_chunks: int, run_chunk: Callable, num_workers: int, warm_ke
 def make_forward(config, obj, shell, pool, path, junction, *, strategy: str, mesh):
     """The forward `obj.device_fn` calls for one path: greedy decoding along the path for `DECODE_METRICS`,
     `models.apply_path` otherwise (see recording.py for the signatures), its inputs split over "data" under
-    strategy "shard"."""
+    strategy "shard" (and its logits' vocabulary gathered on a mesh that splits "paths", "data" and "model",
+    where XLA's partitioner would abort: `sharded.needs_whole_vocabulary`)."""
     num_data = data_axis_size(mesh) if strategy == "shard" else 1
     split = functools.partial(split_examples, num_data=num_data)
+    whole = (
+        functools.partial(gather_vocabulary, num_data=num_data)
+        if needs_whole_vocabulary(strategy, mesh)
+        else lambda logits: logits
+    )
     uniform = uniform_steps(strategy, mesh)
     if obj.metric in DECODE_METRICS:
         return lambda ids, mask, new: models.greedy_decode(
             config, shell, pool, path, split(ids), split(mask), int(new), junction=junction, uniform=uniform
         )
     if config.family == "vit":
-        return lambda ids: models.apply_path(config, shell, pool, path, split(ids), junction, uniform=uniform)
-    return lambda ids, positions=None: models.apply_path(
-        config,
-        shell,
-        pool,
-        path,
-        split(ids),
-        junction,
-        positions=None if positions is None else split(positions),
-        uniform=uniform,
+        return lambda ids: whole(
+            models.apply_path(config, shell, pool, path, split(ids), junction, uniform=uniform)
+        )
+    return lambda ids, positions=None: whole(
+        models.apply_path(
+            config,
+            shell,
+            pool,
+            path,
+            split(ids),
+            junction,
+            positions=None if positions is None else split(positions),
+            uniform=uniform,
+        )
     )
 
 

@@ -14,6 +14,17 @@ HM3 runs):
   split: q/k/v/gate/up kernels by output columns, o/down by input rows, the embedding and an untied head by
   vocabulary; norms and biases replicated; `place_model`) and XLA's partitioner (auto over "data" and "model"
   inside the `shard_map`) inserts the all-reduces, so each device holds 1/model of the pool's matrices.
+- "data" and "model" together: the head's logits come out split over both (examples over "data", vocabulary
+  over "model"), and XLA's partitioner (jaxlib 0.10.2) aborts the process (`spmd_partitioner_util.cc:497`,
+  SIGABRT) on a gather from such an array inside the partially manual `shard_map`: `take_along_axis` of the
+  target's logit or log-probability, so every teacher-forced objective (exact match, multiple choice) on e.g.
+  `paths:2,data:2,model:2`. The partitioner keeps the vocabulary split for the gather, then fails to form the
+  device groups of the all-reduce over "model" that follows (`ExpandDeviceGroupsWithIota`) when the devices
+  are also split over the manual "paths" axis and the batch over "data". The same gather works without the
+  `shard_map`, with "paths" of size 1, on a replicated batch, or with the vocabulary whole; so on a mesh
+  with all three axes split the forward gathers the vocabulary of its logits (`needs_whole_vocabulary`,
+  `gather_vocabulary`: each device then holds its examples' logits [B / data, S, V]; the values are the
+  same, the all-gather is exact). Greedy decoding (argmax inside `models.greedy_decode`) is not affected.
 - the prefix tree is a sequential scan over nodes (nothing to split over "paths"), so on a mesh of more than
   one device teacher-forced objectives are evaluated path-parallel by the plain engine instead
   (`prefix_sharing` is turned off and logged); scores are the same (the tree is exact), FLOP and block-step
@@ -87,6 +98,34 @@ def split_examples(x, num_data: int):
         )
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec("data"))
+
+
+def needs_whole_vocabulary(strategy: str, mesh) -> bool:
+    """Whether the forward's logits must have their vocabulary gathered (`gather_vocabulary`): strategy
+    "shard" on a mesh whose "paths", "data" and "model" axes all have more than one device. Only there did
+    XLA's partitioner abort on 8 devices (paths:2,data:2,model:2 aborts; paths:1,data:4,model:2,
+    paths:1,data:2,model:4, paths:4,model:2, paths:2,model:4 and paths:2,data:4 do not: a manual axis of size
+    1 is trivial); every other mesh keeps its layout and bitwise its results (tests/test_mesh_data_model.py)."""
+    if strategy != "shard":
+        return False
+    sizes = dict(mesh.shape)
+    return all(sizes.get(axis, 1) > 1 for axis in ("paths", "data", "model"))
+
+
+def gather_vocabulary(logits, num_data: int):
+    """Inside "shard": a forward's logits [B, ..., V] with the vocabulary whole on every device and the
+    examples split over "data" as `split_examples` splits them (unchanged when `num_data` is 1 or does not
+    divide B: the batch is then replicated and the partitioner handles a vocabulary split over "model").
+
+    Why: logits split over "data" and "model" abort XLA's partitioner at the objectives' `take_along_axis`
+    inside the partially manual `shard_map` (module docstring). Constraining them to `PartitionSpec("data")`
+    all-gathers the vocabulary once per forward (exact: the logits keep their values; the objectives'
+    reductions over V then run on one device each instead of across "model"). Memory: each device holds
+    [B / data, P, V] logits instead of [B / data, P, V / model] (P: the positions a forward with `positions=`
+    reads, S otherwise)."""
+    if num_data == 1 or logits.shape[0] % num_data:
+        return logits
+    return jax.lax.with_sharding_constraint(logits, PartitionSpec("data"))
 
 
 def compile_then_align(fn, key, shell, pool, args, compiled: set) -> None:
