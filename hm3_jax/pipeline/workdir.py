@@ -31,16 +31,28 @@ import numpy as np
 from filelock import FileLock
 
 from hm3_jax import distributed
-from hm3_jax.io import json_files
+from hm3_jax.io import atomic
 
 
 class WorkdirError(RuntimeError):
     """The workdir cannot be used for this run (different config, unwritable, full)."""
 
 
+def _to_jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, np.generic)) or type(x).__module__.startswith("jax"):
+        return _to_jsonable(np.asarray(x).tolist())
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    return x
+
+
 def fingerprint(obj: Any) -> str:
     """A stable 16-hex-digit digest of a JSON-able object (e.g. ``config.to_dict()``)."""
-    blob = json.dumps(json_files.to_jsonable(obj), sort_keys=True, default=str).encode()
+    blob = json.dumps(_to_jsonable(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -54,7 +66,7 @@ def config_diff(old: dict, new: dict, limit: int = 8) -> list[str]:
     """`key: old -> new` for each dotted key whose value differs between two configs (as JSON: a tuple equals
     the list it is stored as); `(absent)` for a key only one has; at most `limit` entries, then `... (n more)`.
     """
-    canon = [_flat(json.loads(json.dumps(json_files.to_jsonable(c), default=str))) for c in (old, new)]
+    canon = [_flat(json.loads(json.dumps(_to_jsonable(c), default=str))) for c in (old, new)]
     keys = sorted(k for k in set(canon[0]) | set(canon[1]) if canon[0].get(k, ()) != canon[1].get(k, ()))
     show = [
         f"{k}: {json.dumps(canon[0].get(k)) if k in canon[0] else '(absent)'} -> "
@@ -87,15 +99,23 @@ def use_compilation_cache(workdir: str) -> str:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """`hm3_jax.io.json_files.write_text` (atomic, process 0 only) raising `WorkdirError` naming `path`."""
+    """Writes ``text`` to ``path`` through a temp file in the same directory and ``os.replace``
+    (`hm3_jax.io.atomic.write_text`: the umask's mode, no temporary left by a SIGTERM or, once ``path`` is
+    written again, a SIGKILL).
+
+    In a multi-process JAX run only process 0 writes (every process computed the same text; two writers of
+    one path would race); the others return at once.
+    """
+    if not distributed.is_main_process():
+        return
     try:
-        json_files.write_text(path, text)
+        atomic.write_text(path, text)
     except OSError as e:
         raise WorkdirError(f"could not write {path}: {e}") from e
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(json_files.to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 # Config sections that choose where and how much is held, never a result: left out of the fingerprint, so a run
@@ -137,7 +157,7 @@ class Workdir:
                 f"workdir {self.path} has only {free / 2**20:.0f} MiB free; need at least 200 MiB"
             )
         meta_path = os.path.join(self.path, "run.json")
-        main = json_files.is_main_process()
+        main = distributed.is_main_process()
         if os.path.exists(meta_path):
             with open(meta_path) as f:
                 meta = json.load(f)

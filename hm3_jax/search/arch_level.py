@@ -49,13 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax import merging, models
+from hm3_jax import distributed, merging, models
 from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import loop as loop_lib
 from hm3_jax.arch import ppo, scoring
 from hm3_jax.arch.config import ArchConfig
 from hm3_jax.arch.env import host_reward
-from hm3_jax.io import json_files
+from hm3_jax.io import atomic
 from hm3_jax.paths import alignment
 from hm3_jax.search.neighbourhood import MOVE_KINDS, NEIGHBOURHOOD_STREAM, neighbourhood_search
 from hm3_jax.search.path_confirmation import confirm_candidates, identity_paths, model_spec, path_junction
@@ -326,4 +326,5 @@ def _append_curve(path: str, curve: list[float], start_iteration: int) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = [line.strip() for line in f if line.strip()][:start_iteration]
-    json_files.write_text(path, "\n".join(old + [repr(float(c)) for c in curve]) + "\n")
+    if distributed.is_main_process():  # every process trained the same policy; one writes its curve
+        atomic.write_text(path, "\n".join(old + [repr(float(c)) for c in curve]) + "\n")
