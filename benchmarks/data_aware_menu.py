@@ -82,7 +82,7 @@ def main(argv):
             search = score_params(problem.engines["search"], problem.experts, cand.merged)
             fit = param_level.tchebycheff_normalised(problem, search, pref)
             m = cand.hparams["method"]
-            if m not in best or fit < best[m][0]:
+            if m not in best or fit > best[m][0]:  # maximised (moo.tchebycheff)
                 best[m] = (fit, heldout(cand.merged).tolist())
         for m, (_, h) in best.items():
             per_method.setdefault(m, []).append(h)

@@ -20,6 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from hm3_jax import moo  # noqa: E402
 from hm3_jax.pipeline import (
     baseline_runs,  # noqa: E402
     run_config,  # noqa: E402
@@ -54,8 +55,9 @@ def main(argv=None) -> dict:
         rows.append({
             "preference": pref.round(4).tolist(),
             "weighted": {args.method: float(f_base @ pref), "hm3": float(f_hm3 @ pref)},
-            "tchebycheff": {args.method: float(np.max(pref * np.abs(f_base - 1))),
-                            "hm3": float(np.max(pref * np.abs(f_hm3 - 1)))},
+            # the Chebyshev distance to the ideal 1 (lower is better): moo.tchebycheff negated
+            "tchebycheff": {args.method: -float(moo.tchebycheff(f_base, pref, np.ones_like(f_base))),
+                            "hm3": -float(moo.tchebycheff(f_hm3, pref, np.ones_like(f_hm3)))},
         })  # fmt: skip
     mean = lambda key, m: float(np.mean([r[key][m] for r in rows]))  # noqa: E731
     out = {
