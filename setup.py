@@ -27,6 +27,7 @@ setuptools.setup(
         "sacrebleu",
         "pyyaml",
         "filelock",
+        "threadpoolctl",  # host numpy BLAS on one thread (hm3_jax/host_blas.py)
         "tensorboardX",
         # tiny8's offline image data (hm3_jax/tasks/tiny8/images.py): sklearn's bundled digits, scikit-image's
         # sample photographs, scipy for resizing, PIL + matplotlib's bundled DejaVu fonts for the letters.

@@ -75,6 +75,16 @@ def test_hypervolume():
     assert out["bootstrap"]["moocore_seconds_per_resample"] > 0
 
 
+def test_host_blas():
+    out = _benchmark("host_blas").main(["--smoke"])
+    for workload in ("svd", "tsv_merge"):
+        assert (
+            out["idle"][workload]["default_seconds"] > 0
+            and out["idle"][workload]["single_thread_seconds"] > 0
+        )
+    assert out["busy_processes"] == 0 and "busy" not in out
+
+
 def test_forward_efficiency():
     out = _benchmark("forward_efficiency").main(["--smoke"])
     assert out["fraction_of_matmul_per_cpu_s"]["D=32"] > 0
@@ -118,6 +128,7 @@ def test_score_modes():
     out = _benchmark("score_modes").main(["--smoke"])
     assert out["same_params"] and out["iterations"] == 2
     assert out["callback_s_per_iteration"] > 0 and out["split_s_per_iteration"] > 0
+
 
 def test_path_eval():
     """No --zoo: the random pool (no run either: the policy is tiny3's smoke config)."""

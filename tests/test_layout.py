@@ -17,6 +17,7 @@ LAYERS = {
     "models": 0,
     "io": 0,
     "logs": 0,
+    "host_blas": 0,
     "merging": 1,
     "moo": 1,
     "paths": 1,

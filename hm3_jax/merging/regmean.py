@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3_jax import host_blas
 from hm3_jax.merging.api import first_mismatch
 from hm3_jax.merging.calibration import Calibration, check_calibration
 from hm3_jax.merging.groups import path_name
@@ -83,6 +84,7 @@ def _modified_gram(gram: jax.Array, alpha: float) -> jax.Array:
     return alpha * gram + (1.0 - alpha) * (diag[..., :, None] * jnp.eye(gram.shape[-1], dtype=gram.dtype))
 
 
+@host_blas.single_threaded
 def check_gram_system(name: str, system: Any, alpha: float, rtol: float) -> None:
     """Refuses a singular RegMean system `A` `[..., in, in]` (host-side; skipped under tracing).
 

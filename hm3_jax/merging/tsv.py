@@ -37,7 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3_jax import host_blas
 
+
+@host_blas.single_threaded
 def _svd_host(x: np.ndarray):
     u, s, vt = np.linalg.svd(np.asarray(x, np.float32), full_matrices=False)
     return u.astype(np.float32), s.astype(np.float32), vt.astype(np.float32)
