@@ -327,3 +327,45 @@ def test_parts_on_a_model_parallel_mesh_equal_the_stacked_pool():
     out = json.loads(lines[-1][len("RESULT ") :])
     assert out["parted"] == out["stacked"]
     assert any("model" in s for s in out["specs"])
+
+
+def test_a_preference_on_a_mesh_reuses_the_sources_placed_parts(monkeypatch):
+    """`PreferenceModels` on a mesh (one process) places only Theta's own part: the experts' parts of its pool
+    are the sources' placed parts (`is`), and it scores as a stacked pool placed whole."""
+    from hm3_jax import distributed
+    from hm3_jax.paths.engine import place_model
+    from hm3_jax.pipeline.preference_models import PreferenceModels
+
+    monkeypatch.setattr(problem_lib, "SCORE_POOL_COPY_MAX_BYTES", 0)
+    config, params, _, _ = sources("llama")
+    experts, base = params[:2], params[2]
+    merged = models.init(config, jax.random.key(9))
+    mesh = distributed.make_mesh(None, devices=jax.devices()[:1])
+    objectives = lm_objectives(config)
+    kw = dict(strategy="shard", mesh=mesh, chunk_size=4, prefix_sharing=False)
+    shell, pool = place_model(models.shell_of(base), problem_lib.pool_for(experts, base), mesh)
+    engine = make_engine(config, shell, pool, objectives, **kw)
+    problem = problem_lib.Problem(**{**dict.fromkeys(problem_lib.Problem._fields), "experts": experts,
+                                     "engines": {"search": engine}})  # fmt: skip
+
+    class Bank(PreferenceModels):
+        def merged(self, index):
+            return merged
+
+    bank = Bank(problem, [{}], "paper", resident=1)  # Theta is `merged` (no parameter level here)
+    held = bank.pools[0]
+    assert models.is_parted(held) and held[0] is pool[0] and held[1] is pool[1]
+    reference = make_engine(
+        config,
+        *place_model(
+            models.shell_of(merged),
+            models.make_pool([*[e["blocks"] for e in experts], merged["blocks"]]),
+            mesh,
+        ),
+        objectives,
+        **kw,
+    )
+    paths = many_paths(12)
+    np.testing.assert_array_equal(
+        bank.engine(engine, 0, "pref0").evaluate(paths).scores, reference.evaluate(paths).scores
+    )
