@@ -22,7 +22,6 @@ from hm3_jax.models.path import (
 from hm3_jax.models.pool import (
     block_signature,
     check_parted_pool,
-    distinct_leaves,
     gather_blocks,
     is_parted,
     leading_blocks,
@@ -88,7 +87,6 @@ __all__ = [
     "init",
     "block_signature",
     "check_parted_pool",
-    "distinct_leaves",
     "gather_blocks",
     "is_parted",
     "leading_blocks",

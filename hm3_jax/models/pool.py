@@ -150,13 +150,3 @@ def leading_blocks(pool, num_blocks: int):
 def stacked(pool) -> dict:
     """A stacked pool of `pool`'s blocks (itself when already stacked; a copy of the parts otherwise)."""
     return make_pool(list(pool)) if is_parted(pool) else pool
-
-
-def distinct_leaves(*trees) -> list:
-    """The leaves of `trees`, each array object once (a parted pool shares its parts with the sources)."""
-    seen, out = set(), []
-    for leaf in jax.tree.leaves(trees):
-        if id(leaf) not in seen:
-            seen.add(id(leaf))
-            out.append(leaf)
-    return out
