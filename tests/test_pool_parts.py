@@ -369,3 +369,20 @@ def test_a_preference_on_a_mesh_reuses_the_sources_placed_parts(monkeypatch):
     np.testing.assert_array_equal(
         bank.engine(engine, 0, "pref0").evaluate(paths).scores, reference.evaluate(paths).scores
     )
+
+
+def test_a_parted_engine_lowers_for_memory_plans_with_the_stacked_argument_bytes():
+    """The plan lowers the engine's programs with an abstract parted pool (`program_memory.abstract_pool`): the
+    same argument bytes as the stacked pool (the parts hold the same blocks), for the plain and tree programs."""
+    config, params, stacked, parted = sources("llama")
+    shell, objectives = models.shell_of(params[0]), lm_objectives(config)
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    stats = {}
+    for kind, pool in (("stacked", stacked), ("parted", parted)):
+        engine = make_engine(
+            config, abstract(shell), abstract(pool), objectives, strategy="map", pool_id="plan"
+        )
+        plain = engine.lower_plain(T_MAX).compile().memory_analysis()
+        tree = engine.lower_tree(T_MAX).compile().memory_analysis()
+        stats[kind] = (plain.argument_size_in_bytes, tree.argument_size_in_bytes)
+    assert stats["parted"] == stats["stacked"]
