@@ -13,6 +13,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -278,6 +279,14 @@ def test_memory_plan_counts_parts_once(monkeypatch):
     assert program_memory.pool_copy_bytes(params, 2, sharded=True) == 3 * blocks  # placed copies on a mesh
     pool = program_memory.abstract_pool(params, 2)
     assert models.is_parted(pool) and len(pool) == 3 and models.pool_size(pool) == 3 * L
+    # a held preference adds its shell and its own L blocks, not K + 1 parts
+    run = ml_collections.ConfigDict({"preferences": {"num": 3}, "memory": {"resident_preferences": 2}})
+    shell = program_memory.tree_bytes(models.shell_of(params))
+    assert program_memory.held_preference_bytes("merge", run, config, 2, jnp.float32) == 2 * (shell + blocks)
+    assert (
+        program_memory.held_preference_bytes("path_scores/search", run, config, 2, jnp.float32)
+        == shell + blocks
+    )
 
 
 _MESH_CHILD = r"""

@@ -135,12 +135,12 @@ def held_preference_bytes(program: str, run_config, config, num_experts: int, dt
     params = abstract_params(config, dtype)
     shell = models.shell_of(params)
     pool = abstract_pool(params, num_experts)
+    # A parted pool adds Theta's own blocks only: its expert parts are the sources' (on a mesh, their placed parts).
+    own = (params["blocks"],) if parted(params, num_experts) else pool
     if mesh is not None and jax.process_count() == 1:
-        one, sources_pool = placed_bytes(shell, pool, mesh), placed_bytes({}, pool, mesh)
-    elif parted(
-        params, num_experts
-    ):  # a parted pool adds Theta's own blocks; the experts' parts are the sources'
-        one, sources_pool = tree_bytes(shell) + tree_bytes(params["blocks"]), 0
+        one, sources_pool = placed_bytes(shell, own, mesh), placed_bytes({}, pool, mesh)
+    elif parted(params, num_experts):
+        one, sources_pool = tree_bytes(shell) + tree_bytes(own), 0
     else:
         one, sources_pool = tree_bytes(pool) + tree_bytes(shell), tree_bytes(pool)
     held = held_preferences(run_config)
