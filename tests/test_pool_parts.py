@@ -17,10 +17,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hm3_jax import models
+from hm3_jax import distributed, models
 from hm3_jax.arch import descriptors
+from hm3_jax.paths import engine as engine_module
 from hm3_jax.paths import make_engine
+from hm3_jax.paths.engine import place_model
 from hm3_jax.pipeline import export, program_memory
+from hm3_jax.pipeline.preference_models import PreferenceModels
 from hm3_jax.search import problem as problem_lib
 from hm3_jax.tasks.exact_match import make_exact_match_objective
 from hm3_jax.tasks.generation import make_generation_objective
@@ -341,10 +344,6 @@ def test_parts_on_a_model_parallel_mesh_equal_the_stacked_pool():
 def test_a_preference_on_a_mesh_reuses_the_sources_placed_parts(monkeypatch):
     """`PreferenceModels` on a mesh (one process) places only Theta's own part: the experts' parts of its pool
     are the sources' placed parts (`is`), and it scores as a stacked pool placed whole."""
-    from hm3_jax import distributed
-    from hm3_jax.paths.engine import place_model
-    from hm3_jax.pipeline.preference_models import PreferenceModels
-
     monkeypatch.setattr(problem_lib, "SCORE_POOL_COPY_MAX_BYTES", 0)
     config, params, _, _ = sources("llama")
     experts, base = params[:2], params[2]
@@ -375,6 +374,17 @@ def test_a_preference_on_a_mesh_reuses_the_sources_placed_parts(monkeypatch):
         **kw,
     )
     paths = many_paths(12)
+    # score_params on the mesh reuses the engine's placed expert parts too: the scores of the stacked pool
+    theta = (2 * L + np.arange(L, dtype=np.int32))[None]
+    placed_parts = []
+    original = engine_module.place_model
+    monkeypatch.setattr(
+        engine_module, "place_model", lambda s, p, m: placed_parts.append(len(p)) or original(s, p, m)
+    )
+    np.testing.assert_array_equal(
+        problem_lib.score_params(engine, experts, merged), reference.evaluate(theta).scores[0]
+    )
+    assert placed_parts == [1]  # only the model's own part was placed
     np.testing.assert_array_equal(
         bank.engine(engine, 0, "pref0").evaluate(paths).scores, reference.evaluate(paths).scores
     )

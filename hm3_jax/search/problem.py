@@ -313,8 +313,15 @@ def score_params(engine, experts: list, params: dict) -> np.ndarray:
     The path `K * L + arange(L)` over the pool `experts + [params]` (`pool_for`: source K is the model). For
     large models that pool is parted, the experts' and the model's own block arrays (no K + 1-model copy per
     call: 2.7 GiB at Qwen2.5-0.5B's shapes), and has the shapes of the sources' parted pool, so the engine's
-    programs compiled for it serve. The engine caches by a hash of the shell and pool bytes.
+    programs compiled for it serve. On a mesh ("shard") with a parted pool, `engine`'s first K parts must be the
+    experts' (placed): every engine `make_problem` builds. The engine caches by a hash of the shell and pool bytes.
     """
-    L = models.pool_size(params["blocks"])
-    eng = engine.with_model(models.shell_of(params), pool_for(experts, params))
-    return eng.evaluate((len(experts) * L + np.arange(L, dtype=np.int32))[None]).scores[0]
+    K, L = len(experts), models.pool_size(params["blocks"])
+    shell, pool = models.shell_of(params), pool_for(experts, params)
+    if models.is_parted(pool) and engine.strategy == "shard" and models.is_parted(engine.pool):
+        # on a mesh the engine's pool is the sources' placed parts (`make_problem`): reuse its experts' parts and
+        # place only the model's own (not K + 1 parts per scored model)
+        shell, own = engine_lib.place_model(shell, pool[K:], engine.mesh)
+        pool = tuple(engine.pool[:K]) + tuple(own)
+    eng = engine.with_model(shell, pool)
+    return eng.evaluate((K * L + np.arange(L, dtype=np.int32))[None]).scores[0]
