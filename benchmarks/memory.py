@@ -2,6 +2,7 @@ r"""Peak host memory of an HM3 run against its sources' size, as the number of p
 
   python -m benchmarks.memory [--shape=qwen25_0p5b] [--prefs=2,8] [--resident=1] [--out=FILE]
   python -m benchmarks.memory --smoke          # tiny shapes, two short runs, for the tests
+  python -m benchmarks.memory --shape=medium --prefs=2 --resident=1 --pool_copy_max_bytes=0   # parted pools
 
 A spec of random-weight models is written to a temporary directory: a Qwen2-family base of the chosen shapes
 (`qwen25_0p5b`: Qwen2.5-0.5B's 24 blocks, hidden 896, MLP 4864, 14 heads / 2 KV heads, q/k/v biases, tied
@@ -47,8 +48,11 @@ import json, sys, time
 import jax
 from experiments.configs import checkpoints
 from hm3_jax.pipeline import run as run_lib
+from hm3_jax.search import problem
 
 spec, workdir, num_prefs, resident = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if sys.argv[5] != "default":  # pools parted above this many bytes of the experts' blocks
+    problem.SCORE_POOL_COPY_MAX_BYTES = int(sys.argv[5])
 config = checkpoints.get_config(spec + ",smoke")
 config.preferences.num = num_prefs
 config.memory.resident_preferences = resident
@@ -136,15 +140,17 @@ def write_spec(directory: str, shape: str, seed: int = 0) -> tuple[str, int]:
     return spec, total
 
 
-def run_child(spec: str, workdir: str, num_prefs: int, resident: int) -> dict:
-    """One HM3 run in a child process; its peak RSS from `os.wait4` (that child only)."""
+def run_child(spec: str, workdir: str, num_prefs: int, resident: int, pool_copy_max_bytes=None) -> dict:
+    """One HM3 run in a child process; its peak RSS from `os.wait4` (that child only). `pool_copy_max_bytes`:
+    `problem.SCORE_POOL_COPY_MAX_BYTES` in the child (None: the library's; 0 forces parted pools)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
     env["PYTHONPATH"] = (
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
     )
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, spec, workdir, str(num_prefs), str(resident)],
+        limit = "default" if pool_copy_max_bytes is None else str(int(pool_copy_max_bytes))
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, spec, workdir, str(num_prefs), str(resident), limit],
                                 stdout=out, stderr=err, env=env)  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -157,6 +163,7 @@ def run_child(spec: str, workdir: str, num_prefs: int, resident: int) -> dict:
     return {
         "preferences": num_prefs,
         "resident_preferences": resident,
+        "pool_copy_max_bytes": limit,
         "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),  # Linux: KiB
         "wall_seconds": round(time.perf_counter() - start, 1),
         "run_seconds": round(result["seconds"], 1),
@@ -170,6 +177,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--resident", default="1", help="comma-separated memory.resident_preferences values")
     parser.add_argument("--workdir", default=None, help="where the spec and runs go (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--pool_copy_max_bytes",
+        type=int,
+        default=None,
+        help="pools are parted (the sources' own blocks, no copy) above this many bytes of the experts' blocks "
+        "(search.problem.SCORE_POOL_COPY_MAX_BYTES; default: the library's 256 MiB; 0 = always parted)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, N = 1, 2, resident 1 (tests)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -182,7 +196,7 @@ def main(argv=None) -> dict:
         runs = []
         for r in residents:
             for n in prefs:
-                run = run_child(spec, os.path.join(root, f"run_n{n}_r{r}"), n, r)
+                run = run_child(spec, os.path.join(root, f"run_n{n}_r{r}"), n, r, args.pool_copy_max_bytes)
                 run["peak_over_sources"] = round(run["peak_rss_gib"] * 2**30 / sources, 2)
                 runs.append(run)
                 print(json.dumps(run), file=sys.stderr)

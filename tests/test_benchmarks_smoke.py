@@ -85,6 +85,12 @@ def test_host_blas():
     assert out["busy_processes"] == 0 and "busy" not in out
 
 
+def test_pool_parts():
+    out = _benchmark("pool_parts").main(["--smoke"])
+    assert out["scores_equal"] and set(out["seconds"]) == {"map_plain", "vmap_plain", "map_tree"}
+    assert all(t["stacked"] > 0 and t["parted"] > 0 for t in out["seconds"].values())
+
+
 def test_forward_efficiency():
     out = _benchmark("forward_efficiency").main(["--smoke"])
     assert out["fraction_of_matmul_per_cpu_s"]["D=32"] > 0

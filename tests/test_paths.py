@@ -367,9 +367,9 @@ def test_decode_objective_matches_greedy_decode_per_path(setup):
 
 
 def test_score_params_gives_the_same_scores_with_or_without_a_pool_copy(setup, monkeypatch):
-    """`search.problem.score_params` scores a model as source K of a pool copy (small models) or over a pool of its
-    own blocks (above SCORE_POOL_COPY_MAX_BYTES): the same scores as the expert's identity path in the sources'
-    pool."""
+    """`search.problem.score_params` scores a model as source K of a pool copy (small models) or of a parted pool,
+    the experts' and its own block arrays (above SCORE_POOL_COPY_MAX_BYTES): the same scores as the expert's
+    identity path in the sources' pool."""
     from hm3_jax.search import problem as problem_lib
 
     engine, experts = setup["engine"], setup["experts"]

@@ -27,20 +27,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hm3_jax import models
+
 
 def block_descriptors(pool: Any, base_blocks: Any, num_sources: int) -> jax.Array:
     """phi for every pool block (module docstring), standardised.
 
     Args:
       pool: pytree whose leaves are ``[P, ...]`` with ``P = num_sources * L`` (``make_pool`` layout: source ``m``'s
-        block ``l`` at index ``m * L + l``).
+        block ``l`` at index ``m * L + l``), or a parted pool of ``num_sources`` parts (leaves ``[L, ...]``;
+        ``models.make_parted_pool``): each leaf's parts are stacked (in float32) one leaf at a time.
       base_blocks: the base model's ``"blocks"`` pytree, same structure, leaves ``[L, ...]``.
       num_sources: number of sources (K experts + 1 merged).
 
     Returns:
       ``[P, num_matrices * num_sources + 1]`` float32 standardised descriptors.
     """
-    pool_leaves, pool_def = jax.tree.flatten(pool)
+    if models.is_parted(pool):
+        if len(pool) != num_sources:
+            raise ValueError(f"parted pool has {len(pool)} parts, expected num_sources={num_sources}")
+        models.check_parted_pool(pool)
+        pool_def = jax.tree.structure(pool[0])
+        pool_leaves = [list(group) for group in zip(*(jax.tree.leaves(part) for part in pool), strict=True)]
+    else:
+        pool_leaves, pool_def = jax.tree.flatten(pool)
     base_leaves, base_def = jax.tree.flatten(base_blocks)
     if pool_def != base_def:
         raise ValueError(f"pool and base_blocks must share one tree structure, got {pool_def} vs {base_def}")
@@ -50,6 +60,10 @@ def block_descriptors(pool: Any, base_blocks: Any, num_sources: int) -> jax.Arra
     pool_size = num_sources * num_layers
     features = []
     for index, (p, b) in enumerate(zip(pool_leaves, base_leaves, strict=True)):
+        if isinstance(p, list):  # a parted pool's leaf: its parts [L, ...] -> [P, ...] as float32
+            if p[0].ndim < 3:  # biases and norm scales: not a weight matrix
+                continue
+            p = jnp.concatenate([jnp.asarray(x, jnp.float32) for x in p])
         if p.shape[0] != pool_size or b.shape[0] != num_layers or p.shape[1:] != b.shape[1:]:
             raise ValueError(
                 f"leaf {index}: pool shape {p.shape} and base shape {b.shape} do not match "

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from hm3_jax.models import layers
 from hm3_jax.models.config import ModelConfig
-from hm3_jax.models.path import check_junction, family_module, is_concrete, pool_size, validate_path
+from hm3_jax.models.path import check_junction, family_module, is_concrete, validate_path
+from hm3_jax.models.pool import pool_block, pool_size
 
 LM_FAMILIES = ("llama", "gpt2")
 
@@ -104,7 +105,7 @@ def greedy_decode(
     Args:
       config: LM config (family "llama" or "gpt2"); static under jit, as are `max_new_tokens`, `eos_id`,
         `pad_id`.
-      shell: embeddings, final norm and head; pool: stacked blocks [P, ...].
+      shell: embeddings, final norm and head; pool: stacked blocks [P, ...] or a parted pool (`models.pool`).
       path: int32 [T_max], -1 = padding.
       prompt_ids: int [B, S_prompt], left-padded; prompt_mask: [B, S_prompt], 1 on real tokens
         (every row needs at least one real token).
@@ -143,12 +144,7 @@ def greedy_decode(
     cache_shape = (b, config.kv_heads, s_total, config.head_size)
     caches = tuple((jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype)) for _ in range(t_max))
     steps = _canonical_steps(path, junction)
-    blocks = [
-        jax.tree.map(
-            lambda leaf, t=t: jax.lax.dynamic_index_in_dim(leaf, steps[0][t], 0, keepdims=False), pool
-        )
-        for t in range(t_max)
-    ]
+    blocks = [pool_block(pool, steps[0][t]) for t in range(t_max)]
 
     # Prefill: the whole prompt in one pass, writing cache slots 0..S_prompt-1.
     positions = layers.positions_from_mask(prompt_mask)  # [B, S_prompt]

@@ -1,7 +1,8 @@
 """Layer paths over a pool of blocks (HM3's architecture space, HM3_SPEC "Path evaluation engine").
 
-A pool stacks the blocks of several source models on one leading axis: pool index of (source m, block l) is
-`m * L + l` (`make_pool`). A path is an int32 array `[T_max]` of pool indices with `-1` as padding.
+A pool holds the blocks of several source models, stacked on one leading axis (`make_pool`) or as the sources'
+own parts (`make_parted_pool`, no copy; pool.py): pool index of (source m, block l) is `m * L + l`. A path is
+an int32 array `[T_max]` of pool indices with `-1` as padding.
 The forward along a path (HM3 eq. for the inference path alpha = ((m_1, l_1), ..., (m_T, l_T))) is
 
     h_0 = embed(x);  h_t = block_{path[t]}(h_{t-1} * scale[t] + shift[t])  if path[t] >= 0 else h_{t-1};
@@ -22,6 +23,7 @@ import numpy as np
 
 from hm3_jax.models import gpt2, llama, vit
 from hm3_jax.models.config import ModelConfig
+from hm3_jax.models.pool import pool_block, pool_size
 
 _FAMILY_MODULES = {"llama": llama, "gpt2": gpt2, "vit": vit}
 
@@ -31,33 +33,6 @@ def family_module(config: ModelConfig):
     if config.family not in _FAMILY_MODULES:
         raise ValueError(f"unsupported family {config.family!r}; supported: llama, gpt2, vit")
     return _FAMILY_MODULES[config.family]
-
-
-def make_pool(blocks_list: Sequence[dict]) -> dict:
-    """Concatenates the `"blocks"` of several models on the leading axis.
-
-    Args: blocks_list: sequence of `params["blocks"]` pytrees with identical structure and per-block shapes
-      (leaves [L_m, ...]).
-    Returns: pool with leaves [sum_m L_m, ...]; (source m, block l) sits at `m * L + l` when all L_m = L.
-    """
-    if len(blocks_list) == 0:
-        raise ValueError("make_pool needs at least one blocks pytree")
-    ref = jax.tree.structure(blocks_list[0])
-    ref_shapes = [x.shape[1:] for x in jax.tree.leaves(blocks_list[0])]
-    for i, blocks in enumerate(blocks_list[1:], start=1):
-        if jax.tree.structure(blocks) != ref:
-            raise ValueError(f"make_pool: blocks {i} has a different tree structure than blocks 0")
-        shapes = [x.shape[1:] for x in jax.tree.leaves(blocks)]
-        if shapes != ref_shapes:
-            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(blocks)[0]]
-            bad = [(p, a, b) for p, a, b in zip(paths, shapes, ref_shapes, strict=True) if a != b]
-            raise ValueError(f"make_pool: blocks {i} has per-block shapes differing from blocks 0: {bad[:3]}")
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *blocks_list)
-
-
-def pool_size(pool: dict) -> int:
-    """Number of blocks P in a pool (the leading axis)."""
-    return int(jax.tree.leaves(pool)[0].shape[0])
 
 
 def validate_path(path, num_blocks: int) -> None:
@@ -117,7 +92,7 @@ def run_path(
         idx, rows = xs
 
         def run(h):
-            p = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, idx, 0, keepdims=False), pool)
+            p = pool_block(pool, idx)
             if rows is not None:  # without a junction no affine map at all (not h * 1 + 0: see the docstring)
                 h = (h * rows[0] + rows[1]).astype(h.dtype)
             return module.block(config, p, h, ctx)
@@ -159,7 +134,7 @@ def apply_path(
     Args:
       config: the shell's config (all pool blocks must share its block shapes).
       shell: params without (or ignoring) `"blocks"`: `embed`, `final`, `head`.
-      pool: stacked blocks [P, ...] (`make_pool`).
+      pool: stacked blocks [P, ...] (`make_pool`) or a parted pool (`make_parted_pool`): P = M * L blocks.
       path: int32 [T_max] pool indices, -1 = padding (the step leaves h unchanged). Traced: new paths reuse
         the compiled function. A concrete path is checked on the host (indices in [-1, P)); under jit the
         path is a tracer and cannot be checked, and XLA clamps an out-of-range gather index, so call

@@ -96,7 +96,7 @@ def native_stats(config: ModelConfig, source_shells: Sequence[dict], pool: dict,
     Args:
       config: ModelConfig (L = config.num_layers blocks per source).
       source_shells: one shell per source m (embeddings of source m), len = P / L.
-      pool: stacked blocks [P, ...], pool index m * L + l.
+      pool: stacked blocks [P, ...] or a parted pool (`models.pool`), pool index m * L + l.
       calib_ids: int [B, S] calibration inputs (search split); calib_mask [B, S] or None.
     Returns: NativeStats with rows indexed by pool index.
     """
@@ -120,7 +120,10 @@ def native_stats(config: ModelConfig, source_shells: Sequence[dict], pool: dict,
 
     rows = []
     for m, shell in enumerate(source_shells):
-        blocks = jax.tree.map(lambda x, m=m: x[m * num_layers : (m + 1) * num_layers], pool)
+        if models.is_parted(pool):  # source m's own blocks
+            blocks = pool[m]
+        else:
+            blocks = jax.tree.map(lambda x, m=m: x[m * num_layers : (m + 1) * num_layers], pool)
         rows.append(one_source(shell, blocks))
     mean, std, cov = (jnp.concatenate(parts) for parts in zip(*rows, strict=True))
     return NativeStats(mean=mean, std=std, cov=cov)
@@ -166,7 +169,7 @@ def make_moment_fn(config: ModelConfig, shell_source: int | None):
             shift = jnp.where(skip, 0.0, shift).astype(h.dtype)
 
             def run(h):
-                bp = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, pc, 0, keepdims=False), pool)
+                bp = models.pool_block(pool, pc)
                 return models.block(config, bp, (h * scale + shift).astype(h.dtype), ctx)
 
             h = jax.lax.cond(p >= 0, run, lambda h: h, h)
@@ -291,7 +294,7 @@ def fit_learned(
             var = jnp.maximum(jnp.mean(stats.std[pc] ** 2), _EPS)
             loss = coral_loss(cov, stats.cov[pc]) / var**2 + jnp.mean((mu - stats.mean[pc]) ** 2) / var
             active = ~skipped
-            bp = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, pc, 0, keepdims=False), pool)
+            bp = models.pool_block(pool, pc)
             h_next = jnp.where(p >= 0, models.block(config, bp, hj.astype(h.dtype), ctx), h)
             return h_next, (jnp.where(active, loss, 0.0), active)
 

@@ -43,6 +43,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from hm3_jax import models
 from hm3_jax.models.config import ModelConfig
 from hm3_jax.paths.cache import tree_fingerprint
 from hm3_jax.paths.path_engine import PathEngine
@@ -76,7 +77,8 @@ def make_engine(
     Args:
       config: ModelConfig of the shell and of every pool block.
       shell: params without "blocks" (embeddings, final norm, head): Theta(lambda)'s in HM3.
-      pool: stacked blocks [P, ...] (`models.make_pool`), pool index m * L + l.
+      pool: stacked blocks [P, ...] (`models.make_pool`) or a parted pool (`models.make_parted_pool`: the
+        sources' own blocks, no copy), pool index m * L + l.
       objectives: sequence of Objective (name, metric, device_fn, host_fn); one score column each.
       strategy: "auto" | "map" | "vmap" | "shard" (batching of plain evaluation across paths).
       chunk_size: paths per compiled call of plain evaluation (rounded up to a multiple of the mesh size).
@@ -105,6 +107,8 @@ def make_engine(
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if not objectives:
         raise ValueError("make_engine needs at least one objective")
+    if models.is_parted(pool):
+        models.check_parted_pool(pool)
     for o in objectives:
         for attr in ("name", "metric", "device_fn", "host_fn"):
             if not hasattr(o, attr):

@@ -121,10 +121,15 @@ class PathEngine:
 
     def with_model(self, shell: dict, pool: dict, pool_id: str | None = None) -> PathEngine:
         """The same engine (compiled code, cache, objectives) for another shell and pool: the same shapes, except
-        that the pool may hold another number of blocks (its programs are then compiled once more for that
-        length; one model's own L blocks is what `search.problem.score_params` scores, no pool copy)."""
+        that the pool may hold another number of blocks or be of the other kind, stacked or parted
+        (`models.pool`; its programs are then compiled once more for that pool's shapes)."""
         check_same_shapes(self.shell, shell, "shell")
-        check_same_shapes(self.pool, pool, "pool", leading=False)
+        if models.block_signature(self.pool) != models.block_signature(pool):
+            raise ValueError(
+                "with_model: the new pool's blocks must have the same structure, per-block shapes and dtypes"
+            )
+        if models.is_parted(pool):
+            models.check_parted_pool(pool)
         return PathEngine(
             config=self.config,
             shell=shell,
@@ -353,11 +358,9 @@ class PathEngine:
         return sh["compiled"][key]
 
 
-def check_same_shapes(a, b, name, leading: bool = True):
-    """Same structure, shapes and dtypes (`leading=False`: the leading axis, a pool's block count, may differ)."""
-    cut = 0 if leading else 1
-    sa = jax.tree.map(lambda x: (tuple(x.shape)[cut:], str(x.dtype)), a)
-    sb = jax.tree.map(lambda x: (tuple(x.shape)[cut:], str(x.dtype)), b)
+def check_same_shapes(a, b, name):
+    """Raises ValueError unless `a` and `b` have the same structure, shapes and dtypes."""
+    sa = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), a)
+    sb = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), b)
     if jax.tree.structure(a) != jax.tree.structure(b) or sa != sb:
-        what = "shapes" if leading else "per-block shapes"
-        raise ValueError(f"with_model: the new {name} must have the same structure, {what} and dtypes")
+        raise ValueError(f"with_model: the new {name} must have the same structure, shapes and dtypes")

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3_jax import models
+
 
 class PrefixTree(NamedTuple):
     """Nodes of a prefix tree in depth-first preorder (all arrays [num_nodes], junction rows [num_nodes, D]).
@@ -157,7 +159,10 @@ def make_tree_chunk_fn(block_fn: Callable, leaf_fn: Callable, with_junction: boo
             parent = jnp.maximum(d - 1, 0)
 
             def run_block(hs):
-                p = jax.tree.map(lambda x: x[node["block"]], pool)
+                if models.is_parted(pool):
+                    p = models.pool_block(pool, node["block"])
+                else:  # the stacked pool's gather as it always was (the same compiled programs)
+                    p = jax.tree.map(lambda x: x[node["block"]], pool)
                 out = []
                 for h, ctx in zip(hs, ctxs, strict=True):
                     if with_junction:

@@ -40,7 +40,7 @@ def path_model_params(shell: dict, pool: dict, path) -> tuple[dict, int]:
     """Stacked params of the plain path model: blocks = pool[path[path >= 0]]."""
     steps = np.asarray(path, np.int64)
     steps = steps[steps >= 0]
-    blocks = jax.tree.map(lambda x: x[steps], pool)
+    blocks = models.gather_blocks(pool, steps)  # a stacked pool's rows, or a parted pool's blocks
     return {**shell, "blocks": blocks}, int(len(steps))
 
 

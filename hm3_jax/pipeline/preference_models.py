@@ -9,6 +9,8 @@ holding at most `resident` of them at once (least recently used dropped first; 0
 the default for small models). A merge is a pure function of its recipe, so a dropped model is rebuilt bit for
 bit and no result depends on `resident` (tests/test_confirm.py, tests/test_hm3_distributed.py). Peak memory with `resident = 1`: the
 sources (base and K experts), one pool ((K + 1) L blocks), one shell and one merge's temporaries, whatever N.
+Above `problem.SCORE_POOL_COPY_MAX_BYTES` the pools are parted (`problem.uses_parts`): a preference's pool is the
+experts' own block arrays plus Theta's, so it adds only Theta's L blocks to the sources.
 
 The per-preference engines (`PathEngine.with_model`, which also hold the pool and, on a mesh, its placed copy)
 live with their preference's entry (`engine`), so dropping an entry frees everything it holds.
@@ -95,7 +97,9 @@ class PreferenceModels:
             self._held.popitem(last=False)  # before building the next one: never resident + 1 pools at once
         merged = self.merged(index)
         shell, pool = models.shell_of(merged), pool_for(self.problem, merged)
-        del merged  # its blocks are copied into the pool; the shell keeps the rest
+        del (
+            merged
+        )  # its blocks are in the pool (copied, or its own part of a parted pool); the shell keeps the rest
         mesh = (
             self.problem.engines["search"].mesh
             if self.problem.engines["search"].strategy == "shard"
@@ -104,7 +108,14 @@ class PreferenceModels:
         if mesh is not None and jax.process_count() == 1:
             # placed once for every split's engine of this preference; the unplaced pool leaves device 0 (one
             # process only: on several, the export and alignment code read the pool as a local array)
-            shell, pool = engine_lib.place_model(shell, pool, mesh)
+            sources_pool = self.problem.engines["search"].pool  # placed by make_problem
+            if models.is_parted(pool) and models.is_parted(sources_pool):
+                # the experts' parts are already placed (the sources' pool): place only Theta's own part
+                num_experts = len(self.problem.experts)
+                shell, own = engine_lib.place_model(shell, pool[num_experts:], mesh)
+                pool = tuple(sources_pool[:num_experts]) + tuple(own)
+            else:
+                shell, pool = engine_lib.place_model(shell, pool, mesh)
         held = {"shell": shell, "pool": pool, "engines": {}}
         self._held[index] = held
         return held

@@ -22,7 +22,7 @@ from hm3_jax.merging import traced
 from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.paths.engine import DECODE_METRICS
 from hm3_jax.pipeline.preference_models import resident_preferences
-from hm3_jax.search.problem import make_engines
+from hm3_jax.search.problem import make_engines, uses_parts
 from hm3_jax.tasks import scoring, spec_objectives, spec_zoo
 from hm3_jax.tasks import spec as spec_lib
 
@@ -65,9 +65,16 @@ def abstract_params(config, dtype) -> dict:
     )
 
 
-def abstract_pool(params, num_experts: int) -> dict:
+def parted(params, num_experts: int) -> bool:
+    """Whether the run's pools are parted (`problem.uses_parts` of K experts shaped like `params`)."""
+    return uses_parts([params] * num_experts)
+
+
+def abstract_pool(params, num_experts: int) -> dict | tuple:
     """The abstract pool of the K + 1 sources' blocks (`problem.pool_for`): `params["blocks"]` leaves
-    `[L, ...]` -> `[(K + 1) L, ...]` ShapeDtypeStructs."""
+    `[L, ...]` -> `[(K + 1) L, ...]` ShapeDtypeStructs, or K + 1 parts `[L, ...]` when `parted`."""
+    if parted(params, num_experts):
+        return (params["blocks"],) * (num_experts + 1)
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(((num_experts + 1) * x.shape[0],) + x.shape[1:], x.dtype),
         params["blocks"],
@@ -79,6 +86,15 @@ def tree_bytes(tree) -> int:
     return int(
         sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
     )
+
+
+def pool_copy_bytes(params, num_experts: int, sharded: bool) -> int:
+    """Bytes a pool of the K + 1 sources' blocks adds to the sources on device 0: the stacked copy, or nothing for
+    a parted pool (its parts are the sources' own blocks; each distinct part counted once) unless a mesh
+    places copies of them (then the caller counts the placed shards)."""
+    if parted(params, num_experts) and not sharded:
+        return 0
+    return (num_experts + 1) * tree_bytes(params["blocks"])
 
 
 def resident_bytes(program: str, sources_bytes: int, pool_bytes: int) -> int:
@@ -119,8 +135,12 @@ def held_preference_bytes(program: str, run_config, config, num_experts: int, dt
     params = abstract_params(config, dtype)
     shell = models.shell_of(params)
     pool = abstract_pool(params, num_experts)
+    # A parted pool adds Theta's own blocks only: its expert parts are the sources' (on a mesh, their placed parts).
+    own = (params["blocks"],) if parted(params, num_experts) else pool
     if mesh is not None and jax.process_count() == 1:
-        one, sources_pool = placed_bytes(shell, pool, mesh), placed_bytes({}, pool, mesh)
+        one, sources_pool = placed_bytes(shell, own, mesh), placed_bytes({}, pool, mesh)
+    elif parted(params, num_experts):
+        one, sources_pool = tree_bytes(shell) + tree_bytes(own), 0
     else:
         one, sources_pool = tree_bytes(pool) + tree_bytes(shell), tree_bytes(pool)
     held = held_preferences(run_config)
@@ -237,7 +257,10 @@ def engine_programs(
     t_max = int(run_config.arch.rl.t_max)
     junction = run_config.arch.alignment != "none"
     sharded = mesh is not None
-    resident = resident_bytes("path_scores", (num_experts + 1) * tree_bytes(params), tree_bytes(pool))
+    sources = (num_experts + 1) * tree_bytes(params)
+    if parted(params, num_experts) and not sharded:  # the argument's expert parts are the sources' blocks
+        sources -= num_experts * tree_bytes(params["blocks"])
+    resident = resident_bytes("path_scores", sources, tree_bytes(pool))
     devices = mesh.size if sharded else 1
     out = []
     for split, engine in engines.items():
@@ -284,7 +307,7 @@ def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
     )
     model = tree_bytes(params)
     leaf_args = (num_experts + 1) * tree_bytes(leaf)
-    pool = (num_experts + 1) * tree_bytes(params["blocks"])
+    pool = pool_copy_bytes(params, num_experts, sharded=False)  # the merge runs on device 0
     resident = (num_experts + 1) * model - leaf_args + pool + model
     return compile_memory("merge", lambda: traced.dare_ties_leaf.lower(*args), 1, "device 0", resident)
 
@@ -300,7 +323,7 @@ def model_score_programs(config, num_experts: int, dtype, objectives: list) -> l
     params = abstract_params(config, dtype)
     model = tree_bytes(params)
     resident = resident_bytes(
-        "model_scores", num_experts * model, (num_experts + 1) * tree_bytes(params["blocks"])
+        "model_scores", num_experts * model, pool_copy_bytes(params, num_experts, False)
     )
     seen, out = set(), []
     for obj in objectives:

@@ -172,7 +172,7 @@ def run_arch_level(
     phi = jnp.stack(
         [
             descriptors_lib.block_descriptors(
-                jax.tree.map(lambda x: x[: num_sources * L], p), base_blocks, num_sources
+                models.leading_blocks(p, num_sources * L), base_blocks, num_sources
             )
             for p in pools
         ]

@@ -10,9 +10,9 @@ Scores are raw task scores in [0, 100], maximised. They are normalised per task 
 z*_k = the best score any source model (base or expert) reaches on task k on the same split (HM3_SPEC,
 "Objectives and preferences"), so that f_k / z*_k is about 1 for the expert of task k.
 
-Path evaluation goes through one `hm3_jax.paths` engine per split; a merged model's pool is
-`make_pool([expert_1 blocks, ..., expert_K blocks, merged blocks])` (pool index m * L + l, m = K the merged
-model) and its shell (embeddings, final norm, head) is the merged model's, as in HM3_SPEC.
+Path evaluation goes through one `hm3_jax.paths` engine per split; a merged model's pool holds
+`[expert_1 blocks, ..., expert_K blocks, merged blocks]` (`pool_for`: pool index m * L + l, m = K the merged
+model; stacked for small models, the models' own parts above `SCORE_POOL_COPY_MAX_BYTES`) and its shell (embeddings, final norm, head) is the merged model's, as in HM3_SPEC.
 """
 
 from __future__ import annotations
@@ -143,11 +143,20 @@ def confirm_params(problem: Problem, candidates, top: int, rebuild, score_full, 
     }
 
 
-def pool_for(problem_or_experts, merged: dict | None) -> dict:
-    """Stacked block pool of the experts, plus the merged model's blocks as source K when given."""
+def uses_parts(experts: list) -> bool:
+    """Whether pools over these experts are parted (`models.make_parted_pool`: the sources' own blocks, no copy)
+    rather than stacked copies: when the experts' blocks take more than `SCORE_POOL_COPY_MAX_BYTES`. Small
+    models (every tiny run and test) keep stacked pools and the programs compiled for them."""
+    leaves = [x for e in experts for x in jax.tree.leaves(e["blocks"])]  # arrays or ShapeDtypeStructs (plans)
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves) > SCORE_POOL_COPY_MAX_BYTES
+
+
+def pool_for(problem_or_experts, merged: dict | None) -> dict | tuple:
+    """Block pool of the experts, plus the merged model's blocks as source K when given: stacked (a copy) for
+    small models, parted (the models' own block arrays, no copy) when `uses_parts`."""
     experts = problem_or_experts.experts if isinstance(problem_or_experts, Problem) else problem_or_experts
     blocks = [e["blocks"] for e in experts] + ([] if merged is None else [merged["blocks"]])
-    return models.make_pool(blocks)
+    return models.make_parted_pool(blocks) if uses_parts(experts) else models.make_pool(blocks)
 
 
 def make_problem(
@@ -293,24 +302,26 @@ def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
     return [objs["search"][t] for t in tasks]
 
 
-# Above this many bytes of the experts' blocks, `score_params` scores a model over a pool of its own blocks
-# instead of copying the experts' blocks into a new pool per call (one more compilation per engine program).
+# Above this many bytes of the experts' blocks, pools are parted (`uses_parts`): the sources' own block arrays
+# instead of a stacked copy (a module constant: tests lower it to run parted pools on tiny models).
 SCORE_POOL_COPY_MAX_BYTES = 2**28
 
 
 def score_params(engine, experts: list, params: dict) -> np.ndarray:
     """Raw scores [K] of one parameter-space model through `engine`: its identity path with its own shell.
 
-    Small models: source K of the pool `experts + [params]`, path `K * L + arange(L)` (the programs the engine
-    has compiled for the sources' pool). When the experts' blocks take more than `SCORE_POOL_COPY_MAX_BYTES`,
-    path `arange(L)` over a pool of the model's own L blocks: the same computation (the path reads the same
-    blocks) without a K + 1-model copy per call (2.7 GiB at Qwen2.5-0.5B's shapes), for one more compilation of
-    the engine's programs (that pool length). The engine caches by a hash of the shell and pool bytes.
+    The path `K * L + arange(L)` over the pool `experts + [params]` (`pool_for`: source K is the model). For
+    large models that pool is parted, the experts' and the model's own block arrays (no K + 1-model copy per
+    call: 2.7 GiB at Qwen2.5-0.5B's shapes), and has the shapes of the sources' parted pool, so the engine's
+    programs compiled for it serve. On a mesh ("shard") with a parted pool, `engine`'s first K parts must be the
+    experts' (placed): every engine `make_problem` builds. The engine caches by a hash of the shell and pool bytes.
     """
-    L = models.pool_size(params["blocks"])
-    block_bytes = sum(x.nbytes for x in jax.tree.leaves(params["blocks"]))
-    if len(experts) * block_bytes <= SCORE_POOL_COPY_MAX_BYTES:
-        eng = engine.with_model(models.shell_of(params), pool_for(experts, params))
-        return eng.evaluate((len(experts) * L + np.arange(L, dtype=np.int32))[None]).scores[0]
-    eng = engine.with_model(models.shell_of(params), params["blocks"])
-    return eng.evaluate(np.arange(L, dtype=np.int32)[None]).scores[0]
+    K, L = len(experts), models.pool_size(params["blocks"])
+    shell, pool = models.shell_of(params), pool_for(experts, params)
+    if models.is_parted(pool) and engine.strategy == "shard" and models.is_parted(engine.pool):
+        # on a mesh the engine's pool is the sources' placed parts (`make_problem`): reuse its experts' parts and
+        # place only the model's own (not K + 1 parts per scored model)
+        shell, own = engine_lib.place_model(shell, pool[K:], engine.mesh)
+        pool = tuple(engine.pool[:K]) + tuple(own)
+    eng = engine.with_model(shell, pool)
+    return eng.evaluate((K * L + np.arange(L, dtype=np.int32))[None]).scores[0]

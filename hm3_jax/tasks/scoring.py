@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3_jax import models
-from hm3_jax.models.path import check_junction, pool_size, validate_path
+from hm3_jax.models.path import check_junction, validate_path
+from hm3_jax.models.pool import pool_size
 from hm3_jax.paths.engine import DECODE_METRICS
 from hm3_jax.tasks.objectives import Objective
 
