@@ -97,12 +97,25 @@ def pool_copy_bytes(params, num_experts: int, sharded: bool) -> int:
     return (num_experts + 1) * tree_bytes(params["blocks"])
 
 
+def sources_device0_bytes(params, num_experts: int, mesh=None) -> tuple[int, int]:
+    """(sources, sources' pool) bytes the run keeps on device 0 besides a program's arguments.
+
+    One device: the K + 1 sources as `load_pretrained` placed them and the pool's copy of their blocks
+    (`pool_copy_bytes`: none when parted). On a mesh (`run.setup` loads the sources as host arrays,
+    `spec_zoo.load(on_host=True)`): no sources, and the shards of the sources' shell and pool that
+    `make_problem` placed (`placed_bytes`; a parted pool's parts are placed copies of the host blocks too).
+    """
+    if mesh is None:
+        return (num_experts + 1) * tree_bytes(params), pool_copy_bytes(params, num_experts, sharded=False)
+    return 0, placed_bytes(models.shell_of(params), abstract_pool(params, num_experts), mesh)
+
+
 def resident_bytes(program: str, sources_bytes: int, pool_bytes: int) -> int:
     """Bytes the run keeps on device 0 outside `program`'s arguments (hm3_jax/pipeline/run.py and problem.py today):
     the sources as `load_pretrained` placed them (`sources_bytes`: the K + 1 models, or for "model_scores" the K
-    that are not its argument) and the sources' pool (`problem.make_problem`, `pool_bytes`; it is the path
-    programs' own argument: on a mesh `make_problem` places it once, sharded, for every split's engine, and
-    drops the unplaced copy). The preferences' merged models are added by `held_preference_bytes`
+    that are not its argument; 0 on a mesh, where they are host arrays) and the sources' pool
+    (`problem.make_problem`, `pool_bytes`; it is the path programs' own argument: on a mesh `make_problem`
+    places it once, sharded, for every split's engine; `sources_device0_bytes`). The preferences' merged models are added by `held_preference_bytes`
     (`memory.resident_preferences` of them, or all N).
 
     program: "merge" (its arguments are the sources), "path_scores" or "model_scores".
@@ -257,7 +270,7 @@ def engine_programs(
     t_max = int(run_config.arch.rl.t_max)
     junction = run_config.arch.alignment != "none"
     sharded = mesh is not None
-    sources = (num_experts + 1) * tree_bytes(params)
+    sources = sources_device0_bytes(params, num_experts, mesh)[0]  # 0 on a mesh: host arrays
     if parted(params, num_experts) and not sharded:  # the argument's expert parts are the sources' blocks
         sources -= num_experts * tree_bytes(params["blocks"])
     resident = resident_bytes("path_scores", sources, tree_bytes(pool))
@@ -282,10 +295,11 @@ def engine_programs(
     return out
 
 
-def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
+def merge_program(config, num_experts: int, dtype, mesh=None) -> ProgramMemory:
     """``merge``: the tuned parameter level's merge (`merging.traced.dare_ties_traced`) on device 0. It streams tensor
     by tensor (shell leaves, and stacked leaves block by block; `merging.traced.dare_ties_leaf`): planned is the
-    largest tensor's program, with the rest of the sources, the sources' pool and the merged model being
+    largest tensor's program, with the rest of the sources (on one device; on a mesh they are host arrays), the
+    sources' pool (on a mesh device 0's shard of it, `sources_device0_bytes`) and the merged model being
     assembled (at most one model) resident."""
     params = abstract_params(config, dtype)
     tensors = [  # what dare_ties_leaf is called on: shell leaves whole, stacked leaves one block at a time
@@ -307,8 +321,8 @@ def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
     )
     model = tree_bytes(params)
     leaf_args = (num_experts + 1) * tree_bytes(leaf)
-    pool = pool_copy_bytes(params, num_experts, sharded=False)  # the merge runs on device 0
-    resident = (num_experts + 1) * model - leaf_args + pool + model
+    sources, pool = sources_device0_bytes(params, num_experts, mesh)
+    resident = max(sources - leaf_args, 0) + pool + model  # on a mesh the leaves come from the host
     return compile_memory("merge", lambda: traced.dare_ties_leaf.lower(*args), 1, "device 0", resident)
 
 
@@ -317,14 +331,13 @@ def one_model_scores(config, objective, shell, blocks):
     return scoring.path_device_scores(config, shell, blocks, path, None, objective)
 
 
-def model_score_programs(config, num_experts: int, dtype, objectives: list) -> list[ProgramMemory]:
+def model_score_programs(config, num_experts: int, dtype, objectives: list, mesh=None) -> list[ProgramMemory]:
     """``model_scores/<task>``: one model's held-out score (`scoring.path_device_scores`) per distinct
-    objective shape, on device 0."""
+    objective shape, on device 0; resident the K other sources and the sources' pool (`sources_device0_bytes`:
+    on a mesh no sources, device 0's shard of the pool)."""
     params = abstract_params(config, dtype)
-    model = tree_bytes(params)
-    resident = resident_bytes(
-        "model_scores", num_experts * model, pool_copy_bytes(params, num_experts, False)
-    )
+    sources, pool = sources_device0_bytes(params, num_experts, mesh)
+    resident = resident_bytes("model_scores", sources * num_experts // (num_experts + 1), pool)
     seen, out = set(), []
     for obj in objectives:
         kind = "decode" if obj.metric in DECODE_METRICS else obj.metric  # one program for every decode metric
