@@ -102,6 +102,14 @@ params = program_memory.abstract_params(config, jnp.float32)
 out["planned"] = program_memory.sources_device0_bytes(params, K, mesh)
 out["whole"] = program_memory.tree_bytes(params)
 out["parted"] = all(len(e.pool) == K + 1 for e in problem.engines.values())
+# beside a preference's path program (one held): the sources' placed shell and base part (its expert parts are
+# the preference pool's own, `PreferenceModels`)
+from ml_collections import ConfigDict
+run = ConfigDict({"preferences": {"num": 3}, "memory": {"resident_preferences": 1}})
+out["held_planned"] = program_memory.held_preference_bytes("path_scores/search", run, config, K, jnp.float32, mesh)
+engine = problem.engines["search"]
+out["held_measured"] = sum(s.data.nbytes for x in jax.tree.leaves((engine.shell, engine.pool[K:]))
+                           for s in x.addressable_shards if s.device == dev0)
 mesh_scores = problem_lib.score_params(problem.engines["search"], problem.experts, problem.base)
 merge = program_memory.merge_program(config, K, jnp.float32, mesh)
 out["merge_resident"], out["merge_resident_one"] = merge.resident_bytes, program_memory.merge_program(
@@ -129,6 +137,7 @@ def test_a_mesh_problem_over_host_sources_places_only_shards(spec_path):
     assert pool < 4 * out["whole"] * 0.4  # about a quarter of the K + 1 sources (norms replicated)
     np.testing.assert_allclose(out["scores"]["mesh"], out["scores"]["one"], atol=1e-6)
     assert max(out["scores"]["one"]) > 0  # not a comparison of zeros
+    assert out["held_planned"] == out["held_measured"] < pool / 2
     # the merge on device 0 keeps that shard and the model it assembles resident, not the K + 1 sources
     assert out["merge_resident"] == pool + out["whole"]
     assert out["merge_resident_one"] > out["merge_resident"]  # one device: the sources as loaded

@@ -20,6 +20,7 @@ import numpy as np
 from hm3_jax import distributed, models
 from hm3_jax.merging import traced
 from hm3_jax.merging.groups import is_stacked, path_name
+from hm3_jax.models.layers import accelerator_dots
 from hm3_jax.paths.engine import DECODE_METRICS
 from hm3_jax.pipeline.preference_models import resident_preferences
 from hm3_jax.search.problem import make_engines, uses_parts
@@ -139,20 +140,25 @@ def held_preference_bytes(program: str, run_config, config, num_experts: int, dt
     a shell and a pool of the K + 1 sources' blocks) that `program` does not take as its argument.
 
     During the architecture level a path program's argument is one preference's shell and pool: the other held
-    ones (`held_preferences - 1`) and the sources' own pool (the split engines', which the program then does
-    not read) are resident beside it. The held-out bootstrap's model programs and the merges run while all held
-    preferences are kept. On a mesh in one process each held preference's shell and pool are placed sharded
-    like the engine's (`preference_models`): per device its share of them (`placed_bytes`); on several
-    processes they stay whole on device 0.
+    ones (`held_preferences - 1`) and the sources' own shell and pool (the split engines', which the program then
+    does not read) are resident beside it. The held-out bootstrap's model programs and the merges run while all
+    held preferences are kept. On a mesh in one process each held preference's shell and pool are placed
+    sharded like the engine's (`preference_models`): per device its share of them (`placed_bytes`), and a parted
+    preference pool's expert parts are the sources' placed parts, so beside it are only the sources' shell and
+    base part; on several processes they stay whole on device 0.
     """
     params = abstract_params(config, dtype)
     shell = models.shell_of(params)
     pool = abstract_pool(params, num_experts)
+    is_parted = parted(params, num_experts)
     # A parted pool adds Theta's own blocks only: its expert parts are the sources' (on a mesh, their placed parts).
-    own = (params["blocks"],) if parted(params, num_experts) else pool
+    own = (params["blocks"],) if is_parted else pool
     if mesh is not None and jax.process_count() == 1:
-        one, sources_pool = placed_bytes(shell, own, mesh), placed_bytes({}, pool, mesh)
-    elif parted(params, num_experts):
+        one = placed_bytes(shell, own, mesh)
+        sources_pool = placed_bytes(shell, (params["blocks"],) if is_parted else pool, mesh)
+    elif mesh is not None:
+        one, sources_pool = tree_bytes(shell) + tree_bytes(own), placed_bytes(shell, pool, mesh)
+    elif is_parted:  # the sources' pool is their own arrays (counted with the sources)
         one, sources_pool = tree_bytes(shell) + tree_bytes(own), 0
     else:
         one, sources_pool = tree_bytes(pool) + tree_bytes(shell), tree_bytes(pool)
@@ -184,9 +190,11 @@ def add_held(programs, run_config, config, num_experts: int, dtype, mesh) -> lis
 
 
 def compile_memory(name, lowered_fn, devices: int, mesh: str, resident: int) -> ProgramMemory:
-    """Compiles `lowered_fn()` (a `jax.stages.Lowered`) and reads its memory analysis."""
+    """Compiles `lowered_fn()` (a `jax.stages.Lowered`) and reads its memory analysis; traced with
+    `layers.accelerator_dots` (bf16 dots as on a TPU/GPU, not XLA:CPU's f32 copies of the weights)."""
     start = time.perf_counter()
-    stats = lowered_fn().compile().memory_analysis()
+    with accelerator_dots():  # bf16 dots as an accelerator runs them (XLA:CPU would widen the weights to f32)
+        stats = lowered_fn().compile().memory_analysis()
     return ProgramMemory(
         name,
         devices,
