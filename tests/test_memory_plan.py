@@ -268,3 +268,25 @@ def test_plan_error_names_the_program():
     assert plan.error_message().startswith("the run does not fit: program path_scores/search needs ")
     assert "on device 0 of mesh paths:8,data:1,model:1 (TPU v4" in plan.error_message()
     assert plan._replace(usable_bytes=200).fits and plan._replace(usable_bytes=None).fits
+
+
+def test_plans_trace_bf16_dots_as_an_accelerator():
+    """`layers.accelerator_dots` (what `program_memory.compile_memory` lowers under): a bf16 dense compiles to a
+    bf16 x bf16 -> f32 dot with no f32 copy of the kernel in its temporaries; outside it (and after it) XLA:CPU's
+    widened dot, the kernel converted to f32 (4 MiB here), is what runs."""
+    import jax.numpy as jnp
+
+    from hm3_jax.models import layers
+
+    kernel = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((4, 1024), jnp.bfloat16)
+
+    def compiled():
+        return jax.jit(lambda k, x: layers.dense({"kernel": k}, x)).lower(kernel, x).compile()
+
+    with layers.accelerator_dots():
+        native = compiled()
+    widened = compiled()  # outside again: XLA:CPU's widened dot
+    assert "f32[1024,1024]" not in native.as_text() and "f32[1024,1024]" in widened.as_text()
+    native_temp = native.memory_analysis().temp_size_in_bytes
+    assert widened.memory_analysis().temp_size_in_bytes >= 1024 * 1024 * 4 > native_temp

@@ -160,3 +160,38 @@ def test_uniform_steps_give_the_same_values(setup):
         uniform_decode(CONFIG, shell, pool, path, ids, mask, NEW, None, NO_EOS, uniform=True),
         decode(CONFIG, shell, pool, path, ids, mask, NEW, None, NO_EOS),
     )
+
+
+def test_blocks_read_per_step_give_the_same_tokens(setup):
+    """`gather_once=False` (each step's block read from the pool when the step runs, in every forward pass: what
+    large pools use, `GATHER_ONCE_MAX_BYTES`) gives the tokens of the default gather-once decode and of the
+    naive full-recompute loop: stacked and parted pools, a junction, padding in the middle, `uniform` too."""
+    from hm3_jax.models import decode as decode_lib
+
+    a, b, ids, mask = setup
+    steps = jax.jit(
+        models.greedy_decode, static_argnames=("config", "max_new_tokens", "uniform", "gather_once")
+    )
+    path = jnp.array([2, -1, 0, 3, 0], jnp.int32)
+    key_scale, key_shift = jax.random.split(jax.random.key(7))
+    junction = {
+        "scale": 1.0 + 0.1 * jax.random.normal(key_scale, (5, CONFIG.hidden_size)),
+        "shift": 0.05 * jax.random.normal(key_shift, (5, CONFIG.hidden_size)),
+    }
+    shell = models.shell_of(b)
+    stacked = models.make_pool([a["blocks"], b["blocks"]])
+    naive = greedy_decode_naive(CONFIG, shell, stacked, path, ids, mask, NEW, junction)
+    for pool in (stacked, models.make_parted_pool([a["blocks"], b["blocks"]])):
+        for uniform in (False, True):
+            once = steps(CONFIG, shell, pool, path, ids, mask, NEW, junction, NO_EOS, uniform=uniform,
+                         gather_once=True)  # fmt: skip
+            per_step = steps(CONFIG, shell, pool, path, ids, mask, NEW, junction, NO_EOS, uniform=uniform,
+                             gather_once=False)  # fmt: skip
+            np.testing.assert_array_equal(per_step, once)
+            np.testing.assert_array_equal(per_step, naive)
+    # the default chooses by the bytes of the T_max gathered blocks
+    block = sum(x[0].nbytes for x in jax.tree.leaves(stacked))
+    assert decode_lib.gathers_once(stacked, 5) and decode_lib.gathers_once(
+        models.make_parted_pool([a["blocks"]]), 5
+    )
+    assert not decode_lib.gathers_once(stacked, decode_lib.GATHER_ONCE_MAX_BYTES // block + 1)

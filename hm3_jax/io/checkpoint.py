@@ -62,13 +62,15 @@ def _progress(desc: str, total: int):
     return lambda it: tqdm(it, desc=desc, total=total, leave=False, disable=total < 2 or None)
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Model:
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, on_host: bool = False) -> Model:
     """Loads a local Hugging Face checkpoint directory into our stacked layout.
 
     Args:
       path: directory with `config.json` and `model.safetensors` or sharded
         `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
       dtype: `jnp.float32` or `jnp.bfloat16`; every parameter is cast to it while it is read.
+      on_host: params as host (numpy) arrays, nothing placed on a device (a run on a mesh places only its
+        pools' shards); default: every tensor `jax.device_put` on the default device.
     Returns:
       `Model(config, params, hf_config)`; `hm3_jax.models.apply(model.config, model.params, inputs)` gives
       logits `[B, S, V]` (LMs) or ViT outputs.
@@ -89,7 +91,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Model:
             raise safetensors_io.CheckpointError(f"{config_path} disagrees with the weights: {e}") from None
         num_entries = len(mapping.family_mapping(config).entries)
         params = param_load.load_params(
-            config, reader, dt, progress=_progress("loading tensors", num_entries)
+            config, reader, dt, progress=_progress("loading tensors", num_entries), on_host=on_host
         )
     log.info(
         "loaded %s (%s, %d layers) from %s", hf["architectures"][0], _DTYPES[dt], config.num_layers, path

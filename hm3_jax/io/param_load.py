@@ -107,7 +107,9 @@ def _check_tensors(mapping, shapes, config, names, shape_fn) -> dict[tuple[int, 
     return stored
 
 
-def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None) -> dict:
+def load_params(
+    config: ModelConfig, reader: TensorReader, dtype, progress=None, on_host: bool = False
+) -> dict:
     """Reads every tensor our layout needs from `reader` into a params tree of `dtype`.
 
     Args:
@@ -115,8 +117,10 @@ def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None)
       reader: an open `TensorReader` over the checkpoint's safetensors files.
       dtype: float32 or bfloat16; every leaf is cast to it.
       progress: optional wrapper over the entry iterator (e.g. tqdm).
+      on_host: keep every leaf a host (numpy) array instead of placing it on the default device (a run on a
+        mesh places only the shards of its pools; docs/scaling.md "Session 13").
     Returns:
-      params `{"embed", "blocks", "final", "head"}` of device arrays.
+      params `{"embed", "blocks", "final", "head"}` of device arrays (numpy arrays when `on_host`).
     Raises:
       CheckpointError naming the tensor when one is missing, its shape disagrees with the config or it holds
       NaN/Inf (with its file), and listing tensors the checkpoint holds that the architecture does not use.
@@ -130,6 +134,7 @@ def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None)
     # Names and shapes of everything first (headers only), so a bad checkpoint fails before any copy.
     stored = _check_tensors(mapping, shapes, config, reader.names(), reader.shape)
     num_layers = config.num_layers
+    put = (lambda x: x) if on_host else jax.device_put
 
     params: dict = {}
     entries: Iterator = iter(enumerate(mapping.entries))
@@ -140,7 +145,7 @@ def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None)
             # A whole leaf in one tensor (embeddings, head): cast the read array itself, no second buffer.
             leaf_shape = tuple(leaf_at(shapes, entry.leaves[0]).shape)
             x = to_ours(entry.kind, reader.get(stored[(i, 0)]), leaf_shape).astype(np_dtype, copy=False)
-            set_leaf(params, entry.leaves[0], jax.device_put(np.ascontiguousarray(x)))
+            set_leaf(params, entry.leaves[0], put(np.ascontiguousarray(x)))
             del x
             continue
         buffers = [np.empty(leaf_at(shapes, leaf).shape, np_dtype) for leaf in entry.leaves]
@@ -158,7 +163,7 @@ def load_params(config: ModelConfig, reader: TensorReader, dtype, progress=None)
                 offset += size
             del x
         for leaf, buf in zip(entry.leaves, buffers, strict=True):
-            set_leaf(params, leaf, jax.device_put(buf))
+            set_leaf(params, leaf, put(buf))
         del buffers
     for key in ("embed", "blocks", "final", "head"):
         params.setdefault(key, {})

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hm3_jax.models import layers
 from hm3_jax.models.config import ModelConfig
 from hm3_jax.models.path import check_junction, family_module, is_concrete, validate_path
-from hm3_jax.models.pool import pool_block, pool_size
+from hm3_jax.models.pool import is_parted, pool_block, pool_size
 
 LM_FAMILIES = ("llama", "gpt2")
 
@@ -52,6 +53,22 @@ def _canonical_steps(path, junction):
     return path[order], junction["scale"][order], junction["shift"][order], num_real
 
 
+# Above this many bytes of a path's T_max gathered blocks, decoding reads each step's block from the pool when the
+# step runs (every forward pass) instead of gathering all T_max once per call: Llama-2-7B's 64 blocks are
+# 6 GiB per device at model:4 (docs/scaling.md, "Session 13"). Below it (every tiny run) the blocks are gathered
+# once, as before: no generated token copies a block (docs/path_eval.md). The same values either way.
+GATHER_ONCE_MAX_BYTES = 2**30
+
+
+def gathers_once(pool, t_max: int) -> bool:
+    """Whether `greedy_decode` gathers the path's T_max blocks once per call (`GATHER_ONCE_MAX_BYTES`)."""
+    per_block = sum(
+        int(np.prod(x.shape[1:])) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(pool[0] if is_parted(pool) else pool)
+    )
+    return t_max * per_block <= GATHER_ONCE_MAX_BYTES
+
+
 def first_argmax(logits: jax.Array) -> jax.Array:
     """`jnp.argmax(logits, -1)` (first index of the maximum, NaN counting as the maximum) as a max and a min
     reduction: XLA:CPU lowers argmax to a variadic (value, index) reduce, 0.64 ms on tiny3's [105, 1024]
@@ -66,16 +83,18 @@ def first_argmax(logits: jax.Array) -> jax.Array:
 
 def _path_with_caches(config, module, blocks, steps, h, ctx, caches, uniform=False):
     """Runs h [B, s, D] through the real steps of a canonical path, unrolled over the T_max static steps:
-    step t applies `blocks[t]` (the path's t-th pool block, gathered once per decode call) under a
-    `lax.cond(t < num_real)`, reading and writing its own cache `caches[t] = (k, v)` [B, KV, S_total, hd].
+    step t applies `blocks(t, h) -> (block, h)` (the path's t-th pool block: gathered once per decode call, or
+    read when the step runs, `greedy_decode`'s `gather_once`) under a `lax.cond(t < num_real)`, reading and
+    writing its own cache `caches[t] = (k, v)` [B, KV, S_total, hd].
     `uniform`: every step runs its block and `jnp.where` keeps the old values on padding steps (see
     `path.run_path`). Returns (h, caches)."""
     _, scales, shifts, num_real = steps
     caches = list(caches)
-    for t, p in enumerate(blocks):
+    for t in range(len(caches)):
 
-        def run(operands, t=t, p=p):
+        def run(operands, t=t):
             h, cache = operands
+            p, h = blocks(t, h)
             x = h if scales is None else (h * scales[t] + shifts[t]).astype(h.dtype)  # as `run_path`
             return module.block_with_cache(config, p, x, ctx, cache)
 
@@ -99,6 +118,7 @@ def greedy_decode(
     eos_id: int | None = None,
     pad_id: int = 0,
     uniform: bool = False,
+    gather_once: bool | None = None,
 ) -> jax.Array:
     """Greedy (argmax) generation along a layer path with a per-step KV cache.
 
@@ -113,6 +133,9 @@ def greedy_decode(
       junction: None or {"scale", "shift"}: [T_max, D], applied before each step as in `apply_path`.
       eos_id: if set, once a row emits `eos_id` every later token of that row is `pad_id`.
       uniform: no data-dependent branches (padding steps computed and discarded; `path.run_path`).
+      gather_once: static; gather the path's T_max blocks once per call (True) or read each step's block when
+        the step runs, in every forward pass (False: one block live at a time, not T_max); None: once unless
+        the T_max blocks exceed `GATHER_ONCE_MAX_BYTES` (`gathers_once`). The same tokens either way.
     Returns: tokens int32 [B, max_new_tokens].
     """
     if config.family not in LM_FAMILIES:
@@ -144,7 +167,16 @@ def greedy_decode(
     cache_shape = (b, config.kv_heads, s_total, config.head_size)
     caches = tuple((jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype)) for _ in range(t_max))
     steps = _canonical_steps(path, junction)
-    blocks = [pool_block(pool, steps[0][t]) for t in range(t_max)]
+    if gathers_once(pool, t_max) if gather_once is None else gather_once:
+        gathered = [pool_block(pool, steps[0][t]) for t in range(t_max)]
+
+        def blocks(t, h):
+            return gathered[t], h
+
+    else:
+
+        def blocks(t, h):  # step t's block read when the step runs (in every forward pass)
+            return pool_block(pool, steps[0][t]), h
 
     # Prefill: the whole prompt in one pass, writing cache slots 0..S_prompt-1.
     positions = layers.positions_from_mask(prompt_mask)  # [B, S_prompt]

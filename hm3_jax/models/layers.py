@@ -6,6 +6,8 @@ through `preferred_element_type`); norms, attention logits and softmax run in fl
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -14,6 +16,9 @@ import numpy as np
 
 from hm3_jax.models.config import ModelConfig
 
+# Whether `einsum_f32` widens bf16 operands on XLA:CPU (see there); `accelerator_dots` turns it off while a
+# memory plan lowers programs that are compiled for an accelerator on simulated CPU devices and never run.
+_WIDEN_BF16_ON_CPU = contextvars.ContextVar("widen_bf16_on_cpu", default=True)
 MASK_VALUE = -1e30  # finite, so a fully masked row (a left-pad query) gives a uniform, not NaN, softmax
 
 
@@ -25,9 +30,21 @@ def einsum_f32(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
     DotThunk::Execute: BF16 x BF16 = F32`, e.g. Qwen2.5-0.5B's shapes; small dots are fused and work). The
     product of two bfloat16 numbers is exact in float32, so only the summation order can differ.
     """
-    if jnp.bfloat16 in (a.dtype, b.dtype) and jax.default_backend() == "cpu":
+    if jnp.bfloat16 in (a.dtype, b.dtype) and jax.default_backend() == "cpu" and _WIDEN_BF16_ON_CPU.get():
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
+@contextlib.contextmanager
+def accelerator_dots():
+    """Within it, `einsum_f32` traces bf16 x bf16 -> f32 dots on every backend, as on a TPU or GPU: for programs
+    that are only compiled on CPU (a memory plan on simulated devices), so that their buffers hold no f32
+    copies of the bf16 weights an accelerator never makes (XLA:CPU may fail to *run* such a dot)."""
+    token = _WIDEN_BF16_ON_CPU.set(False)
+    try:
+        yield
+    finally:
+        _WIDEN_BF16_ON_CPU.reset(token)
 
 
 def dense(p: dict, x: jax.Array) -> jax.Array:

@@ -186,11 +186,11 @@ def plan_run(
     if unknown:
         raise ValueError(f"unknown program kind(s) {sorted(unknown)}; known: {PROGRAMS}")
     tuned = run_config.param_level.cmaes.enabled  # else only the paper's merge runs (eager, leaf by leaf)
-    planned = [merge_program(config, num_experts, dtype)] if "merge" in programs and tuned else []
+    planned = [merge_program(config, num_experts, dtype, mesh)] if "merge" in programs and tuned else []
     if "path_scores" in programs:
         planned += engine_programs(config, num_experts, dtype, split_objs, run_config, mesh, groups, splits)
     if "model_scores" in programs:
-        planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"])
+        planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"], mesh)
     model_bytes = tree_bytes(abstract_params(config, dtype))
     planned = add_held(planned, run_config, config, num_experts, dtype, mesh)
     largest = (None, None)

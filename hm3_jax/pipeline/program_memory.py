@@ -20,6 +20,7 @@ import numpy as np
 from hm3_jax import distributed, models
 from hm3_jax.merging import traced
 from hm3_jax.merging.groups import is_stacked, path_name
+from hm3_jax.models.layers import accelerator_dots
 from hm3_jax.paths.engine import DECODE_METRICS
 from hm3_jax.pipeline.preference_models import resident_preferences
 from hm3_jax.search.problem import make_engines, uses_parts
@@ -97,12 +98,25 @@ def pool_copy_bytes(params, num_experts: int, sharded: bool) -> int:
     return (num_experts + 1) * tree_bytes(params["blocks"])
 
 
+def sources_device0_bytes(params, num_experts: int, mesh=None) -> tuple[int, int]:
+    """(sources, sources' pool) bytes the run keeps on device 0 besides a program's arguments.
+
+    One device: the K + 1 sources as `load_pretrained` placed them and the pool's copy of their blocks
+    (`pool_copy_bytes`: none when parted). On a mesh (`run.setup` loads the sources as host arrays,
+    `spec_zoo.load(on_host=True)`): no sources, and the shards of the sources' shell and pool that
+    `make_problem` placed (`placed_bytes`; a parted pool's parts are placed copies of the host blocks too).
+    """
+    if mesh is None:
+        return (num_experts + 1) * tree_bytes(params), pool_copy_bytes(params, num_experts, sharded=False)
+    return 0, placed_bytes(models.shell_of(params), abstract_pool(params, num_experts), mesh)
+
+
 def resident_bytes(program: str, sources_bytes: int, pool_bytes: int) -> int:
     """Bytes the run keeps on device 0 outside `program`'s arguments (hm3_jax/pipeline/run.py and problem.py today):
     the sources as `load_pretrained` placed them (`sources_bytes`: the K + 1 models, or for "model_scores" the K
-    that are not its argument) and the sources' pool (`problem.make_problem`, `pool_bytes`; it is the path
-    programs' own argument: on a mesh `make_problem` places it once, sharded, for every split's engine, and
-    drops the unplaced copy). The preferences' merged models are added by `held_preference_bytes`
+    that are not its argument; 0 on a mesh, where they are host arrays) and the sources' pool
+    (`problem.make_problem`, `pool_bytes`; it is the path programs' own argument: on a mesh `make_problem`
+    places it once, sharded, for every split's engine; `sources_device0_bytes`). The preferences' merged models are added by `held_preference_bytes`
     (`memory.resident_preferences` of them, or all N).
 
     program: "merge" (its arguments are the sources), "path_scores" or "model_scores".
@@ -126,20 +140,25 @@ def held_preference_bytes(program: str, run_config, config, num_experts: int, dt
     a shell and a pool of the K + 1 sources' blocks) that `program` does not take as its argument.
 
     During the architecture level a path program's argument is one preference's shell and pool: the other held
-    ones (`held_preferences - 1`) and the sources' own pool (the split engines', which the program then does
-    not read) are resident beside it. The held-out bootstrap's model programs and the merges run while all held
-    preferences are kept. On a mesh in one process each held preference's shell and pool are placed sharded
-    like the engine's (`preference_models`): per device its share of them (`placed_bytes`); on several
-    processes they stay whole on device 0.
+    ones (`held_preferences - 1`) and the sources' own shell and pool (the split engines', which the program then
+    does not read) are resident beside it. The held-out bootstrap's model programs and the merges run while all
+    held preferences are kept. On a mesh in one process each held preference's shell and pool are placed
+    sharded like the engine's (`preference_models`): per device its share of them (`placed_bytes`), and a parted
+    preference pool's expert parts are the sources' placed parts, so beside it are only the sources' shell and
+    base part; on several processes they stay whole on device 0.
     """
     params = abstract_params(config, dtype)
     shell = models.shell_of(params)
     pool = abstract_pool(params, num_experts)
+    is_parted = parted(params, num_experts)
     # A parted pool adds Theta's own blocks only: its expert parts are the sources' (on a mesh, their placed parts).
-    own = (params["blocks"],) if parted(params, num_experts) else pool
+    own = (params["blocks"],) if is_parted else pool
     if mesh is not None and jax.process_count() == 1:
-        one, sources_pool = placed_bytes(shell, own, mesh), placed_bytes({}, pool, mesh)
-    elif parted(params, num_experts):
+        one = placed_bytes(shell, own, mesh)
+        sources_pool = placed_bytes(shell, (params["blocks"],) if is_parted else pool, mesh)
+    elif mesh is not None:
+        one, sources_pool = tree_bytes(shell) + tree_bytes(own), placed_bytes(shell, pool, mesh)
+    elif is_parted:  # the sources' pool is their own arrays (counted with the sources)
         one, sources_pool = tree_bytes(shell) + tree_bytes(own), 0
     else:
         one, sources_pool = tree_bytes(pool) + tree_bytes(shell), tree_bytes(pool)
@@ -171,9 +190,11 @@ def add_held(programs, run_config, config, num_experts: int, dtype, mesh) -> lis
 
 
 def compile_memory(name, lowered_fn, devices: int, mesh: str, resident: int) -> ProgramMemory:
-    """Compiles `lowered_fn()` (a `jax.stages.Lowered`) and reads its memory analysis."""
+    """Compiles `lowered_fn()` (a `jax.stages.Lowered`) and reads its memory analysis; traced with
+    `layers.accelerator_dots` (bf16 dots as on a TPU/GPU, not XLA:CPU's f32 copies of the weights)."""
     start = time.perf_counter()
-    stats = lowered_fn().compile().memory_analysis()
+    with accelerator_dots():  # bf16 dots as an accelerator runs them (XLA:CPU would widen the weights to f32)
+        stats = lowered_fn().compile().memory_analysis()
     return ProgramMemory(
         name,
         devices,
@@ -257,7 +278,7 @@ def engine_programs(
     t_max = int(run_config.arch.rl.t_max)
     junction = run_config.arch.alignment != "none"
     sharded = mesh is not None
-    sources = (num_experts + 1) * tree_bytes(params)
+    sources = sources_device0_bytes(params, num_experts, mesh)[0]  # 0 on a mesh: host arrays
     if parted(params, num_experts) and not sharded:  # the argument's expert parts are the sources' blocks
         sources -= num_experts * tree_bytes(params["blocks"])
     resident = resident_bytes("path_scores", sources, tree_bytes(pool))
@@ -282,10 +303,11 @@ def engine_programs(
     return out
 
 
-def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
+def merge_program(config, num_experts: int, dtype, mesh=None) -> ProgramMemory:
     """``merge``: the tuned parameter level's merge (`merging.traced.dare_ties_traced`) on device 0. It streams tensor
     by tensor (shell leaves, and stacked leaves block by block; `merging.traced.dare_ties_leaf`): planned is the
-    largest tensor's program, with the rest of the sources, the sources' pool and the merged model being
+    largest tensor's program, with the rest of the sources (on one device; on a mesh they are host arrays), the
+    sources' pool (on a mesh device 0's shard of it, `sources_device0_bytes`) and the merged model being
     assembled (at most one model) resident."""
     params = abstract_params(config, dtype)
     tensors = [  # what dare_ties_leaf is called on: shell leaves whole, stacked leaves one block at a time
@@ -307,8 +329,8 @@ def merge_program(config, num_experts: int, dtype) -> ProgramMemory:
     )
     model = tree_bytes(params)
     leaf_args = (num_experts + 1) * tree_bytes(leaf)
-    pool = pool_copy_bytes(params, num_experts, sharded=False)  # the merge runs on device 0
-    resident = (num_experts + 1) * model - leaf_args + pool + model
+    sources, pool = sources_device0_bytes(params, num_experts, mesh)
+    resident = max(sources - leaf_args, 0) + pool + model  # on a mesh the leaves come from the host
     return compile_memory("merge", lambda: traced.dare_ties_leaf.lower(*args), 1, "device 0", resident)
 
 
@@ -317,14 +339,13 @@ def one_model_scores(config, objective, shell, blocks):
     return scoring.path_device_scores(config, shell, blocks, path, None, objective)
 
 
-def model_score_programs(config, num_experts: int, dtype, objectives: list) -> list[ProgramMemory]:
+def model_score_programs(config, num_experts: int, dtype, objectives: list, mesh=None) -> list[ProgramMemory]:
     """``model_scores/<task>``: one model's held-out score (`scoring.path_device_scores`) per distinct
-    objective shape, on device 0."""
+    objective shape, on device 0; resident the K other sources and the sources' pool (`sources_device0_bytes`:
+    on a mesh no sources, device 0's shard of the pool)."""
     params = abstract_params(config, dtype)
-    model = tree_bytes(params)
-    resident = resident_bytes(
-        "model_scores", num_experts * model, pool_copy_bytes(params, num_experts, False)
-    )
+    sources, pool = sources_device0_bytes(params, num_experts, mesh)
+    resident = resident_bytes("model_scores", sources * num_experts // (num_experts + 1), pool)
     seen, out = set(), []
     for obj in objectives:
         kind = "decode" if obj.metric in DECODE_METRICS else obj.metric  # one program for every decode metric

@@ -17,7 +17,9 @@ import json
 import os
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hm3_jax.io import hf_config, vocab
 from hm3_jax.io.checkpoint import Model, load_pretrained
@@ -194,21 +196,26 @@ def load_tasks(spec, seed: int = 0) -> SpecTasks:
     )
 
 
-def load(spec, seed: int = 0) -> SpecZoo:
-    """Loads a spec (a path or a `Spec`): models in the spec's dtype, tokenizer, split data, objectives."""
+def load(spec, seed: int = 0, on_host: bool = False) -> SpecZoo:
+    """Loads a spec (a path or a `Spec`): models in the spec's dtype, tokenizer, split data, objectives.
+
+    `on_host`: the models' params as host (numpy) arrays (`load_pretrained(..., on_host=True)`; a run on a mesh
+    places only its pools' shards), else every tensor on the default device."""
     tasks = load_tasks(spec, seed)
     spec, tokenizer, eos_ids, data = tasks.spec, tasks.tokenizer, tasks.eos_ids, tasks.data
     splits, images, objectives = tasks.splits, tasks.images, tasks.objectives
     dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
-    base = _named("the base", spec.base, load_pretrained, spec.base, dtype=dtype)
+    base = _named("the base", spec.base, load_pretrained, spec.base, dtype=dtype, on_host=on_host)
     experts = {}
     base_vocab = vocab.vocab_of(spec.base) if spec.tokenizer_source == "base" else None
     for name, d in spec.experts.items():
-        expert = _named(f"expert {name!r}", d, load_pretrained, d, dtype=dtype)
+        expert = _named(f"expert {name!r}", d, load_pretrained, d, dtype=dtype, on_host=on_host)
         if base_vocab is not None:
             params = vocab.align_to_base_vocab(
                 base_vocab, vocab.vocab_of(d), expert.params, base.params, expert.config
             )
+            if on_host:  # the re-indexed embedding and head come back as device arrays
+                params = jax.tree.map(np.asarray, params)
             expert = Model(base.config, params, expert.hf_config)
         experts[name] = expert
     groups = {t: s.objective for t, s in spec.tasks.items()}
