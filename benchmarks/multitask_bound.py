@@ -261,7 +261,8 @@ def main(argv=None) -> dict:
     param_cache = os.path.join(args.run, "headroom_param_level.json")  # arch_headroom.py's, without a run
     if report is None and os.path.isfile(param_cache):
         with open(param_cache) as f:
-            first = json.load(f)["entries"][0]  # row 0 is the balanced preference (run_config.make_preferences)
+            # row 0 is the balanced preference (run_config.make_preferences)
+            first = json.load(f)["entries"][0]
         variant = "tuned" if "tuned" in first else "paper"
         models_out[f"theta_{variant}@balanced (headroom_param_level.json)"] = entry(first[variant]["heldout"])
     for name, meta in trained_meta.items():

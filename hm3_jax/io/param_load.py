@@ -118,7 +118,7 @@ def load_params(
       dtype: float32 or bfloat16; every leaf is cast to it.
       progress: optional wrapper over the entry iterator (e.g. tqdm).
       on_host: keep every leaf a host (numpy) array instead of placing it on the default device (a run on a
-        mesh places only the shards of its pools; docs/scaling.md "Session 13").
+        mesh places only the shards of its pools; docs/scaling.md "Session 12: device 0 holds shards only").
     Returns:
       params `{"embed", "blocks", "final", "head"}` of device arrays (numpy arrays when `on_host`).
     Raises:

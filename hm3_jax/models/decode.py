@@ -55,7 +55,7 @@ def _canonical_steps(path, junction):
 
 # Above this many bytes of a path's T_max gathered blocks, decoding reads each step's block from the pool when the
 # step runs (every forward pass) instead of gathering all T_max once per call: Llama-2-7B's 64 blocks are
-# 6 GiB per device at model:4 (docs/scaling.md, "Session 13"). Below it (every tiny run) the blocks are gathered
+# 6 GiB per device at model:4 (docs/scaling.md, "Session 12: device 0 holds shards only"). Below it (every tiny run) the blocks are gathered
 # once, as before: no generated token copies a block (docs/path_eval.md). The same values either way.
 GATHER_ONCE_MAX_BYTES = 2**30
 

@@ -69,7 +69,7 @@ def setup(config, workdir: str, zoo_dir: str | None = None, mesh=None):
     check_memory(config, mesh, spec_path)  # before any checkpoint is loaded
     spec = spec_lib.load_spec(spec_path)
     # On a mesh the sources stay host arrays: only their pool's shards are placed (make_problem), not every
-    # tensor whole on device 0 (docs/scaling.md, "Session 13").
+    # tensor whole on device 0 (docs/scaling.md, "Session 12: device 0 holds shards only").
     zoo = spec_zoo.load(spec, config.get("spec_split_seed", 0), on_host=mesh is not None)
     check_t_max(config, zoo.base.config.num_layers)
     hashes = spec_lib.file_hashes(spec, recorded.get("files"))
