@@ -32,7 +32,9 @@ def _training_flops(zoo, model) -> int:
 def test_deep_config_resolves_from_the_config_file():
     config = _load(os.path.join(REPO, "experiments/configs/tiny3.py")).get_config("deep")
     assert config.zoo.model.num_layers == 16 and config.zoo.model.hidden_size == 64
-    assert config.arch.rl.t_max >= config.zoo.model.num_layers  # Theta's own path fits (run_config.check_t_max)
+    assert (
+        config.arch.rl.t_max >= config.zoo.model.num_layers
+    )  # Theta's own path fits (run_config.check_t_max)
     assert config.arch.rl.t_min < config.zoo.model.num_layers  # deletions are neighbours
 
 

@@ -38,9 +38,7 @@ def setup():
         gathered = problem.tables[:, np.arange(problem.t_max)[None, :], np.where(valid, paths, 0)]
         return (np.where(valid[None], gathered, 0.0).sum(-1) / problem.t_max).T.astype(np.float32)
 
-    trainer = ppo.make_trainer(
-        config, host_score_fn(host_fn, 2), problem.descriptors, jnp.array(PREFERENCES)
-    )
+    trainer = ppo.make_trainer(config, host_score_fn(host_fn, 2), problem.descriptors, jnp.array(PREFERENCES))
     return trainer, host_fn, calls
 
 

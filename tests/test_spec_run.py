@@ -79,9 +79,7 @@ def test_objective_is_mean_of_its_tasks(spec_run):
     _, zoo, problem = run_lib.setup(config, workdir)
     assert problem.task_names == ("sums", "sums_chrf", "bigger") and problem.groups == (0, 0, 1)
     base = zoo.base
-    per_task = [
-        scoring.score_model(base.config, base.params, o) for o in problem.objectives["heldout"]
-    ]
+    per_task = [scoring.score_model(base.config, base.params, o) for o in problem.objectives["heldout"]]
     expected = [(per_task[0] + per_task[1]) / 2, per_task[2]]
     np.testing.assert_allclose(problem.source_scores["heldout"][0], expected, atol=1e-9)
     np.testing.assert_allclose(report["methods"]["base"]["points"][0], expected, atol=1e-9)

@@ -172,7 +172,11 @@ def method_specs(
     out["hm3"] = lambda: LazySequence(len(hm3["per_preference"]), hm3_spec)
     out["hm3_no_param_level"] = lambda: [
         ModelSpec(
-            np_shell, np_pool, np.asarray(r["path"], np.int32), None, path_scorer.scorer_pool_id("no_param", i)
+            np_shell,
+            np_pool,
+            np.asarray(r["path"], np.int32),
+            None,
+            path_scorer.scorer_pool_id("no_param", i),
         )
         for i, r in enumerate(no_param["per_preference"])
     ]
