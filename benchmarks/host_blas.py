@@ -90,20 +90,17 @@ def main(argv=None) -> dict:
     tsv()  # compiled once, outside the timings
     workloads = {"svd": lambda: host_blas.single_threaded(_svds)(x, svds), "tsv_merge": tsv}
     result = {"idle": _measure(workloads, repeats), "busy_processes": busy}
-    if busy == 0:
-        result["load_average"] = [round(v, 2) for v in os.getloadavg()]
-        print(json.dumps(result, indent=1))
-        return result
-    stop = multiprocessing.Event()
-    spinners = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(busy)]
-    for p in spinners:
-        p.start()
-    try:
-        result["busy"] = _measure(workloads, repeats)
-    finally:
-        stop.set()
+    if busy:
+        stop = multiprocessing.Event()
+        spinners = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(busy)]
         for p in spinners:
-            p.join(timeout=10)
+            p.start()
+        try:
+            result["busy"] = _measure(workloads, repeats)
+        finally:
+            stop.set()
+            for p in spinners:
+                p.join(timeout=10)
     result["load_average"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result, indent=1))
     return result

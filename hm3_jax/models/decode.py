@@ -83,7 +83,7 @@ def first_argmax(logits: jax.Array) -> jax.Array:
 
 def _path_with_caches(config, module, blocks, steps, h, ctx, caches, uniform=False):
     """Runs h [B, s, D] through the real steps of a canonical path, unrolled over the T_max static steps:
-    step t applies `blocks(t, h) -> (block, h)` (the path's t-th pool block: gathered once per decode call, or
+    step t applies `blocks(t)` (the path's t-th pool block: gathered once per decode call, or
     read when the step runs, `greedy_decode`'s `gather_once`) under a `lax.cond(t < num_real)`, reading and
     writing its own cache `caches[t] = (k, v)` [B, KV, S_total, hd].
     `uniform`: every step runs its block and `jnp.where` keeps the old values on padding steps (see
@@ -94,7 +94,7 @@ def _path_with_caches(config, module, blocks, steps, h, ctx, caches, uniform=Fal
 
         def run(operands, t=t):
             h, cache = operands
-            p, h = blocks(t, h)
+            p = blocks(t)
             x = h if scales is None else (h * scales[t] + shifts[t]).astype(h.dtype)  # as `run_path`
             return module.block_with_cache(config, p, x, ctx, cache)
 
@@ -170,13 +170,13 @@ def greedy_decode(
     if gathers_once(pool, t_max) if gather_once is None else gather_once:
         gathered = [pool_block(pool, steps[0][t]) for t in range(t_max)]
 
-        def blocks(t, h):
-            return gathered[t], h
+        def blocks(t):
+            return gathered[t]
 
     else:
 
-        def blocks(t, h):  # step t's block read when the step runs (in every forward pass)
-            return pool_block(pool, steps[0][t]), h
+        def blocks(t):  # step t's block read when the step runs (in every forward pass)
+            return pool_block(pool, steps[0][t])
 
     # Prefill: the whole prompt in one pass, writing cache slots 0..S_prompt-1.
     positions = layers.positions_from_mask(prompt_mask)  # [B, S_prompt]

@@ -31,7 +31,7 @@ import jax
 from hm3_jax import models
 from hm3_jax.paths import engine as engine_lib
 from hm3_jax.search import param_level
-from hm3_jax.search.problem import Problem, pool_for
+from hm3_jax.search.problem import Problem, place_own_part, pool_for
 
 
 def resident_preferences(config) -> int:
@@ -97,25 +97,17 @@ class PreferenceModels:
             self._held.popitem(last=False)  # before building the next one: never resident + 1 pools at once
         merged = self.merged(index)
         shell, pool = models.shell_of(merged), pool_for(self.problem, merged)
-        del (
-            merged
-        )  # its blocks are in the pool (copied, or its own part of a parted pool); the shell keeps the rest
-        mesh = (
-            self.problem.engines["search"].mesh
-            if self.problem.engines["search"].strategy == "shard"
-            else None
-        )
-        if mesh is not None and jax.process_count() == 1:
+        # its blocks are in the pool (copied, or its own part of a parted pool); the shell keeps the rest
+        del merged
+        search = self.problem.engines["search"]
+        if search.strategy == "shard" and jax.process_count() == 1:
             # placed once for every split's engine of this preference; the unplaced pool leaves device 0 (one
             # process only: on several, the export and alignment code read the pool as a local array)
-            sources_pool = self.problem.engines["search"].pool  # placed by make_problem
-            if models.is_parted(pool) and models.is_parted(sources_pool):
+            if models.is_parted(pool) and models.is_parted(search.pool):
                 # the experts' parts are already placed (the sources' pool): place only Theta's own part
-                num_experts = len(self.problem.experts)
-                shell, own = engine_lib.place_model(shell, pool[num_experts:], mesh)
-                pool = tuple(sources_pool[:num_experts]) + tuple(own)
+                shell, pool = place_own_part(search, shell, pool, len(self.problem.experts))
             else:
-                shell, pool = engine_lib.place_model(shell, pool, mesh)
+                shell, pool = engine_lib.place_model(shell, pool, search.mesh)
         held = {"shell": shell, "pool": pool, "engines": {}}
         self._held[index] = held
         return held

@@ -302,6 +302,14 @@ def capped_search_objectives(zoo, tasks, search_examples: int) -> list:
     return [objs["search"][t] for t in tasks]
 
 
+def place_own_part(engine, shell: dict, pool: tuple, num_experts: int) -> tuple[dict, tuple]:
+    """(shell, pool) of a parted pool `experts + [model]` placed on `engine`'s mesh, reusing the experts' parts
+    `engine.pool` already holds placed (the sources' pool that `make_problem` placed: its first K parts) and
+    placing only the shell and the model's own part."""
+    shell, own = engine_lib.place_model(shell, pool[num_experts:], engine.mesh)
+    return shell, tuple(engine.pool[:num_experts]) + tuple(own)
+
+
 # Above this many bytes of the experts' blocks, pools are parted (`uses_parts`): the sources' own block arrays
 # instead of a stacked copy (a module constant: tests lower it to run parted pools on tiny models).
 SCORE_POOL_COPY_MAX_BYTES = 2**28
@@ -319,9 +327,6 @@ def score_params(engine, experts: list, params: dict) -> np.ndarray:
     K, L = len(experts), models.pool_size(params["blocks"])
     shell, pool = models.shell_of(params), pool_for(experts, params)
     if models.is_parted(pool) and engine.strategy == "shard" and models.is_parted(engine.pool):
-        # on a mesh the engine's pool is the sources' placed parts (`make_problem`): reuse its experts' parts and
-        # place only the model's own (not K + 1 parts per scored model)
-        shell, own = engine_lib.place_model(shell, pool[K:], engine.mesh)
-        pool = tuple(engine.pool[:K]) + tuple(own)
+        shell, pool = place_own_part(engine, shell, pool, K)  # not K + 1 parts per scored model
     eng = engine.with_model(shell, pool)
     return eng.evaluate((K * L + np.arange(L, dtype=np.int32))[None]).scores[0]
