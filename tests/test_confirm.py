@@ -270,6 +270,37 @@ def test_archive_restores_scores_and_cost_after_a_resume(problem, tmp_path):
     assert list(resumed.archive) == list(before.archive)
 
 
+def test_shared_model_answers_a_path_once_for_every_preference(problem, tmp_path):
+    """The no-parameter-level ablation's scorer (`shared_pool_id`: one model under every preference): a path
+    scored under one preference answers the others without the engine, is archived (charged) under each, and
+    gives the scores of per-preference scorers; a resumed scorer answers from the archive without the engine."""
+    from hm3_jax.search import arch_level, path_scorer
+
+    shell, pool = arch_level.no_param_level_model(problem)
+    prefs = np.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1], [1 / 3, 1 / 3, 1 / 3]], np.float32)
+    a = np.array([[0, 1, -1], [2, 3, -1]], np.int32)
+    b = np.array([[0, -1, 1], [4, 5, -1]], np.int32)  # [0, -1, 1] is [0, 1, -1]
+    shared = path_scorer.PathScorer(
+        problem, "search", prefs, [shell] * 3, [pool] * 3, "shared_a", shared_pool_id="shared_model_a"
+    )
+    own = path_scorer.PathScorer(problem, "search", prefs, [shell] * 3, [pool] * 3, "own_a")
+    for paths, idx in ((a, [0, 0]), (b, [1, 1]), (np.concatenate([a, b]), [2, 2, 2, 2])):
+        rows = prefs[idx]
+        np.testing.assert_array_equal(shared(paths, rows, idx), own(paths, rows, idx))
+    assert shared.evaluations == 3 and own.evaluations == 2 + 2 + 3  # distinct paths vs (preference, path)
+    assert set(shared.archive) == set(own.archive) and len(shared.archive) == 8  # charged per preference
+    assert shared.pool_id(2) == "shared_model_a" and shared.engine(2) is shared.engine(0)
+    shared.save_archive(str(tmp_path / "shared.npz"))
+    resumed = path_scorer.PathScorer(
+        problem, "search", prefs, [shell] * 3, [pool] * 3, "shared_b", shared_pool_id="shared_model_b"
+    )
+    resumed.load_archive(str(tmp_path / "shared.npz"))
+    np.testing.assert_array_equal(resumed(b, prefs[[0, 0]], [0, 0]), own(b, prefs[[0, 0]], [0, 0]))
+    assert resumed.evaluations == 0 and resumed.flops == shared.flops
+    with pytest.raises(ValueError, match="aligners"):
+        path_scorer.PathScorer(problem, "search", prefs, [shell] * 3, [pool] * 3, "x", [None] * 3, "y")
+
+
 def test_tsv_parameter_baseline_tunes_its_scale_on_the_search_split(problem):
     """TSV-M as a parameter baseline (`--config.baselines.param_methods=...,tsv`): per preference the grid's
     best scale on the search split, its held-out point the held-out score of that merge."""

@@ -27,7 +27,7 @@ from absl import logging
 
 from hm3_jax import baselines, merging
 from hm3_jax.pipeline.preference_models import LazySequence
-from hm3_jax.search import data_aware_menu
+from hm3_jax.search import arch_level, data_aware_menu
 from hm3_jax.search.problem import Problem, confirm_params, full_search_cost, score_params
 
 # Papers' defaults: TA scaling 0.4 (Ilharco et al. 2023 use 0.3-0.5), TIES density 0.2 with disjoint mean
@@ -183,7 +183,7 @@ class ExpertPathEvaluator:
     best candidates can be confirmed on the whole search split (`confirm`).
     """
 
-    def __init__(self, problem: Problem, shell, pool, tag: str = "expert_paths"):
+    def __init__(self, problem: Problem, shell, pool, tag: str = arch_level.EXPERT_PATHS_ID):
         self.problem = problem
         self.pool_id = tag  # the engines' cache identity of (shell, pool) on every split (`model_spec`)
         self.search = problem.engines["search"].with_model(shell, pool, pool_id=tag)

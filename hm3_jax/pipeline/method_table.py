@@ -176,9 +176,9 @@ def method_specs(
             np_pool,
             np.asarray(r["path"], np.int32),
             None,
-            path_scorer.scorer_pool_id("no_param", i),
+            evaluator.pool_id,  # the ablation's shared model (`arch_level.EXPERT_PATHS_ID`)
         )
-        for i, r in enumerate(no_param["per_preference"])
+        for r in no_param["per_preference"]
     ]
     K, L = len(problem.experts), problem.config.num_layers
     theta_path = (K * L + np.arange(L)).astype(

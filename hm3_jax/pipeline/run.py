@@ -226,6 +226,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
                 wd.subdir("arch", "no_param"),
                 "no_param",
                 K,
+                shared_pool_id=arch_level.EXPERT_PATHS_ID,  # one model: paths shared across preferences
             ),
         )
 

@@ -59,7 +59,7 @@ from hm3_jax.io import atomic
 from hm3_jax.paths import alignment
 from hm3_jax.search.neighbourhood import MOVE_KINDS, NEIGHBOURHOOD_STREAM, neighbourhood_search
 from hm3_jax.search.path_confirmation import confirm_candidates, identity_paths, model_spec, path_junction
-from hm3_jax.search.path_scorer import PathScorer, scorer_pool_id
+from hm3_jax.search.path_scorer import PathScorer
 from hm3_jax.search.problem import Problem, pool_for
 
 
@@ -90,8 +90,14 @@ def arch_config(cfg, num_sources: int, num_layers: int, num_tasks: int) -> ArchC
     )
 
 
+# The engine cache identity of `no_param_level_model`: one model under every preference, scored by the
+# no-parameter-level ablation and by the path baselines (`pipeline.baseline_runs.ExpertPathEvaluator`) alike.
+EXPERT_PATHS_ID = "expert_paths"
+
+
 def no_param_level_model(problem: Problem) -> tuple[dict, list[dict]]:
-    """Shell (plain average of the experts' shells) and padded pool of the 'no parameter level' ablation."""
+    """Shell (plain average of the experts' shells) and padded pool of the 'no parameter level' ablation (and
+    of the path baselines); its engine cache identity is `EXPERT_PATHS_ID`."""
     shell = merging.merge("linear", None, [models.shell_of(e) for e in problem.experts])
     pool = pool_for(problem.experts, problem.experts[0])  # last source slot never selectable
     return shell, pool
@@ -154,6 +160,7 @@ def run_arch_level(
     num_sources: int,
     aligners_search=None,
     aligners_heldout=None,
+    shared_pool_id: str | None = None,
 ) -> dict:
     """Trains the preference-conditioned policy and returns the chosen path per preference.
 
@@ -161,12 +168,15 @@ def run_arch_level(
       problem, preferences [N, K]; shells / pools per preference (the pool's first `num_sources` sources are
         searchable); base_blocks: the base model's blocks (descriptors); key: PRNG key; cfg: `config.arch`;
       workdir: where RL checkpoints, the score archive and metrics go (resumable); tag: cache namespace.
+      shared_pool_id: None, or the engine cache identity of the one model every preference's shell and pool
+        are (the no-parameter-level ablation): a path scored under one preference answers the others, charged
+        to each (`PathScorer`); the same results with less work.
     Returns: JSON-able dict with per-preference paths, search/heldout scores, rewards, curves and costs.
     """
     start = time.perf_counter()
     K, L = problem.num_tasks, problem.config.num_layers
     acfg = arch_config(cfg, num_sources, L, K)
-    scorer = PathScorer(problem, "search", preferences, shells, pools, tag, aligners_search)
+    scorer = PathScorer(problem, "search", preferences, shells, pools, tag, aligners_search, shared_pool_id)
     archive_path = os.path.join(workdir, "score_archive.npz")
     wall_before = scorer.load_archive(archive_path)  # the cost spent before a resume (0 on a fresh run)
     phi = jnp.stack(
@@ -206,7 +216,9 @@ def run_arch_level(
     seeds = identity_paths(num_sources, L, acfg.t_max)  # [num_sources, T_max]
     full_scorer = None
     if cfg.get("confirm_top", 0) > 0 and "search_full" in problem.engines:
-        full_scorer = PathScorer(problem, "search_full", preferences, shells, pools, tag, aligners_search)
+        full_scorer = PathScorer(
+            problem, "search_full", preferences, shells, pools, tag, aligners_search, shared_pool_id
+        )
     results = []
     for i, pref in enumerate(np.asarray(preferences, np.float32)):
         path, length = decode(runner.params, jnp.asarray(pref), phi[i])
@@ -267,7 +279,7 @@ def run_arch_level(
                 int(cfg.confirm_top),
                 significance=float(cfg.get("confirm_significance", 0.0)),
                 spec_fn=lambda path, i=i, a=aligner: model_spec(
-                    shells[i], pools[i], path, a, scorer_pool_id(tag, i)
+                    shells[i], pools[i], path, a, scorer.pool_id(i)
                 ),
                 num_samples=int(cfg.get("confirm_bootstrap_samples", 1000)),
                 seed=int(cfg.get("confirm_seed", 0)) + i,
@@ -298,7 +310,9 @@ def run_arch_level(
                 **({"confirm": confirm} if confirm is not None else {}),
             }
         )
-    heldout = PathScorer(problem, "heldout", preferences, shells, pools, tag, aligners_heldout)
+    heldout = PathScorer(
+        problem, "heldout", preferences, shells, pools, tag, aligners_heldout, shared_pool_id
+    )
     for i, r in enumerate(results):
         r["heldout"] = heldout.raw(i, np.asarray([r["path"]], np.int32))[0].tolist()
         if aligners_heldout is not None:

@@ -26,9 +26,25 @@ class PathScorer:
       shells, pools: per preference, the path model's shell and block pool.
       tag: cache namespace (keeps HM3 and its ablation apart in the engine cache).
       aligners: None or per preference an `hm3_jax.paths.alignment.Aligner`.
+      shared_pool_id: None (each preference its own model), or the engine cache identity of the one model that
+        every preference's shell and pool are (the no-parameter-level ablation: the experts' blocks under every
+        preference). A path's raw scores then do not depend on the preference, so a path scored under one
+        preference answers it under every other without the engine; it is still charged to each preference
+        (`archive`, the search's evaluation count) as if evaluated. The scores are the same as without sharing
+        (the engine's cache would answer the same bytes); only the work and `flops` / `seconds` shrink.
     """
 
-    def __init__(self, problem: Problem, split: str, preferences, shells, pools, tag: str, aligners=None):
+    def __init__(
+        self,
+        problem: Problem,
+        split: str,
+        preferences,
+        shells,
+        pools,
+        tag: str,
+        aligners=None,
+        shared_pool_id: str | None = None,
+    ):
         self.problem = problem
         self.split = split
         self.preferences = np.asarray(preferences, np.float32)
@@ -37,6 +53,11 @@ class PathScorer:
                 f"PathScorer: {len(self.preferences)} preferences, {len(shells)} shells, {len(pools)} pools"
             )
         self.shells, self.pools, self.tag = shells, pools, tag
+        if shared_pool_id is not None and aligners is not None:
+            raise ValueError(
+                "PathScorer: a shared model (shared_pool_id) takes no aligners (junctions are fitted per preference)"
+            )
+        self.shared_pool_id = shared_pool_id
         # Engines are made on first use: a `PreferenceModels` bank holds them with its preference's pool (and
         # drops both together); plain lists of shells and pools keep one engine per preference here.
         self._engines: dict[int, object] = {}
@@ -45,11 +66,21 @@ class PathScorer:
         self.flops = 0.0
         self.seconds = 0.0
         self.archive: dict[tuple[int, bytes], np.ndarray] = {}  # (preference, path bytes) -> scores [K]
-        self.scored: dict[tuple[int, bytes], np.ndarray] = {}  # the same by canonical path (`__call__`)
+        # the same by (model, canonical path) (`__call__`); the model is the preference, or 0 when shared
+        self.scored: dict[tuple[int, bytes], np.ndarray] = {}
+
+    def model_index(self, index: int) -> int:
+        """Which model preference `index` scores with: itself, or 0 when every preference shares one."""
+        return 0 if self.shared_pool_id is not None else int(index)
+
+    def pool_id(self, index: int) -> str:
+        """The engine cache identity of preference `index`'s model (`scorer_pool_id`, or the shared one)."""
+        return self.shared_pool_id if self.shared_pool_id is not None else scorer_pool_id(self.tag, index)
 
     def engine(self, index: int):
-        """The split's engine over preference `index`'s shell and pool (cache identity `scorer_pool_id`)."""
-        base, pool_id = self.problem.engines[self.split], scorer_pool_id(self.tag, index)
+        """The split's engine over preference `index`'s shell and pool (cache identity `pool_id`)."""
+        index = self.model_index(index)
+        base, pool_id = self.problem.engines[self.split], self.pool_id(index)
         bank = getattr(self.pools, "bank", None)
         if bank is not None:
             return bank.engine(base, index, pool_id)
@@ -86,8 +117,9 @@ class PathScorer:
         """Normalised scores [N, K] of `paths` [N, T_max] under `prefs` [N, K] (each one of the preferences, row
         `preference_index` [N] of them when given: a `HostScoreFn` of `hm3_jax.arch.scoring`).
 
-        A path scored before under the same preference (padding placed anywhere: the engine's cache key) is
-        answered from `scored` without the engine, as the engine's cache would answer it; `scored` is restored
+        A path scored before under the same preference (under any preference when the model is shared; padding
+        placed anywhere: the engine's cache key) is answered from `scored` without the engine, as the engine's
+        cache would answer it, and archived (charged) under this preference; `scored` is restored
         from the archive after a resume (`load_archive`), where the engine's cache is empty, so a resumed run
         spends (and counts) the FLOPs of the uninterrupted one.
         """
@@ -96,14 +128,14 @@ class PathScorer:
         idx = self.preference_index(prefs, preference_index)
         out = np.zeros((len(paths), self.problem.num_tasks), np.float32)
         for i in np.unique(idx):
-            rows = np.nonzero(idx == i)[0]
-            new = [r for r in rows if (int(i), canonical[r].tobytes()) not in self.scored]
+            rows, m = np.nonzero(idx == i)[0], self.model_index(i)
+            new = [r for r in rows if (m, canonical[r].tobytes()) not in self.scored]
             if new:
                 norm = self.problem.normalise(self.raw(int(i), paths[new]), self.split)
                 for r, s in zip(new, norm, strict=True):
-                    self.scored[(int(i), canonical[r].tobytes())] = s
+                    self.scored[(m, canonical[r].tobytes())] = s
             for r in rows:
-                s = self.scored[(int(i), canonical[r].tobytes())]
+                s = self.scored[(m, canonical[r].tobytes())]
                 out[r] = s
                 self.archive[(int(i), paths[r].tobytes())] = s
         return out
@@ -132,7 +164,8 @@ class PathScorer:
         with np.load(path) as z:
             for i, p, s in zip(z["index"], z["paths"], z["scores"], strict=True):
                 self.archive[(int(i), np.asarray(p, np.int32).tobytes())] = s
-                self.scored[(int(i), canonicalize(np.asarray(p, np.int32)[None])[0][0].tobytes())] = s
+                canonical = canonicalize(np.asarray(p, np.int32)[None])[0][0]
+                self.scored[(self.model_index(int(i)), canonical.tobytes())] = s
             flops, seconds, wall_seconds = z["cost"] if "cost" in z else (0.0, 0.0, 0.0)
         self.flops, self.seconds = float(flops), float(seconds)
         return float(wall_seconds)
