@@ -52,3 +52,28 @@ def test_values_equal_the_default_thread_count():
 
     for a, b in zip(compute(), host_blas.single_threaded(compute)(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_tiny8_probe_fit_runs_on_one_thread_with_the_same_values(monkeypatch):
+    """fit_linear_probe's Newton steps (Hessian products, lstsq) run single-threaded; the head is bitwise the
+    head of the default thread count (host_blas.ENABLED = False)."""
+    from hm3_jax.tasks.tiny8 import train as train_lib
+
+    rng = np.random.default_rng(1)
+    labels = np.arange(600) % 5
+    feats = (rng.normal(size=(5, 16))[labels] + 2.0 * rng.normal(size=(600, 16))).astype(np.float32)
+    lstsq, seen = np.linalg.lstsq, []
+
+    def recording_lstsq(*args, **kwargs):
+        seen.append(blas_threads())
+        return lstsq(*args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "lstsq", recording_lstsq)
+    head = train_lib.fit_linear_probe(feats, labels, 5, 1e-2)
+    assert seen and all(s == [1] * len(blas_threads()) for s in seen)
+    monkeypatch.setattr(host_blas, "ENABLED", False)
+    seen.clear()
+    default = train_lib.fit_linear_probe(feats, labels, 5, 1e-2)
+    assert seen and seen[0] == blas_threads()  # the default count inside when disabled
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(head[name], default[name])

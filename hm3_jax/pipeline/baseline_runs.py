@@ -65,6 +65,47 @@ PARAM_GRIDS = {
     "adamerging": [{"learning_rate": lr, **ADAMERGING} for lr in (3e-3, 1e-2, 3e-2)],
 }
 DATA_AWARE = data_aware_menu.DATA_AWARE
+# Each baseline's PRNG key is `fold_in(k_base, index)` with its index in these fixed tables (path methods from
+# 100 on), not its position in `config.baselines.*_methods`: a method's randomness (DARE's drop masks, AdaMerging's
+# minibatches, the path searches) must not move when another method is added to or dropped from the list, or a
+# stage copied between two runs stops reproducing (issue 19: run_c listed `tsv` before `adamerging`, which moved
+# AdaMerging's key from index 7, the one its run_b stage was made with, to 8). The order is the default lists'
+# (hm3_common's five, then the data-aware three as run_b ran them), TSV-M after; append new methods at the end.
+PARAM_KEY_ORDER = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "consensus",
+    "pcb",
+    "regmean",
+    "fisher",
+    "adamerging",
+    "tsv",
+)
+PATH_KEY_ORDER = ("ea", "moea", "grid_search", "differential_evolution")
+PATH_KEY_OFFSET = 100
+
+
+def baseline_key(k_base: jax.Array, method: str) -> jax.Array:
+    """The PRNG key of baseline `method`: `fold_in(k_base, i)`, i its index in `PARAM_KEY_ORDER`, or
+    `PATH_KEY_OFFSET` + its index in `PATH_KEY_ORDER`; the same whatever other methods a run lists.
+
+    Raises:
+      ValueError naming `method` when it is in neither table.
+    """
+    if method in PARAM_KEY_ORDER:
+        return jax.random.fold_in(k_base, PARAM_KEY_ORDER.index(method))
+    if method in PATH_KEY_ORDER:
+        return jax.random.fold_in(k_base, PATH_KEY_OFFSET + PATH_KEY_ORDER.index(method))
+    raise ValueError(
+        f"baseline {method!r} has no key index; known: {PARAM_KEY_ORDER + PATH_KEY_ORDER} "
+        "(a new baseline is appended to baseline_runs.PARAM_KEY_ORDER or PATH_KEY_ORDER)"
+    )
+
+
+def baseline_keys(k_base: jax.Array, methods) -> dict:
+    """{method: `baseline_key(k_base, method)`} for the run's list `methods`."""
+    return {m: baseline_key(k_base, m) for m in methods}
 
 
 def param_merge(problem: Problem, method: str, preference, key, hparams: dict) -> dict:

@@ -234,7 +234,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     for m in config.baselines.path_methods:
         progress.set_count(f"baseline_{m}", budget)
     methods = method_table.reference_methods(problem)
-    param_keys = {m: jax.random.fold_in(k_base, i) for i, m in enumerate(config.baselines.param_methods)}
+    param_keys = baseline_runs.baseline_keys(k_base, config.baselines.param_methods)
     for m in config.baselines.param_methods:
         methods[m] = progress.stage(
             wd,
@@ -249,15 +249,16 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
             ),
         )
     evaluator = baseline_runs.ExpertPathEvaluator(problem, np_shell, np_pool)
-    for i, m in enumerate(config.baselines.path_methods):
+    path_keys = baseline_runs.baseline_keys(k_base, config.baselines.path_methods)
+    for m in config.baselines.path_methods:
         methods[m] = progress.stage(
             wd,
             f"baseline_{m}",
-            lambda m=m, i=i: baseline_runs.run_path_baseline(
+            lambda m=m: baseline_runs.run_path_baseline(
                 problem,
                 m,
                 prefs,
-                jax.random.fold_in(k_base, 100 + i),
+                path_keys[m],
                 evaluator,
                 config.arch.rl.t_max,
                 budget,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hm3_jax import models
+from hm3_jax import host_blas, models
 from hm3_jax.tasks import optim
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def _probe_objective(x1: np.ndarray, y: np.ndarray, theta: np.ndarray, l2: float
     return -(y * log_p).sum() + 0.5 * l2 * (theta[:-1] ** 2).sum(), np.exp(log_p)
 
 
+@host_blas.single_threaded  # its Hessian products and lstsq: small host BLAS calls (hm3_jax/host_blas.py)
 def fit_linear_probe(
     features: np.ndarray, labels: np.ndarray, num_classes: int, l2: float, max_iterations: int = 100
 ) -> dict:
@@ -167,7 +168,8 @@ def fit_linear_probe(
     tests/test_tiny8.py checks in numpy. J is invariant to adding one constant to every bias, so the Hessian is
     singular along that direction: the Newton step is the least-squares (minimum-norm) solution, which keeps the
     biases' mean at its start, 0. As CLIP's linear probes (Radford et al. 2021), but the head then stays fixed:
-    every model is read out on this task by it.
+    every model is read out on this task by it. Runs on one BLAS thread (`host_blas.single_threaded`: the same
+    values, no busy-waiting for descheduled OpenBLAS threads on a loaded machine).
 
     Args:
       features: float [N, D] (the base encoder's CLS features of the task's train part).
