@@ -78,6 +78,18 @@ class PathEngine:
             self._shared["examples"] = {}
         return self
 
+    def kept_example_stats(self) -> dict:
+        """{cache key: per objective its per-example statistics} of the rows kept since `keep_example_stats` (by
+        this engine and its `with_model` copies; {} when not keeping)."""
+        return dict(self._shared.get("examples") or {})
+
+    def add_example_stats(self, kept: dict) -> PathEngine:
+        """Adds rows another engine kept (`kept_example_stats`, e.g. another process's for the same split):
+        `example_stats` reads them instead of re-running those rows. Returns self."""
+        self.keep_example_stats()
+        self._shared["examples"].update(kept)
+        return self
+
     def use_single_path_chunks(self, enabled: bool) -> PathEngine:
         """Whether a small remainder of a batch runs as chunks of one path (`_chunk_plan`; default on), for this
         engine and its `with_model` copies. Scores are the same either way; off saves compiling a second,

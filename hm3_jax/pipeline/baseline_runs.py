@@ -225,7 +225,7 @@ class ExpertPathEvaluator:
     """
 
     def __init__(self, problem: Problem, shell, pool, tag: str = arch_level.EXPERT_PATHS_ID):
-        self.problem = problem
+        self.problem, self.shell, self.pool = problem, shell, pool
         self.pool_id = tag  # the engines' cache identity of (shell, pool) on every split (`model_spec`)
         self.search = problem.engines["search"].with_model(shell, pool, pool_id=tag)
         self.heldout = problem.engines["heldout"].with_model(shell, pool, pool_id=tag)

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 
 from absl import logging
 
+from hm3_jax.pipeline.workdir import BUSY
+
 KINDS = {
     "model": "model evaluations",
     "path": "path evaluations",
@@ -120,27 +122,52 @@ class RunProgress:
         """`wd.stage(name, compute_fn, **kwargs)` with progress lines around it (unplanned names: no lines)."""
         if name not in self.stages:
             return wd.stage(name, compute_fn, **kwargs)
-        s = self.stages[name]
         if wd.has_stage(name):
-            result = wd.stage(name, compute_fn, **kwargs)
-            self.done.add(name)
-            self.log_fn("%s: stored, read back", self._prefix(name))
-            return result
+            return self._read_back(wd.stage(name, compute_fn, **kwargs), name)
+        self._log_start(name)
+        t0 = self.clock()
+        result = wd.stage(name, compute_fn, **kwargs)
+        return self._record(name, result, self.clock() - t0)
+
+    def try_stage(self, wd, name: str, compute_fn: Callable[[], Any]) -> Any:
+        """`wd.try_stage(name, compute_fn)` (`BUSY` at once when another process computes the stage) with the
+        progress lines of `stage` when this process computes it (stage workers: `pipeline.stage_workers`)."""
+        if name not in self.stages:
+            return wd.try_stage(name, compute_fn)
+        started: list[float] = []
+
+        def compute():
+            self._log_start(name)
+            started.append(self.clock())
+            return compute_fn()
+
+        result = wd.try_stage(name, compute)
+        if result is BUSY or not started:  # busy, or stored (by an earlier run or another process)
+            return result if result is BUSY else self._read_back(result, name)
+        return self._record(name, result, self.clock() - started[0])
+
+    def _log_start(self, name: str) -> None:
         eta = self.eta_seconds()
         self.log_fn(
             "%s (~%d %s): elapsed %s, time left %s",
             self._prefix(name),
-            s.count,
-            KINDS[s.kind],
+            self.stages[name].count,
+            KINDS[self.stages[name].kind],
             _duration(self.clock() - self.start),
             "unknown" if eta is None else f"~{_duration(eta)}",
         )
-        t0 = self.clock()
-        result = wd.stage(name, compute_fn, **kwargs)
-        self.spent[name] = self.clock() - t0
+
+    def _read_back(self, result: Any, name: str) -> Any:
+        self.done.add(name)
+        self.log_fn("%s: stored, read back", self._prefix(name))
+        return result
+
+    def _record(self, name: str, result: Any, seconds: float) -> Any:
+        """Marks stage `name` computed here in `seconds` (its `evaluations`, if any, become its count)."""
+        self.spent[name] = seconds
         evaluations = result.get("evaluations") if isinstance(result, dict) else None
         if isinstance(evaluations, (int, float)) and evaluations > 0:
             self.set_count(name, evaluations)
         self.done.add(name)
-        self.log_fn("%s done in %s", self._prefix(name), _duration(self.spent[name]))
+        self.log_fn("%s done in %s", self._prefix(name), _duration(seconds))
         return result

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import distributed
-from hm3_jax.pipeline import baseline_runs, export, memory_plan, method_table
+from hm3_jax.pipeline import baseline_runs, export, memory_plan, method_table, stage_workers
 from hm3_jax.pipeline import progress as progress_lib
 from hm3_jax.pipeline import report as report_lib
 from hm3_jax.pipeline.preference_models import PreferenceModels, resident_preferences
@@ -210,61 +210,19 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     )
 
     np_shell, np_pool = arch_level.no_param_level_model(problem)
-    no_param = None
-    if "no_param_level" in ablations(config):
-        no_param = progress.stage(
-            wd,
-            "hm3_no_param_level",
-            lambda: arch_level.run_arch_level(
-                problem,
-                prefs,
-                [np_shell] * N,
-                [np_pool] * N,
-                base_blocks,
-                k_abl,
-                config.arch,
-                wd.subdir("arch", "no_param"),
-                "no_param",
-                K,
-                shared_pool_id=arch_level.EXPERT_PATHS_ID,  # one model: paths shared across preferences
-            ),
-        )
-
+    evaluator = baseline_runs.ExpertPathEvaluator(problem, np_shell, np_pool)
     budget = int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
     for m in config.baselines.path_methods:
         progress.set_count(f"baseline_{m}", budget)
-    methods = method_table.reference_methods(problem)
     param_keys = baseline_runs.baseline_keys(k_base, config.baselines.param_methods)
-    for m in config.baselines.param_methods:
-        methods[m] = progress.stage(
-            wd,
-            f"baseline_{m}",
-            lambda m=m: baseline_runs.run_param_baseline(
-                problem,
-                m,
-                prefs,
-                param_keys[m],
-                tune=config.baselines.tune,
-                confirm_top=config.param_level.get("confirm_top", 0),
-            ),
-        )
-    evaluator = baseline_runs.ExpertPathEvaluator(problem, np_shell, np_pool)
-    path_keys = baseline_runs.baseline_keys(k_base, config.baselines.path_methods)
-    for m in config.baselines.path_methods:
-        methods[m] = progress.stage(
-            wd,
-            f"baseline_{m}",
-            lambda m=m: baseline_runs.run_path_baseline(
-                problem,
-                m,
-                prefs,
-                path_keys[m],
-                evaluator,
-                config.arch.rl.t_max,
-                budget,
-                confirm_top=config.arch.get("confirm_top", 0),
-            ),
-        )
+    stages = independent_stages(
+        problem, config, wd, prefs, k_abl, param_keys, k_base, evaluator, lambda: budget
+    )
+    done = stage_workers.run_stages(wd, progress, stages, wait=True)  # stage workers took some (if any)
+    no_param = done.get("hm3_no_param_level")
+    methods = method_table.reference_methods(problem)
+    for m in (*config.baselines.param_methods, *config.baselines.path_methods):
+        methods[m] = done[f"baseline_{m}"]
     methods.update(method_table.hm3_methods(prefs, param, variant, hm3, no_param, ablations(config)))
     method_table.set_balanced_indices(problem, methods)
     extra = method_table.report_extra(
@@ -274,6 +232,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         problem.tasks, problem.ideal["heldout"], methods, config.report.fixed_reference, extra
     )
     if config.report.get("bootstrap_samples", 0) > 0 and "hm3" in rep["methods"]:
+        stage_workers.load_kept_stats(problem.engines["heldout"], wd.path)  # what stage workers scored
         specs = method_table.method_specs(
             problem, config, methods, param_keys, bank, np_shell, np_pool, hm3, no_param, evaluator
         )
@@ -308,6 +267,101 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
         )
     logging.info("HM3 run done in %.1f s", time.perf_counter() - t0)
     return rep
+
+
+def independent_stages(problem, config, wd, prefs, k_abl, param_keys, k_base, evaluator, budget_fn) -> list:
+    """The stages after HM3 that need only the preferences and their keys: the no-parameter-level ablation (if
+    configured), then every parameter baseline and every path baseline (at `budget_fn()` path evaluations, HM3's
+    count unless configured), as `run_hm3` orders them: [(stage name, compute)]. Any process may compute any of
+    them (`pipeline.stage_workers`)."""
+    N, K = len(prefs), problem.num_tasks
+    np_shell, np_pool = evaluator.shell, evaluator.pool
+    out = []
+    if "no_param_level" in ablations(config):
+        out.append(
+            (
+                "hm3_no_param_level",
+                lambda: arch_level.run_arch_level(
+                    problem,
+                    prefs,
+                    [np_shell] * N,
+                    [np_pool] * N,
+                    problem.base["blocks"],
+                    k_abl,
+                    config.arch,
+                    wd.subdir("arch", "no_param"),
+                    "no_param",
+                    K,
+                    shared_pool_id=evaluator.pool_id,  # one model: a path is scored once for every preference
+                ),
+            )
+        )
+    for m in config.baselines.param_methods:
+        out.append(
+            (
+                f"baseline_{m}",
+                lambda m=m: baseline_runs.run_param_baseline(
+                    problem,
+                    m,
+                    prefs,
+                    param_keys[m],
+                    tune=config.baselines.tune,
+                    confirm_top=config.param_level.get("confirm_top", 0),
+                ),
+            )
+        )
+    path_keys = baseline_runs.baseline_keys(k_base, config.baselines.path_methods)
+    for m in config.baselines.path_methods:
+        out.append(
+            (
+                f"baseline_{m}",
+                lambda m=m: baseline_runs.run_path_baseline(
+                    problem,
+                    m,
+                    prefs,
+                    path_keys[m],
+                    evaluator,
+                    config.arch.rl.t_max,
+                    budget_fn(),
+                    confirm_top=config.arch.get("confirm_top", 0),
+                ),
+            )
+        )
+    return out
+
+
+def run_stage_worker(config, workdir: str, zoo_dir: str | None = None, index: int = 1) -> None:
+    """A stage worker's part of a `run_hm3 --stage_workers=N` run (`pipeline.stage_workers`): once the main
+    process has written the preferences, the independent stages nobody has taken yet, the ablation and the
+    parameter baselines in reverse order (the main process takes them in order after HM3), then, once HM3's
+    stage is written, the path baselines in reverse order. Writes stages only (no report)."""
+    stage_workers.wait_for_stage(workdir, "preferences")
+    wd, _, problem = setup(config, workdir, zoo_dir)
+    prefs = np.asarray(wd.load_stage("preferences"), np.float32)
+    _, _, _, k_abl, k_base = jax.random.split(jax.random.PRNGKey(config.seed), 5)
+    K, N = problem.num_tasks, len(prefs)
+    progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, ablations(config)))
+    evaluator = baseline_runs.ExpertPathEvaluator(problem, *arch_level.no_param_level_model(problem))
+
+    def budget() -> int:
+        return int(
+            config.baselines.budget if config.baselines.budget > 0 else wd.load_stage("hm3")["evaluations"]
+        )
+
+    param_keys = baseline_runs.baseline_keys(k_base, config.baselines.param_methods)
+    stages = independent_stages(problem, config, wd, prefs, k_abl, param_keys, k_base, evaluator, budget)
+    stats = os.path.join(wd.path, stage_workers.WORKER_STATS.format(index=index))  # for the main's bootstrap
+    stages = [(n, stage_workers.saving_kept_stats(f, problem.engines["heldout"], stats)) for n, f in stages]
+    num_path = len(config.baselines.path_methods)
+    before_hm3, after_hm3 = stages[: len(stages) - num_path], stages[len(stages) - num_path :]
+    ablation = [s for s in before_hm3 if s[0] == "hm3_no_param_level"]
+    stage_workers.run_stages(
+        wd, progress, ablation + [s for s in before_hm3[::-1] if s not in ablation], False
+    )
+    if after_hm3:
+        stage_workers.wait_for_stage(workdir, "hm3")
+        stage_workers.run_stages(wd, progress, after_hm3[::-1], wait=False)
+    logging.info("stage worker done in %.1f s", time.perf_counter() - progress.start)
 
 
 def _export_all(wd, zoo, problem, param, variant, bank, hm3) -> dict:

@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from hm3_jax import distributed
 from hm3_jax.io import atomic
@@ -36,6 +36,9 @@ from hm3_jax.io import atomic
 
 class WorkdirError(RuntimeError):
     """The workdir cannot be used for this run (different config, unwritable, full)."""
+
+
+BUSY = type("Busy", (), {"__repr__": lambda self: "BUSY"})()  # `Workdir.try_stage`: another process has it
 
 
 def _to_jsonable(x: Any) -> Any:
@@ -213,6 +216,26 @@ class Workdir:
         with FileLock(self.stage_path(name) + ".lock"):
             if not self.has_stage(name):
                 atomic_write_json(self.stage_path(name), compute_fn())
+        return self.load_stage(name)
+
+    def try_stage(self, name: str, compute_fn: Callable[[], Any]) -> Any:
+        """`stage(name, compute_fn)` unless another process is computing stage `name` right now (it holds the
+        stage's lock): then `BUSY` at once, without waiting. For stage workers (`pipeline.stage_workers`), which
+        each take the stages nobody has taken yet; one-process runs only."""
+        if _process_count() > 1:
+            raise WorkdirError(
+                "try_stage is for one-process runs; a multi-process run computes every stage together"
+            )
+        lock = FileLock(self.stage_path(name) + ".lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return BUSY
+        try:
+            if not self.has_stage(name):
+                atomic_write_json(self.stage_path(name), compute_fn())
+        finally:
+            lock.release()
         return self.load_stage(name)
 
     def _stage_multiprocess(self, name: str, compute_fn: Callable[[], Any], main_only: bool) -> Any:
