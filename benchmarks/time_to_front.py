@@ -4,6 +4,7 @@ r"""Time to a front (issue 18): a fresh `make demo` (zoo, run, report) and sugge
   python -m benchmarks.time_to_front --zoo_dir=runs/tiny3/zoo  # the run only, on a built zoo
   python -m benchmarks.time_to_front --config=tiny3 --workdir=runs/tiny3   # the README results config
   python -m benchmarks.time_to_front --smoke                  # the smoke config, for the tests
+  python -m benchmarks.time_to_front --config=tiny3 --stage_workers=2   # with a stage worker beside the run
 
 What `make demo` does after the pip install, timed stage by stage in one process: building the zoo (skipped when
 `--zoo_dir` holds it), then `run_hm3` into `--workdir` (default: a new temporary directory, so nothing is read
@@ -12,7 +13,9 @@ run order). Then `suggest(run, preference, search=True)` for `--preferences`: on
 (`fresh_suggest_seconds`: imports, loading the run, programs from the run's compilation cache), then twice in
 this process (`warm_suggest_seconds`: the second and third call, after a first that loads the run). Wall-clock
 seconds; the machine's load average at the end is reported beside them (timings here are noisy: compare runs
-made at the same load).
+made at the same load). With `--stage_workers=N` the run has N - 1 stage workers (`run_hm3 --stage_workers`,
+hm3_jax/pipeline/stage_workers.py) and the stages overlap, so `stage_seconds` (differences of the stage files'
+times in run order) no longer time single stages; `run_seconds` is the measure.
 """
 
 from __future__ import annotations
@@ -61,11 +64,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--preferences", default="0.6,0.3,0.1;0.2,0.2,0.6", help="';'-separated suggestions")
     parser.add_argument("--smoke", action="store_true", help="the smoke config (tests)")
     parser.add_argument("--no_fresh_process", action="store_true", help="skip the fresh-process suggestion")
+    parser.add_argument(
+        "--stage_workers", type=int, default=1, help="processes for the run's stages (run_hm3's flag)"
+    )
     args = parser.parse_args(argv)
 
     from hm3_jax import logs
     from hm3_jax.pipeline import run as run_lib
-    from hm3_jax.pipeline import suggest
+    from hm3_jax.pipeline import stage_workers, suggest
     from hm3_jax.pipeline import workdir as workdir_lib
     from hm3_jax.tasks import zoo as zoo_lib
 
@@ -82,7 +88,20 @@ def main(argv=None) -> dict:
         zoo_lib.ensure_built(config.zoo, zoo_dir)
         result["zoo_seconds"] = round(time.perf_counter() - start, 1)
     run_start, wall_start = time.perf_counter(), time.time()
-    run_lib.run_hm3(config, workdir, zoo_dir)
+    config_flag = f"--config=experiments/configs/{name}.py" + (f":{variant}" if variant else "")
+    workers = stage_workers.spawn(
+        "experiments.run_hm3",
+        [config_flag, f"--workdir={workdir}", f"--zoo_dir={zoo_dir}"],
+        args.stage_workers,
+        workdir,
+    )
+    ok = False
+    try:
+        run_lib.run_hm3(config, workdir, zoo_dir)
+        ok = True
+    finally:
+        stage_workers.finish(workers, workdir, ok)
+    result["stage_workers"] = args.stage_workers
     result["run_seconds"] = round(time.perf_counter() - run_start, 1)
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     result["stage_seconds"] = _stage_seconds(workdir, wall_start)
