@@ -17,7 +17,9 @@ share is their engines' caches; the held-out per-example statistics a worker kep
 Costs: every worker loads the zoo and compiles its programs (the persistent compilation cache in WORKDIR/jax_cache
 serves what another process compiled first), so host memory is N times one process's. One-process runs only
 (no mesh, no jax.distributed): an accelerator belongs to one process. Pays where one process leaves cores idle
-(small models on a CPU host: the parameter level's merges, PPO's updates and host work use about one core).
+(small models on a CPU host: the parameter level's merges, PPO's updates and host work use about one core); a
+worker runs at a lower CPU priority (`WORKER_NICE`), so the main process's critical path (the parameter level,
+then HM3, which the path baselines wait for) keeps its speed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from absl import logging
 from hm3_jax.io import atomic
 from hm3_jax.pipeline.workdir import BUSY, Workdir, stage_file
 
+# A worker runs at this much lower CPU priority: the main process's parameter level and HM3 (which every path
+# baseline waits for) keep their speed, and the worker takes the cores they leave idle (measured: with equal
+# priority the two of them took 15 min where the main process alone takes 10, docs/speed.md).
+WORKER_NICE = 10
 WORKER_LOG = "stage_worker_{index}.log"  # WORKDIR/stage_worker_1.log, ...: a worker's output
 WORKER_STATS = "stage_worker_{index}.stats.npz"  # its held-out engine's kept per-example statistics
 
