@@ -57,6 +57,12 @@ _STAGE_WORKERS = flags.DEFINE_integer(
     "process for the ablation and the baselines (same report, N times the memory).",
     lower_bound=1,
 )
+_WORKER_NICE = flags.DEFINE_integer(
+    "stage_worker_nice",
+    stage_workers.WORKER_NICE,
+    "How much lower the stage workers' CPU priority is than this process's (0: the same).",
+    lower_bound=0,
+)
 _STAGE_WORKER = flags.DEFINE_integer(
     "stage_worker", 0, "Internal: this process is stage worker i of a --stage_workers run.", lower_bound=0
 )
@@ -74,7 +80,9 @@ def main(argv):
     errors = (run_config.ConfigError, SpecError, WorkdirError, zoo_lib.ZooError, CheckpointError, PlanError)
     if _STAGE_WORKER.value:  # started by the main process below: stages only
         with cli_errors.user_errors(*errors):
-            run_lib.run_stage_worker(_CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, _STAGE_WORKER.value)
+            run_lib.run_stage_worker(
+                _CONFIG.value, _WORKDIR.value, _ZOO_DIR.value, _STAGE_WORKER.value, _WORKER_NICE.value
+            )
         return
     workers = []
     if _STAGE_WORKERS.value > 1:

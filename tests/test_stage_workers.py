@@ -108,6 +108,7 @@ def test_stage_workers_give_the_one_process_report(smoke_run, smoke_zoo_dir, tmp
         f"--workdir={par}",
         f"--zoo_dir={smoke_zoo_dir}",
         "--stage_workers=2",
+        "--stage_worker_nice=0",  # the same priority: the worker takes its share on a busy test machine
     ]
     # the session's compilation cache (conftest's JAX_COMPILATION_CACHE_DIR) and its matmul precision
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")

@@ -330,13 +330,15 @@ def independent_stages(problem, config, wd, prefs, k_abl, param_keys, k_base, ev
     return out
 
 
-def run_stage_worker(config, workdir: str, zoo_dir: str | None = None, index: int = 1) -> None:
+def run_stage_worker(
+    config, workdir: str, zoo_dir: str | None = None, index: int = 1, nice: int = stage_workers.WORKER_NICE
+) -> None:
     """A stage worker's part of a `run_hm3 --stage_workers=N` run (`pipeline.stage_workers`): once the main
     process has written the preferences, the independent stages nobody has taken yet, the ablation and the
     parameter baselines in reverse order (the main process takes them in order after HM3), then, once HM3's
-    stage is written, the path baselines in reverse order, at a lower CPU priority than the main process
-    (`stage_workers.WORKER_NICE`). Writes stages only (no report)."""
-    os.nice(stage_workers.WORKER_NICE)  # the main process's parameter level and HM3 go first
+    stage is written, the path baselines in reverse order, at `nice` lower CPU priority than the main process.
+    Writes stages only (no report)."""
+    os.nice(nice)  # the main process's parameter level and HM3 go first
     stage_workers.wait_for_stage(workdir, "preferences")
     wd, _, problem = setup(config, workdir, zoo_dir)
     prefs = np.asarray(wd.load_stage("preferences"), np.float32)
