@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny3
 DEMO_WORKDIR ?= runs/demo
 PYTEST_ARGS ?= -q -n 2 --dist loadfile --durations=20
+# demo-full's processes for the run's stages (run_hm3 --stage_workers; 1 = one process; each holds the zoo)
+STAGE_WORKERS ?= 2
 
 .PHONY: install test demo demo-full lint format clean
 
@@ -24,7 +26,8 @@ demo: install
 		--zoo_dir=$(WORKDIR)/zoo
 
 demo-full: install
-	$(PY) -m experiments.run_hm3 --config=experiments/configs/tiny3.py --workdir=$(WORKDIR)
+	$(PY) -m experiments.run_hm3 --config=experiments/configs/tiny3.py --workdir=$(WORKDIR) \
+		--stage_workers=$(STAGE_WORKERS)
 
 lint: install
 	$(VENV)/bin/ruff format --check hm3_jax experiments tests benchmarks
