@@ -190,7 +190,7 @@ def plan_run(
     if "path_scores" in programs:
         planned += engine_programs(config, num_experts, dtype, split_objs, run_config, mesh, groups, splits)
     if "model_scores" in programs:
-        planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"], mesh)
+        planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"], run_config, mesh)
     model_bytes = tree_bytes(abstract_params(config, dtype))
     planned = add_held(planned, run_config, config, num_experts, dtype, mesh)
     largest = (None, None)
