@@ -8,7 +8,8 @@ on a mesh; the tiny Llama-2-style spec of tests/test_host_sources.py):
   one-device Problem), and leave nothing on device 0; while they run, device 0 holds at most one merged tensor
   (recorded after every tensor's program), never the merged model; the plan's `merge` program counts no merged
   model on a mesh;
-* a merged model scored through the sharded engine (`problem.score_params`) scores as on one device (to float
+* a merged model scored through the sharded engine (`problem.score_params`, and the held-out bootstrap's re-run,
+  `heldout_bootstrap.example_stats`) scores as on one device (to float
   tolerance: the "model" split changes the order of the sums), and while it is placed, device 0 holds exactly
   what the plan's `model_scores` programs count: their arguments (the model's shell and own part placed with the
   engine's shardings, the experts' placed parts, a chunk of paths) and beside them `model_score_resident` (the
@@ -103,13 +104,33 @@ out["planned_resident"] = program_memory.model_score_resident(params, K, mesh)
 engine = problem.engines["heldout"]
 shell, pool = problem_lib.place_own_part(engine, models.shell_of(theta), problem_lib.pool_for(problem, theta), K)
 chunk = engine.chunk_size
-out["measured_arguments"] = on_device0(jax.tree.leaves((shell, pool))) + chunk // 2 * L * 4  # + device 0's half of the paths
+out["measured_arguments"] = on_device0(jax.tree.leaves((shell, pool))) + chunk // 2 * L * 4  # + the paths
 out["measured_resident"] = live_device0() - (one_level - mesh_level) - on_device0(jax.tree.leaves((shell, pool)))
+out["own_placed"] = on_device0(jax.tree.leaves((shell, pool[K:])))  # the model's shell and own part
+out["paths_bytes"] = chunk // 2 * L * 4  # device 0's half of a chunk of int32 paths
 del shell, pool
+# the held-out bootstrap's re-run of a model (a resumed run): it places the model's own part only, like score_params
+from hm3_jax.paths import path_engine
+from hm3_jax.search import heldout_bootstrap
+placed, real_place = [], path_engine.place_model
+def recording_place(*args):
+    result = real_place(*args)
+    placed.append(live_device0() - base_level)
+    return result
+path_engine.place_model = recording_place
+spec_mesh = heldout_bootstrap.params_spec(problem, theta)._replace(model_id="rerun")  # not the cached stats
+_, boot_mesh = heldout_bootstrap.example_stats(problem, spec_mesh)
+path_engine.place_model = real_place
+out["bootstrap_placed"] = placed
+out["bootstrap_after"] = live_device0() - base_level
 scores = problem_lib.score_params(engine, problem.experts, theta)
 out["score_after"] = live_device0() - base_level
 one_scores = problem_lib.score_params(one.engines["heldout"], one.experts, merge_genes.tuned_merge(one, pref, key, hp))
 out["scores"] = {"mesh": np.asarray(scores).tolist(), "one": np.asarray(one_scores).tolist()}
+theta_one = merge_genes.tuned_merge(one, pref, key, hp)
+_, boot_one = heldout_bootstrap.example_stats(one, heldout_bootstrap.params_spec(one, theta_one)._replace(model_id="rerun"))
+out["bootstrap"] = {"mesh": list(map(float, boot_mesh)), "one": list(map(float, boot_one))}
+del theta_one
 one_programs = program_memory.model_score_programs(config, K, jnp.float32, one.objectives["heldout"], run)
 out["one_programs"] = [p._asdict() for p in one_programs]
 out["one_planned_resident"] = program_memory.model_score_resident(params, K)
@@ -157,6 +178,13 @@ def test_merges_and_scoring_on_a_mesh_hold_shards_only(spec_path):  # noqa: F811
         assert p["resident_bytes"] == out["planned_resident"] == out["measured_resident"], p
     assert out["measured_arguments"] < 0.5 * 4 * out["whole"]  # the pool and the shell split over "model"
     assert out["score_after"] == 0  # the placed model is dropped with the engine that scored it
+    # the bootstrap's re-run: the same per-task scores, placing only the model's shell and own part, then dropped
+    # (when the engine places its model, the chunk's paths are placed already)
+    assert out["bootstrap_placed"] and max(out["bootstrap_placed"]) == out["own_placed"] + out["paths_bytes"]
+    assert all(
+        abs(a - b) <= 1e-6 for a, b in zip(out["bootstrap"]["mesh"], out["bootstrap"]["one"], strict=True)
+    )
+    assert out["bootstrap_after"] == 0
     # one device: the decode programs' arguments are the shell, the K + 1 parts and a chunk of paths
     decode = [p for p in out["one_programs"] if p["name"] in ("model_scores/gsm", "model_scores/code")]
     assert len(decode) == 2 and all(p["argument_bytes"] == out["one_arguments"] + out["chunk"] * 2 * 4
