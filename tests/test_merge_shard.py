@@ -123,6 +123,18 @@ _, boot_mesh = heldout_bootstrap.example_stats(problem, spec_mesh)
 path_engine.place_model = real_place
 out["bootstrap_placed"] = placed
 out["bootstrap_after"] = live_device0() - base_level
+# the no-parameter-level ablation's and the path baselines' model: placed once, its engines add nothing
+from hm3_jax.search import arch_level
+np_shell, np_pool = arch_level.no_param_level_model(problem)
+np_level = live_device0()
+engines = [problem.engines[s].with_model(np_shell, np_pool, pool_id=f"np{i}") for i, s in enumerate(["search", "heldout"] * 2)]
+for e in engines:
+    e._placed()
+out["np_added_by_engines"] = live_device0() - np_level
+out["np_placed"] = np_level - base_level
+out["np_own"] = on_device0(jax.tree.leaves((np_shell, np_pool[K:])))
+out["np_experts_reused"] = all(a is b for a, b in zip(jax.tree.leaves(np_pool[:K]), jax.tree.leaves(engine.pool[:K])))
+del engines, e, np_shell, np_pool
 scores = problem_lib.score_params(engine, problem.experts, theta)
 out["score_after"] = live_device0() - base_level
 one_scores = problem_lib.score_params(one.engines["heldout"], one.experts, merge_genes.tuned_merge(one, pref, key, hp))
@@ -185,6 +197,11 @@ def test_merges_and_scoring_on_a_mesh_hold_shards_only(spec_path):  # noqa: F811
         abs(a - b) <= 1e-6 for a, b in zip(out["bootstrap"]["mesh"], out["bootstrap"]["one"], strict=True)
     )
     assert out["bootstrap_after"] == 0
+    # the ablation's model: its shell and own part placed once, the experts' placed parts reused, no engine copies
+    # (on CPU a replicated leaf placed from the same host array as the sources' placed part may share its buffer:
+    # expert 0's norm scales, 256 bytes; an accelerator copies)
+    assert out["np_experts_reused"] and out["np_own"] - 1024 <= out["np_placed"] <= out["np_own"]
+    assert out["np_own"] == out["own_placed"] and out["np_added_by_engines"] == 0
     # one device: the decode programs' arguments are the shell, the K + 1 parts and a chunk of paths
     decode = [p for p in out["one_programs"] if p["name"] in ("model_scores/gsm", "model_scores/code")]
     assert len(decode) == 2 and all(p["argument_bytes"] == out["one_arguments"] + out["chunk"] * 2 * 4
