@@ -138,6 +138,7 @@ def test_a_mesh_problem_over_host_sources_places_only_shards(spec_path):
     np.testing.assert_allclose(out["scores"]["mesh"], out["scores"]["one"], atol=1e-6)
     assert max(out["scores"]["one"]) > 0  # not a comparison of zeros
     assert out["held_planned"] == out["held_measured"] < pool / 2
-    # the merge on device 0 keeps that shard and the model it assembles resident, not the K + 1 sources
-    assert out["merge_resident"] == pool + out["whole"]
+    # the merge on device 0 keeps that shard resident, not the K + 1 sources nor the merged model (its tensors go
+    # to the host as they are made: tests/test_merge_shard.py)
+    assert out["merge_resident"] == pool
     assert out["merge_resident_one"] > out["merge_resident"]  # one device: the sources as loaded

@@ -41,6 +41,7 @@ from hm3_jax.merging.groups import (
     leaf_weights,
     path_name,
 )
+from hm3_jax.merging.host_leaves import fetched, on_host, stacked
 from hm3_jax.merging.methods import check_merge_call, check_weights_arg, make_kernel
 
 
@@ -116,8 +117,8 @@ CHUNK_ELEMENTS = chunked.DEFAULT_CHUNK_ELEMENTS
 
 
 def merge_leaf_in_chunks(kernel, dtype, leaf_key, ref_leaf, inputs, leaf_w):
-    """`merge_tensor`'s merged leaf (not stacked) through `chunked.merge_chunked`; None if an input is not finite
-    (the caller then merges it whole, as it would without the chunks)."""
+    """`merge_tensor`'s merged leaf (not stacked) through `chunked.merge_chunked`, a host (numpy) array; None if an
+    input is not finite (the caller then merges it whole, as it would without the chunks)."""
     merged, _ = chunked.merge_chunked(
         kernel,
         dtype,
@@ -128,7 +129,7 @@ def merge_leaf_in_chunks(kernel, dtype, leaf_key, ref_leaf, inputs, leaf_w):
         CHUNK_ELEMENTS,
         {},
     )
-    return None if merged is None else jnp.asarray(merged)
+    return merged
 
 
 def merge(
@@ -156,7 +157,8 @@ def merge(
       check_finite: raise on NaN/Inf in an input leaf (skipped under jit tracing).
       **hparams: the method's hyperparameters (`density`, `drop_rate`, `scale`, `normalize`, ...).
     Returns:
-      The merged pytree, each leaf with the base leaf's dtype.
+      The merged pytree, each leaf with the base leaf's dtype: host (numpy) arrays when `base` and `models` are
+      (a run on a mesh: each tensor fetched as it is made, `host_leaves`), else device arrays.
     Raises:
       ValueError: unknown method or hyperparameter, empty model list, wrong-length weights, values out of
         range, structure/shape mismatch (naming the first tensor that differs), NaN/Inf in an input.
@@ -174,6 +176,8 @@ def merge(
 
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(reference)
     model_leaves = [jax.tree_util.tree_leaves(m) for m in models]
+    # host sources (a run on a mesh): every merged tensor comes back to the host when made (`host_leaves`)
+    host = on_host(*models) and (base is None or on_host(base))
     out = []
     for index, (path, ref_leaf) in enumerate(leaves_with_path):
         name = path_name(path)
@@ -198,36 +202,43 @@ def merge(
         if leaf_key is None:
             leaf_key = jax.random.key(0)  # unused by the deterministic methods
         dtype = np.dtype(ref_leaf.dtype)
-        stacked = is_stacked(name) and np.ndim(ref_leaf) >= 1
+        is_blocks = is_stacked(name) and np.ndim(ref_leaf) >= 1
         copies_bytes = (len(inputs) + 1) * 4 * np.size(ref_leaf)  # K + 1 float32 copies of the leaf
         merged = None
-        if stacked and copies_bytes > BLOCKWISE_MERGE_BYTES:
+        if is_blocks and copies_bytes > BLOCKWISE_MERGE_BYTES:
             # block by block: K + 1 float32 copies of one block at a time, not of the whole stacked leaf (a
             # Llama-2-7B MLP leaf [32, 4096, 11008] is 5.8 GB per float32 copy); the values of merge_tensor's
             # vmap over the blocks (block l: fold_in(leaf key, l)) bit for bit, PCB's within a float32 ulp
-            merged = jnp.stack(
+            merged = stacked(
                 [
-                    merge_tensor(
-                        kernel,
-                        dtype,
-                        False,
-                        jax.random.fold_in(leaf_key, l),
-                        ref_leaf[l],
-                        [x[l] for x in inputs],
-                        jnp.asarray(leaf_w)[l],
-                    )[0]
+                    fetched(
+                        merge_tensor(
+                            kernel,
+                            dtype,
+                            False,
+                            jax.random.fold_in(leaf_key, l),
+                            ref_leaf[l],
+                            [x[l] for x in inputs],
+                            jnp.asarray(leaf_w)[l],
+                        )[0],
+                        host,
+                    )
                     for l in range(np.shape(ref_leaf)[0])
-                ]
+                ],
+                host,
             )
         elif (
-            not stacked
+            not is_blocks
             and kernel.method in chunked.CHUNKED_METHODS
             and copies_bytes > CHUNKED_MERGE_BYTES
             and not any(isinstance(x, jax.core.Tracer) for x in [ref_leaf, *inputs, leaf_w])
         ):
             merged = merge_leaf_in_chunks(kernel, dtype, leaf_key, ref_leaf, inputs, leaf_w)
+            merged = merged if merged is None or host else jnp.asarray(merged)
         if merged is None:  # one program over the leaf (all blocks of a stacked one)
-            merged, _ = merge_tensor(kernel, dtype, stacked, leaf_key, ref_leaf, inputs, leaf_w)
+            merged = fetched(
+                merge_tensor(kernel, dtype, is_blocks, leaf_key, ref_leaf, inputs, leaf_w)[0], host
+            )
         out.append(merged)
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from hm3_jax.merging.groups import is_stacked, path_name
+from hm3_jax.merging.host_leaves import fetched, on_host, stacked
 
 
 def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, drop_rate, scale, elect=1.0):
@@ -34,10 +35,12 @@ def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, 
 
     Args: base / experts: params pytrees; key; block_weights [K, L]; shell_weights [K]; density, drop_rate,
       scale: scalars; elect: scalar, 1 (TIES sign election) or 0 (none). Returns: merged params with the
-      base's dtypes.
+      base's dtypes: host (numpy) arrays when base and experts are host arrays (a run on a mesh; each tensor
+      fetched as it is made, so device 0 never holds the merged model whole: `host_leaves`), else device arrays.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
     expert_leaves = [jax.tree.leaves(e) for e in experts]
+    host = on_host(base, *experts)  # host sources (a run on a mesh): each merged tensor to the host when made
     hp = [jnp.asarray(x, jnp.float32) for x in (density, drop_rate, scale, elect)]
     out = []
     for index, (path, leaf) in enumerate(leaves):
@@ -45,23 +48,23 @@ def dare_ties_traced(base, experts, key, block_weights, shell_weights, density, 
         if is_stacked(
             path_name(path)
         ):  # block by block: block l with key fold_in(leaf_key, l), weights [:, l]
-            out.append(
-                jnp.stack(
-                    [
-                        dare_ties_leaf(
-                            False,
-                            jax.random.fold_in(leaf_key, l),
-                            leaf[l],
-                            [t[l] for t in thetas],
-                            block_weights[:, l],
-                            *hp,
-                        )
-                        for l in range(leaf.shape[0])
-                    ]
+            blocks = [
+                fetched(
+                    dare_ties_leaf(
+                        False,
+                        jax.random.fold_in(leaf_key, l),
+                        leaf[l],
+                        [t[l] for t in thetas],
+                        block_weights[:, l],
+                        *hp,
+                    ),
+                    host,
                 )
-            )
+                for l in range(leaf.shape[0])
+            ]
+            out.append(stacked(blocks, host))
         else:
-            out.append(dare_ties_leaf(False, leaf_key, leaf, thetas, shell_weights, *hp))
+            out.append(fetched(dare_ties_leaf(False, leaf_key, leaf, thetas, shell_weights, *hp), host))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -17,15 +17,16 @@ the run's resident arrays that are not the program's arguments (`resident_bytes`
 * ``merge``: the tuned parameter level's merge (`merging.traced.dare_ties_traced`, tensor by tensor: the largest
   tensor's program, base and K experts' tensors in, the merged tensor out) on device 0, when the run tunes
   (`param_level.cmaes.enabled`; the paper's merge, `merging.hm3_merge`, runs eagerly leaf by leaf and is not
-  planned);
+  planned); on a mesh each merged tensor goes to the host as it is made (`merging.host_leaves`);
 * ``path_scores/<split>``: the path engine's program for one chunk of candidate paths over the pool of the
   K + 1 sources' blocks, for each engine the run makes ("search", capped to `engine.search_examples` rows per
   task when set, "search_full", the whole search split then, and "heldout"), on the run's mesh (strategy
   "shard": paths over "paths", examples over "data"; shell and pool placed by `PathEngine.model_shardings`),
   or on one device (plus the prefix tree's program, ``path_scores/<split>/tree``, when teacher-forced tasks
   run as a tree); generation tasks decode inside it;
-* ``model_scores/<task>``: one model's score on a held-out task (`scoring.path_device_scores`: the
-  held-out bootstrap and `score_model`), on device 0, one per distinct shape.
+* ``model_scores/<task>``: one model's score on a held-out task as the run computes it (`problem.score_params`,
+  the held-out bootstrap: the model's identity path over the pool `experts + [model]` through the split's
+  engine, on the run's mesh with the model's shell and own part placed like the pool), one per distinct shape.
 
 The splits' programs differ only in how many batches they map over (outputs, the batches' ids as constants);
 building an engine runs every objective once eagerly to record its batches (`make_engine`), which for a real vocabulary
@@ -190,7 +191,7 @@ def plan_run(
     if "path_scores" in programs:
         planned += engine_programs(config, num_experts, dtype, split_objs, run_config, mesh, groups, splits)
     if "model_scores" in programs:
-        planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"], mesh)
+        planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"], run_config, mesh)
     model_bytes = tree_bytes(abstract_params(config, dtype))
     planned = add_held(planned, run_config, config, num_experts, dtype, mesh)
     largest = (None, None)

@@ -3,13 +3,13 @@
 
     program bytes = arguments + outputs + temporaries - aliased (donated buffers counted once)
 
-plus, on device 0, the run's resident arrays that are not the program's arguments (`resident_bytes`) and the
-preferences' merged models it holds (`held_preference_bytes`).
+plus, on device 0, the run's resident arrays that are not the program's arguments (the sources and their pool,
+`sources_device0_bytes`; beside a scored model `model_score_resident`) and the preferences' merged models it holds
+(`held_preference_bytes`).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import NamedTuple
 
@@ -24,8 +24,8 @@ from hm3_jax.models.layers import accelerator_dots
 from hm3_jax.paths.engine import DECODE_METRICS
 from hm3_jax.pipeline.preference_models import resident_preferences
 from hm3_jax.search.problem import make_engines, uses_parts
-from hm3_jax.tasks import scoring, spec_objectives, spec_zoo
 from hm3_jax.tasks import spec as spec_lib
+from hm3_jax.tasks import spec_objectives, spec_zoo
 
 
 class ProgramMemory(NamedTuple):
@@ -109,23 +109,6 @@ def sources_device0_bytes(params, num_experts: int, mesh=None) -> tuple[int, int
     if mesh is None:
         return (num_experts + 1) * tree_bytes(params), pool_copy_bytes(params, num_experts, sharded=False)
     return 0, placed_bytes(models.shell_of(params), abstract_pool(params, num_experts), mesh)
-
-
-def resident_bytes(program: str, sources_bytes: int, pool_bytes: int) -> int:
-    """Bytes the run keeps on device 0 outside `program`'s arguments (hm3_jax/pipeline/run.py and problem.py today):
-    the sources as `load_pretrained` placed them (`sources_bytes`: the K + 1 models, or for "model_scores" the K
-    that are not its argument; 0 on a mesh, where they are host arrays) and the sources' pool
-    (`problem.make_problem`, `pool_bytes`; it is the path programs' own argument: on a mesh `make_problem`
-    places it once, sharded, for every split's engine; `sources_device0_bytes`). The preferences' merged models are added by `held_preference_bytes`
-    (`memory.resident_preferences` of them, or all N).
-
-    program: "merge" (its arguments are the sources), "path_scores" or "model_scores".
-    """
-    if program == "merge":
-        return pool_bytes
-    if program == "path_scores":
-        return sources_bytes
-    return sources_bytes + pool_bytes
 
 
 def held_preferences(run_config) -> int:
@@ -281,7 +264,7 @@ def engine_programs(
     sources = sources_device0_bytes(params, num_experts, mesh)[0]  # 0 on a mesh: host arrays
     if parted(params, num_experts) and not sharded:  # the argument's expert parts are the sources' blocks
         sources -= num_experts * tree_bytes(params["blocks"])
-    resident = resident_bytes("path_scores", sources, tree_bytes(pool))
+    resident = sources  # beside it the sources' pool and the held preferences (`held_preference_bytes`)
     devices = mesh.size if sharded else 1
     out = []
     for split, engine in engines.items():
@@ -307,8 +290,10 @@ def merge_program(config, num_experts: int, dtype, mesh=None) -> ProgramMemory:
     """``merge``: the tuned parameter level's merge (`merging.traced.dare_ties_traced`) on device 0. It streams tensor
     by tensor (shell leaves, and stacked leaves block by block; `merging.traced.dare_ties_leaf`): planned is the
     largest tensor's program, with the rest of the sources (on one device; on a mesh they are host arrays), the
-    sources' pool (on a mesh device 0's shard of it, `sources_device0_bytes`) and the merged model being
-    assembled (at most one model) resident."""
+    sources' pool (on a mesh device 0's shard of it, `sources_device0_bytes`) and, on one device, the merged model
+    being assembled (at most one model) resident. On a mesh each merged tensor goes to the host as it is made
+    (`merging.host_leaves`: the sources are host arrays) and is placed sharded where it is scored, so no merged
+    model is resident."""
     params = abstract_params(config, dtype)
     tensors = [  # what dare_ties_leaf is called on: shell leaves whole, stacked leaves one block at a time
         jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if is_stacked(path_name(p)) else x
@@ -327,25 +312,52 @@ def merge_program(config, num_experts: int, dtype, mesh=None) -> ProgramMemory:
         f32,
         f32,
     )
-    model = tree_bytes(params)
+    model = tree_bytes(params) if mesh is None else 0  # on a mesh the merged tensors are on the host
     leaf_args = (num_experts + 1) * tree_bytes(leaf)
     sources, pool = sources_device0_bytes(params, num_experts, mesh)
     resident = max(sources - leaf_args, 0) + pool + model  # on a mesh the leaves come from the host
     return compile_memory("merge", lambda: traced.dare_ties_leaf.lower(*args), 1, "device 0", resident)
 
 
-def one_model_scores(config, objective, shell, blocks):
-    path = jnp.arange(config.num_layers, dtype=jnp.int32)
-    return scoring.path_device_scores(config, shell, blocks, path, None, objective)
+def model_score_resident(params, num_experts: int, mesh=None) -> int:
+    """Device-0 bytes beside a scored model's program (`model_score_programs`; the held preferences apart,
+    `held_preference_bytes`). The argument is the model's shell and the pool `experts + [model]`.
+
+    One device: the K + 1 sources as loaded, less the K expert parts of a parted pool (the argument's own), plus
+    the sources' stacked pool and, beside a stacked pool's copy of them, the model's own blocks. A mesh (sources
+    and merged models on the host): the sources' placed shell and base part (a parted pool's expert parts are
+    the argument's), or, stacked, the sources' whole placed shell and pool and the scored pool's copy, which
+    `models.make_pool` makes on device 0 before it is placed.
+    """
+    shell, blocks, pool = models.shell_of(params), params["blocks"], abstract_pool(params, num_experts)
+    is_parted = parted(params, num_experts)
+    if mesh is not None:
+        return (
+            placed_bytes(shell, (blocks,), mesh)
+            if is_parted
+            else placed_bytes(shell, pool, mesh) + tree_bytes(pool)
+        )
+    sources = (num_experts + 1) * tree_bytes(params)
+    if is_parted:
+        return sources - num_experts * tree_bytes(blocks)
+    return sources + tree_bytes(pool) + tree_bytes(blocks)
 
 
-def model_score_programs(config, num_experts: int, dtype, objectives: list, mesh=None) -> list[ProgramMemory]:
-    """``model_scores/<task>``: one model's held-out score (`scoring.path_device_scores`) per distinct
-    objective shape, on device 0; resident the K other sources and the sources' pool (`sources_device0_bytes`:
-    on a mesh no sources, device 0's shard of the pool)."""
+def model_score_programs(
+    config, num_experts: int, dtype, objectives: list, run_config, mesh=None
+) -> list[ProgramMemory]:
+    """``model_scores/<task>``: one model's score as the run computes it (`problem.score_params`, the held-out
+    bootstrap: the identity path of source K, T = L steps, over the pool `experts + [model]` through the split's
+    engine; on a mesh strategy "shard", the model's shell and own part placed with the engine's shardings by
+    `problem.place_own_part`, so its matrices are split over "model" like the pool's), per distinct objective
+    shape: the engine's program for one chunk of paths (`PathEngine.lower_plain`, or `lower_tree` for the
+    teacher-forced objectives of a one-device prefix tree) over that objective alone. The run scores every task
+    of a split in one program, whose temporaries are its largest task's (XLA reuses them across the objectives'
+    sequential maps). Resident: `model_score_resident`."""
     params = abstract_params(config, dtype)
-    sources, pool = sources_device0_bytes(params, num_experts, mesh)
-    resident = resident_bytes("model_scores", sources * num_experts // (num_experts + 1), pool)
+    shell, pool = models.shell_of(params), abstract_pool(params, num_experts)
+    eng, L = run_config.engine, config.num_layers
+    resident = model_score_resident(params, num_experts, mesh)
     seen, out = set(), []
     for obj in objectives:
         kind = "decode" if obj.metric in DECODE_METRICS else obj.metric  # one program for every decode metric
@@ -353,14 +365,18 @@ def model_score_programs(config, num_experts: int, dtype, objectives: list, mesh
         if shapes in seen:
             continue
         seen.add(shapes)
-        fn = jax.jit(functools.partial(one_model_scores, config, obj))
+        engine = make_engines(
+            config, shell, pool, {"heldout": [obj]}, eng.strategy, eng.chunk_size, eng.prefix_sharing, mesh,
+            pool_id="plan",
+        )["heldout"]  # fmt: skip
+        tree = engine.lower_tree(L)
         task = obj.name.rsplit("/", 1)[0]
         out.append(
             compile_memory(
                 f"model_scores/{task}",
-                lambda f=fn: f.lower(models.shell_of(params), params["blocks"]),
-                1,
-                "device 0",
+                (lambda t=tree: t) if tree is not None else (lambda e=engine: e.lower_plain(L)),
+                mesh.size if mesh is not None else 1,
+                mesh_name(mesh),
                 resident,
             )
         )

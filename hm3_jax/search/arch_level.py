@@ -60,7 +60,7 @@ from hm3_jax.paths import alignment
 from hm3_jax.search.neighbourhood import MOVE_KINDS, NEIGHBOURHOOD_STREAM, neighbourhood_search
 from hm3_jax.search.path_confirmation import confirm_candidates, identity_paths, model_spec, path_junction
 from hm3_jax.search.path_scorer import PathScorer
-from hm3_jax.search.problem import Problem, pool_for
+from hm3_jax.search.problem import Problem, pool_for, reuse_placed_parts
 
 
 def arch_config(cfg, num_sources: int, num_layers: int, num_tasks: int) -> ArchConfig:
@@ -96,10 +96,15 @@ EXPERT_PATHS_ID = "expert_paths"
 
 
 def no_param_level_model(problem: Problem) -> tuple[dict, list[dict]]:
-    """Shell (plain average of the experts' shells) and padded pool of the 'no parameter level' ablation (and
-    of the path baselines); its engine cache identity is `EXPERT_PATHS_ID`."""
+    """Shell (plain average of the experts' shells) and padded pool of the 'no parameter level' ablation (also the
+    path baselines' model; its engine cache identity is `EXPERT_PATHS_ID`). On a one-process mesh with parted
+    pools placed once, as its engines read it, reusing the sources' placed expert parts (`reuse_placed_parts`):
+    every engine over it (one per preference, one per split) then reads these arrays instead of placing a copy
+    of every part of its own."""
     shell = merging.merge("linear", None, [models.shell_of(e) for e in problem.experts])
     pool = pool_for(problem.experts, problem.experts[0])  # last source slot never selectable
+    if jax.process_count() == 1:  # on several processes alignment and export read the pool as a local array
+        shell, pool = reuse_placed_parts(problem.engines["search"], shell, pool, len(problem.experts))
     return shell, pool
 
 

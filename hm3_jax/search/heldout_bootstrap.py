@@ -23,7 +23,7 @@ from absl import logging
 
 from hm3_jax import models
 from hm3_jax.moo import bootstrap, hypervolume, normalize_by_ideal
-from hm3_jax.search.problem import MIN_IDEAL, Problem, pool_for
+from hm3_jax.search.problem import MIN_IDEAL, Problem, pool_for, reuse_placed_parts
 
 
 class ModelSpec(NamedTuple):
@@ -53,7 +53,11 @@ def example_stats(problem: Problem, spec, split: str = "heldout"):
     Returns: ([stats per task], [full-sample score per task]).
     """
     spec = ModelSpec(*spec)
-    engine = problem.engines[split].with_model(spec.shell, spec.pool, pool_id=spec.model_id)
+    base = problem.engines[split]
+    shell, pool = reuse_placed_parts(
+        base, spec.shell, spec.pool, len(problem.experts)
+    )  # on a mesh: own part only
+    engine = base.with_model(shell, pool, pool_id=spec.model_id)
     junction = None if spec.junction is None else {k: np.asarray(v)[None] for k, v in spec.junction.items()}
     stats = engine.example_stats(np.asarray(spec.path, np.int32)[None], junction)[0]
     scores = [bootstrap.full_score(s, o.metric) for s, o in zip(stats, engine.objectives, strict=True)]

@@ -310,6 +310,16 @@ def place_own_part(engine, shell: dict, pool: tuple, num_experts: int) -> tuple[
     return shell, tuple(engine.pool[:num_experts]) + tuple(own)
 
 
+def reuse_placed_parts(engine, shell: dict, pool, num_experts: int) -> tuple:
+    """(shell, pool) for `engine.with_model`: on a mesh (strategy "shard", `engine`'s pool parted, its first K parts
+    the experts' placed ones) a parted pool `experts + [model]` reads those placed parts, and only its shell and
+    own part are placed (`place_own_part`), not a placed copy of every part (K more parts' shards on every
+    device); anything else unchanged (the engine places it when it first runs on a mesh)."""
+    if models.is_parted(pool) and engine.strategy == "shard" and models.is_parted(engine.pool):
+        return place_own_part(engine, shell, pool, num_experts)
+    return shell, pool
+
+
 # Above this many bytes of the experts' blocks, pools are parted (`uses_parts`): the sources' own block arrays
 # instead of a stacked copy (a module constant: tests lower it to run parted pools on tiny models).
 SCORE_POOL_COPY_MAX_BYTES = 2**28
@@ -322,11 +332,10 @@ def score_params(engine, experts: list, params: dict) -> np.ndarray:
     large models that pool is parted, the experts' and the model's own block arrays (no K + 1-model copy per
     call: 2.7 GiB at Qwen2.5-0.5B's shapes), and has the shapes of the sources' parted pool, so the engine's
     programs compiled for it serve. On a mesh ("shard") with a parted pool, `engine`'s first K parts must be the
-    experts' (placed): every engine `make_problem` builds. The engine caches by a hash of the shell and pool bytes.
+    experts' (placed): every engine `make_problem` builds (`reuse_placed_parts`). `params` may be host arrays (a
+    run on a mesh: the merges return host arrays there), placed sharded here, never whole on device 0. The engine caches by a hash of the shell and pool bytes.
     """
     K, L = len(experts), models.pool_size(params["blocks"])
-    shell, pool = models.shell_of(params), pool_for(experts, params)
-    if models.is_parted(pool) and engine.strategy == "shard" and models.is_parted(engine.pool):
-        shell, pool = place_own_part(engine, shell, pool, K)  # not K + 1 parts per scored model
+    shell, pool = reuse_placed_parts(engine, models.shell_of(params), pool_for(experts, params), K)
     eng = engine.with_model(shell, pool)
     return eng.evaluate((K * L + np.arange(L, dtype=np.int32))[None]).scores[0]

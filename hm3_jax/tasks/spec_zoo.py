@@ -214,8 +214,11 @@ def load(spec, seed: int = 0, on_host: bool = False) -> SpecZoo:
             params = vocab.align_to_base_vocab(
                 base_vocab, vocab.vocab_of(d), expert.params, base.params, expert.config
             )
-            if on_host:  # the re-indexed embedding and head come back as device arrays
-                params = jax.tree.map(np.asarray, params)
+            if on_host:  # the re-indexed embedding and head come back as device arrays: copied to the host
+                # (`np.asarray` of a CPU-backend array is a view that keeps its device buffer alive)
+                params = jax.tree.map(
+                    lambda x: x if type(x) is np.ndarray else np.array(x, copy=True), params
+                )
             expert = Model(base.config, params, expert.hf_config)
         experts[name] = expert
     groups = {t: s.objective for t, s in spec.tasks.items()}
