@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from hm3_jax import distributed
-from hm3_jax.pipeline import baseline_runs, export, memory_plan, method_table, stage_workers
+from hm3_jax.pipeline import baseline_runs, export, memory_plan, method_table, stage_plan, stage_workers
 from hm3_jax.pipeline import progress as progress_lib
 from hm3_jax.pipeline import report as report_lib
 from hm3_jax.pipeline.preference_models import PreferenceModels, resident_preferences
@@ -215,7 +215,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     for m in config.baselines.path_methods:
         progress.set_count(f"baseline_{m}", budget)
     param_keys = baseline_runs.baseline_keys(k_base, config.baselines.param_methods)
-    stages = independent_stages(
+    stages = stage_plan.independent_stages(
         problem, config, wd, prefs, k_abl, param_keys, k_base, evaluator, lambda: budget
     )
     done = stage_workers.run_stages(wd, progress, stages, wait=True)  # stage workers took some (if any)
@@ -269,67 +269,6 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     return rep
 
 
-def independent_stages(problem, config, wd, prefs, k_abl, param_keys, k_base, evaluator, budget_fn) -> list:
-    """The stages after HM3 that need only the preferences and their keys: the no-parameter-level ablation (if
-    configured), then every parameter baseline and every path baseline (at `budget_fn()` path evaluations, HM3's
-    count unless configured), as `run_hm3` orders them: [(stage name, compute)]. Any process may compute any of
-    them (`pipeline.stage_workers`)."""
-    N, K = len(prefs), problem.num_tasks
-    np_shell, np_pool = evaluator.shell, evaluator.pool
-    out = []
-    if "no_param_level" in ablations(config):
-        out.append(
-            (
-                "hm3_no_param_level",
-                lambda: arch_level.run_arch_level(
-                    problem,
-                    prefs,
-                    [np_shell] * N,
-                    [np_pool] * N,
-                    problem.base["blocks"],
-                    k_abl,
-                    config.arch,
-                    wd.subdir("arch", "no_param"),
-                    "no_param",
-                    K,
-                    shared_pool_id=evaluator.pool_id,  # one model: a path is scored once for every preference
-                ),
-            )
-        )
-    for m in config.baselines.param_methods:
-        out.append(
-            (
-                f"baseline_{m}",
-                lambda m=m: baseline_runs.run_param_baseline(
-                    problem,
-                    m,
-                    prefs,
-                    param_keys[m],
-                    tune=config.baselines.tune,
-                    confirm_top=config.param_level.get("confirm_top", 0),
-                ),
-            )
-        )
-    path_keys = baseline_runs.baseline_keys(k_base, config.baselines.path_methods)
-    for m in config.baselines.path_methods:
-        out.append(
-            (
-                f"baseline_{m}",
-                lambda m=m: baseline_runs.run_path_baseline(
-                    problem,
-                    m,
-                    prefs,
-                    path_keys[m],
-                    evaluator,
-                    config.arch.rl.t_max,
-                    budget_fn(),
-                    confirm_top=config.arch.get("confirm_top", 0),
-                ),
-            )
-        )
-    return out
-
-
 def run_stage_worker(
     config, workdir: str, zoo_dir: str | None = None, index: int = 1, nice: int = stage_workers.WORKER_NICE
 ) -> None:
@@ -353,7 +292,9 @@ def run_stage_worker(
         )
 
     param_keys = baseline_runs.baseline_keys(k_base, config.baselines.param_methods)
-    stages = independent_stages(problem, config, wd, prefs, k_abl, param_keys, k_base, evaluator, budget)
+    stages = stage_plan.independent_stages(
+        problem, config, wd, prefs, k_abl, param_keys, k_base, evaluator, budget
+    )
     stats = os.path.join(wd.path, stage_workers.WORKER_STATS.format(index=index))  # for the main's bootstrap
     stages = [(n, stage_workers.saving_kept_stats(f, problem.engines["heldout"], stats)) for n, f in stages]
     num_path = len(config.baselines.path_methods)

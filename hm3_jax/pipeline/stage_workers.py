@@ -2,7 +2,7 @@
 
 After HM3's architecture level, the no-parameter-level ablation and every baseline depend only on the spec, the
 preferences and their keys (the path baselines also on HM3's evaluation count, their budget), not on each other
-(`run.independent_stages`). With `run_hm3 --stage_workers=N`, N - 1 worker processes (the same command with
+(`stage_plan.independent_stages`). With `run_hm3 --stage_workers=N`, N - 1 worker processes (the same command with
 `--stage_worker=i`) start beside the main process. A worker waits for the main process's preferences, then takes
 the independent stages nobody has taken yet in its own order (`Workdir.try_stage`: whoever holds a stage's file
 lock computes it; the others skip it); the main process, after HM3, takes what is left the same way and then
