@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny3
 DEMO_WORKDIR ?= runs/demo
 PYTEST_ARGS ?= -q -n 2 --dist loadfile --durations=20
-# demo-full's processes for the run's stages (run_hm3 --stage_workers; 1 = one process; each holds the zoo)
+# processes for a demo run's stages (run_hm3 --stage_workers: the ablation and the baselines in a second process
+# beside the main one, same report; 1 = one process; each process holds the zoo, ~3.5-4 GB for tiny3)
 STAGE_WORKERS ?= 2
 
 .PHONY: install test demo demo-full lint format clean
@@ -23,7 +24,7 @@ test: install
 
 demo: install
 	$(PY) -m experiments.run_hm3 --config=experiments/configs/tiny3.py:demo --workdir=$(DEMO_WORKDIR) \
-		--zoo_dir=$(WORKDIR)/zoo
+		--zoo_dir=$(WORKDIR)/zoo --stage_workers=$(STAGE_WORKERS)
 
 demo-full: install
 	$(PY) -m experiments.run_hm3 --config=experiments/configs/tiny3.py --workdir=$(WORKDIR) \
