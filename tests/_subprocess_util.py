@@ -30,3 +30,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def child_result(code: str, *args: str, num_devices: int = 8, timeout: float = 900) -> dict:
+    """Runs `python -c code *args` in `subprocess_env(num_devices)` from the repo and returns the JSON object of
+    its last stdout line `RESULT {...}`; AssertionError with the child's stderr when it fails or prints none."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=subprocess_env(num_devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])

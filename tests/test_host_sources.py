@@ -8,17 +8,14 @@ measured before and after `make_problem`), scores a source like the one-device P
 the plan's `merge` program counts that shard (not the whole sources) as resident.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from hm3_jax.tasks.shape_spec import TaskShape
-from tests._subprocess_util import REPO, subprocess_env
+from tests._subprocess_util import child_result
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "eos_token_id": 2, "bos_token_id": 1}  # fmt: skip
@@ -123,13 +120,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_a_mesh_problem_over_host_sources_places_only_shards(spec_path):
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, spec_path], cwd=REPO, env=subprocess_env(8), capture_output=True,
-        text=True, timeout=900,
-    )  # fmt: skip
-    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = child_result(_CHILD, spec_path)
     assert out["parted"]
     sources, pool = out["planned"]
     # device 0 holds the placed shards of the sources' shell and parted pool, what the plan counts, and no source

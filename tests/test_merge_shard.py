@@ -16,11 +16,7 @@ on a mesh; the tiny Llama-2-style spec of tests/test_host_sources.py):
   sources' shell and base part); after scoring nothing of the model is left on device 0.
 """
 
-import json
-import subprocess
-import sys
-
-from tests._subprocess_util import REPO, subprocess_env
+from tests._subprocess_util import child_result
 from tests.test_host_sources import spec_path  # noqa: F401  (the fixture: a tiny Llama-2-style spec)
 
 _CHILD = r"""
@@ -158,13 +154,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_merges_and_scoring_on_a_mesh_hold_shards_only(spec_path):  # noqa: F811
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, spec_path], cwd=REPO, env=subprocess_env(8), capture_output=True,
-        text=True, timeout=900,
-    )  # fmt: skip
-    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = child_result(_CHILD, spec_path)
     # merges of host sources: host arrays, bitwise the one-device merges, nothing left on device 0
     assert out["tuned_on_host"] and out["tuned_one_on_device"] and out["tuned_bitwise"]
     for blockwise in ("0", str(2**28)):
