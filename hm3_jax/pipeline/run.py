@@ -154,6 +154,17 @@ def preference_models(problem: Problem, param: list[dict], variant: str, config=
     return PreferenceModels(problem, param, variant, resident=resident_preferences(config))
 
 
+def run_keys(config) -> tuple:
+    """The run's PRNG keys from `config.seed`: (preferences, parameter level, architecture level, ablation,
+    baselines); the main process and stage workers derive them alike."""
+    return tuple(jax.random.split(jax.random.PRNGKey(config.seed), 5))
+
+
+def path_budget(config, hm3: dict) -> int:
+    """The path baselines' budget in path evaluations: `config.baselines.budget`, or HM3's count (`hm3` stage)."""
+    return int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
+
+
 def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict:
     """Runs (or resumes) the whole job; returns the report dict (also written to DIR/report.json).
 
@@ -164,8 +175,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     t0 = time.perf_counter()
     wd, zoo, problem = setup(config, workdir, zoo_dir, mesh)
     K, L = problem.num_tasks, problem.config.num_layers
-    key = jax.random.PRNGKey(config.seed)
-    k_pref, k_param, k_arch, k_abl, k_base = jax.random.split(key, 5)
+    k_pref, k_param, k_arch, k_abl, k_base = run_keys(config)
     prefs = np.asarray(
         wd.stage("preferences", lambda: make_preferences(config.preferences, K, k_pref)), np.float32
     )
@@ -211,7 +221,7 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
 
     np_shell, np_pool = arch_level.no_param_level_model(problem)
     evaluator = baseline_runs.ExpertPathEvaluator(problem, np_shell, np_pool)
-    budget = int(config.baselines.budget if config.baselines.budget > 0 else hm3["evaluations"])
+    budget = path_budget(config, hm3)
     for m in config.baselines.path_methods:
         progress.set_count(f"baseline_{m}", budget)
     param_keys = baseline_runs.baseline_keys(k_base, config.baselines.param_methods)
@@ -281,15 +291,13 @@ def run_stage_worker(
     stage_workers.wait_for_stage(workdir, "preferences")
     wd, _, problem = setup(config, workdir, zoo_dir)
     prefs = np.asarray(wd.load_stage("preferences"), np.float32)
-    _, _, _, k_abl, k_base = jax.random.split(jax.random.PRNGKey(config.seed), 5)
+    _, _, _, k_abl, k_base = run_keys(config)
     K, N = problem.num_tasks, len(prefs)
     progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, ablations(config)))
     evaluator = baseline_runs.ExpertPathEvaluator(problem, *arch_level.no_param_level_model(problem))
 
     def budget() -> int:
-        return int(
-            config.baselines.budget if config.baselines.budget > 0 else wd.load_stage("hm3")["evaluations"]
-        )
+        return path_budget(config, wd.load_stage("hm3"))
 
     param_keys = baseline_runs.baseline_keys(k_base, config.baselines.param_methods)
     stages = stage_plan.independent_stages(

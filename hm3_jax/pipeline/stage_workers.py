@@ -50,9 +50,8 @@ def save_kept_stats(engine, path: str) -> None:
     "<key hex>/<objective index>"; written atomically)."""
     arrays = {}
     for key, row in engine.kept_example_stats().items():
-        if all(
-            stats is not None for stats in row
-        ):  # objectives without example_fn keep None: not bootstrapped
+        # objectives without example_fn keep None: such rows are never bootstrapped
+        if all(stats is not None for stats in row):
             arrays.update({f"{key.hex()}/{t}": np.asarray(stats) for t, stats in enumerate(row)})
     with atomic.atomic_file(path, "wb") as f:
         np.savez(f, **arrays)
