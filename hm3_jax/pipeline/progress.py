@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from absl import logging
 
 from hm3_jax.pipeline.workdir import BUSY
+from hm3_jax.search.arch_level import neighbourhood_budget
 
 KINDS = {
     "model": "model evaluations",
@@ -33,8 +34,11 @@ class Stage(NamedTuple):
     count: float  # estimated units of `kind`
 
 
-def plan_stages(config, num_tasks: int, num_preferences: int, ablations: tuple) -> list[Stage]:
-    """The stages `run_hm3` computes after the preferences, in order, with their budgets from `config`."""
+def plan_stages(
+    config, num_tasks: int, num_preferences: int, ablations: tuple, num_layers: int = 0
+) -> list[Stage]:
+    """The stages `run_hm3` computes after the preferences, in order, with their budgets from `config`
+    (`num_layers`: the models' L, for a neighbourhood budget per layer)."""
     n = num_preferences
     pl = config.param_level
     per_pref = 1
@@ -43,7 +47,7 @@ def plan_stages(config, num_tasks: int, num_preferences: int, ablations: tuple) 
         per_pref += pl.cmaes.population_size * pl.cmaes.num_generations
     rl, arch = config.arch.rl, config.arch
     search = rl.num_iterations * rl.num_envs + n * (
-        arch.get("neighbourhood_evaluations", 0) + arch.get("confirm_top", 0) + 1
+        neighbourhood_budget(arch, num_layers) + arch.get("confirm_top", 0) + 1
     )
     stages = [Stage("param_level", "model", n * per_pref), Stage("hm3", "path", search)]
     if "no_param_level" in ablations:

@@ -181,7 +181,9 @@ def run_hm3(config, workdir: str, zoo_dir: str | None = None, mesh=None) -> dict
     )
     N = len(prefs)
     logging.info("HM3: %d tasks %s, %d preferences, L=%d", K, problem.tasks, N, L)
-    progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, ablations(config)), start=t0)
+    progress = progress_lib.RunProgress(
+        progress_lib.plan_stages(config, K, N, ablations(config), L), start=t0
+    )
 
     # Parameter level.
     param = progress.stage(
@@ -292,8 +294,8 @@ def run_stage_worker(
     wd, _, problem = setup(config, workdir, zoo_dir)
     prefs = np.asarray(wd.load_stage("preferences"), np.float32)
     _, _, _, k_abl, k_base = run_keys(config)
-    K, N = problem.num_tasks, len(prefs)
-    progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, ablations(config)))
+    K, N, L = problem.num_tasks, len(prefs), problem.config.num_layers
+    progress = progress_lib.RunProgress(progress_lib.plan_stages(config, K, N, ablations(config), L))
     evaluator = baseline_runs.ExpertPathEvaluator(problem, *arch_level.no_param_level_model(problem))
 
     def budget() -> int:

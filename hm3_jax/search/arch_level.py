@@ -11,7 +11,7 @@ After training, the answer for preference i is the best path under the RL reward
 every source's identity path (Theta(lambda_i) alone is one of them: the lower level starts from the upper
 level's answer, as in HM3's hierarchy) and every path the search scored for lambda_i (the search's own
 record, as an evolutionary baseline keeps its best individual). With `arch.neighbourhood_evaluations = B > 0`
-that best path is then refined by a first-order local search (`neighbourhood_search`: best-improvement hill
+(or `arch.neighbourhood_evaluations_per_layer = b > 0`: B = b L, `neighbourhood_budget`) that best path is then refined by a first-order local search (`neighbourhood_search`: best-improvement hill
 climbing over single-step edits, at most B new path evaluations per preference, counted in the budget like every
 other evaluation). Its moves are source swaps, deletions, repeats, insertions of another source's block (paths
 longer than L, as depth up-scaling makes) and neighbouring layers (`arch.neighbourhood_kinds`), scored with the
@@ -88,6 +88,15 @@ def arch_config(cfg, num_sources: int, num_layers: int, num_tasks: int) -> ArchC
             "warm_start_source": merged_source if warm else -1,
         }
     )
+
+
+def neighbourhood_budget(cfg, num_layers: int) -> int:
+    """New path evaluations per preference for the refinement after PPO (0 = off): `cfg.neighbourhood_evaluations`,
+    or `cfg.neighbourhood_evaluations_per_layer * L` when that is > 0 (issue 20: at L = 16 a fixed 16 reaches
+    10% of the ~158 one-edit moves; 5 x L gives each of the five move kinds about L evaluations, so every
+    deletion and repeat is scored). The path baselines get HM3's total, so it costs every path method alike."""
+    per_layer = int(cfg.get("neighbourhood_evaluations_per_layer", 0))
+    return per_layer * int(num_layers) if per_layer > 0 else int(cfg.get("neighbourhood_evaluations", 0))
 
 
 # The engine cache identity of `no_param_level_model`: one model under every preference, scored by the
@@ -244,7 +253,7 @@ def run_arch_level(
         g_key = greedy.tobytes()
         g_reward = float(rewards[[p.tobytes() for p, _ in cands].index(g_key)])
         start_reward, refined, num_candidates, ls = float(rewards[best]), 0, len(cands), None
-        if cfg.get("neighbourhood_evaluations", 0) > 0:
+        if neighbourhood_budget(cfg, L) > 0:
             ls = neighbourhood_search(
                 lambda paths, pref=pref, i=i: scorer(
                     paths, np.repeat(pref[None], len(paths), 0), [i] * len(paths)
@@ -256,7 +265,7 @@ def run_arch_level(
                 t_min=acfg.t_min,
                 t_max=acfg.t_max,
                 beta1=acfg.beta1,
-                budget=int(cfg.neighbourhood_evaluations),
+                budget=neighbourhood_budget(cfg, L),
                 known={p.tobytes(): s for p, s in cands},
                 kinds=tuple(cfg.get("neighbourhood_kinds", MOVE_KINDS)),
                 order=cfg.get("neighbourhood_order", "round_robin"),
