@@ -81,3 +81,20 @@ def test_deep_config_neighbourhood_budget_is_five_per_layer_in_the_search_and_th
     hm3 = {s.name: s.count for s in progress.plan_stages(deep, 3, 15, (), num_layers=16)}["hm3"]
     rl = deep.arch.rl
     assert hm3 == rl.num_iterations * rl.num_envs + 15 * (80 + deep.arch.confirm_top + 1)
+
+
+def test_a_stage_written_by_another_process_while_waiting_teaches_no_rate():
+    class _WaitedFor:  # Workdir.stage when a stage worker holds the lock: waits, then reads its result
+        def has_stage(self, name):
+            return False
+
+        def stage(self, name, compute_fn):
+            clock.now += 300.0  # the wait
+            return {"evaluations": 10}
+
+    clock, log = _Clock(), []
+    stages = [progress.Stage("a", "path", 10), progress.Stage("b", "path", 10)]
+    p = progress.RunProgress(stages, clock=clock, log_fn=lambda *a: log.append(a))
+    assert p.stage(_WaitedFor(), "a", lambda: pytest.fail("computed here")) == {"evaluations": 10}
+    assert p.spent == {} and p.eta_seconds() is None  # the 300 s wait is not stage a's time
+    assert _lines(log)[-1] == "stage 1/2 a: stored, read back"

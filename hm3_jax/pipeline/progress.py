@@ -130,7 +130,17 @@ class RunProgress:
             return self._read_back(wd.stage(name, compute_fn, **kwargs), name)
         self._log_start(name)
         t0 = self.clock()
-        result = wd.stage(name, compute_fn, **kwargs)
+        computed: list[bool] = []
+
+        def compute():
+            computed.append(True)
+            return compute_fn()
+
+        result = wd.stage(name, compute, **kwargs)
+        if (
+            not computed
+        ):  # another process wrote it while this one waited (a stage worker): not this one's time
+            return self._read_back(result, name)
         return self._record(name, result, self.clock() - t0)
 
     def try_stage(self, wd, name: str, compute_fn: Callable[[], Any]) -> Any:
