@@ -334,3 +334,49 @@ def test_tsv_parameter_baseline_tunes_its_scale_on_the_search_split(problem):
         np.testing.assert_allclose(
             out["points"][i], score_params(problem.engines["heldout"], problem.experts, merged)
         )
+
+
+def test_extra_paths_join_the_shortlist_whatever_their_capped_reward(problem):
+    """`extra` (the refinement's answer): re-scored on the whole split even when the top-M by capped-split reward
+    leaves it out; the shortlist is otherwise the one without it, in the same order."""
+    from hm3_jax import models
+    from hm3_jax.search import path_confirmation, path_scorer
+    from hm3_jax.search.problem import pool_for
+
+    L, K = problem.config.num_layers, problem.num_tasks
+    pool = pool_for(problem, problem.base)
+    shell = models.shell_of(problem.base)
+    pref = np.array([[0.6, 0.3, 0.1]], np.float32)
+    scorer = path_scorer.PathScorer(problem, "search", pref, [shell], [pool], "confirm_extra")
+    full = path_scorer.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_extra")
+    others = np.array([[0, 3, -1], [2, 1, -1], [4, 5, 1], [2, 5, -1]], np.int32)  # no source's own path
+    scores = scorer(others, np.repeat(pref, 4, 0))
+    acfg = types.SimpleNamespace(beta1=0.05, t_max=3)
+    rewards = [
+        float(np.dot(pref[0], s) - 0.05 * (p >= 0).sum() / 3) for s, p in zip(scores, others, strict=True)
+    ]
+    worst = others[int(np.argmin(rewards))]
+    plain = path_confirmation.confirm_candidates(problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1)
+    with_extra = path_confirmation.confirm_candidates(
+        problem, full, 0, pref[0], scorer, K + 1, L, acfg, top=1, extra=worst[None]
+    )
+    assert not any(np.array_equal(worst, p) for p in np.asarray(plain["paths"]))
+    listed = {tuple(p): r for p, r in zip(with_extra["paths"], with_extra["full_rewards"], strict=True)}
+    assert listed == {
+        **{tuple(p): r for p, r in zip(plain["paths"], plain["full_rewards"], strict=True)},
+        tuple(worst.tolist()): listed[tuple(worst.tolist())],
+    }  # the plain shortlist, the same whole-split rewards, and the extra path
+    assert len(with_extra["paths"]) == len(plain["paths"]) + 1
+    top_is_extra = path_confirmation.confirm_candidates(
+        problem,
+        full,
+        0,
+        pref[0],
+        scorer,
+        K + 1,
+        L,
+        acfg,
+        top=1,
+        extra=np.asarray(plain["paths"][:1], np.int32),
+    )
+    assert top_is_extra["paths"] == plain["paths"]  # already listed: not twice

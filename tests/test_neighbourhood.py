@@ -190,3 +190,23 @@ def test_search_budget_at_the_deep_shape():
         flat, theta, np.ones(3) / 3, known=known, order="by_kind", **common
     )
     assert old["evaluated"] == {"swap": 16, "delete": 0, "repeat": 0, "insert": 0, "layer": 0}
+
+
+def test_neighbourhood_start_is_thetas_identity_path_only_when_asked_and_theta_is_in_the_pool():
+    import ml_collections
+
+    from hm3_jax.search import arch_level
+    from hm3_jax.search.path_confirmation import identity_paths
+
+    own = identity_paths(4, 2, 3)  # 3 experts + Theta (source 3) over L = 2
+    best = np.array([0, 5, 1], np.int32)
+    cfg = ml_collections.ConfigDict()
+    assert np.array_equal(arch_level.neighbourhood_start(cfg, best, own, 4, 3), best)  # default: the best
+    cfg.neighbourhood_start = "theta"
+    assert np.array_equal(arch_level.neighbourhood_start(cfg, best, own, 4, 3), [6, 7, -1])
+    assert np.array_equal(
+        arch_level.neighbourhood_start(cfg, best, own[:3], 3, 3), best
+    )  # no Theta: the best
+    cfg.neighbourhood_start = "greedy"
+    with pytest.raises(ValueError, match="neighbourhood_start"):
+        arch_level.neighbourhood_start(cfg, best, own, 4, 3)

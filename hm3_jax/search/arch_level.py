@@ -99,6 +99,19 @@ def neighbourhood_budget(cfg, num_layers: int) -> int:
     return per_layer * int(num_layers) if per_layer > 0 else int(cfg.get("neighbourhood_evaluations", 0))
 
 
+def neighbourhood_start(cfg, best_path, identity, num_sources: int, num_tasks: int) -> np.ndarray:
+    """Where the refinement after PPO climbs from (`arch.neighbourhood_start`): "best" (the default), the best
+    path the search scored on the capped search split; "theta", Theta(lambda)'s identity path (the upper
+    level's answer, source K = `num_sources - 1`), as HM3's hierarchy starts the lower level from it. On the
+    deep tiny3 the search's best (on 100 examples per task) was many edits from Theta and the depth edits that
+    beat Theta on the whole search split were one edit from Theta (docs/headroom.md). Without a Theta in the
+    pool (the no-parameter-level ablation) "theta" climbs from the best path too."""
+    start = cfg.get("neighbourhood_start", "best")
+    if start not in ("best", "theta"):
+        raise ValueError(f"arch.neighbourhood_start must be 'best' or 'theta', got {start!r}")
+    return identity[num_sources - 1] if start == "theta" and num_sources > num_tasks else best_path
+
+
 # The engine cache identity of `no_param_level_model`: one model under every preference, scored by the
 # no-parameter-level ablation and by the path baselines (`pipeline.baseline_runs.ExpertPathEvaluator`) alike.
 EXPERT_PATHS_ID = "expert_paths"
@@ -253,12 +266,14 @@ def run_arch_level(
         g_key = greedy.tobytes()
         g_reward = float(rewards[[p.tobytes() for p, _ in cands].index(g_key)])
         start_reward, refined, num_candidates, ls = float(rewards[best]), 0, len(cands), None
+        refined_path = None  # the refinement's answer: always in the confirmation's shortlist
         if neighbourhood_budget(cfg, L) > 0:
+            climb_from = neighbourhood_start(cfg, best_path, seeds, num_sources, problem.num_tasks)
             ls = neighbourhood_search(
                 lambda paths, pref=pref, i=i: scorer(
                     paths, np.repeat(pref[None], len(paths), 0), [i] * len(paths)
                 ),
-                best_path,
+                climb_from,
                 pref,
                 num_sources=num_sources,
                 num_layers=L,
@@ -271,13 +286,16 @@ def run_arch_level(
                 order=cfg.get("neighbourhood_order", "round_robin"),
                 key=jax.random.fold_in(jax.random.fold_in(key, NEIGHBOURHOOD_STREAM), i),
             )
-            best_path, refined, num_candidates = (
-                ls["path"],
+            refined, num_candidates, refined_path = (
                 ls["evaluations"],
                 num_candidates + ls["evaluations"],
+                ls["path"],
             )
-            cands = [(best_path, ls["scores"])]
-            rewards, best = np.asarray([ls["reward"]]), 0
+            # the better of the search's best and the climb's answer (the climb's when it climbed from the best)
+            cands = [(best_path, scorer.archive[(i, best_path.tobytes())]), (ls["path"], ls["scores"])]
+            rewards = np.asarray([start_reward, ls["reward"]])
+            best = int(rewards[1] >= rewards[0])
+            best_path = cands[best][0]
         confirm = None
         if full_scorer is not None:
             aligner = None if aligners_search is None else aligners_search[i]
@@ -298,6 +316,7 @@ def run_arch_level(
                 num_samples=int(cfg.get("confirm_bootstrap_samples", 1000)),
                 seed=int(cfg.get("confirm_seed", 0)) + i,
                 sources=bool(cfg.get("confirm_sources", False)),
+                extra=None if refined_path is None else refined_path[None],
             )
             best_path = np.asarray(confirm["paths"][confirm["chosen"]], np.int32)
             cands = [(best_path, scorer.archive[(i, best_path.tobytes())])]

@@ -51,9 +51,13 @@ def confirm_candidates(
     num_samples: int = 1000,
     seed: int = 0,
     sources: bool = False,
+    extra=None,
 ) -> dict:
     """Re-scores the `top` best candidates of preference `index` (and Theta's identity path) on the whole
     search split; returns the candidates, both rewards and the chosen index (best on the whole split).
+
+    `extra` ([M, T_max] or None): paths of the archive that join the shortlist whatever their capped-split
+    reward (the neighbourhood refinement's answer: from Theta's path it need not be among the archive's best).
 
     With `sources`, every source's own model (its identity path: each expert's, and Theta(lambda)'s) joins the
     shortlist too, scored first on the capped split if the search never scored it (counted by `scorer`): the
@@ -78,6 +82,10 @@ def confirm_candidates(
             k = next(k for k, p in enumerate(paths) if np.array_equal(p, own[m]))
             if k not in order:
                 order.append(k)
+    for path in [] if extra is None else np.asarray(extra, np.int32):
+        k = next(k for k, p in enumerate(paths) if np.array_equal(p, path))
+        if k not in order:
+            order.append(k)
     j = []  # where Theta(lambda)'s identity path, the upper level's own answer, is among the candidates
     if num_sources > problem.num_tasks:
         j = [k for k, p in enumerate(paths) if np.array_equal(p, own[num_sources - 1])]
