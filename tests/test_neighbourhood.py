@@ -210,3 +210,23 @@ def test_neighbourhood_start_is_thetas_identity_path_only_when_asked_and_theta_i
     cfg.neighbourhood_start = "greedy"
     with pytest.raises(ValueError, match="neighbourhood_start"):
         arch_level.neighbourhood_start(cfg, best, own, 4, 3)
+
+
+def test_best_scored_lists_the_answer_then_the_best_other_climbed_paths_by_reward():
+    import types
+
+    from hm3_jax.search import arch_level
+
+    acfg = types.SimpleNamespace(beta1=0.1, t_max=4)
+    pref = np.array([0.5, 0.5])
+    p = lambda *xs: np.array([*xs, *[-1] * (4 - len(xs))], np.int32)
+    # rewards by hand: mean score - 0.1 T / 4
+    scored = [(p(0, 1), np.array([0.6, 0.6])),  # 0.60 - 0.05 = 0.55
+              (p(0, 1, 1), np.array([0.7, 0.7])),  # 0.70 - 0.075 = 0.625
+              (p(2, 1), np.array([0.4, 0.9])),  # 0.65 - 0.05 = 0.60
+              (p(2, 3), np.array([0.2, 0.2]))]  # 0.15  # fmt: skip
+    answer = p(0, 1, 1)
+    out = arch_level.best_scored(scored, pref, acfg, 2, answer)
+    assert out.tolist() == [answer.tolist(), p(2, 1).tolist(), p(0, 1).tolist()]
+    assert arch_level.best_scored(scored, pref, acfg, 0, answer).tolist() == [answer.tolist()]
+    assert arch_level.best_scored([], pref, acfg, 5, answer).tolist() == [answer.tolist()]

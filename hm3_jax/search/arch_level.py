@@ -112,6 +112,21 @@ def neighbourhood_start(cfg, best_path, identity, num_sources: int, num_tasks: i
     return identity[num_sources - 1] if start == "theta" and num_sources > num_tasks else best_path
 
 
+def best_scored(scored, pref, acfg, top: int, first) -> np.ndarray:
+    """[1 + <= top, T_max]: `first` (the refinement's answer), then the `top` best other paths of `scored`
+    ([(path, normalised capped-split scores)]: what the refinement scored) by the RL reward on the capped split.
+    With `arch.confirm_neighbours = top > 0` they all join the confirmation's shortlist: on the deep tiny3 the
+    refinement's one answer was the noisiest of ~80 capped-split scores, while a quarter of the one-edit
+    neighbours of Theta beat it on the whole search split (docs/headroom.md), so more of them are re-scored
+    there (each charged like every confirmation)."""
+    others = [(p, s) for p, s in scored if not np.array_equal(p, first)]
+    if top <= 0 or not others:
+        return np.asarray(first, np.int32)[None]
+    paths = np.stack([p for p, _ in others])
+    r = host_reward(np.stack([s for _, s in others]), pref, (paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
+    return np.concatenate([np.asarray(first, np.int32)[None], paths[np.argsort(-r, kind="stable")[:top]]])
+
+
 # The engine cache identity of `no_param_level_model`: one model under every preference, scored by the
 # no-parameter-level ablation and by the path baselines (`pipeline.baseline_runs.ExpertPathEvaluator`) alike.
 EXPERT_PATHS_ID = "expert_paths"
@@ -266,8 +281,11 @@ def run_arch_level(
         g_key = greedy.tobytes()
         g_reward = float(rewards[[p.tobytes() for p, _ in cands].index(g_key)])
         start_reward, refined, num_candidates, ls = float(rewards[best]), 0, len(cands), None
-        refined_path = None  # the refinement's answer: always in the confirmation's shortlist
+        extra = (
+            None  # the refinement's answer (and its best neighbours): always in the confirmation's shortlist
+        )
         if neighbourhood_budget(cfg, L) > 0:
+            before = {k for k in scorer.archive if k[0] == i}
             climb_from = neighbourhood_start(cfg, best_path, seeds, num_sources, problem.num_tasks)
             ls = neighbourhood_search(
                 lambda paths, pref=pref, i=i: scorer(
@@ -286,11 +304,13 @@ def run_arch_level(
                 order=cfg.get("neighbourhood_order", "round_robin"),
                 key=jax.random.fold_in(jax.random.fold_in(key, NEIGHBOURHOOD_STREAM), i),
             )
-            refined, num_candidates, refined_path = (
-                ls["evaluations"],
-                num_candidates + ls["evaluations"],
-                ls["path"],
-            )
+            refined, num_candidates = ls["evaluations"], num_candidates + ls["evaluations"]
+            climbed = [
+                (np.frombuffer(k[1], np.int32), v)
+                for k, v in scorer.archive.items()
+                if k[0] == i and k not in before
+            ]
+            extra = best_scored(climbed, pref, acfg, int(cfg.get("confirm_neighbours", 0)), ls["path"])
             # the better of the search's best and the climb's answer (the climb's when it climbed from the best)
             cands = [(best_path, scorer.archive[(i, best_path.tobytes())]), (ls["path"], ls["scores"])]
             rewards = np.asarray([start_reward, ls["reward"]])
@@ -316,7 +336,7 @@ def run_arch_level(
                 num_samples=int(cfg.get("confirm_bootstrap_samples", 1000)),
                 seed=int(cfg.get("confirm_seed", 0)) + i,
                 sources=bool(cfg.get("confirm_sources", False)),
-                extra=None if refined_path is None else refined_path[None],
+                extra=extra,
             )
             best_path = np.asarray(confirm["paths"][confirm["chosen"]], np.int32)
             cands = [(best_path, scorer.archive[(i, best_path.tobytes())])]
