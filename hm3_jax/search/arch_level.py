@@ -6,30 +6,29 @@ sends each path to the engine of its preference's pool (search split only), opti
 alignment, and returns normalised scores `f_k / z*_k`. It remembers every scored (preference, path) in an
 archive that is saved with the RL checkpoints, so a resumed run sees the same archive.
 
-After training, the answer for preference i is the best path under the RL reward
-`sum_k lambda_k f_k - beta1 T / T_max` on the search split among the policy's greedy decode for lambda_i,
-every source's identity path (Theta(lambda_i) alone is one of them: the lower level starts from the upper
-level's answer, as in HM3's hierarchy) and every path the search scored for lambda_i (the search's own
-record, as an evolutionary baseline keeps its best individual). With `arch.neighbourhood_evaluations = B > 0`
-(or `arch.neighbourhood_evaluations_per_layer = b > 0`: B = b L, `neighbourhood_budget`) that best path is
-then refined by a first-order local search (`neighbourhood_search`: best-improvement hill climbing over single-step edits, at most B new path evaluations per preference, counted in the budget like every
-other evaluation). Its moves are source swaps, deletions, repeats, insertions of another source's block (paths
-longer than L, as depth up-scaling makes) and neighbouring layers (`arch.neighbourhood_kinds`), scored with the
-kinds taking turns and each kind's moves spread over the depth (`arch.neighbourhood_order = "round_robin"`,
-`order_moves`), so a budget far smaller than the neighbourhood (16 of 158 moves at L = 16) still tries every
-kind of edit. The climb starts from that best path, or from Theta(lambda)'s identity path with
-`arch.neighbourhood_start = "theta"` (`neighbourhood_start`). With `arch.confirm_top = M > 0` and a capped
-search split (`engine.search_examples`), the M best distinct candidates by search reward, plus Theta(lambda)'s identity path, the refinement's answer and
-(`arch.confirm_neighbours = k`) its k best other scored paths (`best_scored`), are re-scored on the WHOLE search
-split and the answer is the best of them there: choosing the maximum of hundreds of noisy scores on 100
-examples per task is biased upward (the winner's curse; on tiny3 the chosen path's math score fell from 20 on
-the 100 search examples to 12 held-out). Each such evaluation is charged `ceil(n_full / n_sub)` path
-evaluations in the budget (the path baselines get the same total). With `arch.confirm_significance = c > 0`
-a path other than Theta(lambda)'s identity path is answered only if it beats Theta on a fraction >= c of
-paired bootstrap resamples of the whole search split (`significant_gain`): on tiny3 the paths that beat Theta
-on all 700 search examples by a few exact-match points mostly lost to it held-out (differences within the
-noise of 700 examples), so the upper level's answer stands unless the evidence is clear. Only the final path
-is scored on the held-out split.
+After training, the answer for preference i is the best path under the RL reward `sum_k lambda_k f_k - beta1 T /
+T_max` on the search split among the policy's greedy decode for lambda_i, every source's identity path
+(Theta(lambda_i) alone is one of them: the lower level starts from the upper level's answer, as in HM3's hierarchy)
+and every path the search scored for lambda_i (the search's own record, as an evolutionary baseline keeps its best
+individual). With `arch.neighbourhood_evaluations = B > 0` (or `arch.neighbourhood_evaluations_per_layer = b > 0`: B
+= b L, `neighbourhood_budget`) that best path is then refined by a first-order local search (`neighbourhood_search`:
+best-improvement hill climbing over single-step edits, at most B new path evaluations per preference, counted in the
+budget like every other evaluation). Its moves are source swaps, deletions, repeats, insertions of another source's
+block (paths longer than L, as depth up-scaling makes) and neighbouring layers (`arch.neighbourhood_kinds`), scored
+with the kinds taking turns and each kind's moves spread over the depth (`arch.neighbourhood_order = "round_robin"`,
+`order_moves`), so a budget far smaller than the neighbourhood (16 of 158 moves at L = 16) still tries every kind of
+edit. The climb starts from that best path, or from Theta(lambda)'s identity path with `arch.neighbourhood_start =
+"theta"` (`neighbourhood_start`). With `arch.confirm_top = M > 0` and a capped search split
+(`engine.search_examples`), the M best distinct candidates by search reward, plus Theta(lambda)'s identity path, the
+refinement's answer and (`arch.confirm_neighbours = k`) its k best other scored paths (`best_scored`), are re-scored
+on the WHOLE search split and the answer is the best of them there: choosing the maximum of hundreds of noisy scores
+on 100 examples per task is biased upward (the winner's curse; on tiny3 the chosen path's math score fell from 20 on
+the 100 search examples to 12 held-out). Each such evaluation is charged `ceil(n_full / n_sub)` path evaluations in
+the budget (the path baselines get the same total). With `arch.confirm_significance = c > 0` a path other than
+Theta(lambda)'s identity path is answered only if it beats Theta on a fraction >= c of paired bootstrap resamples of
+the whole search split (`significant_gain`): on tiny3 the paths that beat Theta on all 700 search examples by a few
+exact-match points mostly lost to it held-out (differences within the noise of 700 examples), so the upper level's
+answer stands unless the evidence is clear. Only the final path is scored on the held-out split.
 
 Ablation "no parameter level": the pool holds the K experts only (the RL's `num_sources = K`); the engine pool
 keeps its (K + 1) L shape with a copy of expert 0 in the unused last slot (never selectable), and the shell is
