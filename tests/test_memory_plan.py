@@ -16,6 +16,7 @@ on `paths:4,data:2` fits and reports the largest batch.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -171,7 +172,8 @@ def test_plan_bytes_agree_with_the_arrays(settings, child):
 
     one = child[0]["one_device"]
     planned = {p["name"]: p for p in one["programs"]}
-    assert set(planned) == {"path_scores/search", "path_scores/search/tree"}  # multiple choice runs as a tree
+    # multiple choice runs as a tree; the path baseline (EA) passes junction rows, programs of their own
+    assert set(planned) == {"path_scores/search" + s for s in ("", "/tree", "/junction", "/tree/junction")}
     assert one["fits"] and one["host_bytes"] == 4 * one["model_bytes"]
 
     config = qwen25_1p5b.get_config(settings["qwen"] + ",smoke")
@@ -182,6 +184,9 @@ def test_plan_bytes_agree_with_the_arrays(settings, child):
     t_max, chunk = config.arch.rl.t_max, config.engine.chunk_size
     p = planned["path_scores/search"]
     assert p["argument_bytes"] == nbytes((shell, pool)) + chunk * t_max * 4  # + a chunk of int32 paths
+    # + the chunk's junction rows: scale and shift [chunk, t_max, D] float32
+    junction = 2 * chunk * t_max * zoo.base.config.hidden_size * 4
+    assert planned["path_scores/search/junction"]["argument_bytes"] == p["argument_bytes"] + junction
     assert one["model_bytes"] == nbytes(zoo.base.params)
     # the sources, the sources' pool (the split engine's: during the search the argument is a preference's pool)
     # and the other preferences' merged models (shell + pool each; all N held: memory.resident_preferences = 0)
@@ -237,11 +242,11 @@ def test_run_refuses_a_run_that_does_not_fit_before_loading(settings):
 def test_a_run_that_does_not_fit_exits_1_naming_program_and_device(child):
     out, stdout = child
     code = out["llama_exit"]  # sys.exit's message: Python prints it to stderr and exits 1
-    assert isinstance(code, str) and code.startswith(
-        "error: the run does not fit: program path_scores/search "
+    assert isinstance(code, str) and re.match(
+        r"error: the run does not fit: program path_scores/search(/junction)? needs ", code
     ), code
     assert "on device 0 of mesh paths:2,data:1,model:4 (cpu;" in code
-    assert "path_scores/search  8        paths:2,data:1,model:4" in stdout and "DOES NOT FIT" in stdout
+    assert re.search(r"\npath_scores/search +8 +paths:2,data:1,model:4 ", stdout) and "DOES NOT FIT" in stdout
 
 
 def test_a_run_that_fits_reports_its_largest_batch_and_measured_bytes(child):

@@ -23,7 +23,12 @@ the run's resident arrays that are not the program's arguments (`resident_bytes`
   task when set, "search_full", the whole search split then, and "heldout"), on the run's mesh (strategy
   "shard": paths over "paths", examples over "data"; shell and pool placed by `PathEngine.model_shardings`),
   or on one device (plus the prefix tree's program, ``path_scores/<split>/tree``, when teacher-forced tasks
-  run as a tree); generation tasks decode inside it;
+  run as a tree); generation tasks decode inside it. These are also the no-parameter-level ablation's and the
+  path baselines' programs: their model (`arch_level.no_param_level_model`, the experts' averaged shell and the
+  pool `experts + [expert 0]`) has the shapes of HM3's and their engines are the split engines' `with_model`
+  copies. EA, MOEA and DE pass junction rows (their DFS scale genes), a program of its own: without
+  `arch.alignment` it is planned as ``path_scores/<split>/junction`` (and ``.../tree/junction``;
+  `program_memory.path_variants`);
 * ``model_scores/<task>``: one model's score on a held-out task as the run computes it (`problem.score_params`,
   the held-out bootstrap: the model's identity path over the pool `experts + [model]` through the split's
   engine, on the run's mesh with the model's shell and own part placed like the pool), one per distinct shape.
@@ -60,10 +65,10 @@ from hm3_jax.pipeline.program_memory import (
     engine_programs,
     merge_program,
     model_score_programs,
-    split_objectives,
     tree_bytes,
 )
-from hm3_jax.tasks import spec_zoo
+from hm3_jax.tasks import spec as spec_lib
+from hm3_jax.tasks import spec_objectives, spec_zoo
 
 GIB = 1 << 30
 # The kinds of programs a plan compiles (see the module docstring).
@@ -210,10 +215,46 @@ def plan_run(
     )
 
 
+def split_objectives(tasks: spec_zoo.SpecTasks, batch_size: int, search_examples: int = 0) -> dict:
+    """{split: [Objective]} in the spec's task order at `batch_size` rows per batch, as `make_problem` makes
+    them: with `search_examples` > 0 "search" holds each task's first `search_examples` search rows (batches of
+    min(batch_size, search_examples) rows, generations as long as on the whole split: the lines of
+    `SpecZoo.capped_search_objectives`) and "search_full" the whole search split."""
+    spec = tasks.spec._replace(eval_batch_size=batch_size)
+    objs = tasks.objectives
+    if batch_size != tasks.spec.eval_batch_size:
+        objs = spec_objectives.make_objectives(
+            spec,
+            tasks.data,
+            tasks.tokenizer,
+            tasks.base_config,
+            tasks.eos_ids,
+            tasks.images,
+            harness=tasks.harness,
+        )
+    out = {split: list(objs[split].values()) for split in spec_lib.SPLITS}
+    if search_examples:
+        data = {t: {"search": d["search"][:search_examples]} for t, d in tasks.data.items()}
+        capped = spec._replace(eval_batch_size=min(batch_size, search_examples))
+        objs = spec_objectives.make_objectives(
+            capped,
+            data,
+            tasks.tokenizer,
+            tasks.base_config,
+            tasks.eos_ids,
+            tasks.images,
+            ("search",),
+            shapes_from=tasks.data,
+            harness=tasks.harness,
+        )
+        out["search_full"], out["search"] = out["search"], list(objs["search"].values())
+    return out
+
+
 def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs) -> tuple:
-    """(on device 0, on the other devices) the largest B at which ``path_scores/search`` (plain and tree) fits
-    in `usable` bytes, from its bytes at two batch sizes (affine in B), rounded down to a multiple of the "data"
-    axis (None: not limited by B): B0 (the spec's, in `programs`) and 2 B0. A capped search split whose batch
+    """(on device 0, on the other devices) the largest B at which ``path_scores/search`` (every row of it: plain,
+    tree, junction) fits in `usable` bytes, from its bytes at two batch sizes (affine in B), rounded down to a
+    multiple of the "data" axis (None: not limited by B): B0 (the spec's, in `programs`) and 2 B0. A capped search split whose batch
     cannot grow (`engine.search_examples` <= B0) is replaced by the whole search split for both."""
     b0 = tasks.spec.eval_batch_size
     data = int(dict(mesh.shape).get("data", 1)) if mesh is not None else 1
@@ -221,7 +262,9 @@ def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs)
     num_experts = len(tasks.spec.experts)
 
     def search_bytes(progs):  # (on device 0, elsewhere)
-        progs = [p for p in progs if p.name in ("path_scores/search", "path_scores/search/tree")]
+        progs = [
+            p for p in progs if p.name.split("/")[:2] == ["path_scores", "search"]
+        ]  # also tree, junction
         return np.asarray(
             [max(p.device0_bytes for p in progs), max(p.program_bytes for p in progs)], np.float64
         )
