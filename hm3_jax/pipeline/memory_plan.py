@@ -38,7 +38,8 @@ building an engine runs every objective once eagerly to record its batches (`mak
 and thousands of multiple-choice rows takes minutes on a CPU, so `splits` can restrict a plan to "search".
 The RL actor-critic and PPO state (< 40 MB) are not planned.
 
-Host bytes: the sources' checkpoint bytes in the spec's dtype, (K + 1) models (what the run loads).
+Host bytes: the sources' checkpoint bytes in the spec's dtype, (K + 1) models (what the run loads), and on a
+mesh the merged models the run holds as host arrays (`program_memory.host_merged_models`: one in one process).
 
 The largest evaluation batch that fits is read off two compilations of ``path_scores/search`` (at the spec's
 `eval_batch_size` B and at 2 B; device bytes are affine in B: activations and the KV cache scale with it,
@@ -63,6 +64,7 @@ from hm3_jax.pipeline.program_memory import (
     abstract_params,
     add_held,
     engine_programs,
+    host_merged_models,
     merge_program,
     model_score_programs,
     tree_bytes,
@@ -94,7 +96,8 @@ class PlanError(ValueError):
 class Plan(NamedTuple):
     """A run's memory plan (see the module docstring); bytes are per device unless named host.
 
-    Attributes: programs; host_bytes: the sources' checkpoint bytes; model_bytes: one model in the spec's dtype;
+    Attributes: programs; host_bytes: the sources' checkpoint bytes and the merged models held on the host
+    (`host_merged` of them); model_bytes: one model in the spec's dtype;
     usable_bytes: the device memory a program may use (None: not checked); device: the device kind compiled for;
     eval_batch_size: the spec's B; largest_batch: the largest B for which ``path_scores/search`` fits on device 0
     (None: not searched or not limited by B; 0: not even B = data axis size fits); largest_batch_elsewhere: the
@@ -109,6 +112,7 @@ class Plan(NamedTuple):
     eval_batch_size: int
     largest_batch: int | None
     largest_batch_elsewhere: int | None = None
+    host_merged: int = 0
 
     def failures(self) -> list[ProgramMemory]:
         """Programs whose device-0 bytes exceed `usable_bytes` (none when it is None)."""
@@ -203,15 +207,17 @@ def plan_run(
     if search_batch and usable is not None and "path_scores" in programs and "search" in splits:
         largest = largest_batch(tasks, run_config, mesh, groups, dtype, usable, planned)
     device = jax.devices()[0].device_kind
+    host_merged = host_merged_models(run_config, mesh)
     return Plan(
         tuple(planned),
-        (num_experts + 1) * model_bytes,
+        (num_experts + 1 + host_merged) * model_bytes,
         model_bytes,
         usable,
         device,
         spec.eval_batch_size,
         largest[0],
         largest[1] if mesh is not None else None,
+        host_merged,
     )
 
 
@@ -361,8 +367,9 @@ def format_plan(plan: Plan) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
     lines.append(f"compiled for: {plan.device}; usable per device: {_gib(plan.usable_bytes)}")
+    merged = f" and {plan.host_merged} merged model(s) on the host" if plan.host_merged else ""
     lines.append(
-        f"host: the sources' checkpoints {_gib(plan.host_bytes)} ({_gib(plan.model_bytes)} per model)"
+        f"host: {_gib(plan.host_bytes)}: the sources' checkpoints{merged} ({_gib(plan.model_bytes)} per model)"
     )
     if plan.usable_bytes is not None and (plan.largest_batch, plan.largest_batch_elsewhere) != (None, None):
         limit = lambda b: "not limited by the batch" if b is None else str(b)  # noqa: E731

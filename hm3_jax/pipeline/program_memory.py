@@ -117,6 +117,19 @@ def held_preferences(run_config) -> int:
     return min(resident, num) if resident > 0 else num
 
 
+def host_merged_models(run_config, mesh=None) -> int:
+    """How many merged models a run holds as host arrays at once, beside its K + 1 sources (which a run on a mesh
+    loads as host arrays). One device: none (its merges are device arrays, counted on device 0). On a mesh every
+    merge returns host arrays (`merging.host_leaves`); in one process the model being merged and scored, one:
+    the parameter level's (one at a time), a preference's model until `PreferenceModels` has placed its shards
+    and dropped it (the held preferences are those shards), the bootstrap's re-run, an export. On several
+    processes the held preferences' pools stay host arrays (read locally by alignment and export), so they count
+    too (`held_preferences`, built while all are held)."""
+    if mesh is None:
+        return 0
+    return 1 if jax.process_count() == 1 else held_preferences(run_config) + 1
+
+
 def held_preference_bytes(program: str, run_config, config, num_experts: int, dtype, mesh=None) -> int:
     """Device-0 bytes of the preferences' merged models (`preference_models.PreferenceModels`: per held preference
     a shell and a pool of the K + 1 sources' blocks) that `program` does not take as its argument.
