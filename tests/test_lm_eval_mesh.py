@@ -7,14 +7,10 @@ greedy flags, generations token for token; the pool is really split over "model"
 does not divide, a "paths" axis and a spec the devices do not fit are ModelArgsErrors naming ``mesh=``.
 """
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from tests._subprocess_util import REPO, subprocess_env
+from tests._subprocess_util import child_result
 
 _CHILD = r"""
 import json, sys
@@ -64,13 +60,8 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def child(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval_mesh")
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(root)], cwd=REPO, env=subprocess_env(8), capture_output=True, text=True,
-        timeout=600,  # a hang bound: XLA:CPU collectives deadlock rather than fail
-    )  # fmt: skip
-    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    # timeout: a hang bound, XLA:CPU collectives deadlock rather than fail
+    return child_result(_CHILD, str(root), timeout=600)
 
 
 def test_mesh_answers_equal_one_device(child):

@@ -14,17 +14,15 @@ Llama one on `paths:2,model:4` with too little memory exits 1 naming the program
 on `paths:4,data:2` fits and reports the largest batch.
 """
 
-import json
 import os
-import subprocess
-import sys
+import re
 
 import jax
 import numpy as np
 import pytest
 
 from hm3_jax.tasks.shape_spec import TaskShape
-from tests._subprocess_util import REPO, subprocess_env
+from tests._subprocess_util import child_result
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 TASKS = {  # one task per objective: a generation, a multiple choice, a chrF generation of another length
@@ -69,7 +67,7 @@ def settings(tmp_path_factory):
 # main for the Llama setting (paths:2,model:4, too little memory; its SystemExit is what the process would exit
 # with), then the Qwen setting's plan (paths:4,data:2) and its path engine's per-device bytes measured on arrays.
 _CHILD = r"""
-import json, sys
+import contextlib, io, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from absl import app
 from experiments import cli_errors, plan as plan_bin
@@ -83,10 +81,13 @@ llama, qwen = sys.argv[1:3]
 out = {}
 sys.argv = ["plan", f"--config=experiments/configs/llama2_7b.py:{llama},smoke", "--mesh=paths:2,model:4",
             "--device_memory_gb=0.0001", "--programs=path_scores", "--splits=search", "--largest_batch=false"]
+printed = io.StringIO()  # the binary's table
 try:
-    app.run(plan_bin.main, flags_parser=cli_errors.make_flags_parser(plan_bin._CONFIG))
+    with contextlib.redirect_stdout(printed):
+        app.run(plan_bin.main, flags_parser=cli_errors.make_flags_parser(plan_bin._CONFIG))
 except SystemExit as e:
     out["llama_exit"] = e.code
+out["llama_stdout"] = printed.getvalue()
 config = qwen25_1p5b.get_config(qwen + ",smoke")
 one = memory_plan.plan_run(config, None, 1 << 30, programs=("path_scores",), splits=("search",), search_batch=False)
 out["one_device"] = {"fits": one.fits, "host_bytes": one.host_bytes, "model_bytes": one.model_bytes,
@@ -137,14 +138,9 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def child(settings):
-    """The child's results (see _CHILD), and its stderr for failures."""
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, settings["llama"], settings["qwen"]], cwd=REPO, env=subprocess_env(8),
-        capture_output=True, text=True, timeout=900,  # a hang bound (323 s seen at load ~5)
-    )  # fmt: skip
-    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :]), result.stdout
+    """The child's results (see _CHILD; the Llama plan binary's printed table in "llama_stdout")."""
+    # timeout: a hang bound (323 s seen at load ~5)
+    return child_result(_CHILD, settings["llama"], settings["qwen"], timeout=900)
 
 
 def test_paper_configs_build():
@@ -169,9 +165,10 @@ def test_plan_bytes_agree_with_the_arrays(settings, child):
     from hm3_jax import models
     from hm3_jax.tasks import spec_zoo
 
-    one = child[0]["one_device"]
+    one = child["one_device"]
     planned = {p["name"]: p for p in one["programs"]}
-    assert set(planned) == {"path_scores/search", "path_scores/search/tree"}  # multiple choice runs as a tree
+    # multiple choice runs as a tree; the path baseline (EA) passes junction rows, programs of their own
+    assert set(planned) == {"path_scores/search" + s for s in ("", "/tree", "/junction", "/tree/junction")}
     assert one["fits"] and one["host_bytes"] == 4 * one["model_bytes"]
 
     config = qwen25_1p5b.get_config(settings["qwen"] + ",smoke")
@@ -182,6 +179,9 @@ def test_plan_bytes_agree_with_the_arrays(settings, child):
     t_max, chunk = config.arch.rl.t_max, config.engine.chunk_size
     p = planned["path_scores/search"]
     assert p["argument_bytes"] == nbytes((shell, pool)) + chunk * t_max * 4  # + a chunk of int32 paths
+    # + the chunk's junction rows: scale and shift [chunk, t_max, D] float32
+    junction = 2 * chunk * t_max * zoo.base.config.hidden_size * 4
+    assert planned["path_scores/search/junction"]["argument_bytes"] == p["argument_bytes"] + junction
     assert one["model_bytes"] == nbytes(zoo.base.params)
     # the sources, the sources' pool (the split engine's: during the search the argument is a preference's pool)
     # and the other preferences' merged models (shell + pool each; all N held: memory.resident_preferences = 0)
@@ -205,7 +205,7 @@ def test_tensor_parallel_engine_scores_equal_one_device(child):
     """Issue 16: on `paths:2,model:4` the engine holds the pool's matrices split over "model" (Megatron: each
     device a quarter of every kernel, the embedding split over the vocabulary) and scores like one device and
     like `paths:4,data:2` (generation with exact match, chrF, multiple choice)."""
-    out, _ = child
+    out = child
     scores = {k: np.asarray(v) for k, v in out["scores"].items()}
     assert scores["one"].shape == (6, 3) and np.ptp(scores["one"]) > 0  # paths score differently
     np.testing.assert_allclose(scores["paths4_data2"], scores["one"], atol=1e-6)
@@ -235,17 +235,18 @@ def test_run_refuses_a_run_that_does_not_fit_before_loading(settings):
 
 
 def test_a_run_that_does_not_fit_exits_1_naming_program_and_device(child):
-    out, stdout = child
+    out = child
+    stdout = out["llama_stdout"]
     code = out["llama_exit"]  # sys.exit's message: Python prints it to stderr and exits 1
-    assert isinstance(code, str) and code.startswith(
-        "error: the run does not fit: program path_scores/search "
+    assert isinstance(code, str) and re.match(
+        r"error: the run does not fit: program path_scores/search(/junction)? needs ", code
     ), code
     assert "on device 0 of mesh paths:2,data:1,model:4 (cpu;" in code
-    assert "path_scores/search  8        paths:2,data:1,model:4" in stdout and "DOES NOT FIT" in stdout
+    assert re.search(r"\npath_scores/search +8 +paths:2,data:1,model:4 ", stdout) and "DOES NOT FIT" in stdout
 
 
 def test_a_run_that_fits_reports_its_largest_batch_and_measured_bytes(child):
-    out, _ = child
+    out = child
     qwen, measured = out["qwen"], out["measured"]
     assert qwen["fits"] and "paths:4,data:2,model:1" in out["qwen_plan"], out["qwen_plan"]
     assert qwen["largest_batch"] >= 4 and qwen["largest_batch"] % 2 == 0  # a multiple of the data axis

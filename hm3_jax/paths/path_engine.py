@@ -319,18 +319,26 @@ class PathEngine:
             args.append({"scale": row, "shift": row})
         return self._plain_fn(tuple(range(self.num_tasks)), with_junction).lower(*model, *args)
 
-    def lower_tree(self, t_max: int) -> jax.stages.Lowered | None:
+    def lower_tree(self, t_max: int, with_junction: bool = False) -> jax.stages.Lowered | None:
         """The prefix tree's program for one chunk of nodes (`_run_tree`: hidden-state buffers of every
-        teacher-forced batch at every depth), lowered with abstract inputs; None when this engine runs no tree."""
+        teacher-forced batch at every depth; with junction rows each node also carries its scale and shift [D]),
+        lowered with abstract inputs; None when this engine runs no tree."""
         if not self.prefix_sharing or all(o.metric in DECODE_METRICS for o in self.objectives):
             return None
-        tree = tree_lib.build_prefix_tree(np.zeros((1, t_max), np.int32), np.full(1, t_max), None)
-        nodes = next(tree_lib.chunk_nodes(tree, self.node_chunk_size, self.config.hidden_size))
+        D = self.config.hidden_size
+        junction = None
+        if with_junction:
+            junction = {
+                "scale": np.ones((1, t_max, D), np.float32),
+                "shift": np.zeros((1, t_max, D), np.float32),
+            }
+        tree = tree_lib.build_prefix_tree(np.zeros((1, t_max), np.int32), np.full(1, t_max), junction)
+        nodes = next(tree_lib.chunk_nodes(tree, self.node_chunk_size, D))
         h0s, ctxs = jax.eval_shape(self._shared["embed_fn"], jax.tree.map(abstract_like, self.shell))
         buffers = tuple(jax.ShapeDtypeStruct((t_max + 1,) + h.shape, h.dtype) for h in h0s)
         shell, pool = jax.tree.map(abstract_like, (self.shell, self.pool))
         nodes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nodes)
-        return self._tree_fn(False).lower(shell, pool, buffers, ctxs, nodes)
+        return self._tree_fn(with_junction).lower(shell, pool, buffers, ctxs, nodes)
 
     def _run_tree(self, paths, lengths, junction):
         """Teacher-forced device outputs of every row via the prefix tree (`tree_eval.run_tree`)."""

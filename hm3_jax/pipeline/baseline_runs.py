@@ -205,6 +205,11 @@ def param_baseline_models(problem: Problem, method: str, result: dict, key) -> L
     )
 
 
+# The path baselines whose DFS genome has scale genes (`use_scales`, their default; grid search has none): every
+# path they score carries junction rows (`junction_from_scales`), a program of its own (`program_memory.path_variants`).
+JUNCTION_PATH_METHODS = ("ea", "moea", "differential_evolution")
+
+
 def junction_from_scales(scales, hidden_size: int):
     """A path baseline's per-step junction scales [..., T] as a junction {"scale": [..., T, D] (each step's scale
     on every hidden unit), "shift": zeros}; None stays None (no junction)."""

@@ -23,7 +23,12 @@ the run's resident arrays that are not the program's arguments (`resident_bytes`
   task when set, "search_full", the whole search split then, and "heldout"), on the run's mesh (strategy
   "shard": paths over "paths", examples over "data"; shell and pool placed by `PathEngine.model_shardings`),
   or on one device (plus the prefix tree's program, ``path_scores/<split>/tree``, when teacher-forced tasks
-  run as a tree); generation tasks decode inside it;
+  run as a tree); generation tasks decode inside it. These are also the no-parameter-level ablation's and the
+  path baselines' programs: their model (`arch_level.no_param_level_model`, the experts' averaged shell and the
+  pool `experts + [expert 0]`) has the shapes of HM3's and their engines are the split engines' `with_model`
+  copies. EA, MOEA and DE pass junction rows (their DFS scale genes), a program of its own: without
+  `arch.alignment` it is planned as ``path_scores/<split>/junction`` (and ``.../tree/junction``;
+  `program_memory.path_variants`);
 * ``model_scores/<task>``: one model's score on a held-out task as the run computes it (`problem.score_params`,
   the held-out bootstrap: the model's identity path over the pool `experts + [model]` through the split's
   engine, on the run's mesh with the model's shell and own part placed like the pool), one per distinct shape.
@@ -33,7 +38,8 @@ building an engine runs every objective once eagerly to record its batches (`mak
 and thousands of multiple-choice rows takes minutes on a CPU, so `splits` can restrict a plan to "search".
 The RL actor-critic and PPO state (< 40 MB) are not planned.
 
-Host bytes: the sources' checkpoint bytes in the spec's dtype, (K + 1) models (what the run loads).
+Host bytes: the sources' checkpoint bytes in the spec's dtype, (K + 1) models (what the run loads), and on a
+mesh the merged models the run holds as host arrays (`program_memory.host_merged_models`: one in one process).
 
 The largest evaluation batch that fits is read off two compilations of ``path_scores/search`` (at the spec's
 `eval_batch_size` B and at 2 B; device bytes are affine in B: activations and the KV cache scale with it,
@@ -58,12 +64,13 @@ from hm3_jax.pipeline.program_memory import (
     abstract_params,
     add_held,
     engine_programs,
+    host_merged_models,
     merge_program,
     model_score_programs,
-    split_objectives,
     tree_bytes,
 )
-from hm3_jax.tasks import spec_zoo
+from hm3_jax.tasks import spec as spec_lib
+from hm3_jax.tasks import spec_objectives, spec_zoo
 
 GIB = 1 << 30
 # The kinds of programs a plan compiles (see the module docstring).
@@ -89,7 +96,8 @@ class PlanError(ValueError):
 class Plan(NamedTuple):
     """A run's memory plan (see the module docstring); bytes are per device unless named host.
 
-    Attributes: programs; host_bytes: the sources' checkpoint bytes; model_bytes: one model in the spec's dtype;
+    Attributes: programs; host_bytes: the sources' checkpoint bytes and the merged models held on the host
+    (`host_merged` of them); model_bytes: one model in the spec's dtype;
     usable_bytes: the device memory a program may use (None: not checked); device: the device kind compiled for;
     eval_batch_size: the spec's B; largest_batch: the largest B for which ``path_scores/search`` fits on device 0
     (None: not searched or not limited by B; 0: not even B = data axis size fits); largest_batch_elsewhere: the
@@ -104,6 +112,7 @@ class Plan(NamedTuple):
     eval_batch_size: int
     largest_batch: int | None
     largest_batch_elsewhere: int | None = None
+    host_merged: int = 0
 
     def failures(self) -> list[ProgramMemory]:
         """Programs whose device-0 bytes exceed `usable_bytes` (none when it is None)."""
@@ -198,22 +207,60 @@ def plan_run(
     if search_batch and usable is not None and "path_scores" in programs and "search" in splits:
         largest = largest_batch(tasks, run_config, mesh, groups, dtype, usable, planned)
     device = jax.devices()[0].device_kind
+    host_merged = host_merged_models(run_config, mesh)
     return Plan(
         tuple(planned),
-        (num_experts + 1) * model_bytes,
+        (num_experts + 1 + host_merged) * model_bytes,
         model_bytes,
         usable,
         device,
         spec.eval_batch_size,
         largest[0],
         largest[1] if mesh is not None else None,
+        host_merged,
     )
 
 
+def split_objectives(tasks: spec_zoo.SpecTasks, batch_size: int, search_examples: int = 0) -> dict:
+    """{split: [Objective]} in the spec's task order at `batch_size` rows per batch, as `make_problem` makes
+    them: with `search_examples` > 0 "search" holds each task's first `search_examples` search rows (batches of
+    min(batch_size, search_examples) rows, generations as long as on the whole split: the lines of
+    `SpecZoo.capped_search_objectives`) and "search_full" the whole search split."""
+    spec = tasks.spec._replace(eval_batch_size=batch_size)
+    objs = tasks.objectives
+    if batch_size != tasks.spec.eval_batch_size:
+        objs = spec_objectives.make_objectives(
+            spec,
+            tasks.data,
+            tasks.tokenizer,
+            tasks.base_config,
+            tasks.eos_ids,
+            tasks.images,
+            harness=tasks.harness,
+        )
+    out = {split: list(objs[split].values()) for split in spec_lib.SPLITS}
+    if search_examples:
+        data = {t: {"search": d["search"][:search_examples]} for t, d in tasks.data.items()}
+        capped = spec._replace(eval_batch_size=min(batch_size, search_examples))
+        objs = spec_objectives.make_objectives(
+            capped,
+            data,
+            tasks.tokenizer,
+            tasks.base_config,
+            tasks.eos_ids,
+            tasks.images,
+            ("search",),
+            shapes_from=tasks.data,
+            harness=tasks.harness,
+        )
+        out["search_full"], out["search"] = out["search"], list(objs["search"].values())
+    return out
+
+
 def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs) -> tuple:
-    """(on device 0, on the other devices) the largest B at which ``path_scores/search`` (plain and tree) fits
-    in `usable` bytes, from its bytes at two batch sizes (affine in B), rounded down to a multiple of the "data"
-    axis (None: not limited by B): B0 (the spec's, in `programs`) and 2 B0. A capped search split whose batch
+    """(on device 0, on the other devices) the largest B at which ``path_scores/search`` (every row of it: plain,
+    tree, junction) fits in `usable` bytes, from its bytes at two batch sizes (affine in B), rounded down to a
+    multiple of the "data" axis (None: not limited by B): B0 (the spec's, in `programs`) and 2 B0. A capped search split whose batch
     cannot grow (`engine.search_examples` <= B0) is replaced by the whole search split for both."""
     b0 = tasks.spec.eval_batch_size
     data = int(dict(mesh.shape).get("data", 1)) if mesh is not None else 1
@@ -221,7 +268,9 @@ def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs)
     num_experts = len(tasks.spec.experts)
 
     def search_bytes(progs):  # (on device 0, elsewhere)
-        progs = [p for p in progs if p.name in ("path_scores/search", "path_scores/search/tree")]
+        progs = [
+            p for p in progs if p.name.split("/")[:2] == ["path_scores", "search"]
+        ]  # also tree, junction
         return np.asarray(
             [max(p.device0_bytes for p in progs), max(p.program_bytes for p in progs)], np.float64
         )
@@ -318,8 +367,9 @@ def format_plan(plan: Plan) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
     lines.append(f"compiled for: {plan.device}; usable per device: {_gib(plan.usable_bytes)}")
+    merged = f" and {plan.host_merged} merged model(s) on the host" if plan.host_merged else ""
     lines.append(
-        f"host: the sources' checkpoints {_gib(plan.host_bytes)} ({_gib(plan.model_bytes)} per model)"
+        f"host: {_gib(plan.host_bytes)}: the sources' checkpoints{merged} ({_gib(plan.model_bytes)} per model)"
     )
     if plan.usable_bytes is not None and (plan.largest_batch, plan.largest_batch_elsewhere) != (None, None):
         limit = lambda b: "not limited by the batch" if b is None else str(b)  # noqa: E731

@@ -22,10 +22,9 @@ from hm3_jax.merging import traced
 from hm3_jax.merging.groups import is_stacked, path_name
 from hm3_jax.models.layers import accelerator_dots
 from hm3_jax.paths.engine import DECODE_METRICS
+from hm3_jax.pipeline.baseline_runs import JUNCTION_PATH_METHODS
 from hm3_jax.pipeline.preference_models import resident_preferences
 from hm3_jax.search.problem import make_engines, uses_parts
-from hm3_jax.tasks import spec as spec_lib
-from hm3_jax.tasks import spec_objectives, spec_zoo
 
 
 class ProgramMemory(NamedTuple):
@@ -118,6 +117,19 @@ def held_preferences(run_config) -> int:
     return min(resident, num) if resident > 0 else num
 
 
+def host_merged_models(run_config, mesh=None) -> int:
+    """How many merged models a run holds as host arrays at once, beside its K + 1 sources (which a run on a mesh
+    loads as host arrays). One device: none (its merges are device arrays, counted on device 0). On a mesh every
+    merge returns host arrays (`merging.host_leaves`); in one process the model being merged and scored, one:
+    the parameter level's (one at a time), a preference's model until `PreferenceModels` has placed its shards
+    and dropped it (the held preferences are those shards), the bootstrap's re-run, an export. On several
+    processes the held preferences' pools stay host arrays (read locally by alignment and export), so they count
+    too (`held_preferences`, built while all are held)."""
+    if mesh is None:
+        return 0
+    return 1 if jax.process_count() == 1 else held_preferences(run_config) + 1
+
+
 def held_preference_bytes(program: str, run_config, config, num_experts: int, dtype, mesh=None) -> int:
     """Device-0 bytes of the preferences' merged models (`preference_models.PreferenceModels`: per held preference
     a shell and a pool of the K + 1 sources' blocks) that `program` does not take as its argument.
@@ -200,47 +212,12 @@ def mesh_name(mesh) -> str:
 SPLITS = ("search", "search_full", "heldout")  # the path engines of a run (problem.make_problem)
 
 
-def split_objectives(tasks: spec_zoo.SpecTasks, batch_size: int, search_examples: int = 0) -> dict:
-    """{split: [Objective]} in the spec's task order at `batch_size` rows per batch, as `make_problem` makes
-    them: with `search_examples` > 0 "search" holds each task's first `search_examples` search rows (batches of
-    min(batch_size, search_examples) rows, generations as long as on the whole split: the lines of
-    `SpecZoo.capped_search_objectives`) and "search_full" the whole search split."""
-    spec = tasks.spec._replace(eval_batch_size=batch_size)
-    objs = tasks.objectives
-    if batch_size != tasks.spec.eval_batch_size:
-        objs = spec_objectives.make_objectives(
-            spec,
-            tasks.data,
-            tasks.tokenizer,
-            tasks.base_config,
-            tasks.eos_ids,
-            tasks.images,
-            harness=tasks.harness,
-        )
-    out = {split: list(objs[split].values()) for split in spec_lib.SPLITS}
-    if search_examples:
-        data = {t: {"search": d["search"][:search_examples]} for t, d in tasks.data.items()}
-        capped = spec._replace(eval_batch_size=min(batch_size, search_examples))
-        objs = spec_objectives.make_objectives(
-            capped,
-            data,
-            tasks.tokenizer,
-            tasks.base_config,
-            tasks.eos_ids,
-            tasks.images,
-            ("search",),
-            shapes_from=tasks.data,
-            harness=tasks.harness,
-        )
-        out["search_full"], out["search"] = out["search"], list(objs["search"].values())
-    return out
-
-
 def engine_programs(
     config, num_experts: int, dtype, objectives: dict, run_config, mesh, groups, splits=SPLITS
 ) -> list[ProgramMemory]:
-    """``path_scores/<split>`` (and ``.../tree``) of the engines `problem.make_engines` builds over the K + 1
-    sources' pool, compiled with abstract inputs."""
+    """``path_scores/<split>`` (and ``.../tree``; for the path baselines' junction rows ``.../junction``,
+    `path_variants`) of the engines `problem.make_engines` builds over the K + 1 sources' pool, compiled with
+    abstract inputs."""
     params = abstract_params(config, dtype)
     shell = models.shell_of(params)
     pool = abstract_pool(params, num_experts)
@@ -259,7 +236,6 @@ def engine_programs(
         pool_id="plan",
     )
     t_max = int(run_config.arch.rl.t_max)
-    junction = run_config.arch.alignment != "none"
     sharded = mesh is not None
     sources = sources_device0_bytes(params, num_experts, mesh)[0]  # 0 on a mesh: host arrays
     if parted(params, num_experts) and not sharded:  # the argument's expert parts are the sources' blocks
@@ -268,22 +244,41 @@ def engine_programs(
     devices = mesh.size if sharded else 1
     out = []
     for split, engine in engines.items():
-        out.append(
-            compile_memory(
-                f"path_scores/{split}",
-                lambda e=engine: e.lower_plain(t_max, junction),
-                devices,
-                mesh_name(mesh),
-                resident,
-            )
-        )
-        if engine.lower_tree(t_max) is not None:
+        for suffix, junction in path_variants(run_config):
             out.append(
                 compile_memory(
-                    f"path_scores/{split}/tree", lambda e=engine: e.lower_tree(t_max), 1, "device 0", resident
+                    f"path_scores/{split}{suffix}",
+                    lambda e=engine, j=junction: e.lower_plain(t_max, j),
+                    devices,
+                    mesh_name(mesh),
+                    resident,
                 )
             )
+            if engine.lower_tree(t_max) is not None:
+                out.append(
+                    compile_memory(
+                        f"path_scores/{split}/tree{suffix}",
+                        lambda e=engine, j=junction: e.lower_tree(t_max, j),
+                        1,
+                        "device 0",
+                        resident,
+                    )
+                )
     return out
+
+
+def path_variants(run_config) -> list[tuple[str, bool]]:
+    """(name suffix, with junction rows) of the path programs a run compiles per split: HM3's architecture level
+    and the no-parameter-level ablation pass junction rows only with `arch.alignment` ("moment"), and the
+    ablation's engines are the split engines `with_model` of a shell and pool shaped as HM3's
+    (`arch_level.no_param_level_model`: the experts' averaged shell, expert 0 again in the last source slot), so
+    its programs are HM3's (tests/test_plan_rows.py). The path baselines run on that model too, but EA, MOEA and
+    DE (`baseline_runs.JUNCTION_PATH_METHODS`) always pass junction rows (their DFS scale genes): without
+    alignment that program is another row, ``path_scores/<split>/junction``."""
+    hm3 = run_config.arch.alignment != "none"
+    methods = (run_config.get("baselines") or {}).get("path_methods", ())
+    baseline = any(m in JUNCTION_PATH_METHODS for m in methods)
+    return [("", hm3)] + ([("/junction", True)] if baseline and not hm3 else [])
 
 
 def merge_program(config, num_experts: int, dtype, mesh=None) -> ProgramMemory:

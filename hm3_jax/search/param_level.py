@@ -200,13 +200,18 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
         merge_key, cma_key = jax.random.split(k)
         merged = paper_merge(problem, pref, merge_key, cfg.density, cfg.drop_rate)
         paper_search = score_params(problem.engines["search"], problem.experts, merged)
+        paper_heldout = score_params(problem.engines["heldout"], problem.experts, merged)
+        # Only the paper model's scores are needed from here on: released (as the tuned model below), the level
+        # holds one merged model at a time (the plan's `merge` counts one), not the paper's beside each candidate
+        # and the last preference's beside the next one's merges.
+        del merged
         entry = {
             "preference": np.asarray(pref).tolist(),
             "merge_key": np.asarray(merge_key).tolist(),
             "paper": {
                 "hparams": {"density": cfg.density, "drop_rate": cfg.drop_rate},
                 "search": paper_search.tolist(),
-                "heldout": score_params(problem.engines["heldout"], problem.experts, merged).tolist(),
+                "heldout": paper_heldout.tolist(),
                 "evaluations": 1,
             },
         }
@@ -267,10 +272,12 @@ def run_param_level(problem: Problem, preferences: np.ndarray, key: jax.Array, c
                 extra["confirm"] = confirm
             if tuned is None:
                 tuned = merged_from_hparams(problem, pref, merge_key, best["hparams"])
+            tuned_heldout = score_params(problem.engines["heldout"], problem.experts, tuned)
+            del tuned  # not into the next preference's merges
             entry["tuned"] = {
                 "hparams": best["hparams"],
                 "search": best["search"],
-                "heldout": score_params(problem.engines["heldout"], problem.experts, tuned).tolist(),
+                "heldout": tuned_heldout.tolist(),
                 "fitness": best["fitness"],
                 "history": res["history"],
                 "scale_grid": grid["grid"],

@@ -108,12 +108,14 @@ def confirm_params(problem: Problem, candidates, top: int, rebuild, score_full, 
     Args:
       candidates: [(subset_fitness, key, payload)]: higher fitness is better; `key` (a string) identifies a
         candidate (its first, best-fitness occurrence is kept); `payload` is returned for the chosen one.
-      top: M, candidates re-scored; rebuild: payload -> params; score_full: params -> raw scores [K] on the
-        whole search split; fitness: normalised whole-split scores [K] -> fitness (higher is better).
+      top: M, candidates re-scored; rebuild: payload -> params (a pure function: the same params each call);
+        score_full: params -> raw scores [K] on the whole search split; fitness: normalised whole-split scores
+        [K] -> fitness (higher is better).
     Returns: None when the search split is not capped (no "search_full" engine), top < 1 or no candidates;
-      else {"payload", "params" (the chosen candidate's, as rebuilt: only the best so far is held while the
-      others are scored), "chosen" (index into the re-scored ones), "subset_fitness", "full_fitness",
-      "full_scores" (raw), "charged_evaluations" (re-scored x `full_search_cost`)}.
+      else {"payload", "params" (the chosen candidate's, as rebuilt: one candidate is held at a time, so a chosen
+      one that was not re-scored last is rebuilt once more at the end), "chosen" (index into the re-scored
+      ones), "subset_fitness", "full_fitness", "full_scores" (raw), "charged_evaluations" (re-scored x
+      `full_search_cost`)}.
     """
     if top < 1 or not candidates or "search_full" not in problem.engines:
         return None
@@ -125,16 +127,20 @@ def confirm_params(problem: Problem, candidates, top: int, rebuild, score_full, 
             chosen_rows.append(i)
         if len(chosen_rows) == top:
             break
-    full, full_fit, best, best_params = [], [], 0, None
+    full, full_fit, best, params = [], [], 0, None
     for r, i in enumerate(chosen_rows):
+        params = None  # the last candidate goes before the next is built: one model held at a time
         params = rebuild(candidates[i][2])
         full.append(np.asarray(score_full(params), np.float64))
         full_fit.append(float(fitness(problem.normalise(full[-1], "search_full"))))
-        if best_params is None or full_fit[-1] > full_fit[best]:  # the first of equal ones, as argmax
-            best, best_params = r, params
+        if full_fit[-1] > full_fit[best]:  # the first of equal ones, as argmax
+            best = r
+    if best != len(chosen_rows) - 1:  # the chosen one was released: built again (a merge is a pure function)
+        params = None
+        params = rebuild(candidates[chosen_rows[best]][2])
     return {
         "payload": candidates[chosen_rows[best]][2],
-        "params": best_params,
+        "params": params,
         "chosen": best,
         "subset_fitness": [float(candidates[i][0]) for i in chosen_rows],
         "full_fitness": full_fit,
