@@ -75,20 +75,29 @@ def test_arch_level_confirmation_includes_the_merged_models_identity_path(proble
     np.testing.assert_allclose(c["full_rewards"], expected, atol=1e-9)
 
 
+def _base_scorers(problem, tag):
+    """(pref [1, 3], capped-split scorer, whole-split scorer) of the base model's pool and shell."""
+    from hm3_jax import models
+    from hm3_jax.search import path_scorer
+    from hm3_jax.search.problem import pool_for
+
+    pool, shell = pool_for(problem, problem.base), models.shell_of(problem.base)
+    pref = np.array([[0.6, 0.3, 0.1]], np.float32)
+    return (
+        pref,
+        path_scorer.PathScorer(problem, "search", pref, [shell], [pool], tag),
+        path_scorer.PathScorer(problem, "search_full", pref, [shell], [pool], tag),
+    )
+
+
 def test_arch_level_confirmation_can_shortlist_every_sources_own_model(problem):
     """`sources=True`: every source's identity path (the experts' and Theta's) is scored on the capped split if
     the search never scored it, joins the top-M shortlist, and is re-scored on the whole split; the answer is the
     best there, as without it."""
-    from hm3_jax import models
-    from hm3_jax.search import path_confirmation, path_scorer
-    from hm3_jax.search.problem import pool_for
+    from hm3_jax.search import path_confirmation
 
     L, K = problem.config.num_layers, problem.num_tasks
-    pool = pool_for(problem, problem.base)
-    shell = models.shell_of(problem.base)
-    pref = np.array([[0.6, 0.3, 0.1]], np.float32)
-    scorer = path_scorer.PathScorer(problem, "search", pref, [shell], [pool], "confirm_sources")
-    full = path_scorer.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_sources")
+    pref, scorer, full = _base_scorers(problem, "confirm_sources")
     assert L == 2  # the smoke zoo; none of these is a source's own path
     others = np.array([[0, 3, -1], [2, 1, -1], [4, 5, 1]], np.int32)
     scorer(others, np.repeat(pref, 3, 0))
@@ -339,16 +348,10 @@ def test_tsv_parameter_baseline_tunes_its_scale_on_the_search_split(problem):
 def test_extra_paths_join_the_shortlist_whatever_their_capped_reward(problem):
     """`extra` (the refinement's answer): re-scored on the whole split even when the top-M by capped-split reward
     leaves it out; the shortlist is otherwise the one without it, in the same order."""
-    from hm3_jax import models
-    from hm3_jax.search import path_confirmation, path_scorer
-    from hm3_jax.search.problem import pool_for
+    from hm3_jax.search import path_confirmation
 
     L, K = problem.config.num_layers, problem.num_tasks
-    pool = pool_for(problem, problem.base)
-    shell = models.shell_of(problem.base)
-    pref = np.array([[0.6, 0.3, 0.1]], np.float32)
-    scorer = path_scorer.PathScorer(problem, "search", pref, [shell], [pool], "confirm_extra")
-    full = path_scorer.PathScorer(problem, "search_full", pref, [shell], [pool], "confirm_extra")
+    pref, scorer, full = _base_scorers(problem, "confirm_extra")
     others = np.array([[0, 3, -1], [2, 1, -1], [4, 5, 1], [2, 5, -1]], np.int32)  # no source's own path
     scores = scorer(others, np.repeat(pref, 4, 0))
     acfg = types.SimpleNamespace(beta1=0.05, t_max=3)
