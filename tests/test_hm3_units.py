@@ -50,6 +50,9 @@ def _smoke_config():
         ("preferences.kind", "sobol", "preferences.kind"),
         ("arch.rl.t_max", 1, "arch.rl.t_max=1 is smaller than the models' 2 blocks"),
         ("arch.alignment", "cca", "arch.alignment"),
+        ("arch.neighbourhood_start", "greedy", "arch.neighbourhood_start must be one of"),
+        ("arch.confirm_neighbours", -1, "arch.confirm_neighbours must be >= 0"),
+        ("arch.neighbourhood_evaluations_per_layer", -2, "arch.neighbourhood_evaluations_per_layer must be"),
     ],
 )
 def test_bad_config_is_refused_before_anything_is_written(tmp_path, key, value, words):

@@ -195,27 +195,24 @@ def test_search_budget_at_the_deep_shape():
 def test_neighbourhood_start_is_thetas_identity_path_only_when_asked_and_theta_is_in_the_pool():
     import ml_collections
 
-    from hm3_jax.search import arch_level
     from hm3_jax.search.path_confirmation import identity_paths
 
     own = identity_paths(4, 2, 3)  # 3 experts + Theta (source 3) over L = 2
     best = np.array([0, 5, 1], np.int32)
     cfg = ml_collections.ConfigDict()
-    assert np.array_equal(arch_level.neighbourhood_start(cfg, best, own, 4, 3), best)  # default: the best
+    assert np.array_equal(neighbourhood.neighbourhood_start(cfg, best, own, 4, 3), best)  # default: the best
     cfg.neighbourhood_start = "theta"
-    assert np.array_equal(arch_level.neighbourhood_start(cfg, best, own, 4, 3), [6, 7, -1])
+    assert np.array_equal(neighbourhood.neighbourhood_start(cfg, best, own, 4, 3), [6, 7, -1])
     assert np.array_equal(
-        arch_level.neighbourhood_start(cfg, best, own[:3], 3, 3), best
+        neighbourhood.neighbourhood_start(cfg, best, own[:3], 3, 3), best
     )  # no Theta: the best
     cfg.neighbourhood_start = "greedy"
     with pytest.raises(ValueError, match="neighbourhood_start"):
-        arch_level.neighbourhood_start(cfg, best, own, 4, 3)
+        neighbourhood.neighbourhood_start(cfg, best, own, 4, 3)
 
 
 def test_best_scored_lists_the_answer_then_the_best_other_climbed_paths_by_reward():
     import types
-
-    from hm3_jax.search import arch_level
 
     acfg = types.SimpleNamespace(beta1=0.1, t_max=4)
     pref = np.array([0.5, 0.5])
@@ -226,7 +223,7 @@ def test_best_scored_lists_the_answer_then_the_best_other_climbed_paths_by_rewar
               (p(2, 1), np.array([0.4, 0.9])),  # 0.65 - 0.05 = 0.60
               (p(2, 3), np.array([0.2, 0.2]))]  # 0.15  # fmt: skip
     answer = p(0, 1, 1)
-    out = arch_level.best_scored(scored, pref, acfg, 2, answer)
+    out = neighbourhood.best_scored(scored, pref, acfg, 2, answer)
     assert out.tolist() == [answer.tolist(), p(2, 1).tolist(), p(0, 1).tolist()]
-    assert arch_level.best_scored(scored, pref, acfg, 0, answer).tolist() == [answer.tolist()]
-    assert arch_level.best_scored([], pref, acfg, 5, answer).tolist() == [answer.tolist()]
+    assert neighbourhood.best_scored(scored, pref, acfg, 0, answer).tolist() == [answer.tolist()]
+    assert neighbourhood.best_scored([], pref, acfg, 5, answer).tolist() == [answer.tolist()]

@@ -5,7 +5,7 @@ import pytest
 from experiments.configs import tiny3
 from hm3_jax.pipeline import progress
 from hm3_jax.pipeline.workdir import Workdir
-from hm3_jax.search import arch_level
+from hm3_jax.search import neighbourhood
 
 
 class _Clock:
@@ -76,8 +76,8 @@ def test_plan_of_the_tiny3_config_lists_every_stage_in_run_order():
 
 def test_deep_config_neighbourhood_budget_is_five_per_layer_in_the_search_and_the_plan():
     deep, flat = tiny3.get_config("deep"), tiny3.get_config()
-    assert arch_level.neighbourhood_budget(deep.arch, 16) == 80  # 5 x L
-    assert arch_level.neighbourhood_budget(flat.arch, 4) == 16  # the fixed count when no per-layer budget
+    assert neighbourhood.neighbourhood_budget(deep.arch, 16) == 80  # 5 x L
+    assert neighbourhood.neighbourhood_budget(flat.arch, 4) == 16  # the fixed count when no per-layer budget
     hm3 = {s.name: s.count for s in progress.plan_stages(deep, 3, 15, (), num_layers=16)}["hm3"]
     rl = deep.arch.rl
     assert hm3 == rl.num_iterations * rl.num_envs + 15 * (80 + deep.arch.confirm_top + 1)

@@ -150,7 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # paths of 3/4 L to 2 L blocks, as tiny3's 3 to 8 of L = 4
         config.arch.rl.t_min = 12
         config.arch.rl.t_max = 32
-        # The refinement's budget grows with the depth (`arch_level.neighbourhood_budget`): 5 x L = 80 new path
+        # The refinement's budget grows with the depth (`neighbourhood.neighbourhood_budget`): 5 x L = 80 new path
         # evaluations per preference, about L per move kind, so every deletion and repeat of the start path is
         # scored (16 reached 10% of the ~158 one-edit moves; docs/headroom.md). The path baselines' equal budget
         # grows with it.

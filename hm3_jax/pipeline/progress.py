@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from absl import logging
 
 from hm3_jax.pipeline.workdir import BUSY
-from hm3_jax.search.arch_level import neighbourhood_budget
+from hm3_jax.search.neighbourhood import neighbourhood_budget
 
 KINDS = {
     "model": "model evaluations",

@@ -76,6 +76,14 @@ def check_config(config) -> None:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    start = config.arch.get("neighbourhood_start", "best")
+    if start not in neighbourhood.NEIGHBOURHOOD_STARTS:
+        raise ConfigError(
+            f"arch.neighbourhood_start must be one of {neighbourhood.NEIGHBOURHOOD_STARTS}, got {start!r}"
+        )
+    for key in ("neighbourhood_evaluations", "neighbourhood_evaluations_per_layer", "confirm_neighbours"):
+        if int(config.arch.get(key, 0)) < 0:
+            raise ConfigError(f"arch.{key} must be >= 0, got {config.arch.get(key)}")
     check_preferences(config.preferences)
     zoo_layers = config.get("zoo", {}).get("model", {}).get("num_layers") if not config.get("spec") else None
     if zoo_layers is not None:  # a built-in zoo's depth is known before it is built

@@ -58,7 +58,14 @@ from hm3_jax.arch.config import ArchConfig
 from hm3_jax.arch.env import host_reward
 from hm3_jax.io import atomic
 from hm3_jax.paths import alignment
-from hm3_jax.search.neighbourhood import MOVE_KINDS, NEIGHBOURHOOD_STREAM, neighbourhood_search
+from hm3_jax.search.neighbourhood import (
+    MOVE_KINDS,
+    NEIGHBOURHOOD_STREAM,
+    best_scored,
+    neighbourhood_budget,
+    neighbourhood_search,
+    neighbourhood_start,
+)
 from hm3_jax.search.path_confirmation import confirm_candidates, identity_paths, model_spec, path_junction
 from hm3_jax.search.path_scorer import PathScorer
 from hm3_jax.search.problem import Problem, pool_for, reuse_placed_parts
@@ -89,43 +96,6 @@ def arch_config(cfg, num_sources: int, num_layers: int, num_tasks: int) -> ArchC
             "warm_start_source": merged_source if warm else -1,
         }
     )
-
-
-def neighbourhood_budget(cfg, num_layers: int) -> int:
-    """New path evaluations per preference for the refinement after PPO (0 = off): `cfg.neighbourhood_evaluations`,
-    or `cfg.neighbourhood_evaluations_per_layer * L` when that is > 0 (issue 20: at L = 16 a fixed 16 reaches
-    10% of the ~158 one-edit moves; 5 x L gives each of the five move kinds about L evaluations, so every
-    deletion and repeat is scored). The path baselines get HM3's total, so it costs every path method alike."""
-    per_layer = int(cfg.get("neighbourhood_evaluations_per_layer", 0))
-    return per_layer * int(num_layers) if per_layer > 0 else int(cfg.get("neighbourhood_evaluations", 0))
-
-
-def neighbourhood_start(cfg, best_path, identity, num_sources: int, num_tasks: int) -> np.ndarray:
-    """Where the refinement after PPO climbs from (`arch.neighbourhood_start`): "best" (the default), the best
-    path the search scored on the capped search split; "theta", Theta(lambda)'s identity path (the upper
-    level's answer, source K = `num_sources - 1`), as HM3's hierarchy starts the lower level from it. On the
-    deep tiny3 the search's best (on 100 examples per task) was many edits from Theta and the depth edits that
-    beat Theta on the whole search split were one edit from Theta (docs/headroom.md). Without a Theta in the
-    pool (the no-parameter-level ablation) "theta" climbs from the best path too."""
-    start = cfg.get("neighbourhood_start", "best")
-    if start not in ("best", "theta"):
-        raise ValueError(f"arch.neighbourhood_start must be 'best' or 'theta', got {start!r}")
-    return identity[num_sources - 1] if start == "theta" and num_sources > num_tasks else best_path
-
-
-def best_scored(scored, pref, acfg, top: int, first) -> np.ndarray:
-    """[1 + <= top, T_max]: `first` (the refinement's answer), then the `top` best other paths of `scored`
-    ([(path, normalised capped-split scores)]: what the refinement scored) by the RL reward on the capped split.
-    With `arch.confirm_neighbours = top > 0` they all join the confirmation's shortlist: on the deep tiny3 the
-    refinement's one answer was the noisiest of ~80 capped-split scores, while a quarter of the one-edit
-    neighbours of Theta beat it on the whole search split (docs/headroom.md), so more of them are re-scored
-    there (each charged like every confirmation)."""
-    others = [(p, s) for p, s in scored if not np.array_equal(p, first)]
-    if top <= 0 or not others:
-        return np.asarray(first, np.int32)[None]
-    paths = np.stack([p for p, _ in others])
-    r = host_reward(np.stack([s for _, s in others]), pref, (paths >= 0).sum(-1), acfg.beta1, acfg.t_max)
-    return np.concatenate([np.asarray(first, np.int32)[None], paths[np.argsort(-r, kind="stable")[:top]]])
 
 
 # The engine cache identity of `no_param_level_model`: one model under every preference, scored by the
