@@ -292,6 +292,8 @@ def test_neighbourhood_search_climbs_to_a_planted_optimum_within_budget():
     out = neighbourhood.neighbourhood_search(score_fn, start, np.array([0.5, 0.5]), num_sources=3, num_layers=4,
                                           t_min=4, t_max=4, beta1=0.0, budget=3, known=known)  # fmt: skip
     assert sum(calls) == out["evaluations"] == 3
+    assert len(out["scored"]) == 3 and start.tobytes() not in {p.tobytes() for p, _ in out["scored"]}
+    assert all(np.array_equal(sc, score_fn(p[None])[0]) for p, sc in out["scored"])  # the new ones, as scored
 
 
 def test_memory_settings_are_not_part_of_the_run_fingerprint(tmp_path):

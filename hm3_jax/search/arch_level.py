@@ -252,11 +252,9 @@ def run_arch_level(
         g_key = greedy.tobytes()
         g_reward = float(rewards[[p.tobytes() for p, _ in cands].index(g_key)])
         start_reward, refined, num_candidates, ls = float(rewards[best]), 0, len(cands), None
-        extra = (
-            None  # the refinement's answer (and its best neighbours): always in the confirmation's shortlist
-        )
+        # the refinement's answer (and its best neighbours): always in the confirmation's shortlist
+        extra = None
         if neighbourhood_budget(cfg, L) > 0:
-            before = {k for k in scorer.archive if k[0] == i}
             climb_from = neighbourhood_start(cfg, best_path, seeds, num_sources, problem.num_tasks)
             ls = neighbourhood_search(
                 lambda paths, pref=pref, i=i: scorer(
@@ -276,12 +274,7 @@ def run_arch_level(
                 key=jax.random.fold_in(jax.random.fold_in(key, NEIGHBOURHOOD_STREAM), i),
             )
             refined, num_candidates = ls["evaluations"], num_candidates + ls["evaluations"]
-            climbed = [
-                (np.frombuffer(k[1], np.int32), v)
-                for k, v in scorer.archive.items()
-                if k[0] == i and k not in before
-            ]
-            extra = best_scored(climbed, pref, acfg, int(cfg.get("confirm_neighbours", 0)), ls["path"])
+            extra = best_scored(ls["scored"], pref, acfg, int(cfg.get("confirm_neighbours", 0)), ls["path"])
             # the better of the search's best and the climb's answer (the climb's when it climbed from the best)
             cands = [(best_path, scorer.archive[(i, best_path.tobytes())]), (ls["path"], ls["scores"])]
             rewards = np.asarray([start_reward, ls["reward"]])

@@ -189,7 +189,8 @@ def neighbourhood_search(
       kinds, order: the moves and the order they are scored in (`neighbour_moves`, `order_moves`); key: None or
         a PRNG key; round r orders its moves with `fold_in(key, r)`.
     Returns: {"path", "scores", "reward", "evaluations" (new ones), "steps" (accepted moves), "moves" (the kind
-    of each accepted move), "evaluated" ({kind: new evaluations})}.
+    of each accepted move), "evaluated" ({kind: new evaluations}), "scored" ([(path, scores)] of the new ones, in
+    the order scored)}.
     Each round scores the unscored neighbours of the current path in `order` (truncated to the remaining budget,
     so the order decides which moves a small budget sees) and moves to the best scored neighbour if it raises
     the reward; it stops at a local optimum or when the budget is spent.
@@ -199,9 +200,10 @@ def neighbourhood_search(
     known = dict(known or {})
     cur = np.asarray(path, np.int32)
     lengths = lambda ps: (np.asarray(ps) >= 0).sum(-1)
-    evaluations, accepted, evaluated = 0, [], dict.fromkeys(kinds, 0)
+    evaluations, accepted, evaluated, new = 0, [], dict.fromkeys(kinds, 0), []
     if cur.tobytes() not in known:
         known[cur.tobytes()] = np.asarray(score_fn(cur[None]))[0]
+        new.append((cur, known[cur.tobytes()]))
         evaluations += 1
     cur_r = float(host_reward(known[cur.tobytes()], preference, lengths(cur), beta1, t_max))
     while evaluations < budget:
@@ -214,6 +216,7 @@ def neighbourhood_search(
         if len(take):
             for p, sc in zip(nb[take], np.asarray(score_fn(nb[take])), strict=True):
                 known[p.tobytes()] = sc
+                new.append((p, sc))
             evaluations += len(take)
             for k in nb_kind[take]:
                 evaluated[kinds[k]] += 1
@@ -235,6 +238,7 @@ def neighbourhood_search(
         "steps": len(accepted),
         "moves": accepted,
         "evaluated": evaluated,
+        "scored": new,
     }
 
 
