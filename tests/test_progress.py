@@ -80,7 +80,10 @@ def test_deep_config_neighbourhood_budget_is_five_per_layer_in_the_search_and_th
     assert neighbourhood.neighbourhood_budget(flat.arch, 4) == 16  # the fixed count when no per-layer budget
     hm3 = {s.name: s.count for s in progress.plan_stages(deep, 3, 15, (), num_layers=16)}["hm3"]
     rl = deep.arch.rl
-    assert hm3 == rl.num_iterations * rl.num_envs + 15 * (80 + deep.arch.confirm_top + 1)
+    assert (
+        deep.arch.neighbourhood_start == "theta" and deep.arch.confirm_neighbours == 8
+    )  # session 14's run D
+    assert hm3 == rl.num_iterations * rl.num_envs + 15 * (80 + deep.arch.confirm_top + 1 + 8)
 
 
 def test_a_stage_written_by_another_process_while_waiting_teaches_no_rate():

@@ -47,7 +47,10 @@ def plan_stages(
         per_pref += pl.cmaes.population_size * pl.cmaes.num_generations
     rl, arch = config.arch.rl, config.arch
     search = rl.num_iterations * rl.num_envs + n * (
-        neighbourhood_budget(arch, num_layers) + arch.get("confirm_top", 0) + 1
+        neighbourhood_budget(arch, num_layers)
+        + arch.get("confirm_top", 0)
+        + 1
+        + arch.get("confirm_neighbours", 0)
     )
     stages = [Stage("param_level", "model", n * per_pref), Stage("hm3", "path", search)]
     if "no_param_level" in ablations:
