@@ -29,6 +29,9 @@ the run's resident arrays that are not the program's arguments (`resident_bytes`
   copies. EA, MOEA and DE pass junction rows (their DFS scale genes), a program of its own: without
   `arch.alignment` it is planned as ``path_scores/<split>/junction`` (and ``.../tree/junction``;
   `program_memory.path_variants`);
+* ``statistics/grams``, ``statistics/fisher``: the data-aware merges' per-expert statistics, when the run
+  computes them (RegMean / Fisher merging in the upper level's menu or among the baselines;
+  `statistics_memory`); all K experts' statistics then stay resident beside every other program;
 * ``model_scores/<task>``: one model's score on a held-out task as the run computes it (`problem.score_params`,
   the held-out bootstrap: the model's identity path over the pool `experts + [model]` through the split's
   engine, on the run's mesh with the model's shell and own part placed like the pool), one per distinct shape.
@@ -69,12 +72,13 @@ from hm3_jax.pipeline.program_memory import (
     model_score_programs,
     tree_bytes,
 )
+from hm3_jax.pipeline.statistics_memory import add_statistics, statistics_bytes, statistics_programs
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_objectives, spec_zoo
 
 GIB = 1 << 30
 # The kinds of programs a plan compiles (see the module docstring).
-PROGRAMS = ("merge", "path_scores", "model_scores")
+PROGRAMS = ("merge", "path_scores", "model_scores", "statistics")
 # XLA:CPU flags of a simulated plan. The programs are compiled, never run: the backend's (LLVM) optimisations
 # change only the machine code, not the buffers (measured: the same bytes on the tiny settings), so they are
 # off. XLA:CPU has no bfloat16 matmul: it converts bf16 weights to f32 around every dot, and its loop-invariant
@@ -203,9 +207,15 @@ def plan_run(
         planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"], run_config, mesh)
     model_bytes = tree_bytes(abstract_params(config, dtype))
     planned = add_held(planned, run_config, config, num_experts, dtype, mesh)
+    # the data-aware merges' Grams and Fishers: resident beside every program once computed
+    stats_args = (config, num_experts, dtype, split_objs["search"], groups, objectives, run_config)
+    stats_bytes = statistics_bytes(*stats_args)
+    planned = add_statistics(planned, stats_bytes)
+    if "statistics" in programs:
+        planned += statistics_programs(*stats_args, mesh)
     largest = (None, None)
     if search_batch and usable is not None and "path_scores" in programs and "search" in splits:
-        largest = largest_batch(tasks, run_config, mesh, groups, dtype, usable, planned)
+        largest = largest_batch(tasks, run_config, mesh, groups, dtype, usable, planned, stats_bytes)
     device = jax.devices()[0].device_kind
     host_merged = host_merged_models(run_config, mesh)
     return Plan(
@@ -257,11 +267,14 @@ def split_objectives(tasks: spec_zoo.SpecTasks, batch_size: int, search_examples
     return out
 
 
-def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs) -> tuple:
+def largest_batch(
+    tasks, run_config, mesh, groups, dtype, usable: int, programs, statistics: int = 0
+) -> tuple:
     """(on device 0, on the other devices) the largest B at which ``path_scores/search`` (every row of it: plain,
     tree, junction) fits in `usable` bytes, from its bytes at two batch sizes (affine in B), rounded down to a
     multiple of the "data" axis (None: not limited by B): B0 (the spec's, in `programs`) and 2 B0. A capped search split whose batch
-    cannot grow (`engine.search_examples` <= B0) is replaced by the whole search split for both."""
+    cannot grow (`engine.search_examples` <= B0) is replaced by the whole search split for both. `statistics`:
+    the data-aware merges' bytes resident beside it (`statistics_memory.statistics_bytes`)."""
     b0 = tasks.spec.eval_batch_size
     data = int(dict(mesh.shape).get("data", 1)) if mesh is not None else 1
     capped = int(run_config.engine.get("search_examples") or 0)
@@ -280,7 +293,9 @@ def largest_batch(tasks, run_config, mesh, groups, dtype, usable: int, programs)
         progs = engine_programs(
             tasks.base_config, num_experts, dtype, objs, run_config, mesh, groups, ("search",)
         )
-        return add_held(progs, run_config, tasks.base_config, num_experts, dtype, mesh)
+        return add_statistics(
+            add_held(progs, run_config, tasks.base_config, num_experts, dtype, mesh), statistics
+        )
 
     if capped and min(2 * b0, capped) == min(b0, capped):
         capped, at_b0 = 0, search_bytes(plan_at(b0, 0))

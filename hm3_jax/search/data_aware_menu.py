@@ -71,7 +71,7 @@ def head_forward(config, head_kernel, head_bias, params, pixel_values):
     return feats @ head_kernel + head_bias
 
 
-def _image_calibration(problem: Problem, objectives_k: list, rows: int) -> Calibration:
+def _image_calibration(config, objectives_k: list, rows: int) -> Calibration:
     """The `Calibration` of one image objective: its first `rows` search images and its frozen head's logits."""
     if len(objectives_k) != 1:
         raise ValueError(
@@ -82,7 +82,7 @@ def _image_calibration(problem: Problem, objectives_k: list, rows: int) -> Calib
     n = min(int(rows), int(objectives_k[0].num_examples))
     pixels = np.asarray(tree["pixel_values"]).reshape((-1,) + np.shape(tree["pixel_values"])[-3:])[:n]
     forward = functools.partial(
-        head_forward, problem.config, jnp.asarray(tree["head_kernel"]), jnp.asarray(tree["head_bias"])
+        head_forward, config, jnp.asarray(tree["head_kernel"]), jnp.asarray(tree["head_bias"])
     )
     return Calibration(forward, pixels.astype(np.float32))
 
@@ -116,17 +116,23 @@ def search_calibration(problem: Problem, rows: int) -> list[Calibration]:
     An objective of several tasks (`problem.groups`) gets the first `rows` examples of each of its tasks, right-
     padded to a common length with weight 0.
     """
+    groups = problem.groups or tuple(range(problem.num_tasks))
+    return objective_calibration(problem.config, problem.objectives["search"], groups, problem.tasks, rows)
+
+
+def objective_calibration(config, objectives, groups, tasks, rows: int) -> list[Calibration]:
+    """`search_calibration` from its parts: the model's `config`, the search split's `objectives`, their
+    objective index `groups` and the objectives' names `tasks` (K); also what the memory plan measures."""
     if int(rows) < 1:
         raise ValueError(f"data-aware merges: calibration rows must be >= 1, got {rows}")
-    groups = problem.groups or tuple(range(problem.num_tasks))
-    forward = functools.partial(lm_forward, problem.config)
+    forward = functools.partial(lm_forward, config)
     out = []
-    for k in range(problem.num_tasks):
-        objectives_k = [o for o, g in zip(problem.objectives["search"], groups, strict=True) if g == k]
+    for k in range(len(tasks)):
+        objectives_k = [o for o, g in zip(objectives, groups, strict=True) if g == k]
         if not objectives_k:
-            raise ValueError(f"data-aware merges: objective {problem.tasks[k]!r} has no search task")
+            raise ValueError(f"data-aware merges: objective {tasks[k]!r} has no search task")
         if any({"pixel_values", "head_kernel"} <= set(o.arrays.tree) for o in objectives_k):
-            out.append(_image_calibration(problem, objectives_k, rows))
+            out.append(_image_calibration(config, objectives_k, rows))
             continue
         parts = [_task_rows(o, rows) for o in objectives_k]
         width = max(p[0].shape[1] for p in parts)
