@@ -11,14 +11,12 @@ log-likelihoods within float32 rounding of a reduction split over "model" (measu
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from hm3_jax.paths import sharded
-from tests._subprocess_util import REPO, subprocess_env
+from tests._subprocess_util import child_result
 
 MESH = "paths:2,data:2,model:2"
 
@@ -79,17 +77,8 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def child():
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, MESH],
-        cwd=REPO,
-        env=subprocess_env(8),
-        capture_output=True,
-        text=True,
-        timeout=600,  # a hang bound: XLA:CPU collectives deadlock rather than fail
-    )
-    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    # timeout: a hang bound (XLA:CPU collectives deadlock rather than fail)
+    return child_result(_CHILD, MESH, num_devices=8, timeout=600)
 
 
 def test_the_mesh_splits_every_axis_and_the_vocabulary(child):

@@ -7,10 +7,6 @@ the same block values (a `lax.switch` over the parts instead of one gather), and
 arithmetic, so the results are compared bitwise. And it must hold no copy: its parts are the sources' arrays.
 """
 
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,7 +23,7 @@ from hm3_jax.pipeline.preference_models import PreferenceModels
 from hm3_jax.search import problem as problem_lib
 from hm3_jax.tasks.exact_match import make_exact_match_objective
 from hm3_jax.tasks.generation import make_generation_objective
-from tests._subprocess_util import REPO, subprocess_env
+from tests._subprocess_util import child_result
 
 L, M, T_MAX = 3, 3, 5  # layers per source, sources (parts)
 CONFIGS = {
@@ -326,17 +322,7 @@ print("RESULT " + json.dumps(out))
 def test_parts_on_a_model_parallel_mesh_equal_the_stacked_pool():
     """On a "model":2 mesh the parts are placed with the stacked pool's per-leaf specs (matrices split over
     "model") and score as the stacked pool (a child with 2 simulated CPU devices)."""
-    result = subprocess.run(
-        [sys.executable, "-c", _MESH_CHILD],
-        cwd=REPO,
-        env=subprocess_env(2),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = child_result(_MESH_CHILD, num_devices=2, timeout=600)
     assert out["parted"] == out["stacked"]
     assert any("model" in s for s in out["specs"])
 
