@@ -204,6 +204,23 @@ def test_search_split_check(smoke_run):
     assert out["num_preferences"] == 3 and set(out["mean_weighted"]) == {"task_arithmetic", "hm3"}
 
 
+def test_distilled_suggestions(smoke_run, tmp_path):
+    _, workdir, _ = smoke_run
+
+    def files():  # the run's files but its compilation cache (other tests' suggestions may add to it)
+        walk = [(p, ns) for p, _, ns in os.walk(workdir) if "jax_cache" not in p]
+        return sorted(
+            (os.path.join(p, n), os.stat(os.path.join(p, n)).st_mtime_ns) for p, ns in walk for n in ns
+        )
+
+    before = files()
+    out = _benchmark("distilled_suggestions").main(
+        [f"--run={workdir}", f"--workdir={tmp_path / 'run'}", "--num_new=2", "--steps=300"]
+    )
+    assert out["front_reproduced"] == "3/3" and len(out["per_preference"]) == 2
+    assert files() == before  # the run is not changed (the benchmark works on a copy)
+
+
 @slow
 def test_time_to_front(smoke_zoo_dir, tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.time_to_front", "--smoke", f"--zoo_dir={smoke_zoo_dir}",

@@ -56,6 +56,16 @@ def test_method_has_held_out_points_in_the_report(smoke_run, name):
         assert m["evaluations"] <= config.baselines.budget
 
 
+def test_the_distilled_policy_decodes_every_answer(smoke_run):
+    """The smoke config distils the trained policy onto the answers (`arch.distill_steps`): its greedy decode at
+    each preference is the answer, and it is saved where `suggest` restores it from."""
+    config, workdir, _ = smoke_run
+    assert config.arch.distill_steps > 0
+    hm3 = Workdir(workdir, config.to_dict()).load_stage("hm3")["per_preference"]
+    assert [r["distilled_greedy_path"] for r in hm3] == [r["path"] for r in hm3]
+    assert os.listdir(os.path.join(workdir, "arch", "hm3", "distilled"))
+
+
 def test_workdir_of_another_config_is_refused(smoke_run):
     config, workdir, _ = smoke_run
     other = tiny3.get_config("smoke")

@@ -115,6 +115,26 @@ def test_suggest_from_the_front_and_from_the_policy(smoke_run):
         assert warm[k] == cold[k], k
 
 
+def test_a_distilled_policy_decodes_the_front_and_serves_suggestions(smoke_run, tmp_path):
+    """`suggest.distill` fits the run's policy onto its answers (on a copy of the run): its greedy decode at
+    every front preference is that preference's answer, and `suggest(search=True)` decodes with it."""
+    import shutil
+
+    _, workdir, report = smoke_run
+    run = str(tmp_path / "run")
+    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("exports"))
+    hm3 = report["methods"]["hm3"]
+    before = suggest_lib.suggest(run, hm3["preferences"][1], search=True)
+    out = suggest_lib.distill(run, steps=300)
+    assert out["reproduced"] == out["num_preferences"] == len(hm3["paths"])
+    assert out["decoded_paths"] == hm3["paths"]
+    after = suggest_lib.suggest(run, hm3["preferences"][1], search=True)
+    assert after["decoded_path"] == hm3["paths"][1]
+    assert {k: before[k] for k in ("theta", "preference")} == {k: after[k] for k in ("theta", "preference")}
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        suggest_lib.distill(run, steps=0)
+
+
 def test_demo_notebook_runs_end_to_end(smoke_run, smoke_zoo_dir, tmp_path):
     """notebooks/hm3_demo.ipynb executed with nbclient on the smoke config (on a copy of the session's run)."""
     import nbformat

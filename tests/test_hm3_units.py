@@ -53,6 +53,8 @@ def _smoke_config():
         ("arch.neighbourhood_start", "greedy", "arch.neighbourhood_start must be one of"),
         ("arch.confirm_neighbours", -1, "arch.confirm_neighbours must be >= 0"),
         ("arch.neighbourhood_evaluations_per_layer", -2, "arch.neighbourhood_evaluations_per_layer must be"),
+        ("arch.distill_steps", -1, "arch.distill_steps must be >= 0"),
+        ("arch.distill_learning_rate", -1e-3, "arch.distill_learning_rate must be >= 0"),
     ],
 )
 def test_bad_config_is_refused_before_anything_is_written(tmp_path, key, value, words):

@@ -157,6 +157,9 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
         c.param_level.data_aware.adamerging.batch_size = 4
         c.arch.checkpoint_every = 1
         c.arch.neighbourhood_evaluations = 4
+        # The trained policy fitted onto the answers after the search (`warm_start.distill`; off elsewhere): the
+        # smoke run tests it end to end.
+        c.arch.distill_steps = 300
         c.report.bootstrap_samples = 20
         c.arch.rl.t_max = 4
         c.arch.rl.t_min = 1

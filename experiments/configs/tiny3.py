@@ -182,6 +182,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # (tests/test_hm3_run.py) and tests/test_hm3_units.py; here they would only add compilations x 4 processes.
         config.report.bootstrap_samples = 0
         config.arch.neighbourhood_evaluations = 0
+        config.arch.distill_steps = 0  # not tested on several processes
         # No no-parameter-level ablation (a second architecture level with one source less: every PPO and engine
         # program compiled again, about a quarter of each run, x 4 processes); the smoke run reports it.
         config.ablations = ("no_arch_level",)

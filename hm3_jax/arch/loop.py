@@ -94,6 +94,18 @@ def restore_latest(manager: ocp.CheckpointManager, like) -> RunnerState | None:
     return _from_saveable(restored)
 
 
+def save_runner(directory: str, runner: RunnerState) -> None:
+    """``runner`` as the only checkpoint of ``directory`` (step = its iteration), e.g. the distilled policy
+    (`warm_start.distill`) beside the training checkpoints; a checkpoint already there is kept (a resumed run
+    distils the same parameters again: deterministic)."""
+    manager = make_checkpoint_manager(directory, max_to_keep=1)
+    step = int(runner.iteration)
+    if step not in manager.all_steps():
+        manager.save(step, args=ocp.args.StandardSave(_to_saveable(runner)))
+        manager.wait_until_finished()
+    manager.close()
+
+
 def run_training(
     trainer: Trainer,
     key: jax.Array,

@@ -19,7 +19,8 @@ pieces, each a top-level function of its own module:
 Greedy decoding (:attr:`Trainer.decode`, ``rollout.make_decoder``) runs the policy with the proto-action mean and
 ``eps = 0`` for any preference, including one never seen in training. :attr:`Trainer.refine` continues PPO for
 one preference. The paper's per-preference training is :func:`make_train_per_preference` (one network per
-preference, vmapped). The warm start before PPO is ``warm_start.warm_start``.
+preference, vmapped). The warm start before PPO is ``warm_start.warm_start``; :attr:`Trainer.distill` fits the
+trained policy onto the paths the level chose (``warm_start.distill``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from hm3_jax.arch import descriptors as descriptors_lib
 from hm3_jax.arch import network as network_lib
 from hm3_jax.arch import rollout as rollout_lib
 from hm3_jax.arch import update as update_lib
+from hm3_jax.arch import warm_start as warm_start_lib
 from hm3_jax.arch.config import ArchConfig
 from hm3_jax.arch.rollout import Batch, RunnerState
 from hm3_jax.arch.scoring import HostScoreFn, ScoreFn
@@ -56,6 +58,7 @@ class Trainer(NamedTuple):
     train: Callable[[jax.Array], tuple[RunnerState, dict]]
     decode: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
     refine: Callable[[jax.Array, Any, jax.Array, jax.Array, int], Any]
+    distill: Callable[[Any, Any, int, float], Any]
     network: network_lib.ActorCritic
 
 
@@ -177,7 +180,16 @@ def _make_trainer(config: ArchConfig, score_fn: ScoreFn, table: jax.Array, prefe
         runner, _ = sub.train_chunk(runner, num_iters)
         return runner.params
 
-    return Trainer(init, rollout, score, update, iteration, train_chunk, train, decode, refine, network)
+    def distill(params, paths, steps: int, learning_rate: float):
+        """``params`` fitted onto one chosen path per training preference (``paths [N, t_max]``, row i for
+        preference i and its descriptor row): ``warm_start.distill``. Returns the distilled params."""
+        return warm_start_lib.distill(
+            network, params, config, table, embeddings, preferences, paths, int(steps), float(learning_rate)
+        )
+
+    return Trainer(
+        init, rollout, score, update, iteration, train_chunk, train, decode, refine, distill, network
+    )
 
 
 def make_train(

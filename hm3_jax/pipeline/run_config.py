@@ -81,8 +81,14 @@ def check_config(config) -> None:
         raise ConfigError(
             f"arch.neighbourhood_start must be one of {neighbourhood.NEIGHBOURHOOD_STARTS}, got {start!r}"
         )
-    for key in ("neighbourhood_evaluations", "neighbourhood_evaluations_per_layer", "confirm_neighbours"):
-        if int(config.arch.get(key, 0)) < 0:
+    for key in (
+        "neighbourhood_evaluations",
+        "neighbourhood_evaluations_per_layer",
+        "confirm_neighbours",
+        "distill_steps",
+        "distill_learning_rate",
+    ):
+        if float(config.arch.get(key, 0)) < 0:
             raise ConfigError(f"arch.{key} must be >= 0, got {config.arch.get(key)}")
     check_preferences(config.preferences)
     zoo_layers = config.get("zoo", {}).get("model", {}).get("num_layers") if not config.get("spec") else None

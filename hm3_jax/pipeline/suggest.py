@@ -11,6 +11,8 @@ vectors, online optimisation").
   (`arch.confirm_top`, `arch.confirm_significance`), beats it there on enough paired bootstrap resamples.
   Both candidates and the decision are returned; the answer is scored on held-out. Optionally
   `refine_iterations` PPO iterations for this lambda first.
+* `distill(run_dir, steps)`: fits the trained policy onto the run's answers (behaviour cloning) and saves it;
+  later `search=True` suggestions decode with it (as with a run made with `arch.distill_steps`).
 """
 
 from __future__ import annotations
@@ -122,12 +124,15 @@ def _session(run_dir: str, config):
 
 
 def _policy(session: dict, run_dir: str, trainer, key):
-    """(the run's trained policy parameters, its jitted greedy decode), restored once per session."""
+    """(the run's trained policy parameters, its jitted greedy decode), restored once per session: the policy
+    distilled onto the run's answers when the run made one (`arch.distill_steps`), else the trained one."""
     if session["policy"] is None:
-        manager = loop_lib.make_checkpoint_manager(os.path.join(run_dir, "arch", "hm3", "ckpt"))
+        distilled = os.path.join(run_dir, "arch", "hm3", "distilled")
+        ckpt = distilled if os.path.isdir(distilled) else os.path.join(run_dir, "arch", "hm3", "ckpt")
+        manager = loop_lib.make_checkpoint_manager(ckpt)
         runner = loop_lib.restore_latest(manager, lambda: trainer.init(key))  # shapes only: no warm start run
         if runner is None:
-            raise FileNotFoundError(f"no policy checkpoint under {run_dir}/arch/hm3/ckpt")
+            raise FileNotFoundError(f"no policy checkpoint under {ckpt}")
         session["policy"] = (runner.params, jax.jit(trainer.decode))  # decode(params, preference, phi)
     return session["policy"]
 
@@ -205,6 +210,54 @@ def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
         "search": (norm[chosen] * problem.ideal["search"]).tolist(),
         "heldout": heldout.tolist(),
         "normalised_heldout": (heldout / np.asarray(report["ideal"])).tolist(),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def distill(run_dir: str, steps: int, learning_rate: float = 0.0, seed: int = 0) -> dict:
+    """Fits a finished run's trained policy onto its answers and saves it where `suggest(search=True)` then
+    restores it from (`WORKDIR/arch/hm3/distilled`): what `arch.distill_steps` does inside a run
+    (`warm_start.distill`: `steps` Adam steps at `learning_rate`, 0: the warm start's cloning rate, on the policy's
+    proto-action mean at every decision of each front preference's path, with that preference's Theta(lambda)
+    pool descriptors). Returns how many front preferences the distilled policy decodes to their own answer.
+    """
+    if int(steps) < 1:
+        raise ValueError(f"distill: steps must be >= 1, got {steps}")
+    start = time.perf_counter()
+    config, report = _load(run_dir)
+    session = _session(run_dir, config)
+    problem = session["problem"]
+    K, L = problem.num_tasks, problem.config.num_layers
+    hm3 = report["methods"]["hm3"]
+    prefs = np.asarray(hm3["preferences"], np.float32)
+    phi = jnp.stack(  # each front preference's pool descriptors, as the run trained with them
+        [
+            descriptors_lib.block_descriptors(
+                pool_for(problem, _theta(run_dir, config, problem, p)[0]), problem.base["blocks"], K + 1
+            )
+            for p in prefs
+        ]
+    )
+    acfg = arch_level.arch_config(config.arch, K + 1, L, K)
+    unused = scoring.host_score_fn(lambda paths, p, i: np.zeros((len(paths), K), np.float32), K)
+    trainer = ppo.make_trainer(acfg, unused, phi, jnp.asarray(prefs))
+    key = jax.random.PRNGKey(seed)
+    manager = loop_lib.make_checkpoint_manager(os.path.join(run_dir, "arch", "hm3", "ckpt"))
+    runner = loop_lib.restore_latest(manager, lambda: trainer.init(key))
+    if runner is None:
+        raise FileNotFoundError(f"no policy checkpoint under {run_dir}/arch/hm3/ckpt")
+    paths = np.asarray(hm3["paths"], np.int32)
+    lr = float(learning_rate) or acfg.warm_start_learning_rate or acfg.learning_rate
+    params = trainer.distill(runner.params, paths, int(steps), lr)
+    loop_lib.save_runner(os.path.join(run_dir, "arch", "hm3", "distilled"), runner.replace(params=params))
+    session["policy"] = None  # the next suggestion restores the distilled policy
+    decode = jax.jit(trainer.decode)
+    decoded = [np.asarray(decode(params, jnp.asarray(p), phi[i])[0]) for i, p in enumerate(prefs)]
+    same = [bool(np.array_equal(d, p)) for d, p in zip(decoded, paths, strict=True)]
+    return {
+        "reproduced": int(sum(same)),
+        "num_preferences": len(prefs),
+        "decoded_paths": [d.tolist() for d in decoded],
         "seconds": time.perf_counter() - start,
     }
 

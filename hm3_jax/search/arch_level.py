@@ -28,7 +28,11 @@ the budget (the path baselines get the same total). With `arch.confirm_significa
 Theta(lambda)'s identity path is answered only if it beats Theta on a fraction >= c of paired bootstrap resamples of
 the whole search split (`significant_gain`): on tiny3 the paths that beat Theta on all 700 search examples by a few
 exact-match points mostly lost to it held-out (differences within the noise of 700 examples), so the upper level's
-answer stands unless the evidence is clear. Only the final path is scored on the held-out split.
+answer stands unless the evidence is clear. Only the final path is scored on the held-out split. With
+`arch.distill_steps = s > 0` the trained policy is then fitted onto every preference's answer (behaviour cloning,
+`warm_start.distill`: s Adam steps at `arch.distill_learning_rate`, 0: the warm start's rate) and saved under
+`workdir/distilled`; its greedy decode per preference is reported ("distilled_greedy_path") and
+`pipeline.suggest` decodes new preferences with it.
 
 Ablation "no parameter level": the pool holds the K experts only (the RL's `num_sources = K`); the engine pool
 keeps its (K + 1) L shape with a copy of expert 0 in the unused last slot (never selectable), and the shell is
@@ -327,6 +331,8 @@ def run_arch_level(
                 **({"confirm": confirm} if confirm is not None else {}),
             }
         )
+    if int(cfg.get("distill_steps", 0)) > 0:
+        _distill(trainer, runner, results, phi, acfg, cfg, os.path.join(workdir, "distilled"), decode)
     heldout = PathScorer(
         problem, "heldout", preferences, shells, pools, tag, aligners_heldout, shared_pool_id
     )
@@ -349,6 +355,19 @@ def run_arch_level(
         "wall_seconds": wall_before + time.perf_counter() - start,
         "arch_config": {k: getattr(acfg, k) for k in acfg.__dataclass_fields__},
     }
+
+
+def _distill(trainer, runner, results, phi, acfg, cfg, directory: str, decode) -> None:
+    """The trained policy fitted onto each preference's chosen path (`Trainer.distill`, `arch.distill_steps` Adam
+    steps at `arch.distill_learning_rate`, 0: the warm start's cloning rate), saved under `directory` (`pipeline.suggest` decodes
+    new preferences with it); each result gets the distilled policy's greedy decode ("distilled_greedy_path")."""
+    chosen = np.stack([np.asarray(r["path"], np.int32) for r in results])
+    lr = float(cfg.get("distill_learning_rate", 0.0)) or acfg.warm_start_learning_rate or acfg.learning_rate
+    params = trainer.distill(runner.params, chosen, int(cfg.distill_steps), lr)
+    loop_lib.save_runner(directory, runner.replace(params=params))
+    for i, r in enumerate(results):
+        path, _ = decode(params, jnp.asarray(r["preference"], jnp.float32), phi[i])
+        r["distilled_greedy_path"] = np.asarray(path, np.int32).tolist()
 
 
 def _append_curve(path: str, curve: list[float], start_iteration: int) -> None:
