@@ -83,6 +83,7 @@ def test_deep_config_neighbourhood_budget_is_five_per_layer_in_the_search_and_th
     assert (
         deep.arch.neighbourhood_start == "theta" and deep.arch.confirm_neighbours == 8
     )  # session 14's run D
+    assert deep.arch.distill_steps == 500  # the policy fitted onto the answers (suggest)
     assert hm3 == rl.num_iterations * rl.num_envs + 15 * (80 + deep.arch.confirm_top + 1 + 8)
 
 

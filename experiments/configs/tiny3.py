@@ -161,6 +161,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # docs/headroom.md: 6 of 15 answers differ from Theta, all better held-out, against 3 with the defaults).
         config.arch.neighbourhood_start = "theta"
         config.arch.confirm_neighbours = 8
+        # The trained policy is then fitted onto those answers (`warm_start.distill`), so `suggest(search=True)`
+        # decodes new preferences from what the search found (benchmarks/distilled_suggestions.py on session 14's
+        # run D: 1 of 15 new preferences answered with a confirmed path, +0.070 held-out reward, none worse; the
+        # trained policy's decodes: 0 of 15 answered).
+        config.arch.distill_steps = 500
     if arg == "smoke_mesh":
         config.preferences.num = 2
         config.param_level.cmaes.enabled = False  # the paper's DARE-TIES model per preference
