@@ -66,6 +66,20 @@ def test_the_distilled_policy_decodes_every_answer(smoke_run):
     assert os.listdir(os.path.join(workdir, "arch", "hm3", "distilled"))
 
 
+def test_every_path_the_architecture_level_scored_is_saved(smoke_run):
+    """scored_paths.npz holds the RL archive's paths, the refinement's and every answer (normalised search
+    scores, one row per (preference, path)); score_archive.npz only the training's."""
+    config, workdir, _ = smoke_run
+    hm3 = Workdir(workdir, config.to_dict()).load_stage("hm3")
+    with np.load(os.path.join(workdir, "arch", "hm3", "scored_paths.npz")) as z:
+        saved = {(int(i), tuple(p)) for i, p in zip(z["index"], z["paths"], strict=True)}
+        assert len(saved) == len(z["index"]) == hm3["search_evaluations"]
+    with np.load(os.path.join(workdir, "arch", "hm3", "score_archive.npz")) as z:
+        assert {(int(i), tuple(p)) for i, p in zip(z["index"], z["paths"], strict=True)} < saved
+    for i, r in enumerate(hm3["per_preference"]):
+        assert (i, tuple(r["path"])) in saved
+
+
 def test_workdir_of_another_config_is_refused(smoke_run):
     config, workdir, _ = smoke_run
     other = tiny3.get_config("smoke")

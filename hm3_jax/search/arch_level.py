@@ -28,7 +28,9 @@ the budget (the path baselines get the same total). With `arch.confirm_significa
 Theta(lambda)'s identity path is answered only if it beats Theta on a fraction >= c of paired bootstrap resamples of
 the whole search split (`significant_gain`): on tiny3 the paths that beat Theta on all 700 search examples by a few
 exact-match points mostly lost to it held-out (differences within the noise of 700 examples), so the upper level's
-answer stands unless the evidence is clear. Only the final path is scored on the held-out split. With
+answer stands unless the evidence is clear. Only the final path is scored on the held-out split. `score_archive.npz` (saved with the RL
+checkpoints) holds the paths scored during training; `scored_paths.npz` (search subset) and `scored_paths_full.npz`
+(whole search split) every path the level scored, the refinement's and the confirmation's included. With
 `arch.distill_steps = s > 0` the trained policy is then fitted onto every preference's answer (behaviour cloning,
 `warm_start.distill`: s Adam steps at `arch.distill_learning_rate`, 0: the warm start's rate) and saved under
 `workdir/distilled`; its greedy decode per preference is reported ("distilled_greedy_path") and
@@ -342,6 +344,11 @@ def run_arch_level(
             r["junction"] = {k: v.tolist() for k, v in path_junction(aligners_heldout[i], r["path"]).items()}
     with open(metrics_path) as f:
         full_curve = [float(line) for line in f if line.strip()]
+    # Every path scored, the refinement's and the confirmation's too (score_archive.npz is the RL's, for a resume)
+    wall = wall_before + time.perf_counter() - start
+    scorer.save_archive(os.path.join(workdir, "scored_paths.npz"), wall)
+    if full_scorer is not None:
+        full_scorer.save_archive(os.path.join(workdir, "scored_paths_full.npz"), wall)
     confirm_units = sum(r["confirm"]["charged_evaluations"] for r in results if "confirm" in r)
     return {
         "per_preference": results,
