@@ -28,9 +28,10 @@ the budget (the path baselines get the same total). With `arch.confirm_significa
 Theta(lambda)'s identity path is answered only if it beats Theta on a fraction >= c of paired bootstrap resamples of
 the whole search split (`significant_gain`): on tiny3 the paths that beat Theta on all 700 search examples by a few
 exact-match points mostly lost to it held-out (differences within the noise of 700 examples), so the upper level's
-answer stands unless the evidence is clear. Only the final path is scored on the held-out split. `score_archive.npz` (saved with the RL
-checkpoints) holds the paths scored during training; `scored_paths.npz` (search subset) and `scored_paths_full.npz`
-(whole search split) every path the level scored, the refinement's and the confirmation's included. With
+answer stands unless the evidence is clear. Only the final path is scored on the held-out split.
+`score_archive.npz` (saved with the RL checkpoints) holds the paths scored during training; `scored_paths.npz`
+(search subset) and `scored_paths_full.npz` (whole search split) every path the level scored, the refinement's and
+the confirmation's included. With
 `arch.distill_steps = s > 0` the trained policy is then fitted onto every preference's answer (behaviour cloning,
 `warm_start.distill`: s Adam steps at `arch.distill_learning_rate`, 0: the warm start's rate) and saved under
 `workdir/distilled`; its greedy decode per preference is reported ("distilled_greedy_path") and
@@ -366,8 +367,9 @@ def run_arch_level(
 
 def _distill(trainer, runner, results, phi, acfg, cfg, directory: str, decode) -> None:
     """The trained policy fitted onto each preference's chosen path (`Trainer.distill`, `arch.distill_steps` Adam
-    steps at `arch.distill_learning_rate`, 0: the warm start's cloning rate), saved under `directory` (`pipeline.suggest` decodes
-    new preferences with it); each result gets the distilled policy's greedy decode ("distilled_greedy_path")."""
+    steps at `arch.distill_learning_rate`, 0: the warm start's cloning rate), saved under `directory`
+    (`pipeline.suggest` decodes new preferences with it); each result gets the distilled policy's greedy decode
+    ("distilled_greedy_path")."""
     chosen = np.stack([np.asarray(r["path"], np.int32) for r in results])
     lr = float(cfg.get("distill_learning_rate", 0.0)) or acfg.warm_start_learning_rate or acfg.learning_rate
     params = trainer.distill(runner.params, chosen, int(cfg.distill_steps), lr)
