@@ -315,6 +315,8 @@ def run_stage_worker(
     )
     if after_hm3:
         stage_workers.wait_for_stage(workdir, "hm3")
+        for m in config.baselines.path_methods:  # their real budget, as the main process counts it
+            progress.set_count(f"baseline_{m}", budget())
         stage_workers.run_stages(wd, progress, after_hm3[::-1], wait=False)
     logging.info("stage worker done in %.1f s", time.perf_counter() - progress.start)
 
