@@ -152,7 +152,8 @@ def diagonal_fisher(
     )
 
 
-_fisher_jit = jax.jit(diagonal_fisher, static_argnums=(1,), static_argnames=("mode", "num_samples"))
+# One diagonal Fisher, jitted (the program `model_fishers` runs and the memory plan compiles).
+fisher_jit = jax.jit(diagonal_fisher, static_argnums=(1,), static_argnames=("mode", "num_samples"))
 
 
 def fisher_merge(
@@ -237,7 +238,7 @@ def model_fishers(
     weight 0 are not run (their Fisher is zeros, never read by `fisher_merge`). Returns K float32 pytrees."""
     models = list(models)
     fishers = on_own_calibration(
-        lambda k, model, calib: _fisher_jit(
+        lambda k, model, calib: fisher_jit(
             jax.random.fold_in(key, k),
             calib.forward_fn,
             model,

@@ -282,7 +282,9 @@ def linear_input_stats(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _stats_jit(forward_fn, params, inputs, token_weights):
+def input_stats_jit(forward_fn, params, inputs, token_weights):
+    """`linear_input_stats` jitted (`forward_fn` static): the program `layer_input_grams` runs per chunk and the
+    memory plan compiles."""
     return linear_input_stats(forward_fn, params, inputs, token_weights)
 
 
@@ -317,7 +319,7 @@ def layer_input_grams(
         )
     total: dict[str, InputStats] = {}
     for x, w in batches(calib, batch_size):
-        for name, stats in _stats_jit(forward_fn, params, x, w).items():
+        for name, stats in input_stats_jit(forward_fn, params, x, w).items():
             _add(total, name, stats)
     if not total:
         raise ValueError(

@@ -27,14 +27,12 @@ backward pass through the merged model per step) are not planned.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax.merging.fisher import diagonal_fisher
-from hm3_jax.merging.layer_inputs import linear_input_stats
+from hm3_jax.merging.fisher import diagonal_fisher, fisher_jit
+from hm3_jax.merging.layer_inputs import input_stats_jit, linear_input_stats
 from hm3_jax.pipeline.baseline_runs import CALIBRATION
 from hm3_jax.pipeline.program_memory import (
     ProgramMemory,
@@ -71,14 +69,6 @@ def _abstract(x) -> jax.ShapeDtypeStruct | None:
     return None if x is None else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _grams(forward_fn, params, inputs, token_weights):
-    return linear_input_stats(forward_fn, params, inputs, token_weights)
-
-
-_fisher = jax.jit(diagonal_fisher, static_argnums=(1,), static_argnames=("mode", "num_samples"))
-
-
 def _programs(
     config, num_experts: int, dtype, search_objectives, groups, tasks, run_config
 ) -> tuple[dict, dict]:
@@ -94,7 +84,7 @@ def _programs(
     key, fwd = jax.ShapeDtypeStruct((2,), jnp.uint32), calib.forward_fn
     fns, outputs = {}, {}
     if "regmean" in methods:
-        fns["grams"] = (_grams, (fwd, params, inputs, weights), {})
+        fns["grams"] = (input_stats_jit, (fwd, params, inputs, weights), {})
         outputs["grams"] = jax.eval_shape(  # what `layer_input_grams` keeps: the Grams without their counts
             lambda p, x, w: {n: st.gram for n, st in linear_input_stats(fwd, p, x, w).items()},
             params,
@@ -103,7 +93,7 @@ def _programs(
         )
     if "fisher" in methods:
         kw = {"mode": "sample", "num_samples": samples}
-        fns["fisher"] = (_fisher, (key, fwd, params, inputs, weights), kw)
+        fns["fisher"] = (fisher_jit, (key, fwd, params, inputs, weights), kw)
         outputs["fisher"] = jax.eval_shape(
             lambda k, p, x, w: diagonal_fisher(k, fwd, p, x, w, **kw), key, params, inputs, weights
         )
