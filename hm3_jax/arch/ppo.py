@@ -58,7 +58,7 @@ class Trainer(NamedTuple):
     train: Callable[[jax.Array], tuple[RunnerState, dict]]
     decode: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
     refine: Callable[[jax.Array, Any, jax.Array, jax.Array, int], Any]
-    distill: Callable[[Any, Any, int, float], Any]
+    distill: Callable[..., Any]
     network: network_lib.ActorCritic
 
 
@@ -180,11 +180,13 @@ def _make_trainer(config: ArchConfig, score_fn: ScoreFn, table: jax.Array, prefe
         runner, _ = sub.train_chunk(runner, num_iters)
         return runner.params
 
-    def distill(params, paths, steps: int, learning_rate: float):
+    def distill(params, paths, steps: int, learning_rate: float = 0.0):
         """``params`` fitted onto one chosen path per training preference (``paths [N, t_max]``, row i for
-        preference i and its descriptor row): ``warm_start.distill``. Returns the distilled params."""
+        preference i and its descriptor row): ``warm_start.distill`` at ``learning_rate`` (0: the warm start's
+        cloning rate, else the PPO rate). Returns the distilled params."""
+        lr = float(learning_rate) or config.warm_start_learning_rate or config.learning_rate
         return warm_start_lib.distill(
-            network, params, config, table, embeddings, preferences, paths, int(steps), float(learning_rate)
+            network, params, config, table, embeddings, preferences, paths, int(steps), lr
         )
 
     return Trainer(

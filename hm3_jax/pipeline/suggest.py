@@ -127,14 +127,21 @@ def _policy(session: dict, run_dir: str, trainer, key):
     """(the run's trained policy parameters, its jitted greedy decode), restored once per session: the policy
     distilled onto the run's answers when the run made one (`arch.distill_steps`), else the trained one."""
     if session["policy"] is None:
-        distilled = os.path.join(run_dir, "arch", "hm3", "distilled")
-        ckpt = distilled if os.path.isdir(distilled) else os.path.join(run_dir, "arch", "hm3", "ckpt")
-        manager = loop_lib.make_checkpoint_manager(ckpt)
-        runner = loop_lib.restore_latest(manager, lambda: trainer.init(key))  # shapes only: no warm start run
-        if runner is None:
-            raise FileNotFoundError(f"no policy checkpoint under {ckpt}")
+        ckpt = os.path.join(run_dir, "arch", "hm3", "distilled")
+        runner = _restore(
+            ckpt if os.path.isdir(ckpt) else os.path.join(run_dir, "arch", "hm3", "ckpt"), trainer, key
+        )
         session["policy"] = (runner.params, jax.jit(trainer.decode))  # decode(params, preference, phi)
     return session["policy"]
+
+
+def _restore(ckpt: str, trainer, key):
+    """The RL runner saved under `ckpt` (FileNotFoundError naming it when there is none); `trainer.init(key)` is
+    only traced for its shapes (no warm start run)."""
+    runner = loop_lib.restore_latest(loop_lib.make_checkpoint_manager(ckpt), lambda: trainer.init(key))
+    if runner is None:
+        raise FileNotFoundError(f"no policy checkpoint under {ckpt}")
+    return runner
 
 
 def _search(run_dir, config, report, pref, refine_iterations, seed) -> dict:
@@ -241,14 +248,9 @@ def distill(run_dir: str, steps: int, learning_rate: float = 0.0, seed: int = 0)
     acfg = arch_level.arch_config(config.arch, K + 1, L, K)
     unused = scoring.host_score_fn(lambda paths, p, i: np.zeros((len(paths), K), np.float32), K)
     trainer = ppo.make_trainer(acfg, unused, phi, jnp.asarray(prefs))
-    key = jax.random.PRNGKey(seed)
-    manager = loop_lib.make_checkpoint_manager(os.path.join(run_dir, "arch", "hm3", "ckpt"))
-    runner = loop_lib.restore_latest(manager, lambda: trainer.init(key))
-    if runner is None:
-        raise FileNotFoundError(f"no policy checkpoint under {run_dir}/arch/hm3/ckpt")
+    runner = _restore(os.path.join(run_dir, "arch", "hm3", "ckpt"), trainer, jax.random.PRNGKey(seed))
     paths = np.asarray(hm3["paths"], np.int32)
-    lr = float(learning_rate) or acfg.warm_start_learning_rate or acfg.learning_rate
-    params = trainer.distill(runner.params, paths, int(steps), lr)
+    params = trainer.distill(runner.params, paths, int(steps), learning_rate)
     loop_lib.save_runner(os.path.join(run_dir, "arch", "hm3", "distilled"), runner.replace(params=params))
     session["policy"] = None  # the next suggestion restores the distilled policy
     decode = jax.jit(trainer.decode)

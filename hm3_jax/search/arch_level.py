@@ -335,7 +335,7 @@ def run_arch_level(
             }
         )
     if int(cfg.get("distill_steps", 0)) > 0:
-        _distill(trainer, runner, results, phi, acfg, cfg, os.path.join(workdir, "distilled"), decode)
+        _distill(trainer, runner, results, phi, cfg, os.path.join(workdir, "distilled"), decode)
     heldout = PathScorer(
         problem, "heldout", preferences, shells, pools, tag, aligners_heldout, shared_pool_id
     )
@@ -365,13 +365,13 @@ def run_arch_level(
     }
 
 
-def _distill(trainer, runner, results, phi, acfg, cfg, directory: str, decode) -> None:
+def _distill(trainer, runner, results, phi, cfg, directory: str, decode) -> None:
     """The trained policy fitted onto each preference's chosen path (`Trainer.distill`, `arch.distill_steps` Adam
     steps at `arch.distill_learning_rate`, 0: the warm start's cloning rate), saved under `directory`
     (`pipeline.suggest` decodes new preferences with it); each result gets the distilled policy's greedy decode
     ("distilled_greedy_path")."""
     chosen = np.stack([np.asarray(r["path"], np.int32) for r in results])
-    lr = float(cfg.get("distill_learning_rate", 0.0)) or acfg.warm_start_learning_rate or acfg.learning_rate
+    lr = float(cfg.get("distill_learning_rate", 0.0))  # 0: the warm start's rate (`Trainer.distill`)
     params = trainer.distill(runner.params, chosen, int(cfg.distill_steps), lr)
     loop_lib.save_runner(directory, runner.replace(params=params))
     for i, r in enumerate(results):
