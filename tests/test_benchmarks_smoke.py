@@ -257,6 +257,29 @@ def test_data_aware_menu(smoke_zoo_dir, tmp_path):
 
 
 @slow
+def test_adamerging_sweep(smoke_zoo_dir, tmp_path):
+    """AdaMerging's settings at the balanced preference on the smoke zoo: task arithmetic rows and one AdaMerging
+    row per setting, whose coefficients stay in [0, 1] (slow: every row is scored on both splits)."""
+    out = tmp_path / "sweep.json"
+    module = _benchmark("adamerging_sweep")
+    module.FLAGS(["adamerging_sweep", SMOKE_CONFIG, f"--zoo={smoke_zoo_dir}", "--settings=2:1e-2:4,3:1e-1:4",
+                  f"--out={out}"])  # fmt: skip
+    module.main([])
+    result = json.loads(out.read_text())
+    names = [r["name"] for r in result["results"]]
+    assert names[:4] == [f"task_arithmetic scale {s}" for s in (0.3, 0.5, 0.7, 1.0)]
+    ada = result["results"][4:]
+    assert [r["name"] for r in ada] == ["adamerging 2x0.01 on 4", "adamerging 3x0.1 on 4"]
+    for r in ada:
+        assert 0.0 <= r["coefficient_range"][0] <= r["coefficient_range"][1] <= 1.0
+        assert len(r["heldout"]) == len(result["own"]) and r["seconds"] > 0
+        own = np.asarray(result["own"])
+        pct = 100 * np.asarray(r["heldout"]) / np.where(own > 0, own, np.nan)  # a smoke expert can score 0
+        got = [np.nan if p is None else p for p in r["percent_of_expert"]]
+        np.testing.assert_allclose(got, pct, atol=0.01)
+
+
+@slow
 def test_tiny8_expert_sweep(capsys):
     """The tiny8 experts' learning-rate sweep on the smoke zoo's config: two tasks, one setting, a few steps."""
     module = _benchmark("tiny8_expert_sweep")

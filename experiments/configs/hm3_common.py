@@ -54,7 +54,10 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     c.param_level.data_aware.enabled = False
     c.param_level.data_aware.methods = ("regmean", "fisher", "tsv", "adamerging")
     c.param_level.data_aware.calibration_rows = 32  # search examples per task (prompts only)
-    c.param_level.data_aware.regmean_alphas = (0.5, 0.9)  # RegMean's off-diagonal scale
+    # RegMean's off-diagonal scale: the RegMean baseline's grid (baseline_runs.PARAM_GRIDS), so the menu holds every
+    # merge the tuned baseline can pick (tiny8, session 12: the menu's (0.5, 0.9) gave HM3 65.7 against the
+    # baseline's alpha 0.3 at 66.5); each extra alpha costs one merge and one search scoring per preference.
+    c.param_level.data_aware.regmean_alphas = (0.3, 0.5, 0.7, 0.9)
     c.param_level.data_aware.tsv_scales = (1.0, 1.5)  # x the expert weights K * lambda_k
     c.param_level.data_aware.fisher_seed = 0  # the Fishers' label draws (one Fisher per expert per run)
     c.param_level.data_aware.fisher_num_samples = 1
