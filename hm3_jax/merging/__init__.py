@@ -5,7 +5,7 @@
   one per method; TSV-M (`tsv.py`) as `merge("tsv", ...)`.
 * Data-aware merges (issue 19), fitted on unlabelled search-split inputs (`Calibration`, `calibration.py`):
   `merge_with_data(method, base, models, key, calibration, weights=lambda, **hparams)` (`data_aware.py`) for
-  `regmean` (`regmean.py`), `fisher` (`fisher.py`), `adamerging` (`adamerging.py`); per-linear-layer input
+  `regmean` (`regmean.py`), `regmean_plusplus` (`regmean_plusplus.py`), `fisher` (`fisher.py`), `adamerging` (`adamerging.py`); per-linear-layer input
   Gram matrices of any pure forward in `layer_inputs.py`.
 * `hm3_merge(base, experts, preference, key, density, drop_rate)`: HM3's Theta(lambda) (HM3_SPEC Eq. 5).
 * `merge_checkpoints(...)` (`streaming.py`): the same merges on Hugging Face safetensors directories,
@@ -45,6 +45,7 @@ from hm3_jax.merging.groups import default_param_group, layer_index, leaf_weight
 from hm3_jax.merging.layer_inputs import InputStats, layer_input_grams, linear_input_stats
 from hm3_jax.merging.methods import METHODS, known_methods
 from hm3_jax.merging.regmean import model_grams, regmean, regmean_from_data
+from hm3_jax.merging.regmean_plusplus import regmean_plusplus
 from hm3_jax.merging.tsv import tsv_kernel
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "model_grams",
     "regmean",
     "regmean_from_data",
+    "regmean_plusplus",
     "tsv_kernel",
     "consensus",
     "dare_linear",

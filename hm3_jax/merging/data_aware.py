@@ -7,6 +7,7 @@ The data-free merges (`api.merge`, including TSV-M as `merge("tsv", ...)`) see o
 | method | what it fits on the calibration data | hyperparameters (defaults) |
 | --- | --- | --- |
 | `regmean` | each expert's input Gram matrices, closed-form least squares per linear layer (`regmean.py`) | `alpha=0.9`, `ridge=0`, `nonlinear_scale=1`, `batch_size=None` |
+| `regmean_plusplus` | RegMean with block l's Grams measured through the merged blocks 0..l-1 (`regmean_plusplus.py`) | as `regmean` |
 | `fisher` | each expert's diagonal Fisher under its own predictions, Fisher-weighted average (`fisher.py`) | `mode="sample"`, `num_samples=1`, `floor=1e-6` |
 | `adamerging` | task-arithmetic coefficients minimising the lambda-weighted prediction entropy (`adamerging.py`) | `num_steps` (required), `granularity="layer"`, `learning_rate=1e-3`, `init=0.3`, `batch_size=16`, `bounds=(0, 1)` |
 
@@ -26,11 +27,17 @@ from hm3_jax.merging.adamerging import adamerging
 from hm3_jax.merging.calibration import Calibration, check_calibration
 from hm3_jax.merging.fisher import fisher_from_data
 from hm3_jax.merging.regmean import check_preference, regmean_from_data
+from hm3_jax.merging.regmean_plusplus import num_blocks, regmean_plusplus
 
 
 def _regmean(key, base, models, calibration, weights, **hp):
     del key
     return regmean_from_data(base, models, calibration, weights=weights, **hp)
+
+
+def _regmean_plusplus(key, base, models, calibration, weights, **hp):
+    del key
+    return regmean_plusplus(base, models, calibration, weights=weights, **hp)
 
 
 def _fisher(key, base, models, calibration, weights, **hp):
@@ -46,6 +53,11 @@ def _adamerging(key, base, models, calibration, weights, **hp):
 # method -> (function, {hparam: default}, needs a key)
 DATA_AWARE_METHODS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
     "regmean": (_regmean, {"alpha": 0.9, "ridge": 0.0, "nonlinear_scale": 1.0, "batch_size": None}, False),
+    "regmean_plusplus": (
+        _regmean_plusplus,
+        {"alpha": 0.9, "ridge": 0.0, "nonlinear_scale": 1.0, "batch_size": None},
+        False,
+    ),
     "fisher": (_fisher, {"mode": "sample", "num_samples": 1, "floor": 1e-6}, True),
     "adamerging": (
         _adamerging,
@@ -91,7 +103,7 @@ def merge_with_data(
     """Merges `models` (fine-tuned from `base`) with a data-aware `method` (module docstring table).
 
     Args:
-      method: "regmean", "fisher" or "adamerging".
+      method: "regmean", "regmean_plusplus", "fisher" or "adamerging".
       base: pytree; models: K pytrees of its structure and shapes.
       key: PRNG key (Fisher's label draws, AdaMerging's minibatches); RegMean ignores it (may be None).
       calibration: K `Calibration`s, calibration[k] = task k's search-split inputs (never held-out data).
@@ -128,7 +140,8 @@ def calibration_passes(
 ) -> CalibrationPasses:
     """The cost of `merge_with_data(method, ..., calibration, weights=weights, **hparams)` in calibration rows.
 
-    regmean: one forward per row of every task of positive weight; fisher: one forward and `num_samples`
+    regmean: one forward per row of every task of positive weight; regmean_plusplus: L + 2 of them (L = the
+    blocks of `params`, which it needs); fisher: one forward and `num_samples`
     backwards per row ("sample"), or one backward per (position, class) of each row's logits ("expected",
     which needs `params` to read the logits' shape); adamerging: per step one forward and one backward of
     `min(batch_size, N_k)` rows per task of positive weight.
@@ -140,6 +153,10 @@ def calibration_passes(
     rows = sum(c.num_rows for c in live)
     if method == "regmean":
         return CalibrationPasses(rows, 0)
+    if method == "regmean_plusplus":
+        if params is None:
+            raise ValueError("calibration_passes: regmean_plusplus needs params to count the blocks")
+        return CalibrationPasses(rows * (num_blocks(params) + 2), 0)
     if method == "fisher":
         if hp["mode"] == "sample":
             return CalibrationPasses(rows, rows * int(hp["num_samples"]))
