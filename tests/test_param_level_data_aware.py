@@ -146,6 +146,32 @@ def test_menu_picks_regmean_when_it_scores_best(problem, monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_menu_picks_regmean_plusplus_and_charges_its_sweep(problem, monkeypatch):
+    """With RegMean++ on the menu and the scorer rewarding exactly RegMean++ at alpha 0.9 (computed here from the
+    hand-built calibration), the level picks it and rebuilds it from the JSON entry; each RegMean++ candidate
+    costs (L + 1) x 6 forward rows beyond the shared Grams (L = 2 blocks), and so does the baseline per merge."""
+    pref = np.array([[0.7, 0.3]], np.float32)
+    hand = [Calibration(_forward, x, w) for x, w in _hand_calibration()]
+    target = merging.merge_with_data("regmean_plusplus", problem.base, problem.experts, None, hand,
+                                     weights=[1.4, 0.6], alpha=0.9)  # fmt: skip
+    monkeypatch.setattr(param_level, "score_params", _distance_scorer(target))
+    cfg = _menu_cfg(methods=("regmean", "regmean_plusplus"))
+    (entry,) = param_level.run_param_level(problem, pref, jax.random.PRNGKey(1), cfg)
+    tuned = entry["tuned"]
+    assert tuned["hparams"]["method"] == "regmean_plusplus" and tuned["hparams"]["alpha"] == 0.9
+    assert tuned["fitness"] == pytest.approx(0.0, abs=1e-6)
+    assert [m[0]["method"] for m in tuned["menu"]] == ["regmean"] * 2 + ["regmean_plusplus"] * 2
+    assert tuned["calibration_passes"] == {"forward_rows": 6 + 2 * 3 * 6, "backward_rows": 0}
+    rebuilt = param_level.merged_for(problem, json.loads(json.dumps(entry)), "tuned")
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(target), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    monkeypatch.setattr(baseline_runs, "score_params", _distance_scorer(target))
+    base = baseline_runs.run_param_baseline(
+        problem, "regmean_plusplus", pref, jax.random.PRNGKey(4), tune=False
+    )
+    assert base["calibration_passes"] == {"forward_rows": 6 + 2 * 3 * 6, "backward_rows": 0}  # default + grid
+
+
 def test_menu_statistics_equal_independent_grams(problem):
     """The shared Grams are each expert's layer_input_grams on its own task's hand-built calibration."""
     stats = data_aware_menu.statistics(problem, 8)
@@ -218,7 +244,8 @@ def test_smoke_level_with_menu_finishes(smoke_zoo_dir):
     prefs = np.array([[0.6, 0.3, 0.1]], np.float32)
     entries = param_level.run_param_level(problem, prefs, jax.random.PRNGKey(0), cfg)
     for e in entries:
-        assert len(e["tuned"]["menu"]) == 4 and e["tuned"]["evaluations"] == 3 + 4 + 4
+        # the smoke menu: RegMean, Fisher, TSV-M, AdaMerging, RegMean++ (one alpha, one scale each)
+        assert len(e["tuned"]["menu"]) == 5 and e["tuned"]["evaluations"] == 3 + 4 + 5
         rebuilt = param_level.merged_for(problem, json.loads(json.dumps(e)), "tuned")
         heldout = score_params(problem.engines["heldout"], problem.experts, rebuilt)
         np.testing.assert_allclose(heldout, e["tuned"]["heldout"])

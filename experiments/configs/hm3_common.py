@@ -52,7 +52,7 @@ def add_hm3(config: ml_collections.ConfigDict, smoke: bool = False) -> ml_collec
     # models) and needs token prompts (not the ViT zoos); docs/merging.md has its measured effect on tiny3.
     c.param_level.data_aware = ml_collections.ConfigDict()
     c.param_level.data_aware.enabled = False
-    c.param_level.data_aware.methods = ("regmean", "fisher", "tsv", "adamerging")
+    c.param_level.data_aware.methods = ("regmean", "fisher", "tsv", "adamerging", "regmean_plusplus")
     c.param_level.data_aware.calibration_rows = 32  # search examples per task (prompts only)
     # RegMean's off-diagonal scale: the RegMean baseline's grid (baseline_runs.PARAM_GRIDS), so the menu holds every
     # merge the tuned baseline can pick (tiny8, session 12: the menu's (0.5, 0.9) gave HM3 65.7 against the

@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `calibration_rows` search images read by its frozen head (hm3_jax/search/data_aware_menu.py), as AdaMerging's
     # CLIP setting; FusionBench's ViT-B/32 table is the reference (docs/tiny8.md).
     config.param_level.data_aware.enabled = True
-    config.baselines.param_methods = tuple(config.baselines.param_methods) + ("tsv", "regmean", "fisher", "adamerging")  # fmt: skip
+    config.baselines.param_methods = tuple(config.baselines.param_methods) + ("tsv", "regmean", "fisher", "adamerging", "regmean_plusplus")  # fmt: skip
     if arg != "smoke":
         _full_run_budget(config)
     return config

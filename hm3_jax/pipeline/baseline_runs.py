@@ -48,6 +48,7 @@ PARAM_DEFAULTS = {
     "regmean": {"alpha": 0.9, **CALIBRATION},
     "fisher": {"floor": 1e-6, **CALIBRATION},
     "adamerging": {"learning_rate": 1e-2, **ADAMERGING},
+    "regmean_plusplus": {"alpha": 0.9, **CALIBRATION},
 }
 PARAM_GRIDS = {
     "task_arithmetic": [{"scale": s} for s in (0.3, 0.5, 0.7, 1.0)],
@@ -63,6 +64,7 @@ PARAM_GRIDS = {
     "regmean": [{"alpha": a, **CALIBRATION} for a in (0.3, 0.5, 0.7, 0.9)],
     "fisher": [{"floor": f, **CALIBRATION} for f in (1e-8, 1e-6, 1e-4, 1e-2)],
     "adamerging": [{"learning_rate": lr, **ADAMERGING} for lr in (3e-3, 1e-2, 3e-2)],
+    "regmean_plusplus": [{"alpha": a, **CALIBRATION} for a in (0.3, 0.5, 0.7, 0.9)],
 }
 DATA_AWARE = data_aware_menu.DATA_AWARE
 # Each baseline's PRNG key is `fold_in(k_base, index)` with its index in these fixed tables (path methods from
@@ -81,6 +83,7 @@ PARAM_KEY_ORDER = (
     "fisher",
     "adamerging",
     "tsv",
+    "regmean_plusplus",
 )
 PATH_KEY_ORDER = ("ea", "moea", "grid_search", "differential_evolution")
 PATH_KEY_OFFSET = 100
@@ -130,6 +133,8 @@ def calibration_cost(problem: Problem, method: str, preferences, grid) -> dict:
         parts.append(stats.cost((method,)))
     if method == "adamerging":
         parts += [data_aware_menu.adamerging_passes(problem, p, hp) for p in preferences for hp in grid]
+    if method == "regmean_plusplus":
+        parts += [data_aware_menu.regmean_plusplus_passes(problem, p, hp) for p in preferences for hp in grid]
     return data_aware_menu.passes_dict(data_aware_menu.add_passes(*parts))
 
 

@@ -20,6 +20,7 @@ REQUIRED_PARAM = (
     "regmean",
     "fisher",
     "adamerging",
+    "regmean_plusplus",
 )
 REQUIRED_PATH = ("ea", "moea", "grid_search", "differential_evolution")
 # `config.ablations` (optional; a config without the key runs both): which ablations the run computes and reports.

@@ -46,18 +46,24 @@ from hm3_jax.search.data_aware_menu import objective_calibration
 STATISTICS = ("regmean", "fisher")  # the methods whose statistics a run computes and keeps
 
 
+def _statistics_of(methods) -> tuple[str, ...]:
+    """The methods whose statistics `methods` keep: RegMean++ starts from RegMean's Grams (its per-preference
+    Grams through the merged prefix are transient, one expert's at a time)."""
+    return tuple("regmean" if m == "regmean_plusplus" else m for m in methods)
+
+
 def statistics_settings(run_config) -> tuple[tuple[str, ...], int, int]:
     """(methods among STATISTICS the run computes statistics for, the most calibration rows per task any of them
     uses, the Fisher's label draws per row) from the upper level's menu and the parameter baselines."""
     methods, rows, samples = set(), 0, 1
     menu = run_config.param_level.get("data_aware")
     if menu is not None and menu.get("enabled", False) and run_config.param_level.cmaes.enabled:
-        used = set(menu.get("methods", ())) & set(STATISTICS)
+        used = set(_statistics_of(menu.get("methods", ()))) & set(STATISTICS)
         if used:
             methods |= used
             rows = max(rows, int(menu.calibration_rows))
             samples = max(samples, int(menu.get("fisher_num_samples", 1)))
-    baselines = set(run_config.baselines.get("param_methods", ())) & set(STATISTICS)
+    baselines = set(_statistics_of(run_config.baselines.get("param_methods", ()))) & set(STATISTICS)
     if baselines:
         methods |= baselines
         rows = max(rows, int(CALIBRATION["calibration_rows"]))

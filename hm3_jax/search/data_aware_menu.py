@@ -1,6 +1,6 @@
 """The data-aware merges as candidates of HM3's upper level and as parameter baselines (issue 19).
 
-RegMean, Fisher merging and AdaMerging (`hm3_jax.merging`, `data_aware.py`) fit a merge on unlabelled inputs of
+RegMean, RegMean++, Fisher merging and AdaMerging (`hm3_jax.merging`, `data_aware.py`) fit a merge on unlabelled inputs of
 each expert's task. Here those inputs come from the run's Problem, and only from its SEARCH split
 (`problem.objectives["search"]`; the held-out objectives are never read):
 
@@ -27,7 +27,8 @@ each expert's task. Here those inputs come from the run's Problem, and only from
 Weights: expert k gets `K * lambda_k` (float32), as the parameter baselines'; RegMean, Fisher merging and
 AdaMerging normalise them, TSV-M takes them as its task weights (balanced = the paper's TSV-M).
 
-Cost (`CalibrationPasses`, in calibration rows): the Grams one forward per row of every expert, the Fishers one
+Cost (`CalibrationPasses`, in calibration rows): the Grams one forward per row of every expert (RegMean++ L + 1
+more per merge, `regmean_plusplus_passes`), the Fishers one
 forward and `num_samples` backwards per row; AdaMerging its own steps (`merging.calibration_passes`).
 """
 
@@ -45,8 +46,9 @@ from hm3_jax.merging import Calibration, CalibrationPasses
 from hm3_jax.search.problem import Problem
 
 # Methods a parameter-level candidate (or a baseline) can name in its hyperparameters.
-MENU_METHODS = ("regmean", "fisher", "adamerging", "tsv")
-DATA_AWARE = ("regmean", "fisher", "adamerging")
+MENU_METHODS = ("regmean", "fisher", "adamerging", "tsv", "regmean_plusplus")
+DATA_AWARE = ("regmean", "fisher", "adamerging", "regmean_plusplus")
+GRAM_METHODS = ("regmean", "regmean_plusplus")  # the methods that use the experts' own Grams
 NO_PASSES = CalibrationPasses(0, 0)
 
 
@@ -173,7 +175,7 @@ class SearchStatistics:
     def cost(self, methods) -> CalibrationPasses:
         """Calibration passes of the statistics `methods` need (Grams for regmean, Fishers for fisher)."""
         parts = [NO_PASSES]
-        if "regmean" in methods:
+        if set(GRAM_METHODS) & set(methods):
             parts.append(merging.calibration_passes("regmean", self.calibration))
         if "fisher" in methods:
             parts.append(merging.calibration_passes("fisher", self.calibration, num_samples=self.num_samples))
@@ -225,6 +227,11 @@ def merge_from_hparams(problem: Problem, preference, key: jax.Array, hparams: di
         return merging.regmean(
             base, experts, _stats_for(problem, hparams).grams(), weights=w, alpha=hparams["alpha"]
         )
+    if method == "regmean_plusplus":  # the experts' own Grams (its first step) are the shared statistics'
+        stats = _stats_for(problem, hparams)
+        return merging.regmean_plusplus(
+            base, experts, stats.calibration, weights=w, alpha=hparams["alpha"], grams=stats.grams()
+        )
     if method == "fisher":
         return merging.fisher_merge(
             experts,
@@ -270,6 +277,20 @@ def adamerging_passes(problem: Problem, preference, hparams: dict) -> Calibratio
     )
 
 
+def regmean_plusplus_passes(problem: Problem, preference, hparams: dict) -> CalibrationPasses:
+    """What one RegMean++ merge costs beyond the shared Grams (its first step): L + 1 forwards per row."""
+    full = merging.calibration_passes(
+        "regmean_plusplus",
+        _stats_for(problem, hparams).calibration,
+        weights=preference_weights(problem, preference),
+        params=problem.base,
+    )
+    own = merging.calibration_passes(
+        "regmean", _stats_for(problem, hparams).calibration, weights=preference_weights(problem, preference)
+    )
+    return CalibrationPasses(full.forward_rows - own.forward_rows, 0)
+
+
 def coefficients_to_json(coefficients: Any) -> Any:
     """AdaMerging coefficients (`[K]` or {leaf: `[K]` / `[K, L]`}) as nested lists."""
     if isinstance(coefficients, dict):
@@ -312,6 +333,11 @@ def candidates(problem: Problem, preference, key: jax.Array, cfg):
         for alpha in cfg.regmean_alphas:
             hp = {"method": "regmean", "alpha": float(alpha), **common, **fisher}
             yield Candidate(hp, merge_from_hparams(problem, preference, key, hp), NO_PASSES)
+    if "regmean_plusplus" in methods:
+        for alpha in cfg.regmean_alphas:
+            hp = {"method": "regmean_plusplus", "alpha": float(alpha), **common, **fisher}
+            merged = merge_from_hparams(problem, preference, key, hp)
+            yield Candidate(hp, merged, regmean_plusplus_passes(problem, preference, hp))
     if "fisher" in methods:
         hp = {"method": "fisher", "floor": 1e-6, **common, **fisher}
         yield Candidate(hp, merge_from_hparams(problem, preference, key, hp), NO_PASSES)

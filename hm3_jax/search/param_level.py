@@ -17,11 +17,11 @@ Two variants, both reported:
 The genes and the tuned merge they decode to are in `merge_genes.py`.
 
 With `data_aware.enabled` (issue 19) the tuned variant's menu also holds the data-aware merges and TSV-M
-(`data_aware_menu.py`): RegMean over an alpha grid, Fisher merging, TSV-M over a scale grid and layer-wise
+(`data_aware_menu.py`): RegMean and RegMean++ over an alpha grid, Fisher merging, TSV-M over a scale grid and layer-wise
 AdaMerging, fitted on prompts of the SEARCH split only. Each is scored like every other candidate (search
 scores, the same Tchebycheff fitness) after the grid and CMA-ES, and replaces their best only if strictly better.
 The experts' Grams and Fishers are computed once per run; their calibration passes are charged to the first
-preference, each AdaMerging run to its own (`entry["tuned"]["calibration_passes"]`, `calibration_cost`).
+preference, each AdaMerging and RegMean++ run to its own (`entry["tuned"]["calibration_passes"]`, `calibration_cost`).
 Switched off (the default), nothing of it runs and the entries are what they were without it.
 
 With `confirm_top = M > 0` and a capped search split (`engine.search_examples`: the "search_full" engine exists),
