@@ -125,6 +125,24 @@ def test_calibration_is_the_search_prompts_only(problem):
     assert calib[0].num_rows == 3 and data_aware_menu.search_calibration(problem, rows=2)[1].num_rows == 2
 
 
+def test_continued_calibration_uses_each_tasks_own_expert(problem):
+    """continuation_tokens = 3: task k's prompts are continued by expert k (merging.own_continuation, the
+    problem's EOS ids), the statistics are keyed by the setting, and a stored entry without the key is prompts
+    only."""
+    prompts = data_aware_menu.search_calibration(problem, rows=8)
+    eos = problem._replace(eos_ids=(4,))
+    got = data_aware_menu.search_calibration(eos, rows=8, continuation_tokens=3)
+    for k in range(2):
+        want = merging.own_continuation(LLAMA, problem.experts[k], prompts[k], 3, (4,))
+        np.testing.assert_array_equal(np.asarray(got[k].inputs), np.asarray(want.inputs))
+        np.testing.assert_array_equal(np.asarray(got[k].token_weights), np.asarray(want.token_weights))
+    continued = data_aware_menu.statistics(problem, 8, continuation_tokens=3)
+    assert continued is not data_aware_menu.statistics(problem, 8)
+    assert data_aware_menu._stats_for(problem, {"calibration_rows": 8}).continuation_tokens == 0
+    assert data_aware_menu.statistics(problem, 8).cost(("regmean",)).forward_rows == 6  # Grams only
+    assert continued.cost(("regmean",)).forward_rows == 6 + 6  # + one pass per row for the continuation
+
+
 def test_menu_picks_regmean_when_it_scores_best(problem, monkeypatch):
     """The scorer rewards exactly RegMean at alpha 0.5 (computed here from hand-built calibration data): the
     level picks it over the grid, CMA-ES and the other menu candidates, and merged_for rebuilds it from the
@@ -169,7 +187,8 @@ def test_menu_picks_regmean_plusplus_and_charges_its_sweep(problem, monkeypatch)
     base = baseline_runs.run_param_baseline(
         problem, "regmean_plusplus", pref, jax.random.PRNGKey(4), tune=False
     )
-    assert base["calibration_passes"] == {"forward_rows": 6 + 2 * 3 * 6, "backward_rows": 0}  # default + grid
+    # the baselines' calibration is continued by each expert (6 rows), then Grams (6) and default + grid sweeps
+    assert base["calibration_passes"] == {"forward_rows": 6 + 6 + 2 * 3 * 6, "backward_rows": 0}
 
 
 def test_menu_statistics_equal_independent_grams(problem):
@@ -214,10 +233,11 @@ def test_calibration_passes_are_counted(problem, monkeypatch):
     assert param_level.calibration_cost(entries) == {"forward_rows": 30, "backward_rows": 24}
     costs = {m: baseline_runs.run_param_baseline(problem, m, prefs, jax.random.PRNGKey(4), tune=False)
              for m in ("regmean", "fisher", "adamerging")}  # fmt: skip
-    assert costs["regmean"]["calibration_passes"] == {"forward_rows": 6, "backward_rows": 0}
-    assert costs["fisher"]["calibration_passes"] == {"forward_rows": 6, "backward_rows": 6}
+    # the baselines continue their 6 calibration rows first (one forward each, baseline_runs.CALIBRATION)
+    assert costs["regmean"]["calibration_passes"] == {"forward_rows": 6 + 6, "backward_rows": 0}
+    assert costs["fisher"]["calibration_passes"] == {"forward_rows": 6 + 6, "backward_rows": 6}
     # default + the one-point grid per preference, 20 steps x 3 rows x (2 tasks, then 1)
-    assert costs["adamerging"]["calibration_passes"] == {"forward_rows": 360, "backward_rows": 360}
+    assert costs["adamerging"]["calibration_passes"] == {"forward_rows": 6 + 360, "backward_rows": 360}
     ada = costs["adamerging"]
     rebuilt = baseline_runs.param_baseline_models(problem, "adamerging", ada, jax.random.PRNGKey(4))[1]
     direct = baseline_runs.param_merge(problem, "adamerging", prefs[1], jax.random.fold_in(jax.random.PRNGKey(4), 1),

@@ -33,6 +33,7 @@ from hm3_jax.merging.api import (
     ties,
 )
 from hm3_jax.merging.calibration import Calibration
+from hm3_jax.merging.continuation import own_continuation
 from hm3_jax.merging.data_aware import (
     DATA_AWARE_METHODS,
     CalibrationPasses,
@@ -66,6 +67,7 @@ __all__ = [
     "merge_with_coefficients",
     "merge_with_data",
     "model_fishers",
+    "own_continuation",
     "model_grams",
     "regmean",
     "regmean_from_data",

@@ -36,7 +36,8 @@ from hm3_jax.search.problem import Problem, confirm_params, full_search_cost, sc
 # 2023), Fisher floor 1e-6 with one label draw per row (Matena & Raffel 2022), layer-wise AdaMerging from 0.3 in
 # [0, 1] (Yang et al. 2024; 500 Adam steps at 1e-3 in the paper, here 20 at 1e-2 with 16 rows per task), each on
 # 32 search prompts per task.
-CALIBRATION = {"calibration_rows": 32, "fisher_seed": 0, "num_samples": 1}
+# Each expert's own 8-token greedy answer continues its prompts (merging/continuation.py; language models only).
+CALIBRATION = {"calibration_rows": 32, "fisher_seed": 0, "num_samples": 1, "continuation_tokens": 8}
 ADAMERGING = {"granularity": "layer", "num_steps": 20, "init": 0.3, "batch_size": 16, **CALIBRATION}
 PARAM_DEFAULTS = {
     "task_arithmetic": {"scale": 0.4},
@@ -128,7 +129,11 @@ def calibration_cost(problem: Problem, method: str, preferences, grid) -> dict:
     if method in DATA_AWARE:
         hp = grid[0]
         stats = data_aware_menu.statistics(
-            problem, hp["calibration_rows"], hp["fisher_seed"], hp["num_samples"]
+            problem,
+            hp["calibration_rows"],
+            hp["fisher_seed"],
+            hp["num_samples"],
+            hp.get("continuation_tokens", 0),
         )
         parts.append(stats.cost((method,)))
     if method == "adamerging":

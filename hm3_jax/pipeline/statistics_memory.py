@@ -41,7 +41,7 @@ from hm3_jax.pipeline.program_memory import (
     sources_device0_bytes,
     tree_bytes,
 )
-from hm3_jax.search.data_aware_menu import objective_calibration
+from hm3_jax.search.calibration_rows import objective_calibration
 
 STATISTICS = ("regmean", "fisher")  # the methods whose statistics a run computes and keeps
 
@@ -71,6 +71,21 @@ def statistics_settings(run_config) -> tuple[tuple[str, ...], int, int]:
     return tuple(m for m in STATISTICS if m in methods), rows, samples
 
 
+def continuation_tokens(run_config) -> int:
+    """The most continuation tokens (`merging.own_continuation`) any data-aware statistics of the run append to
+    its calibration rows (the menu's `continuation_tokens`, the baselines' `CALIBRATION`); 0 for none."""
+    methods, _, _ = statistics_settings(run_config)
+    if not methods:
+        return 0
+    tokens = 0
+    menu = run_config.param_level.get("data_aware")
+    if menu is not None and menu.get("enabled", False):
+        tokens = int(menu.get("continuation_tokens", 0))
+    if set(_statistics_of(run_config.baselines.get("param_methods", ()))) & set(STATISTICS):
+        tokens = max(tokens, int(CALIBRATION.get("continuation_tokens", 0)))
+    return tokens
+
+
 def _abstract(x) -> jax.ShapeDtypeStruct | None:
     return None if x is None else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
 
@@ -87,6 +102,10 @@ def _programs(
     calib = max(calibration, key=lambda c: int(np.size(c.inputs)))
     params = abstract_params(config, dtype)
     inputs, weights = _abstract(calib.inputs), _abstract(calib.token_weights)
+    extra = continuation_tokens(run_config) if config.family != "vit" else 0
+    if extra:  # rows continued by the expert: T more token columns (left-padded prompts are never wider)
+        inputs = jax.ShapeDtypeStruct(inputs.shape[:-1] + (inputs.shape[-1] + extra,), inputs.dtype)
+        weights = jax.ShapeDtypeStruct(weights.shape[:-1] + (weights.shape[-1] + extra,), weights.dtype)
     key, fwd = jax.ShapeDtypeStruct((2,), jnp.uint32), calib.forward_fn
     fns, outputs = {}, {}
     if "regmean" in methods:

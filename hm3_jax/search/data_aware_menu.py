@@ -1,7 +1,7 @@
 """The data-aware merges as candidates of HM3's upper level and as parameter baselines (issue 19).
 
-RegMean, RegMean++, Fisher merging and AdaMerging (`hm3_jax.merging`, `data_aware.py`) fit a merge on unlabelled inputs of
-each expert's task. Here those inputs come from the run's Problem, and only from its SEARCH split
+RegMean, RegMean++, Fisher merging and AdaMerging (`hm3_jax.merging`, `data_aware.py`) fit a merge on unlabelled
+inputs of each expert's task. Here those inputs come from the run's Problem, and only from its SEARCH split
 (`problem.objectives["search"]`; the held-out objectives are never read):
 
 * `search_calibration(problem, rows)`: per objective k one `Calibration` of the first `rows` real examples of
@@ -13,6 +13,11 @@ each expert's task. Here those inputs come from the run's Problem, and only from
   An image objective (metric "accuracy", tiny8: a fixed linear head on the encoder's CLS feature) gives its first
   `rows` images `[N, C, H, W]` (no labels), every row weight 1, and forward `head_forward`: the logits `[N, C]`
   of the objective's own frozen head, as AdaMerging's and Fisher merging's CLIP setting.
+  `search_calibration(problem, rows, continuation_tokens=T)`: every token row of task k then continues with
+  expert k's own T-token greedy answer (`merging.own_continuation`, weighted up to its first EOS; still no
+  label), so the statistics also see the positions where the expert answers; the run's default is T = 8
+  (`param_level.data_aware.continuation_tokens`, `baseline_runs.CALIBRATION`), a stored entry without the key
+  is prompts only.
 * `SearchStatistics`: the calibration and, computed once on first use and then reused by every preference and
   every method, each expert's input Grams (RegMean) and diagonal Fisher (Fisher merging; labels drawn from the
   expert's own predictions with the key `PRNGKey(fisher_seed)`). `statistics(problem, rows, fisher_seed,
@@ -34,15 +39,21 @@ forward and `num_samples` backwards per row; AdaMerging its own steps (`merging.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3_jax import merging, models
-from hm3_jax.merging import Calibration, CalibrationPasses
+from hm3_jax import merging
+from hm3_jax.merging import CalibrationPasses
+from hm3_jax.search.calibration_rows import (  # noqa: F401  (the menu's calibration, re-exported)
+    continuation_passes,
+    head_forward,
+    lm_forward,
+    objective_calibration,
+    search_calibration,
+)
 from hm3_jax.search.problem import Problem
 
 # Methods a parameter-level candidate (or a baseline) can name in its hyperparameters.
@@ -61,91 +72,6 @@ def passes_dict(p: CalibrationPasses) -> dict:
     return {"forward_rows": int(p.forward_rows), "backward_rows": int(p.backward_rows)}
 
 
-def lm_forward(config, params, inputs):
-    """`inputs` `[B, 2, S]` (token ids, attention mask) -> logits `[B, S, V]` (`models.apply`)."""
-    return models.apply(config, params, inputs[:, 0], inputs[:, 1])
-
-
-def head_forward(config, head_kernel, head_bias, params, pixel_values):
-    """`pixel_values` `[B, C, H, W]` -> logits `[B, C']` = h_cls @ head_kernel + head_bias (`head_kernel` `[D, C']`,
-    h_cls the CLS row of the encoder's final LayerNorm, as `accuracy.make_accuracy_objective` reads it)."""
-    feats = models.apply(config, params, pixel_values)[:, 0].astype(jnp.float32)
-    return feats @ head_kernel + head_bias
-
-
-def _image_calibration(config, objectives_k: list, rows: int) -> Calibration:
-    """The `Calibration` of one image objective: its first `rows` search images and its frozen head's logits."""
-    if len(objectives_k) != 1:
-        raise ValueError(
-            "data-aware merges: an objective of several image tasks has several heads; group image tasks one "
-            f"per objective (got {[o.name for o in objectives_k]})"
-        )
-    tree = objectives_k[0].arrays.tree
-    n = min(int(rows), int(objectives_k[0].num_examples))
-    pixels = np.asarray(tree["pixel_values"]).reshape((-1,) + np.shape(tree["pixel_values"])[-3:])[:n]
-    forward = functools.partial(
-        head_forward, config, jnp.asarray(tree["head_kernel"]), jnp.asarray(tree["head_bias"])
-    )
-    return Calibration(forward, pixels.astype(np.float32))
-
-
-def _task_rows(objective, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, mask, weights) `[n, S]` of the first `rows` real examples of one search objective, prompts only."""
-    tree = objective.arrays.tree
-    n = min(int(rows), int(objective.num_examples))
-    if "prompt_ids" in tree:  # generation: left-padded prompts and their mask
-        ids = np.asarray(tree["prompt_ids"]).reshape(-1, np.shape(tree["prompt_ids"])[-1])[:n]
-        mask = np.asarray(tree["prompt_mask"]).reshape(-1, ids.shape[-1])[:n]
-        return ids.astype(np.int32), mask.astype(np.int32), mask.astype(np.float32)
-    if "input_ids" in tree and "target_mask" in tree:  # teacher forced: [bos] + prompt + target, right-padded
-        ids = np.asarray(tree["input_ids"]).reshape(-1, np.shape(tree["input_ids"])[-1])[:n]
-        target = np.asarray(tree["target_mask"]).reshape(-1, ids.shape[-1])[:n] > 0
-        if not np.all(target.any(1)):
-            raise ValueError(f"{objective.name}: a search example has no target tokens")
-        prompt_len = np.argmax(target, axis=1) + 1  # target_mask[t] = 1 when ids[t + 1] is a target token
-        weights = (np.arange(ids.shape[1])[None] < prompt_len[:, None]).astype(np.float32)
-        ids = np.where(weights > 0, ids, 0).astype(np.int32)  # no target token left in the rows
-        return ids, np.ones_like(ids), weights
-    raise ValueError(
-        f"data-aware merges need token prompts; search objective {objective.name!r} (metric "
-        f"{objective.metric!r}) has arrays {sorted(tree)}"
-    )
-
-
-def search_calibration(problem: Problem, rows: int) -> list[Calibration]:
-    """One `Calibration` per objective (expert) from the search split, prompt tokens only (module docstring).
-
-    An objective of several tasks (`problem.groups`) gets the first `rows` examples of each of its tasks, right-
-    padded to a common length with weight 0.
-    """
-    groups = problem.groups or tuple(range(problem.num_tasks))
-    return objective_calibration(problem.config, problem.objectives["search"], groups, problem.tasks, rows)
-
-
-def objective_calibration(config, objectives, groups, tasks, rows: int) -> list[Calibration]:
-    """`search_calibration` from its parts: the model's `config`, the search split's `objectives`, their
-    objective index `groups` and the objectives' names `tasks` (K); also what the memory plan measures."""
-    if int(rows) < 1:
-        raise ValueError(f"data-aware merges: calibration rows must be >= 1, got {rows}")
-    forward = functools.partial(lm_forward, config)
-    out = []
-    for k in range(len(tasks)):
-        objectives_k = [o for o, g in zip(objectives, groups, strict=True) if g == k]
-        if not objectives_k:
-            raise ValueError(f"data-aware merges: objective {tasks[k]!r} has no search task")
-        if any({"pixel_values", "head_kernel"} <= set(o.arrays.tree) for o in objectives_k):
-            out.append(_image_calibration(config, objectives_k, rows))
-            continue
-        parts = [_task_rows(o, rows) for o in objectives_k]
-        width = max(p[0].shape[1] for p in parts)
-        ids, mask, weights = (
-            np.concatenate([np.pad(p[i], ((0, 0), (0, width - p[i].shape[1]))) for p in parts])
-            for i in range(3)
-        )
-        out.append(Calibration(forward, np.stack([ids, mask], 1), weights))
-    return out
-
-
 class SearchStatistics:
     """The search-split calibration of a Problem and its per-expert Grams and Fishers, each computed on first use.
 
@@ -153,10 +79,18 @@ class SearchStatistics:
     they were already computed.
     """
 
-    def __init__(self, problem: Problem, rows: int, fisher_seed: int = 0, num_samples: int = 1):
+    def __init__(
+        self,
+        problem: Problem,
+        rows: int,
+        fisher_seed: int = 0,
+        num_samples: int = 1,
+        continuation_tokens: int = 0,
+    ):
         self.problem, self.rows = problem, int(rows)
         self.fisher_seed, self.num_samples = int(fisher_seed), int(num_samples)
-        self.calibration = search_calibration(problem, rows)
+        self.continuation_tokens = int(continuation_tokens)
+        self.calibration = search_calibration(problem, rows, self.continuation_tokens)
         self._grams = self._fishers = None
 
     def grams(self) -> list:
@@ -173,8 +107,11 @@ class SearchStatistics:
         return self._fishers
 
     def cost(self, methods) -> CalibrationPasses:
-        """Calibration passes of the statistics `methods` need (Grams for regmean, Fishers for fisher)."""
+        """Calibration passes of the statistics `methods` need (Grams for regmean, Fishers for fisher), and of
+        the continuation of the calibration rows when any of them does."""
         parts = [NO_PASSES]
+        if set(DATA_AWARE) & set(methods):
+            parts.append(continuation_passes(self.calibration, self.continuation_tokens))
         if set(GRAM_METHODS) & set(methods):
             parts.append(merging.calibration_passes("regmean", self.calibration))
         if "fisher" in methods:
@@ -185,17 +122,20 @@ class SearchStatistics:
 _LAST: list = []  # [(sources, SearchStatistics)]: the last statistics computed (one run per process)
 
 
-def statistics(problem: Problem, rows: int, fisher_seed: int = 0, num_samples: int = 1) -> SearchStatistics:
+def statistics(
+    problem: Problem, rows: int, fisher_seed: int = 0, num_samples: int = 1, continuation_tokens: int = 0
+) -> SearchStatistics:
     """The `SearchStatistics` of `problem` with these settings, shared by every caller in the process while the
     same base, experts and search objectives are used (`problem._replace(...)` copies keep sharing them; the
     objects are held, so their identities are not reused)."""
     sources = (problem.base, problem.experts, problem.objectives["search"])
-    settings = (int(rows), int(fisher_seed), int(num_samples))
+    settings = (int(rows), int(fisher_seed), int(num_samples), int(continuation_tokens))
     for held, stats in _LAST:
         same_sources = all(a is b for a, b in zip(held, sources, strict=True))
-        if same_sources and settings == (stats.rows, stats.fisher_seed, stats.num_samples):
+        held_settings = (stats.rows, stats.fisher_seed, stats.num_samples, stats.continuation_tokens)
+        if same_sources and settings == held_settings:
             return stats
-    stats = SearchStatistics(problem, rows, fisher_seed, num_samples)
+    stats = SearchStatistics(problem, rows, fisher_seed, num_samples, continuation_tokens)
     _LAST[:] = [(sources, stats)]
     return stats
 
@@ -206,7 +146,13 @@ def preference_weights(problem: Problem, preference) -> np.ndarray:
 
 
 def _stats_for(problem: Problem, hp: dict) -> SearchStatistics:
-    return statistics(problem, hp["calibration_rows"], hp.get("fisher_seed", 0), hp.get("num_samples", 1))
+    return statistics(
+        problem,
+        hp["calibration_rows"],
+        hp.get("fisher_seed", 0),
+        hp.get("num_samples", 1),
+        hp.get("continuation_tokens", 0),  # absent in entries stored before it existed: prompts only
+    )
 
 
 def merge_from_hparams(problem: Problem, preference, key: jax.Array, hparams: dict) -> dict:
@@ -325,6 +271,8 @@ def candidates(problem: Problem, preference, key: jax.Array, cfg):
         raise ValueError(f"param_level.data_aware.methods: unknown {unknown}; known: {MENU_METHODS}")
     rows = int(cfg.calibration_rows)
     common = {"calibration_rows": rows}
+    if int(cfg.get("continuation_tokens", 0)) > 0:
+        common["continuation_tokens"] = int(cfg.continuation_tokens)
     fisher = {
         "fisher_seed": int(cfg.get("fisher_seed", 0)),
         "num_samples": int(cfg.get("fisher_num_samples", 1)),
@@ -364,5 +312,6 @@ def candidates(problem: Problem, preference, key: jax.Array, cfg):
 
 def shared_cost(problem: Problem, cfg) -> CalibrationPasses:
     """The calibration passes of the statistics the menu `cfg` uses (computed once per run)."""
-    fisher = (int(cfg.get("fisher_seed", 0)), int(cfg.get("fisher_num_samples", 1)))
-    return statistics(problem, int(cfg.calibration_rows), *fisher).cost(tuple(cfg.methods))
+    settings = (int(cfg.get("fisher_seed", 0)), int(cfg.get("fisher_num_samples", 1)))
+    settings += (int(cfg.get("continuation_tokens", 0)),)
+    return statistics(problem, int(cfg.calibration_rows), *settings).cost(tuple(cfg.methods))

@@ -51,6 +51,7 @@ class Problem(NamedTuple):
       task_names: the T task names of `objectives` (None: the same as `tasks`).
       groups: per task the index of its objective in `tasks` (None: task k is objective k); the engines
         return objective scores (means over each objective's tasks).
+      eos_ids: the language model's end-of-sequence ids (() for image zoos or when unknown).
     """
 
     config: Any
@@ -63,6 +64,7 @@ class Problem(NamedTuple):
     engines: dict
     task_names: tuple | None = None
     groups: tuple | None = None
+    eos_ids: tuple = ()
 
     @property
     def num_tasks(self) -> int:
@@ -247,8 +249,26 @@ def make_problem(
             )
         ideal[split] = np.maximum(best, MIN_IDEAL)
     return Problem(
-        config, tasks, base, experts, objectives, source_scores, ideal, engines, task_names, groups
+        config,
+        tasks,
+        base,
+        experts,
+        objectives,
+        source_scores,
+        ideal,
+        engines,
+        task_names,
+        groups,
+        _eos_ids(zoo),
     )
+
+
+def _eos_ids(zoo) -> tuple:
+    """A spec zoo's `eos_ids`, else its tokenizer's EOS id, else ()."""
+    if getattr(zoo, "eos_ids", None):
+        return tuple(int(e) for e in zoo.eos_ids)
+    eos = getattr(getattr(zoo, "tokenizer", None), "eos_token_id", None)
+    return () if eos is None else (int(eos),)
 
 
 def make_engines(
