@@ -101,6 +101,7 @@ FILE_SECONDS = {
     "test_io_config_forms.py": 3, "test_moo.py": 3, "test_models_flops.py": 2, "test_io_files.py": 2,
     "test_report_html.py": 1, "test_param_level_data_aware.py": 60, "test_deep_zoo.py": 20,
     "test_lm_eval_mesh.py": 20, "test_neighbourhood.py": 1, "test_plan_host.py": 10, "test_distill.py": 10,
+    "test_continuation.py": 15, "test_regmean_plusplus.py": 5,
     "test_param_level_memory.py": 8, "test_plan_rows.py": 6, "test_plan_statistics.py": 6,
 }  # fmt: skip
 
