@@ -58,7 +58,7 @@ def test_statistics_bytes_are_what_the_run_computes(spec_path):  # noqa: F811
     config = _config(spec_path)
     tasks, args = _parts(spec_path, config)
     base_config, K, _, search, groups, experts, _ = args
-    planned = statistics_memory.statistics_bytes(*args)
+    planned = statistics_memory.statistics_bytes(K, statistics_memory.traced_statistics(*args))
     # what the run keeps: each expert's Grams and Fisher on its own calibration rows (random weights: the shapes)
     calibration = data_aware_menu.objective_calibration(base_config, search, groups, experts, 32)
     sources = [models.init(base_config, jax.random.PRNGKey(k)) for k in range(K)]
@@ -70,13 +70,14 @@ def test_statistics_bytes_are_what_the_run_computes(spec_path):  # noqa: F811
     assert program_memory.tree_bytes(grams) == K * 4 * (L * (6 * h * h + m * m) + h * h)
     f32_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sources[0])) * 4
     assert program_memory.tree_bytes(fishers) == K * f32_params
-    assert statistics_memory.statistics_bytes(*args[:-1], _config(spec_path, ("ties",))) == 0
+    no_stats = statistics_memory.traced_statistics(*args[:-1], _config(spec_path, ("ties",)))
+    assert no_stats == ({}, {}) and statistics_memory.statistics_bytes(K, no_stats) == 0
 
 
 def test_the_plan_lists_the_programs_and_keeps_the_statistics_resident(spec_path):  # noqa: F811
     config = _config(spec_path)
     _, args = _parts(spec_path, config)
-    stats = statistics_memory.statistics_bytes(*args)
+    stats = statistics_memory.statistics_bytes(args[1], statistics_memory.traced_statistics(*args))
     kinds = ("model_scores", "statistics")
     plan = memory_plan.plan_run(config, None, 1 << 30, programs=kinds, search_batch=False)
     without = memory_plan.plan_run(

@@ -72,7 +72,12 @@ from hm3_jax.pipeline.program_memory import (
     model_score_programs,
     tree_bytes,
 )
-from hm3_jax.pipeline.statistics_memory import add_statistics, statistics_bytes, statistics_programs
+from hm3_jax.pipeline.statistics_memory import (
+    add_statistics,
+    statistics_bytes,
+    statistics_programs,
+    traced_statistics,
+)
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_objectives, spec_zoo
 
@@ -208,11 +213,14 @@ def plan_run(
     model_bytes = tree_bytes(abstract_params(config, dtype))
     planned = add_held(planned, run_config, config, num_experts, dtype, mesh)
     # the data-aware merges' Grams and Fishers: resident beside every program once computed
-    stats_args = (config, num_experts, dtype, split_objs["search"], groups, objectives, run_config)
-    stats_bytes = statistics_bytes(*stats_args)
+    # traced once (the expert's forward under eval_shape): its bytes and, when asked, its compiled programs
+    traced = traced_statistics(
+        config, num_experts, dtype, split_objs["search"], groups, objectives, run_config
+    )
+    stats_bytes = statistics_bytes(num_experts, traced)
     planned = add_statistics(planned, stats_bytes)
     if "statistics" in programs:
-        planned += statistics_programs(*stats_args, mesh)
+        planned += statistics_programs(config, num_experts, dtype, traced, mesh)
     largest = (None, None)
     if search_batch and usable is not None and "path_scores" in programs and "search" in splits:
         largest = largest_batch(tasks, run_config, mesh, groups, dtype, usable, planned, stats_bytes)

@@ -90,7 +90,7 @@ def _abstract(x) -> jax.ShapeDtypeStruct | None:
     return None if x is None else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
 
 
-def _programs(
+def traced_statistics(
     config, num_experts: int, dtype, search_objectives, groups, tasks, run_config
 ) -> tuple[dict, dict]:
     """({name: (the run's jitted function, its arguments, its keyword arguments)}, {name: one expert's output
@@ -125,21 +125,22 @@ def _programs(
     return fns, {name: tree_bytes(out) for name, out in outputs.items()}
 
 
-def statistics_bytes(config, num_experts: int, dtype, search_objectives, groups, tasks, run_config) -> int:
+def statistics_bytes(num_experts: int, traced: tuple[dict, dict]) -> int:
     """Bytes of all K experts' statistics the run computes and keeps on device 0 (0 when none; traced shapes
-    only, nothing compiled). Arguments as `statistics_programs`'."""
-    _, outputs = _programs(config, num_experts, dtype, search_objectives, groups, tasks, run_config)
-    return num_experts * sum(outputs.values())
+    only, nothing compiled), from `traced_statistics(...)`."""
+    return num_experts * sum(traced[1].values())
 
 
 def statistics_programs(
-    config, num_experts: int, dtype, search_objectives, groups, tasks, run_config, mesh=None
+    config, num_experts: int, dtype, traced: tuple[dict, dict], mesh=None
 ) -> list[ProgramMemory]:
     """``statistics/grams`` and/or ``statistics/fisher`` for a run that computes them (`statistics_settings`),
     else []. Compiled with the largest expert calibration of the search split
     (`data_aware_menu.objective_calibration`: its real row and prompt shapes) and abstract params in `dtype`;
-    `groups`: each search objective's expert index; `tasks`: the K experts' objectives."""
-    fns, outputs = _programs(config, num_experts, dtype, search_objectives, groups, tasks, run_config)
+    `traced`: `traced_statistics(config, num_experts, dtype, search_objectives, groups, tasks, run_config)`
+    (`groups`: each search objective's expert index; `tasks`: the K experts' objectives), traced once and
+    shared with `statistics_bytes`."""
+    fns, outputs = traced
     if not fns:
         return []
     total = num_experts * sum(outputs.values())
