@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3_jax.pipeline import statistics_memory as stats_memory
 from hm3_jax.pipeline.program_memory import (
     SPLITS,
     ProgramMemory,
@@ -71,12 +72,6 @@ from hm3_jax.pipeline.program_memory import (
     merge_program,
     model_score_programs,
     tree_bytes,
-)
-from hm3_jax.pipeline.statistics_memory import (
-    add_statistics,
-    statistics_bytes,
-    statistics_programs,
-    traced_statistics,
 )
 from hm3_jax.tasks import spec as spec_lib
 from hm3_jax.tasks import spec_objectives, spec_zoo
@@ -212,15 +207,12 @@ def plan_run(
         planned += model_score_programs(config, num_experts, dtype, split_objs["heldout"], run_config, mesh)
     model_bytes = tree_bytes(abstract_params(config, dtype))
     planned = add_held(planned, run_config, config, num_experts, dtype, mesh)
-    # the data-aware merges' Grams and Fishers: resident beside every program once computed
-    # traced once (the expert's forward under eval_shape): its bytes and, when asked, its compiled programs
-    traced = traced_statistics(
-        config, num_experts, dtype, split_objs["search"], groups, objectives, run_config
-    )
-    stats_bytes = statistics_bytes(num_experts, traced)
-    planned = add_statistics(planned, stats_bytes)
+    # the data-aware merges' Grams and Fishers, resident beside every program once computed (traced once)
+    traced = stats_memory.traced_statistics(config, num_experts, dtype, split_objs["search"], groups, objectives, run_config)  # fmt: skip
+    stats_bytes = stats_memory.statistics_bytes(num_experts, traced)
+    planned = stats_memory.add_statistics(planned, stats_bytes)
     if "statistics" in programs:
-        planned += statistics_programs(config, num_experts, dtype, traced, mesh)
+        planned += stats_memory.statistics_programs(config, num_experts, dtype, traced, mesh)
     largest = (None, None)
     if search_batch and usable is not None and "path_scores" in programs and "search" in splits:
         largest = largest_batch(tasks, run_config, mesh, groups, dtype, usable, planned, stats_bytes)
@@ -301,7 +293,7 @@ def largest_batch(
         progs = engine_programs(
             tasks.base_config, num_experts, dtype, objs, run_config, mesh, groups, ("search",)
         )
-        return add_statistics(
+        return stats_memory.add_statistics(
             add_held(progs, run_config, tasks.base_config, num_experts, dtype, mesh), statistics
         )
 
