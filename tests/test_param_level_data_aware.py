@@ -251,6 +251,7 @@ def test_smoke_level_with_menu_finishes(smoke_zoo_dir):
     preference: the entry has the menu, its cost, and a tuned model that merged_for rebuilds to the same held-out
     score."""
     from experiments.configs import tiny3
+    from hm3_jax.search import problem as problem_lib
     from hm3_jax.search.problem import make_problem, score_params
     from hm3_jax.tasks import zoo as zoo_lib
 
@@ -259,8 +260,13 @@ def test_smoke_level_with_menu_finishes(smoke_zoo_dir):
     problem = make_problem(
         zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing
     )
+    # the continuation stops at the zoo tokenizer's EOS; a spec zoo gives its own list (generation_config.json)
+    assert problem.eos_ids == (zoo.tokenizer.eos_token_id,)
+    assert problem_lib._eos_ids(SimpleNamespace(eos_ids=(5, 7), tokenizer=zoo.tokenizer)) == (5, 7)
+    assert problem_lib._eos_ids(SimpleNamespace(images={})) == ()  # no tokenizer (an image zoo's objects)
     cfg = config.param_level
     cfg.data_aware.enabled = True
+    assert cfg.data_aware.continuation_tokens == 8  # the rows are continued in this run
     prefs = np.array([[0.6, 0.3, 0.1]], np.float32)
     entries = param_level.run_param_level(problem, prefs, jax.random.PRNGKey(0), cfg)
     for e in entries:
