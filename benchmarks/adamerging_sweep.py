@@ -20,29 +20,13 @@ is printed (negative = the premise holds), with the same per task.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "config", "experiments/configs/tiny8.py", "experiments/configs/{tiny3,tiny8}.py[:variant]"
-)
-flags.DEFINE_string("zoo", "runs/tiny8_frozen/zoo", "the built zoo directory (its fingerprint is checked)")
-flags.DEFINE_string(
-    "settings",
-    "20:1e-2:32,100:1e-2:210,500:1e-3:210,500:3e-3:210",
-    "comma-separated num_steps:learning_rate:calibration_rows",
-)
-flags.DEFINE_string("granularity", "layer", "task or layer")
-flags.DEFINE_integer("seed", 0, "AdaMerging's minibatch key")
-flags.DEFINE_integer("correlation_samples", 0, "random coefficient vectors of the entropy-accuracy check")
-flags.DEFINE_integer("correlation_rows", 210, "calibration rows per task of the entropy-accuracy check")
-flags.DEFINE_string("out", "", "write the results as JSON here")
 
 
 def _config(spec: str):
@@ -63,15 +47,43 @@ def _parse(settings: str) -> list[tuple[int, float, int]]:
     return out
 
 
-def main(argv):
-    del argv
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--config",
+        default="experiments/configs/tiny8.py",
+        help="experiments/configs/{tiny3,tiny8}.py[:variant]",
+    )
+    p.add_argument(
+        "--zoo", default="runs/tiny8_frozen/zoo", help="the built zoo directory (its fingerprint is checked)"
+    )
+    p.add_argument(
+        "--settings",
+        default="20:1e-2:32,100:1e-2:210,500:1e-3:210,500:3e-3:210",
+        help="comma-separated num_steps:learning_rate:calibration_rows",
+    )
+    p.add_argument("--granularity", default="layer", choices=("task", "layer"))
+    p.add_argument(
+        "--seed", type=int, default=0, help="AdaMerging's minibatch key and the random merges' key"
+    )
+    p.add_argument(
+        "--correlation_samples", type=int, default=0, help="random coefficient vectors of the check"
+    )
+    p.add_argument("--correlation_rows", type=int, default=210, help="calibration rows per task of the check")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    return p  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    """Runs the sweep (module docstring); returns what `--out` would hold."""
+    args = _parser().parse_args(argv)
     from hm3_jax import merging
     from hm3_jax.search import data_aware_menu
     from hm3_jax.search.problem import make_problem, score_params
     from hm3_jax.tasks import zoo as zoo_lib
 
-    config = _config(FLAGS.config)
-    zoo = zoo_lib.load_matching(config.zoo, FLAGS.zoo)
+    config = _config(args.config)
+    zoo = zoo_lib.load_matching(config.zoo, args.zoo)
     problem = make_problem(zoo, config.engine.strategy, config.engine.chunk_size, config.engine.prefix_sharing,
                            search_examples=config.engine.get("search_examples") or None)  # fmt: skip
     K = problem.num_tasks
@@ -93,9 +105,9 @@ def main(argv):
     for scale in (float(ada.init), 0.5, 0.7, 1.0):
         merged = merging.merge("task_arithmetic", problem.base, problem.experts, scale=scale)
         results.append(row(f"task_arithmetic scale {scale}", merged, {}))
-    key = jax.random.PRNGKey(FLAGS.seed)
-    for num_steps, lr, rows in _parse(FLAGS.settings):
-        hp = {"method": "adamerging", "granularity": FLAGS.granularity, "num_steps": num_steps,
+    key = jax.random.PRNGKey(args.seed)
+    for num_steps, lr, rows in _parse(args.settings):
+        hp = {"method": "adamerging", "granularity": args.granularity, "num_steps": num_steps,
               "learning_rate": lr, "init": float(ada.init), "batch_size": int(ada.batch_size),
               "calibration_rows": rows, "fisher_seed": 0, "num_samples": 1}  # fmt: skip
         data_aware_menu.statistics(problem, rows)  # the calibration's arrays, outside the timing
@@ -110,15 +122,16 @@ def main(argv):
                  "coefficient_range": [float(coeffs.min()), float(coeffs.max())]}  # fmt: skip
         results.append(row(f"adamerging {num_steps}x{lr:g} on {rows}", res.merged, extra))
     correlation = None
-    if FLAGS.correlation_samples:
-        correlation = _entropy_correlation(problem, float(ada.init), FLAGS.correlation_samples)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump({"config": FLAGS.config, "own": own.tolist(), "results": results,
-                       "entropy_correlation": correlation}, f, indent=1)  # fmt: skip
+    if args.correlation_samples:
+        correlation = _entropy_correlation(problem, float(ada.init), args)
+    out = {"config": args.config, "own": own.tolist(), "results": results, "entropy_correlation": correlation}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
 
 
-def _entropy_correlation(problem, init: float, num_samples: int) -> dict:
+def _entropy_correlation(problem, init: float, args) -> dict:
     """Spearman correlation of the entropy objective and the search score over random merges (module docstring)."""
     from scipy import stats
 
@@ -128,16 +141,16 @@ def _entropy_correlation(problem, init: float, num_samples: int) -> dict:
     from hm3_jax.search import data_aware_menu
     from hm3_jax.search.problem import score_params
 
-    calibration = data_aware_menu.search_calibration(problem, FLAGS.correlation_rows)
+    calibration = data_aware_menu.search_calibration(problem, args.correlation_rows)
     entropy_fns = [
         jax.jit(lambda p, c=c: prediction_entropy(c.forward_fn(p, c.inputs), row_weights(c)))
         for c in calibration
     ]
     K = problem.num_tasks
     base_coeffs = init_coefficients(problem.base, K, "layer", init)
-    key = jax.random.PRNGKey(FLAGS.seed)
+    key = jax.random.PRNGKey(args.seed)
     coefficient_sets = [("task_arithmetic", s, jax.numpy.full((K,), s)) for s in np.linspace(0.0, 1.0, 11)]
-    for i in range(num_samples):
+    for i in range(args.correlation_samples):
         leaves, treedef = jax.tree.flatten(base_coeffs)
         keys = jax.random.split(jax.random.fold_in(key, i), len(leaves))
         drawn = [
@@ -160,4 +173,4 @@ def _entropy_correlation(problem, init: float, num_samples: int) -> dict:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -261,11 +261,15 @@ def test_adamerging_sweep(smoke_zoo_dir, tmp_path):
     """AdaMerging's settings at the balanced preference on the smoke zoo: task arithmetic rows and one AdaMerging
     row per setting, whose coefficients stay in [0, 1] (slow: every row is scored on both splits)."""
     out = tmp_path / "sweep.json"
-    module = _benchmark("adamerging_sweep")
-    module.FLAGS(["adamerging_sweep", SMOKE_CONFIG, f"--zoo={smoke_zoo_dir}", "--settings=2:1e-2:4,3:1e-1:4",
-                  f"--out={out}"])  # fmt: skip
-    module.main([])
+    returned = _benchmark("adamerging_sweep").main([
+        SMOKE_CONFIG, f"--zoo={smoke_zoo_dir}", "--settings=2:1e-2:4,3:1e-1:4", "--correlation_samples=2",
+        "--correlation_rows=4", f"--out={out}",
+    ])  # fmt: skip
     result = json.loads(out.read_text())
+    assert result == json.loads(json.dumps(returned))
+    corr = result["entropy_correlation"]  # 11 task-arithmetic scales + 2 random merges, one entropy per task
+    assert np.shape(corr["entropies"]) == np.shape(corr["search_scores"]) == (13, len(result["own"]))
+    assert -1.0 <= corr["spearman_mean"] <= 1.0 or np.isnan(corr["spearman_mean"])
     names = [r["name"] for r in result["results"]]
     assert names[:4] == [f"task_arithmetic scale {s}" for s in (0.3, 0.5, 0.7, 1.0)]
     ada = result["results"][4:]
