@@ -52,10 +52,10 @@ def _statistics_of(methods) -> tuple[str, ...]:
     return tuple("regmean" if m == "regmean_plusplus" else m for m in methods)
 
 
-def statistics_settings(run_config) -> tuple[tuple[str, ...], int, int]:
-    """(methods among STATISTICS the run computes statistics for, the most calibration rows per task any of them
-    uses, the Fisher's label draws per row) from the upper level's menu and the parameter baselines."""
-    methods, rows, samples = set(), 0, 1
+def _settings(run_config) -> tuple[tuple[str, ...], int, int, int]:
+    """`statistics_settings` plus the most continuation tokens (`merging.own_continuation`) those statistics'
+    calibration rows get (the menu's `continuation_tokens`, the baselines' `CALIBRATION`; 0 for none)."""
+    methods, rows, samples, tokens = set(), 0, 1, 0
     menu = run_config.param_level.get("data_aware")
     if menu is not None and menu.get("enabled", False) and run_config.param_level.cmaes.enabled:
         used = set(_statistics_of(menu.get("methods", ()))) & set(STATISTICS)
@@ -63,27 +63,20 @@ def statistics_settings(run_config) -> tuple[tuple[str, ...], int, int]:
             methods |= used
             rows = max(rows, int(menu.calibration_rows))
             samples = max(samples, int(menu.get("fisher_num_samples", 1)))
+            tokens = max(tokens, int(menu.get("continuation_tokens", 0)))
     baselines = set(_statistics_of(run_config.baselines.get("param_methods", ()))) & set(STATISTICS)
     if baselines:
         methods |= baselines
         rows = max(rows, int(CALIBRATION["calibration_rows"]))
         samples = max(samples, int(CALIBRATION["num_samples"]))
-    return tuple(m for m in STATISTICS if m in methods), rows, samples
-
-
-def continuation_tokens(run_config) -> int:
-    """The most continuation tokens (`merging.own_continuation`) any data-aware statistics of the run append to
-    its calibration rows (the menu's `continuation_tokens`, the baselines' `CALIBRATION`); 0 for none."""
-    methods, _, _ = statistics_settings(run_config)
-    if not methods:
-        return 0
-    tokens = 0
-    menu = run_config.param_level.get("data_aware")
-    if menu is not None and menu.get("enabled", False):
-        tokens = int(menu.get("continuation_tokens", 0))
-    if set(_statistics_of(run_config.baselines.get("param_methods", ()))) & set(STATISTICS):
         tokens = max(tokens, int(CALIBRATION.get("continuation_tokens", 0)))
-    return tokens
+    return tuple(m for m in STATISTICS if m in methods), rows, samples, tokens
+
+
+def statistics_settings(run_config) -> tuple[tuple[str, ...], int, int]:
+    """(methods among STATISTICS the run computes statistics for, the most calibration rows per task any of them
+    uses, the Fisher's label draws per row) from the upper level's menu and the parameter baselines."""
+    return _settings(run_config)[:3]
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct | None:
@@ -95,14 +88,14 @@ def traced_statistics(
 ) -> tuple[dict, dict]:
     """({name: (the run's jitted function, its arguments, its keyword arguments)}, {name: one expert's output
     bytes}) of the statistics the run computes (`statistics_settings`; both empty when none)."""
-    methods, rows, samples = statistics_settings(run_config)
+    methods, rows, samples, tokens = _settings(run_config)
     if not methods:
         return {}, {}
     calibration = objective_calibration(config, search_objectives, groups, tasks, rows)
     calib = max(calibration, key=lambda c: int(np.size(c.inputs)))
     params = abstract_params(config, dtype)
     inputs, weights = _abstract(calib.inputs), _abstract(calib.token_weights)
-    extra = continuation_tokens(run_config) if config.family != "vit" else 0
+    extra = tokens if config.family != "vit" else 0
     if extra:  # rows continued by the expert: T more token columns (left-padded prompts are never wider)
         inputs = jax.ShapeDtypeStruct(inputs.shape[:-1] + (inputs.shape[-1] + extra,), inputs.dtype)
         weights = jax.ShapeDtypeStruct(weights.shape[:-1] + (weights.shape[-1] + extra,), weights.dtype)

@@ -225,15 +225,9 @@ def adamerging_passes(problem: Problem, preference, hparams: dict) -> Calibratio
 
 def regmean_plusplus_passes(problem: Problem, preference, hparams: dict) -> CalibrationPasses:
     """What one RegMean++ merge costs beyond the shared Grams (its first step): L + 1 forwards per row."""
-    full = merging.calibration_passes(
-        "regmean_plusplus",
-        _stats_for(problem, hparams).calibration,
-        weights=preference_weights(problem, preference),
-        params=problem.base,
-    )
-    own = merging.calibration_passes(
-        "regmean", _stats_for(problem, hparams).calibration, weights=preference_weights(problem, preference)
-    )
+    calibration, w = _stats_for(problem, hparams).calibration, preference_weights(problem, preference)
+    full = merging.calibration_passes("regmean_plusplus", calibration, weights=w, params=problem.base)
+    own = merging.calibration_passes("regmean", calibration, weights=w)
     return CalibrationPasses(full.forward_rows - own.forward_rows, 0)
 
 
